@@ -1,0 +1,1 @@
+"""Everything that crosses a process boundary: wire schema, codecs, sockets, Redis key names."""

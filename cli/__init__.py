@@ -1,0 +1,1 @@
+"""The ``kvr`` command line (click). Packages below the CLI never import click."""

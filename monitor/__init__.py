@@ -1,0 +1,1 @@
+"""kvr monitor package."""

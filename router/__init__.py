@@ -1,0 +1,1 @@
+"""kvr router package."""

@@ -1,0 +1,1 @@
+"""Discrete-event simulator: the core engine, index and policies on a virtual clock."""

@@ -1,0 +1,106 @@
+"""Shared fixtures.
+
+* ``redis_server``: a real ``redis-server`` on a free loopback port, one per test
+  session. Skips when none is installed locally; *fails* when ``CI`` is set, so CI
+  can never pass by skipping the integration tests.
+* ``redis_client``: a client on that server, flushed before and after each test.
+* ``fake_redis``: fakeredis for unit tests.
+* ``rng``: a seeded ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = SHARED / "fixtures" / "vllm_kv_events"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(1234)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"shared folder with fixtures and traces not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(shared_dir: Path) -> Path:
+    return FIXTURES
+
+
+def _need_real_service(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but is not available")
+    pytest.skip(f"{what} not installed")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """Start a throwaway redis-server on loopback; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        _need_real_service("redis-server")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="kvr-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    client.close()
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    import redis
+
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def fake_redis():
+    import fakeredis
+
+    return fakeredis.FakeRedis()

@@ -1,0 +1,1 @@
+"""kvr worker package."""
