@@ -1,0 +1,72 @@
+"""One typed decoder per channel of ``bus/schema.py``, one ``DecodeError``.
+
+Size limits are enforced before decoding so an oversized frame costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+import msgspec
+
+from bus.schema import ClientMessage, MetricsRecord, ReplyMessage, RouterMessage, WorkerMessage
+from bus.vllm_codec import DecodeError
+
+__all__ = [
+    "DecodeError", "ChannelDecoder", "encode", "MAX_MESSAGE_BYTES",
+    "client_decoder", "reply_decoder", "worker_decoder", "router_decoder", "metrics_decoder",
+]
+
+#: Largest message any kvr channel accepts (a 128k-token prompt as token ids is ~0.7 MB).
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+T = TypeVar("T")
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode any schema message."""
+    return _encoder.encode(message)
+
+
+class ChannelDecoder(Generic[T]):
+    """Decode frames of one channel into its union type, counting failures."""
+
+    def __init__(self, message_type: type[T] | object, *, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self._decoder = msgspec.msgpack.Decoder(message_type)
+        self._max_bytes = max_bytes
+        self.errors = 0
+
+    def decode(self, frame: bytes) -> T:
+        if len(frame) > self._max_bytes:
+            self.errors += 1
+            raise DecodeError(f"message of {len(frame)} bytes exceeds the {self._max_bytes}-byte limit")
+        try:
+            return self._decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.errors += 1
+            raise DecodeError(str(exc)) from None
+
+
+def client_decoder() -> ChannelDecoder:
+    """Router side of the client channel."""
+    return ChannelDecoder(ClientMessage)
+
+
+def reply_decoder() -> ChannelDecoder:
+    """Client side of the client channel."""
+    return ChannelDecoder(ReplyMessage)
+
+
+def worker_decoder() -> ChannelDecoder:
+    """Router side of the worker channel."""
+    return ChannelDecoder(WorkerMessage)
+
+
+def router_decoder() -> ChannelDecoder:
+    """Worker side of the worker channel."""
+    return ChannelDecoder(RouterMessage)
+
+
+def metrics_decoder() -> ChannelDecoder:
+    return ChannelDecoder(MetricsRecord)

@@ -1,0 +1,249 @@
+"""Wire schema of kvr's own channels (everything except vLLM's KV events).
+
+Every message is a msgspec Struct in a tagged union, msgpack on the wire, one
+ZMQ frame per message (after the ROUTER identity frame). One typed decoder per
+channel (``bus/codec.py``) turns bytes into exactly these types or raises one
+``DecodeError``; dicts never get past ``bus/``.
+
+Channels::
+
+    client  DEALER ──ClientMessage──▶  ROUTER router   (requests, cancels)
+    client  DEALER ◀─ReplyMessage────  ROUTER router   (routed, tokens, done / error)
+    worker  DEALER ──WorkerMessage──▶  ROUTER router   (hello, heartbeat, tokens, done / error)
+    worker  DEALER ◀─RouterMessage───  ROUTER router   (welcome, heartbeat, dispatch, cancel)
+    router/worker PUB ──MetricsRecord──▶ SUB monitor  (topic ``names.metrics_topic(...)``)
+
+Invariants:
+* every ``GenerateRequest`` the router accepts ends in exactly one terminal reply
+  to its client: ``Completion`` or ``ErrorReply`` (tokens and ``Routed`` may precede it);
+* request ids are chosen by the client and unique per client connection;
+* times are seconds (``_s``), token counts ``_tokens``, block counts ``_blocks``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+#: Bump when a change is not backwards compatible; peers with another version are refused.
+PROTOCOL_VERSION = 1
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request ended without a result."""
+
+    BAD_REQUEST = "bad_request"  # malformed or invalid fields (the message says which)
+    PROMPT_TOO_LONG = "prompt_too_long"
+    UNKNOWN_MODEL = "unknown_model"
+    NO_WORKERS = "no_workers"  # nothing alive that serves the model
+    WORKER_DIED = "worker_died"  # the worker died after tokens were streamed
+    WORKER_ERROR = "worker_error"
+    OVERLOADED = "overloaded"  # admission control refused it
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    ROUTER_RESTARTED = "router_restarted"
+    INTERNAL = "internal"
+
+
+# ----------------------------------------------------------------------------- shared parts
+
+
+class WorkerLoad(msgspec.Struct, frozen=True):
+    """A worker's load as its engine sees it (sent with every heartbeat)."""
+
+    running: int = 0
+    waiting: int = 0
+    queued_prefill_tokens: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use (not free), 0..1
+    num_free_blocks: int = 0
+    num_gpu_blocks: int = 0
+
+
+class RequestStats(msgspec.Struct, frozen=True):
+    """Per-request timings measured by the engine (engine time, not wall clock at the router)."""
+
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    e2e_s: float = 0.0
+    preemptions: int = 0
+
+
+# ----------------------------------------------------------------------------- client ⇄ router
+
+
+class GenerateRequest(msgspec.Struct, tag="generate", frozen=True):
+    """A completion request. Exactly one of ``prompt`` / ``token_ids``."""
+
+    request_id: str
+    prompt: str | None = None
+    token_ids: list[int] | None = None
+    max_tokens: int = 16
+    model: str | None = None
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    stream: bool = True
+    # Optional: route to this worker (debugging, sticky sessions); the policy is skipped.
+    worker_id: str | None = None
+
+
+class CancelRequest(msgspec.Struct, tag="cancel", frozen=True):
+    request_id: str
+
+
+class Routed(msgspec.Struct, tag="routed", frozen=True):
+    """The router's decision, sent before any token."""
+
+    request_id: str
+    worker_id: str
+    dp_rank: int
+    overlap_blocks: int
+    predicted_cached_tokens: int
+    policy: str
+    reason: str = ""
+
+
+class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+
+
+class Completion(msgspec.Struct, tag="done", frozen=True):
+    """Terminal success. ``cached_tokens`` is the engine's truth; the router adds its prediction."""
+
+    request_id: str
+    worker_id: str
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    finish_reason: str = "length"
+    stats: RequestStats = RequestStats()
+    predicted_cached_tokens: int = -1  # filled in by the router; -1 = unknown
+    dp_rank: int = 0
+    retries: int = 0
+
+
+class ErrorReply(msgspec.Struct, tag="error", frozen=True):
+    """Terminal failure, with a reason a person can act on."""
+
+    request_id: str
+    code: ErrorCode
+    message: str
+    worker_id: str | None = None
+
+
+ClientMessage = GenerateRequest | CancelRequest
+ReplyMessage = Routed | TokenChunk | Completion | ErrorReply
+TERMINAL_REPLIES = (Completion, ErrorReply)
+
+
+# ----------------------------------------------------------------------------- worker ⇄ router
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """A worker (re)registers. ``epoch`` changes on every worker start (its incarnation)."""
+
+    worker_id: str
+    epoch: int
+    model: str
+    block_size: int
+    num_gpu_blocks: int
+    events_endpoint: str  # where the router SUBscribes (vLLM's PUB; connect or bind per vLLM rule)
+    replay_endpoint: str | None = None
+    topic: str = ""
+    dp_size: int = 1  # ranks 0..dp_size-1 publish on port offsets of both endpoints, as vLLM
+    http_url: str | None = None
+    profile: str = ""
+    engine: str = "emulated"  # or "vllm"
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):
+    """Both directions. Workers attach their load; the router sends bare beats."""
+
+    sender_id: str
+    epoch: int = 0
+    load: WorkerLoad | None = None
+    dp_rank: int = 0
+
+
+class Goodbye(msgspec.Struct, tag="goodbye", frozen=True):
+    """A worker leaving cleanly (in-flight requests are answered first)."""
+
+    worker_id: str
+    epoch: int = 0
+
+
+class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+    router_id: str
+    heartbeat_interval_s: float
+    heartbeat_liveness: int
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class Refused(msgspec.Struct, tag="refused", frozen=True):
+    """Registration refused (bad block size, protocol version, auth...)."""
+
+    reason: str
+
+
+class Dispatch(msgspec.Struct, tag="dispatch", frozen=True):
+    """Run this request. Token ids are already tokenized by the router."""
+
+    request_id: str
+    token_ids: list[int]
+    max_tokens: int
+    dp_rank: int = 0
+    lora_name: str | None = None
+    cache_salt: str | None = None
+
+
+class Cancel(msgspec.Struct, tag="cancel", frozen=True):
+    request_id: str
+
+
+WorkerMessage = Hello | Heartbeat | Goodbye | TokenChunk | Completion | ErrorReply
+RouterMessage = Welcome | Refused | Heartbeat | Dispatch | Cancel
+
+
+# ----------------------------------------------------------------------------- metrics stream
+
+
+class RequestRecord(msgspec.Struct, tag="request", frozen=True):
+    """One finished (or failed) request, published by the router for the monitor."""
+
+    request_id: str
+    worker_id: str | None
+    arrival_s: float  # router wall-clock time the request was accepted
+    finish_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    predicted_cached_tokens: int
+    output_tokens: int
+    ttft_s: float
+    e2e_s: float
+    policy: str
+    error: ErrorCode | None = None
+    stats: RequestStats = RequestStats()
+
+
+class WorkerSample(msgspec.Struct, tag="worker", frozen=True):
+    """A worker's state at one time (from its heartbeat and the router's index)."""
+
+    worker_id: str
+    t_s: float
+    load: WorkerLoad
+    indexed_blocks: int = 0
+    confidence: str = "fresh"
+    events_applied: int = 0
+    event_lag_s: float = 0.0
+    gaps: int = 0
+    replays: int = 0
+    resets: int = 0
+    evictions: int = 0
+
+
+MetricsRecord = RequestRecord | WorkerSample

@@ -1,0 +1,251 @@
+"""Redis mirror of the router's prefix index and worker registry.
+
+The schema is documented once, in ``bus/names.py``. This class only writes and
+reads it. One event batch = one pipeline (one round trip). Redis being away
+must never stop routing: every method raises :class:`MirrorUnavailable` (a
+single exception type) and the router keeps its in-memory index, marks the
+mirror dirty and calls :meth:`RedisMirror.resync` when Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import redis
+
+from bus import names
+from bus.schema import Hello, WorkerLoad
+
+logger = logging.getLogger(__name__)
+
+
+def make_redis_client(url: str, *, timeout_s: float = 0.5) -> redis.Redis:
+    """A client that fails fast: the router must never stall on Redis.
+
+    redis-py retries with backoff by default, which would hold the routing loop
+    for seconds while Redis restarts; the mirror instead reports the failure and
+    resynchronises later.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
+
+
+class MirrorUnavailable(RuntimeError):
+    """Redis could not be reached or answered with an error."""
+
+
+@dataclass
+class TargetSnapshot:
+    """What Redis knows of one (worker, dp_rank) target."""
+
+    worker_id: str
+    dp_rank: int
+    seq: int = -1
+    epoch: int = 0
+    blocks: dict[int, int] = field(default_factory=dict)  # external block hash → kvr block hash
+
+
+def _wrap(func):
+    def inner(self, *args, **kwargs):
+        try:
+            return func(self, *args, **kwargs)
+        except (redis.RedisError, OSError) as exc:
+            self.failures += 1
+            raise MirrorUnavailable(f"redis: {exc}") from exc
+
+    inner.__name__ = func.__name__
+    inner.__doc__ = func.__doc__
+    return inner
+
+
+class RedisMirror:
+    """Writes index deltas and the worker registry under ``kvr:{namespace}:``."""
+
+    def __init__(self, *, client: redis.Redis, namespace: str = "default") -> None:
+        self._r = client
+        self.namespace = namespace
+        self.failures = 0
+        self.round_trips = 0
+
+    # ------------------------------------------------------------------ registry
+
+    @_wrap
+    def register_worker(self, hello: Hello, *, now_s: float, ttl_s: float) -> None:
+        ns, wid = self.namespace, hello.worker_id
+        fields = {
+            "model": hello.model,
+            "block_size": hello.block_size,
+            "num_gpu_blocks": hello.num_gpu_blocks,
+            "events_endpoint": hello.events_endpoint,
+            "replay_endpoint": hello.replay_endpoint or "",
+            "topic": hello.topic,
+            "dp_size": hello.dp_size,
+            "http_url": hello.http_url or "",
+            "profile": hello.profile,
+            "engine": hello.engine,
+            "epoch": hello.epoch,
+            "registered_s": now_s,
+        }
+        pipe = self._r.pipeline(transaction=False)
+        pipe.sadd(names.workers_key(ns), wid)
+        pipe.delete(names.worker_key(ns, wid))
+        pipe.hset(names.worker_key(ns, wid), mapping=fields)
+        pipe.set(names.worker_alive_key(ns, wid), hello.epoch, px=max(1, int(ttl_s * 1000)))
+        pipe.execute()
+        self.round_trips += 1
+
+    @_wrap
+    def touch_worker(self, worker_id: str, *, epoch: int, load: WorkerLoad | None, now_s: float, ttl_s: float) -> None:
+        """A heartbeat: refresh the liveness key's expiry and store the load."""
+        ns = self.namespace
+        pipe = self._r.pipeline(transaction=False)
+        pipe.set(names.worker_alive_key(ns, worker_id), epoch, px=max(1, int(ttl_s * 1000)))
+        if load is not None:
+            pipe.hset(
+                names.worker_load_key(ns, worker_id),
+                mapping={
+                    "running": load.running,
+                    "waiting": load.waiting,
+                    "queued_prefill_tokens": load.queued_prefill_tokens,
+                    "kv_usage": load.kv_usage,
+                    "num_free_blocks": load.num_free_blocks,
+                    "t_s": now_s,
+                },
+            )
+        pipe.execute()
+        self.round_trips += 1
+
+    @_wrap
+    def unregister_worker(self, worker_id: str, *, dp_ranks: Iterable[int] = (0,)) -> None:
+        """A dead or departed worker: registry entry and its index mirror go."""
+        ns = self.namespace
+        pipe = self._r.pipeline(transaction=False)
+        pipe.srem(names.workers_key(ns), worker_id)
+        pipe.delete(names.worker_key(ns, worker_id), names.worker_alive_key(ns, worker_id), names.worker_load_key(ns, worker_id))
+        for rank in dp_ranks:
+            pipe.delete(names.target_blocks_key(ns, worker_id, rank), names.target_stream_key(ns, worker_id, rank))
+        pipe.execute()
+        self.round_trips += 1
+
+    @_wrap
+    def alive_workers(self) -> dict[str, int]:
+        """Registered workers whose liveness key has not expired → epoch."""
+        ns = self.namespace
+        ids = sorted(w.decode() for w in self._r.smembers(names.workers_key(ns)))
+        if not ids:
+            return {}
+        epochs = self._r.mget([names.worker_alive_key(ns, w) for w in ids])
+        self.round_trips += 2
+        return {w: int(e) for w, e in zip(ids, epochs) if e is not None}
+
+    @_wrap
+    def worker_info(self, worker_id: str) -> dict[str, str]:
+        raw = self._r.hgetall(names.worker_key(self.namespace, worker_id))
+        self.round_trips += 1
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # ------------------------------------------------------------------ index
+
+    @_wrap
+    def write_batch(
+        self,
+        worker_id: str,
+        dp_rank: int,
+        *,
+        seq: int,
+        epoch: int,
+        stored: Mapping[int, int] | Iterable[tuple[int, int]] = (),
+        removed: Iterable[int] = (),
+        cleared: bool = False,
+        num_events: int = 0,
+        now_s: float = 0.0,
+    ) -> None:
+        """Mirror one applied event batch in one round trip.
+
+        Order inside the batch is preserved by applying ``cleared`` first, then
+        removals, then stores: callers pass the *net* delta of the batch (a
+        block stored then removed in the same batch appears in neither list).
+        """
+        ns = self.namespace
+        blocks_key = names.target_blocks_key(ns, worker_id, dp_rank)
+        pipe = self._r.pipeline(transaction=False)
+        if cleared:
+            pipe.delete(blocks_key)
+        removed = list(removed)
+        if removed:
+            pipe.hdel(blocks_key, *removed)
+        pairs = stored.items() if isinstance(stored, Mapping) else stored
+        mapping = {ext: own for ext, own in pairs}
+        if mapping:
+            pipe.hset(blocks_key, mapping=mapping)
+        stream_key = names.target_stream_key(ns, worker_id, dp_rank)
+        pipe.hset(stream_key, mapping={"seq": seq, "epoch": epoch, "updated_s": now_s})
+        pipe.hincrby(stream_key, "batches", 1)
+        if num_events:
+            pipe.hincrby(stream_key, "events", num_events)
+        pipe.execute()
+        self.round_trips += 1
+
+    @_wrap
+    def clear_target(self, worker_id: str, dp_rank: int, *, epoch: int, seq: int = -1) -> None:
+        """The target's cache is gone (reset, restart, unrecoverable gap)."""
+        ns = self.namespace
+        pipe = self._r.pipeline(transaction=False)
+        pipe.delete(names.target_blocks_key(ns, worker_id, dp_rank))
+        pipe.hset(names.target_stream_key(ns, worker_id, dp_rank), mapping={"seq": seq, "epoch": epoch})
+        pipe.execute()
+        self.round_trips += 1
+
+    @_wrap
+    def replace_target(self, snapshot: TargetSnapshot) -> None:
+        """Overwrite a target's mirror with the router's exact view (resync after Redis was away)."""
+        ns = self.namespace
+        blocks_key = names.target_blocks_key(ns, snapshot.worker_id, snapshot.dp_rank)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(blocks_key)
+        items = list(snapshot.blocks.items())
+        for start in range(0, len(items), 10_000):
+            pipe.hset(blocks_key, mapping=dict(items[start : start + 10_000]))
+        pipe.hset(
+            names.target_stream_key(ns, snapshot.worker_id, snapshot.dp_rank),
+            mapping={"seq": snapshot.seq, "epoch": snapshot.epoch},
+        )
+        pipe.execute()
+        self.round_trips += 1
+
+    @_wrap
+    def load_snapshot(self) -> dict[tuple[str, int], TargetSnapshot]:
+        """Every target's mirrored blocks and stream position (for a warm start)."""
+        ns = self.namespace
+        out: dict[tuple[str, int], TargetSnapshot] = {}
+        for key in self._r.scan_iter(match=names.target_pattern(ns, "stream"), count=1000):
+            wid, rank = names.parse_target_key(ns, key)
+            raw = self._r.hgetall(key)
+            out[(wid, rank)] = TargetSnapshot(wid, rank, int(raw.get(b"seq", -1)), int(raw.get(b"epoch", 0)))
+        for key in self._r.scan_iter(match=names.target_pattern(ns, "blocks"), count=1000):
+            wid, rank = names.parse_target_key(ns, key)
+            snap = out.setdefault((wid, rank), TargetSnapshot(wid, rank))
+            for ext, own in self._r.hscan_iter(key, count=10_000):
+                snap.blocks[int(ext)] = int(own)
+        self.round_trips += 1
+        return out
+
+    @_wrap
+    def target_block_counts(self) -> dict[tuple[str, int], int]:
+        ns = self.namespace
+        keys = list(self._r.scan_iter(match=names.target_pattern(ns, "blocks"), count=1000))
+        pipe = self._r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hlen(key)
+        counts = pipe.execute()
+        return {names.parse_target_key(ns, k): n for k, n in zip(keys, counts)}
+
+    @_wrap
+    def ping(self) -> bool:
+        return bool(self._r.ping())

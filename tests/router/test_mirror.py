@@ -1,0 +1,83 @@
+"""RedisMirror: unit tests on fakeredis, and the same contract on a real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+
+from bus import names
+from bus.schema import Hello, WorkerLoad
+from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot
+
+HELLO = Hello(
+    worker_id="w1", epoch=7, model="m", block_size=16, num_gpu_blocks=924,
+    events_endpoint="tcp://127.0.0.1:5557", replay_endpoint="tcp://127.0.0.1:5558",
+)
+
+
+def _exercise(client) -> None:
+    mirror = RedisMirror(client=client, namespace="t1")
+    mirror.register_worker(HELLO, now_s=100.0, ttl_s=3.0)
+    assert mirror.alive_workers() == {"w1": 7}
+    assert mirror.worker_info("w1")["num_gpu_blocks"] == "924"
+
+    # Given two batches with stores, a removal and a clear
+    mirror.write_batch("w1", 0, seq=0, epoch=7, stored={2**64 - 1: 11, 5: 12}, num_events=1)
+    mirror.write_batch("w1", 0, seq=1, epoch=7, stored=[(6, 13)], removed=[5], num_events=2)
+    mirror.write_batch("w1", 1, seq=0, epoch=7, stored={9: 14})
+    # Then the snapshot is exactly the net effect, keyed by target
+    snap = mirror.load_snapshot()
+    assert snap[("w1", 0)] == TargetSnapshot("w1", 0, seq=1, epoch=7, blocks={2**64 - 1: 11, 6: 13})
+    assert snap[("w1", 1)].blocks == {9: 14}
+    assert client.hget(names.target_stream_key("t1", "w1", 0), "events") == b"3"
+    # redis-cli readable: decimal fields and values
+    assert client.hget(names.target_blocks_key("t1", "w1", 0), str(2**64 - 1)) == b"11"
+    assert mirror.target_block_counts() == {("w1", 0): 2, ("w1", 1): 1}
+
+    mirror.write_batch("w1", 0, seq=2, epoch=7, cleared=True, stored={8: 15})
+    assert mirror.load_snapshot()[("w1", 0)].blocks == {8: 15}
+
+    mirror.replace_target(TargetSnapshot("w1", 0, seq=40, epoch=8, blocks={1: 2, 3: 4}))
+    assert mirror.load_snapshot()[("w1", 0)] == TargetSnapshot("w1", 0, 40, 8, {1: 2, 3: 4})
+
+    mirror.touch_worker("w1", epoch=7, load=WorkerLoad(running=3), now_s=101.0, ttl_s=3.0)
+    assert client.hget(names.worker_load_key("t1", "w1"), "running") == b"3"
+
+    mirror.unregister_worker("w1", dp_ranks=[0, 1])
+    assert mirror.alive_workers() == {}
+    assert mirror.load_snapshot() == {}
+
+
+def test_mirror_contract_on_fakeredis(fake_redis) -> None:
+    _exercise(fake_redis)
+
+
+@pytest.mark.integration
+def test_mirror_contract_on_real_redis(redis_client) -> None:
+    _exercise(redis_client)
+
+
+@pytest.mark.integration
+def test_liveness_key_expires(redis_client) -> None:
+    mirror = RedisMirror(client=redis_client, namespace="t2")
+    mirror.register_worker(HELLO, now_s=0.0, ttl_s=0.05)
+    assert redis_client.pttl(names.worker_alive_key("t2", "w1")) <= 50
+    import time
+
+    time.sleep(0.15)
+    assert mirror.alive_workers() == {}
+
+
+def test_unreachable_redis_raises_one_exception_type() -> None:
+    from router.mirror import make_redis_client
+
+    client = make_redis_client("redis://127.0.0.1:1/0", timeout_s=0.2)
+    mirror = RedisMirror(client=client, namespace="t3")
+    with pytest.raises(MirrorUnavailable):
+        mirror.write_batch("w", 0, seq=0, epoch=1, stored={1: 2})
+    assert mirror.failures == 1
+
+
+def test_namespace_is_validated() -> None:
+    with pytest.raises(ValueError):
+        names.workers_key("a:b")
+    assert names.parse_target_key("ns", "kvr:ns:target:w:x:3:blocks") == ("w:x", 3)
