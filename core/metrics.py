@@ -1,0 +1,437 @@
+"""The one metrics fold (DESIGN §8), shared by the live monitor and the simulator.
+
+A :class:`MetricsFold` is a pure fold over records that carry their own
+timestamps: it never reads a clock, so the monitor (wall clock) and the
+simulator (virtual clock) compute every metric the same way. Folds merge
+(one per worker, per router replica, per shard) and round-trip through JSON.
+
+Definitions (one each):
+
+* **token hit rate** = Σ cached prompt tokens / Σ prompt tokens, with the cached
+  count reported by the engine (its truth, as vLLM's ``PrefixCacheStats``).
+  **predicted hit rate** is the same ratio with the router's predicted overlap,
+  over the requests that carry a prediction; the gap is a health signal.
+* **cache status** of a request: ``miss`` (no cached token), ``hit`` (every full
+  block the engine could reuse was cached: ``cached >= block_size *
+  floor((prompt - 1) / block_size)``, the last prompt token is always computed),
+  ``partial`` otherwise.
+* **TPOT** = (e2e − TTFT) / (output tokens − 1), for requests with ≥ 2 output tokens.
+* percentiles interpolate linearly between order statistics (numpy's default).
+* **load CV** = population std / mean of per-worker request counts over every
+  registered worker (a worker that got nothing counts as 0).
+* **infinite-cache upper bound**: requests in arrival order, a set of seen block
+  hashes; a request hits its longest prefix of seen blocks (see
+  :func:`infinite_cache_upper_bound`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from core.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+logger = logging.getLogger(__name__)
+
+CACHE_STATUSES = ("hit", "partial", "miss")
+PERCENTILES = (50, 90, 99)
+
+
+class RequestRecord(msgspec.Struct, kw_only=True, frozen=True):
+    """One finished request, as the router or simulator saw it.
+
+    ``arrival_s`` is when the client sent it (any clock, seconds); the other
+    times are durations from arrival.
+    """
+
+    request_id: str
+    worker: str
+    arrival_s: float
+    ttft_s: float
+    e2e_s: float
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    predicted_cached_tokens: int | None = None
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    preemptions: int = 0
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated ``q``-th percentile of already sorted values (NaN if empty)."""
+    n = len(sorted_values)
+    if n == 0:
+        return math.nan
+    rank = (n - 1) * q / 100.0
+    lo = int(math.floor(rank))
+    hi = min(lo + 1, n - 1)
+    frac = rank - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+def cache_status(num_prompt_tokens: int, num_cached_tokens: int, block_size: int) -> str:
+    """``hit``, ``partial`` or ``miss`` (see the module docstring)."""
+    if num_cached_tokens <= 0:
+        return "miss"
+    reusable = block_size * ((num_prompt_tokens - 1) // block_size)
+    return "hit" if num_cached_tokens >= reusable else "partial"
+
+
+def _match_bucket(num_blocks: int) -> int:
+    """Lower bound of the power-of-two bucket holding ``num_blocks`` (0, 1, 2, 4, 8, ...)."""
+    return 0 if num_blocks <= 0 else 1 << (num_blocks.bit_length() - 1)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else math.nan
+
+
+def _cv(values: Sequence[float]) -> float:
+    if not values:
+        return math.nan
+    mean = sum(values) / len(values)
+    if mean == 0:
+        return 0.0
+    var = sum((v - mean) ** 2 for v in values) / len(values)
+    return math.sqrt(var) / mean
+
+
+class MetricsFold:
+    """Accumulates request records, load samples and KV-event counts.
+
+    ``block_size`` classifies cache status and match lengths; ``timeline_bucket_s``
+    is the width of the time buckets behind the hit-rate and load-over-time plots.
+    """
+
+    def __init__(self, *, block_size: int = 16, timeline_bucket_s: float = 10.0) -> None:
+        if block_size <= 0 or timeline_bucket_s <= 0:
+            raise ValueError("block_size and timeline_bucket_s must be positive")
+        self.block_size = block_size
+        self.timeline_bucket_s = timeline_bucket_s
+        self.workers: dict[str, dict[str, float]] = {}
+        self.ttft_s: list[float] = []
+        self.tpot_s: list[float] = []
+        self.e2e_s: list[float] = []
+        self.queue_s: list[float] = []
+        self.ttft_by_status: dict[str, list[float]] = {s: [] for s in CACHE_STATUSES}
+        self.e2e_by_status: dict[str, list[float]] = {s: [] for s in CACHE_STATUSES}
+        self.match_blocks_hist: dict[int, int] = {}
+        self.event_lag_s: list[float] = []
+        self.counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+        self.first_arrival_s = math.inf
+        self.last_finish_s = -math.inf
+        # bucket index -> {"prompt_tokens", "cached_tokens", "requests", "per_worker": {w: [n_req, kv_usage_sum, n_samples, queued_prefill_sum]}}
+        self.timeline: dict[int, dict[str, Any]] = {}
+
+    # ---- inputs -------------------------------------------------------
+
+    def register_worker(self, worker: str) -> None:
+        """Make ``worker`` count in per-worker load (even if it never gets a request)."""
+        self.workers.setdefault(worker, dict.fromkeys(_WORKER_FIELDS, 0))
+
+    def _bucket(self, t: float) -> dict[str, Any]:
+        idx = int(math.floor(t / self.timeline_bucket_s))
+        b = self.timeline.get(idx)
+        if b is None:
+            b = self.timeline[idx] = {"prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "per_worker": {}}
+        return b
+
+    def add_request(self, rec: RequestRecord) -> None:
+        """Fold one finished request."""
+        self.register_worker(rec.worker)
+        w = self.workers[rec.worker]
+        w["requests"] += 1
+        w["prompt_tokens"] += rec.num_prompt_tokens
+        w["cached_tokens"] += rec.num_cached_tokens
+        w["prefill_tokens_computed"] += rec.num_prompt_tokens - rec.num_cached_tokens
+        c = self.counters
+        c["requests"] += 1
+        c["prompt_tokens"] += rec.num_prompt_tokens
+        c["cached_tokens"] += rec.num_cached_tokens
+        c["output_tokens"] += rec.num_output_tokens
+        c["preemptions"] += rec.preemptions
+        if rec.predicted_cached_tokens is not None:
+            c["predicted_requests"] += 1
+            c["predicted_prompt_tokens"] += rec.num_prompt_tokens
+            c["predicted_cached_tokens"] += rec.predicted_cached_tokens
+            c["predicted_engine_cached_tokens"] += rec.num_cached_tokens
+        self.ttft_s.append(rec.ttft_s)
+        self.e2e_s.append(rec.e2e_s)
+        self.queue_s.append(rec.queue_s)
+        if rec.num_output_tokens >= 2:
+            self.tpot_s.append((rec.e2e_s - rec.ttft_s) / (rec.num_output_tokens - 1))
+        status = cache_status(rec.num_prompt_tokens, rec.num_cached_tokens, self.block_size)
+        self.ttft_by_status[status].append(rec.ttft_s)
+        self.e2e_by_status[status].append(rec.e2e_s)
+        bucket = _match_bucket(rec.num_cached_tokens // self.block_size)
+        self.match_blocks_hist[bucket] = self.match_blocks_hist.get(bucket, 0) + 1
+        self.first_arrival_s = min(self.first_arrival_s, rec.arrival_s)
+        self.last_finish_s = max(self.last_finish_s, rec.arrival_s + rec.e2e_s)
+        b = self._bucket(rec.arrival_s)
+        b["prompt_tokens"] += rec.num_prompt_tokens
+        b["cached_tokens"] += rec.num_cached_tokens
+        b["requests"] += 1
+        pw = b["per_worker"].setdefault(rec.worker, [0, 0.0, 0, 0])
+        pw[0] += 1
+
+    def observe_load(self, worker: str, now: float, *, kv_usage: float, queued_prefill_tokens: int = 0) -> None:
+        """A load sample (heartbeat): KV usage in [0, 1] and queued prefill tokens."""
+        self.register_worker(worker)
+        w = self.workers[worker]
+        w["kv_usage_sum"] += kv_usage
+        w["kv_usage_max"] = max(w["kv_usage_max"], kv_usage)
+        w["load_samples"] += 1
+        pw = self._bucket(now)["per_worker"].setdefault(worker, [0, 0.0, 0, 0])
+        pw[1] += kv_usage
+        pw[2] += 1
+        pw[3] += queued_prefill_tokens
+
+    def observe_kv_events(self, worker: str, events: Iterable[KVEvent]) -> None:
+        """Count stored / removed blocks and cache resets from an engine's events."""
+        self.register_worker(worker)
+        w = self.workers[worker]
+        c = self.counters
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                c["blocks_stored"] += len(ev.block_hashes)
+            elif isinstance(ev, BlockRemoved):
+                c["blocks_evicted"] += len(ev.block_hashes)
+                w["blocks_evicted"] += len(ev.block_hashes)
+            elif isinstance(ev, AllBlocksCleared):
+                c["cache_clears"] += 1
+
+    def observe_event_lag(self, lag_s: float) -> None:
+        """Time from an event batch's ``ts`` to when the index applied it."""
+        self.event_lag_s.append(lag_s)
+
+    def count_gap(self, n: int = 1) -> None:
+        """Sequence gaps detected on the event plane."""
+        self.counters["event_gaps"] += n
+
+    def count_replay(self, n: int = 1) -> None:
+        """Replays requested after a gap."""
+        self.counters["event_replays"] += n
+
+    # ---- merge / serialise ---------------------------------------------
+
+    def merge(self, other: MetricsFold) -> MetricsFold:
+        """Fold ``other`` into this one (same block size and bucket width) and return self."""
+        if (other.block_size, other.timeline_bucket_s) != (self.block_size, self.timeline_bucket_s):
+            raise ValueError("cannot merge folds with different block_size or timeline_bucket_s")
+        for name, w in other.workers.items():
+            self.register_worker(name)
+            mine = self.workers[name]
+            for k, v in w.items():
+                mine[k] = max(mine[k], v) if k == "kv_usage_max" else mine[k] + v
+        for attr in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "event_lag_s"):
+            getattr(self, attr).extend(getattr(other, attr))
+        for s in CACHE_STATUSES:
+            self.ttft_by_status[s].extend(other.ttft_by_status[s])
+            self.e2e_by_status[s].extend(other.e2e_by_status[s])
+        for k, v in other.match_blocks_hist.items():
+            self.match_blocks_hist[k] = self.match_blocks_hist.get(k, 0) + v
+        for k, v in other.counters.items():
+            self.counters[k] += v
+        self.first_arrival_s = min(self.first_arrival_s, other.first_arrival_s)
+        self.last_finish_s = max(self.last_finish_s, other.last_finish_s)
+        for idx, ob in other.timeline.items():
+            b = self.timeline.setdefault(idx, {"prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "per_worker": {}})
+            for k in ("prompt_tokens", "cached_tokens", "requests"):
+                b[k] += ob[k]
+            for wname, vals in ob["per_worker"].items():
+                mine = b["per_worker"].setdefault(wname, [0, 0.0, 0, 0])
+                for i, v in enumerate(vals):
+                    mine[i] += v
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready (raw samples included, so merges stay exact)."""
+        return {
+            "block_size": self.block_size,
+            "timeline_bucket_s": self.timeline_bucket_s,
+            "workers": {k: dict(v) for k, v in self.workers.items()},
+            "ttft_s": list(self.ttft_s),
+            "tpot_s": list(self.tpot_s),
+            "e2e_s": list(self.e2e_s),
+            "queue_s": list(self.queue_s),
+            "ttft_by_status": {k: list(v) for k, v in self.ttft_by_status.items()},
+            "e2e_by_status": {k: list(v) for k, v in self.e2e_by_status.items()},
+            "match_blocks_hist": {str(k): v for k, v in sorted(self.match_blocks_hist.items())},
+            "event_lag_s": list(self.event_lag_s),
+            "counters": dict(self.counters),
+            "first_arrival_s": None if math.isinf(self.first_arrival_s) else self.first_arrival_s,
+            "last_finish_s": None if math.isinf(self.last_finish_s) else self.last_finish_s,
+            "timeline": {
+                str(k): {**b, "per_worker": {w: list(v) for w, v in b["per_worker"].items()}}
+                for k, b in sorted(self.timeline.items())
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MetricsFold:
+        """Inverse of :meth:`to_dict`."""
+        f = cls(block_size=d["block_size"], timeline_bucket_s=d["timeline_bucket_s"])
+        f.workers = {k: dict(v) for k, v in d["workers"].items()}
+        for attr in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "event_lag_s"):
+            setattr(f, attr, list(d[attr]))
+        f.ttft_by_status = {k: list(v) for k, v in d["ttft_by_status"].items()}
+        f.e2e_by_status = {k: list(v) for k, v in d["e2e_by_status"].items()}
+        f.match_blocks_hist = {int(k): v for k, v in d["match_blocks_hist"].items()}
+        f.counters = {**dict.fromkeys(_COUNTERS, 0), **d["counters"]}
+        f.first_arrival_s = math.inf if d["first_arrival_s"] is None else d["first_arrival_s"]
+        f.last_finish_s = -math.inf if d["last_finish_s"] is None else d["last_finish_s"]
+        f.timeline = {
+            int(k): {**b, "per_worker": {w: list(v) for w, v in b["per_worker"].items()}}
+            for k, b in d["timeline"].items()
+        }
+        return f
+
+    # ---- results --------------------------------------------------------
+
+    @property
+    def duration_s(self) -> float:
+        """From the first arrival to the last finish (0 when empty)."""
+        return max(0.0, self.last_finish_s - self.first_arrival_s) if self.counters["requests"] else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Flat headline metrics (NaN where undefined), sorted keys inside nested dicts."""
+        c = self.counters
+        out: dict[str, Any] = {
+            "requests": int(c["requests"]),
+            "token_hit_rate": _ratio(c["cached_tokens"], c["prompt_tokens"]),
+            "predicted_hit_rate": _ratio(c["predicted_cached_tokens"], c["predicted_prompt_tokens"]),
+            "prompt_tokens": int(c["prompt_tokens"]),
+            "cached_tokens": int(c["cached_tokens"]),
+            "prefill_tokens_computed": int(c["prompt_tokens"] - c["cached_tokens"]),
+            "output_tokens": int(c["output_tokens"]),
+        }
+        for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("e2e", self.e2e_s), ("queue", self.queue_s)):
+            s = sorted(values)
+            out[f"{name}_mean_s"] = _ratio(sum(s), len(s))
+            for q in PERCENTILES:
+                out[f"{name}_p{q}_s"] = percentile(s, q)
+        dur = self.duration_s
+        out["duration_s"] = dur
+        out["throughput_rps"] = _ratio(c["requests"], dur)
+        out["prompt_tokens_per_s"] = _ratio(c["prompt_tokens"], dur)
+        out["output_tokens_per_s"] = _ratio(c["output_tokens"], dur)
+        out["by_cache_status"] = {}
+        for st in CACHE_STATUSES:
+            t = sorted(self.ttft_by_status[st])
+            e = sorted(self.e2e_by_status[st])
+            out["by_cache_status"][st] = {
+                "requests": len(t),
+                "ttft_p50_s": percentile(t, 50),
+                "ttft_p99_s": percentile(t, 99),
+                "e2e_p50_s": percentile(e, 50),
+                "e2e_p99_s": percentile(e, 99),
+            }
+        names = sorted(self.workers)
+        req_counts = [self.workers[n]["requests"] for n in names]
+        out["load_cv"] = _cv(req_counts)
+        out["prefill_load_cv"] = _cv([self.workers[n]["prefill_tokens_computed"] for n in names])
+        out["max_over_mean_load"] = _ratio(max(req_counts), sum(req_counts) / len(req_counts)) if req_counts else math.nan
+        samples = sum(self.workers[n]["load_samples"] for n in names)
+        out["kv_usage_mean"] = _ratio(sum(self.workers[n]["kv_usage_sum"] for n in names), samples)
+        out["kv_usage_max"] = max((self.workers[n]["kv_usage_max"] for n in names), default=math.nan)
+        out["blocks_stored"] = int(c["blocks_stored"])
+        out["evictions"] = int(c["blocks_evicted"])
+        out["eviction_rate_per_s"] = _ratio(c["blocks_evicted"], dur)
+        out["cache_clears"] = int(c["cache_clears"])
+        out["preemptions"] = int(c["preemptions"])
+        lags = sorted(self.event_lag_s)
+        out["event_lag_p50_s"] = percentile(lags, 50)
+        out["event_lag_p99_s"] = percentile(lags, 99)
+        out["event_lag_max_s"] = lags[-1] if lags else math.nan
+        out["event_gaps"] = int(c["event_gaps"])
+        out["event_replays"] = int(c["event_replays"])
+        out["match_blocks_hist"] = {str(k): v for k, v in sorted(self.match_blocks_hist.items())}
+        out["per_worker"] = {
+            n: {
+                "requests": int(self.workers[n]["requests"]),
+                "token_hit_rate": _ratio(self.workers[n]["cached_tokens"], self.workers[n]["prompt_tokens"]),
+                "prefill_tokens_computed": int(self.workers[n]["prefill_tokens_computed"]),
+                "evictions": int(self.workers[n]["blocks_evicted"]),
+            }
+            for n in names
+        }
+        return out
+
+    def timeline_series(self) -> dict[str, Any]:
+        """Per time bucket: token hit rate, requests per worker, mean KV usage per worker."""
+        idxs = sorted(self.timeline)
+        names = sorted(self.workers)
+        t = [i * self.timeline_bucket_s for i in idxs]
+        hit = [_ratio(self.timeline[i]["cached_tokens"], self.timeline[i]["prompt_tokens"]) for i in idxs]
+        reqs = {n: [self.timeline[i]["per_worker"].get(n, [0, 0, 0, 0])[0] for i in idxs] for n in names}
+        kv = {}
+        for n in names:
+            row = []
+            for i in idxs:
+                pw = self.timeline[i]["per_worker"].get(n, [0, 0.0, 0, 0])
+                row.append(_ratio(pw[1], pw[2]))
+            kv[n] = row
+        return {"t_s": t, "token_hit_rate": hit, "requests": reqs, "kv_usage": kv}
+
+
+_COUNTERS = (
+    "requests",
+    "prompt_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "preemptions",
+    "predicted_requests",
+    "predicted_prompt_tokens",
+    "predicted_cached_tokens",
+    "predicted_engine_cached_tokens",
+    "blocks_stored",
+    "blocks_evicted",
+    "cache_clears",
+    "event_gaps",
+    "event_replays",
+)
+_WORKER_FIELDS = (
+    "requests",
+    "prompt_tokens",
+    "cached_tokens",
+    "prefill_tokens_computed",
+    "kv_usage_sum",
+    "kv_usage_max",
+    "load_samples",
+    "blocks_evicted",
+)
+
+
+def infinite_cache_upper_bound(
+    requests: Iterable[tuple[Sequence[Hashable], int]],
+    *,
+    block_size: int,
+    last_token_recomputed: bool = True,
+) -> float:
+    """Token hit rate of an infinite cache, requests in arrival order.
+
+    ``requests`` yields ``(block_hashes, num_prompt_tokens)`` with chained hashes of
+    the full blocks. A request hits its longest prefix of already seen blocks;
+    with ``last_token_recomputed`` (vLLM semantics, what the engine reports) at
+    most ``block_size * floor((prompt - 1) / block_size)`` tokens, else at most
+    the prompt. Then all its blocks become seen. NaN for no prompt tokens.
+    """
+    seen: set[Hashable] = set()
+    hit_tokens = 0
+    total = 0
+    for hashes, n_tokens in requests:
+        k = 0
+        for h in hashes:
+            if h not in seen:
+                break
+            k += 1
+        cap = block_size * ((n_tokens - 1) // block_size) if last_token_recomputed else n_tokens
+        hit_tokens += max(0, min(k * block_size, cap))
+        total += n_tokens
+        seen.update(hashes)
+    return _ratio(hit_tokens, total)
