@@ -96,3 +96,38 @@ def test_oversize_frames_are_refused_before_decoding() -> None:
 def test_wire_tag_is_stable() -> None:
     # The tag values are the protocol: pin one encoding byte for byte.
     assert encode(CancelRequest("r1")) == msgspec.msgpack.encode({"type": "cancel", "request_id": "r1"})
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_DECODERS = [client_decoder, reply_decoder, worker_decoder, router_decoder, metrics_decoder]
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=256))
+def test_fuzz_random_bytes_raise_only_decode_error(data: bytes) -> None:
+    for make in _DECODERS:
+        try:
+            make().decode(data)
+        except DecodeError:
+            pass
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from(["generate", "cancel", "routed", "tokens", "done", "error", "hello", "heartbeat", "dispatch", "x"]),
+    st.dictionaries(st.sampled_from(["request_id", "token_ids", "max_tokens", "prompt", "worker_id", "epoch", "load"]), _msgpack_values, max_size=5),
+)
+def test_fuzz_well_formed_maps_with_wrong_fields_raise_only_decode_error(tag: str, fields: dict) -> None:
+    data = msgspec.msgpack.encode({"type": tag, **fields})
+    for make in _DECODERS:
+        try:
+            make().decode(data)
+        except DecodeError:
+            pass
