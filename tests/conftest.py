@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# The machine is shared and noisy: hypothesis' per-example deadline would make
+# property tests flaky for timing reasons that say nothing about correctness.
+settings.register_profile("kvr", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("kvr")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures" / "vllm_kv_events"
