@@ -1,0 +1,650 @@
+"""The router's exact knowledge of every worker's GPU prefix cache, built from KV events.
+
+Targets are ``WorkerKey(worker_id, dp_rank)``: one routable engine each. The index is keyed by
+kvr's **own** block hash (``core/hashing.py``), computed from each ``BlockStored``'s
+``token_ids`` chained from the parent's own hash; the engine's *external* hash is kept only in a
+per-target ``external → own`` map, to apply ``BlockRemoved`` and to find a later event's parent.
+
+Data layout (why it is fast): every target owns a *slot* (a bit position); ``_holders`` maps an
+own block hash to an int bitmask of the slots holding it. ``overlap`` walks the request's hashes
+AND-ing masks until no slot remains: a few dict lookups and int ops per leading block, whatever
+the fleet size (Python ints are arbitrary width, so 512 slots cost the same code path).
+
+Semantics, pinned by ``tests/core/test_prefix_index.py``:
+
+* Stores are idempotent (vLLM ``kv_cache_report_mode="full"`` re-reports cached blocks). If two
+  external hashes map to one own hash on a target (e.g. the same prefix reported by two KV-cache
+  groups under different hashes) the block stays until both are removed.
+* ``BlockRemoved`` of an unknown external hash is counted, never an error (late or duplicate).
+* Orphans — a ``BlockStored`` whose parent external hash is unknown. Its own hashes cannot be
+  computed (an own hash depends on the whole prefix), so it is **parked**, keyed by the missing
+  parent: when a block with that external hash is stored later (a reordered batch, a replayed
+  gap), the parked chain is linked and inserted, recursively. While anything is parked the
+  target's effective confidence is at least ``resyncing``. Parked chains expire after
+  ``orphan_ttl_s`` and are bounded by ``max_orphan_blocks`` per target (oldest dropped first);
+  drops are counted. A removal of a parked block marks it removed so a later link skips it.
+  We chose parking over dropping (llm-d's behaviour, pitfall 10) because reorder and replay are
+  normal on a lossy PUB/SUB plane, and over guessing (treating the chain as rooted) because a
+  wrong own hash would only ever produce false hits.
+* Offload and placeholder events (``medium`` other than GPU, ``block_size`` 0 or no tokens),
+  events of non-full-attention KV-cache groups, and events whose ``block_size`` differs from the
+  router's are ignored and counted (a block-size mismatch also logs a warning once per target).
+* Tentative entries (predict-on-route): ``add_tentative`` marks a request's blocks as present on
+  a target until ``expires_at``; they count in ``overlap`` like real blocks. A real store or
+  removal of the same own hash on that target settles (deletes) the tentative entry, as does
+  clearing or removing the target.
+
+Confidence (``fresh | resyncing | stale``) is set by the router (gap, seq reset, heartbeat loss)
+and read by the policy; the index only raises it to ``resyncing`` while orphans are parked.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import logging
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import msgspec
+
+from core.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from core.hashing import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, external_hash_key, hash_block
+
+logger = logging.getLogger(__name__)
+
+#: KV-cache-group kinds whose blocks a request's prefix can reuse; others (sliding window, mamba) are ignored.
+INDEXED_SPEC_KINDS = frozenset({None, "full_attention"})
+
+DEFAULT_ORPHAN_TTL_S = 30.0
+DEFAULT_MAX_ORPHAN_BLOCKS = 65_536
+
+
+class WorkerKey(NamedTuple):
+    """One routable target: an engine process and its data-parallel rank."""
+
+    worker_id: str
+    dp_rank: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.worker_id}/{self.dp_rank}"
+
+
+class Confidence(str, enum.Enum):
+    """How far the router trusts a target's index entries (ordered by severity)."""
+
+    FRESH = "fresh"
+    RESYNCING = "resyncing"  # a gap, reset or orphan is being repaired; entries may be missing
+    STALE = "stale"  # events stopped (heartbeat lost, replay impossible); entries may be wrong
+
+
+_SEVERITY = {Confidence.FRESH: 0, Confidence.RESYNCING: 1, Confidence.STALE: 2}
+
+
+class SnapshotBlocks(msgspec.Struct, tag=True, frozen=True):
+    """kvr's own event: blocks already resolved to own hashes (a dump, a Redis warm start).
+
+    ``block_hashes`` are normalised external keys (``external_hash_key``), pairwise with
+    ``own_hashes``. Applying it is exactly like the stores that produced it.
+    """
+
+    block_hashes: list[int]
+    own_hashes: list[int]
+
+
+@dataclass
+class IndexDelta:
+    """What an ``apply`` changed, for the Redis mirror (append-only collector)."""
+
+    stored: list[tuple[WorkerKey, int, int]] = field(default_factory=list)  # (target, external, own)
+    removed: list[tuple[WorkerKey, int, int]] = field(default_factory=list)
+    cleared: list[WorkerKey] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Orphan:
+    """A parked ``BlockStored`` waiting for its parent's external hash."""
+
+    parent_key: int
+    external_keys: list[int]
+    token_ids: list[int]
+    extra_keys: list | None
+    arrived_at: float
+    removed: set[int] = field(default_factory=set)
+    alive: bool = True
+
+
+@dataclass(eq=False)
+class _Target:
+    key: WorkerKey
+    slot: int
+    bit: int
+    external_to_own: dict[int, int] = field(default_factory=dict)
+    # Own hashes held under >= 2 external hashes: own -> count. Absent means 1 (the common case).
+    extra_refs: dict[int, int] = field(default_factory=dict)
+    num_blocks: int = 0
+    confidence: Confidence = Confidence.FRESH
+    orphans_by_parent: dict[int, list[_Orphan]] = field(default_factory=dict)
+    orphan_of_external: dict[int, _Orphan] = field(default_factory=dict)
+    orphan_fifo: deque = field(default_factory=deque)
+    orphan_blocks: int = 0
+    removal_groups: set[int] = field(default_factory=set)  # group_idx values of indexed stores
+    warned_block_size: bool = False
+
+
+class PrefixIndex:
+    """Exact, event-driven prefix index over all targets. Pure: time comes in as ``now``."""
+
+    def __init__(
+        self,
+        *,
+        block_size: int,
+        orphan_ttl_s: float = DEFAULT_ORPHAN_TTL_S,
+        max_orphan_blocks: int = DEFAULT_MAX_ORPHAN_BLOCKS,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.orphan_ttl_s = orphan_ttl_s
+        self.max_orphan_blocks = max_orphan_blocks
+        self.counters: Counter[str] = Counter()
+        self._targets: dict[WorkerKey, _Target] = {}
+        self._slots: list[_Target | None] = []
+        self._free_slots: list[int] = []
+        self._holders: dict[int, int] = {}  # own hash -> bitmask of slots
+        # Tentative (predict-on-route) entries: own -> {slot: expires_at}, and own -> mask.
+        self._tentative: dict[int, dict[int, float]] = {}
+        self._tentative_mask: dict[int, int] = {}
+        self._tentative_heap: list[tuple[float, int, int, tuple[int, ...]]] = []
+        self._tentative_seq = 0
+
+    # ------------------------------------------------------------------ targets
+
+    def add_target(self, target: WorkerKey) -> None:
+        """Register a target (idempotent); ``apply`` registers unknown targets itself."""
+        self._target(target)
+
+    def _target(self, target: WorkerKey) -> _Target:
+        state = self._targets.get(target)
+        if state is None:
+            slot = heapq.heappop(self._free_slots) if self._free_slots else len(self._slots)
+            if slot == len(self._slots):
+                self._slots.append(None)
+            state = _Target(key=target, slot=slot, bit=1 << slot)
+            self._slots[slot] = state
+            self._targets[target] = state
+        return state
+
+    def remove_target(self, target: WorkerKey) -> None:
+        """Forget a target entirely (worker dead or gone). Unknown targets are ignored."""
+        state = self._targets.get(target)
+        if state is None:
+            return
+        self._clear(state, None)
+        del self._targets[target]
+        self._slots[state.slot] = None
+        heapq.heappush(self._free_slots, state.slot)
+
+    def clear_target(self, target: WorkerKey, *, delta: IndexDelta | None = None) -> None:
+        """Drop every block (and parked orphan, and tentative entry) of a target; keep it registered."""
+        state = self._targets.get(target)
+        if state is not None:
+            self._clear(state, delta)
+
+    def targets(self) -> list[WorkerKey]:
+        return sorted(self._targets)
+
+    def __contains__(self, target: object) -> bool:
+        return target in self._targets
+
+    # ------------------------------------------------------------------ confidence
+
+    def set_confidence(self, target: WorkerKey, confidence: Confidence) -> None:
+        self._target(target).confidence = Confidence(confidence)
+
+    def confidence(self, target: WorkerKey) -> Confidence:
+        """The router's confidence, raised to ``resyncing`` while orphans are parked."""
+        state = self._targets.get(target)
+        if state is None:
+            return Confidence.STALE
+        if state.orphan_blocks and _SEVERITY[state.confidence] < _SEVERITY[Confidence.RESYNCING]:
+            return Confidence.RESYNCING
+        return state.confidence
+
+    # ------------------------------------------------------------------ counts
+
+    def num_blocks(self, target: WorkerKey) -> int:
+        state = self._targets.get(target)
+        return state.num_blocks if state else 0
+
+    def total_blocks(self) -> int:
+        """Indexed (target, block) pairs over all targets."""
+        return sum(s.num_blocks for s in self._targets.values())
+
+    def num_unique_blocks(self) -> int:
+        return len(self._holders)
+
+    def orphan_blocks(self, target: WorkerKey) -> int:
+        state = self._targets.get(target)
+        return state.orphan_blocks if state else 0
+
+    def holders(self, own_hash: int) -> list[WorkerKey]:
+        """Targets that really hold a block (tentative entries excluded)."""
+        return self._mask_targets(self._holders.get(own_hash, 0))
+
+    # ------------------------------------------------------------------ events
+
+    def apply_batch(self, worker_id: str, batch: KVEventBatch, *, now: float, delta: IndexDelta | None = None) -> None:
+        """Apply every event of one published batch to ``(worker_id, batch.data_parallel_rank)``."""
+        target = WorkerKey(worker_id, batch.data_parallel_rank or 0)
+        for event in batch.events:
+            self.apply(target, event, now=now, delta=delta)
+
+    def apply(self, target: WorkerKey, event: object, *, now: float, delta: IndexDelta | None = None) -> None:
+        """Apply one KV event (or a ``SnapshotBlocks``) to a target. Never raises on bad input."""
+        state = self._target(target)
+        if state.orphan_fifo:
+            self._expire_orphans(state, now)
+        if isinstance(event, BlockStored):
+            self._on_stored(state, event, now, delta)
+        elif isinstance(event, BlockRemoved):
+            self._on_removed(state, event, delta)
+        elif isinstance(event, AllBlocksCleared):
+            self.counters["clears"] += 1
+            self._clear(state, delta)
+        elif isinstance(event, SnapshotBlocks):
+            if len(event.block_hashes) != len(event.own_hashes):
+                self.counters["malformed"] += 1
+                logger.warning("%s: snapshot with %d external and %d own hashes ignored", target,
+                               len(event.block_hashes), len(event.own_hashes))
+                return
+            for ext, own in zip(event.block_hashes, event.own_hashes):
+                self._insert(state, ext, own, delta, now)
+        else:
+            self.counters["unknown_event"] += 1
+            logger.warning("%s: unknown event type %s ignored", target, type(event).__name__)
+
+    def _on_stored(self, state: _Target, ev: BlockStored, now: float, delta: IndexDelta | None) -> None:
+        n = len(ev.block_hashes)
+        if ev.medium not in (None, MEDIUM_GPU) or ev.block_size == 0 or not ev.token_ids or n == 0:
+            self.counters["ignored_offload"] += 1
+            return
+        if ev.kv_cache_spec_kind not in INDEXED_SPEC_KINDS:
+            self.counters["ignored_group"] += 1
+            return
+        if ev.block_size != self.block_size:
+            self.counters["block_size_mismatch"] += 1
+            if not state.warned_block_size:
+                state.warned_block_size = True
+                logger.warning("%s publishes block_size %d but the router uses %d: its events are ignored",
+                               state.key, ev.block_size, self.block_size)
+            return
+        if len(ev.token_ids) != n * self.block_size or (ev.extra_keys is not None and len(ev.extra_keys) != n):
+            self.counters["malformed"] += 1
+            logger.warning("%s: BlockStored with %d hashes, %d tokens, %s extra keys ignored", state.key, n,
+                           len(ev.token_ids), None if ev.extra_keys is None else len(ev.extra_keys))
+            return
+        if ev.group_idx is not None:
+            state.removal_groups.add(ev.group_idx)
+        try:
+            externals = [external_hash_key(h) for h in ev.block_hashes]
+            parent_key = None if ev.parent_block_hash is None else external_hash_key(ev.parent_block_hash)
+        except (TypeError, AttributeError):
+            self.counters["malformed"] += 1
+            return
+        self.counters["stored_events"] += 1
+        if parent_key is None:
+            parent_own = ROOT_PARENT_HASH
+        else:
+            parent_own = state.external_to_own.get(parent_key)
+            if parent_own is None:
+                self._park(state, parent_key, externals, ev, now)
+                return
+        try:
+            owns = _own_hashes(ev.token_ids, ev.extra_keys, self.block_size, parent_own)
+        except ValueError:
+            self.counters["malformed"] += 1
+            logger.warning("%s: BlockStored with invalid token ids ignored", state.key)
+            return
+        for ext, own in zip(externals, owns):
+            self._insert(state, ext, own, delta, now)
+
+    def _on_removed(self, state: _Target, ev: BlockRemoved, delta: IndexDelta | None) -> None:
+        if ev.medium not in (None, MEDIUM_GPU):
+            self.counters["ignored_offload"] += 1
+            return
+        if ev.group_idx is not None and state.removal_groups and ev.group_idx not in state.removal_groups:
+            self.counters["ignored_group"] += 1
+            return
+        for h in ev.block_hashes:
+            try:
+                ext = external_hash_key(h)
+            except (TypeError, AttributeError):
+                self.counters["malformed"] += 1
+                continue
+            own = state.external_to_own.pop(ext, None)
+            if own is None:
+                orphan = state.orphan_of_external.pop(ext, None)
+                if orphan is not None:
+                    orphan.removed.add(ext)
+                    self.counters["removed_parked"] += 1
+                else:
+                    self.counters["removed_unknown"] += 1
+                continue
+            self.counters["removed_blocks"] += 1
+            self._release(state, own)
+            if delta is not None:
+                delta.removed.append((state.key, ext, own))
+
+    # ------------------------------------------------------------------ core mutations
+
+    def _insert(self, state: _Target, ext: int, own: int, delta: IndexDelta | None, now: float) -> None:
+        """Map ``ext → own`` on a target, set its bit, settle tentative entries, link waiting orphans."""
+        previous = state.external_to_own.get(ext)
+        if previous == own:
+            self.counters["stored_duplicate"] += 1
+        else:
+            if previous is not None:  # the engine reused an external hash for another prefix
+                self.counters["stored_remapped"] += 1
+                self._release(state, previous)
+            state.external_to_own[ext] = own
+            mask = self._holders.get(own, 0)
+            if mask & state.bit:
+                state.extra_refs[own] = state.extra_refs.get(own, 1) + 1
+            else:
+                self._holders[own] = mask | state.bit
+                state.num_blocks += 1
+            self.counters["stored_blocks"] += 1
+            if delta is not None:
+                delta.stored.append((state.key, ext, own))
+        if self._tentative:
+            self._drop_tentative(own, state.slot)
+        if state.orphans_by_parent:
+            waiting = state.orphans_by_parent.pop(ext, None)
+            if waiting:
+                for orphan in waiting:
+                    self._link(state, orphan, own, delta, now)
+
+    def _release(self, state: _Target, own: int) -> None:
+        """One external hash of ``own`` left the target; clear its bit when it was the last one."""
+        refs = state.extra_refs.get(own)
+        if refs is not None:
+            if refs <= 2:
+                del state.extra_refs[own]
+            else:
+                state.extra_refs[own] = refs - 1
+        else:
+            mask = self._holders.get(own, 0) & ~state.bit
+            if mask:
+                self._holders[own] = mask
+            else:
+                self._holders.pop(own, None)
+            state.num_blocks -= 1
+        if self._tentative:
+            self._drop_tentative(own, state.slot)
+
+    def _clear(self, state: _Target, delta: IndexDelta | None) -> None:
+        bit = state.bit
+        holders = self._holders
+        for own in set(state.external_to_own.values()):
+            mask = holders.get(own, 0) & ~bit
+            if mask:
+                holders[own] = mask
+            else:
+                holders.pop(own, None)
+        state.external_to_own.clear()
+        state.extra_refs.clear()
+        state.num_blocks = 0
+        for orphan in state.orphan_fifo:
+            orphan.alive = False
+        state.orphans_by_parent.clear()
+        state.orphan_of_external.clear()
+        state.orphan_fifo.clear()
+        state.orphan_blocks = 0
+        if self._tentative:
+            for own in [o for o, slots in self._tentative.items() if state.slot in slots]:
+                self._drop_tentative(own, state.slot)
+        if delta is not None:
+            delta.cleared.append(state.key)
+
+    # ------------------------------------------------------------------ orphans
+
+    def _park(self, state: _Target, parent_key: int, externals: list[int], ev: BlockStored, now: float) -> None:
+        orphan = _Orphan(parent_key=parent_key, external_keys=externals, token_ids=list(ev.token_ids),
+                         extra_keys=ev.extra_keys, arrived_at=now)
+        state.orphans_by_parent.setdefault(parent_key, []).append(orphan)
+        for ext in externals:
+            state.orphan_of_external[ext] = orphan
+        state.orphan_fifo.append(orphan)
+        state.orphan_blocks += len(externals)
+        self.counters["orphan_events"] += 1
+        self.counters["orphan_blocks"] += len(externals)
+        logger.debug("%s: parked %d blocks whose parent %#x is unknown", state.key, len(externals), parent_key)
+        self._expire_orphans(state, now)
+
+    def _unpark(self, state: _Target, orphan: _Orphan) -> None:
+        orphan.alive = False
+        state.orphan_blocks -= len(orphan.external_keys)
+        for ext in orphan.external_keys:
+            if state.orphan_of_external.get(ext) is orphan:
+                del state.orphan_of_external[ext]
+
+    def _link(self, state: _Target, orphan: _Orphan, parent_own: int, delta: IndexDelta | None, now: float) -> None:
+        if not orphan.alive:
+            return
+        self._unpark(state, orphan)
+        try:
+            owns = _own_hashes(orphan.token_ids, orphan.extra_keys, self.block_size, parent_own)
+        except ValueError:
+            self.counters["malformed"] += 1
+            return
+        linked = 0
+        for ext, own in zip(orphan.external_keys, owns):
+            if ext in orphan.removed:
+                continue
+            linked += 1
+            self._insert(state, ext, own, delta, now)
+        self.counters["orphan_blocks_linked"] += linked
+
+    def _expire_orphans(self, state: _Target, now: float) -> None:
+        fifo = state.orphan_fifo
+        while fifo:
+            head = fifo[0]
+            if head.alive and head.arrived_at + self.orphan_ttl_s > now and state.orphan_blocks <= self.max_orphan_blocks:
+                break
+            fifo.popleft()
+            if head.alive:
+                self._unpark(state, head)
+                waiting = state.orphans_by_parent.get(head.parent_key)
+                if waiting is not None:
+                    waiting.remove(head)
+                    if not waiting:
+                        del state.orphans_by_parent[head.parent_key]
+                self.counters["orphan_blocks_dropped"] += len(head.external_keys)
+
+    def expire(self, now: float) -> None:
+        """Drop expired tentative entries and parked orphans everywhere (call periodically)."""
+        self.expire_tentative(now)
+        for state in self._targets.values():
+            if state.orphan_fifo:
+                self._expire_orphans(state, now)
+
+    # ------------------------------------------------------------------ tentative (predict-on-route)
+
+    def add_tentative(self, target: WorkerKey, own_hashes: Sequence[int], expires_at: float) -> None:
+        """Count ``own_hashes`` as present on ``target`` until ``expires_at`` (or settled by an event)."""
+        state = self._target(target)
+        slot, bit = state.slot, state.bit
+        added = []
+        for own in own_hashes:
+            if self._holders.get(own, 0) & bit:
+                continue  # really present already: nothing to predict
+            slots = self._tentative.get(own)
+            if slots is None:
+                self._tentative[own] = {slot: expires_at}
+                self._tentative_mask[own] = bit
+            else:
+                slots[slot] = max(expires_at, slots.get(slot, expires_at))
+                self._tentative_mask[own] |= bit
+            added.append(own)
+        if added:
+            self._tentative_seq += 1
+            heapq.heappush(self._tentative_heap, (expires_at, self._tentative_seq, slot, tuple(added)))
+
+    def expire_tentative(self, now: float) -> None:
+        heap = self._tentative_heap
+        while heap and heap[0][0] <= now:
+            expires_at, _, slot, owns = heapq.heappop(heap)
+            for own in owns:
+                slots = self._tentative.get(own)
+                if slots is not None and slot in slots and slots[slot] <= now:
+                    self._drop_tentative(own, slot)
+
+    def num_tentative(self) -> int:
+        """Tentative (target, block) entries currently held."""
+        return sum(len(s) for s in self._tentative.values())
+
+    def _drop_tentative(self, own: int, slot: int) -> None:
+        slots = self._tentative.get(own)
+        if slots is None or slot not in slots:
+            return
+        del slots[slot]
+        if slots:
+            self._tentative_mask[own] &= ~(1 << slot)
+        else:
+            del self._tentative[own]
+            del self._tentative_mask[own]
+
+    # ------------------------------------------------------------------ queries
+
+    def overlap(self, own_hashes: Sequence[int], *, now: float | None = None) -> dict[WorkerKey, int]:
+        """Leading blocks of a request each target holds (real or tentative); absent targets hold 0.
+
+        ``now`` first expires tentative entries (pass it on the routing path).
+        """
+        if now is not None and self._tentative_heap and self._tentative_heap[0][0] <= now:
+            self.expire_tentative(now)
+        if not own_hashes:
+            return {}
+        get = self._holders.get
+        tentative = self._tentative_mask
+        first = own_hashes[0]
+        active = get(first, 0) | tentative.get(first, 0) if tentative else get(first, 0)
+        if not active:
+            return {}
+        out: dict[WorkerKey, int] = {}
+        n = len(own_hashes)
+        if tentative:
+            tget = tentative.get
+            for i in range(1, n):
+                h = own_hashes[i]
+                nxt = active & (get(h, 0) | tget(h, 0))
+                if nxt != active:
+                    self._record(out, active & ~nxt, i)
+                    active = nxt
+                    if not active:
+                        return out
+        else:
+            for i in range(1, n):
+                nxt = active & get(own_hashes[i], 0)
+                if nxt != active:
+                    self._record(out, active & ~nxt, i)
+                    active = nxt
+                    if not active:
+                        return out
+        self._record(out, active, n)
+        return out
+
+    def _record(self, out: dict[WorkerKey, int], mask: int, blocks: int) -> None:
+        slots = self._slots
+        while mask:
+            low = mask & -mask
+            out[slots[low.bit_length() - 1].key] = blocks
+            mask ^= low
+
+    def _mask_targets(self, mask: int) -> list[WorkerKey]:
+        out = []
+        while mask:
+            low = mask & -mask
+            out.append(self._slots[low.bit_length() - 1].key)
+            mask ^= low
+        return sorted(out)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, target: WorkerKey) -> list[tuple[int, int]]:
+        """``(external key, own hash)`` of every indexed block of a target, sorted."""
+        state = self._targets.get(target)
+        return sorted(state.external_to_own.items()) if state else []
+
+    def dump_events(self, target: WorkerKey) -> list[object]:
+        """A target's state as events: applying them to an empty index restores it exactly.
+
+        One ``SnapshotBlocks`` with the indexed blocks, then every live parked orphan as the
+        ``BlockStored`` it arrived as (Dynamo's dump idea: restore goes through ``apply``).
+        """
+        state = self._targets.get(target)
+        if state is None:
+            return []
+        pairs = sorted(state.external_to_own.items())
+        events: list[object] = [SnapshotBlocks([e for e, _ in pairs], [o for _, o in pairs])]
+        for orphan in state.orphan_fifo:
+            if not orphan.alive:
+                continue
+            # A parked block removed before its parent arrived stays in the chain (the hashes
+            # after it need its tokens) and its removal is re-sent right after.
+            events.append(_orphan_event(orphan, self.block_size))
+            removed = [e for e in orphan.external_keys if e in orphan.removed]
+            if removed:
+                events.append(BlockRemoved(block_hashes=removed, medium=MEDIUM_GPU))
+        return events
+
+
+def _orphan_event(orphan: _Orphan, block_size: int) -> BlockStored:
+    return BlockStored(block_hashes=list(orphan.external_keys), parent_block_hash=orphan.parent_key,
+                       token_ids=list(orphan.token_ids), block_size=block_size, lora_id=None,
+                       medium=MEDIUM_GPU, lora_name=None, extra_keys=orphan.extra_keys)
+
+
+def _own_hashes(token_ids: Sequence[int], extra_keys: list | None, block_size: int, parent_own: int) -> list[int]:
+    """Own hashes of an event's blocks; ``extra_keys`` is vLLM's per-block list (or None)."""
+    if extra_keys is None:
+        return block_hashes(token_ids, block_size=block_size, parent_hash=parent_own)
+    first = extra_keys[0]
+    if all(k == first for k in extra_keys):  # common: no extras, or a LoRA name on every block
+        return block_hashes(token_ids, block_size=block_size, parent_hash=parent_own, extra_keys=first)
+    out = []
+    parent = parent_own
+    for i, keys in enumerate(extra_keys):
+        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], extra_key_bytes(keys))
+        out.append(parent)
+    return out
+
+
+def request_block_hashes(
+    token_ids: Sequence[int],
+    *,
+    block_size: int,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+    max_blocks: int | None = None,
+) -> list[int]:
+    """Own hashes of a request's full blocks, with the per-block extra keys vLLM 0.33 reports.
+
+    vLLM puts on the wire, per block, the untagged list ``[lora_name?, mm..., cache_salt?]``,
+    the salt on block 0 only (``docs/vllm-kv-events.md`` §5); blocks with none report ``None``.
+    Hashing the same per-block lists here makes a request's hashes equal the index's.
+    """
+    rest_keys = [lora_name] if lora_name is not None else None
+    if cache_salt is None:
+        return block_hashes(token_ids, block_size=block_size, extra_keys=rest_keys, max_blocks=max_blocks)
+    if len(token_ids) < block_size or max_blocks == 0:
+        return []
+    first_keys = ([lora_name] if lora_name is not None else []) + [cache_salt]
+    first = hash_block(ROOT_PARENT_HASH, token_ids[:block_size], extra_key_bytes(first_keys))
+    rest = block_hashes(token_ids[block_size:], block_size=block_size, parent_hash=first, extra_keys=rest_keys,
+                        max_blocks=None if max_blocks is None else max_blocks - 1)
+    return [first, *rest]
+
