@@ -1,0 +1,129 @@
+"""ZeroMQ socket helpers: one place for linger, high-water marks and vLLM's endpoint rules.
+
+* Every socket is made with ``linger=0`` so closing never blocks a process exit.
+* :func:`vllm_binds` is vLLM's bind-or-connect rule for its PUB socket (0.22..0.33):
+  bind iff the endpoint contains ``*`` or ``::`` or starts with ``ipc://`` /
+  ``inproc://``; otherwise connect (``tcp://indexer:5557`` makes vLLM dial out).
+  vLLM's replay ROUTER always binds.
+* :func:`offset_endpoint_for_dp_rank` is vLLM's data-parallel rule: a ``tcp``
+  port is offset by the rank (port 0 is left alone), ``inproc://x`` becomes
+  ``inproc://x_dp<rank>``; the topic is never changed.
+* :func:`connectable` turns a bound wildcard address (``tcp://0.0.0.0:5557``)
+  into one a local peer can dial (``tcp://127.0.0.1:5557``).
+
+zmq sockets are not thread-safe: whoever makes a socket here must use it from
+one thread only (contexts are thread-safe and may be shared).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+logger = logging.getLogger(__name__)
+
+#: vLLM's default PUB high-water mark (``KVEventsConfig.hwm``).
+DEFAULT_HWM = 100_000
+_BIND_RETRY_S = 2.0
+
+
+def vllm_binds(endpoint: str) -> bool:
+    """vLLM's PUB rule: bind iff ``*`` or ``::`` appears, or the transport is ipc/inproc."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+def offset_endpoint_for_dp_rank(endpoint: str, dp_rank: int) -> str:
+    """The endpoint a data-parallel rank uses, as vLLM derives it from the base endpoint."""
+    if endpoint.startswith("inproc://"):
+        return f"{endpoint}_dp{dp_rank}"
+    if endpoint.startswith("tcp://"):
+        base, sep, port = endpoint.rpartition(":")
+        if not sep or not port.isdigit() or base == "tcp":
+            raise ValueError(f"tcp endpoint without a port: {endpoint!r}")
+        if int(port) == 0:  # an ephemeral port stays ephemeral for every rank
+            return endpoint
+        return f"{base}:{int(port) + dp_rank}"
+    return endpoint  # ipc:// paths are not offset by vLLM either
+
+
+def connectable(endpoint: str) -> str:
+    """A bound endpoint as a local peer dials it (wildcard hosts become loopback)."""
+    for wildcard, loopback in (("tcp://0.0.0.0:", "tcp://127.0.0.1:"), ("tcp://*:", "tcp://127.0.0.1:"),
+                               ("tcp://[::]:", "tcp://[::1]:")):
+        if endpoint.startswith(wildcard):
+            return loopback + endpoint[len(wildcard):]
+    return endpoint
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None, sndhwm: int | None = None,
+                rcvhwm: int | None = None) -> zmq.Socket:
+    """A socket with linger 0 and the given high-water marks (``hwm`` sets both)."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if hwm is not None:
+        sock.set_hwm(hwm)
+    if sndhwm is not None:
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+    if rcvhwm is not None:
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    return sock
+
+
+def attach(sock: zmq.Socket, endpoint: str, *, bind: bool) -> str:
+    """Bind or connect; returns the resolved endpoint (the real port for ``:0``).
+
+    A bind retries for a short while on EADDRINUSE: a socket closed a moment
+    ago (a restarted publisher) may still hold its port in the I/O thread.
+    """
+    if not bind:
+        sock.connect(endpoint)
+        return endpoint
+    deadline = time.monotonic() + _BIND_RETRY_S
+    while True:
+        try:
+            sock.bind(endpoint)
+            break
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    last = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return last.decode() if isinstance(last, bytes) and last else endpoint
+
+
+def make_pub(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM, bind: bool | None = None) -> tuple[zmq.Socket, str]:
+    """A PUB socket; ``bind=None`` applies vLLM's rule. Returns (socket, resolved endpoint)."""
+    sock = make_socket(ctx, zmq.PUB, hwm=hwm)
+    return sock, attach(sock, endpoint, bind=vllm_binds(endpoint) if bind is None else bind)
+
+
+def make_sub(ctx: zmq.Context, endpoint: str, *, topic: bytes = b"", bind: bool = False,
+             hwm: int = DEFAULT_HWM) -> tuple[zmq.Socket, str]:
+    """A SUB socket subscribed to the byte prefix ``topic``; connects unless ``bind``."""
+    sock = make_socket(ctx, zmq.SUB, hwm=hwm)
+    sock.setsockopt(zmq.SUBSCRIBE, topic)
+    return sock, attach(sock, endpoint, bind=bind)
+
+
+def make_router(ctx: zmq.Context, endpoint: str, *, sndhwm: int | None = None) -> tuple[zmq.Socket, str]:
+    """A bound ROUTER (vLLM's replay socket always binds). Returns (socket, resolved endpoint)."""
+    sock = make_socket(ctx, zmq.ROUTER, sndhwm=sndhwm)
+    return sock, attach(sock, endpoint, bind=True)
+
+
+def make_dealer(ctx: zmq.Context, endpoint: str, *, hwm: int | None = None) -> zmq.Socket:
+    """A DEALER connected to ``endpoint`` (requests queue until the peer is up)."""
+    sock = make_socket(ctx, zmq.DEALER, hwm=hwm)
+    sock.connect(endpoint)
+    return sock
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """``tcp://host:port`` with a port nothing listens on right now (demos, tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
