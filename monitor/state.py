@@ -1,0 +1,293 @@
+"""What the monitor knows: the shared metrics fold plus the live-only series around it.
+
+Every metric is computed by :class:`core.metrics.MetricsFold` (DESIGN §8), the
+same fold the simulator uses. This module only adds what a *live* view needs
+and a fold has no notion of:
+
+* the latest :class:`~bus.schema.WorkerSample` per worker (load, index size,
+  index confidence, cumulative event-plane counters);
+* a **series** of snapshots taken every ``sample_interval_s`` (cumulative
+  and windowed hit rate, predicted hit rate, TTFT p50/p99 of the window, per
+  worker KV usage and indexed blocks) — the hit-rate and recovery plots;
+* an **incident log** (gaps, replays, resets, confidence changes, worker
+  arrivals and departures, request errors) — the recovery timeline;
+* the most recent requests and error counts by code.
+
+Worker samples carry *cumulative* counters; the state folds their increments.
+A counter that goes down means its publisher restarted: the new value is taken
+as the increment (nothing is lost, nothing is counted twice).
+
+Times are the publishers' wall-clock seconds; the state never reads a clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import Any
+
+from bus.schema import RequestRecord, WorkerSample
+from core.events import BlockRemoved
+from core.metrics import MetricsFold, percentile
+from core.metrics import RequestRecord as FoldRecord
+
+logger = logging.getLogger(__name__)
+
+DUMP_VERSION = 1
+DUMP_KIND = "kvr.monitor.dump"
+_EVENT_COUNTERS = ("gaps", "replays", "resets", "evictions", "events_applied")
+
+
+def to_fold_record(rec: RequestRecord) -> FoldRecord | None:
+    """The fold's view of a successful request record (``None`` for failed ones)."""
+    if rec.error is not None or rec.worker_id is None:
+        return None
+    return FoldRecord(
+        request_id=rec.request_id,
+        worker=rec.worker_id,
+        arrival_s=rec.arrival_s,
+        ttft_s=rec.ttft_s,
+        e2e_s=rec.e2e_s,
+        num_prompt_tokens=rec.prompt_tokens,
+        num_cached_tokens=rec.cached_tokens,
+        num_output_tokens=rec.output_tokens,
+        predicted_cached_tokens=rec.predicted_cached_tokens if rec.predicted_cached_tokens >= 0 else None,
+        queue_s=rec.stats.queue_s,
+        prefill_s=rec.stats.prefill_s,
+        preemptions=rec.stats.preemptions,
+    )
+
+
+def finite_or_none(value: Any) -> Any:
+    """Recursively replace NaN / ±inf by ``None`` so a dump is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+class _Window:
+    """Request totals since the last series point (a windowed hit rate and TTFT)."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.predicted_prompt_tokens = 0
+        self.predicted_cached_tokens = 0
+        self.requests = 0
+        self.errors = 0
+        self.ttft_s: list[float] = []
+
+
+class MonitorState:
+    """Folds metrics records; renders the dump that dash, plot and report read.
+
+    ``label`` names the run in reports; ``recent`` bounds the recent-request list
+    and ``max_incidents`` the incident log (oldest dropped first, counted).
+    """
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        bucket_s: float = 5.0,
+        sample_interval_s: float = 1.0,
+        label: str = "",
+        recent: int = 50,
+        max_incidents: int = 2000,
+        max_series: int = 20_000,
+    ) -> None:
+        self.fold = MetricsFold(block_size=block_size, timeline_bucket_s=bucket_s)
+        self.label = label
+        self.sample_interval_s = sample_interval_s
+        self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        self.incidents: deque[dict[str, Any]] = deque(maxlen=max_incidents)
+        self.incidents_dropped = 0
+        self.series: deque[dict[str, Any]] = deque(maxlen=max_series)
+        self.workers: dict[str, dict[str, Any]] = {}  # latest sample per worker, JSON-ready
+        self.errors_by_code: dict[str, int] = {}
+        self.records = 0
+        self.decode_errors = 0
+        self.started_s: float | None = None
+        self.last_record_s: float | None = None
+        self._counters: dict[str, dict[str, int]] = {}  # worker → last cumulative event counters
+        self._window = _Window()
+        self._next_sample_s: float | None = None
+
+    # ------------------------------------------------------------------ inputs
+
+    def add(self, record: RequestRecord | WorkerSample) -> None:
+        """Fold one metrics record of either kind."""
+        self.records += 1
+        if isinstance(record, RequestRecord):
+            self.add_request(record)
+        else:
+            self.add_worker_sample(record)
+
+    def add_request(self, rec: RequestRecord) -> None:
+        self._seen(rec.finish_s)
+        w = self._window
+        if rec.error is not None:
+            code = rec.error.value
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+            w.errors += 1
+            self._incident(rec.finish_s, rec.worker_id or "", "error", f"{code} {rec.request_id}")
+        fold_rec = to_fold_record(rec)
+        if fold_rec is not None:
+            self.fold.add_request(fold_rec)
+            w.requests += 1
+            w.prompt_tokens += rec.prompt_tokens
+            w.cached_tokens += rec.cached_tokens
+            w.ttft_s.append(rec.ttft_s)
+            if rec.predicted_cached_tokens >= 0:
+                w.predicted_prompt_tokens += rec.prompt_tokens
+                w.predicted_cached_tokens += rec.predicted_cached_tokens
+        self.recent.append(
+            {
+                "request_id": rec.request_id,
+                "worker_id": rec.worker_id,
+                "finish_s": rec.finish_s,
+                "prompt_tokens": rec.prompt_tokens,
+                "cached_tokens": rec.cached_tokens,
+                "predicted_cached_tokens": rec.predicted_cached_tokens,
+                "output_tokens": rec.output_tokens,
+                "ttft_s": rec.ttft_s,
+                "e2e_s": rec.e2e_s,
+                "policy": rec.policy,
+                "error": rec.error.value if rec.error is not None else None,
+            }
+        )
+
+    def add_worker_sample(self, s: WorkerSample) -> None:
+        self._seen(s.t_s)
+        wid = s.worker_id
+        previous = self.workers.get(wid)
+        if previous is None:
+            self._incident(s.t_s, wid, "worker_seen", f"confidence {s.confidence}")
+        elif previous["confidence"] != s.confidence:
+            self._incident(s.t_s, wid, "confidence", f"{previous['confidence']} -> {s.confidence}")
+        self.fold.observe_load(
+            wid, s.t_s, kv_usage=s.load.kv_usage, queued_prefill_tokens=s.load.queued_prefill_tokens
+        )
+        if s.event_lag_s > 0 or s.events_applied:
+            self.fold.observe_event_lag(s.event_lag_s)
+        deltas = self._counter_deltas(wid, s)
+        if deltas["gaps"]:
+            self.fold.count_gap(deltas["gaps"])
+            self._incident(s.t_s, wid, "gap", f"{deltas['gaps']} gap(s)")
+        if deltas["replays"]:
+            self.fold.count_replay(deltas["replays"])
+            self._incident(s.t_s, wid, "replay", f"{deltas['replays']} replay(s)")
+        if deltas["resets"]:
+            self._incident(s.t_s, wid, "reset", f"{deltas['resets']} reset(s)")
+        if deltas["evictions"]:
+            # The fold counts evictions from BlockRemoved events; the hashes are not needed.
+            self.fold.observe_kv_events(wid, [BlockRemoved(block_hashes=[0] * deltas["evictions"], medium=None)])
+        self.workers[wid] = {
+            "worker_id": wid,
+            "t_s": s.t_s,
+            "running": s.load.running,
+            "waiting": s.load.waiting,
+            "queued_prefill_tokens": s.load.queued_prefill_tokens,
+            "kv_usage": s.load.kv_usage,
+            "num_free_blocks": s.load.num_free_blocks,
+            "num_gpu_blocks": s.load.num_gpu_blocks,
+            "indexed_blocks": s.indexed_blocks,
+            "confidence": s.confidence,
+            "event_lag_s": s.event_lag_s,
+            **{k: self._counters[wid][k] for k in _EVENT_COUNTERS},
+        }
+
+    def mark_worker_gone(self, worker_id: str, t_s: float) -> None:
+        """The worker stopped sending samples (the service decides after how long)."""
+        if self.workers.pop(worker_id, None) is not None:
+            self._incident(t_s, worker_id, "worker_gone", "no samples")
+
+    def _counter_deltas(self, wid: str, s: WorkerSample) -> dict[str, int]:
+        last = self._counters.get(wid)
+        now = {k: int(getattr(s, k)) for k in _EVENT_COUNTERS}
+        self._counters[wid] = now
+        if last is None:
+            return now
+        # A decrease means the publisher restarted its counters: the new value is all new.
+        return {k: (now[k] - last[k] if now[k] >= last[k] else now[k]) for k in _EVENT_COUNTERS}
+
+    def _incident(self, t_s: float, worker_id: str, kind: str, detail: str) -> None:
+        if len(self.incidents) == self.incidents.maxlen:
+            self.incidents_dropped += 1
+        self.incidents.append({"t_s": t_s, "worker_id": worker_id, "kind": kind, "detail": detail})
+
+    def _seen(self, t_s: float) -> None:
+        if self.started_s is None or t_s < self.started_s:
+            self.started_s = t_s
+        self.last_record_s = t_s if self.last_record_s is None else max(self.last_record_s, t_s)
+
+    # ------------------------------------------------------------------ series
+
+    def tick(self, now_s: float) -> bool:
+        """Append a series point if ``sample_interval_s`` has passed; True when one was taken."""
+        if self._next_sample_s is None:
+            self._next_sample_s = now_s
+        if now_s < self._next_sample_s:
+            return False
+        self.series.append(self._series_point(now_s))
+        self._window = _Window()
+        # Skip missed intervals instead of bursting points after a stall.
+        steps = math.floor((now_s - self._next_sample_s) / self.sample_interval_s) + 1
+        self._next_sample_s += steps * self.sample_interval_s
+        return True
+
+    def _series_point(self, now_s: float) -> dict[str, Any]:
+        c = self.fold.counters
+        w = self._window
+        ttft = sorted(w.ttft_s)
+        return {
+            "t_s": now_s,
+            "requests": int(c["requests"]),
+            "errors": sum(self.errors_by_code.values()),
+            "token_hit_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else math.nan,
+            "window_requests": w.requests,
+            "window_errors": w.errors,
+            "window_hit_rate": w.cached_tokens / w.prompt_tokens if w.prompt_tokens else math.nan,
+            "window_predicted_hit_rate": (
+                w.predicted_cached_tokens / w.predicted_prompt_tokens if w.predicted_prompt_tokens else math.nan
+            ),
+            "window_ttft_p50_s": percentile(ttft, 50),
+            "window_ttft_p99_s": percentile(ttft, 99),
+            "evictions": int(c["blocks_evicted"]),
+            "gaps": int(c["event_gaps"]),
+            "replays": int(c["event_replays"]),
+            "kv_usage": {wid: v["kv_usage"] for wid, v in sorted(self.workers.items())},
+            "indexed_blocks": {wid: v["indexed_blocks"] for wid, v in sorted(self.workers.items())},
+            "running": {wid: v["running"] + v["waiting"] for wid, v in sorted(self.workers.items())},
+        }
+
+    # ------------------------------------------------------------------ output
+
+    def dump(self, *, now_s: float) -> dict[str, Any]:
+        """The whole state as strict JSON data (NaN → null); :func:`monitor.dump.load_dump` reads it."""
+        return finite_or_none(
+            {
+                "kind": DUMP_KIND,
+                "version": DUMP_VERSION,
+                "label": self.label,
+                "dumped_s": now_s,
+                "started_s": self.started_s,
+                "last_record_s": self.last_record_s,
+                "records": self.records,
+                "decode_errors": self.decode_errors,
+                "summary": self.fold.summary(),
+                "timeline": self.fold.timeline_series(),
+                "errors_by_code": dict(sorted(self.errors_by_code.items())),
+                "workers": {k: self.workers[k] for k in sorted(self.workers)},
+                "series": list(self.series),
+                "incidents": list(self.incidents),
+                "incidents_dropped": self.incidents_dropped,
+                "recent_requests": list(self.recent),
+                "fold": self.fold.to_dict(),
+            }
+        )

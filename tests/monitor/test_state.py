@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+import math
+
+from bus.schema import ErrorCode
+from monitor.dump import dump_fold, load_dump, normalize_dump, write_dump
+from monitor.state import MonitorState, to_fold_record
+from tests.monitor.records import request, sample
+
+
+def test_requests_fold_by_cache_status_and_errors_stay_out_of_latency():
+    st = MonitorState(block_size=16)
+    st.add(request("a", cached=48))  # 64-token prompt: 48 reusable tokens → hit
+    st.add(request("b", cached=16))  # partial
+    st.add(request("c", cached=0))  # miss
+    st.add(request("d", worker=None, prompt=64, error=ErrorCode.NO_WORKERS, ttft=0.0, e2e=0.0))
+    s = st.fold.summary()
+    assert s["requests"] == 3
+    assert {k: v["requests"] for k, v in s["by_cache_status"].items()} == {"hit": 1, "partial": 1, "miss": 1}
+    assert s["token_hit_rate"] == (48 + 16) / (3 * 64)
+    assert st.errors_by_code == {"no_workers": 1}
+    assert [i["kind"] for i in st.incidents] == ["error"]
+    assert [r["request_id"] for r in st.recent] == ["a", "b", "c", "d"]
+    assert st.records == 4
+
+
+def test_unknown_prediction_is_not_counted_as_zero():
+    assert to_fold_record(request("a", predicted=-1)).predicted_cached_tokens is None
+    assert to_fold_record(request("a", predicted=0)).predicted_cached_tokens == 0
+    st = MonitorState(block_size=16)
+    st.add(request("a", cached=48, predicted=32))
+    st.add(request("b", cached=48, predicted=-1))
+    s = st.fold.summary()
+    assert s["predicted_hit_rate"] == 32 / 64
+    assert s["token_hit_rate"] == 96 / 128
+
+
+def test_cumulative_worker_counters_fold_as_increments_and_survive_a_publisher_restart():
+    st = MonitorState(block_size=16)
+    st.add(sample(t=1, gaps=1, replays=1, evictions=5))
+    st.add(sample(t=2, gaps=1, replays=1, evictions=8))  # +0 gaps, +3 evictions
+    st.add(sample(t=3, gaps=3, replays=2, evictions=8))  # +2 gaps, +1 replay
+    st.add(sample(t=4, gaps=1, replays=0, evictions=2))  # restart: all new
+    c = st.fold.counters
+    assert (c["event_gaps"], c["event_replays"], c["blocks_evicted"]) == (1 + 2 + 1, 1 + 1, 5 + 3 + 2)
+    assert st.fold.workers["w0"]["blocks_evicted"] == 10
+    kinds = [(i["t_s"], i["kind"]) for i in st.incidents]
+    assert kinds == [(1, "worker_seen"), (1, "gap"), (1, "replay"), (3, "gap"), (3, "replay"), (4, "gap")]
+    assert st.workers["w0"]["gaps"] == 1 and st.workers["w0"]["evictions"] == 2
+
+
+def test_confidence_changes_and_departures_are_incidents():
+    st = MonitorState()
+    st.add(sample("w1", t=1, confidence="fresh"))
+    st.add(sample("w1", t=2, confidence="resyncing"))
+    st.add(sample("w1", t=3, confidence="resyncing"))
+    st.add(sample("w1", t=4, confidence="fresh"))
+    st.mark_worker_gone("w1", 9.0)
+    st.mark_worker_gone("w1", 10.0)  # already gone: nothing new
+    assert [(i["t_s"], i["kind"], i["detail"]) for i in st.incidents] == [
+        (1, "worker_seen", "confidence fresh"),
+        (2, "confidence", "fresh -> resyncing"),
+        (4, "confidence", "resyncing -> fresh"),
+        (9.0, "worker_gone", "no samples"),
+    ]
+    assert st.workers == {}
+
+
+def test_incident_log_is_bounded_and_counts_what_it_drops():
+    st = MonitorState(max_incidents=3)
+    for i in range(5):
+        st.add(request(f"e{i}", worker=None, error=ErrorCode.TIMEOUT))
+    assert [i["detail"] for i in st.incidents] == ["timeout e2", "timeout e3", "timeout e4"]
+    assert st.incidents_dropped == 2
+
+
+def test_series_points_window_the_hit_rate_and_skip_stalls():
+    st = MonitorState(block_size=16, sample_interval_s=1.0)
+    assert st.tick(10.0)  # first point
+    st.add(request("a", cached=48, predicted=48, ttft=0.2))
+    st.add(sample("w0", t=10.2, kv=0.25, indexed=7))
+    assert not st.tick(10.5)
+    assert st.tick(11.0)
+    st.add(request("b", cached=0, predicted=16, ttft=0.4))
+    assert st.tick(14.7)  # a stall: one point, next due at 15.0
+    assert not st.tick(14.9)
+    assert st.tick(15.0)
+    pts = list(st.series)
+    assert [p["t_s"] for p in pts] == [10.0, 11.0, 14.7, 15.0]
+    assert [p["window_requests"] for p in pts] == [0, 1, 1, 0]
+    assert pts[1]["window_hit_rate"] == 48 / 64 and pts[2]["window_hit_rate"] == 0.0
+    assert pts[1]["window_predicted_hit_rate"] == 0.75 and pts[2]["window_predicted_hit_rate"] == 0.25
+    assert pts[2]["token_hit_rate"] == 48 / 128
+    assert pts[1]["window_ttft_p50_s"] == 0.2
+    assert math.isnan(pts[0]["window_hit_rate"])
+    assert pts[1]["kv_usage"] == {"w0": 0.25} and pts[1]["indexed_blocks"] == {"w0": 7}
+
+
+def test_dump_is_strict_json_and_reads_back(tmp_path):
+    st = MonitorState(block_size=16, label="cache-aware")
+    st.tick(1.0)  # NaN hit rate in the series
+    st.add(request("a", cached=48))
+    st.add(sample())
+    path = write_dump(tmp_path / "d" / "m.json", st.dump(now_s=5.0))
+    text = path.read_text()
+    json.loads(text)  # strict: NaN became null
+    assert "NaN" not in text
+    d = load_dump(path)
+    assert d["label"] == "cache-aware" and d["summary"]["requests"] == 1
+    assert d["series"][0]["window_hit_rate"] is None
+    assert dump_fold(d).to_dict() == st.fold.to_dict()
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]  # no temp file left
+
+
+def test_a_fold_only_json_reads_as_a_dump(tmp_path):
+    st = MonitorState(block_size=16)
+    st.add(request("a", cached=16))
+    d = normalize_dump({"fold": st.fold.to_dict()}, source=str(tmp_path / "sim-run.json"))
+    assert d["label"] == "sim-run" and d["series"] == [] and d["summary"]["requests"] == 1
+
+
+def test_bad_dumps_are_refused_with_a_reason(tmp_path):
+    import pytest
+
+    from monitor.dump import DumpError
+
+    bad = tmp_path / "x.json"
+    bad.write_text("{nope")
+    with pytest.raises(DumpError, match="not JSON"):
+        load_dump(bad)
+    bad.write_text("[]")
+    with pytest.raises(DumpError, match="JSON object"):
+        load_dump(bad)
+    bad.write_text('{"a": 1}')
+    with pytest.raises(DumpError, match="no 'fold'"):
+        load_dump(bad)
+    with pytest.raises(DumpError, match="No such file"):
+        load_dump(tmp_path / "missing.json")
