@@ -1,0 +1,78 @@
+"""SGLang's ``generated-shared-prefix`` dataset (``bench_serving.py``).
+
+G groups each with a random system prompt; G·P requests, each its group's
+system prompt + a 2-token separator (``"\\n\\n"``) + a random question; shuffled
+unless ordered. Lengths follow ``compute_random_lens`` with ``range_ratio``
+(1 = fixed). Extensions seen in forks: Zipf group popularity and multi-turn
+(``num_turns``: each next turn is the previous prompt + answer + a new question).
+Infinite-cache bound with 16-token blocks and defaults: 15/16·2048/2178 ≈ 0.88.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sim.workload import Root, SimRequest, Workload, numpy_rng, pick_groups, random_lens, random_tokens
+
+logger = logging.getLogger(__name__)
+
+#: Token ids standing for the "\n\n" separator between system prompt and question.
+SEPARATOR_TOKENS = [271, 271]
+
+
+@dataclass
+class GspConfig:
+    """SGLang's flags (``--gsp-*``) with their defaults."""
+
+    num_groups: int = 64
+    prompts_per_group: int = 16
+    system_prompt_len: int = 2048
+    question_len: int = 128
+    output_len: int = 256
+    range_ratio: float = 1.0
+    ordered: bool = False
+    num_turns: int = 1
+    group_distribution: str = "uniform"
+    zipf_alpha: float = 1.1
+
+
+class GeneratedSharedPrefix(Workload):
+    """See the module docstring."""
+
+    name = "gsp"
+
+    def __init__(self, config: GspConfig, rng: random.Random) -> None:
+        super().__init__()
+        self.config = c = config
+        self._gen = numpy_rng(rng)
+        self._rng = rng
+        sys_lens = random_lens(rng, c.system_prompt_len, c.range_ratio, c.num_groups)
+        self.system_prompts = [random_tokens(self._gen, n) for n in sys_lens]
+        n = c.num_groups * c.prompts_per_group
+        if c.group_distribution == "uniform":
+            groups = [g for g in range(c.num_groups) for _ in range(c.prompts_per_group)]
+        else:
+            groups = sorted(pick_groups(rng, c.num_groups, n, c.group_distribution, c.zipf_alpha))
+        q_lens = random_lens(rng, c.question_len, c.range_ratio, n)
+        o_lens = random_lens(rng, c.output_len, c.range_ratio, n)
+        reqs = []
+        for i, (g, q, o) in enumerate(zip(groups, q_lens, o_lens)):
+            prompt = self.system_prompts[g] + SEPARATOR_TOKENS + random_tokens(self._gen, q)
+            reqs.append(SimRequest(f"gsp-{i}", prompt, o, group=g, meta={"turn": 1}))
+        if not c.ordered:
+            rng.shuffle(reqs)
+        self.roots = [Root([r]) for r in reqs]
+
+    def follow_ups(self, request: SimRequest, output_token_ids: Sequence[int]) -> list[SimRequest]:
+        turn = request.meta["turn"]
+        if turn >= self.config.num_turns:
+            return []
+        c = self.config
+        q = random_lens(self._rng, c.question_len, c.range_ratio, 1)[0]
+        o = random_lens(self._rng, c.output_len, c.range_ratio, 1)[0]
+        prompt = request.token_ids + list(output_token_ids) + random_tokens(self._gen, q)
+        base = request.request_id.rsplit("/", 1)[0]
+        return [SimRequest(f"{base}/t{turn + 1}", prompt, o, group=request.group, meta={"turn": turn + 1})]
