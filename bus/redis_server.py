@@ -1,0 +1,168 @@
+"""The embedded default Redis: ``redis-server`` if on PATH, else a fakeredis TCP server.
+
+Used when no Redis URL is given (DESIGN §5). Both kinds run as a child process
+on a loopback port, so a supervisor handles them like any other component:
+
+* :func:`embedded_redis_argv` — the command line for a port (``redis-server``
+  with persistence off, or ``python -m bus.redis_server --port N``);
+* :class:`EmbeddedRedis` — a context manager that starts one, waits until it
+  answers PING and stops it (its own process group: nothing is left behind).
+
+fakeredis speaks the protocol but is single-process Python: fine for a demo
+and a laptop, not for throughput numbers (benchmarks should name the kind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("auto", "redis-server", "fakeredis")
+
+
+def free_loopback_port() -> int:
+    """A TCP port nothing listens on right now on 127.0.0.1 (racy by nature: bind soon)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_kind(kind: str = "auto") -> str:
+    """``auto`` → ``redis-server`` when the binary is on PATH, else ``fakeredis``."""
+    if kind not in KINDS:
+        raise ValueError(f"redis kind must be one of {KINDS}, got {kind!r}")
+    if kind == "auto":
+        return "redis-server" if shutil.which("redis-server") else "fakeredis"
+    return kind
+
+
+def embedded_redis_argv(port: int, *, kind: str = "auto", workdir: str | Path | None = None) -> tuple[str, list[str]]:
+    """``(resolved kind, argv)`` of a Redis listening on ``127.0.0.1:port``."""
+    kind = resolve_kind(kind)
+    if kind == "redis-server":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not on PATH")
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if workdir is not None:
+            argv += ["--dir", str(workdir)]
+        return kind, argv
+    return kind, [sys.executable, "-m", "bus.redis_server", "--port", str(port)]
+
+
+def ping(url: str, *, timeout_s: float = 0.5) -> bool:
+    """True when a Redis at ``url`` answers PING."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+class EmbeddedRedis:
+    """A throwaway Redis child process on loopback: ``with EmbeddedRedis() as r: r.url``."""
+
+    def __init__(self, *, kind: str = "auto", port: int | None = None, start_timeout_s: float = 10.0) -> None:
+        self.kind = resolve_kind(kind)
+        self.port = port or free_loopback_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._start_timeout_s = start_timeout_s
+        self._proc: subprocess.Popen | None = None
+        self._workdir: str | None = None
+
+    def start(self) -> EmbeddedRedis:
+        self._workdir = tempfile.mkdtemp(prefix="kvr-redis-")
+        _, argv = embedded_redis_argv(self.port, kind=self.kind, workdir=self._workdir)
+        self._proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": _python_path()},
+        )
+        deadline = time.monotonic() + self._start_timeout_s
+        while not ping(self.url):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                code = self._proc.poll()
+                self.stop()
+                raise RuntimeError(f"embedded {self.kind} on port {self.port} did not start (exit code {code})")
+            time.sleep(0.05)
+        logger.info("embedded %s at %s", self.kind, self.url)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                try:
+                    os.killpg(self._proc.pid, signal.SIGTERM)
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                    self._proc.wait()
+                except ProcessLookupError:
+                    pass
+            self._proc = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _python_path() -> str:
+    """PYTHONPATH that lets ``python -m bus.redis_server`` import kvr from a source checkout."""
+    root = str(Path(__file__).resolve().parents[1])
+    existing = os.environ.get("PYTHONPATH", "")
+    return root if not existing else f"{root}{os.pathsep}{existing}"
+
+
+def serve_fakeredis(port: int, *, host: str = "127.0.0.1", stop: threading.Event | None = None) -> None:
+    """Serve a fakeredis TCP server until ``stop`` is set or SIGTERM/SIGINT (blocking)."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer((host, port))
+    stop = stop or threading.Event()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    logger.info("fakeredis TCP server on %s:%d", host, port)
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bus.redis_server --port N``: the fakeredis child of :class:`EmbeddedRedis`."""
+    parser = argparse.ArgumentParser(description="fakeredis TCP server on loopback")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    serve_fakeredis(args.port, host=args.host, stop=stop)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    sys.exit(main())

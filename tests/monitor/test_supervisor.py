@@ -1,0 +1,85 @@
+"""The supervisor with real child processes (small Python scripts)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from monitor.supervisor import ComponentFailed, ComponentSpec, Supervisor
+
+pytestmark = pytest.mark.integration
+
+# A child that spawns a grandchild in the same process group, records both pids, then sleeps.
+SPAWNER = """
+import subprocess, sys, time, pathlib
+g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+pathlib.Path(sys.argv[1]).write_text(f"{g.pid}")
+print("up", flush=True)
+time.sleep(60)
+"""
+# A child that ignores SIGTERM (only SIGKILL stops it).
+STUBBORN = """
+import signal, sys, time, pathlib
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pathlib.Path(sys.argv[1]).write_text("armed")
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stop_kills_whole_process_groups_and_logs_each_component(tmp_path):
+    sup = Supervisor(log_dir=tmp_path / "logs", stop_timeout_s=2.0)
+    marker = tmp_path / "grandchild.pid"
+    sup.start(ComponentSpec("spawner", "router", [sys.executable, "-c", SPAWNER, str(marker)], ready=marker.exists))
+    sup.wait_ready("spawner", timeout_s=10)
+    grandchild = int(marker.read_text())
+    pid = sup.pid("spawner")
+    assert _alive(grandchild) and _alive(pid)
+    assert sup.failed() == []
+    codes = sup.stop()
+    assert codes == {"spawner": -15}
+    assert not _alive(grandchild) and not _alive(pid)
+    assert (tmp_path / "logs" / "spawner.log").read_text() == "up\n"
+
+
+def test_sigterm_ignorers_are_killed_within_the_timeout(tmp_path):
+    sup = Supervisor(log_dir=tmp_path, stop_timeout_s=0.5)
+    marker = tmp_path / "armed"
+    sup.start(ComponentSpec("stubborn", "worker", [sys.executable, "-c", STUBBORN, str(marker)], ready=marker.exists))
+    sup.wait_ready("stubborn", timeout_s=10)
+    t0 = time.monotonic()
+    assert sup.stop() == {"stubborn": -9}
+    assert time.monotonic() - t0 < 5
+
+
+def test_early_exit_and_readiness_timeout_are_reported_with_the_log_tail(tmp_path):
+    sup = Supervisor(log_dir=tmp_path, stop_timeout_s=1.0)
+    sup.start(ComponentSpec("crash", "worker", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], ready=lambda: False))
+    with pytest.raises(ComponentFailed) as err:
+        sup.wait_ready("crash", timeout_s=10)
+    assert err.value.returncode == 3 and err.value.spec.role == "worker"
+    assert "exited with code 3 before it was ready" in str(err.value) and "boom" in err.value.log_tail
+    sup.start(ComponentSpec("slow", "monitor", [sys.executable, "-c", "import time; time.sleep(30)"], ready=lambda: False))
+    with pytest.raises(ComponentFailed, match="not ready after 0.3 s") as err:
+        sup.wait_ready("slow", timeout_s=0.3)
+    assert err.value.returncode is None
+    assert [f.spec.name for f in sup.failed()] == ["crash"]
+    with pytest.raises(ValueError):
+        sup.start(ComponentSpec("slow", "monitor", [sys.executable, "-c", "pass"]))
+    codes = sup.stop()
+    assert codes == {"slow": -15, "crash": 3}
