@@ -1,0 +1,70 @@
+"""Routing policies behind one interface (``base.RoutingPolicy``), chosen by name.
+
+``get_policy("kvr", block_size=16, latency=model)`` builds one; options a policy does not take
+are ignored, so a caller can pass the same common options (``block_size``, ``latency``) to any.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from core.policies.base import (
+    Decision,
+    LatencyModel,
+    LinearPrefillModel,
+    RouteRequest,
+    RoutingPolicy,
+    WorkerLoad,
+    WorkerState,
+)
+from core.policies.chwbl import ChwblPolicy
+from core.policies.dynamo import DynamoPolicy
+from core.policies.kvr import KvrPolicy
+from core.policies.sglang import SglangCacheAwarePolicy
+from core.policies.simple import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
+
+_REGISTRY: dict[str, type] = {
+    "kvr": KvrPolicy,
+    "round_robin": RoundRobinPolicy,
+    "random": RandomPolicy,
+    "least_loaded": LeastLoadedPolicy,
+    "chwbl": ChwblPolicy,
+    "sglang": SglangCacheAwarePolicy,
+    "dynamo": DynamoPolicy,
+}
+
+#: Every policy name, the default first.
+POLICY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+DEFAULT_POLICY = "kvr"
+
+
+def get_policy(name: str, **config: Any) -> RoutingPolicy:
+    """A new policy instance; ``config`` keys the policy does not accept are dropped."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}") from None
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in config.items() if k in accepted})
+
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "POLICY_NAMES",
+    "ChwblPolicy",
+    "Decision",
+    "DynamoPolicy",
+    "KvrPolicy",
+    "LatencyModel",
+    "LeastLoadedPolicy",
+    "LinearPrefillModel",
+    "RandomPolicy",
+    "RouteRequest",
+    "RoundRobinPolicy",
+    "RoutingPolicy",
+    "SglangCacheAwarePolicy",
+    "WorkerLoad",
+    "WorkerState",
+    "get_policy",
+]

@@ -1,0 +1,121 @@
+"""The routing-policy interface: what a policy sees about each worker, and what it answers.
+
+A policy is a small stateful object (round-robin keeps a counter, SGLang's rule keeps its own
+approximate tree). ``choose`` is pure apart from that state: time comes in as ``now`` and
+randomness from the ``rng`` the caller passes (a ``random.Random``), so the live router and the
+simulator make the same decisions from the same inputs.
+
+Every ``Decision`` explains itself: ``scores`` has one number per candidate (the policy's own
+unit, named in ``score_unit``; lower is better unless the unit says otherwise) and ``reason``
+is one line a person can read in a DEBUG log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from core.prefix_index import Confidence, WorkerKey
+
+
+@runtime_checkable
+class LatencyModel(Protocol):
+    """The part of the engine's latency model a router needs (``core/latency.py`` implements it)."""
+
+    def prefill_s(self, *, new_tokens: int, cached_tokens: int = 0) -> float:
+        """Seconds to prefill ``new_tokens`` uncached tokens after ``cached_tokens`` cached ones."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LinearPrefillModel:
+    """``prefill = base + per_token × new tokens``: the fallback when no engine model is given.
+
+    Defaults are the H100 / 7B row of ``docs/workloads.md`` §3.2 (6 ms + 0.33 ms per 16-token block).
+    """
+
+    base_s: float = 0.006
+    per_token_s: float = 0.33e-3 / 16
+
+    def prefill_s(self, *, new_tokens: int, cached_tokens: int = 0) -> float:
+        if new_tokens <= 0:
+            return 0.0
+        return self.base_s + self.per_token_s * new_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What a policy knows about the request being routed."""
+
+    request_id: str
+    prompt_tokens: int
+    block_hashes: Sequence[int]  # kvr's own hashes of the prompt's full blocks
+    token_ids: Sequence[int] = ()  # the prompt (hash-based baselines key on its start)
+    lora_name: str | None = None
+    max_tokens: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """A target's load: the engine's last heartbeat merged with the router's own accounting.
+
+    ``in_flight`` and ``active_blocks`` are this router's (requests dispatched and not finished,
+    and their prompt blocks); ``queued_prefill_tokens`` is the larger of the engine's report
+    and the router's not-yet-started prefill work, so a second router's load still shows.
+    """
+
+    in_flight: int = 0
+    running: int = 0
+    waiting: int = 0
+    queued_prefill_tokens: int = 0
+    active_blocks: int = 0
+    kv_usage: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """One routable candidate as the policy sees it."""
+
+    target: WorkerKey
+    overlap_blocks: int = 0
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    confidence: Confidence = Confidence.FRESH
+    capacity_blocks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's answer, with its explanation."""
+
+    target: WorkerKey
+    scores: dict[WorkerKey, float]
+    reason: str
+    policy: str
+    score_unit: str = "cost"
+    overlap_blocks: int = 0  # the chosen target's overlap, as the policy saw it
+
+    def explain(self) -> str:
+        """One line for a DEBUG log: the reason, then every candidate's score."""
+        ranked = ", ".join(f"{t}={s:.6g}" for t, s in sorted(self.scores.items(), key=lambda kv: (kv[1], kv[0])))
+        return f"[{self.policy}] → {self.target}: {self.reason} | {self.score_unit}: {ranked}"
+
+
+class RoutingPolicy(Protocol):
+    """One routing rule. ``candidates`` is never empty and is sorted by target."""
+
+    name: str
+
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+        ...
+
+    def forget(self, target: WorkerKey) -> None:
+        """A target left the fleet: drop any per-target state."""
+        ...
+
+
+def pick_min(scores: Sequence[tuple[float, WorkerState]], rng) -> WorkerState:
+    """The candidate with the lowest score; ties broken uniformly at random with ``rng``."""
+    best = min(s for s, _ in scores)
+    tied = [w for s, w in scores if s == best]
+    return tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]

@@ -1,0 +1,94 @@
+"""kvr's default policy: the lowest predicted time to first token, under a load bound.
+
+Per candidate::
+
+    cached_tokens = overlap_blocks × confidence weight × block_size   (≤ the prompt's last full block
+                                                                     before its last token, as vLLM)
+    queue_s       = prefill_s(new_tokens = queued prefill tokens on that worker)
+    ttft_s        = queue_s + prefill_s(new_tokens = prompt − cached, cached_tokens = cached)
+
+with the engine's own latency model (``core/latency.py``; ``LinearPrefillModel`` when none is
+given). Overlap from a ``resyncing`` target counts half, from a ``stale`` one not at all: a
+wrong "hit" costs a full prefill on a worker picked for nothing.
+
+Bounded-load guard (against hot-prefix monopoly): a target may take the request only if, with it,
+its in-flight count stays within ``max(load_factor × mean, mean + min_slack)`` where mean is the
+fleet's in-flight average including this request (consistent hashing with bounded loads, as
+KubeAI). A hot prefix therefore spills to the next-best worker, which then caches it too:
+replication emerges when a prefix is hot, without a separate rule. The slack keeps a burst of
+siblings together at low load (they share one prefill). If the bound excludes everyone (it
+cannot, since someone is at or below the mean) all candidates stay.
+
+Ties (equal predicted TTFT) go to fewer in flight, then uniformly at random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from core.policies.base import Decision, LatencyModel, LinearPrefillModel, RouteRequest, WorkerState
+from core.prefix_index import Confidence, WorkerKey
+
+DEFAULT_CONFIDENCE_WEIGHTS = {Confidence.FRESH: 1.0, Confidence.RESYNCING: 0.5, Confidence.STALE: 0.0}
+
+
+class KvrPolicy:
+    name = "kvr"
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        latency: LatencyModel | None = None,
+        load_factor: float = 2.0,
+        min_slack: float = 4.0,
+        confidence_weights: dict[Confidence, float] | None = None,
+    ) -> None:
+        if load_factor < 1.0 or min_slack < 0:
+            raise ValueError("load_factor must be >= 1 and min_slack >= 0")
+        self.block_size = block_size
+        self.latency = latency if latency is not None else LinearPrefillModel()
+        self.load_factor = load_factor
+        self.min_slack = min_slack
+        self.confidence_weights = dict(DEFAULT_CONFIDENCE_WEIGHTS)
+        if confidence_weights:
+            self.confidence_weights.update({Confidence(k): v for k, v in confidence_weights.items()})
+
+    def cached_tokens(self, request: RouteRequest, w: WorkerState) -> int:
+        """Tokens the engine would reuse, as far as the router can tell."""
+        usable_blocks = int(w.overlap_blocks * self.confidence_weights[w.confidence])
+        max_blocks = max(request.prompt_tokens - 1, 0) // self.block_size  # the last token is always computed
+        return min(usable_blocks, max_blocks) * self.block_size
+
+    def predict(self, request: RouteRequest, w: WorkerState) -> tuple[float, float, int]:
+        """(predicted TTFT s, of which queue wait s, cached tokens) on one candidate."""
+        cached = self.cached_tokens(request, w)
+        queued = w.load.queued_prefill_tokens
+        queue_s = self.latency.prefill_s(new_tokens=queued) if queued > 0 else 0.0
+        prefill_s = self.latency.prefill_s(new_tokens=request.prompt_tokens - cached, cached_tokens=cached)
+        return queue_s + prefill_s, queue_s, cached
+
+    def load_bound(self, candidates: Sequence[WorkerState]) -> float:
+        mean = (sum(w.load.in_flight for w in candidates) + 1) / len(candidates)
+        return max(self.load_factor * mean, mean + self.min_slack)
+
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+        bound = self.load_bound(candidates)
+        predictions = [self.predict(request, w) for w in candidates]
+        allowed = [i for i, w in enumerate(candidates) if w.load.in_flight + 1 <= bound] or list(range(len(candidates)))
+        best_key = min((predictions[i][0], candidates[i].load.in_flight) for i in allowed)
+        tied = [i for i in allowed if (predictions[i][0], candidates[i].load.in_flight) == best_key]
+        pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
+        chosen = candidates[pick]
+        ttft_s, queue_s, cached = predictions[pick]
+        reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
+                  f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, {chosen.confidence.value})")
+        allowed_set = set(allowed)
+        over = [str(w.target) for i, w in enumerate(candidates) if i not in allowed_set]
+        if over:
+            reason += f"; over the load bound {bound:.1f}: {', '.join(over)}"
+        scores = {w.target: p[0] * 1e3 for w, p in zip(candidates, predictions)}
+        return Decision(chosen.target, scores, reason, self.name, "predicted TTFT ms", chosen.overlap_blocks)
+
+    def forget(self, target: WorkerKey) -> None:
+        pass
