@@ -1,0 +1,199 @@
+"""``kvr sim``: compare routing policies on a workload or a trace, on a virtual clock.
+
+Examples::
+
+    kvr sim --workload gsp --policy all --workers 8 --rate 20
+    kvr sim --trace ../shared/traces/mooncake_fast25_conversation_trace.jsonl --policy kvr,round_robin --json
+    kvr sim --workload multiturn -p num_clients=64 --concurrency 32 --policy all
+    kvr sim --workload gsp --rate-sweep 5,10,20,40 --plots out/
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from cli.options import setup_logging  # noqa: F401  (logging is configured by the group)
+
+_GSP_FLAGS = (
+    ("num_groups", int), ("prompts_per_group", int), ("system_prompt_len", int), ("question_len", int),
+    ("output_len", int), ("range_ratio", float), ("num_turns", int), ("zipf_alpha", float),
+)  # fmt: skip
+
+
+def _gsp_options(func):
+    for name, typ in reversed(_GSP_FLAGS):
+        func = click.option(f"--gsp-{name.replace('_', '-')}", f"gsp_{name}", type=typ, default=None,
+                            help=f"SGLang gsp: {name} (workload gsp).")(func)
+    func = click.option("--gsp-ordered", "gsp_ordered", is_flag=True, default=None, help="SGLang gsp: keep group order.")(func)
+    func = click.option("--gsp-group-distribution", "gsp_group_distribution", type=click.Choice(["uniform", "zipf"]),
+                        default=None, help="SGLang gsp: group popularity.")(func)
+    return func
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="-p/--param")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class _Progress:
+    """A one-line stderr bar (only on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = -1
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        pct = done * 100 // total
+        if pct == self._last and done != total:
+            return
+        self._last = pct
+        bar = "#" * (pct * 30 // 100)
+        end = "\n" if done == total else ""
+        sys.stderr.write(f"\r{label:>14} [{bar:<30}] {pct:3d}% {done}/{total}{end}")
+        sys.stderr.flush()
+        if done == total:
+            self._last = -1
+
+
+@click.command("sim")
+@click.option("--workload", "workload_name", default=None, help="Synthetic workload (see --list-workloads).")
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Mooncake JSONL trace.")
+@click.option("--trace-block-tokens", type=int, default=512, show_default=True, help="Tokens per trace hash id.")
+@click.option("--trace-mapping", type=click.Choice(["compressed", "faithful"]), default="compressed", show_default=True,
+              help="compressed: one id -> one block; faithful: each id expands to its tokens.")
+@click.option("--trace-limit", type=int, default=None, help="Only the first N trace rows.")
+@click.option("-p", "--param", "params", multiple=True, help="Workload parameter KEY=VALUE (repeatable).")
+@_gsp_options
+@click.option("--policy", "policy_arg", default="all", show_default=True, help="P[,P...] or 'all'.")
+@click.option("--workers", type=int, default=8, show_default=True)
+@click.option("--profile", default=None, help="Engine profile (kvr profiles); default: the engine's default.")
+@click.option("--rate", type=float, default=None, help="Poisson (or bursty) request rate, roots/s. Default: all at once (synthetic) or trace timestamps.")
+@click.option("--rate-sweep", default=None, help="Comma-separated rates: one comparison per rate.")
+@click.option("--burstiness", type=float, default=None, help="Gamma arrivals with this shape (1 = Poisson, < 1 burstier).")
+@click.option("--speedup", type=float, default=1.0, show_default=True, help="Trace timestamps divided by this.")
+@click.option("--concurrency", type=int, default=None, help="Cap on requests in flight (closed loop when no rate).")
+@click.option("--event-delay-ms", type=float, default=0.0, show_default=True, help="KV events reach the router this late.")
+@click.option("--heartbeat-ms", type=float, default=100.0, show_default=True, help="Load heartbeat interval (0: always fresh).")
+@click.option("--network-ms", type=float, default=0.0, show_default=True, help="One-way router<->worker latency.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None, help="Write PNG plots here.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--list-workloads", is_flag=True, help="List workloads and their parameters, then exit.")
+def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, trace_limit, params, policy_arg, workers,
+                profile, rate, rate_sweep, burstiness, speedup, concurrency, event_delay_ms, heartbeat_ms, network_ms,
+                seed, as_json, out_path, plots_dir, no_progress, list_workloads, **gsp):
+    """Compare routing policies on a workload or trace with the live engine and router cores."""
+    import random
+    from pathlib import Path
+
+    from core.policies import POLICY_NAMES
+    from core.profiles import DEFAULT_PROFILE, PROFILES
+    from sim.cluster import ClusterConfig
+    from sim.report import comparison_report, markdown_table, run_policies, to_json
+    from sim.trace import load_trace
+    from sim.workload import AllAtOnce, Bursty, Poisson, TraceTimes
+    from sim.workloads import WORKLOADS, config_fields, make_workload
+
+    if list_workloads:
+        for name in sorted(WORKLOADS):
+            fields = ", ".join(f"{k}={v}" for k, v in config_fields(name).items())
+            click.echo(f"{name}: {fields}")
+        return
+    if (workload_name is None) == (trace_path is None):
+        raise click.UsageError("give exactly one of --workload or --trace")
+    policies = list(POLICY_NAMES) if policy_arg == "all" else [p.strip() for p in policy_arg.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(POLICY_NAMES)} or all", param_hint="--policy")
+    profile = profile or DEFAULT_PROFILE
+    if profile not in PROFILES:
+        raise click.BadParameter(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}", param_hint="--profile")
+    config = ClusterConfig(num_workers=workers, profile=profile, event_delay_s=event_delay_ms / 1e3,
+                           heartbeat_interval_s=heartbeat_ms / 1e3, network_latency_s=network_ms / 1e3)
+    block_size = PROFILES[profile].block_size
+
+    if trace_path is not None:
+        trace = load_trace(trace_path, mapping=trace_mapping, trace_block_tokens=trace_block_tokens,
+                           block_size=block_size, limit=trace_limit)
+        title = f"{trace.name} ({trace_mapping})"
+
+        def make_wl():
+            return trace  # stateless apart from a hash memo that is safe to share
+    else:
+        wl_params = _parse_params(params)
+        wl_params.update({k[4:]: v for k, v in gsp.items() if v is not None})
+        if any(v is not None for v in gsp.values()) and workload_name != "gsp":
+            raise click.UsageError("--gsp-* flags apply to --workload gsp only")
+        title = workload_name
+        try:
+            make_workload(workload_name, random.Random(seed), wl_params)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--workload/-p") from exc
+
+        def make_wl():
+            return make_workload(workload_name, random.Random(seed), wl_params)
+
+    def arrivals_for(r):
+        if r is not None:
+            if burstiness is not None:
+                return lambda: Bursty(rate_per_s=r, burstiness=burstiness, max_concurrency=concurrency)
+            return lambda: Poisson(rate_per_s=r, max_concurrency=concurrency)
+        if trace_path is not None:
+            return lambda: TraceTimes(speedup=speedup, max_concurrency=concurrency)
+        return lambda: AllAtOnce(max_concurrency=concurrency)
+
+    progress = _Progress(not no_progress)
+    t0 = time.perf_counter()
+    if rate_sweep:
+        rates = [float(x) for x in rate_sweep.split(",") if x.strip()]
+        sweep, bound, last = [], float("nan"), None
+        for r in rates:
+            results = run_policies(make_workload=make_wl, make_arrivals=arrivals_for(r), policies=policies,
+                                   config=config, seed=seed, progress=lambda n, d, t, _r=r: progress(f"{n}@{_r:g}", d, t))
+            rep = comparison_report(results)
+            bound = rep["upper_bound"]
+            sweep.append({"rate_per_s": r, "policies": rep["policies"]})
+            last = results
+            if not as_json:
+                click.echo(f"\n## {title} at {r:g} req/s\n\n{markdown_table(rep)}")
+        report = {"upper_bound": bound, "sweep": sweep}
+        folds = {n: res.fold for n, res in last.items()} if last else {}
+    else:
+        results = run_policies(make_workload=make_wl, make_arrivals=arrivals_for(rate), policies=policies,
+                               config=config, seed=seed, progress=progress)
+        report = comparison_report(results)
+        folds = {n: res.fold for n, res in results.items()}
+        if not as_json:
+            click.echo(f"## {title}: {workers} workers, profile {profile}\n\n{markdown_table(report)}")
+    wall_s = time.perf_counter() - t0
+    text = to_json(report)
+    if as_json:
+        click.echo(text)
+    if out_path:
+        Path(out_path).write_text(text + "\n")
+    if plots_dir:
+        from sim import plots
+
+        out = Path(plots_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plots.ttft_cdf(folds, title=f"TTFT CDF: {title}").savefig(out / "ttft_cdf.png", dpi=120)
+        plots.over_time(folds, kv_policy=policies[0], title=f"{title}: hit rate and load over time").savefig(out / "over_time.png", dpi=120)
+        if rate_sweep:
+            plots.rate_sweep(report["sweep"], title=f"{title}: TTFT vs rate").savefig(out / "rate_sweep.png", dpi=120)
+        click.echo(f"plots written to {out}/", err=True)
+    click.echo(f"simulated in {wall_s:.2f} s wall", err=True)
+
+
+COMMANDS = [sim_command]

@@ -1,0 +1,309 @@
+"""N emulated engines and one router core on a virtual clock, joined by direct calls.
+
+The engines, the prefix index, the router core and the policies are the very
+objects the live worker and router run (``core/``); only the transport is
+replaced by events on a heap:
+
+* a client request reaches the router at its arrival time and is routed at once;
+  it reaches its engine ``network_latency_s`` later;
+* an engine steps back to back while it has work: ``step(now)`` returns the
+  step's duration and its outputs, which become visible at ``now + duration``;
+  tokens reach the client ``network_latency_s`` after that;
+* the KV events an engine emits during a step reach the router's index
+  ``event_delay_s`` after the step ends (the event plane's lag);
+* every ``heartbeat_interval_s`` each engine's load is sampled and handed to the
+  router, so the load it sees is stale by up to that interval (0: fresh load
+  before every routing decision).
+
+Everything random comes from ``random.Random`` instances derived from one seed,
+and same-time events run in scheduling order, so a run is a pure function of
+its inputs: same seed, same report, byte for byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.engine import EmulatedEngine, EngineRequest
+from core.metrics import MetricsFold, RequestRecord, infinite_cache_upper_bound
+from core.policies import get_policy
+from core.prefix_index import PrefixIndex, WorkerKey
+from core.profiles import get_profile
+from core.routing import RouterCore, RoutingInput
+from sim.clock import EventQueue
+from sim.workload import ArrivalProcess, SimRequest, Workload, assign_arrivals
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterConfig:
+    """Fleet shape and the knobs of the simulated transport."""
+
+    num_workers: int = 8
+    #: One profile name for every worker, or one per worker.
+    profile: str | list[str] = "simple"
+    event_delay_s: float = 0.0
+    heartbeat_interval_s: float = 0.1
+    network_latency_s: float = 0.0
+    #: Extra keyword arguments for ``RouterCore`` (e.g. tentative window).
+    router_options: dict[str, Any] = field(default_factory=dict)
+    #: Width of the metrics timeline buckets (hit rate and load over time).
+    timeline_bucket_s: float = 10.0
+
+    def profiles(self) -> list[str]:
+        if isinstance(self.profile, str):
+            return [self.profile] * self.num_workers
+        if len(self.profile) != self.num_workers:
+            raise ValueError("give one profile, or one per worker")
+        return list(self.profile)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    req: SimRequest
+    worker: int
+    arrival_s: float
+    hashes: list[int]
+    predicted_cached_tokens: int
+    first_token_s: float | None = None
+    output: list[int] | None = None
+
+
+@dataclass
+class RunResult:
+    """One policy's run: its metrics fold and the workload's bound in this run's arrival order."""
+
+    policy: str
+    fold: MetricsFold
+    upper_bound: float
+    requests: int
+    unfinished: int
+
+
+class SimCluster:
+    """One simulation run of ``workload`` under ``policy``. Call :meth:`run` once."""
+
+    def __init__(
+        self,
+        *,
+        workload: Workload,
+        arrivals: ArrivalProcess,
+        policy: str,
+        config: ClusterConfig,
+        seed: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.workload = workload
+        self.arrivals = arrivals
+        self.policy_name = policy
+        self.config = config
+        self.progress = progress
+        master = random.Random(seed)
+        # Separate streams so that one component's draws never shift another's.
+        self._arrival_rng = random.Random(master.getrandbits(64))
+        router_rng = random.Random(master.getrandbits(64))
+        engine_seeds = [master.getrandbits(64) for _ in range(config.num_workers)]
+        self.q = EventQueue()
+        profiles = [get_profile(name) for name in config.profiles()]
+        self.block_size = profiles[0].block_size
+        if any(p.block_size != self.block_size for p in profiles):
+            raise ValueError("every worker must use one block size")
+        self.names = [f"w{i}" for i in range(config.num_workers)]
+        self.targets = [WorkerKey(n, 0) for n in self.names]
+        self._target_index = {t: i for i, t in enumerate(self.targets)}
+        self.engines = [
+            EmulatedEngine(profile_or_config=p, rng=random.Random(s)) for p, s in zip(profiles, engine_seeds)
+        ]
+        self.index = PrefixIndex(block_size=self.block_size)
+        pol = get_policy(policy, block_size=self.block_size, latency=profiles[0].latency)
+        self.router = RouterCore(policy=pol, index=self.index, block_size=self.block_size, rng=router_rng, **config.router_options)
+        for target, prof in zip(self.targets, profiles):
+            self.router.register(target, capacity_blocks=prof.num_gpu_blocks)
+        self.fold = MetricsFold(block_size=self.block_size, timeline_bucket_s=config.timeline_bucket_s)
+        for n in self.names:
+            self.fold.register_worker(n)
+        self._stepping = [False] * config.num_workers
+        self._inflight: dict[str, _InFlight] = {}
+        self._waiting: deque[tuple[SimRequest, float]] = deque()  # held by the client's concurrency cap
+        self._bound_stream: list[tuple[list[int], int]] = []
+        self._roots_done = 0
+        self._dispatched = 0
+        self._finished = 0
+        self._want_outputs = type(workload).follow_ups is not Workload.follow_ups
+
+    # ---------------------------------------------------------------- driving
+
+    def run(self) -> RunResult:
+        """Simulate until every request (and follow-up) finished."""
+        times = assign_arrivals(self.workload, self.arrivals, self._arrival_rng)
+        self._root_times = times
+        self._num_roots = len(times)
+        if times:
+            self.q.schedule(times[0], "root", 0)
+        # Heartbeats also feed the KV-usage timeline; with interval 0 (fresh load at
+        # every decision) the timeline is still sampled once a second.
+        self._hb_interval = self.config.heartbeat_interval_s if self.config.heartbeat_interval_s > 0 else 1.0
+        self.q.schedule(0.0, "heartbeat")
+        handlers = {
+            "root": self._on_root,
+            "send": self._on_send,
+            "engine_add": self._on_engine_add,
+            "step_done": self._on_step_done,
+            "kv_events": self._on_kv_events,
+            "client_done": self._on_client_done,
+            "heartbeat": self._on_heartbeat,
+        }
+        q = self.q
+        while q:
+            ev = q.pop()
+            handlers[ev.kind](ev.payload)
+        bound = infinite_cache_upper_bound(self._bound_stream, block_size=self.block_size)
+        return RunResult(self.policy_name, self.fold, bound, self._dispatched, len(self._inflight) + len(self._waiting))
+
+    def _busy(self) -> bool:
+        return bool(self._inflight or self._waiting) or self._roots_done < self._num_roots
+
+    # ---------------------------------------------------------------- client side
+
+    def _on_root(self, i: int) -> None:
+        now = self.q.now
+        for req in self.workload.root_requests(i):
+            self._submit(req, now)
+        self._roots_done = i + 1
+        if self.progress is not None:
+            self.progress(self._roots_done, self._num_roots)
+        if i + 1 < self._num_roots:
+            self.q.schedule(max(now, self._root_times[i + 1]), "root", i + 1)
+
+    def _submit(self, req: SimRequest, now: float) -> None:
+        cap = self.arrivals.max_concurrency
+        if cap is not None and len(self._inflight) >= cap:
+            self._waiting.append((req, now))
+            return
+        self._dispatch(req, now)
+
+    def _on_send(self, req: SimRequest) -> None:
+        self._submit(req, self.q.now)
+
+    def _dispatch(self, req: SimRequest, now: float) -> None:
+        """The router receives ``req`` now: route it and send it to the chosen engine."""
+        if self.config.heartbeat_interval_s <= 0:
+            self._send_heartbeats(now)
+        res = self.router.route(
+            RoutingInput(req.request_id, req.token_ids, max_tokens=req.max_tokens, lora_name=req.lora_name), now=now
+        )
+        hashes = res.block_hashes
+        self._bound_stream.append((hashes, len(req.token_ids)))
+        w = self._target_index[res.decision.target]
+        predicted = res.in_flight.predicted_cached_tokens
+        self._inflight[req.request_id] = _InFlight(req, w, now, hashes, predicted, output=[] if self._want_outputs else None)
+        self._dispatched += 1
+        self.q.schedule(now + self.config.network_latency_s, "engine_add", req.request_id)
+
+    def _on_client_done(self, payload: tuple[str, Any, list[int] | None]) -> None:
+        """The client got the last token: record, free a concurrency slot, send follow-ups."""
+        rid, stats, _ = payload
+        now = self.q.now
+        fl = self._inflight.pop(rid)
+        self._finished += 1
+        self.fold.add_request(
+            RequestRecord(
+                request_id=rid,
+                worker=self.names[fl.worker],
+                arrival_s=fl.arrival_s,
+                ttft_s=fl.first_token_s - fl.arrival_s,
+                e2e_s=now - fl.arrival_s,
+                num_prompt_tokens=stats.num_prompt_tokens,
+                num_cached_tokens=stats.num_cached_tokens,
+                num_output_tokens=stats.num_output_tokens,
+                predicted_cached_tokens=fl.predicted_cached_tokens,
+                queue_s=stats.queue_s,
+                prefill_s=stats.prefill_s,
+                preemptions=stats.preemptions,
+            )
+        )
+        if self._want_outputs:
+            for nxt in self.workload.follow_ups(fl.req, fl.output):
+                self.q.schedule(now + nxt.delay_s, "send", nxt)
+        cap = self.arrivals.max_concurrency
+        while self._waiting and (cap is None or len(self._inflight) < cap):
+            req, _ = self._waiting.popleft()
+            self._dispatch(req, now)
+
+    # ---------------------------------------------------------------- engines
+
+    def _on_engine_add(self, rid: str) -> None:
+        fl = self._inflight[rid]
+        req = fl.req
+        eng = self.engines[fl.worker]
+        eng.add_request(EngineRequest(rid, req.token_ids, req.max_tokens, lora_name=req.lora_name), self.q.now)
+        if not self._stepping[fl.worker]:
+            self._step(fl.worker)
+
+    def _step(self, w: int) -> None:
+        now = self.q.now
+        res = self.engines[w].step(now)
+        self._stepping[w] = True
+        self.q.schedule(now + res.duration_s, "step_done", (w, res))
+
+    def _on_step_done(self, payload) -> None:
+        w, res = payload
+        now = self.q.now
+        lat = self.config.network_latency_s
+        eng = self.engines[w]
+        name = self.names[w]
+        for out in res.outputs:
+            fl = self._inflight.get(out.request_id)
+            if fl is None:
+                continue
+            if out.new_token_ids:
+                if fl.first_token_s is None:
+                    fl.first_token_s = now + lat
+                    self.router.on_first_token(out.request_id, now=now + lat)
+                if fl.output is not None:
+                    fl.output.extend(out.new_token_ids)
+            if out.finished:
+                self.router.on_finish(out.request_id)
+                self.q.schedule(now + lat, "client_done", (out.request_id, out.stats, None))
+        events = eng.drain_events()
+        if events:
+            self.fold.observe_kv_events(name, events)
+            self.q.schedule(now + self.config.event_delay_s, "kv_events", (w, events, now))
+        self._stepping[w] = False
+        if eng.has_work():
+            self._step(w)
+
+    def _on_kv_events(self, payload) -> None:
+        w, events, emitted_s = payload
+        now = self.q.now
+        target = self.targets[w]
+        for ev in events:
+            self.index.apply(target, ev, now=now)
+        self.fold.observe_event_lag(now - emitted_s)
+
+    def _heartbeat(self, w: int, load) -> None:
+        self.router.update_load(
+            self.targets[w], running=load.running, waiting=load.waiting,
+            queued_prefill_tokens=load.queued_prefill_tokens, kv_usage=load.kv_usage,
+        )
+
+    def _send_heartbeats(self, now: float) -> None:
+        for w, eng in enumerate(self.engines):
+            self._heartbeat(w, eng.load())
+
+    def _on_heartbeat(self, _: Any) -> None:
+        now = self.q.now
+        self.router.expire(now)
+        for w, eng in enumerate(self.engines):
+            load = eng.load()
+            if self.config.heartbeat_interval_s > 0:
+                self._heartbeat(w, load)
+            self.fold.observe_load(self.names[w], now, kv_usage=load.kv_usage, queued_prefill_tokens=load.queued_prefill_tokens)
+        if self._busy():
+            self.q.schedule(now + self._hb_interval, "heartbeat")

@@ -1,0 +1,97 @@
+"""Figures of a policy comparison. Functions return matplotlib figures; the CLI saves them.
+
+* TTFT CDF per policy;
+* token hit rate and load imbalance (CV of per-worker requests) over time per policy,
+  and KV usage per worker over time for one policy;
+* a rate sweep: TTFT p99 (and p50) against request rate per policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from core.metrics import MetricsFold  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def ttft_cdf(folds: dict[str, MetricsFold], *, title: str = "") -> Figure:
+    """Empirical CDF of TTFT, one line per policy, log-scaled time."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, fold in folds.items():
+        xs = sorted(fold.ttft_s)
+        if not xs:
+            continue
+        n = len(xs)
+        ax.step(xs, [(i + 1) / n for i in range(n)], where="post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "TTFT CDF per policy")
+    fig.tight_layout()
+    return fig
+
+
+def _cv(values: list[float]) -> float:
+    m = sum(values) / len(values) if values else 0.0
+    if not m:
+        return math.nan
+    return math.sqrt(sum((v - m) ** 2 for v in values) / len(values)) / m
+
+
+def over_time(folds: dict[str, MetricsFold], *, kv_policy: str | None = None, title: str = "") -> Figure:
+    """Hit rate and load CV over time per policy; KV usage per worker of ``kv_policy``."""
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    for name, fold in folds.items():
+        ts = fold.timeline_series()
+        axes[0].plot(ts["t_s"], ts["token_hit_rate"], label=name)
+        per_bucket = list(zip(*ts["requests"].values())) if ts["requests"] else []
+        axes[1].plot(ts["t_s"][: len(per_bucket)], [_cv(list(b)) for b in per_bucket], label=name)
+    axes[0].set_ylabel("token hit rate")
+    axes[0].legend(fontsize="small")
+    axes[1].set_ylabel("load CV (requests/worker)")
+    kv_name = kv_policy if kv_policy in folds else next(iter(folds), None)
+    if kv_name is not None:
+        ts = folds[kv_name].timeline_series()
+        for worker, series in ts["kv_usage"].items():
+            axes[2].plot(ts["t_s"], series, label=worker, linewidth=0.8)
+        axes[2].set_ylabel(f"KV usage ({kv_name})")
+        axes[2].legend(fontsize="x-small", ncol=4)
+    axes[2].set_xlabel("time (s)")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title or "hit rate and load over time")
+    fig.tight_layout()
+    return fig
+
+
+def rate_sweep(sweep: list[dict[str, Any]], *, title: str = "") -> Figure:
+    """TTFT p99 (solid) and p50 (dashed) against request rate, one colour per policy."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    policies = list(sweep[0]["policies"]) if sweep else []
+    for i, name in enumerate(policies):
+        rates = [pt["rate_per_s"] for pt in sweep]
+        p99 = [pt["policies"][name]["ttft_p99_s"] for pt in sweep]
+        p50 = [pt["policies"][name]["ttft_p50_s"] for pt in sweep]
+        colour = f"C{i}"
+        ax.plot(rates, p99, "o-", color=colour, label=f"{name} p99")
+        ax.plot(rates, p50, "x--", color=colour, alpha=0.6, label=f"{name} p50")
+    ax.set_yscale("log")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("TTFT (s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    ax.set_title(title or "TTFT vs request rate")
+    fig.tight_layout()
+    return fig
