@@ -4,8 +4,11 @@ Per candidate::
 
     cached_tokens = overlap_blocks × confidence weight × block_size   (≤ the prompt's last full block
                                                                      before its last token, as vLLM)
-    queue_s       = prefill_s(new_tokens = queued prefill tokens on that worker)
-    ttft_s        = queue_s + prefill_s(new_tokens = prompt − cached, cached_tokens = cached)
+    ttft_s        = prefill_s(new_tokens = queued + prompt − cached, cached_tokens = cached)
+    queue_s       = ttft_s − prefill_s(new_tokens = prompt − cached, cached_tokens = cached)
+
+``queued`` is the prefill work already waiting on that worker: with continuous batching it is
+computed in the same steps as ours (FCFS), so the step overhead is paid once, not twice.
 
 with the engine's own latency model (``core/latency.py``; ``LinearPrefillModel`` when none is
 given). Overlap from a ``resyncing`` target counts half, from a ``stale`` one not at all: a
@@ -63,10 +66,13 @@ class KvrPolicy:
     def predict(self, request: RouteRequest, w: WorkerState) -> tuple[float, float, int]:
         """(predicted TTFT s, of which queue wait s, cached tokens) on one candidate."""
         cached = self.cached_tokens(request, w)
+        new = request.prompt_tokens - cached
+        alone_s = self.latency.prefill_s(new_tokens=new, cached_tokens=cached)
         queued = w.load.queued_prefill_tokens
-        queue_s = self.latency.prefill_s(new_tokens=queued) if queued > 0 else 0.0
-        prefill_s = self.latency.prefill_s(new_tokens=request.prompt_tokens - cached, cached_tokens=cached)
-        return queue_s + prefill_s, queue_s, cached
+        if queued <= 0:
+            return alone_s, 0.0, cached
+        ttft_s = self.latency.prefill_s(new_tokens=queued + new, cached_tokens=cached)
+        return ttft_s, ttft_s - alone_s, cached
 
     def load_bound(self, candidates: Sequence[WorkerState]) -> float:
         mean = (sum(w.load.in_flight for w in candidates) + 1) / len(candidates)

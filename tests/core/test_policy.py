@@ -183,9 +183,13 @@ def test_kvr_prefers_cache_until_queue_outweighs_it():
     assert d.target == T[0]
     assert d.scores == {T[0]: pytest.approx(10 + 16), T[1]: pytest.approx(10 + 160)}
     assert "cached 144/160 tokens" in d.reason
-    # 150 queued prefill tokens on w0: 10 + 150 ms queue + 26 ms > 170 ms on the idle w1.
+    # 150 queued prefill tokens on w0, computed in the same steps: 10 + 150 + 16 ms > 170 ms on the idle w1.
     d = p.choose(r, [ws(0, overlap=10, queued_prefill_tokens=150), ws(1)], now=0, rng=rnd)
-    assert d.target == T[1] and d.scores[T[0]] == pytest.approx(186)
+    assert d.target == T[1] and d.scores[T[0]] == pytest.approx(176)
+    assert "queue 150.000 + prefill 26.000" in p.choose(r, [ws(0, overlap=10, queued_prefill_tokens=150)], now=0,
+                                                       rng=rnd).reason
+    d = p.choose(r, [ws(0, overlap=10, queued_prefill_tokens=140), ws(1)], now=0, rng=rnd)
+    assert d.target == T[0] and d.scores[T[0]] == pytest.approx(166)
 
 
 def test_kvr_discounts_overlap_by_confidence():

@@ -1,0 +1,245 @@
+"""RouterCore: the routing brain shared by the live router and the simulator.
+
+It owns the fleet's targets and their load (engine heartbeats merged with its own in-flight
+accounting), asks the prefix index for each request's overlap, lets the policy choose, and
+records the decision: the request is in flight on the chosen target, and its blocks are
+*tentatively* present there for ``tentative_window_s`` (predict-on-route), so a burst of siblings
+does not scatter before the engine's ``BlockStored`` arrives.
+
+Pure: no clock, no I/O. The shell calls, in order per request, ``route`` → (dispatch) →
+``on_first_token`` → ``on_finish``; on worker death ``unregister`` returns the requests that were
+in flight there so the shell can retry or fail them. KV events go to ``index`` directly.
+
+Load seen by the policy (``WorkerLoad``): ``in_flight`` and ``active_blocks`` are this router's
+own; ``queued_prefill_tokens`` is the larger of the engine's last report and this router's
+not-yet-prefilled tokens (prompt − predicted cached, until the first token), so the decision
+reacts at once to what this router just sent, and still sees load from other routers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from core.policies import Decision, RouteRequest, RoutingPolicy, WorkerLoad, WorkerState
+from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TENTATIVE_WINDOW_S = 5.0  # Dynamo's docs suggest 5 s for its predicted-TTL side index
+
+
+class NoTargetsError(LookupError):
+    """No registered target can take the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingInput:
+    """A request as the router core needs it (tokens already tokenized)."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    max_tokens: int = 16
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    pinned_worker_id: str | None = None  # skip the policy (debugging, sticky sessions)
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A request the router dispatched and has not seen finish."""
+
+    request_id: str
+    target: WorkerKey
+    prompt_tokens: int
+    prompt_blocks: int
+    overlap_blocks: int
+    predicted_cached_tokens: int
+    dispatched_at: float
+    pending_prefill_tokens: int  # 0 once the first token arrived
+    first_token_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    decision: Decision
+    in_flight: InFlight
+    block_hashes: list[int]
+
+
+@dataclass(slots=True)
+class _TargetState:
+    key: WorkerKey
+    capacity_blocks: int = 0
+    engine_running: int = 0
+    engine_waiting: int = 0
+    engine_queued_prefill_tokens: int = 0
+    kv_usage: float = 0.0
+    requests: dict[str, InFlight] = field(default_factory=dict)
+    pending_prefill_tokens: int = 0
+    active_blocks: int = 0
+
+
+class RouterCore:
+    """Targets, load, and the route → finish lifecycle around a policy and a prefix index."""
+
+    def __init__(
+        self,
+        *,
+        policy: RoutingPolicy,
+        index: PrefixIndex,
+        block_size: int,
+        tentative_window_s: float = DEFAULT_TENTATIVE_WINDOW_S,
+        rng: random.Random | None = None,
+    ) -> None:
+        if index.block_size != block_size:
+            raise ValueError(f"index block_size {index.block_size} != router block_size {block_size}")
+        self.policy = policy
+        self.index = index
+        self.block_size = block_size
+        self.tentative_window_s = tentative_window_s
+        self.rng = rng if rng is not None else random.Random(0)
+        self._targets: dict[WorkerKey, _TargetState] = {}
+        self._requests: dict[str, InFlight] = {}
+        self.routed_total = 0
+        self.predicted_cached_tokens_total = 0
+
+    # ------------------------------------------------------------------ fleet
+
+    def register(self, target: WorkerKey, *, capacity_blocks: int = 0) -> None:
+        """Add (or refresh) a routable target. Its index entries, if any, are kept."""
+        state = self._targets.get(target)
+        if state is None:
+            self._targets[target] = _TargetState(target, capacity_blocks)
+            self.index.add_target(target)
+        else:
+            state.capacity_blocks = capacity_blocks
+
+    def unregister(self, target: WorkerKey) -> list[InFlight]:
+        """Remove a target (dead or gone) and its index entries; returns its in-flight requests."""
+        state = self._targets.pop(target, None)
+        self.index.remove_target(target)
+        self.policy.forget(target)
+        if state is None:
+            return []
+        orphans = list(state.requests.values())
+        for rec in orphans:
+            self._requests.pop(rec.request_id, None)
+        return orphans
+
+    def targets(self) -> list[WorkerKey]:
+        return sorted(self._targets)
+
+    def update_load(self, target: WorkerKey, *, running: int = 0, waiting: int = 0,
+                    queued_prefill_tokens: int = 0, kv_usage: float = 0.0) -> None:
+        """The engine's own view of its load, from a heartbeat. Unknown targets are ignored."""
+        state = self._targets.get(target)
+        if state is not None:
+            state.engine_running = running
+            state.engine_waiting = waiting
+            state.engine_queued_prefill_tokens = queued_prefill_tokens
+            state.kv_usage = kv_usage
+
+    def load(self, target: WorkerKey) -> WorkerLoad:
+        s = self._targets[target]
+        return WorkerLoad(
+            in_flight=len(s.requests),
+            running=s.engine_running,
+            waiting=s.engine_waiting,
+            queued_prefill_tokens=max(s.engine_queued_prefill_tokens, s.pending_prefill_tokens),
+            active_blocks=s.active_blocks,
+            kv_usage=s.kv_usage,
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def request_hashes(self, request: RoutingInput) -> list[int]:
+        return request_block_hashes(request.token_ids, block_size=self.block_size,
+                                    lora_name=request.lora_name, cache_salt=request.cache_salt)
+
+    def route(self, request: RoutingInput, *, now: float, exclude: Iterable[WorkerKey] = ()) -> RouteResult:
+        """Choose a target, record the request in flight there, and predict its blocks there.
+
+        ``exclude`` leaves out targets (a retry after a worker died). Raises ``NoTargetsError``
+        when nothing is left, ``ValueError`` for an empty prompt or a request id in flight.
+        """
+        if not request.token_ids:
+            raise ValueError("empty prompt")
+        if request.request_id in self._requests:
+            raise ValueError(f"request {request.request_id!r} is already in flight")
+        excluded = set(exclude)
+        keys = [k for k in sorted(self._targets) if k not in excluded]
+        if request.pinned_worker_id is not None:
+            keys = [k for k in keys if k.worker_id == request.pinned_worker_id][:1]
+        if not keys:
+            raise NoTargetsError("no worker can take the request" + (" (pinned worker unknown)"
+                                                                      if request.pinned_worker_id else ""))
+        hashes = self.request_hashes(request)
+        overlap = self.index.overlap(hashes, now=now)
+        candidates = [WorkerState(k, overlap.get(k, 0), self.load(k), self.index.confidence(k),
+                                  self._targets[k].capacity_blocks) for k in keys]
+        route_request = RouteRequest(request.request_id, len(request.token_ids), hashes, request.token_ids,
+                                     request.lora_name, request.max_tokens)
+        if request.pinned_worker_id is not None:
+            w = candidates[0]
+            decision = Decision(w.target, {w.target: 0.0}, "pinned by the request", "pinned", "pinned",
+                                w.overlap_blocks)
+        else:
+            decision = self.policy.choose(route_request, candidates, now=now, rng=self.rng)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %s", request.request_id, decision.explain())
+        rec = self._dispatch(request, decision, overlap.get(decision.target, 0), len(hashes), now)
+        if self.tentative_window_s > 0 and hashes:
+            self.index.add_tentative(decision.target, hashes, now + self.tentative_window_s)
+        return RouteResult(decision, rec, hashes)
+
+    def _dispatch(self, request: RoutingInput, decision: Decision, overlap_blocks: int, n_blocks: int,
+                  now: float) -> InFlight:
+        prompt = len(request.token_ids)
+        usable = min(overlap_blocks, max(prompt - 1, 0) // self.block_size)
+        predicted = usable * self.block_size
+        rec = InFlight(request.request_id, decision.target, prompt, n_blocks, overlap_blocks, predicted, now,
+                       prompt - predicted)
+        state = self._targets[decision.target]
+        state.requests[rec.request_id] = rec
+        state.pending_prefill_tokens += rec.pending_prefill_tokens
+        state.active_blocks += rec.prompt_blocks
+        self._requests[rec.request_id] = rec
+        self.routed_total += 1
+        self.predicted_cached_tokens_total += predicted
+        return rec
+
+    def in_flight(self, request_id: str) -> InFlight | None:
+        return self._requests.get(request_id)
+
+    def num_in_flight(self) -> int:
+        return len(self._requests)
+
+    def on_first_token(self, request_id: str, *, now: float) -> None:
+        """The request's prefill is done: its tokens leave the target's pending prefill."""
+        rec = self._requests.get(request_id)
+        if rec is None or rec.first_token_at is not None:
+            return
+        rec.first_token_at = now
+        state = self._targets.get(rec.target)
+        if state is not None:
+            state.pending_prefill_tokens -= rec.pending_prefill_tokens
+        rec.pending_prefill_tokens = 0
+
+    def on_finish(self, request_id: str) -> InFlight | None:
+        """The request ended (done, error or cancelled); returns its record, or None if unknown."""
+        rec = self._requests.pop(request_id, None)
+        if rec is None:
+            return None
+        state = self._targets.get(rec.target)
+        if state is not None:
+            state.requests.pop(request_id, None)
+            state.pending_prefill_tokens -= rec.pending_prefill_tokens
+            state.active_blocks -= rec.prompt_blocks
+        return rec
+
+    def expire(self, now: float) -> None:
+        """Periodic upkeep: tentative entries and parked orphans past their time."""
+        self.index.expire(now)
