@@ -77,6 +77,8 @@ class _Progress:
 @click.option("--policy", "policy_arg", default="all", show_default=True, help="P[,P...] or 'all'.")
 @click.option("--workers", type=int, default=8, show_default=True)
 @click.option("--profile", default=None, help="Engine profile (kvr profiles); default: the engine's default.")
+@click.option("--num-gpu-blocks", type=int, default=None, help="Override the profile's KV capacity per worker (blocks).")
+@click.option("--max-model-len", type=int, default=None, help="Override the profile's max model length (tokens).")
 @click.option("--rate", type=float, default=None, help="Poisson (or bursty) request rate, roots/s. Default: all at once (synthetic) or trace timestamps.")
 @click.option("--rate-sweep", default=None, help="Comma-separated rates: one comparison per rate.")
 @click.option("--burstiness", type=float, default=None, help="Gamma arrivals with this shape (1 = Poisson, < 1 burstier).")
@@ -92,18 +94,12 @@ class _Progress:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--list-workloads", is_flag=True, help="List workloads and their parameters, then exit.")
 def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, trace_limit, params, policy_arg, workers,
-                profile, rate, rate_sweep, burstiness, speedup, concurrency, event_delay_ms, heartbeat_ms, network_ms,
+                profile, num_gpu_blocks, max_model_len, rate, rate_sweep, burstiness, speedup, concurrency, event_delay_ms, heartbeat_ms, network_ms,
                 seed, as_json, out_path, plots_dir, no_progress, list_workloads, **gsp):
     """Compare routing policies on a workload or trace with the live engine and router cores."""
     import random
     from pathlib import Path
 
-    from core.policies import POLICY_NAMES
-    from core.profiles import DEFAULT_PROFILE, PROFILES
-    from sim.cluster import ClusterConfig
-    from sim.report import comparison_report, markdown_table, run_policies, to_json
-    from sim.trace import load_trace
-    from sim.workload import AllAtOnce, Bursty, Poisson, TraceTimes
     from sim.workloads import WORKLOADS, config_fields, make_workload
 
     if list_workloads:
@@ -111,6 +107,13 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
             fields = ", ".join(f"{k}={v}" for k, v in config_fields(name).items())
             click.echo(f"{name}: {fields}")
         return
+
+    from core.policies import POLICY_NAMES
+    from core.profiles import DEFAULT_PROFILE, PROFILES
+    from sim.cluster import ClusterConfig
+    from sim.report import comparison_report, markdown_table, run_policies, to_json
+    from sim.trace import load_trace
+    from sim.workload import AllAtOnce, Bursty, Poisson, TraceTimes
     if (workload_name is None) == (trace_path is None):
         raise click.UsageError("give exactly one of --workload or --trace")
     policies = list(POLICY_NAMES) if policy_arg == "all" else [p.strip() for p in policy_arg.split(",") if p.strip()]
@@ -122,6 +125,10 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
         raise click.BadParameter(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}", param_hint="--profile")
     config = ClusterConfig(num_workers=workers, profile=profile, event_delay_s=event_delay_ms / 1e3,
                            heartbeat_interval_s=heartbeat_ms / 1e3, network_latency_s=network_ms / 1e3)
+    if num_gpu_blocks is not None:
+        config.engine_overrides["num_gpu_blocks"] = num_gpu_blocks
+    if max_model_len is not None:
+        config.engine_overrides["max_model_len"] = max_model_len
     block_size = PROFILES[profile].block_size
 
     if trace_path is not None:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.engine import EmulatedEngine, EngineRequest
+from core.engine import EmulatedEngine, EngineRequest, RequestRejected
 from core.metrics import MetricsFold, RequestRecord, infinite_cache_upper_bound
 from core.policies import get_policy
 from core.prefix_index import PrefixIndex, WorkerKey
@@ -51,6 +51,8 @@ class ClusterConfig:
     event_delay_s: float = 0.0
     heartbeat_interval_s: float = 0.1
     network_latency_s: float = 0.0
+    #: Engine config overrides for every worker (``num_gpu_blocks``, ``max_model_len`` ...).
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
     #: Extra keyword arguments for ``RouterCore`` (e.g. tentative window).
     router_options: dict[str, Any] = field(default_factory=dict)
     #: Width of the metrics timeline buckets (hit rate and load over time).
@@ -84,6 +86,7 @@ class RunResult:
     upper_bound: float
     requests: int
     unfinished: int
+    rejected: int = 0
 
 
 class SimCluster:
@@ -118,13 +121,14 @@ class SimCluster:
         self.targets = [WorkerKey(n, 0) for n in self.names]
         self._target_index = {t: i for i, t in enumerate(self.targets)}
         self.engines = [
-            EmulatedEngine(profile_or_config=p, rng=random.Random(s)) for p, s in zip(profiles, engine_seeds)
+            EmulatedEngine(profile_or_config=p, rng=random.Random(s), **config.engine_overrides)
+            for p, s in zip(profiles, engine_seeds)
         ]
         self.index = PrefixIndex(block_size=self.block_size)
         pol = get_policy(policy, block_size=self.block_size, latency=profiles[0].latency)
         self.router = RouterCore(policy=pol, index=self.index, block_size=self.block_size, rng=router_rng, **config.router_options)
-        for target, prof in zip(self.targets, profiles):
-            self.router.register(target, capacity_blocks=prof.num_gpu_blocks)
+        for target, eng in zip(self.targets, self.engines):
+            self.router.register(target, capacity_blocks=eng.config.num_gpu_blocks)
         self.fold = MetricsFold(block_size=self.block_size, timeline_bucket_s=config.timeline_bucket_s)
         for n in self.names:
             self.fold.register_worker(n)
@@ -135,6 +139,7 @@ class SimCluster:
         self._roots_done = 0
         self._dispatched = 0
         self._finished = 0
+        self.rejected = 0
         self._want_outputs = type(workload).follow_ups is not Workload.follow_ups
 
     # ---------------------------------------------------------------- driving
@@ -164,7 +169,7 @@ class SimCluster:
             ev = q.pop()
             handlers[ev.kind](ev.payload)
         bound = infinite_cache_upper_bound(self._bound_stream, block_size=self.block_size)
-        return RunResult(self.policy_name, self.fold, bound, self._dispatched, len(self._inflight) + len(self._waiting))
+        return RunResult(self.policy_name, self.fold, bound, self._dispatched, len(self._inflight) + len(self._waiting), self.rejected)
 
     def _busy(self) -> bool:
         return bool(self._inflight or self._waiting) or self._roots_done < self._num_roots
@@ -231,6 +236,9 @@ class SimCluster:
         if self._want_outputs:
             for nxt in self.workload.follow_ups(fl.req, fl.output):
                 self.q.schedule(now + nxt.delay_s, "send", nxt)
+        self._release_waiting(now)
+
+    def _release_waiting(self, now: float) -> None:
         cap = self.arrivals.max_concurrency
         while self._waiting and (cap is None or len(self._inflight) < cap):
             req, _ = self._waiting.popleft()
@@ -242,13 +250,27 @@ class SimCluster:
         fl = self._inflight[rid]
         req = fl.req
         eng = self.engines[fl.worker]
-        eng.add_request(EngineRequest(rid, req.token_ids, req.max_tokens, lora_name=req.lora_name), self.q.now)
+        try:
+            eng.add_request(EngineRequest(rid, req.token_ids, req.max_tokens, lora_name=req.lora_name), self.q.now)
+        except RequestRejected as exc:
+            # As the live worker: an explicit error to the client, never a silent drop.
+            logger.debug("engine %s rejected %s: %s", self.names[fl.worker], rid, exc)
+            self.rejected += 1
+            self.router.on_finish(rid)
+            del self._inflight[rid]
+            self._release_waiting(self.q.now)
+            return
         if not self._stepping[fl.worker]:
             self._step(fl.worker)
 
     def _step(self, w: int) -> None:
         now = self.q.now
         res = self.engines[w].step(now)
+        if not res.outputs and res.duration_s <= 0:
+            # Nothing could be scheduled (cannot happen while anything runs); the next
+            # arrival restarts stepping instead of spinning at one instant.
+            self._stepping[w] = False
+            return
         self._stepping[w] = True
         self.q.schedule(now + res.duration_s, "step_done", (w, res))
 

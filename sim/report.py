@@ -43,6 +43,7 @@ ROW_KEYS = (
     "preemptions",
     "requests",
     "unfinished",
+    "rejected",
     "upper_bound",
 )
 
@@ -54,6 +55,7 @@ def policy_row(result: RunResult) -> dict[str, Any]:
     row["upper_bound"] = result.upper_bound
     row["hit_rate_vs_bound"] = s["token_hit_rate"] / result.upper_bound if result.upper_bound else math.nan
     row["unfinished"] = result.unfinished
+    row["rejected"] = result.rejected
     return {k: row[k] for k in ROW_KEYS}
 
 
