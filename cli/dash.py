@@ -1,0 +1,51 @@
+"""``kvr dash``: a live terminal dashboard over the monitor."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+DEFAULT_SOURCE = "http://127.0.0.1:9470/json"
+
+
+@click.command("dash")
+@click.option("--source", default=DEFAULT_SOURCE, show_default=True, envvar="KVR_MONITOR_URL",
+              help="The monitor's /json URL, or a dump file.")
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and tests).")
+@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--width", type=int, default=None, help="Console width (default: the terminal's).")
+def dash_cmd(source: str, once: bool, interval_s: float, width: int | None) -> None:
+    """Hit rate, latency by cache status, per-worker load and index health, recent requests, incidents."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from monitor.dashboard import fetch_dump, render_dashboard
+    from monitor.dump import DumpError
+
+    console = Console(width=width)
+
+    def frame():
+        try:
+            return render_dashboard(fetch_dump(source))
+        except (OSError, ValueError, DumpError) as exc:
+            return Text(f"waiting for the monitor at {source}: {exc}", style="yellow")
+
+    if once:
+        try:
+            data = fetch_dump(source)
+        except (OSError, ValueError, DumpError) as exc:
+            raise click.ClickException(f"cannot read {source}: {exc}") from None
+        console.print(render_dashboard(data))
+        return
+    try:
+        with Live(frame(), console=console, refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(frame())
+    except KeyboardInterrupt:
+        pass
+
+
+COMMANDS = [dash_cmd]
