@@ -115,14 +115,19 @@ class EngineStats:
     preemptions: int = 0
 
     def to_load(self, *, num_gpu_blocks: int, queued_prefill_tokens: int = 0) -> WorkerLoad:
-        """The heartbeat load; free blocks are derived from usage and the pool size."""
+        """The heartbeat load; free blocks are derived from usage and the pool size.
+
+        vLLM's ``num_gpu_blocks`` counts the null block, which is never free nor used:
+        ``usage = 1 - free / (num_gpu_blocks - 1)``, so ``free = (num_gpu_blocks - 1) * (1 - usage)``.
+        """
         usage = min(1.0, max(0.0, self.kv_usage))
+        usable = max(0, num_gpu_blocks - 1)
         return WorkerLoad(
             running=self.running,
             waiting=self.waiting,
             queued_prefill_tokens=queued_prefill_tokens,
             kv_usage=usage,
-            num_free_blocks=max(0, round(num_gpu_blocks * (1.0 - usage))),
+            num_free_blocks=round(usable * (1.0 - usage)),
             num_gpu_blocks=num_gpu_blocks,
         )
 

@@ -45,8 +45,8 @@ def test_engine_stats_per_rank():
 
 def test_to_load_derives_free_blocks_and_clamps_usage():
     stats = engine_stats(parse_prometheus_text(V1_TEXT))
-    assert stats[1].to_load(num_gpu_blocks=1000, queued_prefill_tokens=77) == WorkerLoad(
-        running=1, waiting=0, queued_prefill_tokens=77, kv_usage=0.5, num_free_blocks=500, num_gpu_blocks=1000)
+    assert stats[1].to_load(num_gpu_blocks=1001, queued_prefill_tokens=77) == WorkerLoad(
+        running=1, waiting=0, queued_prefill_tokens=77, kv_usage=0.5, num_free_blocks=500, num_gpu_blocks=1001)
     assert EngineStats(dp_rank=0, kv_usage=1.7).to_load(num_gpu_blocks=10).kv_usage == 1.0
 
 
