@@ -323,6 +323,13 @@ class BlockPool:
         """
         if num_new_tokens <= 0:
             raise ValueError("num_new_tokens must be positive")
+        bs = self.block_size
+        if not new_computed_blocks and seq.num_computed_tokens + num_new_tokens + num_lookahead_tokens <= len(seq.blocks) * bs:
+            # Fast path (most decode steps): the slots exist already; only caching may be due.
+            num_to_cache = min(seq.num_computed_tokens + num_new_tokens, len(seq.token_ids))
+            if self.enable_caching and num_to_cache // bs > seq.num_cached_blocks:
+                self._cache_blocks(seq, num_to_cache)
+            return []
         num_computed = seq.num_computed_tokens + num_new_computed_tokens
         num_need_slot = num_computed + num_new_tokens + num_lookahead_tokens
         if self.num_blocks_to_allocate(seq, num_need_slot, new_computed_blocks) > len(self.free_block_queue):

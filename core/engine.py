@@ -302,7 +302,7 @@ class EmulatedEngine:
         while i < len(running) and budget > 0:
             r = running[i]
             seq = r.seq
-            num_new = seq.num_tokens - seq.num_computed_tokens
+            num_new = len(seq.token_ids) - seq.num_computed_tokens
             if 0 < threshold < num_new:
                 num_new = threshold
             num_new = min(num_new, budget, self.max_model_len - 1 - seq.num_computed_tokens)
@@ -357,7 +357,7 @@ class EmulatedEngine:
         for r, n in scheduled:
             ctx = r.seq.num_computed_tokens
             kv_tokens += ctx
-            if n == 1 and r.output_token_ids and ctx == r.seq.num_tokens - 1:
+            if n == 1 and r.output_token_ids and ctx == len(r.seq.token_ids) - 1:
                 decode_seqs += 1
             else:
                 prefill_tokens += n
@@ -374,14 +374,14 @@ class EmulatedEngine:
         for r, n in scheduled:
             seq = r.seq
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens < seq.num_tokens:
+            if seq.num_computed_tokens < len(seq.token_ids):
                 continue  # a prefill chunk: nothing sampled
             token = choice(vocab)
             pool.append_token_ids(seq, (token,))
             r.output_token_ids.append(token)
             if r.first_token_s is None:
                 r.first_token_s = end
-            if len(r.output_token_ids) >= r.max_tokens or seq.num_tokens >= self.max_model_len:
+            if len(r.output_token_ids) >= r.max_tokens or len(seq.token_ids) >= self.max_model_len:
                 finished_any = True
                 pool.free(seq)
                 del self._requests[r.request_id]
