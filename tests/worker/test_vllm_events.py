@@ -1,0 +1,195 @@
+"""vLLM's KV events as the router sees them behind a ``kvr worker --engine vllm`` (127.0.0.1 only).
+
+The fake vLLM publishes exactly as vLLM does (frames, seq, replay ROUTER, DP port offsets);
+the consumer here is the router's own machinery (``bus.subscriber.EventSubscriber`` on the
+endpoints of the adapter's ``Hello``, ``core.prefix_index.PrefixIndex``). The last test is the
+closed loop: the index's predicted cached tokens equal the server-reported ones, exactly.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+import pytest
+import zmq
+
+from bus.publisher import END_SEQ, seq_bytes
+from bus.subscriber import AppliedBatch, EventSubscriber
+from bus.vllm_codec import VllmEventDecoder
+from bus.schema import Completion, Dispatch
+from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
+from tests.conftest import FIXTURES
+from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
+from worker.vllm_backend import VllmBackend, VllmBackendConfig
+
+TOPIC = "kv@vllm-pod-0@fake/model-1b"
+FIXTURE_NAMES = ["01_stored_one_block", "02_stored_chain_3", "03_stored_multi_block", "05_removed_per_block",
+                 "06_all_blocks_cleared", "07_mixed", "09_lora"]
+
+
+def free_port_pair() -> int:
+    """A port p with p and p+1 free on 127.0.0.1 (DP rank 1 uses base + 1)."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", port + 1))
+                    return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def loopback(endpoint: str) -> str:
+    """The router binds ``tcp://*:p`` in production; tests bind loopback only."""
+    return endpoint.replace("tcp://*:", "tcp://127.0.0.1:")
+
+
+def collect(sub: EventSubscriber, n: int, timeout_s: float = 5.0) -> list[AppliedBatch]:
+    out: list[AppliedBatch] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"{len(out)} of {n} batches within {timeout_s} s"
+        out += [item for item in sub.poll(20) if isinstance(item, AppliedBatch)]
+    return out
+
+
+def backend_config(fake: FakeVllm, events: str, replay: str, **kw) -> VllmBackendConfig:
+    return VllmBackendConfig(worker_id="vllm-pod-0", vllm_url=fake.url, kv_events_endpoint=events,
+                             replay_endpoint=replay, topic=TOPIC, watch_block_size=False, **kw)
+
+
+@pytest.fixture
+def fixture_payloads() -> list[bytes]:
+    return [(FIXTURES / f"{name}.bin").read_bytes() for name in FIXTURE_NAMES]
+
+
+def test_fixtures_reach_the_router_in_vllm_bind_mode(fixture_payloads):
+    p, r = free_port_pair(), free_port_pair()
+    # vLLM started with "endpoint":"tcp://*:p" — bound here on loopback only.
+    kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", topic=TOPIC, bind=True)
+    with FakeVllm(kv_events=kv) as fake:
+        backend = VllmBackend(config=backend_config(fake, f"tcp://*:{p}", f"tcp://*:{r}"))
+        backend.start(probe=False)
+        hello = backend.hello(epoch=1)
+        backend.close()
+        assert (hello.events_endpoint, hello.replay_endpoint) == (f"tcp://127.0.0.1:{p}", f"tcp://127.0.0.1:{r}")
+        fake.publish_payloads(fixture_payloads)  # before anyone listens: replay must recover them
+        sub = EventSubscriber(endpoint=hello.events_endpoint, replay_endpoint=hello.replay_endpoint,
+                              topic=hello.topic, bind=False)
+        try:
+            got = collect(sub, len(fixture_payloads))
+        finally:
+            sub.close()
+    decoder = VllmEventDecoder()
+    assert [b.seq for b in got] == list(range(len(fixture_payloads)))
+    assert [b.batch for b in got] == [decoder.decode(p) for p in fixture_payloads]
+    assert {b.topic for b in got} == {TOPIC.encode()}
+
+
+def test_replay_frames_are_vllm_0_33_bytes(fixture_payloads):
+    r = free_port_pair()
+    kv = KvEventsConfig(endpoint="tcp://127.0.0.1:0", replay_endpoint=f"tcp://127.0.0.1:{r}", topic=TOPIC, bind=True)
+    with FakeVllm(kv_events=kv) as fake:
+        fake.publish_payloads(fixture_payloads)
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        try:
+            dealer.connect(f"tcp://127.0.0.1:{r}")
+            dealer.send_multipart([b"", seq_bytes(5)])
+            frames = []
+            for _ in range(3):
+                assert dealer.poll(3000), "no replay reply"
+                frames.append(dealer.recv_multipart())
+        finally:
+            dealer.close()
+            ctx.term()
+    assert frames == [[b"", TOPIC.encode(), seq_bytes(5), fixture_payloads[5]],
+                      [b"", TOPIC.encode(), seq_bytes(6), fixture_payloads[6]],
+                      [b"", b"", END_SEQ, b""]]
+
+
+def test_central_mode_vllm_connects_to_the_router(fixture_payloads):
+    p, r = free_port_pair(), free_port_pair()
+    with FakeVllm() as probe_only:  # only to build the Hello: vLLM dials tcp://<router>:p
+        backend = VllmBackend(config=backend_config(probe_only, f"tcp://127.0.0.1:{p}", f"tcp://*:{r}"))
+        backend.start(probe=False)
+        hello = backend.hello(epoch=1)
+        backend.close()
+    assert hello.events_endpoint == f"tcp://*:{p}"  # the router binds
+    sub = EventSubscriber(endpoint=loopback(hello.events_endpoint), replay_endpoint=loopback(hello.replay_endpoint),
+                          topic=hello.topic, bind=True)
+    kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", topic=TOPIC)
+    try:
+        with FakeVllm(kv_events=kv) as fake:  # vLLM's rule: a host address means connect
+            fake.publish_payloads(fixture_payloads[:3])
+            got = collect(sub, 3)
+    finally:
+        sub.close()
+    assert [b.seq for b in got] == [0, 1, 2]
+
+
+def test_data_parallel_ranks_publish_on_offset_ports(fixture_payloads):
+    p, r = free_port_pair(), free_port_pair()
+    kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", topic=TOPIC, bind=True)
+    with FakeVllm(kv_events=kv, dp_size=2) as fake:
+        fake.publish_payloads(fixture_payloads[:2], dp_rank=0)
+        fake.publish_payloads(fixture_payloads[2:3], dp_rank=1)
+        subs = [EventSubscriber(endpoint=f"tcp://127.0.0.1:{p + rank}", replay_endpoint=f"tcp://127.0.0.1:{r + rank}",
+                                topic=TOPIC) for rank in (0, 1)]
+        try:
+            rank0, rank1 = collect(subs[0], 2), collect(subs[1], 1)
+        finally:
+            for sub in subs:
+                sub.close()
+    assert [b.seq for b in rank0] == [0, 1] and [b.seq for b in rank1] == [0]  # one seq counter per rank
+
+
+def test_closed_loop_predicted_equals_reported_cached_tokens():
+    """Requests through the adapter; events through the router's subscriber and index; exact match."""
+    p, r = free_port_pair(), free_port_pair()
+    kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", topic=TOPIC, bind=True)
+    rng = random.Random(9)
+    bs = 16
+    prefixes = [[rng.randrange(2, 50_000) for _ in range(rng.choice([16, 40, 64]))] for _ in range(4)]
+    with FakeVllm(kv_events=kv, num_gpu_blocks=24, lora_adapters=("sql-lora",)) as fake:  # small: evictions
+        backend = VllmBackend(config=backend_config(fake, f"tcp://*:{p}", f"tcp://*:{r}", block_size=bs))
+        backend.start(probe=False)
+        hello = backend.hello(epoch=1)
+        sub = EventSubscriber(endpoint=hello.events_endpoint, replay_endpoint=hello.replay_endpoint, topic=hello.topic)
+        index = PrefixIndex(block_size=bs)
+        target = WorkerKey(hello.worker_id, 0)
+        results = []
+        try:
+            for i in range(40):
+                tokens = rng.choice(prefixes) + [rng.randrange(2, 50_000) for _ in range(rng.randrange(0, 40))]
+                lora = rng.choice([None, None, "sql-lora"])
+                salt = rng.choice([None, None, None, "tenant-1"])
+                own = request_block_hashes(tokens, block_size=bs, lora_name=lora, cache_salt=salt)
+                blocks = index.overlap(own).get(target, 0)
+                predicted = min(blocks, (len(tokens) - 1) // bs) * bs  # vLLM always computes the last token
+                backend.submit(Dispatch(f"r{i}", tokens, max_tokens=rng.randrange(1, 20), lora_name=lora,
+                                        cache_salt=salt))
+                deadline = time.monotonic() + 10
+                done = None
+                while done is None:
+                    assert time.monotonic() < deadline
+                    done = next((m for m in backend.drain() if isinstance(m, Completion)), None)
+                    time.sleep(0.002)
+                results.append((predicted, done.cached_tokens))
+                while sub.expected_seq < fake.publishers[0].next_seq:  # the router has caught up
+                    assert time.monotonic() < deadline, "events did not arrive"
+                    for item in sub.poll(20):
+                        if isinstance(item, AppliedBatch):
+                            index.apply_batch(hello.worker_id, item.batch, now=0.0)
+        finally:
+            sub.close()
+            backend.close()
+    assert [pred for pred, _ in results] == [actual for _, actual in results]
+    assert sum(actual for _, actual in results) > 0, "the workload must produce hits"
+    assert fake.engines[0].pool.stats.evicted_blocks > 0, "the workload must evict"
