@@ -9,7 +9,7 @@ What the vLLM adapter needs, and nothing else:
   (vLLM fills it only with ``--enable-prompt-tokens-details``; ``None`` otherwise);
 * ``return_token_ids: true`` so each chunk's choice carries its ``token_ids`` (vLLM
   >= 0.10.2; older servers send text only and the chunk's ids are empty);
-* ``GET /v1/models``, ``POST /tokenize``, ``GET /metrics``, ``GET /health``.
+* ``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, ``GET /health``.
 
 One HTTP connection per call. A :class:`CompletionStream` can be closed from another
 thread (cancellation): the socket is shut down, the reader sees end-of-stream, and
@@ -381,6 +381,14 @@ class OpenAIClient:
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise VllmHTTPError(f"POST /tokenize: unexpected reply {str(obj)[:200]}")
         return tokens
+
+    def detokenize(self, token_ids: Sequence[int], *, model: str) -> str:
+        """``POST /detokenize`` → text."""
+        obj = self._json("POST", "/detokenize", {"model": model, "tokens": list(token_ids)})
+        text = obj.get("prompt") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise VllmHTTPError(f"POST /detokenize: unexpected reply {str(obj)[:200]}")
+        return text
 
     def metrics_text(self) -> str:
         """``GET /metrics``: Prometheus text exposition."""

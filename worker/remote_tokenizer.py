@@ -7,10 +7,18 @@ handling) silently turns every prefix hit into a miss. Two ways to get them:
 * :class:`RemoteTokenizer`: ask the server (``POST /tokenize``), cache the answers;
   one round trip per distinct prompt text, none for a repeat;
 * a Hugging Face ``tokenizers`` JSON file (the model's ``tokenizer.json``) loaded
-  locally with :func:`load_tokenizer_file`; :func:`check_tokenizer_matches` proves at
+  locally by ``core.tokenizer.load_tokenizer``; :func:`verify_router_tokenizer` proves at
   start-up that it agrees with the server on a set of probe texts.
 
-Both expose ``encode(text) -> list[int]``. Thread-safe.
+Why it matters even though hit *accounting* survives a mismatch: the router sends token
+ids, vLLM caches and reports exactly those ids, so predicted and reported hits agree
+whatever the tokenizer. But the model then reads ids from another vocabulary (garbage
+output, or HTTP 400 for ids beyond the vocabulary), and requests that reach vLLM as text
+by another path are tokenized differently and share no blocks with kvr's.
+
+Both expose ``encode(text) -> list[int]``; :class:`RemoteTokenizer` satisfies
+``core.tokenizer.Tokenizer`` (``name``, ``encode``, ``decode``, ``output_vocab``), so the router
+can use it wherever it takes a tokenizer. Thread-safe.
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from worker.openai_client import OpenAIClient
 
@@ -36,6 +43,9 @@ PROBE_TEXTS = (
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n",
     "def f(x):\n    return x ** 2  # code",
 )
+
+
+_COMMON_WORDS = ("the", "of", "and", "to", "in", "is", "it", "was", "for", "on", "are", "as", "at", "by", "be")
 
 
 class TokenizerMismatchError(RuntimeError):
@@ -61,6 +71,8 @@ class RemoteTokenizer:
         self.cache_entries = cache_entries
         self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._lock = threading.Lock()
+        self._output_vocab: tuple[int, ...] | None = None
+        self.name = f"vllm:{client.base_url}/tokenize"
         self.hits = 0
         self.misses = 0
 
@@ -83,33 +95,23 @@ class RemoteTokenizer:
                     self._cache.popitem(last=False)
         return tokens
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (``POST /detokenize``; not cached)."""
+        return self._client.detokenize(ids, model=self.model)
+
+    def output_vocab(self) -> tuple[int, ...]:
+        """Ids of common short words that are one token each on this server (asked once)."""
+        if self._output_vocab is None:
+            ids = []
+            for word in _COMMON_WORDS:
+                tokens = self._client.tokenize(" " + word, model=self.model, add_special_tokens=False)
+                if len(tokens) == 1:
+                    ids.append(tokens[0])
+            self._output_vocab = tuple(ids)
+        return self._output_vocab
+
     def __len__(self) -> int:
         return len(self._cache)
-
-
-class TokenizerFile:
-    """A Hugging Face ``tokenizers`` JSON file (needs the optional ``tokenizers`` package)."""
-
-    def __init__(self, path: str | Path, *, add_special_tokens: bool = True) -> None:
-        try:
-            from tokenizers import Tokenizer  # optional dependency, only for this feature
-        except ImportError:
-            raise RuntimeError(
-                "reading a tokenizer file needs the 'tokenizers' package (pip install tokenizers); "
-                "or use the server's /tokenize instead") from None
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
-        self._tokenizer = Tokenizer.from_file(str(self.path))
-        self.add_special_tokens = add_special_tokens
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
-
-
-def load_tokenizer_file(path: str | Path, *, add_special_tokens: bool = True) -> TokenizerFile:
-    """Load ``tokenizer.json`` (the file in the model's Hugging Face repository)."""
-    return TokenizerFile(path, add_special_tokens=add_special_tokens)
 
 
 def check_tokenizer_matches(
@@ -129,3 +131,22 @@ def check_tokenizer_matches(
                 f"server's tokenizer (the model's tokenizer.json, same add_special_tokens) or every "
                 f"prefix hit becomes a miss.")
     logger.info("tokenizer agrees with the server on %d probe texts", len(probes))
+
+
+def verify_router_tokenizer(spec: str | None, *, client: OpenAIClient, model: str,
+                            probes: Sequence[str] = PROBE_TEXTS) -> None:
+    """Check the tokenizer the router uses (``core.tokenizer.load_tokenizer(spec)``) against the server.
+
+    kvr's tokenizers add no special tokens, so they are compared with ``/tokenize`` without
+    them; a server that prepends special tokens (a BOS) to text prompts is reported at WARNING.
+    """
+    from core.tokenizer import load_tokenizer
+
+    local = load_tokenizer(spec)
+    check_tokenizer_matches(local.encode, RemoteTokenizer(client=client, model=model, add_special_tokens=False),
+                            probes=probes)
+    plain = client.tokenize(probes[0], model=model, add_special_tokens=False)
+    special = client.tokenize(probes[0], model=model, add_special_tokens=True)
+    if plain != special:
+        logger.warning("vLLM adds special tokens to text prompts (%s... vs %s...); kvr's tokenizer %s does not: "
+                       "prompts routed by kvr reach the model without them", special[:3], plain[:3], local.name)

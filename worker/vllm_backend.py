@@ -44,7 +44,15 @@ from bus.schema import (
     WorkerLoad,
 )
 from worker.openai_client import CompletionRequest, OpenAIClient, VllmHTTPError
-from worker.vllm_checks import BlockSizeWatch, ServerInfo, check_server, host_of_url, router_endpoints
+from worker.remote_tokenizer import TokenizerMismatchError, verify_router_tokenizer
+from worker.vllm_checks import (
+    BlockSizeWatch,
+    ServerInfo,
+    StartupError,
+    check_server,
+    host_of_url,
+    router_endpoints,
+)
 from worker.vllm_metrics import EngineStats, engine_stats, parse_prometheus_text
 
 logger = logging.getLogger(__name__)
@@ -74,6 +82,7 @@ class VllmBackendConfig:
     startup_timeout_s: float = 600.0
     require_cached_tokens: bool = True
     watch_block_size: bool = True
+    tokenizer: str | None = None  # the router's tokenizer (a tokenizer.json path): checked against /tokenize
 
 
 class _InFlight:
@@ -139,6 +148,11 @@ class VllmBackend:
         self.info = check_server(self.client, model=cfg.model, block_size=cfg.block_size,
                                  num_gpu_blocks=cfg.num_gpu_blocks, startup_timeout_s=cfg.startup_timeout_s,
                                  require_cached_tokens=cfg.require_cached_tokens, probe=probe)
+        if cfg.tokenizer is not None:
+            try:
+                verify_router_tokenizer(cfg.tokenizer, client=self.client, model=self.info.model)
+            except (TokenizerMismatchError, RuntimeError, OSError) as exc:
+                raise StartupError(str(exc)) from None
         self.refresh_load()
         self._metrics_thread = threading.Thread(target=self._poll_metrics, name="kvr-vllm-metrics", daemon=True)
         self._metrics_thread.start()

@@ -7,7 +7,7 @@ What it serves (shapes as vLLM 0.33's OpenAI server):
   ``report_cached_tokens``; ``data: [DONE]``) or not; ``model`` = served model or a
   LoRA adapter name; ``cache_salt``; ``X-data-parallel-rank`` picks the engine;
 * ``GET /v1/models`` (base model + LoRA adapters with ``parent``), ``GET /health``,
-  ``POST /tokenize`` (a word-level crc32 tokenizer, BOS = 1 with special tokens),
+  ``POST /tokenize`` (a word-level crc32 tokenizer, BOS = 1 with special tokens), ``POST /detokenize``,
   ``GET /metrics`` (vLLM names, ``engine`` label per DP rank, ``vllm:cache_config_info``).
 
 The engine is one :class:`core.block_pool.BlockPool` per DP rank (vLLM's prefix-cache
@@ -43,10 +43,21 @@ VOCAB_SIZE = 50_000
 BOS_TOKEN_ID = 1
 
 
+_WORDS: dict[int, str] = {}  # id -> word, for /detokenize of ids that /tokenize produced
+
+
 def fake_tokenize(text: str, *, add_special_tokens: bool = True) -> list[int]:
     """Word-level deterministic tokenizer (ids 2..VOCAB_SIZE-1)."""
-    ids = [2 + zlib.crc32(word.encode()) % (VOCAB_SIZE - 2) for word in text.split()]
+    ids = []
+    for word in text.split():
+        token = 2 + zlib.crc32(word.encode()) % (VOCAB_SIZE - 2)
+        _WORDS.setdefault(token, word)
+        ids.append(token)
     return ([BOS_TOKEN_ID] + ids) if add_special_tokens else ids
+
+
+def fake_detokenize(token_ids: list[int]) -> str:
+    return " ".join(_WORDS.get(t, f"<{t}>") for t in token_ids if t != BOS_TOKEN_ID)
 
 
 def fake_output_token(prompt: list[int], i: int) -> int:
@@ -319,6 +330,8 @@ def _make_handler(fake: FakeVllm):
                                        add_special_tokens=bool(body.get("add_special_tokens", True)))
                 self._json(200, {"count": len(tokens), "max_model_len": fake.max_model_len, "tokens": tokens,
                                  "token_strs": None})
+            elif self.path == "/detokenize":
+                self._json(200, {"prompt": fake_detokenize(list(body.get("tokens") or []))})
             elif self.path == "/v1/completions":
                 self._completion(body)
             else:

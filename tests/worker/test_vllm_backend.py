@@ -207,3 +207,8 @@ def test_startup_times_out_on_a_dead_server():
     cfg = VllmBackendConfig(worker_id="w", vllm_url=dead, kv_events_endpoint="tcp://*:5557", startup_timeout_s=0.3)
     with pytest.raises(StartupError, match="not healthy after"):
         VllmBackend(config=cfg).start()
+
+
+def test_startup_refuses_a_router_tokenizer_that_disagrees_with_the_server(fake):
+    with pytest.raises(StartupError, match="tokenizer mismatch"):
+        VllmBackend(config=config(fake, tokenizer="builtin")).start()

@@ -23,6 +23,7 @@ from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 from tests.conftest import FIXTURES
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
 from worker.vllm_backend import VllmBackend, VllmBackendConfig
+from worker.vllm_checks import BlockSizeWatch
 
 TOPIC = "kv@vllm-pod-0@fake/model-1b"
 FIXTURE_NAMES = ["01_stored_one_block", "02_stored_chain_3", "03_stored_multi_block", "05_removed_per_block",
@@ -193,3 +194,21 @@ def test_closed_loop_predicted_equals_reported_cached_tokens():
     assert [pred for pred, _ in results] == [actual for _, actual in results]
     assert sum(actual for _, actual in results) > 0, "the workload must produce hits"
     assert fake.engines[0].pool.stats.evicted_blocks > 0, "the workload must evict"
+
+
+@pytest.mark.parametrize("told, mismatch", [(16, None), (32, (32, 16))])
+def test_block_size_watch_checks_the_first_block_stored(fixture_payloads, told, mismatch):
+    p = free_port_pair()
+    kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", topic=TOPIC, bind=True)
+    with FakeVllm(kv_events=kv) as fake:
+        watch = BlockSizeWatch(endpoint=f"tcp://127.0.0.1:{p}", topic=TOPIC, block_size=told, timeout_s=10)
+        try:
+            deadline = time.monotonic() + 5
+            while not watch.checked.is_set():  # PUB/SUB slow joiner: publish until the watch has seen one
+                assert time.monotonic() < deadline, "the watch never saw a BlockStored"
+                fake.publish_payloads([fixture_payloads[4]])  # 06 AllBlocksCleared: ignored by the watch
+                fake.publish_payloads([fixture_payloads[0]])  # 01: one BlockStored of 16 tokens
+                watch.checked.wait(0.05)
+        finally:
+            watch.close()
+    assert watch.mismatch == mismatch

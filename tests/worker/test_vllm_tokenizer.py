@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.tokenizer import Tokenizer
 from tests.fakes.fake_vllm import FakeVllm, fake_tokenize
 from worker.openai_client import OpenAIClient
 from worker.remote_tokenizer import (
@@ -11,7 +12,7 @@ from worker.remote_tokenizer import (
     RemoteTokenizer,
     TokenizerMismatchError,
     check_tokenizer_matches,
-    load_tokenizer_file,
+    verify_router_tokenizer,
 )
 
 
@@ -60,12 +61,28 @@ def test_check_passes_for_the_same_tokenizer_and_names_the_first_disagreement(fa
     assert PROBE_TEXTS[0] == "Hello, world!"
 
 
-def test_tokenizer_file_errors_are_clear(tmp_path):
+def test_router_tokenizer_must_match_the_server(fake, caplog):
+    client = OpenAIClient(base_url=fake.url)
+    with pytest.raises(TokenizerMismatchError, match="tokenizer mismatch on probe 'Hello, world!'"):
+        verify_router_tokenizer("builtin", client=client, model=fake.model)  # kvr's built-in ≠ the model's
+
+
+def test_router_tokenizer_file_needs_the_package_or_the_file(fake, tmp_path):
+    client = OpenAIClient(base_url=fake.url)
     try:
         import tokenizers  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="needs the 'tokenizers' package"):
-            load_tokenizer_file(tmp_path / "tokenizer.json")
+        with pytest.raises(RuntimeError, match="'tokenizers' package is not installed"):
+            verify_router_tokenizer(str(tmp_path / "tokenizer.json"), client=client, model=fake.model)
     else:
-        with pytest.raises(FileNotFoundError):
-            load_tokenizer_file(tmp_path / "missing.json")
+        with pytest.raises(Exception):
+            verify_router_tokenizer(str(tmp_path / "missing.json"), client=client, model=fake.model)
+
+
+def test_remote_tokenizer_is_a_core_tokenizer(fake):
+    tok = RemoteTokenizer(client=OpenAIClient(base_url=fake.url), model=fake.model, add_special_tokens=False)
+    assert isinstance(tok, Tokenizer)
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+    assert tok.output_vocab() == tuple(fake_tokenize(" " + w, add_special_tokens=False)[0]
+                                       for w in ("the", "of", "and", "to", "in", "is", "it", "was", "for", "on",
+                                                 "are", "as", "at", "by", "be"))
