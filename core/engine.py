@@ -262,6 +262,10 @@ class EmulatedEngine:
         end = now if now is not None else r.arrival_s
         return RequestOutput(request_id, [], True, r.stats(end, FINISH_ABORT))
 
+    def request_ids(self) -> list[str]:
+        """Ids of every request in the engine (waiting or running)."""
+        return list(self._requests)
+
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
@@ -398,6 +402,86 @@ class EmulatedEngine:
         c.prefill_tokens_computed += prefill_tokens
         c.busy_s += duration
         return StepResult(duration, outputs, len(scheduled), prefill_tokens, decode_seqs, preempted)
+
+    def decode_steps(self, now: float, *, until_s: float, max_steps: int | None = None) -> StepResult | None:
+        """Several pure-decode steps in one call, or ``None`` when the next step is not one.
+
+        For a simulator that knows nothing can arrive before ``until_s``. The result equals
+        calling ``step`` back to back from ``now`` for ``k >= 2`` steps, merged: duration the
+        sum, one output per request with all its new tokens, finishes only at the last step.
+        It applies only while every step would be pure decode with nothing else to decide:
+        every running request is decoding and gets its token (running <= token budget),
+        nothing waiting can be admitted (none waiting, or ``max_num_seqs`` running), the
+        free blocks cover every slot of the ``k`` steps (so no preemption), and every step
+        starts before ``until_s``. Tokens are drawn in the single-step order (step-major),
+        and the same free-queue blocks are evicted, so outputs and KV events are the same
+        (events of the ``k`` steps come as one batch, stores after removals).
+        """
+        cfg = self.config
+        running = self._running
+        n = len(running)
+        if n == 0 or n > cfg.max_num_batched_tokens or (self._waiting and n < cfg.max_num_seqs) or now >= until_s:
+            return None
+        k = max_steps if max_steps is not None else 1 << 30
+        kv0 = 0
+        for r in running:
+            seq = r.seq
+            n_tok = len(seq.token_ids)
+            if not r.output_token_ids or seq.num_computed_tokens != n_tok - 1:
+                return None
+            k = min(k, r.max_tokens - len(r.output_token_ids), self.max_model_len - n_tok)
+            kv0 += seq.num_computed_tokens
+        if k < 2:
+            return None
+        # Steps that start before until_s (a request added at t joins the step starting after t).
+        step_s = self.latency.step_s
+        durations: list[float] = []
+        t = now
+        while len(durations) < k and t < until_s:
+            d = step_s(prefill_tokens=0, decode_seqs=n, kv_tokens=kv0 + n * len(durations), attention_token_pairs=0)
+            durations.append(d)
+            t += d
+        k = len(durations)
+        pool = self.pool
+        bs = cfg.block_size
+        free = pool.num_free_blocks
+        while k >= 2 and sum(max(0, -(-(r.seq.num_computed_tokens + k) // bs) - len(r.seq.blocks)) for r in running) > free:
+            k -= 1
+        if k < 2:
+            return None
+        total = sum(durations[:k])
+        end = now + total
+        vocab = self._vocab
+        choice = self.rng.choice
+        drawn = [[choice(vocab) for _ in range(n)] for _ in range(k)]  # step-major, as k single steps
+        outputs: list[RequestOutput] = []
+        finished_any = False
+        for i, r in enumerate(running):
+            seq = r.seq
+            tokens = [drawn[j][i] for j in range(k)]
+            if pool.allocate_slots(seq, k) is None:  # cannot happen: the free blocks were counted
+                raise AssertionError("decode_steps: slots vanished")
+            pool.append_token_ids(seq, tokens)
+            seq.num_computed_tokens += k
+            if pool.enable_caching:
+                pool._cache_blocks(seq, seq.num_computed_tokens)  # what the k-th step's allocation caches
+            r.output_token_ids.extend(tokens)
+            if len(r.output_token_ids) >= r.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                finished_any = True
+                pool.free(seq)
+                del self._requests[r.request_id]
+                outputs.append(RequestOutput(r.request_id, tokens, True, r.stats(end, FINISH_LENGTH)))
+                r.finished = True
+            else:
+                outputs.append(RequestOutput(r.request_id, tokens, False))
+        if finished_any:
+            self._running = [r for r in running if not r.finished]
+            self.counters.finished += sum(1 for o in outputs if o.finished)
+        c = self.counters
+        c.steps += k
+        c.generated_tokens += n * k
+        c.busy_s += total
+        return StepResult(total, outputs, n, 0, n, 0)
 
     def _preempt(self, r: _Request) -> None:
         """Preemption by recompute: free the blocks, restart from token 0, head of the queue."""
