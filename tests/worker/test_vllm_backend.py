@@ -95,8 +95,9 @@ def test_lora_and_cache_salt_reach_the_server_and_isolate_the_cache(fake, backen
 def test_errors_map_to_codes_and_every_request_ends_once(fake, backend):
     fake.fail_next = (400, "This model's maximum context length is 4096 tokens. However, you requested 9000")
     backend.submit(Dispatch("long", PROMPT, max_tokens=1))
+    msgs = wait_terminal(backend)  # one at a time: fail_next hits whichever request arrives first
     backend.submit(Dispatch("lora?", PROMPT, max_tokens=1, lora_name="no-such-adapter"))
-    msgs = wait_terminal(backend, 2)
+    msgs += wait_terminal(backend)
     codes = {m.request_id: m.code for m in msgs if isinstance(m, ErrorReply)}
     assert codes == {"long": ErrorCode.PROMPT_TOO_LONG, "lora?": ErrorCode.UNKNOWN_MODEL}
 
