@@ -85,7 +85,7 @@ class _Progress:
 @click.option("--speedup", type=float, default=1.0, show_default=True, help="Trace timestamps divided by this.")
 @click.option("--concurrency", type=int, default=None, help="Cap on requests in flight (closed loop when no rate).")
 @click.option("--event-delay-ms", type=float, default=0.0, show_default=True, help="KV events reach the router this late.")
-@click.option("--heartbeat-ms", type=float, default=100.0, show_default=True, help="Load heartbeat interval (0: always fresh).")
+@click.option("--heartbeat-ms", type=float, default=1000.0, show_default=True, help="Load heartbeat interval (0: always fresh).")
 @click.option("--network-ms", type=float, default=0.0, show_default=True, help="One-way router<->worker latency.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -22,7 +22,9 @@ its inputs: same seed, same report, byte for byte.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -49,7 +51,7 @@ class ClusterConfig:
     #: One profile name for every worker, or one per worker.
     profile: str | list[str] = "simple"
     event_delay_s: float = 0.0
-    heartbeat_interval_s: float = 0.1
+    heartbeat_interval_s: float = 1.0  # the live worker's default
     network_latency_s: float = 0.0
     #: Engine config overrides for every worker (``num_gpu_blocks``, ``max_model_len`` ...).
     engine_overrides: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +89,10 @@ class RunResult:
     requests: int
     unfinished: int
     rejected: int = 0
+    #: Mean over engines of busy time / (first arrival .. last finish).
+    busy_fraction: float = math.nan
+    #: Engine calls that ran several decode steps at once (the fast path).
+    fast_windows: int = 0
 
 
 class SimCluster:
@@ -141,6 +147,15 @@ class SimCluster:
         self._finished = 0
         self.rejected = 0
         self._want_outputs = type(workload).follow_ups is not Workload.follow_ups
+        # Decode fast path: an engine may run several decode steps at once up to the
+        # earliest time a request could reach it ("wake" times). Open loop: the next
+        # root or follow-up send, and adds already on their way to it. Closed loop or
+        # follow-ups: also any step that finishes a request (it frees a slot or sends
+        # the next turn). Stale entries (time < now) are pruned lazily.
+        self._reactive = arrivals.max_concurrency is not None or self._want_outputs
+        self._wake: list[float] = []
+        self._adds: list[list[float]] = [[] for _ in range(config.num_workers)]
+        self.fast_windows = 0
 
     # ---------------------------------------------------------------- driving
 
@@ -151,6 +166,7 @@ class SimCluster:
         self._num_roots = len(times)
         if times:
             self.q.schedule(times[0], "root", 0)
+            heapq.heappush(self._wake, times[0])
         # Heartbeats also feed the KV-usage timeline; with interval 0 (fresh load at
         # every decision) the timeline is still sampled once a second.
         self._hb_interval = self.config.heartbeat_interval_s if self.config.heartbeat_interval_s > 0 else 1.0
@@ -169,7 +185,10 @@ class SimCluster:
             ev = q.pop()
             handlers[ev.kind](ev.payload)
         bound = infinite_cache_upper_bound(self._bound_stream, block_size=self.block_size)
-        return RunResult(self.policy_name, self.fold, bound, self._dispatched, len(self._inflight) + len(self._waiting), self.rejected)
+        span = self.fold.duration_s
+        busy = sum(e.counters.busy_s for e in self.engines) / len(self.engines) / span if span > 0 else math.nan
+        return RunResult(self.policy_name, self.fold, bound, self._dispatched, len(self._inflight) + len(self._waiting),
+                         self.rejected, busy, self.fast_windows)
 
     def _busy(self) -> bool:
         return bool(self._inflight or self._waiting) or self._roots_done < self._num_roots
@@ -184,7 +203,9 @@ class SimCluster:
         if self.progress is not None:
             self.progress(self._roots_done, self._num_roots)
         if i + 1 < self._num_roots:
-            self.q.schedule(max(now, self._root_times[i + 1]), "root", i + 1)
+            t = max(now, self._root_times[i + 1])
+            self.q.schedule(t, "root", i + 1)
+            heapq.heappush(self._wake, t)
 
     def _submit(self, req: SimRequest, now: float) -> None:
         cap = self.arrivals.max_concurrency
@@ -209,7 +230,9 @@ class SimCluster:
         predicted = res.in_flight.predicted_cached_tokens
         self._inflight[req.request_id] = _InFlight(req, w, now, hashes, predicted, output=[] if self._want_outputs else None)
         self._dispatched += 1
-        self.q.schedule(now + self.config.network_latency_s, "engine_add", req.request_id)
+        t_add = now + self.config.network_latency_s
+        self.q.schedule(t_add, "engine_add", req.request_id)
+        heapq.heappush(self._adds[w], t_add)
 
     def _on_client_done(self, payload: tuple[str, Any, list[int] | None]) -> None:
         """The client got the last token: record, free a concurrency slot, send follow-ups."""
@@ -236,6 +259,7 @@ class SimCluster:
         if self._want_outputs:
             for nxt in self.workload.follow_ups(fl.req, fl.output):
                 self.q.schedule(now + nxt.delay_s, "send", nxt)
+                heapq.heappush(self._wake, now + nxt.delay_s)
         self._release_waiting(now)
 
     def _release_waiting(self, now: float) -> None:
@@ -263,9 +287,24 @@ class SimCluster:
         if not self._stepping[fl.worker]:
             self._step(fl.worker)
 
+    def _horizon(self, w: int, now: float) -> float:
+        """Earliest time a request could be added to engine ``w`` (see ``__init__``)."""
+        out = math.inf
+        for h in (self._wake, self._adds[w]):
+            while h and h[0] < now:
+                heapq.heappop(h)
+            if h and h[0] < out:
+                out = h[0]
+        return out
+
     def _step(self, w: int) -> None:
         now = self.q.now
-        res = self.engines[w].step(now)
+        eng = self.engines[w]
+        res = eng.decode_steps(now, until_s=self._horizon(w, now))
+        if res is None:
+            res = eng.step(now)
+        else:
+            self.fast_windows += 1
         if not res.outputs and res.duration_s <= 0:
             # Nothing could be scheduled (cannot happen while anything runs); the next
             # arrival restarts stepping instead of spinning at one instant.
@@ -273,6 +312,8 @@ class SimCluster:
             return
         self._stepping[w] = True
         self.q.schedule(now + res.duration_s, "step_done", (w, res))
+        if self._reactive and any(o.finished for o in res.outputs):
+            heapq.heappush(self._wake, now + res.duration_s)
 
     def _on_step_done(self, payload) -> None:
         w, res = payload

@@ -39,6 +39,7 @@ ROW_KEYS = (
     "output_tokens_per_s",
     "load_cv",
     "kv_usage_mean",
+    "busy_fraction",
     "evictions",
     "preemptions",
     "requests",
@@ -56,6 +57,7 @@ def policy_row(result: RunResult) -> dict[str, Any]:
     row["hit_rate_vs_bound"] = s["token_hit_rate"] / result.upper_bound if result.upper_bound else math.nan
     row["unfinished"] = result.unfinished
     row["rejected"] = result.rejected
+    row["busy_fraction"] = result.busy_fraction
     return {k: row[k] for k in ROW_KEYS}
 
 
@@ -112,6 +114,7 @@ _TABLE_COLUMNS = (
     ("tpot_p50_s", "TPOT p50 ms", "ms"),
     ("throughput_rps", "req/s", "{:.2f}"),
     ("load_cv", "load CV", "{:.2f}"),
+    ("busy_fraction", "busy", "{:.2f}"),
     ("evictions", "evictions", "{:d}"),
     ("preemptions", "preempt", "{:d}"),
 )
