@@ -54,6 +54,9 @@ class LivenessTracker:
     def peers(self) -> list[Hashable]:
         return list(self._last_seen)
 
+    def last_seen(self, peer: Hashable) -> float | None:
+        return self._last_seen.get(peer)
+
     def is_alive(self, peer: Hashable, now: float) -> bool:
         last = self._last_seen.get(peer)
         return last is not None and now - last < self.config.timeout_s

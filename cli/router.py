@@ -1,0 +1,86 @@
+"""``kvr router``: the routing service (clients and workers over ZMQ, index mirrored in Redis)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import click
+
+from cli.options import namespace_option, redis_url_option
+from core.policies import DEFAULT_POLICY, POLICY_NAMES
+
+logger = logging.getLogger(__name__)
+
+
+@click.command("router")
+@click.option("--bind-clients", default="tcp://*:5555", show_default=True, envvar="KVR_BIND_CLIENTS",
+              help="ROUTER endpoint for clients (kvr send, the HTTP front).")
+@click.option("--bind-workers", default="tcp://*:5556", show_default=True, envvar="KVR_BIND_WORKERS",
+              help="ROUTER endpoint workers register with.")
+@click.option("--bind-metrics", default="tcp://*:5557", show_default=True, envvar="KVR_BIND_METRICS",
+              help="PUB endpoint of the metrics stream ('' disables).")
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY, show_default=True,
+              envvar="KVR_POLICY", help="Routing policy.")
+@click.option("--block-size", type=int, default=16, show_default=True, envvar="KVR_BLOCK_SIZE",
+              help="Tokens per KV block; workers with another block size are refused.")
+@click.option("--heartbeat-interval", "heartbeat_interval_s", type=float, default=1.0, show_default=True,
+              help="Seconds between heartbeats.")
+@click.option("--heartbeat-liveness", type=int, default=3, show_default=True,
+              help="Missed heartbeats before a worker is dead.")
+@click.option("--request-timeout", "request_timeout_s", type=float, default=300.0, show_default=True,
+              help="Seconds before an unfinished request ends with a timeout error.")
+@click.option("--max-pending", type=int, default=4096, show_default=True,
+              help="Requests in flight before new ones are refused as overloaded.")
+@click.option("--max-retries", type=int, default=2, show_default=True,
+              help="Re-routes of a request whose worker died before its first token.")
+@click.option("--tentative-window", "tentative_window_s", type=float, default=5.0, show_default=True,
+              help="Seconds a routed request's blocks count as present on its worker (0 disables).")
+@click.option("--router-id", default="router", show_default=True, envvar="KVR_ROUTER_ID",
+              help="Name of this router (prefix of the request ids workers see).")
+@click.option("--no-redis", is_flag=True, help="Run without the Redis mirror (no warm start, no sharing).")
+@redis_url_option
+@namespace_option
+def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: str, block_size: int,
+               heartbeat_interval_s: float, heartbeat_liveness: int, request_timeout_s: float, max_pending: int,
+               max_retries: int, tentative_window_s: float, router_id: str, no_redis: bool, redis_url: str,
+               namespace: str) -> None:
+    """Route requests to the worker whose KV cache already holds their prefix."""
+    from core.liveness import HeartbeatConfig
+    from router.service import RouterConfig, RouterService
+
+    config = RouterConfig(
+        bind_clients=bind_clients, bind_workers=bind_workers, bind_metrics=bind_metrics or None, policy=policy,
+        block_size=block_size, heartbeat=HeartbeatConfig(heartbeat_interval_s, heartbeat_liveness),
+        request_timeout_s=request_timeout_s, max_pending=max_pending, max_retries=max_retries,
+        tentative_window_s=tentative_window_s, router_id=router_id)
+    embedded = None
+    mirror = None
+    if not no_redis:
+        from router.mirror import RedisMirror, make_redis_client
+
+        if not redis_url:
+            from bus.redis_server import EmbeddedRedis
+
+            embedded = EmbeddedRedis().start()
+            redis_url = embedded.url
+        mirror = RedisMirror(client=make_redis_client(redis_url), namespace=namespace)
+    try:
+        service = RouterService(config, mirror=mirror)
+    except Exception as exc:
+        if embedded is not None:
+            embedded.stop()
+        raise click.ClickException(f"router did not start: {exc}") from None
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    logger.info("router %s: clients %s, workers %s, metrics %s, policy %s", router_id, service.clients_endpoint,
+                service.workers_endpoint, service.metrics_endpoint, policy)
+    try:
+        service.run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        logger.info("router stopped: %s", dict(service.counters))
+
+
+COMMANDS = [router_cmd]

@@ -1,0 +1,289 @@
+"""KV-event ingestion: one ``EventSubscriber`` per target, applied to the index and the mirror.
+
+For each (worker, dp_rank) named by a worker's ``Hello`` this module owns one subscriber on
+the worker's KV-event endpoint (vLLM's DP port offset per rank) and turns its stream items into
+index changes:
+
+* ``AppliedBatch``: every event is applied to the prefix index; the batch's *net* change
+  (a block stored then removed in the same batch is in neither list) goes to Redis in one
+  pipeline together with the batch's seq and the worker's epoch;
+* ``StreamReset`` (the publisher restarted): the target is cleared (a restarted engine starts
+  with an empty cache) and stays ``fresh``;
+* ``GapLost`` (batches gone for good): the target is cleared, so it can never produce a false
+  hit, and marked ``resyncing`` for ``resync_s`` while it re-learns;
+* ``BadBatch``: counted and logged.
+
+While a replay is in flight the target is ``resyncing``. Redis being away never stops
+ingestion: the mirror is marked dirty and rewritten from the index when it answers again.
+One thread owns this object (ZMQ sockets are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+from bus.schema import Hello
+from bus.sockets import connectable, offset_endpoint_for_dp_rank, vllm_binds
+from bus.subscriber import AppliedBatch, BadBatch, EventSubscriber, GapLost, StreamReset
+from core.prefix_index import Confidence, IndexDelta, PrefixIndex, WorkerKey
+from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RESYNC_S = 10.0
+
+
+@dataclass
+class TargetStream:
+    """Ingestion state and counters of one target (shown by ``WorkerSample``)."""
+
+    target: WorkerKey
+    epoch: int
+    subscriber: EventSubscriber
+    events_applied: int = 0
+    batches: int = 0
+    last_seq: int = -1
+    last_batch_ts: float = 0.0
+    event_lag_s: float = 0.0
+    gaps: int = 0
+    resets: int = 0
+    bad_batches: int = 0
+    resync_until_s: float = 0.0
+    stored_blocks: int = 0
+    removed_blocks: int = 0
+    mirror_dirty: bool = False
+
+
+def fold_delta(net_stored: dict[int, int], net_removed: set[int], delta: IndexDelta) -> bool:
+    """Fold one event's delta into a batch's net change; returns whether the target was cleared."""
+    cleared = bool(delta.cleared)
+    if cleared:
+        net_stored.clear()
+        net_removed.clear()
+    for _, ext, _own in delta.removed:
+        net_stored.pop(ext, None)
+        net_removed.add(ext)
+    for _, ext, own in delta.stored:
+        net_removed.discard(ext)
+        net_stored[ext] = own
+    return cleared
+
+
+class EventIngest:
+    """Subscribers for every registered target, feeding one ``PrefixIndex`` (and Redis)."""
+
+    def __init__(
+        self,
+        *,
+        index: PrefixIndex,
+        poller: zmq.Poller,
+        ctx: zmq.Context,
+        mirror: RedisMirror | None = None,
+        resync_s: float = DEFAULT_RESYNC_S,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        replay_timeout_ms: int = 1000,
+    ) -> None:
+        self.index = index
+        self.mirror = mirror
+        self.resync_s = resync_s
+        self._poller = poller
+        self._ctx = ctx
+        self._clock = clock
+        self._wall = wall
+        self._replay_timeout_ms = replay_timeout_ms
+        self.streams: dict[WorkerKey, TargetStream] = {}
+        self._by_socket: dict[zmq.Socket, TargetStream] = {}
+        self.mirror_failures = 0
+
+    # ------------------------------------------------------------------ warm start
+
+    def warm_start(self) -> dict[WorkerKey, TargetSnapshot]:
+        """Load Redis's index mirror into the index (targets ``resyncing`` until their worker says Hello)."""
+        if self.mirror is None:
+            return {}
+        try:
+            snaps = self.mirror.load_snapshot()
+        except MirrorUnavailable as exc:
+            logger.warning("warm start skipped, Redis unavailable: %s", exc)
+            return {}
+        from core.prefix_index import SnapshotBlocks
+
+        out = {}
+        for (wid, rank), snap in snaps.items():
+            target = WorkerKey(wid, rank)
+            pairs = sorted(snap.blocks.items())
+            self.index.apply(target, SnapshotBlocks([e for e, _ in pairs], [o for _, o in pairs]), now=self._clock())
+            self.index.set_confidence(target, Confidence.RESYNCING)
+            out[target] = snap
+        logger.info("warm start: %d targets, %d blocks from Redis", len(out), self.index.total_blocks())
+        return out
+
+    # ------------------------------------------------------------------ workers
+
+    def add_worker(self, hello: Hello, *, resume: dict[int, TargetSnapshot] | None = None) -> list[WorkerKey]:
+        """Subscribe to every DP rank of a worker. ``resume[rank]`` continues from a stored seq.
+
+        A stored position of another epoch (the worker restarted) is discarded with the index
+        entries it described.
+        """
+        self.remove_worker(hello.worker_id)
+        targets = []
+        for rank in range(max(1, hello.dp_size)):
+            target = WorkerKey(hello.worker_id, rank)
+            snap = (resume or {}).get(rank)
+            expected = None
+            if snap is not None and snap.epoch == hello.epoch and snap.seq >= 0:
+                expected = snap.seq + 1
+            else:
+                self.index.clear_target(target)
+                self._mirror(lambda: self.mirror.clear_target(hello.worker_id, rank, epoch=hello.epoch))
+            self.index.set_confidence(target, Confidence.FRESH if expected is None else Confidence.RESYNCING)
+            endpoint = offset_endpoint_for_dp_rank(hello.events_endpoint, rank)
+            bind = not vllm_binds(endpoint)  # vLLM's PUB binds on wildcards; else it dials us
+            replay = hello.replay_endpoint
+            if replay is not None:
+                replay = connectable(offset_endpoint_for_dp_rank(replay, rank))
+            sub = EventSubscriber(
+                endpoint=endpoint if bind else connectable(endpoint), replay_endpoint=replay, topic=hello.topic,
+                bind=bind, ctx=self._ctx, expected_seq=expected, replay_timeout_ms=self._replay_timeout_ms,
+                clock=self._clock, name=str(target))
+            sub.attach(self._poller)
+            stream = TargetStream(target, hello.epoch, sub, last_seq=-1 if expected is None else expected - 1)
+            self.streams[target] = stream
+            targets.append(target)
+        self._reindex()
+        return targets
+
+    def remove_worker(self, worker_id: str) -> list[WorkerKey]:
+        gone = [t for t in self.streams if t.worker_id == worker_id]
+        for target in gone:
+            stream = self.streams.pop(target)
+            stream.subscriber.close()
+        if gone:
+            self._reindex()
+        return gone
+
+    def _reindex(self) -> None:
+        self._by_socket = {s: st for st in self.streams.values() for s in st.subscriber.sockets()}
+
+    # ------------------------------------------------------------------ loop hooks
+
+    def handle(self, sock: zmq.Socket) -> bool:
+        """Consume a readable socket if it is one of ours."""
+        stream = self._by_socket.get(sock)
+        if stream is None:
+            self._reindex()  # a replay DEALER may have been replaced
+            stream = self._by_socket.get(sock)
+            if stream is None:
+                return False
+        for item in stream.subscriber.handle_readable(sock):
+            self._on_item(stream, item)
+        return True
+
+    def tick(self) -> None:
+        """Replay timeouts, confidence upkeep, and a dirty mirror's resync."""
+        now = self._clock()
+        replaced = False
+        for stream in list(self.streams.values()):
+            before = stream.subscriber.sockets()
+            for item in stream.subscriber.check_timeouts():
+                self._on_item(stream, item)
+            replaced |= before != stream.subscriber.sockets()
+            self._update_confidence(stream, now)
+            if stream.mirror_dirty:
+                self._resync_mirror(stream)
+        if replaced:
+            self._reindex()
+
+    def next_deadline_s(self) -> float | None:
+        deadlines = [d for st in self.streams.values() if (d := st.subscriber.next_deadline_s()) is not None]
+        return min(deadlines) if deadlines else None
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.subscriber.close()
+        self.streams.clear()
+        self._by_socket.clear()
+
+    # ------------------------------------------------------------------ items
+
+    def _on_item(self, stream: TargetStream, item) -> None:
+        target = stream.target
+        now = self._clock()
+        if isinstance(item, AppliedBatch):
+            net_stored: dict[int, int] = {}
+            net_removed: set[int] = set()
+            cleared = False
+            for event in item.batch.events:
+                delta = IndexDelta()
+                self.index.apply(target, event, now=now, delta=delta)
+                cleared |= fold_delta(net_stored, net_removed, delta)
+                stream.stored_blocks += len(delta.stored)
+                stream.removed_blocks += len(delta.removed)
+            stream.batches += 1
+            stream.events_applied += len(item.batch.events)
+            stream.last_seq = item.seq
+            stream.last_batch_ts = item.batch.ts
+            stream.event_lag_s = max(0.0, self._wall() - item.batch.ts)
+            if not stream.mirror_dirty:
+                self._mirror(lambda: self.mirror.write_batch(
+                    target.worker_id, target.dp_rank, seq=item.seq, epoch=stream.epoch, stored=net_stored,
+                    removed=net_removed, cleared=cleared, num_events=len(item.batch.events), now_s=self._wall()),
+                    stream)
+        elif isinstance(item, StreamReset):
+            stream.resets += 1
+            stream.last_seq = -1
+            logger.warning("%s: event stream restarted (seq %s after %s): index cleared", target, item.new_seq,
+                           item.old_seq)
+            self.index.clear_target(target)
+            self._mirror(lambda: self.mirror.clear_target(target.worker_id, target.dp_rank, epoch=stream.epoch), stream)
+        elif isinstance(item, GapLost):
+            stream.gaps += 1
+            logger.warning("%s: event batches %d..%d lost for good: index cleared, resyncing", target,
+                           item.from_seq, item.to_seq)
+            self.index.clear_target(target)
+            stream.resync_until_s = now + self.resync_s
+            self._mirror(lambda: self.mirror.clear_target(target.worker_id, target.dp_rank, epoch=stream.epoch,
+                                                          seq=stream.last_seq), stream)
+        elif isinstance(item, BadBatch):
+            stream.bad_batches += 1
+            logger.warning("%s: undecodable event batch seq %d: %s", target, item.seq, item.reason)
+        self._update_confidence(stream, now)
+
+    def _update_confidence(self, stream: TargetStream, now: float) -> None:
+        resyncing = stream.subscriber.replay_in_flight or now < stream.resync_until_s
+        current = self.index.confidence(stream.target)
+        if current is Confidence.STALE:
+            return  # the service owns staleness (heartbeats); it restores fresh itself
+        self.index.set_confidence(stream.target, Confidence.RESYNCING if resyncing else Confidence.FRESH)
+
+    # ------------------------------------------------------------------ mirror
+
+    def _mirror(self, write: Callable[[], None], stream: TargetStream | None = None) -> None:
+        if self.mirror is None:
+            return
+        try:
+            write()
+        except MirrorUnavailable as exc:
+            self.mirror_failures += 1
+            if stream is not None:
+                if not stream.mirror_dirty:
+                    logger.warning("%s: Redis write failed (%s); will rewrite the target when it is back",
+                                   stream.target, exc)
+                stream.mirror_dirty = True
+
+    def _resync_mirror(self, stream: TargetStream) -> None:
+        t = stream.target
+        snap = TargetSnapshot(t.worker_id, t.dp_rank, stream.last_seq, stream.epoch, dict(self.index.snapshot(t)))
+        try:
+            self.mirror.replace_target(snap)
+        except MirrorUnavailable:
+            return
+        stream.mirror_dirty = False
+        logger.info("%s: Redis mirror rewritten (%d blocks)", t, len(snap.blocks))

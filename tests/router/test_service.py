@@ -1,0 +1,224 @@
+"""The router service over real ZMQ sockets on loopback, with scripted workers.
+
+Each fake worker is a DEALER speaking the worker channel plus a vLLM-compatible publisher
+(``bus.publisher``) for its KV events; the router runs in its own thread (it owns its sockets).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from bus.client import RouterClient
+from bus.codec import encode, router_decoder
+from bus.publisher import PublisherThread
+from bus.schema import (
+    Completion, Dispatch, ErrorCode, GenerateRequest, Goodbye, Heartbeat, Hello, Refused, TokenChunk, Welcome,
+    WorkerLoad,
+)  # fmt: skip
+from bus.sockets import free_tcp_endpoint
+from core.events import BlockStored
+from core.liveness import HeartbeatConfig
+from core.prefix_index import WorkerKey
+from router.service import RouterConfig, RouterService
+
+pytestmark = pytest.mark.timeout(60)
+BS = 16
+BEAT_S = 0.1
+
+
+class FakeWorker:
+    """A worker link and an event publisher; ``mode`` scripts what it does with a Dispatch."""
+
+    def __init__(self, ctx: zmq.Context, router_ep: str, wid: str, *, epoch: int = 1, block_size: int = BS,
+                 mode: str = "complete") -> None:
+        self.wid, self.epoch, self.block_size, self.mode = wid, epoch, block_size, mode
+        self.pub = PublisherThread(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True,
+                                   topic=f"kv@{wid}@m")
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(router_ep)
+        self.decoder = router_decoder()
+        self.received: list = []
+        self.alive = True
+        self.next_beat = 0.0
+
+    def hello(self) -> None:
+        port = self.pub.endpoint.rsplit(":", 1)[1]
+        rport = self.pub.replay_endpoint.rsplit(":", 1)[1]
+        self.sock.send(encode(Hello(self.wid, self.epoch, "m", self.block_size, 1000, f"tcp://*:{port}",
+                                    f"tcp://*:{rport}", topic=f"kv@{self.wid}@m")))
+
+    def store(self, tokens: list[int]) -> None:
+        n = len(tokens) // BS
+        ext = [hash((self.wid, tuple(tokens[: (i + 1) * BS]))) & 0xFFFFFFFFFFFFFFFF for i in range(n)]
+        self.pub.publish([BlockStored(ext, None, tokens[: n * BS], BS, None, "GPU", None)], time.time())
+
+    def pump(self) -> None:
+        if not self.alive:
+            return
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self.sock.send(encode(Heartbeat(self.wid, self.epoch, WorkerLoad(running=1))))
+            self.next_beat = now + BEAT_S
+        while self.sock.poll(0):
+            msg = self.decoder.decode(self.sock.recv())
+            self.received.append(msg)
+            if isinstance(msg, Dispatch):
+                self.on_dispatch(msg)
+
+    def on_dispatch(self, d: Dispatch) -> None:
+        if self.mode in ("complete", "token_then_hang"):
+            self.sock.send(encode(TokenChunk(d.request_id, [7, 8])))
+        if self.mode == "complete":
+            self.sock.send(encode(Completion(d.request_id, self.wid, len(d.token_ids), 32, 2)))
+
+    def dispatches(self) -> list[Dispatch]:
+        return [m for m in self.received if isinstance(m, Dispatch)]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.pub.close()
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.term()
+
+
+@pytest.fixture
+def router(ctx):
+    cfg = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
+                       heartbeat=HeartbeatConfig(interval_s=BEAT_S, liveness=3), router_id="r1",
+                       request_timeout_s=5.0, max_pending=8)
+    box: dict = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        box["svc"] = RouterService(cfg)
+        ready.set()
+        box["svc"].run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    yield box["svc"]
+    box["svc"].stop()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def wait_for(pred, workers, client=None, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for w in workers:
+            w.pump()
+        if client is not None:
+            client.poll(5)
+        else:
+            time.sleep(0.005)
+        if pred():
+            return
+    raise AssertionError("condition not reached in time")
+
+
+def test_registers_ingests_events_and_routes_to_the_cached_worker(ctx, router):
+    w1 = FakeWorker(ctx, router.workers_endpoint, "w1")
+    w2 = FakeWorker(ctx, router.workers_endpoint, "w2")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        for w in (w1, w2):
+            w.hello()
+        wait_for(lambda: all(any(isinstance(m, Welcome) for m in w.received) for w in (w1, w2)), [w1, w2])
+        prompt = list(range(1000, 1000 + 8 * BS + 5))
+        w2.store(prompt)
+        wait_for(lambda: router.index.num_blocks(WorkerKey("w2", 0)) == 8, [w1, w2])
+        res = client.send(GenerateRequest("req-1", token_ids=prompt, max_tokens=2))
+        wait_for(lambda: res.done, [w1, w2], client)
+        assert res.routed.worker_id == "w2" and res.routed.overlap_blocks == 8
+        assert res.routed.predicted_cached_tokens == 128 and res.routed.policy == "kvr"
+        assert res.token_ids == [7, 8]
+        c = res.completion
+        assert (c.request_id, c.worker_id, c.cached_tokens, c.predicted_cached_tokens, c.retries) == (
+            "req-1", "w2", 32, 128, 0)
+        [d] = w2.dispatches()
+        assert d.token_ids == prompt and d.request_id != "req-1"  # workers see router-unique ids
+        assert w1.dispatches() == [] and router.counters["completed"] == 1
+    finally:
+        client.close()
+        w1.close()
+        w2.close()
+
+
+def test_refuses_a_block_size_mismatch(ctx, router):
+    w = FakeWorker(ctx, router.workers_endpoint, "w9", block_size=32)
+    try:
+        w.hello()
+        wait_for(lambda: any(isinstance(m, Refused) for m in w.received), [w])
+        assert "block_size 32" in w.received[-1].reason and "w9" not in router.workers
+    finally:
+        w.close()
+
+
+def test_no_workers_bad_frames_and_overload_each_get_one_clear_reply(ctx, router):
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(router.clients_endpoint)
+    try:
+        raw.send(b"\xc1garbage")
+        res = client.send(GenerateRequest("a", token_ids=[1, 2, 3]))
+        wait_for(lambda: res.done, [], client)
+        assert res.error.code is ErrorCode.NO_WORKERS and router.counters["bad_messages"] == 1
+        bad = client.send(GenerateRequest("b", max_tokens=2))  # neither prompt nor token_ids
+        wait_for(lambda: bad.done, [], client)
+        assert bad.error.code is ErrorCode.BAD_REQUEST
+    finally:
+        raw.close(linger=0)
+        client.close()
+
+
+def test_worker_death_before_first_token_retries_elsewhere(ctx, router):
+    dead = FakeWorker(ctx, router.workers_endpoint, "a", mode="hang")
+    good = FakeWorker(ctx, router.workers_endpoint, "b")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        for w in (dead, good):
+            w.hello()
+        wait_for(lambda: len(router.workers) == 2, [dead, good])
+        prompt = list(range(3 * BS))
+        dead.store(prompt)  # the index pulls the request to the worker that will die
+        wait_for(lambda: router.index.num_blocks(WorkerKey("a", 0)) == 3, [dead, good])
+        res = client.send(GenerateRequest("x", token_ids=prompt))
+        wait_for(lambda: len(dead.dispatches()) == 1, [dead, good], client)
+        dead.alive = False  # stops heartbeating and answering
+        wait_for(lambda: res.done, [dead, good], client)
+        assert res.completion is not None and res.completion.worker_id == "b" and res.completion.retries == 1
+        assert "a" not in router.workers and router.index.num_blocks(WorkerKey("a", 0)) == 0
+        assert router.counters["retries"] == 1
+    finally:
+        client.close()
+        dead.close()
+        good.close()
+
+
+def test_worker_death_after_tokens_ends_with_worker_died(ctx, router):
+    w = FakeWorker(ctx, router.workers_endpoint, "a", mode="token_then_hang")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        w.hello()
+        wait_for(lambda: len(router.workers) == 1, [w])
+        res = client.send(GenerateRequest("x", token_ids=list(range(40))))
+        wait_for(lambda: res.token_ids == [7, 8], [w], client)
+        w.sock.send(encode(Goodbye("a", 1)))
+        wait_for(lambda: res.done, [w], client)
+        assert res.error.code is ErrorCode.WORKER_DIED and "after tokens were streamed" in res.error.message
+        assert res.completion is None
+    finally:
+        client.close()
+        w.close()
