@@ -58,7 +58,7 @@ import xxhash
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from bus.sockets import DEFAULT_HWM, make_dealer, make_sub
+from bus.sockets import DEFAULT_HWM, attach, make_dealer, make_socket
 from bus.vllm_codec import DecodeError, VllmEventDecoder
 from core.events import BlockRemoved, BlockStored, KVEventBatch
 
@@ -156,8 +156,11 @@ class EventSubscriber:
         self._window = digest_window
         self._clock = clock
         self._pollers: list[zmq.Poller] = []
-        self._sub, self.endpoint = make_sub(self._ctx, endpoint, topic=self._topic, bind=bind, hwm=hwm)
+        self._sub = make_socket(self._ctx, zmq.SUB, hwm=hwm)
+        self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        # The monitor must exist before the first connection, or its event is lost.
         self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED)
+        self.endpoint = attach(self._sub, endpoint, bind=bind)
         self._connections = 0
         self._dealer: zmq.Socket | None = None
         self._replay: _Replay | None = None
@@ -177,6 +180,11 @@ class EventSubscriber:
     def expected_seq(self) -> int:
         """The seq the next applied batch will carry."""
         return self._expected
+
+    @property
+    def connections(self) -> int:
+        """Connections of the SUB seen so far (the first one included)."""
+        return self._connections
 
     @property
     def replay_in_flight(self) -> bool:
@@ -201,6 +209,9 @@ class EventSubscriber:
         """Drain one readable socket of this subscriber; returns the items now ready."""
         if sock is self._sub:
             while True:
+                # A reconnection must be known before the first message it carries.
+                if self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._drain_monitor()
                 try:
                     frames = self._sub.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -284,23 +295,26 @@ class EventSubscriber:
             if known is not None and (known == _LOST or known == _digest(payload)):
                 self.counters.duplicates += 1
                 return
-            if replayed:  # an answer from before a reset or resume: not ours to judge
-                self.counters.duplicates += 1
+            if replayed:
+                if known is None:  # older than what we remember: not ours to judge
+                    self.counters.duplicates += 1
+                else:  # the publisher now holds other bytes under a seq we applied
+                    self._restart_stream(None)
                 return
             self._reset(seq)
         if seq in self._pending:
             self.counters.duplicates += 1
             return
-        if seq == self._expected:
+        if seq == self._expected and (replayed or not self._awaiting_anchor()):
             if replayed:
                 self.counters.replayed_batches += 1
                 self._replay.progressed = True
             self._apply(seq, topic, payload, replayed)
             self._drain_pending()
             return
-        # seq > expected: hold it until the hole is filled.
+        # seq > expected (or held until the anchor is checked): buffer until its turn.
         self._pending[seq] = (topic, payload)
-        if self._replay is None:
+        if self._replay is None and seq > self._expected:
             self.counters.gaps += 1
             if self._replay_endpoint is None:
                 self._give_up_gap()
@@ -329,21 +343,33 @@ class EventSubscriber:
             len(e.block_hashes) for e in batch.events if isinstance(e, (BlockStored, BlockRemoved)))
         self._out.append(AppliedBatch(seq, batch, replayed, topic))
 
+    def _awaiting_anchor(self) -> bool:
+        """A replay is checking the anchor: live batches wait, they may be a new stream's."""
+        return self._replay is not None and self._replay.anchor and not self._replay.seen_first
+
     def _drain_pending(self) -> None:
         while self._expected in self._pending:
             topic, payload = self._pending.pop(self._expected)
             self._apply(self._expected, topic, payload, False)
 
     def _give_up_gap(self) -> None:
-        """What is buffered cannot be completed by replay: report the hole, go on."""
-        if not self._pending:
-            return
-        first = min(self._pending)
-        self._lose(self._expected, first - 1, "not recoverable by replay")
-        self._expected = first
+        """What is buffered cannot be completed by replay: report the holes, apply the rest."""
         self._drain_pending()
-        if self._pending:  # another hole further on
-            self._give_up_gap()
+        while self._pending:
+            self._skip_to(min(self._pending), "not recoverable by replay")
+
+    def _skip_to(self, target: int, why: str) -> None:
+        """Advance to ``target``: buffered batches are applied, each missing run is reported lost."""
+        while self._expected < target:
+            if self._expected in self._pending:
+                self._drain_pending()
+                continue
+            # Seqs come off the wire: a jump can be 2**64 wide, so never walk the hole.
+            hole_end = min((s for s in self._pending if s > self._expected), default=target) - 1
+            hole_end = min(hole_end, target - 1)
+            self._lose(self._expected, hole_end, why)
+            self._expected = hole_end + 1
+        self._drain_pending()
 
     def _lose(self, from_seq: int, to_seq: int, why: str) -> None:
         self.counters.unrecoverable_gaps += 1
@@ -393,11 +419,12 @@ class EventSubscriber:
             self._connections += 1
             if self._connections > 1:
                 self.counters.reconnects += 1
-                # Whoever is on the other end now may be a new publisher instance whose seq
-                # has not gone backwards yet: prove continuity against the anchor.
-                if self._replay is None and self._replay_endpoint is not None and self._expected > 0:
-                    logger.info("%s: reconnected: checking the stream against seq %d", self.name, self._expected - 1)
-                    self._request_replay_from_anchor()
+            # Whoever is on the other end now may be a new publisher instance whose seq has
+            # not gone backwards yet (even on a first connection: batches may have been applied
+            # from a replay of an instance that is gone): prove continuity against the anchor.
+            if self._replay is None and self._replay_endpoint is not None and self._expected > 0:
+                logger.info("%s: connected: checking the stream against seq %d", self.name, self._expected - 1)
+                self._request_replay_from_anchor()
 
     # -- replay --------------------------------------------------------------------------------
 
@@ -452,10 +479,10 @@ class EventSubscriber:
                     self._restart_stream(None)
                 else:
                     replay.progressed = True
+                    self._drain_pending()  # live batches held for the check
                 return  # the anchor itself was applied already
             if seq > replay.start and seq > self._expected:
-                self._lose(self._expected, seq - 1, "rotated out of the publisher's replay ring")
-                self._expected = seq
+                self._skip_to(seq, "rotated out of the publisher's replay ring")
                 replay.progressed = True
         self._on_batch(seq, topic, payload, replayed=True)
 

@@ -11,7 +11,6 @@ import zmq
 from bus.publisher import END_SEQ, EventPublisher, FaultPlan, PublisherThread
 from bus.sockets import (
     connectable,
-    free_tcp_endpoint,
     make_socket,
     offset_endpoint_for_dp_rank,
     vllm_binds,
@@ -33,7 +32,7 @@ def ctx():
 
 
 def _publisher(ctx, **kwargs) -> EventPublisher:
-    kwargs.setdefault("endpoint", free_tcp_endpoint())
+    kwargs.setdefault("endpoint", "tcp://127.0.0.1:0")
     kwargs.setdefault("bind", True)
     return EventPublisher(ctx=ctx, **kwargs)
 
@@ -155,7 +154,7 @@ def _publish_capture(pub: EventPublisher) -> None:
 
 
 def test_replay_from_1_is_byte_identical_to_vllms_capture(ctx) -> None:
-    pub = _publisher(ctx, topic=TOPIC, replay_endpoint=free_tcp_endpoint())
+    pub = _publisher(ctx, topic=TOPIC, replay_endpoint="tcp://127.0.0.1:0")
     try:
         _publish_capture(pub)
         replies = _replay(pub, _dealer(ctx, pub), [b"", (1).to_bytes(8, "big")])
@@ -168,7 +167,7 @@ def test_replay_from_1_is_byte_identical_to_vllms_capture(ctx) -> None:
 
 
 def test_replay_beyond_the_buffer_gets_only_the_end_marker(ctx) -> None:
-    pub = _publisher(ctx, topic=TOPIC, replay_endpoint=free_tcp_endpoint())
+    pub = _publisher(ctx, topic=TOPIC, replay_endpoint="tcp://127.0.0.1:0")
     try:
         _publish_capture(pub)
         replies = _replay(pub, _dealer(ctx, pub), [b"", (10**6).to_bytes(8, "big")])
@@ -179,7 +178,7 @@ def test_replay_beyond_the_buffer_gets_only_the_end_marker(ctx) -> None:
 
 
 def test_legacy_reply_layout(ctx) -> None:
-    pub = _publisher(ctx, topic=TOPIC, replay_endpoint=free_tcp_endpoint(), reply_format="legacy")
+    pub = _publisher(ctx, topic=TOPIC, replay_endpoint="tcp://127.0.0.1:0", reply_format="legacy")
     try:
         _publish_capture(pub)
         replies = _replay(pub, _dealer(ctx, pub), [b"", (12).to_bytes(8, "big")])
@@ -193,7 +192,7 @@ def test_legacy_reply_layout(ctx) -> None:
 
 
 def test_rotated_out_start_replays_from_the_oldest_held_batch(ctx) -> None:
-    pub = _publisher(ctx, replay_endpoint=free_tcp_endpoint(), buffer_steps=4)
+    pub = _publisher(ctx, replay_endpoint="tcp://127.0.0.1:0", buffer_steps=4)
     try:
         for i in range(10):
             pub.publish_raw(b"payload-%d" % i)
@@ -205,7 +204,7 @@ def test_rotated_out_start_replays_from_the_oldest_held_batch(ctx) -> None:
 
 
 def test_start_seq_of_any_length_parses_big_endian(ctx) -> None:
-    pub = _publisher(ctx, replay_endpoint=free_tcp_endpoint())
+    pub = _publisher(ctx, replay_endpoint="tcp://127.0.0.1:0")
     try:
         for i in range(3):
             pub.publish_raw(b"p%d" % i)
@@ -218,7 +217,7 @@ def test_start_seq_of_any_length_parses_big_endian(ctx) -> None:
 @pytest.mark.parametrize("request_frames", [[(0).to_bytes(8, "big")], [b"", b"", (0).to_bytes(8, "big")]],
                          ids=["no-delimiter", "extra-frame"])
 def test_malformed_replay_request_gets_no_reply(ctx, request_frames: list[bytes]) -> None:
-    pub = _publisher(ctx, replay_endpoint=free_tcp_endpoint())
+    pub = _publisher(ctx, replay_endpoint="tcp://127.0.0.1:0")
     try:
         pub.publish_raw(b"p0")
         dealer = _dealer(ctx, pub)
@@ -234,7 +233,7 @@ def test_malformed_replay_request_gets_no_reply(ctx, request_frames: list[bytes]
 
 
 def test_req_client_sees_only_the_first_reply(ctx) -> None:
-    pub = _publisher(ctx, topic=TOPIC, replay_endpoint=free_tcp_endpoint())
+    pub = _publisher(ctx, topic=TOPIC, replay_endpoint="tcp://127.0.0.1:0")
     try:
         _publish_capture(pub)
         req = make_socket(ctx, zmq.REQ)
@@ -270,7 +269,7 @@ def test_restart_resets_seq_and_ring_on_the_same_endpoints(ctx) -> None:
 
 def test_faults_change_live_sends_only_and_follow_the_injected_rng(ctx) -> None:
     plan = FaultPlan(drop_rate=0.2, duplicate_rate=0.2, reorder_rate=0.1)
-    pub = _publisher(ctx, replay_endpoint=free_tcp_endpoint(), faults=plan, rng=random.Random(7))
+    pub = _publisher(ctx, replay_endpoint="tcp://127.0.0.1:0", faults=plan, rng=random.Random(7))
     try:
         sub = _sub(ctx, pub)
         rng = random.Random(7)
@@ -326,7 +325,7 @@ def test_fault_plan_rejects_rates_above_one() -> None:
 
 
 def test_publisher_thread_publishes_in_order_and_serves_replay(ctx) -> None:
-    thread = PublisherThread(endpoint=free_tcp_endpoint(), replay_endpoint=free_tcp_endpoint(), bind=True)
+    thread = PublisherThread(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True)
     try:
         dealer = make_socket(ctx, zmq.DEALER)
         dealer.connect(thread.replay_endpoint)
