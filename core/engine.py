@@ -449,8 +449,10 @@ class EmulatedEngine:
             k -= 1
         if k < 2:
             return None
-        total = sum(durations[:k])
-        end = now + total
+        end = now
+        for d in durations[:k]:
+            end += d  # the same float additions as k calls of step() at now, now + d0, ...
+        total = end - now
         vocab = self._vocab
         choice = self.rng.choice
         drawn = [[choice(vocab) for _ in range(n)] for _ in range(k)]  # step-major, as k single steps
@@ -480,7 +482,8 @@ class EmulatedEngine:
         c = self.counters
         c.steps += k
         c.generated_tokens += n * k
-        c.busy_s += total
+        for d in durations[:k]:
+            c.busy_s += d
         return StepResult(total, outputs, n, 0, n, 0)
 
     def _preempt(self, r: _Request) -> None:

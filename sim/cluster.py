@@ -57,6 +57,8 @@ class ClusterConfig:
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     #: Extra keyword arguments for ``RouterCore`` (e.g. tentative window).
     router_options: dict[str, Any] = field(default_factory=dict)
+    #: Run pure-decode stretches in one engine call (same results; see ``EmulatedEngine.decode_steps``).
+    decode_fast_path: bool = True
     #: Width of the metrics timeline buckets (hit rate and load over time).
     timeline_bucket_s: float = 10.0
 
@@ -300,7 +302,7 @@ class SimCluster:
     def _step(self, w: int) -> None:
         now = self.q.now
         eng = self.engines[w]
-        res = eng.decode_steps(now, until_s=self._horizon(w, now))
+        res = eng.decode_steps(now, until_s=self._horizon(w, now)) if self.config.decode_fast_path else None
         if res is None:
             res = eng.step(now)
         else:

@@ -94,3 +94,38 @@ def test_closed_loop_multiturn_caps_concurrency_and_runs_every_round():
     s = result.fold.summary()
     # round k>1 extends round k-1's prompt and answer: kvr should reuse most of it
     assert s["token_hit_rate"] > 0.4
+
+
+@pytest.mark.parametrize(
+    ("workload", "params", "arrivals"),
+    [
+        ("gsp", GSP_SMALL, lambda: Poisson(rate_per_s=20.0)),
+        ("multiturn", {"num_clients": 8, "num_rounds": 3, "request_length": 64, "output_length": 12}, lambda: AllAtOnce(max_concurrency=3)),
+        ("tot", {"num_questions": 2, "output_len": 10, "depth": 3}, lambda: Poisson(rate_per_s=2.0)),
+    ],
+)
+def test_decode_fast_path_changes_nothing_but_speed(workload, params, arrivals):
+    def run(fast: bool):
+        cfg = ClusterConfig(num_workers=3, profile="h100-8b", engine_overrides={"num_gpu_blocks": 200}, decode_fast_path=fast)
+        res = run_policies(make_workload=lambda: make_workload(workload, random.Random(3), params), make_arrivals=arrivals,
+                           policies=["kvr", "least_loaded"], config=cfg, seed=3)
+        return res, comparison_report(res)
+
+    slow_res, slow = run(False)
+    fast_res, fast = run(True)
+    assert sum(r.fast_windows for r in fast_res.values()) > 0 and sum(r.fast_windows for r in slow_res.values()) == 0
+    for rep in (slow, fast):
+        for row in rep["policies"].values():
+            row.pop("kv_usage_mean")  # sampled by heartbeats, which see a window's end state early
+    # Equal up to float rounding: a window ends at now + (end - now), k steps at now + d0 + d1 + ...
+    assert to_json(_rounded(fast)) == to_json(_rounded(slow))
+    for name in slow_res:
+        assert fast_res[name].fold.ttft_s == pytest.approx(slow_res[name].fold.ttft_s, rel=1e-12, abs=1e-12)
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return float(f"{x:.10g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    return x
