@@ -282,13 +282,13 @@ class RouterService:
         self.pending.pop(p.key, None)
         self._by_client.pop((p.client, p.request.request_id), None)
         self.core.on_finish(p.key)
-        self._reply(p.client, terminal)
         self.counters["completed" if isinstance(terminal, Completion) else f"error_{terminal.code.value}"] += 1
         if isinstance(terminal, Completion):
             gap = p.predicted_cached_tokens - terminal.cached_tokens
             self.counters["closed_loop_abs_gap_tokens"] += abs(gap)
             self.counters["predicted_cached_tokens"] += p.predicted_cached_tokens
             self.counters["actual_cached_tokens"] += terminal.cached_tokens
+        self._reply(p.client, terminal)
         self._publish_request(p, terminal)
 
     # ------------------------------------------------------------------ workers
