@@ -91,26 +91,40 @@ def ctx():
     c.term()
 
 
+def _config(**kw) -> RouterConfig:
+    return RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
+                        heartbeat=HeartbeatConfig(interval_s=BEAT_S, liveness=3), router_id="r1",
+                        request_timeout_s=5.0, max_pending=8, **kw)
+
+
+class RunningRouter:
+    """A RouterService constructed and run by its own thread (it owns the sockets)."""
+
+    def __init__(self, config: RouterConfig, **kw) -> None:
+        box: dict = {}
+        ready = threading.Event()
+
+        def run() -> None:
+            box["svc"] = RouterService(config, **kw)
+            ready.set()
+            box["svc"].run()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(5)
+        self.service: RouterService = box["svc"]
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
 @pytest.fixture
 def router(ctx):
-    cfg = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
-                       heartbeat=HeartbeatConfig(interval_s=BEAT_S, liveness=3), router_id="r1",
-                       request_timeout_s=5.0, max_pending=8)
-    box: dict = {}
-    ready = threading.Event()
-
-    def run() -> None:
-        box["svc"] = RouterService(cfg)
-        ready.set()
-        box["svc"].run()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(5)
-    yield box["svc"]
-    box["svc"].stop()
-    thread.join(5)
-    assert not thread.is_alive()
+    running = RunningRouter(_config())
+    yield running.service
+    running.stop()
 
 
 def wait_for(pred, workers, client=None, timeout_s: float = 5.0) -> None:
@@ -223,3 +237,70 @@ def test_worker_death_after_tokens_ends_with_worker_died(ctx, router):
     finally:
         client.close()
         w.close()
+
+
+def test_restarted_router_warm_starts_from_redis_and_resumes_the_stream(ctx, redis_server, redis_client):
+    from bus import names
+    from router.mirror import RedisMirror, make_redis_client
+
+    def mirror() -> RedisMirror:
+        return RedisMirror(client=make_redis_client(redis_server), namespace="t")
+
+    first = RunningRouter(_config(), mirror=mirror())
+    w = FakeWorker(ctx, first.service.workers_endpoint, "w1", epoch=42)
+    target = WorkerKey("w1", 0)
+    a, b = list(range(5000, 5000 + 6 * BS)), list(range(9000, 9000 + 3 * BS))
+    try:
+        w.hello()
+        w.store(a)
+        wait_for(lambda: first.service.index.num_blocks(target) == 6, [w])
+        wait_for(lambda: redis_client.hlen(names.target_blocks_key("t", "w1", 0)) == 6, [w])
+        before = first.service.index.snapshot(target)
+        assert redis_client.hget(names.target_stream_key("t", "w1", 0), "seq") == b"0"
+        first.stop()
+
+        second = RunningRouter(_config(), mirror=mirror())
+        svc = second.service
+        try:
+            assert svc.index.snapshot(target) == before  # from Redis, before the worker is back
+            w.sock.close(linger=0)
+            w.sock = ctx.socket(zmq.DEALER)
+            w.sock.setsockopt(zmq.LINGER, 0)
+            w.sock.connect(svc.workers_endpoint)
+            w.hello()  # same epoch: the stored seq still holds, the stream resumes after it
+            wait_for(lambda: "w1" in svc.workers, [w])
+            assert svc.ingest.streams[target].subscriber.expected_seq == 1
+            w.store(b)
+            wait_for(lambda: svc.index.num_blocks(target) == 9, [w])
+            assert redis_client.hget(names.target_stream_key("t", "w1", 0), "seq") == b"1"
+            assert redis_client.hlen(names.target_blocks_key("t", "w1", 0)) == 9
+            assert dict(svc.index.snapshot(target)) == {
+                int(k): int(v) for k, v in redis_client.hgetall(names.target_blocks_key("t", "w1", 0)).items()}
+        finally:
+            second.stop()
+    finally:
+        w.close()
+
+
+def test_a_worker_restart_with_a_new_epoch_discards_its_stored_index(ctx, redis_server, redis_client):
+    from bus import names
+    from router.mirror import RedisMirror, make_redis_client
+
+    running = RunningRouter(_config(), mirror=RedisMirror(client=make_redis_client(redis_server), namespace="t"))
+    svc = running.service
+    w = FakeWorker(ctx, svc.workers_endpoint, "w1", epoch=1)
+    w2 = None
+    try:
+        w.hello()
+        w.store(list(range(4 * BS)))
+        wait_for(lambda: svc.index.num_blocks(WorkerKey("w1", 0)) == 4, [w])
+        w.close()
+        w2 = FakeWorker(ctx, svc.workers_endpoint, "w1", epoch=2)  # a new incarnation, new publisher
+        w2.hello()
+        wait_for(lambda: "w1" in svc.workers and svc.workers["w1"].hello.epoch == 2, [w2])
+        assert svc.index.num_blocks(WorkerKey("w1", 0)) == 0
+        wait_for(lambda: redis_client.hlen(names.target_blocks_key("t", "w1", 0)) == 0, [w2])
+    finally:
+        running.stop()
+        if w2 is not None:
+            w2.close()
