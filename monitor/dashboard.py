@@ -99,9 +99,12 @@ def _workers(d: dict[str, Any]) -> Table:
                 "requests", "hit rate"):
         t.add_column(col, justify="left" if col in ("worker", "KV usage", "index") else "right")
     per = d["summary"].get("per_worker", {})
-    for wid in sorted(set(d.get("workers", {})) | set(per)):
-        w = d.get("workers", {}).get(wid)
-        p = per.get(wid, {})
+    live = d.get("workers", {})
+    # Live rows are targets ("w1/0"); request counts are per worker ("w1").
+    sampled = {w.get("worker", k) for k, w in live.items()}
+    rows = [(k, live[k], per.get(live[k].get("worker", k), {})) for k in sorted(live)]
+    rows += [(k, None, per[k]) for k in sorted(per) if k not in sampled]
+    for wid, w, p in rows:
         if w is None:
             t.add_row(Text(wid, style="grey50"), "–", "–", Text("gone", style="grey50"), "–", "–", "–", "–",
                       str(p.get("requests", 0)), _pct(p.get("token_hit_rate")))

@@ -65,6 +65,10 @@ class _Writer:
             self.lines.append(f"{name}_count{_labels(base)} {len(ordered)}")
 
 
+def _target(sample: dict) -> dict[str, str]:
+    return {"worker": sample["worker"], "dp_rank": str(sample["dp_rank"])}
+
+
 def render(state: MonitorState) -> str:
     """The exposition text for ``state`` (call under the state's lock)."""
     fold = state.fold
@@ -117,10 +121,10 @@ def render(state: MonitorState) -> str:
         ("resets", "kvr_worker_index_resets_total", "counter", "Index resets (restart, cache clear, lost gap)."),
         ("evictions", "kvr_worker_evictions_total", "counter", "KV blocks evicted."),
     ):
-        w.family(name, kind, help_text, [({"worker": wid}, v[key]) for wid, v in per])
+        w.family(name, kind, help_text, [(_target(v), v[key]) for _, v in per])
     w.family(
         "kvr_worker_index_confidence", "gauge", "1 for the worker's current index confidence.",
-        [({"worker": wid, "confidence": v["confidence"]}, 1) for wid, v in per],
+        [({**_target(v), "confidence": v["confidence"]}, 1) for _, v in per],
     )
     w.family(
         "kvr_worker_requests_total", "counter", "Finished requests per worker.",

@@ -59,6 +59,19 @@ def to_fold_record(rec: RequestRecord) -> FoldRecord | None:
     )
 
 
+def split_target(name: str) -> tuple[str, int]:
+    """``"w1/2"`` → ``("w1", 2)``; a plain worker id is rank 0.
+
+    The router names a sample by its target (worker and data-parallel rank,
+    ``WorkerKey.__str__``) and a request by its worker: the fold keys both by
+    worker so per-worker load and per-worker requests line up.
+    """
+    worker, sep, rank = name.rpartition("/")
+    if sep and worker and rank.isdigit():
+        return worker, int(rank)
+    return name, 0
+
+
 def finite_or_none(value: Any) -> Any:
     """Recursively replace NaN / ±inf by ``None`` so a dump is strict JSON."""
     if isinstance(value, float):
@@ -164,14 +177,15 @@ class MonitorState:
 
     def add_worker_sample(self, s: WorkerSample) -> None:
         self._seen(s.t_s)
-        wid = s.worker_id
+        wid = s.worker_id  # the target's name: the key of live state, series and incidents
+        worker, dp_rank = split_target(wid)
         previous = self.workers.get(wid)
         if previous is None:
             self._incident(s.t_s, wid, "worker_seen", f"confidence {s.confidence}")
         elif previous["confidence"] != s.confidence:
             self._incident(s.t_s, wid, "confidence", f"{previous['confidence']} -> {s.confidence}")
         self.fold.observe_load(
-            wid, s.t_s, kv_usage=s.load.kv_usage, queued_prefill_tokens=s.load.queued_prefill_tokens
+            worker, s.t_s, kv_usage=s.load.kv_usage, queued_prefill_tokens=s.load.queued_prefill_tokens
         )
         if s.event_lag_s > 0 or s.events_applied:
             self.fold.observe_event_lag(s.event_lag_s)
@@ -186,9 +200,11 @@ class MonitorState:
             self._incident(s.t_s, wid, "reset", f"{deltas['resets']} reset(s)")
         if deltas["evictions"]:
             # The fold counts evictions from BlockRemoved events; the hashes are not needed.
-            self.fold.observe_kv_events(wid, [BlockRemoved(block_hashes=[0] * deltas["evictions"], medium=None)])
+            self.fold.observe_kv_events(worker, [BlockRemoved(block_hashes=[0] * deltas["evictions"], medium=None)])
         self.workers[wid] = {
             "worker_id": wid,
+            "worker": worker,
+            "dp_rank": dp_rank,
             "t_s": s.t_s,
             "running": s.load.running,
             "waiting": s.load.waiting,

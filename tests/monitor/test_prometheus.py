@@ -32,11 +32,10 @@ def test_exposition_has_counters_rates_histograms_and_worker_gauges():
     assert 'kvr_ttft_seconds_bucket{le="+Inf"} 2' in ttft
     assert "kvr_ttft_seconds_count 2" in ttft
     assert 'kvr_ttft_by_cache_status_seconds_count{cache_status="miss"} 1' in text
-    assert 'kvr_worker_kv_usage_ratio{worker="w0"} 0.5' in text
-    assert 'kvr_worker_indexed_blocks{worker="w0"} 10' not in text
-    assert 'kvr_worker_indexed_blocks{worker="w0"} 12' in text
-    assert 'kvr_worker_event_gaps_total{worker="w0"} 2' in text
-    assert 'kvr_worker_index_confidence{worker="w0",confidence="resyncing"} 1' in text
+    assert 'kvr_worker_kv_usage_ratio{worker="w0",dp_rank="0"} 0.5' in text
+    assert 'kvr_worker_indexed_blocks{worker="w0",dp_rank="0"} 12' in text
+    assert 'kvr_worker_event_gaps_total{worker="w0",dp_rank="0"} 2' in text
+    assert 'kvr_worker_index_confidence{worker="w0",dp_rank="0",confidence="resyncing"} 1' in text
     assert 'kvr_worker_requests_total{worker="w1"} 1' in text
     assert "kvr_event_gaps_total 2" in text.splitlines()
     # every sample line belongs to a declared family
@@ -51,5 +50,5 @@ def test_empty_state_renders_nan_rates_and_label_escaping():
     st = MonitorState()
     text = render(st)
     assert "kvr_token_hit_rate NaN" in text.splitlines()
-    st.add(sample('w"x\\y'))
-    assert 'kvr_worker_running{worker="w\\"x\\\\y"} 1' in render(st)
+    st.add(sample('w"x\\y/3'))
+    assert 'kvr_worker_running{worker="w\\"x\\\\y",dp_rank="3"} 1' in render(st)

@@ -137,3 +137,19 @@ def test_bad_dumps_are_refused_with_a_reason(tmp_path):
         load_dump(bad)
     with pytest.raises(DumpError, match="No such file"):
         load_dump(tmp_path / "missing.json")
+
+
+def test_samples_named_by_target_fold_into_their_worker():
+    from monitor.state import split_target
+
+    assert split_target("w1/2") == ("w1", 2)
+    assert split_target("w1") == ("w1", 0)
+    assert split_target("a/b") == ("a/b", 0)
+    st = MonitorState(block_size=16)
+    st.add(request("a", worker="w1", cached=48))
+    st.add(sample("w1/0", kv=0.2, evictions=3))
+    st.add(sample("w1/1", kv=0.4))
+    assert sorted(st.fold.workers) == ["w1"]  # one worker: the load CV is not diluted by targets
+    assert st.fold.workers["w1"]["load_samples"] == 2 and st.fold.workers["w1"]["blocks_evicted"] == 3
+    assert sorted(st.workers) == ["w1/0", "w1/1"]
+    assert (st.workers["w1/1"]["worker"], st.workers["w1/1"]["dp_rank"]) == ("w1", 1)
