@@ -360,6 +360,10 @@ class PublisherThread:
         """Queue a publisher restart (seq back to 0, empty ring), in order with batches."""
         self._queue.put(("restart", None, None))
 
+    def set_faults(self, faults: FaultPlan | None) -> None:
+        """Queue a new fault plan (held batches are flushed first), in order with batches."""
+        self._queue.put(("faults", faults, None))
+
     def _run(self, kwargs: dict) -> None:
         try:
             self.publisher = EventPublisher(**kwargs)
@@ -378,6 +382,9 @@ class PublisherThread:
                     continue
                 if kind == "restart":
                     pub.restart()
+                elif kind == "faults":
+                    pub.flush_held()
+                    pub.faults = events
                 else:
                     pub.publish(events, ts)
                 pub.poll_replay(0)
