@@ -1,0 +1,67 @@
+"""``kvr worker``: one emulated vLLM worker on the router link, with vLLM's KV events and HTTP API."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import click
+
+from cli._vllm import make_vllm_runner, split_vllm_options, vllm_options
+
+logger = logging.getLogger(__name__)
+
+
+@click.command("worker")
+@vllm_options  # --engine vllm and its options (cli/_vllm.py)
+@click.option("--id", "worker_id", required=True, envvar="KVR_WORKER_ID", help="Worker id (unique in the fleet).")
+@click.option("--router", "router_endpoint", default="tcp://127.0.0.1:5555", show_default=True, envvar="KVR_ROUTER",
+              help="The router's worker endpoint (its ROUTER socket). 'none' runs without a router (HTTP only).")
+@click.option("--events-endpoint", default="tcp://127.0.0.1:0", show_default=True,
+              help="KV-event PUB endpoint (bound; port 0 picks one). With --events-dial the worker dials out "
+                   "to a router that binds it, like vLLM's central mode.")
+@click.option("--events-dial", is_flag=True, help="Connect the PUB out instead of binding it.")
+@click.option("--replay-endpoint", default="tcp://127.0.0.1:0", show_default=True,
+              help="vLLM replay ROUTER endpoint (always bound); 'none' disables replay.")
+@click.option("--topic", default=None, help="KV-event topic (default kv@<id>@<model>; vLLM's default is '').")
+@click.option("--advertise-host", default="127.0.0.1", show_default=True,
+              help="Host the router dials to reach this worker's bound sockets.")
+@click.option("--profile", default="simple", show_default=True, help="Engine profile (see `kvr profiles`).")
+@click.option("--model", default="kvr-emulated", show_default=True, help="Served model name.")
+@click.option("--speedup", default=1.0, show_default=True, type=float, help="Run engine time this many times faster than wall time.")
+@click.option("--seed", default=None, type=int, help="Engine rng seed (output tokens, drawn lengths, faults).")
+@click.option("--tokenizer", default=None, help="A tokenizer.json (needs the 'tokenizers' package); default: built-in.")
+@click.option("--num-gpu-blocks", default=None, type=int, help="Override the profile's KV capacity (blocks).")
+@click.option("--max-num-seqs", default=None, type=int, help="Override the profile's max running requests.")
+@click.option("--max-num-batched-tokens", default=None, type=int, help="Override the profile's token budget per step.")
+@click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching (no hits, no events).")
+@click.option("--http-port", default=None, type=int, help="Serve vLLM's OpenAI-compatible HTTP API on this port (0 = pick).")
+@click.option("--http-host", default="127.0.0.1", show_default=True, help="HTTP bind address.")
+@click.option("--heartbeat-interval", default=1.0, show_default=True, type=float, help="Seconds between heartbeats (until the router's Welcome says otherwise).")
+@click.option("--fault-drop", default=0.0, type=float, help="Fraction of KV-event batches not sent live (still replayable).")
+@click.option("--fault-duplicate", default=0.0, type=float, help="Fraction of batches sent twice.")
+@click.option("--fault-reorder", default=0.0, type=float, help="Fraction of batches sent after the next one.")
+@click.option("--fault-delay", default=0.0, type=float, help="Fraction of batches held back --fault-delay-ms.")
+@click.option("--fault-delay-ms", default=50.0, show_default=True, type=float)
+@click.option("--restart-publisher-every", default=0.0, type=float, help="Restart the KV-event publisher (seq back to 0) every N wall seconds.")
+@click.option("--clear-cache-every", default=0.0, type=float, help="Try a prefix-cache reset (AllBlocksCleared) every N wall seconds.")
+def worker_cmd(**opts) -> None:
+    """Run one emulated vLLM worker: registers with the router, runs requests, publishes KV events."""
+    from worker.runner import WorkerOptions, WorkerRunner
+
+    engine, vllm_opts = split_vllm_options(opts)
+    try:
+        runner = make_vllm_runner(opts, vllm_opts) if engine == "vllm" else WorkerRunner(WorkerOptions(**opts))
+    except Exception as exc:  # start-up errors: one clear line, non-zero exit
+        logger.error("worker failed to start: %s", exc)
+        sys.exit(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: runner.stop())
+    runner.run()
+    if runner.service.refused:
+        click.echo(f"router refused this worker: {runner.service.refused}", err=True)
+        sys.exit(2)
+
+
+COMMANDS = [worker_cmd]

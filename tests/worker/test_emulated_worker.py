@@ -1,0 +1,165 @@
+"""The emulated worker on the router link: a raw ROUTER on 127.0.0.1 plays the router."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from bus.codec import encode, worker_decoder
+from bus.schema import (
+    Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, Refused, TokenChunk, Welcome,
+)  # fmt: skip
+from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
+from worker.service import WorkerService
+
+
+class RawRouter:
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.decoder = worker_decoder()
+        self.identity: bytes | None = None
+
+    def recv(self, kind=None, timeout_s: float = 5.0):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.sock.poll(int(left * 1000) + 1), f"no {kind.__name__ if kind else 'message'} in time"
+            self.identity, frame = self.sock.recv_multipart()
+            msg = self.decoder.decode(frame)
+            if kind is None or isinstance(msg, kind):
+                return msg
+
+    def send(self, msg) -> None:
+        self.sock.send_multipart([self.identity, encode(msg)])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def router():
+    r = RawRouter()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def start_worker(router):
+    started = []
+
+    def start(**svc_kw):
+        ctx = zmq.Context()
+        backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id="w1", speedup=20.0, seed=3), ctx=ctx)
+        svc = WorkerService(backend=backend, router_endpoint=router.endpoint, worker_id="w1", ctx=ctx, **svc_kw)
+        th = threading.Thread(target=svc.run, daemon=True)
+        th.start()
+        started.append((svc, th, ctx))
+        return svc
+
+    yield start
+    for svc, th, ctx in started:
+        svc.stop()
+        th.join(timeout=5)
+        assert not th.is_alive()
+        ctx.term()
+
+
+def register(router, interval_s: float = 0.2, liveness: int = 5) -> Hello:
+    hello = router.recv(Hello)
+    router.send(Welcome(router_id="r1", heartbeat_interval_s=interval_s, heartbeat_liveness=liveness))
+    return hello
+
+
+def collect(router, request_id: str) -> tuple[list[int], Completion | ErrorReply]:
+    tokens: list[int] = []
+    while True:
+        msg = router.recv()
+        if isinstance(msg, TokenChunk) and msg.request_id == request_id:
+            tokens.extend(msg.token_ids)
+        elif isinstance(msg, (Completion, ErrorReply)) and msg.request_id == request_id:
+            return tokens, msg
+
+
+def test_registers_runs_requests_and_reports_cached_tokens(router, start_worker) -> None:
+    svc = start_worker()
+    hello = register(router)
+    assert (hello.worker_id, hello.engine, hello.block_size) == ("w1", "emulated", 16)
+    prompt = list(range(100))
+    router.send(Dispatch(request_id="a", token_ids=prompt, max_tokens=5))
+    tokens, done = collect(router, "a")
+    assert isinstance(done, Completion) and len(tokens) == 5 == done.output_tokens
+    assert (done.prompt_tokens, done.cached_tokens) == (100, 0)
+    router.send(Dispatch(request_id="b", token_ids=prompt, max_tokens=2))
+    _, again = collect(router, "b")
+    assert again.cached_tokens == 96
+    assert svc.registered and svc.counters.dispatches == 2
+
+
+def test_heartbeats_carry_the_engine_load(router, start_worker) -> None:
+    start_worker()
+    register(router, interval_s=0.05)
+    router.send(Dispatch(request_id="long", token_ids=list(range(50)), max_tokens=10_000))
+    for _ in range(50):
+        beat = router.recv(Heartbeat)
+        if beat.load.running == 1:
+            break
+    assert beat.sender_id == "w1" and beat.load.num_gpu_blocks == 924 and beat.load.kv_usage > 0
+    router.send(Cancel(request_id="long"))
+    _, end = collect(router, "long")
+    assert isinstance(end, ErrorReply) and end.code == ErrorCode.CANCELLED
+
+
+def test_a_silent_router_makes_the_worker_reconnect_with_the_same_epoch(router, start_worker) -> None:
+    svc = start_worker(backoff_min_s=0.05)
+    first = register(router, interval_s=0.05, liveness=2)
+    # Say nothing more: after 0.1 s of silence the worker drops the link and says Hello again.
+    second = router.recv(Hello, timeout_s=5)
+    assert second.epoch == first.epoch and svc.counters.connects >= 2
+
+
+def test_refused_stops_the_worker(router) -> None:
+    ctx = zmq.Context()
+    backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id="w1"), ctx=ctx)
+    svc = WorkerService(backend=backend, router_endpoint=router.endpoint, worker_id="w1", ctx=ctx)
+    th = threading.Thread(target=svc.run, daemon=True)
+    th.start()
+    router.recv(Hello)
+    router.send(Refused(reason="block size 16 != 32"))
+    th.join(timeout=5)
+    assert not th.is_alive() and svc.refused == "block size 16 != 32"
+    ctx.term()
+
+
+def test_stop_answers_in_flight_requests_then_says_goodbye(router, start_worker) -> None:
+    svc = start_worker()
+    register(router)
+    router.send(Dispatch(request_id="slow", token_ids=list(range(30)), max_tokens=100_000))
+    router.recv(TokenChunk)
+    svc.stop()
+    _, end = collect(router, "slow")
+    assert isinstance(end, ErrorReply) and end.code == ErrorCode.WORKER_ERROR
+    assert isinstance(router.recv(Goodbye), Goodbye)
+
+
+def test_local_requests_go_to_their_sink_not_the_router(router, start_worker) -> None:
+    svc = start_worker()
+    register(router)
+    got: list = []
+    done = threading.Event()
+
+    def sink(msg) -> None:
+        got.append(msg)
+        if isinstance(msg, (Completion, ErrorReply)):
+            done.set()
+
+    svc.submit_local(Dispatch(request_id="local-1", token_ids=list(range(20)), max_tokens=3), sink)
+    assert done.wait(5)
+    assert [type(m).__name__ for m in got] == ["TokenChunk"] * 3 + ["Completion"]
+    assert svc.call(lambda: svc.backend.engine.counters.finished).result(timeout=5) == 1

@@ -1,0 +1,131 @@
+"""vLLM's HTTP face on the emulated worker (no router), checked with real HTTP over loopback."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+
+import pytest
+
+from core.tokenizer import BuiltinTokenizer
+from worker.openai_client import CompletionRequest, OpenAIClient
+from worker.runner import WorkerOptions, WorkerRunner
+from worker.vllm_checks import check_server
+from worker.vllm_metrics import cache_config, engine_stats, parse_prometheus_text
+
+PROSE = (
+    "The quick brown fox jumps over the lazy dog and keeps running through the forest until night falls on "
+    "the quiet valley where nobody lives anymore except the old owl who watches everything from the pine."
+)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    runner = WorkerRunner(WorkerOptions(worker_id="h1", router_endpoint="none", http_port=0, speedup=50.0, seed=11))
+    th = threading.Thread(target=runner.run, daemon=True)
+    th.start()
+    yield runner
+    runner.stop()
+    th.join(timeout=5)
+    assert not th.is_alive()
+
+
+def call(worker, method: str, path: str, body=None, raw: bytes | None = None):
+    host, port = worker.http.server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(), dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def test_a_repeated_prompt_reports_cached_tokens(worker) -> None:
+    status, text, _ = call(worker, "POST", "/v1/completions", {"model": "any", "prompt": PROSE, "max_tokens": 4})
+    assert status == 200
+    first = json.loads(text)
+    n = len(BuiltinTokenizer().encode(PROSE))
+    assert first["usage"] == {"prompt_tokens": n, "completion_tokens": 4, "total_tokens": n + 4,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
+    assert first["object"] == "text_completion" and first["choices"][0]["finish_reason"] == "length"
+    _, text, _ = call(worker, "POST", "/v1/completions", {"model": "any", "prompt": PROSE, "max_tokens": 4})
+    assert json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"] == (n - 1) // 16 * 16
+
+
+def test_streamed_chat_has_role_deltas_finish_and_usage(worker) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    status, text, headers = call(worker, "POST", "/v1/chat/completions", body)
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["finish_reason"] for c in chunks[1:5]] == [None, None, None, "length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_the_vllm_adapter_accepts_the_emulated_server(worker) -> None:
+    # The same start-up checks and streaming client kvr uses on a real vLLM server.
+    client = OpenAIClient(base_url=worker.http_url)
+    info = check_server(client, model=None, block_size=16, startup_timeout_s=5)
+    assert (info.model, info.num_gpu_blocks, info.reports_cached_tokens, info.returns_token_ids) == (
+        "kvr-emulated", 924, True, True)
+    stream = client.stream_completion(CompletionRequest(model="kvr-emulated", prompt_token_ids=list(range(40)), max_tokens=3))
+    ids = [t for d in stream for t in d.token_ids]
+    assert len(ids) == 3 and stream.usage.prompt_tokens == 40
+
+
+def test_metrics_use_vllm_names_that_kvr_and_routers_parse(worker) -> None:
+    call(worker, "POST", "/v1/completions", {"model": "m", "prompt": [5] * 40, "max_tokens": 1})
+    status, text, _ = call(worker, "GET", "/metrics")
+    assert status == 200
+    metrics = parse_prometheus_text(text)
+    stats = engine_stats(metrics)[0]
+    assert stats.prefix_queries_tokens > 0 and stats.running == 0 and stats.kv_usage == 0.0
+    cfg = cache_config(metrics)
+    assert (cfg.block_size, cfg.num_gpu_blocks, cfg.enable_prefix_caching) == (16, 924, True)
+    assert 'vllm:request_success_total{model_name="kvr-emulated",engine="0",finished_reason="length"}' in text
+    assert "vllm:time_to_first_token_seconds_bucket" in text
+
+
+def test_tokenize_detokenize_models_and_peer_router_probes(worker) -> None:
+    _, text, _ = call(worker, "POST", "/tokenize", {"model": "m", "prompt": "hello world"})
+    tok = json.loads(text)
+    assert tok["tokens"] == BuiltinTokenizer().encode("hello world") and tok["count"] == 2
+    _, text, _ = call(worker, "POST", "/detokenize", {"model": "m", "tokens": tok["tokens"]})
+    assert json.loads(text) == {"prompt": "hello world"}
+    _, text, _ = call(worker, "GET", "/v1/models")
+    assert json.loads(text)["data"][0]["id"] == "kvr-emulated"
+    assert call(worker, "GET", "/health")[0] == 200
+    _, text, _ = call(worker, "GET", "/get_server_info")
+    info = json.loads(text)
+    assert info["served_model_name"] == "kvr-emulated" and "model_path" not in info and "tokenizer_path" not in info
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/v1/completions", b"{not json", 400),
+        ("POST", "/v1/completions", json.dumps({"model": "m", "prompt": [1] * 5000}).encode(), 400),
+        ("POST", "/v1/completions", json.dumps({"model": "m", "prompt": {"x": 1}}).encode(), 400),
+        ("POST", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": -1}).encode(), 400),
+        ("GET", "/nope", None, 404),
+    ],
+)
+def test_bad_requests_get_vllm_style_errors(worker, method, path, body, status) -> None:
+    got, text, _ = call(worker, method, path, raw=body)
+    assert got == status
+    assert json.loads(text)["error"]["code"] == status
+
+
+def test_reset_prefix_cache_clears_hits(worker) -> None:
+    prompt = list(range(1000, 1064))
+    call(worker, "POST", "/v1/completions", {"model": "m", "prompt": prompt, "max_tokens": 1})
+    assert call(worker, "POST", "/reset_prefix_cache", {})[0] == 200
+    _, text, _ = call(worker, "POST", "/v1/completions", {"model": "m", "prompt": prompt, "max_tokens": 1})
+    assert json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

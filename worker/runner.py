@@ -1,0 +1,126 @@
+"""Assemble a worker process: emulated backend + router link + optional HTTP face + fault timers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from bus.publisher import FaultPlan
+from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
+from worker.service import WorkerService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Everything ``kvr worker`` takes (one field per CLI option)."""
+
+    worker_id: str
+    router_endpoint: str | None = "tcp://127.0.0.1:5555"
+    events_endpoint: str = "tcp://127.0.0.1:0"
+    events_dial: bool = False
+    replay_endpoint: str | None = "tcp://127.0.0.1:0"
+    topic: str | None = None
+    advertise_host: str = "127.0.0.1"
+    profile: str = "simple"
+    model: str = "kvr-emulated"
+    speedup: float = 1.0
+    seed: int | None = None
+    tokenizer: str | None = None
+    num_gpu_blocks: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    no_prefix_caching: bool = False
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    heartbeat_interval: float = 1.0
+    fault_drop: float = 0.0
+    fault_duplicate: float = 0.0
+    fault_reorder: float = 0.0
+    fault_delay: float = 0.0
+    fault_delay_ms: float = 50.0
+    restart_publisher_every: float = 0.0
+    clear_cache_every: float = 0.0
+
+    def backend_config(self) -> EmulatedWorkerConfig:
+        rates = (self.fault_drop, self.fault_duplicate, self.fault_reorder, self.fault_delay)
+        faults = None
+        if any(rates):
+            faults = FaultPlan(drop_rate=self.fault_drop, duplicate_rate=self.fault_duplicate,
+                               reorder_rate=self.fault_reorder, delay_rate=self.fault_delay,
+                               delay_ms=self.fault_delay_ms)
+        overrides = {}
+        for name in ("num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
+        if self.no_prefix_caching:
+            overrides["enable_prefix_caching"] = False
+        replay = None if self.replay_endpoint in (None, "", "none") else self.replay_endpoint
+        return EmulatedWorkerConfig(
+            worker_id=self.worker_id, model=self.model, profile=self.profile, speedup=self.speedup,
+            events_endpoint=self.events_endpoint, events_bind=not self.events_dial, replay_endpoint=replay,
+            topic=self.topic, advertise_host=self.advertise_host, seed=self.seed, tokenizer=self.tokenizer,
+            faults=faults, engine_overrides=overrides,
+        )
+
+
+class WorkerRunner:
+    """Builds the worker from options; :meth:`run` blocks until :meth:`stop`."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        router = options.router_endpoint
+        if router in ("", "none"):
+            router = None
+        self.backend = EmulatedBackend(config=options.backend_config())
+        self.service = WorkerService(
+            backend=self.backend, router_endpoint=router, worker_id=options.worker_id, profile=options.profile,
+            heartbeat_interval_s=options.heartbeat_interval,
+        )
+        self.http = None
+        if options.http_port is not None:
+            from worker.http_api import HttpFront
+
+            self.http = HttpFront(service=self.service, backend=self.backend, host=options.http_host,
+                                  port=options.http_port)
+        self._timers: list[threading.Thread] = []
+        self._stopped = threading.Event()
+
+    @property
+    def http_url(self) -> str | None:
+        return None if self.http is None else self.http.url
+
+    def _every(self, period_s: float, action, name: str) -> None:
+        def loop() -> None:
+            while not self._stopped.wait(period_s):
+                self.service.call(action)
+
+        t = threading.Thread(target=loop, name=name, daemon=True)
+        t.start()
+        self._timers.append(t)
+
+    def run(self) -> None:
+        opts = self.options
+        if self.http is not None:
+            self.http.start()
+            logger.info("HTTP API on %s", self.http.url)
+        if opts.restart_publisher_every > 0:
+            self._every(opts.restart_publisher_every, self.backend.restart_publisher, "kvr-fault-restart")
+        if opts.clear_cache_every > 0:
+            self._every(opts.clear_cache_every, self.backend.reset_prefix_cache, "kvr-fault-clear")
+        logger.info("worker %s: profile %s, %d blocks x %d tokens, speedup %.1f, events %s, replay %s",
+                    opts.worker_id, opts.profile, self.backend.engine.config.num_gpu_blocks,
+                    self.backend.engine.config.block_size, opts.speedup, self.backend.events_endpoint,
+                    self.backend.replay_endpoint)
+        try:
+            self.service.run()
+        finally:
+            self._stopped.set()
+            if self.http is not None:
+                self.http.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.service.stop()

@@ -1,0 +1,314 @@
+"""The worker service: a backend (emulated engine or vLLM adapter) on the router link.
+
+One loop thread owns every socket (zmq sockets are not thread-safe):
+
+* **Router link** (zguide Paranoid Pirate, worker side). A DEALER connects to the
+  router and sends ``Hello``; the router answers ``Welcome`` (heartbeat interval and
+  liveness, which the worker adopts) or ``Refused`` (the service stops with that
+  reason). The worker sends a ``Heartbeat`` carrying each DP rank's load every
+  interval; when nothing at all has come from the router for ``interval × liveness``,
+  it drops the DEALER and reconnects after an exponential backoff (``backoff_min_s``
+  doubling up to ``backoff_max_s``, reset by the next ``Welcome``), re-registering
+  with the same epoch. Messages for the router while the link is down are counted
+  and dropped: the router has failed those requests over already.
+* **Backend.** ``Dispatch`` → ``backend.submit``, ``Cancel`` → ``backend.cancel``;
+  whatever the backend produces (``TokenChunk``, ``Completion``, ``ErrorReply``) goes
+  to the router, or to a local sink for requests that came in over HTTP.
+  The emulated backend's ``advance`` tells the loop when its step in flight ends.
+* **Other threads** (the HTTP face) never touch the backend: they hand callables to
+  :meth:`WorkerService.call` / :meth:`submit_local`, which the loop runs, woken through a
+  socket pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from bus.codec import DecodeError, encode, router_decoder
+from bus.schema import (
+    Cancel, Completion, Dispatch, ErrorReply, Goodbye, Heartbeat, Refused, Welcome,
+)  # fmt: skip
+from bus.sockets import make_dealer
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[Any], None]
+_TERMINAL = (Completion, ErrorReply)
+
+
+@dataclass
+class LinkCounters:
+    connects: int = 0
+    welcomes: int = 0
+    heartbeats_sent: int = 0
+    messages_sent: int = 0
+    messages_dropped: int = 0  # produced while the link was down
+    dispatches: int = 0
+    cancels: int = 0
+    bad_messages: int = 0
+
+
+class WorkerService:
+    """Runs ``backend`` behind the router link (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        backend: Any,
+        router_endpoint: str | None,
+        worker_id: str,
+        epoch: int | None = None,
+        profile: str = "",
+        heartbeat_interval_s: float = 1.0,
+        liveness: int = 3,
+        backoff_min_s: float = 0.25,
+        backoff_max_s: float = 8.0,
+        max_poll_s: float = 0.02,
+        ctx: zmq.Context | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.router_endpoint = router_endpoint
+        self.worker_id = worker_id
+        self.epoch = epoch if epoch is not None else time.time_ns() // 1000
+        self.profile = profile
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.liveness = liveness
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self.max_poll_s = max_poll_s
+        self.counters = LinkCounters()
+        self.refused: str | None = None
+        self.registered = False
+        self._ctx = ctx or zmq.Context.instance()
+        self._clock = clock
+        self._decoder = router_decoder()
+        self._dealer: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self._last_recv = 0.0
+        self._next_heartbeat = 0.0
+        self._reconnect_at: float | None = None
+        self._backoff_s = backoff_min_s
+        self._sinks: dict[str, Sink] = {}
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ other threads
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the loop thread; the future holds its result."""
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                fut.set_exception(exc)
+
+        self._inbox.put(run)
+        self._wake()
+        return fut
+
+    def submit_local(self, dispatch: Dispatch, sink: Sink) -> None:
+        """A request from this worker's own front end; its messages go to ``sink`` (any thread)."""
+
+        def run() -> None:
+            self._sinks[dispatch.request_id] = sink
+            self.backend.submit(dispatch)
+
+        self._inbox.put(run)
+        self._wake()
+
+    def cancel_local(self, request_id: str) -> None:
+        self._inbox.put(lambda: self.backend.cancel(request_id))
+        self._wake()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Serve until :meth:`stop` (or a ``Refused``); then answer what is left and say goodbye."""
+        try:
+            if self.router_endpoint is not None:
+                self._connect()
+            while not self._stop.is_set():
+                self.run_once()
+        finally:
+            self._shutdown()
+
+    def run_once(self) -> None:
+        self._run_inbox()
+        now = self._clock()
+        due = self._advance(now)
+        self._flush_backend()
+        if self.router_endpoint is not None:
+            self._link_timers(now)
+        deadlines = [now + self.max_poll_s]
+        if due is not None:
+            deadlines.append(due)
+        if self._dealer is not None:
+            deadlines.append(self._next_heartbeat)
+        if self._reconnect_at is not None:
+            deadlines.append(self._reconnect_at)
+        timeout_ms = max(0.0, (min(deadlines) - self._clock()) * 1000.0)
+        for sock, _ in self._poller.poll(timeout_ms):
+            if sock is self._dealer:
+                self._recv_router()
+            elif sock == self._wake_r.fileno():
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+        poll = getattr(self.backend, "poll_sockets", None)
+        if poll is not None:
+            poll()
+
+    def _run_inbox(self) -> None:
+        while True:
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _advance(self, now: float) -> float | None:
+        advance = getattr(self.backend, "advance", None)
+        if advance is not None:
+            return advance(now)
+        # A threaded backend (vLLM adapter): look at its outbox often while it is busy.
+        return now + 0.005 if self.backend.num_in_flight else None
+
+    def _flush_backend(self) -> None:
+        for msg in self.backend.drain():
+            sink = self._sinks.get(msg.request_id)
+            if sink is not None:
+                if isinstance(msg, _TERMINAL):
+                    del self._sinks[msg.request_id]
+                sink(msg)
+            else:
+                self._send(msg)
+
+    # ------------------------------------------------------------------ router link
+
+    def _connect(self) -> None:
+        self._dealer = make_dealer(self._ctx, self.router_endpoint)
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self.counters.connects += 1
+        now = self._clock()
+        self._last_recv = now
+        self._next_heartbeat = now + self.heartbeat_interval_s
+        self._reconnect_at = None
+        self.registered = False
+        self._send(self.backend.hello(epoch=self.epoch, profile=self.profile))
+        logger.info("worker %s registering with %s (epoch %d)", self.worker_id, self.router_endpoint, self.epoch)
+
+    def _disconnect(self) -> None:
+        if self._dealer is not None:
+            self._poller.unregister(self._dealer)
+            self._dealer.close()
+            self._dealer = None
+        self.registered = False
+
+    def _link_timers(self, now: float) -> None:
+        if self._dealer is None:
+            if self._reconnect_at is not None and now >= self._reconnect_at:
+                self._connect()
+            return
+        if now - self._last_recv > self.heartbeat_interval_s * self.liveness:
+            logger.warning("router silent for %.1f s: reconnecting in %.2f s", now - self._last_recv, self._backoff_s)
+            self._disconnect()
+            self._reconnect_at = now + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, self.backoff_max_s)
+            return
+        if now >= self._next_heartbeat:
+            for rank, load in self.backend.loads().items():
+                self._send(Heartbeat(sender_id=self.worker_id, epoch=self.epoch, load=load, dp_rank=rank))
+                self.counters.heartbeats_sent += 1
+            self._next_heartbeat = now + self.heartbeat_interval_s
+
+    def _send(self, msg: Any) -> None:
+        if self._dealer is None:
+            self.counters.messages_dropped += 1
+            return
+        try:
+            self._dealer.send(encode(msg), zmq.NOBLOCK)
+            self.counters.messages_sent += 1
+        except zmq.Again:
+            self.counters.messages_dropped += 1
+            logger.warning("router link full: dropped a %s", type(msg).__name__)
+
+    def _recv_router(self) -> None:
+        while self._dealer is not None:
+            try:
+                frame = self._dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_recv = self._clock()
+            try:
+                msg = self._decoder.decode(frame)
+            except DecodeError as exc:
+                self.counters.bad_messages += 1
+                logger.warning("bad message from the router: %s", exc)
+                continue
+            self._handle(msg)
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, Dispatch):
+            self.counters.dispatches += 1
+            self.backend.submit(msg)
+        elif isinstance(msg, Cancel):
+            self.counters.cancels += 1
+            self.backend.cancel(msg.request_id)
+        elif isinstance(msg, Welcome):
+            self.counters.welcomes += 1
+            self.registered = True
+            self.heartbeat_interval_s = msg.heartbeat_interval_s
+            self.liveness = msg.heartbeat_liveness
+            self._backoff_s = self.backoff_min_s
+            logger.info("registered with router %s (heartbeat %.2f s x %d)", msg.router_id,
+                        msg.heartbeat_interval_s, msg.heartbeat_liveness)
+        elif isinstance(msg, Refused):
+            self.refused = msg.reason
+            logger.error("router refused worker %s: %s", self.worker_id, msg.reason)
+            self._stop.set()
+        # Heartbeat: liveness only (already noted on receipt).
+
+    def _shutdown(self) -> None:
+        self._run_inbox()
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+        self._flush_backend()
+        if self._dealer is not None:
+            self._send(Goodbye(worker_id=self.worker_id, epoch=self.epoch))
+            self._dealer.setsockopt(zmq.LINGER, 500)  # let the last replies and the goodbye out
+            self._disconnect()
+        for sink in self._sinks.values():
+            sink(None)  # the front end's request will get no more messages
+        self._sinks.clear()
+        self._poller.unregister(self._wake_r.fileno())
+        self._wake_r.close()
+        self._wake_w.close()
