@@ -158,6 +158,7 @@ class SimCluster:
         self._wake: list[float] = []
         self._adds: list[list[float]] = [[] for _ in range(config.num_workers)]
         self.fast_windows = 0
+        self._pending_sends = 0
 
     # ---------------------------------------------------------------- driving
 
@@ -193,7 +194,7 @@ class SimCluster:
                          self.rejected, busy, self.fast_windows)
 
     def _busy(self) -> bool:
-        return bool(self._inflight or self._waiting) or self._roots_done < self._num_roots
+        return bool(self._inflight or self._waiting or self._pending_sends) or self._roots_done < self._num_roots
 
     # ---------------------------------------------------------------- client side
 
@@ -217,6 +218,7 @@ class SimCluster:
         self._dispatch(req, now)
 
     def _on_send(self, req: SimRequest) -> None:
+        self._pending_sends -= 1
         self._submit(req, self.q.now)
 
     def _dispatch(self, req: SimRequest, now: float) -> None:
@@ -261,6 +263,7 @@ class SimCluster:
         if self._want_outputs:
             for nxt in self.workload.follow_ups(fl.req, fl.output):
                 self.q.schedule(now + nxt.delay_s, "send", nxt)
+                self._pending_sends += 1
                 heapq.heappush(self._wake, now + nxt.delay_s)
         self._release_waiting(now)
 
