@@ -159,6 +159,8 @@ class PrefixIndex:
         self._tentative_mask: dict[int, int] = {}
         self._tentative_heap: list[tuple[float, int, int, tuple[int, ...]]] = []
         self._tentative_seq = 0
+        #: Bumped whenever any target's effective confidence may have changed (callers cache on it).
+        self.confidence_version = 0
 
     # ------------------------------------------------------------------ targets
 
@@ -175,6 +177,7 @@ class PrefixIndex:
             state = _Target(key=target, slot=slot, bit=1 << slot)
             self._slots[slot] = state
             self._targets[target] = state
+            self.confidence_version += 1
         return state
 
     def remove_target(self, target: WorkerKey) -> None:
@@ -183,6 +186,7 @@ class PrefixIndex:
         if state is None:
             return
         self._clear(state, None)
+        self.confidence_version += 1
         del self._targets[target]
         self._slots[state.slot] = None
         heapq.heappush(self._free_slots, state.slot)
@@ -202,7 +206,11 @@ class PrefixIndex:
     # ------------------------------------------------------------------ confidence
 
     def set_confidence(self, target: WorkerKey, confidence: Confidence) -> None:
-        self._target(target).confidence = Confidence(confidence)
+        state = self._target(target)
+        confidence = Confidence(confidence)
+        if state.confidence is not confidence:
+            state.confidence = confidence
+            self.confidence_version += 1
 
     def confidence(self, target: WorkerKey) -> Confidence:
         """The router's confidence, raised to ``resyncing`` while orphans are parked."""
@@ -402,6 +410,8 @@ class PrefixIndex:
         state.orphans_by_parent.clear()
         state.orphan_of_external.clear()
         state.orphan_fifo.clear()
+        if state.orphan_blocks:
+            self.confidence_version += 1
         state.orphan_blocks = 0
         if self._tentative:
             for own in [o for o, slots in self._tentative.items() if state.slot in slots]:
@@ -419,6 +429,7 @@ class PrefixIndex:
             state.orphan_of_external[ext] = orphan
         state.orphan_fifo.append(orphan)
         state.orphan_blocks += len(externals)
+        self.confidence_version += 1
         self.counters["orphan_events"] += 1
         self.counters["orphan_blocks"] += len(externals)
         logger.debug("%s: parked %d blocks whose parent %#x is unknown", state.key, len(externals), parent_key)
@@ -427,6 +438,7 @@ class PrefixIndex:
     def _unpark(self, state: _Target, orphan: _Orphan) -> None:
         orphan.alive = False
         state.orphan_blocks -= len(orphan.external_keys)
+        self.confidence_version += 1
         for ext in orphan.external_keys:
             if state.orphan_of_external.get(ext) is orphan:
                 del state.orphan_of_external[ext]

@@ -80,6 +80,7 @@ class _TargetState:
     requests: dict[str, InFlight] = field(default_factory=dict)
     pending_prefill_tokens: int = 0
     active_blocks: int = 0
+    cached_load: WorkerLoad | None = None  # rebuilt only after a change
 
 
 class RouterCore:
@@ -103,6 +104,12 @@ class RouterCore:
         self.rng = rng if rng is not None else random.Random(0)
         self._targets: dict[WorkerKey, _TargetState] = {}
         self._requests: dict[str, InFlight] = {}
+        # Candidates as of the last route, with overlap 0, in target order; entries of targets
+        # whose load changed are rebuilt lazily, all of them when any confidence changed.
+        self._base: list[WorkerState] = []
+        self._base_pos: dict[WorkerKey, int] = {}
+        self._base_version = -1
+        self._dirty: set[WorkerKey] = set()
         self.routed_total = 0
         self.predicted_cached_tokens_total = 0
 
@@ -114,12 +121,15 @@ class RouterCore:
         if state is None:
             self._targets[target] = _TargetState(target, capacity_blocks)
             self.index.add_target(target)
+            self._base_version = -1
         else:
             state.capacity_blocks = capacity_blocks
+            self._dirty.add(target)
 
     def unregister(self, target: WorkerKey) -> list[InFlight]:
         """Remove a target (dead or gone) and its index entries; returns its in-flight requests."""
         state = self._targets.pop(target, None)
+        self._base_version = -1
         self.index.remove_target(target)
         self.policy.forget(target)
         if state is None:
@@ -137,6 +147,8 @@ class RouterCore:
         """The engine's own view of its load, from a heartbeat. Unknown targets are ignored."""
         state = self._targets.get(target)
         if state is not None:
+            state.cached_load = None
+            self._dirty.add(target)
             state.engine_running = running
             state.engine_waiting = waiting
             state.engine_queued_prefill_tokens = queued_prefill_tokens
@@ -144,7 +156,9 @@ class RouterCore:
 
     def load(self, target: WorkerKey) -> WorkerLoad:
         s = self._targets[target]
-        return WorkerLoad(
+        if s.cached_load is not None:
+            return s.cached_load
+        s.cached_load = WorkerLoad(
             in_flight=len(s.requests),
             running=s.engine_running,
             waiting=s.engine_waiting,
@@ -152,6 +166,7 @@ class RouterCore:
             active_blocks=s.active_blocks,
             kv_usage=s.kv_usage,
         )
+        return s.cached_load
 
     # ------------------------------------------------------------------ requests
 
@@ -169,17 +184,17 @@ class RouterCore:
             raise ValueError("empty prompt")
         if request.request_id in self._requests:
             raise ValueError(f"request {request.request_id!r} is already in flight")
-        excluded = set(exclude)
-        keys = [k for k in sorted(self._targets) if k not in excluded]
-        if request.pinned_worker_id is not None:
-            keys = [k for k in keys if k.worker_id == request.pinned_worker_id][:1]
-        if not keys:
-            raise NoTargetsError("no worker can take the request" + (" (pinned worker unknown)"
-                                                                      if request.pinned_worker_id else ""))
         hashes = self.request_hashes(request)
         overlap = self.index.overlap(hashes, now=now)
-        candidates = [WorkerState(k, overlap.get(k, 0), self.load(k), self.index.confidence(k),
-                                  self._targets[k].capacity_blocks) for k in keys]
+        candidates = self._candidates(overlap)
+        excluded = set(exclude)
+        if excluded or request.pinned_worker_id is not None:
+            candidates = [w for w in candidates if w.target not in excluded]
+            if request.pinned_worker_id is not None:
+                candidates = [w for w in candidates if w.target.worker_id == request.pinned_worker_id][:1]
+        if not candidates:
+            raise NoTargetsError("no worker can take the request" + (" (pinned worker unknown)"
+                                                                      if request.pinned_worker_id else ""))
         route_request = RouteRequest(request.request_id, len(request.token_ids), hashes, request.token_ids,
                                      request.lora_name, request.max_tokens)
         if request.pinned_worker_id is not None:
@@ -195,6 +210,32 @@ class RouterCore:
             self.index.add_tentative(decision.target, hashes, now + self.tentative_window_s)
         return RouteResult(decision, rec, hashes)
 
+    def _candidates(self, overlap: dict[WorkerKey, int]) -> list[WorkerState]:
+        """Every target as a ``WorkerState`` (target order), with this request's overlap."""
+        confidence = self.index.confidence
+        if self._base_version != self.index.confidence_version:
+            keys = sorted(self._targets)
+            self._base = [WorkerState(k, 0, self.load(k), confidence(k), self._targets[k].capacity_blocks)
+                          for k in keys]
+            self._base_pos = {k: i for i, k in enumerate(keys)}
+            self._base_version = self.index.confidence_version
+            self._dirty.clear()
+        elif self._dirty:
+            for k in self._dirty:
+                i = self._base_pos.get(k)
+                if i is not None:
+                    self._base[i] = WorkerState(k, 0, self.load(k), confidence(k), self._targets[k].capacity_blocks)
+            self._dirty.clear()
+        candidates = list(self._base)
+        pos = self._base_pos
+        new = tuple.__new__  # NamedTuple._replace is several times slower
+        for k, n in overlap.items():
+            i = pos.get(k)
+            if i is not None:
+                b = candidates[i]
+                candidates[i] = new(WorkerState, (k, n, b[2], b[3], b[4]))
+        return candidates
+
     def _dispatch(self, request: RoutingInput, decision: Decision, overlap_blocks: int, n_blocks: int,
                   now: float) -> InFlight:
         prompt = len(request.token_ids)
@@ -203,6 +244,8 @@ class RouterCore:
         rec = InFlight(request.request_id, decision.target, prompt, n_blocks, overlap_blocks, predicted, now,
                        prompt - predicted)
         state = self._targets[decision.target]
+        state.cached_load = None
+        self._dirty.add(decision.target)
         state.requests[rec.request_id] = rec
         state.pending_prefill_tokens += rec.pending_prefill_tokens
         state.active_blocks += rec.prompt_blocks
@@ -225,6 +268,8 @@ class RouterCore:
         rec.first_token_at = now
         state = self._targets.get(rec.target)
         if state is not None:
+            state.cached_load = None
+            self._dirty.add(rec.target)
             state.pending_prefill_tokens -= rec.pending_prefill_tokens
         rec.pending_prefill_tokens = 0
 
@@ -235,6 +280,8 @@ class RouterCore:
             return None
         state = self._targets.get(rec.target)
         if state is not None:
+            state.cached_load = None
+            self._dirty.add(rec.target)
             state.requests.pop(request_id, None)
             state.pending_prefill_tokens -= rec.pending_prefill_tokens
             state.active_blocks -= rec.prompt_blocks

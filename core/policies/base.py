@@ -13,8 +13,8 @@ is one line a person can read in a DEBUG log.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from core.prefix_index import Confidence, WorkerKey
 
@@ -56,13 +56,14 @@ class RouteRequest:
     max_tokens: int = 16
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerLoad:
+class WorkerLoad(NamedTuple):
     """A target's load: the engine's last heartbeat merged with the router's own accounting.
 
     ``in_flight`` and ``active_blocks`` are this router's (requests dispatched and not finished,
     and their prompt blocks); ``queued_prefill_tokens`` is the larger of the engine's report
     and the router's not-yet-started prefill work, so a second router's load still shows.
+    (A NamedTuple, as ``WorkerState``: one is built per candidate per request, and tuples
+    build several times faster than frozen dataclasses.)
     """
 
     in_flight: int = 0
@@ -73,13 +74,15 @@ class WorkerLoad:
     kv_usage: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerState:
+_IDLE = WorkerLoad()
+
+
+class WorkerState(NamedTuple):
     """One routable candidate as the policy sees it."""
 
     target: WorkerKey
     overlap_blocks: int = 0
-    load: WorkerLoad = field(default_factory=WorkerLoad)
+    load: WorkerLoad = _IDLE
     confidence: Confidence = Confidence.FRESH
     capacity_blocks: int = 0
 

@@ -80,19 +80,38 @@ class KvrPolicy:
 
     def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
         bound = self.load_bound(candidates)
-        predictions = [self.predict(request, w) for w in candidates]
-        allowed = [i for i, w in enumerate(candidates) if w.load.in_flight + 1 <= bound] or list(range(len(candidates)))
-        best_key = min((predictions[i][0], candidates[i].load.in_flight) for i in allowed)
-        tied = [i for i in allowed if (predictions[i][0], candidates[i].load.in_flight) == best_key]
+        # Candidates alike in (overlap, confidence, queue) share one prediction: a large, mostly
+        # idle fleet costs a handful of latency-model calls, not one per worker.
+        memo: dict[tuple, tuple[float, float, int]] = {}
+        predictions = []
+        best_key = None
+        tied: list[int] = []
+        over: list[int] = []
+        for i, w in enumerate(candidates):
+            load = w.load
+            key = (w.overlap_blocks, w.confidence, load.queued_prefill_tokens)
+            p = memo.get(key)
+            if p is None:
+                p = memo[key] = self.predict(request, w)
+            predictions.append(p)
+            if load.in_flight + 1 > bound:
+                over.append(i)
+                continue
+            k = (p[0], load.in_flight)
+            if best_key is None or k < best_key:
+                best_key, tied = k, [i]
+            elif k == best_key:
+                tied.append(i)
+        if not tied:  # cannot happen (someone is at or below the mean); stay safe
+            over = []
+            tied = [min(range(len(candidates)), key=lambda i: (predictions[i][0], candidates[i].load.in_flight))]
         pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
         chosen = candidates[pick]
         ttft_s, queue_s, cached = predictions[pick]
         reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
                   f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, {chosen.confidence.value})")
-        allowed_set = set(allowed)
-        over = [str(w.target) for i, w in enumerate(candidates) if i not in allowed_set]
         if over:
-            reason += f"; over the load bound {bound:.1f}: {', '.join(over)}"
+            reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
         scores = {w.target: p[0] * 1e3 for w, p in zip(candidates, predictions)}
         return Decision(chosen.target, scores, reason, self.name, "predicted TTFT ms", chosen.overlap_blocks)
 

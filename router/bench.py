@@ -1,0 +1,176 @@
+"""Micro-benchmarks of the routing path: ``python -m router.bench [--quick] [--redis-url URL]``.
+
+* routing decision latency (``RouterCore.route`` + ``on_finish``: hashing, overlap, policy,
+  accounting) at several fleet sizes and index sizes, p50/p99;
+* event ingestion: blocks/s applied to the index alone, and with the Redis mirror (one pipeline
+  per event batch, as the router writes);
+* bytes per indexed block, in process (tracemalloc) and in Redis (``used_memory`` delta).
+
+Prints one JSON object. Timings use ``time.perf_counter``; everything is seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+import tracemalloc
+
+from core.events import BlockStored
+from core.policies import get_policy
+from core.prefix_index import IndexDelta, PrefixIndex, WorkerKey
+from core.routing import RouterCore, RoutingInput
+
+BS = 16
+
+
+def _events(rnd: random.Random, n_blocks: int, blocks_per_event: int, n_prefixes: int) -> list[BlockStored]:
+    """Root-chained stores: each event a fresh prompt of ``blocks_per_event`` blocks after a shared prefix."""
+    prefixes = [[rnd.randrange(50_000) for _ in range(4 * BS)] for _ in range(n_prefixes)]
+    out = []
+    ext = 1
+    for _ in range(max(1, n_blocks // blocks_per_event)):
+        tokens = rnd.choice(prefixes)[: BS * min(4, blocks_per_event)]
+        tokens = tokens + [rnd.randrange(50_000) for _ in range(blocks_per_event * BS - len(tokens))]
+        out.append(BlockStored(list(range(ext, ext + blocks_per_event)), None, tokens, BS, None, "GPU", None))
+        ext += blocks_per_event
+    return out
+
+
+def bench_routing(n_workers: int, n_blocks: int, *, n_requests: int = 2000, prompt_tokens: int = 1024,
+                  policy: str = "kvr", seed: int = 0) -> dict:
+    rnd = random.Random(seed)
+    index = PrefixIndex(block_size=BS)
+    core = RouterCore(policy=get_policy(policy, block_size=BS), index=index, block_size=BS, tentative_window_s=0,
+                      rng=random.Random(seed))
+    targets = [WorkerKey(f"w{i}", 0) for i in range(n_workers)]
+    for t in targets:
+        core.register(t, capacity_blocks=n_blocks // n_workers + 1)
+    events = _events(rnd, n_blocks, prompt_tokens // BS, n_prefixes=64)
+    for i, ev in enumerate(events):
+        index.apply(targets[i % n_workers], ev, now=0.0)
+    # Requests: a stored prompt's first half (a real hit somewhere) plus a fresh tail.
+    reqs = []
+    for i in range(n_requests):
+        ev = events[rnd.randrange(len(events))]
+        head = ev.token_ids[: prompt_tokens // 2]
+        reqs.append(RoutingInput(f"r{i}", head + [rnd.randrange(50_000) for _ in range(prompt_tokens - len(head))]))
+    lat = []
+    gc.disable()
+    try:
+        for i, r in enumerate(reqs):
+            t0 = time.perf_counter()
+            core.route(r, now=float(i))
+            core.on_finish(r.request_id)
+            lat.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+    lat.sort()
+    return {"workers": n_workers, "indexed_blocks": index.total_blocks(), "prompt_tokens": prompt_tokens,
+            "policy": policy, "p50_us": round(lat[len(lat) // 2] * 1e6, 1),
+            "p99_us": round(lat[int(len(lat) * 0.99)] * 1e6, 1)}
+
+
+def bench_overlap_only(n_workers: int, n_blocks: int, *, prompt_tokens: int = 1024, seed: int = 0) -> dict:
+    """The index lookup alone (the request already hashed)."""
+    from core.hashing import block_hashes
+
+    rnd = random.Random(seed)
+    index = PrefixIndex(block_size=BS)
+    targets = [WorkerKey(f"w{i}", 0) for i in range(n_workers)]
+    events = _events(rnd, n_blocks, prompt_tokens // BS, n_prefixes=64)
+    for i, ev in enumerate(events):
+        index.apply(targets[i % n_workers], ev, now=0.0)
+    hashes = [block_hashes(events[rnd.randrange(len(events))].token_ids, block_size=BS) for _ in range(500)]
+    lat = []
+    for h in hashes:
+        t0 = time.perf_counter()
+        index.overlap(h)
+        lat.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for ev in events[:200]:
+        block_hashes(ev.token_ids, block_size=BS)
+    hash_us = (time.perf_counter() - t0) / min(200, len(events)) * 1e6
+    lat.sort()
+    return {"workers": n_workers, "indexed_blocks": index.total_blocks(), "overlap_p50_us": round(lat[250] * 1e6, 1),
+            "overlap_p99_us": round(lat[495] * 1e6, 1), "hash_prompt_us": round(hash_us, 1)}
+
+
+def bench_ingest(n_blocks: int, *, blocks_per_event: int = 16, events_per_batch: int = 4, mirror=None,
+                 seed: int = 0) -> dict:
+    """Blocks/s applied to the index (and written to Redis when ``mirror`` is given)."""
+    from router.ingest import fold_delta
+
+    rnd = random.Random(seed)
+    events = _events(rnd, n_blocks, blocks_per_event, n_prefixes=256)
+    index = PrefixIndex(block_size=BS)
+    target = WorkerKey("w0", 0)
+    t0 = time.perf_counter()
+    for start in range(0, len(events), events_per_batch):
+        stored: dict[int, int] = {}
+        removed: set[int] = set()
+        cleared = False
+        for ev in events[start:start + events_per_batch]:
+            delta = IndexDelta()
+            index.apply(target, ev, now=0.0, delta=delta)
+            cleared |= fold_delta(stored, removed, delta)
+        if mirror is not None:
+            mirror.write_batch("w0", 0, seq=start, epoch=1, stored=stored, removed=removed, cleared=cleared,
+                               num_events=events_per_batch)
+    dt = time.perf_counter() - t0
+    blocks = index.total_blocks()
+    return {"blocks": blocks, "blocks_per_s": round(blocks / dt), "with_redis": mirror is not None,
+            "blocks_per_event": blocks_per_event, "events_per_batch": events_per_batch}
+
+
+def bytes_per_block(n_blocks: int, *, seed: int = 0) -> dict:
+    rnd = random.Random(seed)
+    events = _events(rnd, n_blocks, 16, n_prefixes=256)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    index = PrefixIndex(block_size=BS)
+    for i, ev in enumerate(events):
+        index.apply(WorkerKey(f"w{i % 8}", 0), ev, now=0.0)
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return {"blocks": index.total_blocks(), "bytes_per_block_in_process": round(used / index.total_blocks(), 1)}
+
+
+def redis_bytes_per_block(client, mirror, n_blocks: int) -> dict:
+    client.flushdb()
+    before = int(client.info("memory")["used_memory"])
+    res = bench_ingest(n_blocks, mirror=mirror)
+    after = int(client.info("memory")["used_memory"])
+    return {"blocks": res["blocks"], "bytes_per_block_in_redis": round((after - before) / res["blocks"], 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    ap.add_argument("--redis-url", default="", help="also measure with the Redis mirror (a scratch database!)")
+    args = ap.parse_args(argv)
+    sizes = [(8, 10_000), (64, 100_000)] if args.quick else [(8, 100_000), (64, 1_000_000), (512, 1_000_000)]
+    out: dict = {"routing": [], "overlap": [], "ingest": []}
+    for workers, blocks in sizes:
+        out["routing"].append(bench_routing(workers, blocks, n_requests=500 if args.quick else 2000))
+        out["overlap"].append(bench_overlap_only(workers, blocks))
+    n_ingest = 50_000 if args.quick else 400_000
+    out["ingest"].append(bench_ingest(n_ingest))
+    out["memory"] = bytes_per_block(20_000 if args.quick else 200_000)
+    if args.redis_url:
+        from router.mirror import RedisMirror, make_redis_client
+
+        client = make_redis_client(args.redis_url, timeout_s=5.0)
+        mirror = RedisMirror(client=client, namespace="bench")
+        client.flushdb()
+        out["ingest"].append(bench_ingest(n_ingest // 4, mirror=mirror))
+        out["memory"].update(redis_bytes_per_block(client, mirror, n_ingest // 4))
+        client.flushdb()
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
