@@ -255,6 +255,8 @@ class BlockPool:
         bs = self.block_size
         n_full = len(seq.token_ids) // bs
         hashes = seq.block_hashes
+        if len(hashes) >= n_full:
+            return  # most decode tokens: no block became full
         while len(hashes) < n_full:
             i = len(hashes)
             hash_extra, wire_extra = self._extra_keys(seq, i)

@@ -372,15 +372,14 @@ class EmulatedEngine:
         end = now + duration
         outputs: list[RequestOutput] = []
         finished_any = False
-        vocab = self._vocab
-        choice = self.rng.choice
+        # One draw per scheduled request, in batch order (prefill chunks waste theirs).
+        draws = self.rng.choices(self._vocab, k=len(scheduled))
         pool = self.pool
-        for r, n in scheduled:
+        for (r, n), token in zip(scheduled, draws):
             seq = r.seq
             seq.num_computed_tokens += n
             if seq.num_computed_tokens < len(seq.token_ids):
                 continue  # a prefill chunk: nothing sampled
-            token = choice(vocab)
             pool.append_token_ids(seq, (token,))
             r.output_token_ids.append(token)
             if r.first_token_s is None:

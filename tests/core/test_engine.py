@@ -49,7 +49,7 @@ def test_one_request_prefills_then_decodes_with_exact_timing_and_tokens() -> Non
     durations = [round(r.duration_s, 9) for _, r in trace]
     assert durations == [0.013, 0.005, 0.005]  # 10 + 3 blocks x 1 ms, then 2 decode steps
     draw = random.Random(1)
-    assert tokens == {"a": [draw.choice(default_output_vocab()) for _ in range(3)]}
+    assert tokens == {"a": [draw.choices(default_output_vocab(), k=1)[0] for _ in range(3)]}  # one draw per step
     s = stats["a"]
     assert (s.queue_s, s.num_prompt_tokens, s.num_cached_tokens, s.num_output_tokens, s.preemptions) == (1.0, 10, 0, 3, 0)
     assert s.prefill_s == pytest.approx(0.013) and s.ttft_s == pytest.approx(1.013)

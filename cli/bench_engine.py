@@ -1,0 +1,40 @@
+"""``kvr bench-engine``: emulated engine and block-pool speed (``worker/bench.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("bench-engine")
+@click.option("--profile", default="a100-80gb-8b", show_default=True, help="Engine profile.")
+@click.option("--batches", default="1,32,256", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--prompt-tokens", default=512, show_default=True, type=int)
+@click.option("--output-tokens", default=256, show_default=True, type=int)
+@click.option("--speedup", default=10.0, show_default=True, type=float, help="Speedup the CPU share is reported at.")
+@click.option("--pool-requests", default=20_000, show_default=True, type=int, help="Block-pool lifecycles.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per suite run.")
+def bench_engine_cmd(profile: str, batches: str, prompt_tokens: int, output_tokens: int, speedup: float,
+                     pool_requests: int, as_json: bool) -> None:
+    """Emulated tokens per wall second at each batch size, and block-pool operations per second."""
+    from worker.bench import bench_block_pool, bench_engine
+
+    results = [bench_engine(profile=profile, batch=int(b), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                            speedup=speedup) for b in batches.split(",")]
+    pool = bench_block_pool(requests=pool_requests)
+    if as_json:
+        for r in [*results, pool]:
+            click.echo(json.dumps(r))
+        return
+    click.echo(f"engine, profile {profile}, prompt {prompt_tokens}, output {output_tokens}")
+    click.echo(f"{'batch':>6} {'emulated tok/s':>15} {'decode tok/s':>13} {'us/step':>9} {f'CPU share @x{speedup:g}':>16}")
+    for r in results:
+        click.echo(f"{r['batch']:>6} {r['emulated_tokens_per_s']:>15,.0f} {r['decode_tokens_per_s']:>13,.0f} "
+                   f"{r['wall_us_per_step']:>9,.0f} {r['cpu_share_at_speedup']:>16.3f}")
+    click.echo(f"block pool: {pool['lifecycles_per_s']:,.0f} request lifecycles/s, {pool['block_ops_per_s']:,.0f} "
+               f"block ops/s, hashing {pool['hash_blocks_per_s']:,.0f} blocks/s (hit rate {pool['hit_rate']:.2f}, "
+               f"{pool['evictions']} evictions)")
+
+
+COMMANDS = [bench_engine_cmd]
