@@ -145,12 +145,14 @@ class EventIngest:
                 self._mirror(lambda: self.mirror.clear_target(hello.worker_id, rank, epoch=hello.epoch))
             self.index.set_confidence(target, Confidence.FRESH if expected is None else Confidence.RESYNCING)
             endpoint = offset_endpoint_for_dp_rank(hello.events_endpoint, rank)
-            bind = not vllm_binds(endpoint)  # vLLM's PUB binds on wildcards; else it dials us
+            # Hello advertises where *the router* subscribes (worker/vllm_checks.py): a host means
+            # the publisher binds there and we connect; a wildcard means the publisher dials us.
+            bind = vllm_binds(endpoint)
             replay = hello.replay_endpoint
             if replay is not None:
                 replay = connectable(offset_endpoint_for_dp_rank(replay, rank))
             sub = EventSubscriber(
-                endpoint=endpoint if bind else connectable(endpoint), replay_endpoint=replay, topic=hello.topic,
+                endpoint=endpoint, replay_endpoint=replay, topic=hello.topic,
                 bind=bind, ctx=self._ctx, expected_seq=expected, replay_timeout_ms=self._replay_timeout_ms,
                 clock=self._clock, name=str(target))
             sub.attach(self._poller)

@@ -47,10 +47,9 @@ class FakeWorker:
         self.next_beat = 0.0
 
     def hello(self) -> None:
-        port = self.pub.endpoint.rsplit(":", 1)[1]
-        rport = self.pub.replay_endpoint.rsplit(":", 1)[1]
-        self.sock.send(encode(Hello(self.wid, self.epoch, "m", self.block_size, 1000, f"tcp://*:{port}",
-                                    f"tcp://*:{rport}", topic=f"kv@{self.wid}@m")))
+        # The publisher binds: advertise its address, the router connects to it.
+        self.sock.send(encode(Hello(self.wid, self.epoch, "m", self.block_size, 1000, self.pub.endpoint,
+                                    self.pub.replay_endpoint, topic=f"kv@{self.wid}@m")))
 
     def store(self, tokens: list[int]) -> None:
         n = len(tokens) // BS

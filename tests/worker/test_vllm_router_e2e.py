@@ -37,10 +37,6 @@ def _until(predicate, timeout_s: float, what: str, router: RouterService | None 
         time.sleep(0.01)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router/ingest.py applies vLLM's bind rule to Hello.events_endpoint the other way round from the "
-    "workers (worker/emulated.py, worker/vllm_checks.py: an endpoint with '*' means the router binds, a "
-    "host means it connects); with the workers' convention this test passes (checked by flipping the rule)"))
 def test_router_predictions_equal_vllm_reported_cached_tokens():
     router = RouterService(RouterConfig(bind_clients="tcp://127.0.0.1:0", bind_workers="tcp://127.0.0.1:0",
                                         block_size=BS, heartbeat=HeartbeatConfig(interval_s=0.1, liveness=50)))
