@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 @click.command("worker")
 @vllm_options  # --engine vllm and its options (cli/_vllm.py)
 @click.option("--id", "worker_id", required=True, envvar="KVR_WORKER_ID", help="Worker id (unique in the fleet).")
-@click.option("--router", "router_endpoint", default="tcp://127.0.0.1:5555", show_default=True, envvar="KVR_ROUTER",
-              help="The router's worker endpoint (its ROUTER socket). 'none' runs without a router (HTTP only).")
+@click.option("--router", "router_endpoint", default="tcp://127.0.0.1:5556", show_default=True, envvar="KVR_ROUTER",
+              help="The router's worker endpoint (kvr router --bind-workers). 'none' runs without a router (HTTP only).")
 @click.option("--events-endpoint", default="tcp://127.0.0.1:0", show_default=True,
               help="KV-event PUB endpoint (bound; port 0 picks one). With --events-dial the worker dials out "
                    "to a router that binds it, like vLLM's central mode.")

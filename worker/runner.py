@@ -18,7 +18,7 @@ class WorkerOptions:
     """Everything ``kvr worker`` takes (one field per CLI option)."""
 
     worker_id: str
-    router_endpoint: str | None = "tcp://127.0.0.1:5555"
+    router_endpoint: str | None = "tcp://127.0.0.1:5556"
     events_endpoint: str = "tcp://127.0.0.1:0"
     events_dial: bool = False
     replay_endpoint: str | None = "tcp://127.0.0.1:0"
