@@ -110,7 +110,9 @@ class RemoteTokenizer:
             self._output_vocab = tuple(ids)
         return self._output_vocab
 
-    def __len__(self) -> int:
+    @property
+    def cached_entries(self) -> int:
+        """Texts whose tokens are cached (no ``__len__``: an empty cache must not make the tokenizer falsy)."""
         return len(self._cache)
 
 
@@ -150,3 +152,22 @@ def verify_router_tokenizer(spec: str | None, *, client: OpenAIClient, model: st
     if plain != special:
         logger.warning("vLLM adds special tokens to text prompts (%s... vs %s...); kvr's tokenizer %s does not: "
                        "prompts routed by kvr reach the model without them", special[:3], plain[:3], local.name)
+
+
+def load_router_tokenizer(spec: str | None):
+    """The router's tokenizer from one option value.
+
+    ``None`` / ``"builtin"``: kvr's built-in tokenizer (emulated fleets only: its ids are not a
+    real model's); a path: that ``tokenizer.json`` (``core.tokenizer.HFTokenizer``); an
+    ``http(s)://`` URL: that vLLM server's ``/tokenize`` through a :class:`RemoteTokenizer`
+    for its first served model, with special tokens as vLLM adds them to a text prompt.
+    """
+    from core.tokenizer import load_tokenizer
+
+    if spec is not None and spec.startswith(("http://", "https://")):
+        client = OpenAIClient(base_url=spec)
+        base = [card.id for card in client.models() if card.parent is None]
+        if not base:
+            raise RuntimeError(f"{spec}/v1/models lists no model to tokenize for")
+        return RemoteTokenizer(client=client, model=base[0], add_special_tokens=True)
+    return load_tokenizer(spec)

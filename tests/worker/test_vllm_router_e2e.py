@@ -20,8 +20,9 @@ from bus.schema import GenerateRequest
 from core.liveness import HeartbeatConfig
 from core.prefix_index import WorkerKey
 from router.service import RouterConfig, RouterService
-from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
+from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig, fake_tokenize
 from tests.worker.test_vllm_events import free_port_pair
+from worker.remote_tokenizer import load_router_tokenizer
 from worker.vllm_runner import VllmWorkerOptions, VllmWorkerRunner
 
 pytestmark = pytest.mark.timeout(90)
@@ -84,10 +85,44 @@ def test_router_predictions_equal_vllm_reported_cached_tokens():
         for t in threads:
             t.join(10)
         router.stop()
-        router_thread.join(3)  # a router stuck retrying binds (see the xfail) is left to finish as a daemon
+        router_thread.join(10)
         for fake in fakes:
             fake.close()
     assert [p for p, _ in pairs] == [a for _, a in pairs]
     assert sum(a for _, a in pairs) > 0, "the workload must produce hits"
     assert sum(f.engines[0].pool.stats.evicted_blocks for f in fakes) > 0, "the workload must evict"
     assert {w for w in served} == set(WORKERS), "both workers must serve"
+
+
+def test_text_prompts_tokenized_by_the_servers_tokenize():
+    """``kvr router --tokenizer <vLLM URL>``: text becomes the server's own token ids."""
+    p, r = free_port_pair(), free_port_pair()
+    kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", topic="t", bind=True)
+    with FakeVllm(kv_events=kv) as fake:
+        router = RouterService(RouterConfig(bind_clients="tcp://127.0.0.1:0", bind_workers="tcp://127.0.0.1:0",
+                                            block_size=BS, heartbeat=HeartbeatConfig(interval_s=0.1, liveness=50)),
+                               tokenizer=load_router_tokenizer(fake.url))
+        router_thread = threading.Thread(target=router.run, name="router", daemon=True)
+        router_thread.start()
+        runner = VllmWorkerRunner(VllmWorkerOptions(
+            worker_id="w", vllm_url=fake.url, kv_events_endpoint=f"tcp://*:{p}", replay_endpoint=f"tcp://*:{r}",
+            topic="t", router_endpoint=router.workers_endpoint, block_size=BS, heartbeat_interval_s=0.1))
+        worker_thread = threading.Thread(target=runner.run, name="worker", daemon=True)
+        worker_thread.start()
+        text = " ".join(f"word{i}" for i in range(40))  # 41 tokens with the BOS
+        try:
+            _until(lambda: "w" in router.workers and WorkerKey("w", 0) in router.ingest.streams, 5, "registration")
+            with RouterClient(endpoint=router.clients_endpoint) as client:
+                first = client.generate(GenerateRequest("a", prompt=text, max_tokens=2), timeout_s=20)
+                _until(lambda: router.ingest.streams[WorkerKey("w", 0)].last_seq == fake.publishers[0].next_seq - 1,
+                       10, "events to be ingested")
+                second = client.generate(GenerateRequest("b", prompt=text, max_tokens=2), timeout_s=20)
+        finally:
+            runner.stop()
+            worker_thread.join(10)
+            router.stop()
+            router_thread.join(10)
+    prompts = [body["prompt"] for body in fake.requests[1:]]  # [0] is the adapter's start-up probe
+    assert prompts == [fake_tokenize(text)] * 2
+    assert (first.completion.cached_tokens, second.completion.cached_tokens) == (0, 32)
+    assert second.routed.predicted_cached_tokens == 32

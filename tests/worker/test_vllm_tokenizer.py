@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.tokenizer import Tokenizer
+from core.tokenizer import BuiltinTokenizer, Tokenizer
 from tests.fakes.fake_vllm import FakeVllm, fake_tokenize
 from worker.openai_client import OpenAIClient
 from worker.remote_tokenizer import (
@@ -12,6 +12,7 @@ from worker.remote_tokenizer import (
     RemoteTokenizer,
     TokenizerMismatchError,
     check_tokenizer_matches,
+    load_router_tokenizer,
     verify_router_tokenizer,
 )
 
@@ -30,7 +31,7 @@ def test_remote_tokens_equal_the_servers_and_repeats_are_cached(fake):
     tok.encode("d e")
     tok.encode("a b c")  # refreshes "a b c": "d e" is now the oldest
     tok.encode("f")  # evicts "d e"
-    assert len(tok) == 2 and fake.tokenize_calls == 3
+    assert tok.cached_entries == 2 and fake.tokenize_calls == 3
     tok.encode("a b c")
     assert fake.tokenize_calls == 3
     tok.encode("d e")
@@ -86,3 +87,11 @@ def test_remote_tokenizer_is_a_core_tokenizer(fake):
     assert tok.output_vocab() == tuple(fake_tokenize(" " + w, add_special_tokens=False)[0]
                                        for w in ("the", "of", "and", "to", "in", "is", "it", "was", "for", "on",
                                                  "are", "as", "at", "by", "be"))
+
+
+def test_router_tokenizer_from_one_option_value(fake):
+    remote = load_router_tokenizer(fake.url)
+    assert isinstance(remote, RemoteTokenizer) and remote.model == fake.model and remote  # truthy when empty
+    assert remote.encode("two words") == fake_tokenize("two words")  # with the BOS vLLM adds to text prompts
+    assert isinstance(load_router_tokenizer(None), BuiltinTokenizer)
+    assert isinstance(load_router_tokenizer("builtin"), BuiltinTokenizer)
