@@ -39,12 +39,15 @@ logger = logging.getLogger(__name__)
 @click.option("--router-id", default="router", show_default=True, envvar="KVR_ROUTER_ID",
               help="Name of this router (prefix of the request ids workers see).")
 @click.option("--no-redis", is_flag=True, help="Run without the Redis mirror (no warm start, no sharing).")
+@click.option("--tokenizer", default=None, envvar="KVR_TOKENIZER",
+              help="Text prompts to token ids: 'builtin' (default), a tokenizer.json path, or a vLLM server URL "
+                   "(its /tokenize, cached). Real vLLM fleets need the model's tokenizer (docs/vllm.md).")
 @redis_url_option
 @namespace_option
 def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: str, block_size: int,
                heartbeat_interval_s: float, heartbeat_liveness: int, request_timeout_s: float, max_pending: int,
                max_retries: int, tentative_window_s: float, router_id: str, no_redis: bool, redis_url: str,
-               namespace: str) -> None:
+               namespace: str, tokenizer: str | None = None) -> None:
     """Route requests to the worker whose KV cache already holds their prefix."""
     from core.liveness import HeartbeatConfig
     from router.service import RouterConfig, RouterService
@@ -66,7 +69,9 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
             redis_url = embedded.url
         mirror = RedisMirror(client=make_redis_client(redis_url), namespace=namespace)
     try:
-        service = RouterService(config, mirror=mirror)
+        from worker.remote_tokenizer import load_router_tokenizer
+
+        service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer))
     except Exception as exc:
         if embedded is not None:
             embedded.stop()
