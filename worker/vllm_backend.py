@@ -82,7 +82,7 @@ class VllmBackendConfig:
     startup_timeout_s: float = 600.0
     require_cached_tokens: bool = True
     watch_block_size: bool = True
-    tokenizer: str | None = None  # the router's tokenizer (a tokenizer.json path): checked against /tokenize
+    tokenizer: str | None = None  # the router's --tokenizer; a tokenizer.json is checked against /tokenize
 
 
 class _InFlight:
@@ -148,7 +148,9 @@ class VllmBackend:
         self.info = check_server(self.client, model=cfg.model, block_size=cfg.block_size,
                                  num_gpu_blocks=cfg.num_gpu_blocks, startup_timeout_s=cfg.startup_timeout_s,
                                  require_cached_tokens=cfg.require_cached_tokens, probe=probe)
-        if cfg.tokenizer is not None:
+        if cfg.tokenizer is not None and cfg.tokenizer.startswith(("http://", "https://")):
+            logger.info("the router tokenizes with %s/tokenize: nothing to compare", cfg.tokenizer)
+        elif cfg.tokenizer is not None:
             try:
                 verify_router_tokenizer(cfg.tokenizer, client=self.client, model=self.info.model)
             except (TokenizerMismatchError, RuntimeError, OSError) as exc:
