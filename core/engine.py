@@ -453,8 +453,8 @@ class EmulatedEngine:
             end += d  # the same float additions as k calls of step() at now, now + d0, ...
         total = end - now
         vocab = self._vocab
-        choice = self.rng.choice
-        drawn = [[choice(vocab) for _ in range(n)] for _ in range(k)]  # step-major, as k single steps
+        choices = self.rng.choices
+        drawn = [choices(vocab, k=n) for _ in range(k)]  # one batched draw per step, as k single steps
         outputs: list[RequestOutput] = []
         finished_any = False
         for i, r in enumerate(running):
