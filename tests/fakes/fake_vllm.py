@@ -75,6 +75,8 @@ class KvEventsConfig:
     buffer_steps: int = 10_000
     #: Override vLLM's bind-or-connect rule (tests bind 127.0.0.1 only, which vLLM would connect to).
     bind: bool | None = None
+    #: Replay replies as vLLM 0.33 (with the topic frame) or as vLLM <= 0.24 ("legacy").
+    reply_format: str = "0.33"
 
 
 class _PublisherThread:
@@ -100,7 +102,8 @@ class _PublisherThread:
             for rank in range(dp_size):
                 self.publishers.append(EventPublisher(
                     endpoint=config.endpoint, replay_endpoint=config.replay_endpoint, topic=config.topic,
-                    buffer_steps=config.buffer_steps, dp_rank=rank, ctx=self._ctx, bind=config.bind))
+                    buffer_steps=config.buffer_steps, dp_rank=rank, ctx=self._ctx, bind=config.bind,
+                    reply_format=config.reply_format))
         except BaseException as exc:  # reported to the constructor
             self._error = exc
             self._ready.set()

@@ -212,3 +212,22 @@ def test_block_size_watch_checks_the_first_block_stored(fixture_payloads, told, 
         finally:
             watch.close()
     assert watch.mismatch == mismatch
+
+
+def test_a_legacy_vllm_stream_reaches_the_router():
+    """vLLM 0.22 payloads (events as arrays) and <= 0.24 replay replies (no topic frame)."""
+    legacy = sorted((FIXTURES / "legacy_v0_22_1").glob("*.bin"))
+    payloads = [path.read_bytes() for path in legacy]
+    p, r = free_port_pair(), free_port_pair()
+    kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", topic=TOPIC,
+                        bind=True, reply_format="legacy")
+    with FakeVllm(kv_events=kv) as fake:
+        fake.publish_payloads(payloads)  # nobody listens yet: only the legacy replay can deliver them
+        sub = EventSubscriber(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", topic=TOPIC)
+        try:
+            got = collect(sub, len(payloads))
+        finally:
+            sub.close()
+    assert len(payloads) == 4
+    assert [b.seq for b in got] == [0, 1, 2, 3] and all(b.replayed for b in got)
+    assert [b.batch for b in got] == [VllmEventDecoder().decode(x) for x in payloads]
