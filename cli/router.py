@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
               help="Seconds a routed request's blocks count as present on its worker (0 disables).")
 @click.option("--router-id", default="router", show_default=True, envvar="KVR_ROUTER_ID",
               help="Name of this router (prefix of the request ids workers see).")
+@click.option("--http-host", default="127.0.0.1", show_default=True, envvar="KVR_HTTP_HOST",
+              help="Address of the OpenAI-compatible HTTP front.")
+@click.option("--http-port", type=int, default=8000, show_default=True, envvar="KVR_HTTP_PORT",
+              help="Port of the HTTP front (/v1/completions, /v1/chat/completions, /metrics); -1 disables.")
+@click.option("--model-name", default="kvr", show_default=True, help="Model name the HTTP front reports.")
 @click.option("--no-redis", is_flag=True, help="Run without the Redis mirror (no warm start, no sharing).")
 @click.option("--tokenizer", default=None, envvar="KVR_TOKENIZER",
               help="Text prompts to token ids: 'builtin' (default), a tokenizer.json path, or a vLLM server URL "
@@ -76,13 +81,31 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
         if embedded is not None:
             embedded.stop()
         raise click.ClickException(f"router did not start: {exc}") from None
+    front = None
+    if http_port >= 0:
+        from bus.sockets import connectable
+        from router.http_front import RouterHttpFront
+
+        try:
+            front = RouterHttpFront(client_endpoint=connectable(service.clients_endpoint), host=http_host,
+                                    port=http_port, model=model_name, stats=lambda: service.stats,
+                                    request_timeout_s=request_timeout_s + 5)
+        except OSError as exc:
+            service.close()
+            if embedded is not None:
+                embedded.stop()
+            raise click.ClickException(f"cannot serve HTTP on {http_host}:{http_port}: {exc.strerror}") from None
+        front.start()
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     signal.signal(signal.SIGINT, lambda *_: service.stop())
-    logger.info("router %s: clients %s, workers %s, metrics %s, policy %s", router_id, service.clients_endpoint,
-                service.workers_endpoint, service.metrics_endpoint, policy)
+    logger.info("router %s: clients %s, workers %s, metrics %s, http %s, policy %s", router_id,
+                service.clients_endpoint, service.workers_endpoint, service.metrics_endpoint,
+                front.url if front else None, policy)
     try:
         service.run()
     finally:
+        if front is not None:
+            front.close()
         if embedded is not None:
             embedded.stop()
         logger.info("router stopped: %s", dict(service.counters))

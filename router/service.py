@@ -143,6 +143,9 @@ class RouterService:
         self._ids = itertools.count(1)
         self._next_stats_s = clock() + config.stats_interval_s
         self._stopped = False
+        #: A snapshot for other threads (the HTTP front): replaced, never mutated.
+        self.stats: dict = {}
+        self._refresh_stats()
 
     # ------------------------------------------------------------------ loop
 
@@ -219,6 +222,7 @@ class RouterService:
         if now >= self._next_stats_s:
             self._next_stats_s = now + self.config.stats_interval_s
             self._publish_samples()
+            self._refresh_stats()
 
     # ------------------------------------------------------------------ clients
 
@@ -341,6 +345,7 @@ class RouterService:
         else:
             old.identity = identity  # reconnected with a new DEALER; same incarnation, same index
         self.liveness.seen(hello.worker_id, now)
+        self._refresh_stats()
         self._send_worker(identity, Welcome(cfg.router_id, cfg.heartbeat.interval_s, cfg.heartbeat.liveness))
         self.liveness.sent(hello.worker_id, now)
         self._mirror_call(lambda: self.mirror.register_worker(hello, now_s=self._wall(), ttl_s=cfg.heartbeat.timeout_s))
@@ -385,6 +390,7 @@ class RouterService:
         if worker is None:
             return
         self.ingest.remove_worker(wid)
+        self._refresh_stats()
         now = self._clock()
         lost = [rec for t in worker.targets for rec in self.core.unregister(t)]
         self._mirror_call(lambda: self.mirror.unregister_worker(wid, dp_ranks=[t.dp_rank for t in worker.targets]))
@@ -446,12 +452,28 @@ class RouterService:
             policy=self.config.policy, error=None if ok else terminal.code, stats=terminal.stats if ok else RequestStats())
         self._publish(names.REQUEST_METRICS_TOPIC, rec)
 
+    def _refresh_stats(self) -> None:
+        targets = {}
+        live = set(self.core.targets())
+        for target, stream in self.ingest.streams.items():
+            if target not in live:
+                continue
+            load = self.core.load(target)
+            targets[str(target)] = {
+                "indexed_blocks": self.index.num_blocks(target), "confidence": self.index.confidence(target).value,
+                "in_flight": load.in_flight, "queued_prefill_tokens": load.queued_prefill_tokens,
+                "events_applied": stream.events_applied, "gaps": stream.gaps, "resets": stream.resets,
+                "event_lag_s": round(stream.event_lag_s, 6)}
+        self.stats = {"counters": dict(self.counters), "workers": len(self.workers), "pending": len(self.pending),
+                      "indexed_blocks": self.index.total_blocks(), "targets": targets}
+
     def _publish_samples(self) -> None:
         if self._metrics is None:
             return
         t = self._wall()
+        live = set(self.core.targets())
         for target, stream in self.ingest.streams.items():
-            if target not in self.core.targets():
+            if target not in live:
                 continue
             load = self.core.load(target)
             self._publish(names.WORKER_METRICS_TOPIC, WorkerSample(

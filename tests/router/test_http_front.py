@@ -1,0 +1,120 @@
+"""The router's OpenAI-compatible HTTP front against a live router and scripted workers."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+import zmq
+
+from bus.sockets import connectable
+from core.prefix_index import WorkerKey
+from router.http_front import RouterHttpFront
+from tests.router.test_service import BS, FakeWorker, RunningRouter, _config, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def stack():
+    ctx = zmq.Context()
+    running = RunningRouter(_config())
+    svc = running.service
+    front = RouterHttpFront(client_endpoint=connectable(svc.clients_endpoint), model="m", stats=lambda: svc.stats,
+                            ctx=ctx, request_timeout_s=10)
+    front.start()
+    workers: list[FakeWorker] = []
+    yield ctx, svc, front, workers
+    front.close()
+    running.stop()
+    for w in workers:
+        w.close()
+    ctx.term()
+
+
+def _post(front: RouterHttpFront, path: str, body, raw: bytes | None = None):
+    host, port = front.server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("POST", path, body=raw if raw is not None else json.dumps(body),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), data
+
+
+def _get(front: RouterHttpFront, path: str):
+    host, port = front.server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+def _serve_while(workers, fn):
+    """Run ``fn`` (a blocking HTTP call) in a thread while the fake workers keep pumping."""
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", fn()), daemon=True)
+    t.start()
+    wait_for(lambda: not t.is_alive(), workers, timeout_s=10)
+    return box["r"]
+
+
+def test_no_workers_is_503_and_bad_json_400(stack):
+    ctx, svc, front, workers = stack
+    assert _get(front, "/health")[0] == 503
+    status, _, data = _post(front, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})
+    assert status == 503 and json.loads(data)["error"]["type"] == "no_workers"
+    status, _, data = _post(front, "/v1/completions", None, raw=b"{nope")
+    assert status == 400 and "invalid JSON" in json.loads(data)["error"]["message"]
+    assert _post(front, "/v1/completions", {"prompt": [1], "n": 2})[0] == 400
+    assert _get(front, "/nowhere")[0] == 404
+    assert json.loads(_get(front, "/v1/models")[1])["data"][0]["id"] == "m"
+
+
+def test_completion_routes_and_reports_usage_and_prediction(stack):
+    ctx, svc, front, workers = stack
+    w = FakeWorker(ctx, svc.workers_endpoint, "w1")
+    workers.append(w)
+    w.hello()
+    prompt = list(range(100, 100 + 4 * BS))
+    w.store(prompt)
+    wait_for(lambda: svc.index.num_blocks(WorkerKey("w1", 0)) == 4, workers)
+    status, headers, data = _serve_while(workers, lambda: _post(front, "/v1/completions",
+                                                               {"prompt": prompt, "max_tokens": 2}))
+    body = json.loads(data)
+    assert status == 200 and headers["x-kvr-worker"] == "w1"
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 2, "total_tokens": len(prompt) + 2,
+                             "prompt_tokens_details": {"cached_tokens": 32}}
+    assert body["kvr"]["predicted_cached_tokens"] == 48 and body["kvr"]["policy"] == "kvr"
+    assert _get(front, "/health")[0] == 200
+
+
+def test_streaming_chat_sends_sse_chunks_then_done(stack):
+    ctx, svc, front, workers = stack
+    w = FakeWorker(ctx, svc.workers_endpoint, "w1")
+    workers.append(w)
+    w.hello()
+    wait_for(lambda: svc.stats.get("workers") == 1, workers)
+    status, headers, data = _serve_while(workers, lambda: _post(
+        front, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi there"}], "stream": True,
+                                        "max_tokens": 2, "stream_options": {"include_usage": True}}))
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    events = [line[len("data: "):] for line in data.decode().split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 and chunks[-1]["kvr"]["worker_id"] == "w1"
+    status, metrics = _get(front, "/metrics")
+    text = metrics.decode()
+    assert status == 200 and "kvr_router_workers 1" in text
+    assert 'kvr_router_target_indexed_blocks{worker="w1",dp_rank="0",confidence="fresh"}' in text
+
