@@ -114,7 +114,12 @@ def test_cli_start_up_error_is_one_clear_line_and_exit_1():
     with FakeVllm() as fake:
         proc = _kvr("--engine", "vllm", "--id", "w", "--router", f"tcp://127.0.0.1:{free_port()}",
                     "--vllm-url", fake.url, "--kv-events-endpoint", "tcp://*:5557", "--block-size", "32")
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     assert proc.returncode == 1
     assert "vLLM block size is 16 (vllm:cache_config_info) but kvr was told 32" in err
 
@@ -128,7 +133,12 @@ def test_cli_registers_and_says_goodbye_on_sigterm(router):
             hello = router.recv(Hello, timeout_s=60)
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=30)
+            try:
+                proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
     # vLLM dials the router (central mode): the router binds; the replay socket is on vLLM's host.
     assert (hello.engine, hello.events_endpoint, hello.replay_endpoint, hello.dp_size, hello.topic) == (
         "vllm", "tcp://*:5557", "tcp://127.0.0.1:5558", 2, "kv@cli-w@m")
