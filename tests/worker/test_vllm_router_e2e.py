@@ -126,3 +126,25 @@ def test_text_prompts_tokenized_by_the_servers_tokenize():
     assert prompts == [fake_tokenize(text)] * 2
     assert (first.completion.cached_tokens, second.completion.cached_tokens) == (0, 32)
     assert second.routed.predicted_cached_tokens == 32
+
+
+def test_router_refuses_a_vllm_worker_with_another_block_size():
+    """Server and adapter agree on 32, the router was told 16: the worker stops with the router's reason."""
+    router = RouterService(RouterConfig(bind_clients="tcp://127.0.0.1:0", bind_workers="tcp://127.0.0.1:0",
+                                        block_size=BS, heartbeat=HeartbeatConfig(interval_s=0.1, liveness=50)))
+    router_thread = threading.Thread(target=router.run, name="router", daemon=True)
+    router_thread.start()
+    try:
+        with FakeVllm(block_size=32) as fake:
+            runner = VllmWorkerRunner(VllmWorkerOptions(
+                worker_id="w32", vllm_url=fake.url, kv_events_endpoint="tcp://*:5557", block_size=32,
+                router_endpoint=router.workers_endpoint, heartbeat_interval_s=0.1))
+            worker_thread = threading.Thread(target=runner.run, name="worker", daemon=True)
+            worker_thread.start()
+            worker_thread.join(10)
+            assert not worker_thread.is_alive(), "a refused worker must stop"
+    finally:
+        router.stop()
+        router_thread.join(10)
+    assert runner.service.refused == "block_size 32 != the router's 16"
+    assert "w32" not in router.workers
