@@ -60,11 +60,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus.sockets import DEFAULT_HWM, attach, make_dealer, make_socket
 from bus.vllm_codec import DecodeError, VllmEventDecoder
-from core.events import BlockRemoved, BlockStored, KVEventBatch
+from core.events import AllBlocksCleared, KVEventBatch
 
 logger = logging.getLogger(__name__)
 
 _END_SEQ = b"\xff" * 8
+_MONITOR_EVERY = 16
 _LOST = -1  # digest marker of a seq reported as GapLost: a late copy is stale, not a reset
 
 
@@ -208,14 +209,18 @@ class EventSubscriber:
     def handle_readable(self, sock: zmq.Socket) -> list[StreamItem]:
         """Drain one readable socket of this subscriber; returns the items now ready."""
         if sock is self._sub:
+            received = 0
             while True:
-                # A reconnection must be known before the first message it carries.
-                if self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                # A reconnection should be known before the messages it carries: look at the
+                # monitor before the first message and every few messages after (not each one:
+                # reading socket options costs as much as handling a batch).
+                if received % _MONITOR_EVERY == 0:
                     self._drain_monitor()
                 try:
                     frames = self._sub.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                received += 1
                 self._on_live(frames)
         elif sock is self._monitor:
             self._drain_monitor()
@@ -339,8 +344,11 @@ class EventSubscriber:
             return
         self.counters.batches += 1
         self.counters.events += len(batch.events)
-        self.counters.block_events += sum(
-            len(e.block_hashes) for e in batch.events if isinstance(e, (BlockStored, BlockRemoved)))
+        blocks = 0
+        for event in batch.events:
+            if event.__class__ is not AllBlocksCleared:
+                blocks += len(event.block_hashes)
+        self.counters.block_events += blocks
         self._out.append(AppliedBatch(seq, batch, replayed, topic))
 
     def _awaiting_anchor(self) -> bool:

@@ -96,19 +96,28 @@ def _to_legacy(event: KVEvent) -> LegacyKVEvent:
     return LegacyAllBlocksCleared()
 
 
+def _check_hash_bytes(h: bytes) -> None:
+    if not 8 <= len(h) <= 64:
+        raise DecodeError(f"a byte block hash must be 8..64 bytes, got {len(h)}")
+
+
 def _check_hashes(event: KVEvent) -> None:
-    hashes = list(event.block_hashes) if not isinstance(event, AllBlocksCleared) else []
-    if isinstance(event, BlockStored):
-        if event.parent_block_hash is not None:
-            hashes.append(event.parent_block_hash)
+    # Hot path (every event of every batch). Integer hashes need no check: msgpack and
+    # msgspec bound them to int64..uint64. Byte hashes are rare, so look for one with a
+    # C-level scan before walking the list in Python.
+    cls = event.__class__
+    if cls is AllBlocksCleared:
+        return
+    if cls is BlockStored:
         if event.block_size < 0:
             raise DecodeError(f"negative block_size {event.block_size}")
-    for h in hashes:
-        if isinstance(h, bytes):
-            if not 8 <= len(h) <= 64:
-                raise DecodeError(f"a byte block hash must be 8..64 bytes, got {len(h)}")
-        elif h < -(2**63):  # msgspec already bounds ints to int64..uint64
-            raise DecodeError(f"block hash {h} out of range")
+        if event.parent_block_hash.__class__ is bytes:
+            _check_hash_bytes(event.parent_block_hash)
+    hashes = event.block_hashes
+    if bytes in map(type, hashes):
+        for h in hashes:
+            if h.__class__ is bytes:
+                _check_hash_bytes(h)
 
 
 class VllmEventDecoder:
