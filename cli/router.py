@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
               help="Name of this router (prefix of the request ids workers see).")
 @click.option("--http-host", default="127.0.0.1", show_default=True, envvar="KVR_HTTP_HOST",
               help="Address of the OpenAI-compatible HTTP front.")
-@click.option("--http-port", type=int, default=8000, show_default=True, envvar="KVR_HTTP_PORT",
-              help="Port of the HTTP front (/v1/completions, /v1/chat/completions, /metrics); -1 disables.")
+@click.option("--http-port", type=int, default=-1, show_default=True, envvar="KVR_HTTP_PORT",
+              help="Port of the OpenAI-compatible HTTP front (/v1/completions, /v1/chat/completions, /health, "
+                   "/metrics), e.g. 8000; 0 picks one; -1 (default) serves none.")
 @click.option("--model-name", default="kvr", show_default=True, help="Model name the HTTP front reports.")
 @click.option("--no-redis", is_flag=True, help="Run without the Redis mirror (no warm start, no sharing).")
 @click.option("--tokenizer", default=None, envvar="KVR_TOKENIZER",
@@ -51,8 +52,8 @@ logger = logging.getLogger(__name__)
 @namespace_option
 def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: str, block_size: int,
                heartbeat_interval_s: float, heartbeat_liveness: int, request_timeout_s: float, max_pending: int,
-               max_retries: int, tentative_window_s: float, router_id: str, no_redis: bool, redis_url: str,
-               namespace: str, tokenizer: str | None = None) -> None:
+               max_retries: int, tentative_window_s: float, router_id: str, http_host: str, http_port: int,
+               model_name: str, no_redis: bool, redis_url: str, namespace: str, tokenizer: str | None = None) -> None:
     """Route requests to the worker whose KV cache already holds their prefix."""
     from core.liveness import HeartbeatConfig
     from router.service import RouterConfig, RouterService
