@@ -1,0 +1,89 @@
+"""Peer routers (sglang-router 0.3.2, vllm-router 0.1.17) front a fleet of emulated workers.
+
+They need no kvr code: only vLLM's HTTP face (``/health``, ``/get_server_info``, ``/tokenize``,
+``/v1/completions``). Each router binary lives in its own venv (``../shared/docs/peer-routers.md``
+§1); point ``KVR_SGLANG_ROUTER_PYTHON`` / ``KVR_VLLM_ROUTER_BIN`` at them to run these tests.
+Cache-aware routing must keep a shared prefix on one worker: every repeat reports cached tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import free_port
+from worker.runner import WorkerOptions, WorkerRunner
+
+pytestmark = pytest.mark.integration
+
+PREFIX = ("System: you are a helpful assistant who answers every question about the history of the Roman "
+          "empire with care and detail, citing sources.")
+
+
+def _router_cmd(kind: str, port: int, metrics_port: int, urls: list[str]) -> list[str]:
+    if kind == "sglang":
+        py = os.environ.get("KVR_SGLANG_ROUTER_PYTHON")
+        if not py:
+            pytest.skip("set KVR_SGLANG_ROUTER_PYTHON to a python with sglang-router==0.3.2")
+        return [py, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", *urls, "--policy", "cache_aware", "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", str(metrics_port), "--worker-startup-check-interval", "1"]
+    binary = os.environ.get("KVR_VLLM_ROUTER_BIN")
+    if not binary:
+        pytest.skip("set KVR_VLLM_ROUTER_BIN to a vllm-router==0.1.17 binary")
+    return [binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls, "--policy", "cache_aware",
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize("kind", ["sglang", "vllm"])
+def test_cache_aware_peer_router_keeps_a_prefix_on_one_emulated_worker(kind: str) -> None:
+    port, metrics_port = free_port(), free_port()
+    runners, threads = [], []
+    for i in range(2):
+        r = WorkerRunner(WorkerOptions(worker_id=f"p{i}", router_endpoint="none", http_port=0, speedup=20.0, seed=i))
+        runners.append(r)
+        threads.append(threading.Thread(target=r.run, daemon=True))
+        threads[-1].start()
+    cmd = _router_cmd(kind, port, metrics_port, [r.http_url for r in runners])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, f"{kind} router never became healthy"
+            time.sleep(0.2)
+        cached = [_post(base + "/v1/completions", {"model": "kvr-emulated", "prompt": f"{PREFIX} Question {i}?",
+                                                   "max_tokens": 2})["usage"]["prompt_tokens_details"]["cached_tokens"]
+                  for i in range(4)]
+        assert cached[0] == 0 and all(c >= 32 for c in cached[1:]), cached
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for r in runners:
+            r.stop()
+        for t in threads:
+            t.join(timeout=5)
