@@ -224,6 +224,7 @@ class CompletionStream:
             data = line[5:].strip()
             if data == b"[DONE]":
                 self.done = True
+                self._drain_rest()
                 return
             try:
                 obj = json.loads(data)
@@ -248,6 +249,13 @@ class CompletionStream:
                 text=str(choice.get("text") or ""),
                 finish_reason=choice.get("finish_reason"),
             )
+
+    def _drain_rest(self) -> None:
+        # Read the stream's end (the last chunk): closing with unread bytes would send a TCP reset.
+        try:
+            self._response.read()
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            pass
 
     def close(self) -> None:
         """Stop reading and drop the connection (safe from any thread, idempotent)."""

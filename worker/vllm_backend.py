@@ -20,7 +20,8 @@ router link (``Hello`` / heartbeats / ``Dispatch`` / ``Cancel``). This backend:
 Threading: one thread per in-flight request (bounded by ``max_concurrency``; more
 wait in a queue) and one metrics thread. Messages go to ``emit`` (called from those
 threads: it must be thread-safe) or, without ``emit``, to an outbox the link drains
-with :meth:`VllmBackend.drain`.
+with :meth:`VllmBackend.drain`; a link that sleeps in a poller registers a waker with
+:meth:`VllmBackend.set_waker` so a message never waits for the next poll timeout.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class VllmBackend:
         self.config = config
         self.client = client or OpenAIClient(base_url=config.vllm_url, api_key=config.api_key)
         self._outbox: queue.SimpleQueue[BackendMessage] = queue.SimpleQueue()
-        self._emit = emit or self._outbox.put
+        self._waker: Callable[[], None] | None = None
+        self._emit = emit or self._post
         self._clock = clock
         self._lock = threading.Lock()
         self._in_flight: dict[str, _InFlight] = {}
@@ -217,6 +219,15 @@ class VllmBackend:
     def num_in_flight(self) -> int:
         with self._lock:
             return len(self._in_flight)
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        """Called (from request threads) after each message is queued, so a polling loop can wake at once."""
+        self._waker = wake
+
+    def _post(self, message: BackendMessage) -> None:
+        self._outbox.put(message)
+        if self._waker is not None:
+            self._waker()
 
     def drain(self) -> list[BackendMessage]:
         """Messages produced since the last call, in order (only when no ``emit`` was given)."""

@@ -136,6 +136,17 @@ class _PublisherThread:
         self._thread.join(timeout=5)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that drops its connection (a cancelled stream) is normal, not a traceback.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 class _Engine:
     """One DP rank: a block pool, counters and a lock (HTTP handlers run in threads)."""
 
@@ -181,7 +192,7 @@ class FakeVllm:
         self.tokenize_calls = 0
         self.fail_next: tuple[int, str] | None = None  # (HTTP status, message) for the next completion
         self._publisher = _PublisherThread(kv_events, dp_size) if kv_events is not None else None
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
