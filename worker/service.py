@@ -103,6 +103,9 @@ class WorkerService:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        set_waker = getattr(backend, "set_waker", None)
+        if set_waker is not None:  # a threaded backend (vLLM adapter) wakes the loop when it has messages
+            set_waker(self._wake)
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._stop = threading.Event()
 
