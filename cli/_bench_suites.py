@@ -1,0 +1,85 @@
+"""``kvr bench overhead|basic|scale|stale|peer``: the suites of the ``bench/`` package.
+
+Each command only parses options, runs the suite with a progress bar (stderr) and writes
+``<suite>.json``, ``<suite>.md`` and plots into ``--out``; ``--json`` also prints the JSON on
+stdout. The suite logic lives in ``bench/<suite>.py``. Added to the ``kvr bench`` group by
+``cli/bench.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+
+import click
+
+_common_options = [
+    click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True,
+                 help="Folder for <suite>.json, <suite>.md and the plots."),
+    click.option("--json", "as_json", is_flag=True, help="Also print the result as JSON on stdout."),
+    click.option("--quick", is_flag=True, help="Tiny parameters (seconds): a smoke run, not a measurement."),
+    click.option("--repeats", type=click.IntRange(min=1), default=None, help="Repetitions per measurement."),
+    click.option("--seed", type=int, default=0, show_default=True),
+]
+
+
+def _with_common(f: Callable) -> Callable:
+    for option in reversed(_common_options):
+        f = option(f)
+    return f
+
+
+def _command_line() -> str:
+    return "kvr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def finish(result, out_dir: str, as_json: bool, *, plot=None, display=None) -> None:
+    """Write the result files and say where they are (stderr), JSON on stdout with ``--json``."""
+    from bench.results import render_markdown, write_result
+
+    paths = write_result(result, out_dir, plot=plot, display=display)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=1, default=str))
+    else:
+        click.echo(render_markdown(result, display))
+    click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+
+
+@click.command("overhead")
+@_with_common
+@click.option("--workers", default="8,64,512", show_default=True, help="Fleet sizes (comma-separated).")
+@click.option("--index-blocks", default="10000,100000,1000000", show_default=True,
+              help="Index sizes in (target, block) pairs (comma-separated).")
+@click.option("--requests", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Routed requests per measurement.")
+@click.option("--no-redis", is_flag=True, help="Skip the Redis mirror measurements.")
+@click.option("--echo/--no-echo", default=True, show_default=True,
+              help="Router-added latency against a raw ZMQ echo through the same sockets (starts a router).")
+def overhead(out_dir, as_json, quick, repeats, seed, workers, index_blocks, requests, no_redis, echo) -> None:
+    """Router overhead: decision latency, ingestion, memory per block, Redis round trips, added latency."""
+    from bench.overhead import OverheadConfig, display_tables, plot, run
+    from bench.progress import RichProgress
+
+    if quick:
+        cfg = OverheadConfig.quick()
+    else:
+        cfg = OverheadConfig(workers=_ints(workers), index_blocks=_ints(index_blocks), requests=requests)
+    cfg.seed = seed
+    cfg.redis = not no_redis
+    cfg.echo = echo
+    if repeats:
+        cfg.repeats = repeats
+    result = run(cfg, command=_command_line(), progress=RichProgress("overhead"))
+    finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+SUITE_COMMANDS = [overhead]
