@@ -1,0 +1,25 @@
+# kvr: one image for every component (router, worker, monitor); docker-compose.yml picks the command.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    KVR_LOG_LEVEL=INFO
+
+WORKDIR /opt/kvr
+# Metadata first so the dependency layer is cached across source edits.
+COPY pyproject.toml README.md ./
+COPY core ./core
+COPY bus ./bus
+COPY router ./router
+COPY worker ./worker
+COPY monitor ./monitor
+COPY sim ./sim
+COPY cli ./cli
+RUN pip install . && kvr --help >/dev/null
+
+# Not root at run time.
+RUN useradd --create-home --uid 10001 kvr && mkdir -p /data && chown kvr /data
+USER kvr
+WORKDIR /data
+CMD ["kvr", "--help"]

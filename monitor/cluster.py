@@ -1,0 +1,329 @@
+"""A supervised local kvr cluster: Redis, router, N workers, monitor — ``kvr up``, the demo, benchmarks.
+
+::
+
+    with LocalCluster(ClusterConfig(workers=3, speedup=20)) as cluster:
+        client = RouterClient(endpoint=cluster.client_endpoint)
+        ...
+
+Every component is a child process running a ``kvr`` subcommand (the same
+commands ``docker-compose.yml`` runs), in its own process group, with its log
+in ``<run_dir>/logs/<name>.log``. :meth:`LocalCluster.start` returns once the
+cluster is ready: Redis answers PING, the router has N live workers registered
+in Redis, the monitor answers ``/healthz`` and has received the router's first
+metrics record (so no request sent after readiness is missing from its dump). A failure at any step stops
+everything already started and raises :class:`~monitor.supervisor.ComponentFailed`.
+
+Ports are picked free on 127.0.0.1 unless given. Endpoints bind on the side
+that is stable (router, worker event PUBs) and connect from the volatile side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bus.redis_server import embedded_redis_argv, free_loopback_port, ping
+from monitor.supervisor import ComponentFailed, ComponentSpec, Supervisor, tail
+
+logger = logging.getLogger(__name__)
+
+#: Exit codes of ``kvr up`` (and of :meth:`LocalCluster.exit_code`): which role failed.
+EXIT_OK = 0
+EXIT_CODES = {"redis": 10, "router": 11, "worker": 12, "monitor": 13}
+EXIT_UNKNOWN = 1
+
+
+@dataclass
+class ClusterConfig:
+    """What to run. ``redis_url`` empty = the embedded default (``redis_kind``)."""
+
+    workers: int = 3
+    redis_url: str = ""
+    redis_kind: str = "auto"
+    namespace: str = "default"
+    policy: str = "kvr"
+    profile: str = ""
+    speedup: float = 1.0
+    block_size: int = 16
+    monitor: bool = True
+    run_dir: str | Path | None = None
+    host: str = "127.0.0.1"
+    client_port: int = 0
+    worker_port: int = 0
+    metrics_port: int = 0
+    monitor_http_port: int = 0
+    dump_interval_s: float = 2.0
+    router_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
+    ready_timeout_s: float = 60.0
+    stop_timeout_s: float = 10.0
+    log_level: str = "INFO"
+    label: str = ""
+
+
+def kvr_argv(*args: str, log_level: str = "INFO") -> list[str]:
+    """``kvr <args>`` run by this interpreter (works from a venv, a checkout or a container)."""
+    return [sys.executable, "-m", "cli.main", "--log-level", log_level, *args]
+
+
+class LocalCluster:
+    """Start, watch and stop one local cluster (a context manager)."""
+
+    def __init__(self, config: ClusterConfig | None = None) -> None:
+        self.config = c = config or ClusterConfig()
+        self.run_dir = Path(c.run_dir) if c.run_dir else Path(tempfile.mkdtemp(prefix="kvr-run-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.supervisor = Supervisor(log_dir=self.run_dir / "logs", stop_timeout_s=c.stop_timeout_s,
+                                     base_env={**os.environ, "PYTHONPATH": _python_path()})
+        self.redis_url = c.redis_url
+        self.redis_kind = "external" if c.redis_url else ""
+        pick = free_loopback_port
+        self.client_port = c.client_port or pick()
+        self.worker_port = c.worker_port or pick()
+        self.metrics_port = c.metrics_port or pick()
+        self.monitor_http_port = c.monitor_http_port or pick()
+        self.worker_ids = [f"worker-{i}" for i in range(c.workers)]
+        self.failure: ComponentFailed | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------ endpoints
+
+    def _ep(self, port: int) -> str:
+        return f"tcp://{self.config.host}:{port}"
+
+    @property
+    def client_endpoint(self) -> str:
+        return self._ep(self.client_port)
+
+    @property
+    def worker_endpoint(self) -> str:
+        return self._ep(self.worker_port)
+
+    @property
+    def metrics_endpoint(self) -> str:
+        return self._ep(self.metrics_port)
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{self.config.host}:{self.monitor_http_port}"
+
+    @property
+    def dump_path(self) -> Path:
+        return self.run_dir / "monitor.json"
+
+    # ------------------------------------------------------------------ topology
+
+    def redis_spec(self) -> ComponentSpec | None:
+        """The embedded Redis (``None`` when a URL was given)."""
+        if self.config.redis_url:
+            return None
+        port = free_loopback_port()
+        kind, argv = embedded_redis_argv(port, kind=self.config.redis_kind, workdir=self.run_dir)
+        self.redis_kind = kind
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        url = self.redis_url
+        return ComponentSpec("redis", "redis", argv, ready=lambda: ping(url))
+
+    def router_spec(self) -> ComponentSpec:
+        c = self.config
+        argv = kvr_argv(
+            "router",
+            "--bind-clients", self.client_endpoint,
+            "--bind-workers", self.worker_endpoint,
+            "--bind-metrics", self.metrics_endpoint,
+            "--policy", c.policy,
+            "--block-size", str(c.block_size),
+            "--redis-url", self.redis_url,
+            "--namespace", c.namespace,
+            *c.router_args,
+            log_level=c.log_level,
+        )
+        return ComponentSpec("router", "router", argv, ready=self._workers_registered)
+
+    def worker_spec(self, worker_id: str) -> ComponentSpec:
+        """A worker: KV-event PUB, replay ROUTER and vLLM-style HTTP face on free loopback ports (port 0)."""
+        c = self.config
+        argv = kvr_argv(
+            "worker",
+            "--id", worker_id,
+            "--router", self.worker_endpoint,
+            "--events-endpoint", f"tcp://{c.host}:0",
+            "--replay-endpoint", f"tcp://{c.host}:0",
+            "--advertise-host", c.host,
+            "--block-size", str(c.block_size),
+            "--speedup", f"{c.speedup:g}",
+            "--http-port", "0",
+            "--http-host", c.host,
+            *(["--profile", c.profile] if c.profile else []),
+            *c.worker_args,
+            log_level=c.log_level,
+        )
+        return ComponentSpec(worker_id, "worker", argv)
+
+    def monitor_spec(self) -> ComponentSpec:
+        c = self.config
+        argv = kvr_argv(
+            "monitor",
+            "--metrics-endpoint", self.metrics_endpoint,
+            "--dump", str(self.dump_path),
+            "--dump-interval", f"{c.dump_interval_s:g}",
+            "--http-host", c.host,
+            "--http-port", str(self.monitor_http_port),
+            "--block-size", str(c.block_size),
+            *(["--label", c.label] if c.label else []),
+            log_level=c.log_level,
+        )
+        url = f"{self.monitor_url}/healthz"
+        return ComponentSpec("monitor", "monitor", argv, ready=lambda: _http_ok(url))
+
+    # ------------------------------------------------------------------ readiness
+
+    def alive_workers(self) -> dict[str, int]:
+        """Workers the router registered in Redis whose liveness key is current (id → epoch)."""
+        from router.mirror import RedisMirror, make_redis_client
+
+        client = make_redis_client(self.redis_url, timeout_s=1.0)
+        try:
+            return RedisMirror(client=client, namespace=self.config.namespace).alive_workers()
+        finally:
+            client.close()
+
+    def _workers_registered(self) -> bool:
+        alive = self.alive_workers()
+        return all(w in alive for w in self.worker_ids)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> LocalCluster:
+        """Start every component in dependency order and wait until the cluster is ready."""
+        c = self.config
+        t0 = time.monotonic()
+        sup = self.supervisor
+        try:
+            redis_spec = self.redis_spec()
+            if redis_spec is not None:
+                sup.start(redis_spec)
+                sup.wait_ready("redis", timeout_s=c.ready_timeout_s)
+            elif not ping(self.redis_url, timeout_s=2.0):
+                raise ComponentFailed(ComponentSpec("redis", "redis", []), f"at {self.redis_url} does not answer PING",
+                                      returncode=None)
+            if c.monitor:
+                # First, so it sees the router's first records.
+                sup.start(self.monitor_spec())
+            sup.start(self.router_spec())
+            for w in self.worker_ids:
+                sup.start(self.worker_spec(w))
+            remaining = lambda: max(1.0, c.ready_timeout_s - (time.monotonic() - t0))  # noqa: E731
+            if c.monitor:
+                sup.wait_ready("monitor", timeout_s=remaining())
+            self._wait_workers(remaining())
+            if c.monitor:
+                self._wait_metrics_flowing(remaining())
+        except ComponentFailed as exc:
+            self.failure = exc
+            self.stop()
+            raise
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        logger.info("cluster ready in %.1f s: %d workers, redis %s (%s), client %s, monitor %s, logs %s",
+                    time.monotonic() - t0, c.workers, self.redis_url, self.redis_kind, self.client_endpoint,
+                    self.monitor_url if c.monitor else "off", self.run_dir / "logs")
+        return self
+
+    def _wait_workers(self, timeout_s: float) -> None:
+        """Router readiness = every worker registered; a dead worker fails fast, named."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dead = self.supervisor.failed()
+            if dead:
+                raise dead[0]
+            try:
+                if self._workers_registered():
+                    return
+            except Exception as exc:  # Redis hiccup: not ready yet
+                logger.debug("readiness: %r", exc)
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.worker_ids) - set(self._safe_alive()))
+                spec = ComponentSpec("router", "router", [])
+                raise ComponentFailed(spec, f"has not registered {', '.join(missing)} after {timeout_s:.0f} s",
+                                      returncode=None, log_tail=tail(self.supervisor.log_path("router")))
+            time.sleep(0.1)
+
+    def _wait_metrics_flowing(self, timeout_s: float) -> None:
+        """The monitor has received a record from the router: its SUB is connected and subscribed.
+
+        Without this, the first requests after readiness could be published before the
+        subscription reached the router (ZMQ's slow joiner) and be missing from the dump.
+        """
+        import json
+
+        deadline = time.monotonic() + timeout_s
+        url = f"{self.monitor_url}/json"
+        while time.monotonic() < deadline:
+            dead = self.supervisor.failed()
+            if dead:
+                raise dead[0]
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as resp:
+                    if json.loads(resp.read()).get("records", 0) > 0:
+                        return
+            except (OSError, ValueError) as exc:
+                logger.debug("monitor not receiving yet: %r", exc)
+            time.sleep(0.1)
+        raise ComponentFailed(ComponentSpec("monitor", "monitor", []),
+                              f"received no metrics from the router at {self.metrics_endpoint} within {timeout_s:.0f} s",
+                              returncode=None, log_tail=tail(self.supervisor.log_path("monitor")))
+
+    def _safe_alive(self) -> dict[str, int]:
+        try:
+            return self.alive_workers()
+        except Exception:
+            return {}
+
+    def check(self) -> None:
+        """Raise :class:`ComponentFailed` if a component died."""
+        dead = self.supervisor.failed()
+        if dead:
+            self.failure = dead[0]
+            raise dead[0]
+
+    def exit_code(self) -> int:
+        """0, or the code of the role that failed (:data:`EXIT_CODES`)."""
+        if self.failure is None:
+            return EXIT_OK
+        return EXIT_CODES.get(self.failure.spec.role, EXIT_UNKNOWN)
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop every component (workers and router first, then monitor, then Redis)."""
+        codes = self.supervisor.stop()
+        self._started = False
+        return codes
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _python_path() -> str:
+    root = str(Path(__file__).resolve().parents[1])
+    existing = os.environ.get("PYTHONPATH", "")
+    return root if not existing else f"{root}{os.pathsep}{existing}"

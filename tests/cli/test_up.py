@@ -1,0 +1,121 @@
+"""``LocalCluster`` and ``kvr up`` with real processes over loopback (real redis-server or fakeredis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bus.client import RouterClient
+from bus.schema import GenerateRequest
+from monitor.cluster import ClusterConfig, LocalCluster
+from monitor.dashboard import fetch_dump
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "the same long system prompt for every request " * 12
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _until(cond, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(redis_server, tmp_path):
+    cluster = LocalCluster(ClusterConfig(workers=2, redis_url=redis_server, speedup=50, run_dir=tmp_path,
+                                         namespace="t-up", ready_timeout_s=30, dump_interval_s=0.5))
+    with cluster:
+        pids = [cluster.supervisor.pid(n) for n in cluster.supervisor.names]
+        assert cluster.supervisor.names == ["monitor", "router", "worker-0", "worker-1"]
+        assert sorted(cluster.alive_workers()) == ["worker-0", "worker-1"]
+        with RouterClient(endpoint=cluster.client_endpoint) as client:
+            results = [client.generate(GenerateRequest(request_id=f"r{i}", prompt=PROMPT, max_tokens=3), timeout_s=10)
+                       for i in range(4)]
+        assert all(r.completion is not None for r in results)
+        # The first request computes the prompt; the rest find it cached on the same worker.
+        assert results[0].completion.cached_tokens == 0
+        assert {r.completion.worker_id for r in results[1:]} == {results[0].completion.worker_id}
+        assert all(r.completion.cached_tokens > 0 for r in results[1:])
+        assert _until(lambda: fetch_dump(f"{cluster.monitor_url}/json")["summary"]["requests"] == 4, 10), fetch_dump(f"{cluster.monitor_url}/json")["summary"]
+    assert all(_dead(p) for p in pids)
+    assert cluster.supervisor.names == []
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["monitor.log", "router.log", "worker-0.log", "worker-1.log"]
+    # The monitor's final dump at exit has every request.
+    assert json.loads((tmp_path / "monitor.json").read_text())["summary"]["requests"] == 4
+
+
+def _start_up(tmp_path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "up", "--run-dir", str(tmp_path), "--client-port", "0", "--worker-port", "0",
+         "--metrics-port", "0", "--monitor-port", "0", "--ready-timeout", "30", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.getcwd(),
+    )
+
+
+def test_kvr_up_on_embedded_fakeredis_readiness_then_clean_ctrl_c(tmp_path):
+    proc = _start_up(tmp_path, "--workers", "2", "--redis-kind", "fakeredis", "--speedup", "50")
+    try:
+        first = proc.stdout.readline()  # printed only once the cluster is ready
+        assert first.startswith("kvr cluster ready: 2 workers, redis redis://127.0.0.1:"), proc.stderr.read()
+        assert "(fakeredis)" in first
+        info = json.loads((tmp_path / "cluster.json").read_text())
+        assert sorted(info["pids"]) == ["monitor", "redis", "router", "worker-0", "worker-1"]
+        with RouterClient(endpoint=info["client_endpoint"]) as client:
+            r = client.generate(GenerateRequest(request_id="x", prompt=PROMPT, max_tokens=2), timeout_s=10)
+        assert r.completion is not None and r.completion.worker_id in info["workers"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert all(_dead(p) for p in info["pids"].values())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_kvr_up_exit_code_names_what_failed(redis_server, tmp_path):
+    # A worker that cannot start: exit 12, its log tail shown, nothing left running.
+    proc = _start_up(tmp_path / "a", "--workers", "1", "--redis-url", redis_server, "--worker-arg", "--no-such-flag")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 12, err
+    assert "worker-0 (worker) exited with code 2" in err and "no-such-flag" in err
+    # No Redis at the given URL: exit 10.
+    proc = _start_up(tmp_path / "b", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 10 and "does not answer PING" in err
+
+
+def test_kvr_up_exits_when_a_component_dies(redis_server, tmp_path):
+    proc = _start_up(tmp_path, "--workers", "1", "--redis-url", redis_server, "--no-monitor", "--namespace", "t-die")
+    try:
+        assert proc.stdout.readline().startswith("kvr cluster ready"), proc.stderr.read()
+        info = json.loads((tmp_path / "cluster.json").read_text())
+        os.kill(info["pids"]["router"], signal.SIGKILL)
+        assert proc.wait(timeout=30) == 11
+        assert all(_dead(p) for p in info["pids"].values())
+        assert "router (router) exited with code -9" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
