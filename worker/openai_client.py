@@ -24,26 +24,31 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import socket
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from worker.openai_stream import (
+    CompletionDelta,
+    CompletionStream,
+    Usage,
+    VllmHTTPError,
+    first_choice,
+    int_list,
+    parse_usage,
+)
+
+__all__ = [
+    "CompletionDelta", "CompletionRequest", "CompletionResult", "CompletionStream", "ModelCard", "OpenAIClient",
+    "Usage", "VllmHTTPError", "parse_usage",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 #: Longest silence tolerated inside a stream (a long prefill before the first token counts).
 DEFAULT_READ_TIMEOUT_S = 600.0
-
-
-class VllmHTTPError(RuntimeError):
-    """A failed call to the vLLM server. ``status`` is 0 when no HTTP response came back."""
-
-    def __init__(self, message: str, *, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -95,24 +100,6 @@ class CompletionRequest:
 
 
 @dataclass(frozen=True)
-class Usage:
-    """``usage`` of a completion. ``cached_tokens`` is ``None`` when the server did not report it."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int | None
-
-
-@dataclass(frozen=True)
-class CompletionDelta:
-    """One streamed chunk of choice 0 (a usage-only chunk is not a delta)."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-
-
-@dataclass(frozen=True)
 class CompletionResult:
     """A whole (non-streamed) completion."""
 
@@ -120,22 +107,6 @@ class CompletionResult:
     text: str
     finish_reason: str | None
     usage: Usage | None
-
-
-def parse_usage(obj: Any) -> Usage | None:
-    """``usage`` JSON → :class:`Usage` (``None`` if absent or malformed)."""
-    if not isinstance(obj, dict):
-        return None
-    try:
-        details = obj.get("prompt_tokens_details")
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        return Usage(
-            prompt_tokens=int(obj.get("prompt_tokens", 0)),
-            completion_tokens=int(obj.get("completion_tokens", 0)),
-            cached_tokens=None if cached is None else int(cached),
-        )
-    except (TypeError, ValueError):
-        return None
 
 
 def _error_message(body: bytes) -> str:
@@ -152,126 +123,6 @@ def _error_message(body: bytes) -> str:
         if "detail" in obj:
             return str(obj["detail"])
     return body[:500].decode("utf-8", "replace")
-
-
-def _stream_error(obj: dict) -> tuple[str, int] | None:
-    """(message, code) of an error object in a stream: ``{"object":"error",...}`` or ``{"error":{...}}``."""
-    if obj.get("object") == "error":
-        err = obj
-    elif obj.get("error") is not None:
-        err = obj["error"] if isinstance(obj["error"], dict) else {"message": obj["error"]}
-    else:
-        return None
-    code = err.get("code")
-    return str(err.get("message", err)), code if isinstance(code, int) else 0
-
-
-def _choice0(obj: dict) -> dict | None:
-    choices = obj.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        return choices[0]
-    return None
-
-
-def _int_list(value: Any) -> list[int]:
-    if isinstance(value, list) and all(isinstance(t, int) for t in value):
-        return value
-    return []
-
-
-class CompletionStream:
-    """An open streamed completion: iterate for :class:`CompletionDelta`, then read :attr:`usage`.
-
-    Iteration ends at ``data: [DONE]`` or when the server closes the stream. A malformed
-    SSE line is skipped and counted in :attr:`malformed_lines`; an error object in the
-    stream raises :class:`VllmHTTPError`.
-    """
-
-    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
-        self._conn = conn
-        self._response = response
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._reading = False
-        self.usage: Usage | None = None
-        self.done = False  # saw data: [DONE]
-        self.malformed_lines = 0
-
-    def __iter__(self) -> Iterator[CompletionDelta]:
-        with self._lock:
-            self._reading = True
-        try:
-            yield from self._read()
-        finally:
-            with self._lock:
-                self._reading = False
-            self._closed.set()
-            self._conn.close()  # only the reading thread closes the response it reads from
-
-    def _read(self) -> Iterator[CompletionDelta]:
-        while not self._closed.is_set():
-            try:
-                raw = self._response.readline()
-            except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
-                if self._closed.is_set():
-                    return  # closed by close(): a cancellation, not an error
-                raise VllmHTTPError(f"stream broken: {exc}") from None
-            if not raw:
-                return
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments (": ping"), event: / id: fields
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                self.done = True
-                self._drain_rest()
-                return
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                self.malformed_lines += 1
-                logger.warning("malformed SSE data line skipped: %r", data[:200])
-                continue
-            if not isinstance(obj, dict):
-                self.malformed_lines += 1
-                continue
-            error = _stream_error(obj)
-            if error is not None:
-                raise VllmHTTPError(f"server error in stream: {error[0]}", status=error[1])
-            usage = parse_usage(obj.get("usage"))
-            if usage is not None:
-                self.usage = usage
-            choice = _choice0(obj)
-            if choice is None:
-                continue
-            yield CompletionDelta(
-                token_ids=_int_list(choice.get("token_ids")),
-                text=str(choice.get("text") or ""),
-                finish_reason=choice.get("finish_reason"),
-            )
-
-    def _drain_rest(self) -> None:
-        # Read the stream's end (the last chunk): closing with unread bytes would send a TCP reset.
-        try:
-            self._response.read()
-        except (OSError, http.client.HTTPException, ValueError, AttributeError):
-            pass
-
-    def close(self) -> None:
-        """Stop reading and drop the connection (safe from any thread, idempotent)."""
-        with self._lock:
-            if self._closed.is_set():
-                return
-            self._closed.set()
-            reading = self._reading
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # unblocks a reader in another thread
-            except OSError:
-                pass
-        if not reading:
-            self._conn.close()
 
 
 class OpenAIClient:
@@ -414,11 +265,11 @@ class OpenAIClient:
                          extra_headers=request.headers())
         if not isinstance(obj, dict):
             raise VllmHTTPError(f"POST /v1/completions: unexpected reply {str(obj)[:200]}")
-        choice = _choice0(obj)
+        choice = first_choice(obj)
         if choice is None:
             raise VllmHTTPError(f"POST /v1/completions: no choices in {str(obj)[:200]}")
         return CompletionResult(
-            token_ids=_int_list(choice.get("token_ids")),
+            token_ids=int_list(choice.get("token_ids")),
             text=str(choice.get("text") or ""),
             finish_reason=choice.get("finish_reason"),
             usage=parse_usage(obj.get("usage")),
