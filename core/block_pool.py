@@ -31,131 +31,22 @@ digest. It deliberately differs from kvr's own router hash (``core/hashing.py``)
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import sys
-from array import array
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import msgspec
-import xxhash
+from core.block_hash import ENGINE_HASH_SEED, HASH_ALGOS, BlockHasher
+from core.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from core.free_block_queue import FreeBlockQueue, KVCacheBlock
 
-from core.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
+__all__ = [
+    "BlockPool", "KVSequence", "PrefixCacheStats", "BlockHasher", "KVCacheBlock", "FreeBlockQueue",
+    "ENGINE_HASH_SEED", "HASH_ALGOS", "KV_CACHE_SPEC_KIND",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-#: Default engine hash seed: any value works; it only has to differ from the router's.
-ENGINE_HASH_SEED = 0x76_6C_6C_6D  # "vllm"
 KV_CACHE_SPEC_KIND = "full_attention"
-HASH_ALGOS = ("xxh3_128", "sha256")
-
-_extra_encoder = msgspec.msgpack.Encoder()
-_BIG_ENDIAN_HOST = sys.byteorder == "big"
-
-
-def _token_bytes(token_ids: Sequence[int]) -> bytes:
-    packed = array("I", token_ids)  # uint32: raises OverflowError outside [0, 2**32)
-    if _BIG_ENDIAN_HOST:
-        packed.byteswap()
-    return packed.tobytes()
-
-
-class BlockHasher:
-    """The engine's chained block hash (its *external* block hash).
-
-    ``digest_i = H(parent_digest || tokens_i as uint32 LE || msgpack(extra_i))`` with
-    ``parent_0 = H(b"kvr-engine-none-hash")``; ``H`` is seeded xxh3-128 (16 bytes) or
-    SHA-256 over the seed prefix (32 bytes). ``external()`` gives the wire form: the
-    low 64 bits (last 8 bytes, big-endian), as vLLM's int mode, or the digest itself.
-    """
-
-    def __init__(self, *, seed: int = ENGINE_HASH_SEED, algo: str = "xxh3_128", int_hashes: bool = True) -> None:
-        if algo not in HASH_ALGOS:
-            raise ValueError(f"unknown hash algo {algo!r}; choose one of {HASH_ALGOS}")
-        self.seed = seed
-        self.algo = algo
-        self.int_hashes = int_hashes
-        self._seed_bytes = seed.to_bytes(8, "little", signed=False)
-        self.none_hash = self._digest(b"kvr-engine-none-hash")
-
-    def _digest(self, data: bytes) -> bytes:
-        if self.algo == "xxh3_128":
-            return xxhash.xxh3_128_digest(data, seed=self.seed)
-        return hashlib.sha256(self._seed_bytes + data).digest()
-
-    def hash_block(self, parent: bytes | None, token_ids: Sequence[int], extra: Any = None) -> bytes:
-        """Digest of one full block given its parent's digest (``None`` = first block)."""
-        data = (parent or self.none_hash) + _token_bytes(token_ids)
-        if extra is not None:
-            data += _extra_encoder.encode(extra)
-        return self._digest(data)
-
-    def external(self, digest: bytes) -> ExternalBlockHash:
-        """The wire form of a digest (vLLM's ``maybe_convert_block_hash``)."""
-        if self.int_hashes:
-            return int.from_bytes(digest[-8:], "big")
-        return digest
-
-
-class KVCacheBlock:
-    """One block of KV cache. ``block_hash`` is set while the block is cached."""
-
-    __slots__ = ("block_id", "ref_cnt", "block_hash")
-
-    def __init__(self, block_id: int) -> None:
-        self.block_id = block_id
-        self.ref_cnt = 0
-        self.block_hash: bytes | None = None
-
-    def __repr__(self) -> str:
-        h = self.block_hash.hex()[:8] if self.block_hash else None
-        return f"KVCacheBlock({self.block_id}, ref={self.ref_cnt}, hash={h})"
-
-
-class FreeBlockQueue:
-    """Free blocks in eviction order (head = next handed out), O(1) everywhere.
-
-    vLLM uses a hand-made doubly linked list; an ``OrderedDict`` keyed by block id
-    gives the same operations (pop head, remove from the middle, push at either end)
-    in C.
-    """
-
-    def __init__(self, blocks: Iterable[KVCacheBlock]) -> None:
-        self._q: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in blocks)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __contains__(self, block: KVCacheBlock) -> bool:
-        return block.block_id in self._q
-
-    def popleft(self) -> KVCacheBlock:
-        return self._q.popitem(last=False)[1]
-
-    def popleft_n(self, n: int) -> list[KVCacheBlock]:
-        pop = self._q.popitem
-        return [pop(last=False)[1] for _ in range(n)]
-
-    def remove(self, block: KVCacheBlock) -> None:
-        del self._q[block.block_id]
-
-    def append_n(self, blocks: Sequence[KVCacheBlock]) -> None:
-        for b in blocks:
-            self._q[b.block_id] = b
-
-    def prepend_n(self, blocks: Sequence[KVCacheBlock]) -> None:
-        """Put ``blocks`` at the head, ``blocks[0]`` first."""
-        q = self._q
-        for b in reversed(blocks):
-            q[b.block_id] = b
-            q.move_to_end(b.block_id, last=False)
-
-    def block_ids(self) -> list[int]:
-        """Head to tail (for tests and debugging)."""
-        return list(self._q)
 
 
 class KVSequence:
