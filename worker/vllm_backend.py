@@ -15,7 +15,10 @@ router link (``Hello`` / heartbeats / ``Dispatch`` / ``Cancel``). This backend:
   ``ErrorReply`` (``CANCELLED`` after a ``Cancel``);
 * **reports load** per DP rank from ``/metrics`` (polled in a thread, so a heartbeat
   never waits on HTTP) plus its own count of prompt tokens dispatched but not yet
-  past their first token (``queued_prefill_tokens``; vLLM does not export it).
+  past their first token (``queued_prefill_tokens``; vLLM does not export it);
+* **reports health**: after ``unhealthy_after`` failed polls in a row :attr:`VllmBackend.healthy`
+  turns False and the worker service leaves the router until the server answers again
+  (a vLLM restart reloads the model for minutes; requests must not be routed to it meanwhile).
 
 Threading: one thread per in-flight request (bounded by ``max_concurrency``; more
 wait in a queue) and one metrics thread. Messages go to ``emit`` (called from those
@@ -80,6 +83,7 @@ class VllmBackendConfig:
     ignore_eos: bool = False  # generate exactly max_tokens, as the emulated engine does
     max_concurrency: int = 256
     metrics_interval_s: float = 1.0
+    unhealthy_after: int = 3  # consecutive failed /metrics polls before the server counts as down
     startup_timeout_s: float = 600.0
     require_cached_tokens: bool = True
     watch_block_size: bool = True
@@ -138,6 +142,7 @@ class VllmBackend:
         self._watch: BlockSizeWatch | None = None
         self.info: ServerInfo | None = None
         self.metrics_failures = 0
+        self._consecutive_failures = 0
         self.events_endpoint, self.replay_endpoint = router_endpoints(
             config.kv_events_endpoint, config.replay_endpoint,
             vllm_host=config.advertise_host or host_of_url(config.vllm_url))
@@ -318,11 +323,28 @@ class VllmBackend:
             stats = engine_stats(parse_prometheus_text(self.client.metrics_text()))
         except VllmHTTPError as exc:
             self.metrics_failures += 1
-            logger.warning("reading vLLM /metrics failed (%d so far): %s", self.metrics_failures, exc)
+            self._consecutive_failures += 1
+            if self._consecutive_failures == self.config.unhealthy_after:
+                logger.error("vLLM at %s is down (%d failed polls: %s): leaving the router until it is back",
+                             self.config.vllm_url, self._consecutive_failures, exc)
+            elif self._consecutive_failures < self.config.unhealthy_after:
+                logger.warning("reading vLLM /metrics failed (%d so far): %s", self.metrics_failures, exc)
             return self._stats
+        if self._consecutive_failures >= self.config.unhealthy_after:
+            logger.info("vLLM at %s answers again: registering", self.config.vllm_url)
+        self._consecutive_failures = 0
         with self._lock:
             self._stats = stats
         return stats
+
+    @property
+    def healthy(self) -> bool:
+        """False while the server is down (``unhealthy_after`` failed polls in a row).
+
+        The worker service leaves the router (``Goodbye``: requests that streamed nothing are
+        routed elsewhere) while this is False, and registers again when it is True.
+        """
+        return self._consecutive_failures < self.config.unhealthy_after
 
     def _poll_metrics(self) -> None:
         while not self._stop.wait(self.config.metrics_interval_s):

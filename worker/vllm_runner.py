@@ -37,6 +37,8 @@ class VllmWorkerOptions:
     startup_timeout_s: float = 600.0
     heartbeat_interval_s: float = 1.0
     profile: str = ""
+    metrics_interval_s: float = 1.0
+    unhealthy_after: int = 3
 
     def backend_config(self) -> VllmBackendConfig:
         return VllmBackendConfig(
@@ -44,7 +46,8 @@ class VllmWorkerOptions:
             replay_endpoint=self.replay_endpoint, topic=self.topic, dp_size=self.dp_size,
             block_size=self.block_size, model=self.model, num_gpu_blocks=self.num_gpu_blocks,
             advertise_host=self.advertise_host, api_key=self.api_key, ignore_eos=self.ignore_eos,
-            startup_timeout_s=self.startup_timeout_s, tokenizer=self.tokenizer)
+            startup_timeout_s=self.startup_timeout_s, tokenizer=self.tokenizer,
+            metrics_interval_s=self.metrics_interval_s, unhealthy_after=self.unhealthy_after)
 
 
 class VllmWorkerRunner:

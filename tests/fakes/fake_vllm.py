@@ -174,6 +174,7 @@ class FakeVllm:
         return_token_ids: bool = True,
         expose_cache_config: bool = True,
         token_delay_s: float = 0.0,
+        port: int = 0,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -192,7 +193,7 @@ class FakeVllm:
         self.tokenize_calls = 0
         self.fail_next: tuple[int, str] | None = None  # (HTTP status, message) for the next completion
         self._publisher = _PublisherThread(kv_events, dp_size) if kv_events is not None else None
-        self._server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
+        self._server = _QuietServer(("127.0.0.1", port), _make_handler(self))  # a restart reuses its port
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},

@@ -148,3 +148,39 @@ def test_router_refuses_a_vllm_worker_with_another_block_size():
         router_thread.join(10)
     assert runner.service.refused == "block_size 32 != the router's 16"
     assert "w32" not in router.workers
+
+
+def test_a_vllm_server_that_goes_down_leaves_the_router_and_comes_back():
+    router = RouterService(RouterConfig(bind_clients="tcp://127.0.0.1:0", bind_workers="tcp://127.0.0.1:0",
+                                        block_size=BS, heartbeat=HeartbeatConfig(interval_s=0.1, liveness=50)))
+    router_thread = threading.Thread(target=router.run, name="router", daemon=True)
+    router_thread.start()
+    fakes = {wid: FakeVllm() for wid in WORKERS}
+    runners, threads = [], []
+    try:
+        for wid, fake in fakes.items():
+            runners.append(VllmWorkerRunner(VllmWorkerOptions(
+                worker_id=wid, vllm_url=fake.url, kv_events_endpoint=f"tcp://*:{free_port_pair()}", block_size=BS,
+                router_endpoint=router.workers_endpoint, heartbeat_interval_s=0.1, metrics_interval_s=0.05,
+                unhealthy_after=2)))
+            threads.append(threading.Thread(target=runners[-1].run, daemon=True))
+            threads[-1].start()
+        _until(lambda: set(router.workers) == set(WORKERS), 5, "both workers to register", router)
+        port = int(fakes["vllm-a"].url.rsplit(":", 1)[1])
+        fakes["vllm-a"].close()  # vLLM crashed (or restarts and reloads its model)
+        _until(lambda: set(router.workers) == {"vllm-b"}, 5, "vllm-a to leave the router")
+        with RouterClient(endpoint=router.clients_endpoint) as client:
+            results = [client.generate(GenerateRequest(f"d{i}", token_ids=list(range(10 + i, 60 + i)), max_tokens=1),
+                                       timeout_s=10) for i in range(6)]
+        assert all(r.completion is not None and r.completion.worker_id == "vllm-b" for r in results)
+        fakes["vllm-a"] = FakeVllm(port=port)  # back on the same URL
+        _until(lambda: set(router.workers) == set(WORKERS), 5, "vllm-a to register again", router)
+    finally:
+        for runner in runners:
+            runner.stop()
+        for t in threads:
+            t.join(10)
+        router.stop()
+        router_thread.join(10)
+        for fake in fakes.values():
+            fake.close()
