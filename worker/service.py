@@ -236,6 +236,14 @@ class WorkerService:
         self.registered = False
 
     def _link_timers(self, now: float) -> None:
+        if not getattr(self.backend, "healthy", True):  # its engine is down (vLLM adapter): leave the router
+            if self._dealer is not None:
+                logger.warning("worker %s: backend unhealthy, leaving the router", self.worker_id)
+                self._send(Goodbye(worker_id=self.worker_id, epoch=self.epoch))
+                self._dealer.setsockopt(zmq.LINGER, 500)
+                self._disconnect()
+            self._reconnect_at = now + self.heartbeat_interval_s  # register again once healthy
+            return
         if self._dealer is None:
             if self._reconnect_at is not None and now >= self._reconnect_at:
                 self._connect()
