@@ -59,6 +59,7 @@ class EmulatedWorkerConfig:
     seed: int | None = None  # engine rng (output tokens, drawn lengths) and fault rng
     tokenizer: str | None = None  # None: built-in; else a tokenizer.json path
     faults: FaultPlan | None = None
+    lora_modules: tuple[str, ...] = ()  # LoRA adapter names served over HTTP (model = adapter name)
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     buffer_steps: int = 10_000
 

@@ -16,8 +16,9 @@ Served (stdlib ``ThreadingHTTPServer``, HTTP/1.1, loopback by default):
 * ``POST /kvr/restart_publisher``: event-plane fault injection.
 
 Requests run on the same engine as the router's, through ``WorkerService.submit_local``;
-handler threads never touch the engine. Any model name is accepted and served by the
-one base model. A client that disconnects mid-stream aborts its request, as vLLM does.
+handler threads never touch the engine. A model name that is one of the worker's LoRA
+adapters (``--lora-modules``) runs as that adapter (its blocks hash and report the
+adapter, as vLLM's do); any other name is served by the base model. A client that disconnects mid-stream aborts its request, as vLLM does.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/version":
                 self._send_json(200, {"version": VERSION})
             elif path == "/v1/models":
-                self._send_json(200, {"object": "list", "data": [self._model_card()]})
+                cards = [self._model_card()] + [self._lora_card(n) for n in f.backend.config.lora_modules]
+                self._send_json(200, {"object": "list", "data": cards})
             elif path == "/metrics":
                 self._send_text(200, render(f.on_loop(f.backend.snapshot)), "text/plain; version=0.0.4; charset=utf-8")
             elif path in ("/server_info", "/get_server_info"):
@@ -213,6 +215,11 @@ class _Handler(BaseHTTPRequestHandler):
         return {"id": name, "object": "model", "created": f.created, "owned_by": "kvr", "root": name,
                 "parent": None, "max_model_len": f.backend.engine.max_model_len, "permission": []}
 
+    def _lora_card(self, name: str) -> dict[str, Any]:
+        f = self.front
+        return {"id": name, "object": "model", "created": f.created, "owned_by": "kvr", "root": f"/lora/{name}",
+                "parent": f.backend.config.model, "max_model_len": f.backend.engine.max_model_len, "permission": []}
+
     def _prompt_ids(self, body: dict[str, Any], *, chat: bool) -> list[int]:
         tok = self.front.backend.tokenizer
         if chat:
@@ -246,8 +253,10 @@ class _Handler(BaseHTTPRequestHandler):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         inbox: queue.SimpleQueue = queue.SimpleQueue()
-        f.service.submit_local(Dispatch(request_id=rid, token_ids=ids, max_tokens=max_tokens, cache_salt=salt),
-                               inbox.put)
+        model = body.get("model")
+        lora = model if isinstance(model, str) and model in f.backend.config.lora_modules else None
+        f.service.submit_local(Dispatch(request_id=rid, token_ids=ids, max_tokens=max_tokens, lora_name=lora,
+                                        cache_salt=salt), inbox.put)
         first = self._next(inbox, rid)
         if isinstance(first, ErrorReply):
             raise HttpError(_ERROR_STATUS.get(first.code, 500), first.message, first.code.value)

@@ -41,6 +41,7 @@ class WorkerOptions:
     fault_reorder: float = 0.0
     fault_delay: float = 0.0
     fault_delay_ms: float = 50.0
+    lora_modules: str | None = None  # comma-separated adapter names
     restart_publisher_every: float = 0.0
     clear_cache_every: float = 0.0
 
@@ -63,6 +64,7 @@ class WorkerOptions:
             events_endpoint=self.events_endpoint, events_bind=not self.events_dial, replay_endpoint=replay,
             topic=self.topic, advertise_host=self.advertise_host, seed=self.seed, tokenizer=self.tokenizer,
             faults=faults, engine_overrides=overrides,
+            lora_modules=tuple(n.strip() for n in (self.lora_modules or "").split(",") if n.strip()),
         )
 
 

@@ -129,3 +129,24 @@ def test_reset_prefix_cache_clears_hits(worker) -> None:
     assert call(worker, "POST", "/reset_prefix_cache", {})[0] == 200
     _, text, _ = call(worker, "POST", "/v1/completions", {"model": "m", "prompt": prompt, "max_tokens": 1})
     assert json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_lora_adapters_are_listed_and_cache_apart_from_the_base_model() -> None:
+    runner = WorkerRunner(WorkerOptions(worker_id="h2", router_endpoint="none", http_port=0, speedup=50.0, seed=1,
+                                        lora_modules="ad1, ad2"))
+    th = threading.Thread(target=runner.run, daemon=True)
+    th.start()
+    try:
+        info = check_server(OpenAIClient(base_url=runner.http_url), model="kvr-emulated", block_size=16,
+                            startup_timeout_s=5, probe=False)
+        assert info.lora_adapters == ("ad1", "ad2")
+        prompt = list(range(2000, 2040))
+
+        def cached(model: str) -> int:
+            _, text, _ = call(runner, "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1})
+            return json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        assert [cached("kvr-emulated"), cached("ad1"), cached("ad1"), cached("ad2"), cached("other")] == [0, 0, 32, 0, 32]
+    finally:
+        runner.stop()
+        th.join(timeout=5)

@@ -1,0 +1,25 @@
+"""``kvr worker``'s periodic event-plane faults: publisher restarts and cache resets on a timer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from worker.runner import WorkerOptions, WorkerRunner
+
+
+def test_periodic_publisher_restarts_and_cache_resets() -> None:
+    runner = WorkerRunner(WorkerOptions(worker_id="f1", router_endpoint="none", restart_publisher_every=0.05,
+                                        clear_cache_every=0.05, fault_drop=0.5, seed=2))
+    assert runner.backend.publisher.faults.drop_rate == 0.5
+    th = threading.Thread(target=runner.run, daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 5
+        while runner.backend.publisher.counters.restarts < 2 or runner.backend.engine.pool.stats.resets < 2:
+            assert time.monotonic() < deadline, "timers did not fire"
+            time.sleep(0.02)
+    finally:
+        runner.stop()
+        th.join(timeout=5)
+    assert not th.is_alive()
