@@ -184,3 +184,44 @@ def test_a_vllm_server_that_goes_down_leaves_the_router_and_comes_back():
         router_thread.join(10)
         for fake in fakes.values():
             fake.close()
+
+
+def test_data_parallel_ranks_are_routed_and_predicted_exactly():
+    """One vLLM with --data-parallel-size 2: two targets, events on base and base + 1, exact loop."""
+    router = RouterService(RouterConfig(bind_clients="tcp://127.0.0.1:0", bind_workers="tcp://127.0.0.1:0",
+                                        block_size=BS, heartbeat=HeartbeatConfig(interval_s=0.1, liveness=50)))
+    router_thread = threading.Thread(target=router.run, name="router", daemon=True)
+    router_thread.start()
+    p, r = free_port_pair(), free_port_pair()
+    kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", topic="dp", bind=True)
+    fake = FakeVllm(kv_events=kv, dp_size=2, num_gpu_blocks=40)
+    runner = VllmWorkerRunner(VllmWorkerOptions(
+        worker_id="dp", vllm_url=fake.url, kv_events_endpoint=f"tcp://*:{p}", replay_endpoint=f"tcp://*:{r}",
+        topic="dp", dp_size=2, router_endpoint=router.workers_endpoint, block_size=BS, heartbeat_interval_s=0.1))
+    worker_thread = threading.Thread(target=runner.run, daemon=True)
+    worker_thread.start()
+    targets = [WorkerKey("dp", 0), WorkerKey("dp", 1)]
+    rng = random.Random(2)
+    prefixes = [[rng.randrange(2, 50_000) for _ in range(48)] for _ in range(6)]
+    pairs, ranks = [], []
+    try:
+        _until(lambda: all(t in router.ingest.streams for t in targets), 5, "both ranks subscribed", router)
+        with RouterClient(endpoint=router.clients_endpoint) as client:
+            for i in range(24):
+                tokens = rng.choice(prefixes) + [rng.randrange(2, 50_000) for _ in range(rng.randrange(0, 20))]
+                result = client.generate(GenerateRequest(f"p{i}", token_ids=tokens, max_tokens=2), timeout_s=20)
+                assert result.completion is not None, result.error
+                pairs.append((result.routed.predicted_cached_tokens, result.completion.cached_tokens))
+                ranks.append(result.routed.dp_rank)
+                _until(lambda: all(router.ingest.streams[t].last_seq == fake.publishers[t.dp_rank].next_seq - 1
+                                   for t in targets), 10, "events to be ingested")
+    finally:
+        runner.stop()
+        worker_thread.join(10)
+        router.stop()
+        router_thread.join(10)
+        fake.close()
+    assert [a for a, _ in pairs] == [b for _, b in pairs]
+    assert set(ranks) == {0, 1} and sum(b for _, b in pairs) > 0
+    # Each rank ran what was routed to it (+1 on rank 0: the adapter's start-up probe has no rank header).
+    assert [e.pool.stats.requests for e in fake.engines] == [ranks.count(0) + 1, ranks.count(1)]
