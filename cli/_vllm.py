@@ -28,7 +28,8 @@ _OPTIONS = [
     click.option("--dp-size", default=1, show_default=True, type=click.IntRange(1, 1024),
                  help="[vllm] vLLM's --data-parallel-size (rank r publishes on both ports + r)."),
     click.option("--block-size", default=16, show_default=True, type=click.IntRange(1),
-                 help="Tokens per KV block, as the router was told (checked against the vLLM server)."),
+                 help="Tokens per KV block, as the router was told ([vllm] checked against the server; the "
+                      "emulated engine uses its profile's)."),
     click.option("--vllm-api-key", default=None, envvar="KVR_VLLM_API_KEY", help="[vllm] Bearer token for vLLM's API."),
     click.option("--ignore-eos", is_flag=True, help="[vllm] Generate exactly max_tokens (like the emulator)."),
     click.option("--startup-timeout", default=600.0, show_default=True, type=float,
