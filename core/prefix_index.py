@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 #: KV-cache-group kinds whose blocks a request's prefix can reuse; others (sliding window, mamba) are ignored.
 INDEXED_SPEC_KINDS = frozenset({None, "full_attention"})
 
+_U64 = 0xFFFFFFFFFFFFFFFF
 DEFAULT_ORPHAN_TTL_S = 30.0
 DEFAULT_MAX_ORPHAN_BLOCKS = 65_536
 
@@ -297,7 +298,7 @@ class PrefixIndex:
         if ev.group_idx is not None:
             state.removal_groups.add(ev.group_idx)
         try:
-            externals = [external_hash_key(h) for h in ev.block_hashes]
+            externals = [h & _U64 if type(h) is int else external_hash_key(h) for h in ev.block_hashes]
             parent_key = None if ev.parent_block_hash is None else external_hash_key(ev.parent_block_hash)
         except (TypeError, AttributeError):
             self.counters["malformed"] += 1
@@ -316,8 +317,40 @@ class PrefixIndex:
             self.counters["malformed"] += 1
             logger.warning("%s: BlockStored with invalid token ids ignored", state.key)
             return
+        if state.orphans_by_parent:
+            for ext, own in zip(externals, owns):
+                self._insert(state, ext, own, delta, now)
+            return
+        # Fast path of _insert (no parked orphans can be waiting): same effects, fewer calls.
+        ext_map, holders, bit, slot = state.external_to_own, self._holders, state.bit, state.slot
+        tentative = self._tentative
+        added = duplicates = 0
         for ext, own in zip(externals, owns):
-            self._insert(state, ext, own, delta, now)
+            previous = ext_map.get(ext)
+            if previous == own:
+                duplicates += 1
+            elif previous is not None:
+                self._insert(state, ext, own, delta, now)
+                continue
+            else:
+                ext_map[ext] = own
+                mask = holders.get(own, 0)
+                if mask & bit:
+                    state.extra_refs[own] = state.extra_refs.get(own, 1) + 1
+                else:
+                    holders[own] = mask | bit
+                    state.num_blocks += 1
+                added += 1
+                if delta is not None:
+                    delta.stored.append((state.key, ext, own))
+            if tentative:
+                slots = tentative.get(own)
+                if slots is not None and slot in slots:
+                    self._drop_tentative(own, slot)
+        if added:
+            self.counters["stored_blocks"] += added
+        if duplicates:
+            self.counters["stored_duplicate"] += duplicates
 
     def _on_removed(self, state: _Target, ev: BlockRemoved, delta: IndexDelta | None) -> None:
         if ev.medium not in (None, MEDIUM_GPU):
