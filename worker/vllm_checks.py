@@ -93,10 +93,11 @@ def wait_healthy(client: OpenAIClient, *, timeout_s: float, interval_s: float = 
     """Poll ``/health`` until 2xx; a loading server can take minutes."""
     deadline = time.monotonic() + timeout_s
     while not client.health():
-        if time.monotonic() >= deadline:
-            raise StartupError(f"vLLM at {client.base_url} not healthy after {timeout_s:.0f} s "
+        now = time.monotonic()
+        if now >= deadline:
+            raise StartupError(f"vLLM at {client.base_url} not healthy after {timeout_s:g} s "
                                f"(is it running, still loading the model, or behind another URL?)")
-        time.sleep(interval_s)
+        time.sleep(min(interval_s, deadline - now))
 
 
 def _served_model(cards: list[ModelCard], expected: str | None) -> tuple[str, tuple[str, ...]]:
