@@ -138,7 +138,7 @@ def plot_recovery_timeline(dump: dict[str, Any], path: Path) -> Path:
         if any(not math.isnan(v) for v in predicted):
             ax1.plot(t, [100 * v for v in predicted], ls="--", color="#264653", label="predicted (router)")
     series = dump.get("series", [])
-    if series:
+    if any(p.get("window_errors") for p in series):
         axe = ax1.twinx()
         axe.bar([p["t_s"] - t0 for p in series], [p.get("window_errors", 0) for p in series],
                 width=0.8 * _step(series), color="#d00000", alpha=0.35, label="errors")

@@ -42,8 +42,8 @@ def unique_labels(dumps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_report(dumps: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str = "kvr run report",
-                 notes: str = "") -> Path:
-    """Write ``report.md`` and its PNGs into ``out_dir``; returns the report's path."""
+                 notes: str = "", plots: bool = True) -> Path:
+    """Write ``report.md`` and (unless ``plots`` is False) its PNGs into ``out_dir``; returns the report's path."""
     if not dumps:
         raise ValueError("a report needs at least one dump")
     out_dir = Path(out_dir)
@@ -61,13 +61,12 @@ def write_report(dumps: Sequence[dict[str, Any]], out_dir: str | Path, *, title:
         "usage of the workers' heartbeats. Metrics are computed by `core/metrics.py`, the fold the simulator uses.",
         "",
     ]
-    if len(dumps) > 1:
+    if len(dumps) > 1 and plots:
         lines += ["## All runs", ""]
         for name, path in plot_comparison(dumps, out_dir / "plots").items():
             lines += [f"### {PLOT_TITLES[name]}", "", f"![{PLOT_TITLES[name]}]({path.relative_to(out_dir).as_posix()})", ""]
     for d in dumps:
-        run_dir = out_dir / "plots" / _slug(d["label"])
-        paths = plot_run(d, run_dir)
+        paths = plot_run(d, out_dir / "plots" / _slug(d["label"])) if plots else {}
         lines += [f"## Run: {d['label']}", ""]
         incidents = d.get("incidents", [])
         errors = d.get("errors_by_code", {})
@@ -78,7 +77,7 @@ def write_report(dumps: Sequence[dict[str, Any]], out_dir: str | Path, *, title:
             kinds[inc["kind"]] = kinds.get(inc["kind"], 0) + 1
         if kinds:
             lines += ["Incidents: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())), ""]
-        for name in RUN_PLOTS:
+        for name in RUN_PLOTS if plots else ():
             rel = paths[name].relative_to(out_dir).as_posix()
             lines += [f"### {PLOT_TITLES[name]}", "", f"![{d['label']}: {PLOT_TITLES[name]}]({rel})", ""]
     path = out_dir / "report.md"
