@@ -65,6 +65,7 @@ class RouterConfig:
     max_retries: int = 2
     tentative_window_s: float = 5.0
     stats_interval_s: float = 1.0
+    housekeeping_s: float = 0.02  # liveness, heartbeats, timeouts, replay retries: at most this often
     router_id: str = "router"
     limits: AdmissionLimits = field(default_factory=AdmissionLimits)
 
@@ -138,10 +139,12 @@ class RouterService:
         self._snapshots = self.ingest.warm_start()
         self._client_decoder, self._worker_decoder = client_decoder(), worker_decoder()
         self.workers: dict[str, _Worker] = {}
+        self._identities: dict[bytes, str] = {}  # worker DEALER identity -> worker id
         self.pending: dict[str, _Pending] = {}
         self._by_client: dict[tuple[bytes, str], str] = {}
         self._ids = itertools.count(1)
         self._next_stats_s = clock() + config.stats_interval_s
+        self._next_housekeeping_s = clock()
         self._stopped = False
         #: A snapshot for other threads (the HTTP front): replaced, never mutated.
         self.stats: dict = {}
@@ -161,10 +164,8 @@ class RouterService:
 
     def run_once(self, max_wait_ms: int = 100) -> None:
         now = self._clock()
-        deadlines = [d for d in (self.ingest.next_deadline_s(), self.liveness.next_deadline(), self._next_stats_s)
-                     if d is not None]
-        wait_ms = max(0, min(max_wait_ms, int((min(deadlines) - now) * 1000) + 1)) if deadlines else max_wait_ms
-        wait_ms = min(wait_ms, int(self.config.heartbeat.interval_s * 1000))
+        deadlines = [d for d in (self.ingest.next_deadline_s(), self._next_housekeeping_s) if d is not None]
+        wait_ms = max(0, min(max_wait_ms, int((min(deadlines) - now) * 1000) + 1))
         for sock, _ in self._poller.poll(wait_ms):
             if sock is self._clients:
                 self._drain(self._clients, self._client_decoder, self._on_client)
@@ -172,7 +173,11 @@ class RouterService:
                 self._drain(self._workers_sock, self._worker_decoder, self._on_worker)
             else:
                 self.ingest.handle(sock)
-        self._tick(self._clock())
+        now = self._clock()
+        if now >= self._next_housekeeping_s:
+            # O(workers + pending) upkeep, paced so a busy loop does not pay it per message.
+            self._next_housekeeping_s = now + self.config.housekeeping_s
+            self._tick(now)
 
     def _drain(self, sock: zmq.Socket, decoder, handler) -> None:
         for _ in range(1000):  # bounded: one busy peer must not starve the others
@@ -339,11 +344,14 @@ class RouterService:
             for t in targets:
                 self.core.register(t, capacity_blocks=hello.num_gpu_blocks)
             self.workers[hello.worker_id] = _Worker(identity, hello, targets)
+            self._identities[identity] = hello.worker_id
             self._adopt_latency(hello)
             logger.info("worker %s registered (epoch %d, %d rank(s), events %s)", hello.worker_id, hello.epoch,
                         len(targets), hello.events_endpoint)
         else:
+            self._identities.pop(old.identity, None)
             old.identity = identity  # reconnected with a new DEALER; same incarnation, same index
+            self._identities[identity] = hello.worker_id
         self.liveness.seen(hello.worker_id, now)
         self._refresh_stats()
         self._send_worker(identity, Welcome(cfg.router_id, cfg.heartbeat.interval_s, cfg.heartbeat.liveness))
@@ -389,6 +397,7 @@ class RouterService:
         self.liveness.remove(wid)
         if worker is None:
             return
+        self._identities.pop(worker.identity, None)
         self.ingest.remove_worker(wid)
         self._refresh_stats()
         now = self._clock()
@@ -408,10 +417,8 @@ class RouterService:
                 self._finish(p, ErrorReply(p.request.request_id, code, f"{why} {detail}", wid))
 
     def _worker_by_identity(self, identity: bytes) -> _Worker | None:
-        for w in self.workers.values():
-            if w.identity == identity:
-                return w
-        return None
+        wid = self._identities.get(identity)
+        return None if wid is None else self.workers.get(wid)
 
     # ------------------------------------------------------------------ output
 
