@@ -12,6 +12,7 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -75,6 +76,32 @@ def overhead(out_dir, as_json, quick, repeats, seed, workers, index_blocks, requ
     finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
 
 
+@click.command("basic")
+@_with_common
+@click.option("--policy", "policies", multiple=True, help="Policies to run (repeatable; default: every policy).")
+@click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True)
+@click.option("--speedup", type=float, default=10.0, show_default=True, help="Emulated engine speed-up.")
+@click.option("--rate", "rate_per_s", type=float, default=8.0, show_default=True,
+              help="Poisson arrivals per second of workload time.")
+@click.option("--warmup", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests left out of the metrics at the start of each run.")
+def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, rate_per_s, warmup) -> None:
+    """Every policy on a live cluster, same request sequence: hit rate, TTFT (hits vs misses), throughput."""
+    from bench.basic import BasicConfig, display_tables, plot, run
+    from bench.progress import RichProgress
+
+    cfg = BasicConfig.quick() if quick else BasicConfig(workers=workers, speedup=speedup, rate_per_s=rate_per_s,
+                                                        warmup=warmup)
+    if policies:
+        cfg.policies = tuple(policies)
+    cfg.seed = seed
+    if repeats:
+        cfg.repeats = repeats
+    cfg.out_dir = str(Path(out_dir) / "basic-runs")
+    result = run(cfg, command=_command_line(), progress=RichProgress("basic"))
+    finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -82,4 +109,4 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead]
+SUITE_COMMANDS = [overhead, basic]
