@@ -26,7 +26,10 @@ def fetch_dump(source: str, *, timeout_s: float = 2.0) -> dict[str, Any]:
     """A dump from an ``http(s)://`` URL of the monitor (``/json``) or a file path."""
     if source.startswith(("http://", "https://")):
         with urllib.request.urlopen(source, timeout=timeout_s) as resp:
-            return normalize_dump(json.loads(resp.read()), source=source)
+            data = json.loads(resp.read())
+        if isinstance(data, dict) and not data.get("label"):
+            data["label"] = "live"  # not the URL's last path segment
+        return normalize_dump(data, source=source)
     return normalize_dump(json.loads(Path(source).read_text()), source=source)
 
 

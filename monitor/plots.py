@@ -290,8 +290,9 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
         if ttft:
             _cdf(ax, ttft, d["label"], RUN_COLOURS[k % len(RUN_COLOURS)])
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_xlabel("TTFT (ms, log scale)")

@@ -34,7 +34,7 @@ def test_dash_once_from_a_live_monitor_over_http():
     import time
 
     ctx = zmq.Context()
-    svc = MonitorService(metrics_endpoints=[f"tcp://127.0.0.1:{free_port()}"], state=MonitorState(label="live"),
+    svc = MonitorService(metrics_endpoints=[f"tcp://127.0.0.1:{free_port()}"], state=MonitorState(),
                          http_port=0, ctx=ctx)
     try:
         svc.start()
@@ -44,6 +44,7 @@ def test_dash_once_from_a_live_monitor_over_http():
         res = CliRunner().invoke(main, ["dash", "--source", f"http://127.0.0.1:{svc.http_port}/json", "--once", "--width", "160"])
         assert res.exit_code == 0, res.output
         assert "req-xyz" in res.stdout and "gpu-7" in res.stdout and "stale" in res.stdout
+        assert "│ live  requests 1" in res.stdout
     finally:
         svc.close()
         ctx.term()
