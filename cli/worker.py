@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 @click.option("--num-gpu-blocks", default=None, type=int, help="Override the profile's KV capacity (blocks).")
 @click.option("--max-num-seqs", default=None, type=int, help="Override the profile's max running requests.")
 @click.option("--max-num-batched-tokens", default=None, type=int, help="Override the profile's token budget per step.")
+@click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(1),
+              help="Tokens per streamed chunk after the first (vLLM's --stream-interval); more = fewer messages.")
 @click.option("--lora-modules", default=None, help="Comma-separated LoRA adapter names served over HTTP (model = adapter).")
 @click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching (no hits, no events).")
 @click.option("--http-port", default=None, type=int, help="Serve vLLM's OpenAI-compatible HTTP API on this port (0 = pick).")

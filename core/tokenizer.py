@@ -83,6 +83,7 @@ def _bytes_id(chunk: str) -> int:
     return int.from_bytes(chunk.encode("utf-8"), "big")
 
 
+@lru_cache(maxsize=1 << 16)
 def _id_text(token_id: int) -> bytes:
     if token_id >> 30 == 2:
         chars = []

@@ -59,6 +59,7 @@ class EmulatedWorkerConfig:
     seed: int | None = None  # engine rng (output tokens, drawn lengths) and fault rng
     tokenizer: str | None = None  # None: built-in; else a tokenizer.json path
     faults: FaultPlan | None = None
+    stream_interval: int = 1  # tokens per TokenChunk after the first (vLLM's --stream-interval)
     lora_modules: tuple[str, ...] = ()  # LoRA adapter names served over HTTP (model = adapter name)
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     buffer_steps: int = 10_000
@@ -79,6 +80,8 @@ class EmulatedBackend:
     ) -> None:
         if config.speedup <= 0:
             raise ValueError("speedup must be positive")
+        if config.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
         self.config = config
         self.profile = get_profile(config.profile)
         seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
@@ -102,9 +105,13 @@ class EmulatedBackend:
         self._step_outputs: list[RequestOutput] = []
         self._step_events: list = []
         self.overrun_s = 0.0
+        self.resyncs = 0
+        self.max_lag_s = 0.05
+        self._step_engine_end = 0.0
         self.steps = 0
         self.request_metrics = RequestMetrics()
         self._last_arrival_s = 0.0
+        self._token_buffers: dict[str, list[int]] = {}  # request id -> tokens not yet streamed
 
     def _advertised(self) -> tuple[str, str | None]:
         """Endpoints for ``Hello``: the router applies vLLM's rule to them (``*`` → it binds)."""
@@ -173,6 +180,7 @@ class EmulatedBackend:
         if out is None:
             return False
         self._step_outputs = [o for o in self._step_outputs if o.request_id != request_id]
+        self._token_buffers.pop(request_id, None)
         self._outbox.append(self._error(request_id, code, message))
         return True
 
@@ -196,21 +204,36 @@ class EmulatedBackend:
     # ------------------------------------------------------------------ time
 
     def advance(self, now: float | None = None) -> float | None:
-        """Finish the step in flight if its time has come, start the next; returns the next due time."""
+        """Finish the step in flight if its time has come, start the next; returns the next due time.
+
+        While the engine stays busy, steps follow each other in *engine* time and their
+        wall due times are derived from it, so timer granularity and small delays never
+        accumulate; only a lag over ``max_lag_s`` makes the engine resync to the wall
+        clock (the engine then falls behind real time, counted in ``overrun_s``).
+        """
         now = self._clock() if now is None else now
+        busy_until = None
         if self._step_end is not None:
             if now < self._step_end:
                 return self._step_end
-            self.overrun_s += now - self._step_end
+            lag = now - self._step_end
+            self.overrun_s += lag
             self._finish_step()
+            if lag <= self.max_lag_s:
+                busy_until = self._step_engine_end
+            else:
+                self.resyncs += 1
         if not self.engine.has_work():
             return None
+        start = self.engine_now(now) if busy_until is None else busy_until
         # Never start a step before a request that is already queued arrived.
-        result = self.engine.step(max(self.engine_now(now), self._last_arrival_s))
+        start = max(start, self._last_arrival_s)
+        result = self.engine.step(start)
         self.steps += 1
         self._step_outputs = result.outputs
         self._step_events = self.engine.drain_events()
-        self._step_end = now + result.duration_s / self.config.speedup
+        self._step_engine_end = start + result.duration_s
+        self._step_end = self._start + self._step_engine_end / self.config.speedup
         if result.duration_s == 0.0 and not result.outputs:
             # Nothing could be scheduled (should not happen with work queued): do not spin.
             self._step_end = now + 0.001
@@ -218,9 +241,24 @@ class EmulatedBackend:
 
     def _finish_step(self) -> None:
         self._step_end = None
+        interval = self.config.stream_interval
+        buffers = self._token_buffers
         for o in self._step_outputs:
             if o.new_token_ids:
-                self._outbox.append(TokenChunk(o.request_id, o.new_token_ids, self.tokenizer.decode(o.new_token_ids)))
+                # The first token goes out at once; later ones every `interval` tokens and at the end.
+                buf = buffers.get(o.request_id)
+                if buf is None:
+                    buffers[o.request_id] = []
+                    self._emit_tokens(o.request_id, o.new_token_ids)
+                else:
+                    buf.extend(o.new_token_ids)
+                    if len(buf) >= interval or o.finished:
+                        self._emit_tokens(o.request_id, buf)
+                        buffers[o.request_id] = []
+            if o.finished:
+                buf = buffers.pop(o.request_id, None)
+                if buf:
+                    self._emit_tokens(o.request_id, buf)
             if o.finished and o.stats is not None:
                 s = o.stats
                 self.request_metrics.record(
@@ -240,6 +278,9 @@ class EmulatedBackend:
         if self._step_events:
             self.publisher.publish(self._step_events, ts=self._wall())
             self._step_events = []
+
+    def _emit_tokens(self, request_id: str, token_ids: list[int]) -> None:
+        self._outbox.append(TokenChunk(request_id, token_ids, self.tokenizer.decode(token_ids)))
 
     def snapshot(self) -> EngineSnapshot:
         """What ``/metrics`` renders (call on the loop thread)."""

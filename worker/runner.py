@@ -42,6 +42,7 @@ class WorkerOptions:
     fault_delay: float = 0.0
     fault_delay_ms: float = 50.0
     lora_modules: str | None = None  # comma-separated adapter names
+    stream_interval: int = 1
     restart_publisher_every: float = 0.0
     clear_cache_every: float = 0.0
 
@@ -64,6 +65,7 @@ class WorkerOptions:
             events_endpoint=self.events_endpoint, events_bind=not self.events_dial, replay_endpoint=replay,
             topic=self.topic, advertise_host=self.advertise_host, seed=self.seed, tokenizer=self.tokenizer,
             faults=faults, engine_overrides=overrides,
+            stream_interval=self.stream_interval,
             lora_modules=tuple(n.strip() for n in (self.lora_modules or "").split(",") if n.strip()),
         )
 

@@ -23,6 +23,7 @@ One loop thread owns every socket (zmq sockets are not thread-safe):
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket
 import threading
@@ -175,7 +176,8 @@ class WorkerService:
             deadlines.append(self._next_heartbeat)
         if self._reconnect_at is not None:
             deadlines.append(self._reconnect_at)
-        timeout_ms = max(0.0, (min(deadlines) - self._clock()) * 1000.0)
+        # zmq polls in whole milliseconds: round up rather than spin through the last one.
+        timeout_ms = max(0, math.ceil((min(deadlines) - self._clock()) * 1000.0))
         for sock, _ in self._poller.poll(timeout_ms):
             if sock is self._dealer:
                 self._recv_router()

@@ -173,3 +173,40 @@ def test_close_answers_everything_in_flight(ctx) -> None:
     b.close()
     terminal = [m for m in b.drain() if isinstance(m, (Completion, ErrorReply))]
     assert sorted((m.request_id, m.code) for m in terminal) == [("a", ErrorCode.WORKER_ERROR), ("b", ErrorCode.WORKER_ERROR)]
+
+
+def test_stream_interval_sends_the_first_token_alone_then_batches(ctx) -> None:
+    clock = Clock()
+    b = backend(ctx, clock, stream_interval=3)
+    try:
+        b.submit(Dispatch(request_id="q", token_ids=list(range(10)), max_tokens=8))
+        chunks = []
+        while (due := b.advance(clock.t)) is not None:
+            clock.t = due
+            chunks += b.drain()
+        chunks += b.drain()
+        sizes = [len(m.token_ids) for m in chunks if isinstance(m, TokenChunk)]
+        assert sizes == [1, 3, 3, 1] and isinstance(chunks[-1], Completion)
+        assert "".join(m.text for m in chunks if isinstance(m, TokenChunk)) == b.tokenizer.decode(
+            [t for m in chunks if isinstance(m, TokenChunk) for t in m.token_ids])
+    finally:
+        b.close()
+
+
+def test_small_lateness_does_not_accumulate_but_a_large_lag_resyncs(ctx) -> None:
+    clock = Clock()
+    b = backend(ctx, clock, speedup=10.0)
+    lat = get_profile("simple").latency
+    try:
+        b.submit(Dispatch(request_id="q", token_ids=list(range(40)), max_tokens=4))
+        first_due = b.advance(clock.t)
+        clock.t = first_due + 0.001  # woken 1 ms late (timer granularity)
+        second_due = b.advance(clock.t)
+        # The next step starts where the last one ended in engine time, not 1 ms later.
+        assert second_due == pytest.approx(first_due + lat.decode_token_s(batch_size=1) / 10)
+        clock.t = second_due + 1.0  # a long stall: the engine resyncs to the wall clock
+        third_due = b.advance(clock.t)
+        assert third_due == pytest.approx(clock.t + lat.decode_token_s(batch_size=1) / 10)
+        assert b.resyncs == 1 and b.overrun_s == pytest.approx(1.001)
+    finally:
+        b.close()
