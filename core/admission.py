@@ -59,9 +59,13 @@ def check_request(
         return Rejection("bad_request", "token_ids is empty")
     if len(token_ids) > limits.max_prompt_tokens:
         return Rejection("prompt_too_long", f"prompt of {len(token_ids)} tokens exceeds {limits.max_prompt_tokens}")
-    bad = next((t for t in token_ids if isinstance(t, bool) or not 0 <= t < limits.vocab_size), None)
+    # Fast path in C (this runs per request): all plain ints, within range.
+    if set(map(type, token_ids)) == {int} and min(token_ids) >= 0 and max(token_ids) < limits.vocab_size:
+        return None
+    bad = next((t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < limits.vocab_size),
+               None)
     if bad is not None:
-        return Rejection("bad_request", f"token id {bad} is outside [0, {limits.vocab_size})")
+        return Rejection("bad_request", f"token id {bad!r} is outside [0, {limits.vocab_size})")
     return None
 
 

@@ -522,17 +522,22 @@ class PrefixIndex:
         """Count ``own_hashes`` as present on ``target`` until ``expires_at`` (or settled by an event)."""
         state = self._target(target)
         slot, bit = state.slot, state.bit
+        holders, tentative, masks = self._holders, self._tentative, self._tentative_mask
         added = []
         for own in own_hashes:
-            if self._holders.get(own, 0) & bit:
+            if holders.get(own, 0) & bit:
                 continue  # really present already: nothing to predict
-            slots = self._tentative.get(own)
+            slots = tentative.get(own)
             if slots is None:
-                self._tentative[own] = {slot: expires_at}
-                self._tentative_mask[own] = bit
+                tentative[own] = {slot: expires_at}
+                masks[own] = bit
             else:
-                slots[slot] = max(expires_at, slots.get(slot, expires_at))
-                self._tentative_mask[own] |= bit
+                previous = slots.get(slot)
+                if previous is None:
+                    slots[slot] = expires_at
+                    masks[own] |= bit
+                elif previous < expires_at:
+                    slots[slot] = expires_at
             added.append(own)
         if added:
             self._tentative_seq += 1

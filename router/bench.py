@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sizes = [(8, 10_000), (64, 100_000)] if args.quick else [(8, 100_000), (64, 1_000_000), (512, 1_000_000)]
     out: dict = {"routing": [], "overlap": [], "ingest": []}
+    out["end_to_end"] = bench_end_to_end(300 if args.quick else 2000)
     for workers, blocks in sizes:
         out["routing"].append(bench_routing(workers, blocks, n_requests=500 if args.quick else 2000))
         out["overlap"].append(bench_overlap_only(workers, blocks))
@@ -183,3 +184,135 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+
+def bench_end_to_end(n_requests: int = 2000, prompt_tokens: int = 256) -> dict:
+    """Client round trip through the router vs through a bare ROUTER relay on the same topology.
+
+    Both: client DEALER → ROUTER → worker DEALER → ROUTER → client; the worker answers at once
+    with one token chunk and a completion. The relay forwards frames without decoding them; the
+    router decodes, routes with the index, accounts, relays and also sends ``Routed`` first.
+    Three threads in one process (client, middle, worker) in both cases; 100 warm-up requests.
+    """
+    import threading
+
+    import zmq
+
+    from bus.codec import encode, reply_decoder, router_decoder
+    from bus.schema import Completion, Dispatch, GenerateRequest, Heartbeat, Hello, TokenChunk
+    from bus.sockets import connectable, free_tcp_endpoint, make_router, make_socket
+    from core.liveness import HeartbeatConfig
+    from router.service import RouterConfig, RouterService
+
+    prompt = list(range(prompt_tokens))
+    ctx = zmq.Context()
+
+    def worker(endpoint: str, kvr: bool, stop: threading.Event) -> None:
+        sock = make_socket(ctx, zmq.DEALER)
+        sock.connect(endpoint)
+        dec = router_decoder()
+        sock.send(encode(Hello("w0", 1, "m", BS, 1000, "tcp://127.0.0.1:1")) if kvr else b"hello")
+        next_beat = 0.0
+        while not stop.is_set():
+            if kvr and time.monotonic() >= next_beat:
+                sock.send(encode(Heartbeat("w0", 1)))
+                next_beat = time.monotonic() + 0.5
+            if not sock.poll(50):
+                continue
+            frames = sock.recv_multipart()
+            if kvr:
+                msg = dec.decode(frames[-1])
+                if isinstance(msg, Dispatch):
+                    sock.send(encode(TokenChunk(msg.request_id, [1])))
+                    sock.send(encode(Completion(msg.request_id, "w0", len(msg.token_ids), 0, 1)))
+            else:  # [client identity, payload] -> two answers for that client
+                sock.send_multipart([frames[0], b"chunk"])
+                sock.send_multipart([frames[0], b"done"])
+        sock.close(linger=0)
+
+    def relay(front_ep: str, back_ep: str, stop: threading.Event) -> None:
+        front, _ = make_router(ctx, front_ep)
+        back, _ = make_router(ctx, back_ep)
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(back, zmq.POLLIN)
+        worker_id = None
+        while not stop.is_set():
+            for sock, _ in poller.poll(50):
+                frames = sock.recv_multipart()
+                if sock is back:
+                    if len(frames) == 2:  # the worker's hello
+                        worker_id = frames[0]
+                    else:  # [worker, client, payload]
+                        front.send_multipart([frames[1], frames[2]])
+                elif worker_id is not None:
+                    back.send_multipart([worker_id, frames[0], frames[1]])
+        front.close(linger=0)
+        back.close(linger=0)
+
+    def client(endpoint: str, kvr: bool) -> list[float]:
+        sock = make_socket(ctx, zmq.DEALER)
+        sock.connect(endpoint)
+        dec = reply_decoder()
+        rtts = []
+        for i in range(n_requests + 100):
+            t0 = time.perf_counter()
+            if kvr:
+                sock.send(encode(GenerateRequest(f"r{i}", token_ids=prompt, max_tokens=1)))
+                while not isinstance(dec.decode(sock.recv()), Completion):
+                    pass
+            else:
+                sock.send(b"request")
+                while sock.recv() != b"done":
+                    pass
+            if i >= 100:
+                rtts.append(time.perf_counter() - t0)
+        sock.close(linger=0)
+        return rtts
+
+    out = {}
+    stop = threading.Event()
+    f_ep, b_ep = free_tcp_endpoint(), free_tcp_endpoint()
+    threads = [threading.Thread(target=relay, args=(f_ep, b_ep, stop), daemon=True),
+               threading.Thread(target=worker, args=(b_ep, False, stop), daemon=True)]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    time.sleep(0.3)
+    out["relay"] = _pcts("", client(f_ep, False))
+    stop.set()
+    for t in threads:
+        t.join(2)
+
+    stop = threading.Event()
+    cfg = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), bind_metrics=None,
+                       block_size=BS, heartbeat=HeartbeatConfig(1.0, 5), tentative_window_s=5.0)
+    box: dict = {}
+    ready = threading.Event()
+
+    def run_router() -> None:
+        box["svc"] = RouterService(cfg, ctx=ctx)
+        ready.set()
+        while not stop.is_set():
+            box["svc"].run_once(50)
+        box["svc"].close()
+
+    rt = threading.Thread(target=run_router, daemon=True)
+    rt.start()
+    ready.wait(5)
+    svc = box["svc"]
+    wt = threading.Thread(target=worker, args=(connectable(svc.workers_endpoint), True, stop), daemon=True)
+    wt.start()
+    deadline = time.monotonic() + 5
+    while not svc.workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out["router"] = _pcts("", client(connectable(svc.clients_endpoint), True))
+    stop.set()
+    for t in (rt, wt):
+        t.join(3)
+    ctx.term()
+    out["ratio_p50"] = round(out["router"]["p50_us"] / out["relay"]["p50_us"], 2)
+    out["ratio_p99"] = round(out["router"]["p99_us"] / out["relay"]["p99_us"], 2)
+    out["prompt_tokens"] = prompt_tokens
+    return out

@@ -40,7 +40,7 @@ from bus.schema import (
     Heartbeat, Hello, Refused, RequestRecord, RequestStats, Routed, TokenChunk, Welcome, WorkerLoad as WireLoad, WorkerSample,
 )  # fmt: skip
 from bus.sockets import make_router, make_socket
-from core.admission import AdmissionLimits, check_request
+from core.admission import AdmissionLimits, check_prompt_length, check_request
 from core.liveness import HeartbeatConfig, LivenessTracker
 from core.prefix_index import Confidence, PrefixIndex, WorkerKey
 from core.routing import NoTargetsError, RouterCore, RoutingInput
@@ -49,6 +49,9 @@ from router.ingest import EventIngest
 from router.mirror import MirrorUnavailable, RedisMirror
 
 logger = logging.getLogger(__name__)
+
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: zmq's enum flags cost an enum operation per send
+_SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 @dataclass
@@ -258,10 +261,12 @@ class RouterService:
             self._reply(client, ErrorReply(req.request_id, ErrorCode.OVERLOADED,
                                            f"{len(self.pending)} requests in flight (limit {self.config.max_pending})"))
             return
-        tokens = list(req.token_ids) if req.token_ids is not None else self.tokenizer.encode(req.prompt)
-        if not tokens:
-            self._reply(client, ErrorReply(req.request_id, ErrorCode.BAD_REQUEST, "prompt tokenizes to nothing"))
-            return
+        tokens = req.token_ids if req.token_ids is not None else self.tokenizer.encode(req.prompt)
+        if req.token_ids is None:
+            rejection = check_prompt_length(len(tokens), self.config.limits)
+            if rejection is not None:
+                self._reply(client, ErrorReply(req.request_id, ErrorCode(rejection.code), rejection.message))
+                return
         key = f"{self.config.router_id}-{next(self._ids)}"
         p = _Pending(key, client, req, tokens, now, self._wall(), now + self.config.request_timeout_s)
         self.pending[key] = p
@@ -424,14 +429,16 @@ class RouterService:
 
     def _reply(self, client: bytes, msg) -> None:
         try:
-            self._clients.send_multipart([client, encode(msg)], zmq.NOBLOCK)
+            self._clients.send(client, _SNDMORE_NOBLOCK)
+            self._clients.send(encode(msg), _NOBLOCK)
         except zmq.ZMQError as exc:  # client gone or its queue full: the reply is lost, count it
             self.counters["reply_drops"] += 1
             logger.debug("reply to %s dropped: %s", client.hex(), exc)
 
     def _send_worker(self, identity: bytes, msg) -> None:
         try:
-            self._workers_sock.send_multipart([identity, encode(msg)], zmq.NOBLOCK)
+            self._workers_sock.send(identity, _SNDMORE_NOBLOCK)
+            self._workers_sock.send(encode(msg), _NOBLOCK)
         except zmq.ZMQError as exc:
             self.counters["worker_send_drops"] += 1
             logger.debug("message to worker %s dropped: %s", identity.hex(), exc)
