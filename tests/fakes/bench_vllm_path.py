@@ -107,12 +107,38 @@ def bench_router(fake: FakeVllm, prompts, max_tokens: int, events: tuple[str, st
     return out
 
 
+def waker_ab(rounds: int, requests: int, max_tokens: int, free_port_pair) -> None:
+    """Router path p50/p90/p99 with ``VllmBackend.set_waker`` on and off (off: the loop polls every 5 ms)."""
+    real = VllmBackend.set_waker
+    results: dict[str, list[float]] = {"waker": [], "poll": []}
+    try:
+        for rnd in range(rounds):
+            for mode in results:
+                VllmBackend.set_waker = real if mode == "waker" else (lambda self, wake: None)
+                p, r = free_port_pair(), free_port_pair()
+                kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", bind=True)
+                with FakeVllm(kv_events=kv, num_gpu_blocks=4096) as fake:
+                    run = bench_router(fake, _prompts(requests, seed=rnd), max_tokens, (f"tcp://*:{p}", f"tcp://*:{r}"))
+                results[mode].extend(run[requests // 10:])
+    finally:
+        VllmBackend.set_waker = real
+    for mode, values in results.items():
+        print(f"{mode:<6} n={len(values)} p50 {_pct(values, 50) * 1e3:.2f} ms  p90 {_pct(values, 90) * 1e3:.2f} ms  "
+              f"p99 {_pct(values, 99) * 1e3:.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--waker-ab", type=int, default=0, metavar="ROUNDS",
+                        help="Instead: the router path with and without the backend waking the worker loop, "
+                             "alternating for ROUNDS rounds.")
     args = parser.parse_args()
     from tests.worker.test_vllm_events import free_port_pair
+
+    if args.waker_ab:
+        return waker_ab(args.waker_ab, args.requests, args.max_tokens, free_port_pair)
 
     p, r = free_port_pair(), free_port_pair()
     kv = KvEventsConfig(endpoint=f"tcp://127.0.0.1:{p}", replay_endpoint=f"tcp://127.0.0.1:{r}", bind=True)
