@@ -102,6 +102,39 @@ def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, ra
     finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
 
 
+@click.command("peer")
+@_with_common
+@click.option("--arm", "arms", multiple=True,
+              help="Arms: kvr, sglang:cache_aware, sglang:round_robin, ... (repeatable; default those three).")
+@click.option("--workers", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--speedup", type=float, default=10.0, show_default=True, help="Emulated engine speed-up.")
+@click.option("--rate", "rate_per_s", type=float, default=8.0, show_default=True,
+              help="Poisson arrivals per second of workload time.")
+@click.option("--warmup", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests discarded at the start of each run.")
+def peer(out_dir, as_json, quick, repeats, seed, arms, workers, speedup, rate_per_s, warmup) -> None:
+    """kvr vs sglang-router (PyPI sglang-router) in front of the same emulated fleet, same requests."""
+    from bench.peer import PeerConfig, display_tables, plot, run
+    from bench.progress import RichProgress
+
+    cfg = PeerConfig.quick() if quick else PeerConfig(workers=workers, speedup=speedup, rate_per_s=rate_per_s,
+                                                      warmup=warmup)
+    if arms:
+        cfg.arms = tuple(arms)
+    if any(a.startswith("sglang:") for a in cfg.arms):
+        try:
+            import sglang_router  # noqa: F401
+        except ImportError:
+            raise click.ClickException("sglang-router is not installed: pip install sglang-router==0.3.2 "
+                                       "(a benchmark-only package), or run --arm kvr") from None
+    cfg.seed = seed
+    if repeats:
+        cfg.repeats = repeats
+    cfg.out_dir = str(Path(out_dir) / "peer-runs")
+    result = run(cfg, command=_command_line(), progress=RichProgress("peer"))
+    finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -109,4 +142,4 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic]
+SUITE_COMMANDS = [overhead, basic, peer]

@@ -1,0 +1,316 @@
+"""``kvr bench peer``: kvr against a published router (sglang-router) in front of the same fleet.
+
+Every arm gets a fresh fleet of ``workers`` emulated workers (``kvr worker``, vLLM's HTTP API,
+``speedup``; the same seeds, so the same engines) and one router in front of it:
+
+* ``kvr``: ``kvr router`` with its OpenAI HTTP front; the workers on its ZMQ link (their KV
+  events feed its index);
+* ``sglang:<policy>``: ``python -m sglang_router.launch_router`` (PyPI ``sglang-router``,
+  loopback-only flags from ``docs/peer-routers.md``) over the workers' HTTP API (``--router
+  none``: no kvr router anywhere). The workers do not advertise a model or tokenizer path, so the
+  peer never reaches out to the network.
+
+The request sequence is a shared-prefix text workload (``groups`` system prompts of
+``system_words`` words, ``prompts_per_group`` questions each, shuffled), sent open-loop at
+Poisson arrival times (``rate_per_s`` of workload time, ``/ speedup`` on the wall clock) as
+streaming ``/v1/completions`` with a **new connection per request** (sglang-router 0.3.2 holds
+the first chunk of a keep-alive connection back ~30 ms: ``docs/peer-routers.md`` §4). Text, not
+token ids, so sglang's character-based tree sees what it was built for; the workers and kvr
+tokenize with the same built-in tokenizer. TTFT = first SSE event; hit rate = the engine's
+``usage.prompt_tokens_details.cached_tokens``. The first ``warmup`` requests are discarded;
+arms interleave per repetition; the table shows median (min–max) over repetitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.live import settle
+from bench.progress import NullProgress
+from bench.results import Goal, SuiteResult, fmt_spread, percentile, spread
+
+logger = logging.getLogger(__name__)
+
+TTFT_GOAL_RATIO = 0.7
+HIT_GOAL_POINTS = 0.10
+
+
+@dataclass
+class PeerConfig:
+    arms: tuple[str, ...] = ("kvr", "sglang:cache_aware", "sglang:round_robin")
+    workers: int = 4
+    speedup: float = 10.0
+    groups: int = 8
+    prompts_per_group: int = 16
+    system_words: int = 500
+    question_words: int = 30
+    max_tokens: int = 16
+    rate_per_s: float = 8.0
+    warmup: int = 16
+    repeats: int = 3
+    seed: int = 0
+    request_timeout_s: float = 60.0
+    ready_timeout_s: float = 90.0
+    out_dir: str = ""
+
+    @classmethod
+    def quick(cls) -> PeerConfig:
+        return cls(arms=("kvr", "sglang:cache_aware"), workers=2, speedup=50.0, groups=2, prompts_per_group=4,
+                   system_words=120, question_words=10, max_tokens=4, rate_per_s=20.0, warmup=2, repeats=1)
+
+
+# ---------------------------------------------------------------------------- the workload
+
+
+def text_workload(cfg: PeerConfig, seed: int) -> list[tuple[float, str]]:
+    """``(arrival s of workload time, prompt text)``, the same for every arm of a repetition."""
+    rnd = random.Random(seed)
+    vocab = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9))) for _ in range(5000)]
+    words = lambda n: " ".join(rnd.choice(vocab) for _ in range(n))  # noqa: E731
+    systems = [f"[group {g}] " + words(cfg.system_words) for g in range(cfg.groups)]
+    prompts = [f"{systems[g]}\nQuestion {q}: {words(cfg.question_words)}\nAnswer:"
+               for g in range(cfg.groups) for q in range(cfg.prompts_per_group)]
+    rnd.shuffle(prompts)
+    t, out = 0.0, []
+    for p in prompts:
+        t += rnd.expovariate(cfg.rate_per_s)
+        out.append((t, p))
+    return out
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+async def _one(session, url: str, prompt: str, max_tokens: int, timeout_s: float) -> dict:
+    import aiohttp
+
+    body = {"model": "kvr-emulated", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    out = {"sent_s": t0, "ttft_s": None, "e2e_s": None, "prompt_tokens": 0, "cached_tokens": 0, "error": None}
+    try:
+        async with session.post(f"{url}/v1/completions", json=body,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return out
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                if out["ttft_s"] is None:
+                    out["ttft_s"] = time.perf_counter() - t0
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                msg = json.loads(data)
+                usage = msg.get("usage")
+                if usage:
+                    out["prompt_tokens"] = usage.get("prompt_tokens", 0)
+                    out["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0
+                if "error" in msg:
+                    out["error"] = str(msg["error"])[:200]
+        out["e2e_s"] = time.perf_counter() - t0
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+async def _drive(url: str, workload: list[tuple[float, str]], cfg: PeerConfig) -> list[dict]:
+    import aiohttp
+
+    # force_close: a new connection per request (see the module docstring).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0)) as session:
+        t0 = time.perf_counter()
+        tasks = []
+        for at, prompt in workload:
+            delay = t0 + at / cfg.speedup - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(_one(session, url, prompt, cfg.max_tokens, cfg.request_timeout_s)))
+        return list(await asyncio.gather(*tasks))
+
+
+def drive_http(url: str, workload: list[tuple[float, str]], cfg: PeerConfig) -> list[dict]:
+    return asyncio.run(_drive(url, workload, cfg))
+
+
+def http_metrics(results: list[dict], warmup: int) -> dict:
+    """Metrics of the requests after the warm-up (in send order)."""
+    kept = sorted(results, key=lambda r: r["sent_s"])[warmup:]
+    done = [r for r in kept if r["error"] is None and r["ttft_s"] is not None]
+    prompt = sum(r["prompt_tokens"] for r in done)
+    cached = sum(r["cached_tokens"] for r in done)
+    ttft = sorted(r["ttft_s"] * 1e3 for r in done)
+    span = max(r["sent_s"] + r["e2e_s"] for r in done) - min(r["sent_s"] for r in done) if done else 0.0
+    return {"requests": len(kept), "completed": len(done), "errors": len(kept) - len(done),
+            "hit_rate": cached / prompt if prompt else 0.0, "ttft_p50_ms": percentile(ttft, 50),
+            "ttft_p99_ms": percentile(ttft, 99), "ttft_mean_ms": sum(ttft) / len(ttft) if ttft else float("nan"),
+            "throughput_rps": len(done) / span if span > 0 else 0.0}
+
+
+# ---------------------------------------------------------------------------- the arms
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _sglang_workers_ready(url: str, n: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/workers", timeout=1.0) as resp:
+            data = json.loads(resp.read())
+    except (OSError, ValueError):
+        return False
+    workers = data.get("workers", data) if isinstance(data, dict) else data
+    if not isinstance(workers, list):
+        return False
+    healthy = [w for w in workers if isinstance(w, dict) and w.get("is_healthy", True)]
+    return len(healthy) >= n
+
+
+def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int) -> list[dict]:
+    from bench.live import cluster_config
+    from bus.redis_server import free_loopback_port
+    from monitor.cluster import LocalCluster
+
+    port = free_loopback_port()
+    ccfg = cluster_config(workers=cfg.workers, policy="kvr", speedup=cfg.speedup, run_dir=run_dir,
+                          namespace=run_dir.name, seed=seed,
+                          router_args=["--http-port", str(port), "--http-host", "127.0.0.1"])
+    url = f"http://127.0.0.1:{port}"
+    with LocalCluster(ccfg):
+        deadline = time.monotonic() + cfg.ready_timeout_s
+        while not _http_ok(f"{url}/health"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kvr HTTP front at {url} not ready")
+            time.sleep(0.1)
+        return drive_http(url, workload, cfg)
+
+
+def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> list[dict]:
+    from bus.redis_server import free_loopback_port
+    from monitor.cluster import kvr_argv
+    from monitor.supervisor import ComponentSpec, Supervisor
+
+    sup = Supervisor(log_dir=run_dir / "logs")
+    try:
+        urls = []
+        for i in range(cfg.workers):
+            port = free_loopback_port()
+            url = f"http://127.0.0.1:{port}"
+            urls.append(url)
+            sup.start(ComponentSpec(f"worker-{i}", "worker", kvr_argv(
+                "worker", "--id", f"worker-{i}", "--router", "none", "--http-port", str(port), "--http-host",
+                "127.0.0.1", "--speedup", f"{cfg.speedup:g}", "--seed", str(seed), "--replay-endpoint", "none",
+                log_level="WARNING"), ready=lambda u=url: _http_ok(f"{u}/health")))
+        for i in range(cfg.workers):
+            sup.wait_ready(f"worker-{i}", timeout_s=cfg.ready_timeout_s)
+        port, prom = free_loopback_port(), free_loopback_port()
+        url = f"http://127.0.0.1:{port}"
+        sup.start(ComponentSpec("sglang-router", "router", [
+            sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", *urls, "--policy", policy, "--prometheus-host", "127.0.0.1", "--prometheus-port",
+            str(prom), "--worker-startup-check-interval", "1", "--log-level", "warn"],
+            ready=lambda: _sglang_workers_ready(url, cfg.workers)))
+        sup.wait_ready("sglang-router", timeout_s=cfg.ready_timeout_s)
+        return drive_http(url, workload, cfg)
+    finally:
+        sup.stop()
+
+
+def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> SuiteResult:
+    progress = progress or NullProgress()
+    root = Path(cfg.out_dir or tempfile.mkdtemp(prefix="kvr-bench-peer-"))
+    progress.start(len(cfg.arms) * cfg.repeats, "starting")
+    per_arm: dict[str, list[dict]] = {a: [] for a in cfg.arms}
+    try:
+        for rep in range(cfg.repeats):
+            seed = cfg.seed + rep
+            workload = text_workload(cfg, seed)
+            for arm in cfg.arms:
+                run_dir = root / f"{arm.replace(':', '-').replace('_', '-')}-{rep}"
+                if arm == "kvr":
+                    results = run_kvr_arm(cfg, workload, run_dir, seed)
+                elif arm.startswith("sglang:"):
+                    results = run_sglang_arm(cfg, arm.split(":", 1)[1], workload, run_dir, seed)
+                else:
+                    raise ValueError(f"unknown arm {arm!r}")
+                m = http_metrics(results, cfg.warmup)
+                per_arm[arm].append(m)
+                progress.step(f"{arm} rep {rep + 1}: hit {m['hit_rate']:.2f}, TTFT p99 {m['ttft_p99_ms']:.0f} ms")
+                settle(0.5)
+    finally:
+        progress.close()
+    result = SuiteResult("peer", command, {**asdict(cfg), "arms": list(cfg.arms)})
+    rows = []
+    for arm, runs in per_arm.items():
+        rows.append({"arm": arm, "runs": len(runs), "requests": runs[0]["requests"] if runs else 0,
+                     **{k: spread(r[k] for r in runs) for k in ("hit_rate", "ttft_p50_ms", "ttft_p99_ms",
+                                                                "ttft_mean_ms", "throughput_rps", "errors")}})
+    result.tables["arms"] = rows
+    result.tables["runs"] = [{"arm": a, "rep": i, **r} for a, runs in per_arm.items() for i, r in enumerate(runs)]
+    _goals(result, per_arm)
+    result.notes.append(f"{cfg.workers} emulated workers at speedup {cfg.speedup:g}, fresh per arm and repetition; "
+                        f"{cfg.groups}×{cfg.prompts_per_group} shared-prefix text prompts ({cfg.system_words}-word "
+                        f"system prompts), Poisson {cfg.rate_per_s:g} req/s of workload time, first {cfg.warmup} "
+                        f"discarded; latencies wall-clock ms; logs in {root}")
+    return result
+
+
+def _goals(result: SuiteResult, per_arm: dict[str, list[dict]]) -> None:
+    kvr, peer = per_arm.get("kvr"), per_arm.get("sglang:cache_aware")
+    if not kvr or not peer:
+        return
+    ratios = [k["ttft_p99_ms"] / p["ttft_p99_ms"] for k, p in zip(kvr, peer) if p["ttft_p99_ms"]]
+    points = [k["hit_rate"] - p["hit_rate"] for k, p in zip(kvr, peer)]
+    r, d = spread(ratios), spread(points)
+    result.goals.append(Goal("TTFT p99 kvr / sglang-router cache_aware", r["median"], TTFT_GOAL_RATIO, "×", False,
+                             f"per repetition, range {r['min']:.2f}–{r['max']:.2f}"))
+    result.goals.append(Goal("hit rate kvr − sglang-router cache_aware", d["median"] * 100, HIT_GOAL_POINTS * 100,
+                             "points", True, f"per repetition, range {d['min'] * 100:.1f}–{d['max'] * 100:.1f}"))
+
+
+def display_tables(result: SuiteResult) -> dict[str, list[dict]]:
+    rows = [{"arm": r["arm"], "runs": r["runs"], "requests": r["requests"], "hit rate": fmt_spread(r["hit_rate"], 3),
+             "TTFT p50 ms": fmt_spread(r["ttft_p50_ms"]), "TTFT p99 ms": fmt_spread(r["ttft_p99_ms"]),
+             "TTFT mean ms": fmt_spread(r["ttft_mean_ms"]), "req/s": fmt_spread(r["throughput_rps"], 2),
+             "errors": fmt_spread(r["errors"], 0)} for r in result.tables["arms"]]
+    return {"arms": rows, "runs": [{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()}
+                                   for r in result.tables["runs"]]}
+
+
+def plot(result: SuiteResult, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.tables["arms"]
+    names = [r["arm"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, label in zip(axes, ("hit_rate", "ttft_p50_ms", "ttft_p99_ms"),
+                              ("token hit rate", "TTFT p50 (ms)", "TTFT p99 (ms)")):
+        med = [r[key]["median"] for r in rows]
+        err = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
+        ax.bar(names, med, yerr=err, capsize=3, color=["tab:orange" if n == "kvr" else "tab:blue" for n in names])
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle("kvr vs sglang-router, same fleet, same requests")
+    fig.tight_layout()
+    path = out_dir / "peer.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,42 @@
+"""Smoke tests of ``kvr bench peer``: its workload, its metrics, and the kvr arm over HTTP."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bench.peer import PeerConfig, http_metrics, run, text_workload
+
+
+def test_text_workload_is_seeded_shared_prefix_and_poisson() -> None:
+    cfg = PeerConfig(groups=3, prompts_per_group=4, system_words=20, question_words=5, rate_per_s=10.0)
+    a, b = text_workload(cfg, 7), text_workload(cfg, 7)
+    assert a == b and a != text_workload(cfg, 8)
+    assert len(a) == 12 and all(t1 < t2 for (t1, _), (t2, _) in zip(a, a[1:]))
+    groups = sorted({p.split("\n")[0] for _, p in a})
+    assert len(groups) == 3 and all(g.startswith(f"[group {i}] ") for i, g in enumerate(groups))
+
+
+def test_http_metrics_drop_the_warmup_and_count_errors() -> None:
+    rows = [{"sent_s": float(i), "ttft_s": 0.01 * (i + 1), "e2e_s": 0.5, "prompt_tokens": 100,
+             "cached_tokens": 50 if i else 0, "error": None} for i in range(4)]
+    rows.append({"sent_s": 9.0, "ttft_s": None, "e2e_s": None, "prompt_tokens": 0, "cached_tokens": 0,
+                 "error": "HTTP 503"})
+    m = http_metrics(rows, warmup=1)
+    assert (m["requests"], m["completed"], m["errors"]) == (4, 3, 1)
+    assert m["hit_rate"] == 0.5
+    assert m["ttft_p50_ms"] == pytest.approx(30.0) and m["ttft_p99_ms"] == pytest.approx(40.0)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_kvr_arm_answers_every_request_over_http(tmp_path) -> None:
+    cfg = PeerConfig.quick()
+    cfg.arms = ("kvr",)
+    cfg.workers = 1
+    cfg.out_dir = str(tmp_path)
+    result = run(cfg)
+    (row,) = result.tables["runs"]
+    assert (row["requests"], row["completed"], row["errors"]) == (6, 6, 0)
+    assert row["hit_rate"] > 0.5  # one worker holds both system prompts after their first request
+    assert result.goals == []  # no peer arm, no comparison
