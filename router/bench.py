@@ -187,6 +187,167 @@ if __name__ == "__main__":
 
 
 
+def _relay(front_ep: str, back_ep: str) -> None:
+    """A bare ROUTER↔ROUTER forwarder (the baseline middle); runs until killed."""
+    import zmq
+
+    from bus.sockets import make_router
+
+    ctx = zmq.Context()
+    front, _ = make_router(ctx, front_ep)
+    back, _ = make_router(ctx, back_ep)
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    worker_id = None
+    while True:
+        for sock, _ in poller.poll(1000):
+            frames = sock.recv_multipart()
+            if sock is back:
+                if len(frames) == 2:  # the worker's hello
+                    worker_id = frames[0]
+                else:  # [worker, client, payload]
+                    front.send_multipart([frames[1], frames[2]])
+            elif worker_id is not None:
+                back.send_multipart([worker_id, frames[0], frames[1]])
+
+
+def bench_end_to_end(n_requests: int = 2000, prompt_tokens: int = 256) -> dict:
+    """Client round trip through the router vs through a bare ROUTER relay on the same topology.
+
+    Both: client DEALER → middle ROUTER → worker DEALER → middle ROUTER → client; the worker
+    answers at once with one token chunk and a completion. The middle runs in its own process
+    (``kvr router --no-redis``, or ``_relay`` which forwards frames without decoding them); the
+    client and the worker are threads of this process. 100 warm-up requests are excluded.
+    """
+    import subprocess
+    import sys
+    import threading
+
+    import zmq
+
+    from bus.codec import encode, reply_decoder, router_decoder
+    from bus.schema import Completion, Dispatch, GenerateRequest, Heartbeat, Hello, TokenChunk, Welcome
+    from bus.sockets import free_tcp_endpoint, make_socket
+
+    prompt = list(range(prompt_tokens))
+    ctx = zmq.Context()
+
+    def worker(endpoint: str, kvr: bool, stop: threading.Event, ready: threading.Event) -> None:
+        sock = make_socket(ctx, zmq.DEALER)
+        sock.connect(endpoint)
+        dec = router_decoder()
+        next_hello = 0.0
+        next_beat = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            if not ready.is_set() and now >= next_hello:  # until the middle is up
+                sock.send(encode(Hello("w0", 1, "m", BS, 1000, "tcp://127.0.0.1:1")) if kvr else b"hello")
+                next_hello = now + 0.2
+                if not kvr:
+                    ready.set()
+            if kvr and now >= next_beat:
+                sock.send(encode(Heartbeat("w0", 1)))
+                next_beat = now + 0.5
+            if not sock.poll(50):
+                continue
+            frames = sock.recv_multipart()
+            if kvr:
+                msg = dec.decode(frames[-1])
+                if isinstance(msg, Welcome):
+                    ready.set()
+                elif isinstance(msg, Dispatch):
+                    sock.send(encode(TokenChunk(msg.request_id, [1])))
+                    sock.send(encode(Completion(msg.request_id, "w0", len(msg.token_ids), 0, 1)))
+            else:  # [client identity, payload] -> two answers for that client
+                sock.send_multipart([frames[0], b"chunk"])
+                sock.send_multipart([frames[0], b"done"])
+        sock.close(linger=0)
+
+    def client(endpoint: str, kvr: bool) -> list[float]:
+        sock = make_socket(ctx, zmq.DEALER)
+        sock.connect(endpoint)
+        dec = reply_decoder()
+        rtts = []
+        for i in range(n_requests + 100):
+            t0 = time.perf_counter()
+            if kvr:
+                sock.send(encode(GenerateRequest(f"r{i}", token_ids=prompt, max_tokens=1)))
+                while not isinstance(dec.decode(sock.recv()), Completion):
+                    pass
+            else:
+                sock.send(b"request")
+                while sock.recv() != b"done":
+                    pass
+            if i >= 100:
+                rtts.append(time.perf_counter() - t0)
+        sock.close(linger=0)
+        return rtts
+
+    out: dict = {"prompt_tokens": prompt_tokens}
+    for name, kvr in (("relay", False), ("router", True)):
+        f_ep, b_ep = free_tcp_endpoint(), free_tcp_endpoint()
+        if kvr:
+            argv = [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "router", "--no-redis",
+                    "--bind-clients", f_ep, "--bind-workers", b_ep, "--bind-metrics", "", "--block-size", str(BS)]
+        else:
+            argv = [sys.executable, "-c", f"from router.bench import _relay; _relay({f_ep!r}, {b_ep!r})"]
+        proc = subprocess.Popen(argv)
+        stop, ready = threading.Event(), threading.Event()
+        wt = threading.Thread(target=worker, args=(b_ep, kvr, stop, ready), daemon=True)
+        wt.start()
+        try:
+            if not ready.wait(20):
+                raise RuntimeError(f"{name} did not come up")
+            time.sleep(0.3)
+            out[name] = _pcts("", client(f_ep, kvr))
+        finally:
+            stop.set()
+            wt.join(3)
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    ctx.term()
+    out["ratio_p50"] = round(out["router"]["p50_us"] / out["relay"]["p50_us"], 2)
+    out["ratio_p99"] = round(out["router"]["p99_us"] / out["relay"]["p99_us"], 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    ap.add_argument("--redis-url", default="", help="also measure with the Redis mirror (a scratch database!)")
+    args = ap.parse_args(argv)
+    sizes = [(8, 10_000), (64, 100_000)] if args.quick else [(8, 100_000), (64, 1_000_000), (512, 1_000_000)]
+    out: dict = {"routing": [], "overlap": [], "ingest": []}
+    out["end_to_end"] = bench_end_to_end(300 if args.quick else 2000)
+    for workers, blocks in sizes:
+        out["routing"].append(bench_routing(workers, blocks, n_requests=500 if args.quick else 2000))
+        out["overlap"].append(bench_overlap_only(workers, blocks))
+    n_ingest = 50_000 if args.quick else 400_000
+    out["ingest"].append(bench_ingest(n_ingest))
+    out["memory"] = bytes_per_block(20_000 if args.quick else 200_000)
+    if args.redis_url:
+        from router.mirror import RedisMirror, make_redis_client
+
+        client = make_redis_client(args.redis_url, timeout_s=5.0)
+        mirror = RedisMirror(client=client, namespace="bench")
+        client.flushdb()
+        out["ingest"].append(bench_ingest(n_ingest // 4, mirror=mirror))
+        out["memory"].update(redis_bytes_per_block(client, mirror, n_ingest // 4))
+        client.flushdb()
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+
 def bench_end_to_end(n_requests: int = 2000, prompt_tokens: int = 256) -> dict:
     """Client round trip through the router vs through a bare ROUTER relay on the same topology.
 
