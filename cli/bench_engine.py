@@ -14,11 +14,35 @@ import click
 @click.option("--output-tokens", default=256, show_default=True, type=int)
 @click.option("--speedup", default=10.0, show_default=True, type=float, help="Speedup the CPU share is reported at.")
 @click.option("--pool-requests", default=20_000, show_default=True, type=int, help="Block-pool lifecycles.")
+@click.option("--live", default=0.0, type=float, help="Instead: run router + worker processes for S seconds.")
+@click.option("--workers", default=1, show_default=True, type=int, help="--live: worker processes.")
+@click.option("--concurrency", default=32, show_default=True, type=int, help="--live: requests in flight.")
+@click.option("--stream-interval", default=1, show_default=True, type=int, help="--live: workers' --stream-interval.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per suite run.")
 def bench_engine_cmd(profile: str, batches: str, prompt_tokens: int, output_tokens: int, speedup: float,
-                     pool_requests: int, as_json: bool) -> None:
+                     pool_requests: int, live: float, workers: int, concurrency: int, stream_interval: int,
+                     as_json: bool) -> None:
     """Emulated tokens per wall second at each batch size, and block-pool operations per second."""
     from worker.bench import bench_block_pool, bench_engine
+
+    if live > 0:
+        from worker.bench_live import bench_live
+
+        r = bench_live(workers=workers, concurrency=concurrency, duration_s=live, speedup=speedup, profile=profile,
+                       stream_interval=stream_interval)
+        if as_json:
+            click.echo(json.dumps(r))
+            return
+        click.echo(f"live: {workers} worker(s) x{speedup:g} ({profile}), {concurrency} in flight, "
+                   f"stream interval {stream_interval}, {r['elapsed_s']:.1f} s")
+        click.echo(f"  {r['requests_per_s']:.1f} requests/s, {r['output_tokens_per_s']:,.0f} output tokens/s, "
+                   f"{r['errors']} errors")
+        click.echo(f"  CPU: router {r['router_cpu_cores']:.2f} cores, workers "
+                   + ", ".join(f"{c:.2f}" for c in r["worker_cpu_cores"]) + " cores")
+        click.echo("  workers' step wake-up lag mean/max (ms): "
+                   + ", ".join(f"{a:.2f}/{b:.1f}" for a, b in zip(r["worker_lag_mean_ms"], r["worker_lag_max_ms"]))
+                   + "; resyncs: " + ", ".join(str(x) for x in r["worker_resyncs"]))
+        return
 
     results = [bench_engine(profile=profile, batch=int(b), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                             speedup=speedup) for b in batches.split(",")]

@@ -106,6 +106,7 @@ class EmulatedBackend:
         self._step_events: list = []
         self.overrun_s = 0.0
         self.resyncs = 0
+        self.lag_max_s = 0.0
         self.max_lag_s = 0.05
         self._step_engine_end = 0.0
         self.steps = 0
@@ -218,6 +219,7 @@ class EmulatedBackend:
                 return self._step_end
             lag = now - self._step_end
             self.overrun_s += lag
+            self.lag_max_s = max(self.lag_max_s, lag)
             self._finish_step()
             if lag <= self.max_lag_s:
                 busy_until = self._step_engine_end
@@ -309,6 +311,11 @@ class EmulatedBackend:
             self.cancel(rid, code=ErrorCode.WORKER_ERROR, message="worker is shutting down")
         self.publisher.flush_held()
         self.publisher.close()
+        c = self.engine.counters
+        logger.info("engine stopped: %d steps, %d requests finished, %d preemptions, %.3f s emulated busy; "
+                    "step wake-up lag mean %.2f ms max %.2f ms, %d resyncs (the engine fell behind real time)",
+                    c.steps, c.finished, c.preemptions, c.busy_s, self.overrun_s / max(1, self.steps) * 1e3,
+                    self.lag_max_s * 1e3, self.resyncs)
 
     def _error(self, request_id: str, code: ErrorCode, message: str) -> ErrorReply:
         return ErrorReply(request_id, code, message, self.config.worker_id)

@@ -29,3 +29,12 @@ def test_cli_prints_one_json_object_per_suite_run() -> None:
     assert out.exit_code == 0, out.output
     suites = [json.loads(line)["suite"] for line in out.output.splitlines()]
     assert suites == ["engine", "engine", "block_pool"]
+
+
+@pytest.mark.integration
+def test_live_bench_runs_router_and_worker_processes() -> None:
+    from worker.bench_live import bench_live
+
+    r = bench_live(workers=1, concurrency=4, duration_s=1.0, speedup=20.0, profile="h100-8b")
+    assert r["errors"] == 0 and r["requests_per_s"] > 0 and r["output_tokens_per_s"] > 0
+    assert len(r["worker_cpu_cores"]) == 1 and len(r["worker_resyncs"]) == 1 and r["router_cpu_cores"] > 0
