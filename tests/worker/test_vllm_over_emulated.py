@@ -27,7 +27,7 @@ BS = 16
 @pytest.fixture
 def emulated():
     runner = WorkerRunner(WorkerOptions(worker_id="emu", router_endpoint="none", http_port=0, speedup=1000.0,
-                                        num_gpu_blocks=48, seed=3))
+                                        num_gpu_blocks=48, seed=3, lora_modules="sql-lora"))
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     yield runner
@@ -43,6 +43,7 @@ def test_adapter_over_the_emulated_http_api_closes_the_loop(emulated):
         startup_timeout_s=5, watch_block_size=False))
     info = backend.start()
     assert (info.model, info.block_size, info.num_gpu_blocks, info.reports_cached_tokens) == ("kvr-emulated", BS, 48, True)
+    assert info.lora_adapters == ("sql-lora",)
     hello = backend.hello(epoch=1)
     assert hello.events_endpoint == emulated.backend.events_endpoint  # the router dials the engine's PUB
     sub = EventSubscriber(endpoint=hello.events_endpoint, replay_endpoint=hello.replay_endpoint, topic=hello.topic)
@@ -50,13 +51,15 @@ def test_adapter_over_the_emulated_http_api_closes_the_loop(emulated):
     target = WorkerKey(hello.worker_id, 0)
     rng = random.Random(11)
     prefixes = [[rng.randrange(1000, 30_000) for _ in range(rng.choice([20, 48, 70]))] for _ in range(4)]
-    pairs = []
+    pairs, loras = [], []
     try:
         for i in range(25):
             tokens = rng.choice(prefixes) + [rng.randrange(1000, 30_000) for _ in range(rng.randrange(0, 30))]
             salt = rng.choice([None, None, "s"])
-            blocks = index.overlap(request_block_hashes(tokens, block_size=BS, cache_salt=salt)).get(target, 0)
-            backend.submit(Dispatch(f"e{i}", tokens, max_tokens=rng.randrange(1, 6), cache_salt=salt))
+            lora = rng.choice([None, None, "sql-lora"])
+            own = request_block_hashes(tokens, block_size=BS, lora_name=lora, cache_salt=salt)
+            blocks = index.overlap(own).get(target, 0)
+            backend.submit(Dispatch(f"e{i}", tokens, max_tokens=rng.randrange(1, 6), lora_name=lora, cache_salt=salt))
             deadline = time.monotonic() + 10
             done = None
             while done is None:
@@ -64,6 +67,7 @@ def test_adapter_over_the_emulated_http_api_closes_the_loop(emulated):
                 done = next((m for m in backend.drain() if isinstance(m, Completion)), None)
                 time.sleep(0.002)
             pairs.append((min(blocks, (len(tokens) - 1) // BS) * BS, done.cached_tokens))
+            loras.append(lora)
             # Apply everything the engine published so far (its steps before the completion included).
             while sub.expected_seq < emulated.backend.publisher.next_seq:
                 assert time.monotonic() < deadline, "events did not arrive"
@@ -75,3 +79,4 @@ def test_adapter_over_the_emulated_http_api_closes_the_loop(emulated):
         backend.close()
     assert [p for p, _ in pairs] == [a for _, a in pairs]
     assert sum(a for _, a in pairs) > 0
+    assert any(a for (_, a), lora in zip(pairs, loras) if lora) and any(a for (_, a), lora in zip(pairs, loras) if not lora)
