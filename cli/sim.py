@@ -76,7 +76,7 @@ class _Progress:
 @_gsp_options
 @click.option("--policy", "policy_arg", default="all", show_default=True, help="P[,P...] or 'all'.")
 @click.option("--workers", type=int, default=8, show_default=True)
-@click.option("--profile", default=None, help="Engine profile (kvr profiles); default: the engine's default.")
+@click.option("--profile", default=None, help="Engine profile (kvr profiles), or one per worker comma-separated; default: the engine's default.")
 @click.option("--num-gpu-blocks", type=int, default=None, help="Override the profile's KV capacity per worker (blocks).")
 @click.option("--max-model-len", type=int, default=None, help="Override the profile's max model length (tokens).")
 @click.option("--rate", type=float, default=None, help="Poisson (or bursty) request rate, roots/s. Default: all at once (synthetic) or trace timestamps.")
@@ -121,15 +121,19 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
     if unknown:
         raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(POLICY_NAMES)} or all", param_hint="--policy")
     profile = profile or DEFAULT_PROFILE
-    if profile not in PROFILES:
-        raise click.BadParameter(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}", param_hint="--profile")
-    config = ClusterConfig(num_workers=workers, profile=profile, event_delay_s=event_delay_ms / 1e3,
+    names = [p.strip() for p in profile.split(",")]
+    for name in names:
+        if name not in PROFILES:
+            raise click.BadParameter(f"unknown profile {name!r}; known: {', '.join(PROFILES)}", param_hint="--profile")
+    if len(names) > 1 and len(names) != workers:
+        raise click.BadParameter(f"{len(names)} profiles for {workers} workers: give one, or one per worker", param_hint="--profile")
+    config = ClusterConfig(num_workers=workers, profile=names if len(names) > 1 else names[0], event_delay_s=event_delay_ms / 1e3,
                            heartbeat_interval_s=heartbeat_ms / 1e3, network_latency_s=network_ms / 1e3)
     if num_gpu_blocks is not None:
         config.engine_overrides["num_gpu_blocks"] = num_gpu_blocks
     if max_model_len is not None:
         config.engine_overrides["max_model_len"] = max_model_len
-    block_size = PROFILES[profile].block_size
+    block_size = PROFILES[names[0]].block_size
 
     if trace_path is not None:
         trace = load_trace(trace_path, mapping=trace_mapping, trace_block_tokens=trace_block_tokens,

@@ -419,7 +419,9 @@ def infinite_cache_upper_bound(
     the full blocks. A request hits its longest prefix of already seen blocks;
     with ``last_token_recomputed`` (vLLM semantics, what the engine reports) at
     most ``block_size * floor((prompt - 1) / block_size)`` tokens, else at most
-    the prompt. Then all its blocks become seen. NaN for no prompt tokens.
+    the prompt. Then all its blocks become seen. An entry with 0 prompt tokens
+    only makes its blocks seen (the blocks a decode produced, which a later turn
+    can reuse). NaN for no prompt tokens.
     """
     seen: set[Hashable] = set()
     hit_tokens = 0

@@ -34,7 +34,7 @@ from typing import Any
 from core.engine import EmulatedEngine, EngineRequest, RequestRejected
 from core.metrics import MetricsFold, RequestRecord, infinite_cache_upper_bound
 from core.policies import get_policy
-from core.prefix_index import PrefixIndex, WorkerKey
+from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 from core.profiles import get_profile
 from core.routing import RouterCore, RoutingInput
 from sim.clock import EventQueue
@@ -261,6 +261,10 @@ class SimCluster:
             )
         )
         if self._want_outputs:
+            # The engine cached the answer's full blocks too (all but the last sampled
+            # token were computed); a later turn can reuse them, so the bound must see them.
+            computed = fl.req.token_ids + fl.output[:-1]
+            self._bound_stream.append((request_block_hashes(computed, block_size=self.block_size, lora_name=fl.req.lora_name), 0))
             for nxt in self.workload.follow_ups(fl.req, fl.output):
                 self.q.schedule(now + nxt.delay_s, "send", nxt)
                 self._pending_sends += 1

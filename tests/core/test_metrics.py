@@ -160,3 +160,9 @@ def test_infinite_cache_upper_bound():
     assert infinite_cache_upper_bound(reqs2, block_size=16, last_token_recomputed=False) == pytest.approx(0.5)
     assert infinite_cache_upper_bound(reqs2, block_size=16) == pytest.approx(32 / 96)
     assert math.isnan(infinite_cache_upper_bound([], block_size=16))
+
+
+def test_upper_bound_zero_token_entries_only_add_blocks():
+    # a decode's blocks ("d") become reusable by a later prompt
+    reqs = [(["a"], 20), (["a", "d"], 0), (["a", "d", "e"], 50)]
+    assert infinite_cache_upper_bound(reqs, block_size=16) == pytest.approx(32 / 70)
