@@ -135,6 +135,33 @@ def peer(out_dir, as_json, quick, repeats, seed, arms, workers, speedup, rate_pe
     finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
 
 
+@click.command("scale")
+@_with_common
+@click.option("--workers", default="1,2,4,8,16", show_default=True, help="Fleet sizes (comma-separated).")
+@click.option("--rates-per-worker", default="1,2,4", show_default=True,
+              help="Offered load per worker, requests/s of workload time (comma-separated).")
+@click.option("--duration", "duration_s", type=float, default=24.0, show_default=True,
+              help="Workload seconds per load point.")
+@click.option("--speedup", type=float, default=5.0, show_default=True, help="Emulated engine speed-up.")
+def scale(out_dir, as_json, quick, repeats, seed, workers, rates_per_worker, duration_s, speedup) -> None:
+    """1 → 16 workers under a rate sweep: throughput, TTFT p99, router CPU per request."""
+    from bench.progress import RichProgress
+    from bench.scale import ScaleConfig, plot, run
+
+    if quick:
+        cfg = ScaleConfig.quick()
+    else:
+        try:
+            rates = tuple(float(x) for x in rates_per_worker.split(",") if x.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {rates_per_worker!r}") from None
+        cfg = ScaleConfig(workers=_ints(workers), rates_per_worker=rates, duration_s=duration_s, speedup=speedup)
+    cfg.seed = seed
+    cfg.out_dir = str(Path(out_dir) / "scale-runs")
+    result = run(cfg, command=_command_line(), progress=RichProgress("scale"))
+    finish(result, out_dir, as_json, plot=plot)
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -142,4 +169,4 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic, peer]
+SUITE_COMMANDS = [overhead, basic, peer, scale]
