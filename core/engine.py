@@ -170,6 +170,10 @@ class EmulatedEngine:
         end = now if now is not None else r.arrival_s
         return RequestOutput(request_id, [], True, r.stats(end, FINISH_ABORT))
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether a request with this id is waiting or running."""
+        return request_id in self._requests
+
     def request_ids(self) -> list[str]:
         """Ids of every request in the engine (waiting or running)."""
         return list(self._requests)

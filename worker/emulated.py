@@ -160,6 +160,10 @@ class EmulatedBackend:
 
     def submit(self, dispatch: Dispatch) -> None:
         """Queue a request; its messages come out of :meth:`drain` as steps end."""
+        if self.engine.has_request(dispatch.request_id):
+            # A re-sent dispatch (the router retried over a flaky link): the first one answers.
+            logger.warning("duplicate dispatch %s ignored (already running)", dispatch.request_id)
+            return
         if dispatch.dp_rank != 0:
             self._outbox.append(self._error(dispatch.request_id, ErrorCode.BAD_REQUEST, "this worker has one DP rank"))
             return

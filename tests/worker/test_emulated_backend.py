@@ -210,3 +210,14 @@ def test_small_lateness_does_not_accumulate_but_a_large_lag_resyncs(ctx) -> None
         assert b.resyncs == 1 and b.overrun_s == pytest.approx(1.001)
     finally:
         b.close()
+
+
+def test_a_duplicate_dispatch_is_ignored_not_answered(ctx) -> None:
+    clock = Clock()
+    b = backend(ctx, clock)
+    try:
+        b.submit(Dispatch(request_id="q", token_ids=list(range(10)), max_tokens=2))
+        b.submit(Dispatch(request_id="q", token_ids=list(range(10)), max_tokens=2))
+        assert b.drain() == [] and b.num_in_flight == 1
+    finally:
+        b.close()
