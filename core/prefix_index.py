@@ -43,7 +43,7 @@ from __future__ import annotations
 import enum
 import heapq
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -51,7 +51,10 @@ from typing import NamedTuple
 import msgspec
 
 from core.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from core.hashing import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, external_hash_key, hash_block
+from core.block_keys import own_hashes_of_event, request_block_hashes  # noqa: F401 (re-exported)
+from core.hashing import ROOT_PARENT_HASH, external_hash_key
+from core.orphans import ParkedChain, ParkedChains
+from core.tentative import TentativeEntries
 
 logger = logging.getLogger(__name__)
 
@@ -105,19 +108,6 @@ class IndexDelta:
 
 
 @dataclass(eq=False)
-class _Orphan:
-    """A parked ``BlockStored`` waiting for its parent's external hash."""
-
-    parent_key: int
-    external_keys: list[int]
-    token_ids: list[int]
-    extra_keys: list | None
-    arrived_at: float
-    removed: set[int] = field(default_factory=set)
-    alive: bool = True
-
-
-@dataclass(eq=False)
 class _Target:
     key: WorkerKey
     slot: int
@@ -127,10 +117,7 @@ class _Target:
     extra_refs: dict[int, int] = field(default_factory=dict)
     num_blocks: int = 0
     confidence: Confidence = Confidence.FRESH
-    orphans_by_parent: dict[int, list[_Orphan]] = field(default_factory=dict)
-    orphan_of_external: dict[int, _Orphan] = field(default_factory=dict)
-    orphan_fifo: deque = field(default_factory=deque)
-    orphan_blocks: int = 0
+    parked: ParkedChains = field(default_factory=ParkedChains)
     removal_groups: set[int] = field(default_factory=set)  # group_idx values of indexed stores
     warned_block_size: bool = False
 
@@ -156,10 +143,7 @@ class PrefixIndex:
         self._free_slots: list[int] = []
         self._holders: dict[int, int] = {}  # own hash -> bitmask of slots
         # Tentative (predict-on-route) entries: own -> {slot: expires_at}, and own -> mask.
-        self._tentative: dict[int, dict[int, float]] = {}
-        self._tentative_mask: dict[int, int] = {}
-        self._tentative_heap: list[tuple[float, int, int, tuple[int, ...]]] = []
-        self._tentative_seq = 0
+        self._tentative = TentativeEntries()
         #: Bumped whenever any target's effective confidence may have changed (callers cache on it).
         self.confidence_version = 0
 
@@ -218,7 +202,7 @@ class PrefixIndex:
         state = self._targets.get(target)
         if state is None:
             return Confidence.STALE
-        if state.orphan_blocks and _SEVERITY[state.confidence] < _SEVERITY[Confidence.RESYNCING]:
+        if state.parked.blocks and _SEVERITY[state.confidence] < _SEVERITY[Confidence.RESYNCING]:
             return Confidence.RESYNCING
         return state.confidence
 
@@ -237,7 +221,7 @@ class PrefixIndex:
 
     def orphan_blocks(self, target: WorkerKey) -> int:
         state = self._targets.get(target)
-        return state.orphan_blocks if state else 0
+        return state.parked.blocks if state else 0
 
     def holders(self, own_hash: int) -> list[WorkerKey]:
         """Targets that really hold a block (tentative entries excluded)."""
@@ -254,7 +238,7 @@ class PrefixIndex:
     def apply(self, target: WorkerKey, event: object, *, now: float, delta: IndexDelta | None = None) -> None:
         """Apply one KV event (or a ``SnapshotBlocks``) to a target. Never raises on bad input."""
         state = self._target(target)
-        if state.orphan_fifo:
+        if state.parked.fifo:
             self._expire_orphans(state, now)
         if isinstance(event, BlockStored):
             self._on_stored(state, event, now, delta)
@@ -312,18 +296,19 @@ class PrefixIndex:
                 self._park(state, parent_key, externals, ev, now)
                 return
         try:
-            owns = _own_hashes(ev.token_ids, ev.extra_keys, self.block_size, parent_own)
+            owns = own_hashes_of_event(ev.token_ids, ev.extra_keys, self.block_size, parent_own)
         except ValueError:
             self.counters["malformed"] += 1
             logger.warning("%s: BlockStored with invalid token ids ignored", state.key)
             return
-        if state.orphans_by_parent:
+        if state.parked.by_parent:
             for ext, own in zip(externals, owns):
                 self._insert(state, ext, own, delta, now)
             return
         # Fast path of _insert (no parked orphans can be waiting): same effects, fewer calls.
         ext_map, holders, bit, slot = state.external_to_own, self._holders, state.bit, state.slot
         tentative = self._tentative
+        tslots = tentative.slots
         added = duplicates = 0
         for ext, own in zip(externals, owns):
             previous = ext_map.get(ext)
@@ -343,10 +328,10 @@ class PrefixIndex:
                 added += 1
                 if delta is not None:
                     delta.stored.append((state.key, ext, own))
-            if tentative:
-                slots = tentative.get(own)
+            if tslots:
+                slots = tslots.get(own)
                 if slots is not None and slot in slots:
-                    self._drop_tentative(own, slot)
+                    tentative.drop(own, slot)
         if added:
             self.counters["stored_blocks"] += added
         if duplicates:
@@ -367,9 +352,7 @@ class PrefixIndex:
                 continue
             own = state.external_to_own.pop(ext, None)
             if own is None:
-                orphan = state.orphan_of_external.pop(ext, None)
-                if orphan is not None:
-                    orphan.removed.add(ext)
+                if state.parked.mark_removed(ext):
                     self.counters["removed_parked"] += 1
                 else:
                     self.counters["removed_unknown"] += 1
@@ -401,12 +384,13 @@ class PrefixIndex:
             if delta is not None:
                 delta.stored.append((state.key, ext, own))
         if self._tentative:
-            self._drop_tentative(own, state.slot)
-        if state.orphans_by_parent:
-            waiting = state.orphans_by_parent.pop(ext, None)
-            if waiting:
-                for orphan in waiting:
-                    self._link(state, orphan, own, delta, now)
+            self._tentative.drop(own, state.slot)
+        if state.parked.by_parent:
+            children = state.parked.take_children(ext)
+            if children:
+                self.confidence_version += 1
+                for chain in children:
+                    self._link(state, chain, own, delta, now)
 
     def _release(self, state: _Target, own: int) -> None:
         """One external hash of ``own`` left the target; clear its bit when it was the last one."""
@@ -424,7 +408,7 @@ class PrefixIndex:
                 self._holders.pop(own, None)
             state.num_blocks -= 1
         if self._tentative:
-            self._drop_tentative(own, state.slot)
+            self._tentative.drop(own, state.slot)
 
     def _clear(self, state: _Target, delta: IndexDelta | None) -> None:
         bit = state.bit
@@ -438,82 +422,51 @@ class PrefixIndex:
         state.external_to_own.clear()
         state.extra_refs.clear()
         state.num_blocks = 0
-        for orphan in state.orphan_fifo:
-            orphan.alive = False
-        state.orphans_by_parent.clear()
-        state.orphan_of_external.clear()
-        state.orphan_fifo.clear()
-        if state.orphan_blocks:
+        if state.parked.blocks:
             self.confidence_version += 1
-        state.orphan_blocks = 0
+        state.parked.clear()
         if self._tentative:
-            for own in [o for o, slots in self._tentative.items() if state.slot in slots]:
-                self._drop_tentative(own, state.slot)
+            self._tentative.drop_slot(state.slot)
         if delta is not None:
             delta.cleared.append(state.key)
 
     # ------------------------------------------------------------------ orphans
 
     def _park(self, state: _Target, parent_key: int, externals: list[int], ev: BlockStored, now: float) -> None:
-        orphan = _Orphan(parent_key=parent_key, external_keys=externals, token_ids=list(ev.token_ids),
-                         extra_keys=ev.extra_keys, arrived_at=now)
-        state.orphans_by_parent.setdefault(parent_key, []).append(orphan)
-        for ext in externals:
-            state.orphan_of_external[ext] = orphan
-        state.orphan_fifo.append(orphan)
-        state.orphan_blocks += len(externals)
+        state.parked.park(ParkedChain(parent_key, externals, list(ev.token_ids), ev.extra_keys, now))
         self.confidence_version += 1
         self.counters["orphan_events"] += 1
         self.counters["orphan_blocks"] += len(externals)
         logger.debug("%s: parked %d blocks whose parent %#x is unknown", state.key, len(externals), parent_key)
         self._expire_orphans(state, now)
 
-    def _unpark(self, state: _Target, orphan: _Orphan) -> None:
-        orphan.alive = False
-        state.orphan_blocks -= len(orphan.external_keys)
-        self.confidence_version += 1
-        for ext in orphan.external_keys:
-            if state.orphan_of_external.get(ext) is orphan:
-                del state.orphan_of_external[ext]
-
-    def _link(self, state: _Target, orphan: _Orphan, parent_own: int, delta: IndexDelta | None, now: float) -> None:
-        if not orphan.alive:
-            return
-        self._unpark(state, orphan)
+    def _link(self, state: _Target, chain: ParkedChain, parent_own: int, delta: IndexDelta | None, now: float) -> None:
         try:
-            owns = _own_hashes(orphan.token_ids, orphan.extra_keys, self.block_size, parent_own)
+            owns = own_hashes_of_event(chain.token_ids, chain.extra_keys, self.block_size, parent_own)
         except ValueError:
             self.counters["malformed"] += 1
             return
         linked = 0
-        for ext, own in zip(orphan.external_keys, owns):
-            if ext in orphan.removed:
+        for ext, own in zip(chain.external_keys, owns):
+            if ext in chain.removed:
                 continue
             linked += 1
             self._insert(state, ext, own, delta, now)
         self.counters["orphan_blocks_linked"] += linked
 
     def _expire_orphans(self, state: _Target, now: float) -> None:
-        fifo = state.orphan_fifo
-        while fifo:
-            head = fifo[0]
-            if head.alive and head.arrived_at + self.orphan_ttl_s > now and state.orphan_blocks <= self.max_orphan_blocks:
-                break
-            fifo.popleft()
-            if head.alive:
-                self._unpark(state, head)
-                waiting = state.orphans_by_parent.get(head.parent_key)
-                if waiting is not None:
-                    waiting.remove(head)
-                    if not waiting:
-                        del state.orphans_by_parent[head.parent_key]
-                self.counters["orphan_blocks_dropped"] += len(head.external_keys)
+        had = state.parked.blocks
+        dropped = state.parked.expire(now, self.orphan_ttl_s, self.max_orphan_blocks)
+        if dropped:
+            self.counters["orphan_blocks_dropped"] += dropped
+        if had and not state.parked.blocks:
+            self.confidence_version += 1
 
     def expire(self, now: float) -> None:
         """Drop expired tentative entries and parked orphans everywhere (call periodically)."""
         self.expire_tentative(now)
         for state in self._targets.values():
-            if state.orphan_fifo:
+            if state.parked.fifo:
                 self._expire_orphans(state, now)
 
     # ------------------------------------------------------------------ tentative (predict-on-route)
@@ -521,51 +474,16 @@ class PrefixIndex:
     def add_tentative(self, target: WorkerKey, own_hashes: Sequence[int], expires_at: float) -> None:
         """Count ``own_hashes`` as present on ``target`` until ``expires_at`` (or settled by an event)."""
         state = self._target(target)
-        slot, bit = state.slot, state.bit
-        holders, tentative, masks = self._holders, self._tentative, self._tentative_mask
-        added = []
-        for own in own_hashes:
-            if holders.get(own, 0) & bit:
-                continue  # really present already: nothing to predict
-            slots = tentative.get(own)
-            if slots is None:
-                tentative[own] = {slot: expires_at}
-                masks[own] = bit
-            else:
-                previous = slots.get(slot)
-                if previous is None:
-                    slots[slot] = expires_at
-                    masks[own] |= bit
-                elif previous < expires_at:
-                    slots[slot] = expires_at
-            added.append(own)
-        if added:
-            self._tentative_seq += 1
-            heapq.heappush(self._tentative_heap, (expires_at, self._tentative_seq, slot, tuple(added)))
+        holders, bit = self._holders, state.bit
+        # Blocks really present already need no prediction.
+        self._tentative.add(state.slot, (o for o in own_hashes if not holders.get(o, 0) & bit), expires_at)
 
     def expire_tentative(self, now: float) -> None:
-        heap = self._tentative_heap
-        while heap and heap[0][0] <= now:
-            expires_at, _, slot, owns = heapq.heappop(heap)
-            for own in owns:
-                slots = self._tentative.get(own)
-                if slots is not None and slot in slots and slots[slot] <= now:
-                    self._drop_tentative(own, slot)
+        self._tentative.expire(now)
 
     def num_tentative(self) -> int:
         """Tentative (target, block) entries currently held."""
-        return sum(len(s) for s in self._tentative.values())
-
-    def _drop_tentative(self, own: int, slot: int) -> None:
-        slots = self._tentative.get(own)
-        if slots is None or slot not in slots:
-            return
-        del slots[slot]
-        if slots:
-            self._tentative_mask[own] &= ~(1 << slot)
-        else:
-            del self._tentative[own]
-            del self._tentative_mask[own]
+        return len(self._tentative)
 
     # ------------------------------------------------------------------ queries
 
@@ -574,12 +492,14 @@ class PrefixIndex:
 
         ``now`` first expires tentative entries (pass it on the routing path).
         """
-        if now is not None and self._tentative_heap and self._tentative_heap[0][0] <= now:
-            self.expire_tentative(now)
+        if now is not None:
+            due = self._tentative.next_expiry()
+            if due is not None and due <= now:
+                self._tentative.expire(now)
         if not own_hashes:
             return {}
         get = self._holders.get
-        tentative = self._tentative_mask
+        tentative = self._tentative.masks
         first = own_hashes[0]
         active = get(first, 0) | tentative.get(first, 0) if tentative else get(first, 0)
         if not active:
@@ -640,9 +560,7 @@ class PrefixIndex:
             return []
         pairs = sorted(state.external_to_own.items())
         events: list[object] = [SnapshotBlocks([e for e, _ in pairs], [o for _, o in pairs])]
-        for orphan in state.orphan_fifo:
-            if not orphan.alive:
-                continue
+        for orphan in state.parked.live():
             # A parked block removed before its parent arrived stays in the chain (the hashes
             # after it need its tokens) and its removal is re-sent right after.
             events.append(_orphan_event(orphan, self.block_size))
@@ -652,49 +570,7 @@ class PrefixIndex:
         return events
 
 
-def _orphan_event(orphan: _Orphan, block_size: int) -> BlockStored:
+def _orphan_event(orphan: ParkedChain, block_size: int) -> BlockStored:
     return BlockStored(block_hashes=list(orphan.external_keys), parent_block_hash=orphan.parent_key,
                        token_ids=list(orphan.token_ids), block_size=block_size, lora_id=None,
                        medium=MEDIUM_GPU, lora_name=None, extra_keys=orphan.extra_keys)
-
-
-def _own_hashes(token_ids: Sequence[int], extra_keys: list | None, block_size: int, parent_own: int) -> list[int]:
-    """Own hashes of an event's blocks; ``extra_keys`` is vLLM's per-block list (or None)."""
-    if extra_keys is None:
-        return block_hashes(token_ids, block_size=block_size, parent_hash=parent_own)
-    first = extra_keys[0]
-    if all(k == first for k in extra_keys):  # common: no extras, or a LoRA name on every block
-        return block_hashes(token_ids, block_size=block_size, parent_hash=parent_own, extra_keys=first)
-    out = []
-    parent = parent_own
-    for i, keys in enumerate(extra_keys):
-        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], extra_key_bytes(keys))
-        out.append(parent)
-    return out
-
-
-def request_block_hashes(
-    token_ids: Sequence[int],
-    *,
-    block_size: int,
-    lora_name: str | None = None,
-    cache_salt: str | None = None,
-    max_blocks: int | None = None,
-) -> list[int]:
-    """Own hashes of a request's full blocks, with the per-block extra keys vLLM 0.33 reports.
-
-    vLLM puts on the wire, per block, the untagged list ``[lora_name?, mm..., cache_salt?]``,
-    the salt on block 0 only (``docs/vllm-kv-events.md`` §5); blocks with none report ``None``.
-    Hashing the same per-block lists here makes a request's hashes equal the index's.
-    """
-    rest_keys = [lora_name] if lora_name is not None else None
-    if cache_salt is None:
-        return block_hashes(token_ids, block_size=block_size, extra_keys=rest_keys, max_blocks=max_blocks)
-    if len(token_ids) < block_size or max_blocks == 0:
-        return []
-    first_keys = ([lora_name] if lora_name is not None else []) + [cache_salt]
-    first = hash_block(ROOT_PARENT_HASH, token_ids[:block_size], extra_key_bytes(first_keys))
-    rest = block_hashes(token_ids[block_size:], block_size=block_size, parent_hash=first, extra_keys=rest_keys,
-                        max_blocks=None if max_blocks is None else max_blocks - 1)
-    return [first, *rest]
-

@@ -1,0 +1,83 @@
+"""Tentative index entries (predict-on-route): blocks a routed request will soon store.
+
+Right after routing a request, its blocks are *predicted* present on the chosen target until
+``expires_at``, so a burst of siblings follows the first one before the engine's ``BlockStored``
+arrives (Dynamo's predicted-TTL side index, folded into the same bitmask lookup here).
+
+Layout mirrors ``PrefixIndex``: ``masks[own]`` is the bitmask of slots predicting ``own``;
+``slots[own][slot]`` its expiry. A heap of ``(expires_at, seq, slot, owns)`` drives expiry; an
+entry renewed later than a heap item is left alone when that item pops.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+
+class TentativeEntries:
+    """(own hash, slot) → expiry, with a per-hash slot bitmask for ``overlap``."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, dict[int, float]] = {}
+        self.masks: dict[int, int] = {}
+        self._heap: list[tuple[float, int, int, tuple[int, ...]]] = []
+        self._seq = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.slots)
+
+    def __len__(self) -> int:
+        """Entries held: (target, block) pairs."""
+        return sum(len(s) for s in self.slots.values())
+
+    def add(self, slot: int, owns: Iterable[int], expires_at: float) -> None:
+        """Predict ``owns`` on ``slot`` until ``expires_at`` (an earlier expiry never shortens one)."""
+        bit = 1 << slot
+        table, masks = self.slots, self.masks
+        added = []
+        for own in owns:
+            entry = table.get(own)
+            if entry is None:
+                table[own] = {slot: expires_at}
+                masks[own] = bit
+            else:
+                previous = entry.get(slot)
+                if previous is None:
+                    entry[slot] = expires_at
+                    masks[own] |= bit
+                elif previous < expires_at:
+                    entry[slot] = expires_at
+            added.append(own)
+        if added:
+            self._seq += 1
+            heapq.heappush(self._heap, (expires_at, self._seq, slot, tuple(added)))
+
+    def next_expiry(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def expire(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, slot, owns = heapq.heappop(heap)
+            for own in owns:
+                entry = self.slots.get(own)
+                if entry is not None and entry.get(slot, now + 1) <= now:
+                    self.drop(own, slot)
+
+    def drop(self, own: int, slot: int) -> None:
+        """Settle one entry (a real event arrived, or it expired)."""
+        entry = self.slots.get(own)
+        if entry is None or slot not in entry:
+            return
+        del entry[slot]
+        if entry:
+            self.masks[own] &= ~(1 << slot)
+        else:
+            del self.slots[own]
+            del self.masks[own]
+
+    def drop_slot(self, slot: int) -> None:
+        """Every entry of one slot (its target was cleared or removed)."""
+        for own in [o for o, entry in self.slots.items() if slot in entry]:
+            self.drop(own, slot)
