@@ -2,8 +2,8 @@
 
 Each command only parses options, runs the suite with a progress bar (stderr) and writes
 ``<suite>.json``, ``<suite>.md`` and plots into ``--out``; ``--json`` also prints the JSON on
-stdout. The suite logic lives in ``bench/<suite>.py``. Added to the ``kvr bench`` group by
-``cli/bench.py``.
+stdout. The suite logic lives in ``bench/<suite>.py``. ``cli/bench.py`` adds
+:data:`SUITE_COMMANDS` to its ``kvr bench`` group.
 """
 
 from __future__ import annotations
@@ -170,3 +170,4 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 SUITE_COMMANDS = [overhead, basic, peer, scale]
+
