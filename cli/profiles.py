@@ -30,4 +30,30 @@ def profiles_cmd(as_json: bool) -> None:
     click.echo("\nlatency constants and sources: kvr profiles --json")
 
 
-COMMANDS = [profiles_cmd]
+@click.command("capacity")
+@click.option("--gpu-mem-gib", required=True, type=float, help="GPU memory as torch reports it (A100-40GB: 39.39).")
+@click.option("--utilization", default=0.9, show_default=True, type=float, help="vLLM's --gpu-memory-utilization.")
+@click.option("--weights-gib", required=True, type=float, help="Model weights in GiB.")
+@click.option("--layers", required=True, type=int)
+@click.option("--kv-heads", required=True, type=int, help="KV heads (GQA groups), per GPU.")
+@click.option("--head-dim", default=128, show_default=True, type=int)
+@click.option("--dtype-bytes", default=2, show_default=True, type=int, help="2 for bf16/fp16, 1 for fp8.")
+@click.option("--block-size", default=16, show_default=True, type=int)
+@click.option("--non-kv-gib", default=0.0, show_default=True, type=float, help="Activation peak + non-torch memory.")
+def capacity_cmd(gpu_mem_gib: float, utilization: float, weights_gib: float, layers: int, kv_heads: int,
+                 head_dim: int, dtype_bytes: int, block_size: int, non_kv_gib: float) -> None:
+    """vLLM's KV capacity (num_gpu_blocks) for a GPU and a model."""
+    from core.profiles import MIB, kv_block_bytes, kv_capacity_blocks
+
+    try:
+        blocks = kv_capacity_blocks(gpu_mem_gib, utilization, weights_gib, layers, kv_heads, head_dim, dtype_bytes,
+                                    block_size, non_kv_gib)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    per_block = kv_block_bytes(layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes,
+                               block_size=block_size)
+    click.echo(f"{blocks} blocks x {block_size} tokens = {blocks * block_size} tokens "
+               f"({per_block / MIB:g} MiB per block, {per_block // block_size // 1024} KiB per token)")
+
+
+COMMANDS = [profiles_cmd, capacity_cmd]
