@@ -175,6 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, f"no route {path}", "NotFoundError")
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception:  # a bug must not kill the connection silently
+            logger.exception("GET %s failed", path)
+            self._error(500, "internal error", "InternalServerError")
 
     def do_POST(self) -> None:  # noqa: N802
         f = self.front
@@ -206,6 +209,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(exc.status, str(exc), exc.kind)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception:  # malformed input that slipped past validation, or a bug
+            logger.exception("POST %s failed", path)
+            self._error(500, "internal error", "InternalServerError")
 
     # ------------------------------------------------------------------ generation
 
@@ -250,7 +256,8 @@ class _Handler(BaseHTTPRequestHandler):
         if salt is not None and not isinstance(salt, str):
             raise HttpError(400, "'cache_salt' must be a string")
         stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        options = body.get("stream_options")
+        include_usage = bool(options.get("include_usage", False)) if isinstance(options, dict) else False
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         model = body.get("model")

@@ -37,7 +37,7 @@ import zmq
 
 from bus.codec import DecodeError, encode, router_decoder
 from bus.schema import (
-    Cancel, Completion, Dispatch, ErrorReply, Goodbye, Heartbeat, Refused, Welcome,
+    Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Refused, Welcome,
 )  # fmt: skip
 from bus.sockets import make_dealer
 
@@ -57,6 +57,7 @@ class LinkCounters:
     dispatches: int = 0
     cancels: int = 0
     bad_messages: int = 0
+    handler_errors: int = 0
 
 
 class WorkerService:
@@ -289,6 +290,16 @@ class WorkerService:
             self._handle(msg)
 
     def _handle(self, msg: Any) -> None:
+        try:
+            self._dispatch_message(msg)
+        except Exception:  # a bug in a backend must not take the worker down
+            self.counters.handler_errors += 1
+            logger.exception("handling %s failed", type(msg).__name__)
+            if isinstance(msg, Dispatch):
+                self._send(ErrorReply(msg.request_id, ErrorCode.INTERNAL, "worker failed to start the request",
+                                      self.worker_id))
+
+    def _dispatch_message(self, msg: Any) -> None:
         if isinstance(msg, Dispatch):
             self.counters.dispatches += 1
             self.backend.submit(msg)

@@ -163,3 +163,22 @@ def test_local_requests_go_to_their_sink_not_the_router(router, start_worker) ->
     assert done.wait(5)
     assert [type(m).__name__ for m in got] == ["TokenChunk"] * 3 + ["Completion"]
     assert svc.call(lambda: svc.backend.engine.counters.finished).result(timeout=5) == 1
+
+
+def test_a_failing_backend_answers_with_an_internal_error_and_keeps_serving(router, start_worker) -> None:
+    svc = start_worker()
+    register(router)
+    real_submit = svc.backend.submit
+
+    def flaky(d):
+        if d.request_id == "boom":
+            raise RuntimeError("injected")
+        real_submit(d)
+
+    svc.backend.submit = flaky
+    router.send(Dispatch(request_id="boom", token_ids=[1, 2, 3], max_tokens=1))
+    _, err = collect(router, "boom")
+    assert isinstance(err, ErrorReply) and err.code == ErrorCode.INTERNAL
+    router.send(Dispatch(request_id="fine", token_ids=[1, 2, 3], max_tokens=1))
+    _, ok = collect(router, "fine")
+    assert isinstance(ok, Completion) and svc.counters.handler_errors == 1

@@ -150,3 +150,13 @@ def test_lora_adapters_are_listed_and_cache_apart_from_the_base_model() -> None:
     finally:
         runner.stop()
         th.join(timeout=5)
+
+
+def test_odd_fields_never_break_the_server(worker) -> None:
+    body = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 1, "stream": True, "stream_options": ["x"]}
+    status, text, _ = call(worker, "POST", "/v1/completions", body)
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+    status, text, _ = call(worker, "POST", "/v1/completions", {"model": "m", "prompt": [2**40], "max_tokens": 1})
+    assert status == 400 and "token ids" in json.loads(text)["error"]["message"]
+    status, _, _ = call(worker, "POST", "/v1/chat/completions", {"model": "m", "messages": "hi"})
+    assert status == 400
