@@ -170,12 +170,15 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def output_vocab(self) -> tuple[int, ...]:
-        ids = []
+        ids: list[int] = []
         for w in _OUTPUT_WORDS:
             enc = self.encode(" " + w)
-            if len(enc) == 1:
+            # One token that decodes back to the word (not an unknown-word id), each id once.
+            if len(enc) == 1 and self.decode(enc).strip() == w and enc[0] not in ids:
                 ids.append(enc[0])
-        return tuple(ids) or tuple(range(1000, 2000))
+        if not ids:
+            raise RuntimeError(f"{self.name}: no common English word is a single token; pass output_vocab explicitly")
+        return tuple(ids)
 
 
 def load_tokenizer(spec: str | None) -> Tokenizer:

@@ -80,3 +80,20 @@ def test_hf_tokenizer_without_the_package_is_a_clear_error(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="tokenizers"):
         load_tokenizer("/nonexistent/tokenizer.json")
     assert isinstance(load_tokenizer(None), BuiltinTokenizer)
+
+
+def test_hf_tokenizer_file_round_trips_and_offers_single_token_output_words(tmp_path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    words = ["[UNK]", "hello", "world", "the", "of", "and", "to", "in"]
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    hf = load_tokenizer(str(path))
+    assert hf.name == f"hf:{path}"
+    assert hf.encode("hello world the") == [1, 2, 3]
+    assert hf.decode([1, 2]) == "hello world"
+    # " the", " of", ... are one id each here; unknown words ([UNK]) never become output.
+    assert hf.output_vocab() == (3, 4, 5, 6, 7)
