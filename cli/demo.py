@@ -73,13 +73,18 @@ def _wait_for_monitor(url: str, expected: int, timeout_s: float) -> dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="kvr-demo", show_default=True,
               help="Directory for dumps, logs, report.md and plots.")
 @redis_url_option
+@click.option("--crash-worker-at", "crash_at", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Crash worker-0 (SIGKILL) and restart it when this fraction of requests has finished: "
+                   "the recovery timeline shows the router dropping and rebuilding its index.")
+@click.option("--worker-arg", "worker_args", multiple=True,
+              help="Extra argument for every worker, e.g. --worker-arg=--fault-drop=0.05 (repeatable).")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNGs of the report.")
 @click.option("--run-timeout", "run_timeout_s", type=float, default=240.0, show_default=True,
               help="Give up on a run after this many wall-clock seconds.")
 @click.pass_context
 def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float, workload: str, params: tuple[str, ...],
-             policies: tuple[str, ...], profile: str, seed: int, out_dir: str, redis_url: str, plots: bool,
-             run_timeout_s: float) -> None:
+             policies: tuple[str, ...], profile: str, seed: int, out_dir: str, redis_url: str,
+             crash_at: float | None, worker_args: tuple[str, ...], plots: bool, run_timeout_s: float) -> None:
     """Bring up a local cluster per policy, drive one workload, print the comparison and write the report."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -124,14 +129,24 @@ def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float
             cluster = LocalCluster(ClusterConfig(
                 workers=workers, redis_url=redis_url, policy=policy, profile=profile, speedup=speedup,
                 run_dir=run_dir, namespace=f"demo-{policy}".replace("_", "-"), label=policy, dump_interval_s=1.0,
+                worker_args=list(worker_args),
             ))
+            crashed = []
+
+            def on_progress(done: int, known: int, t=task, c=cluster) -> None:
+                progress.update(t, completed=done, total=known)
+                if crash_at is not None and not crashed and done >= crash_at * known:
+                    crashed.append(done)
+                    progress.console.print(f"{policy}: crashing worker-0 after {done} requests (SIGKILL, restart)")
+                    c.restart_worker("worker-0", crash=True, wait=False)
+
             try:
                 with cluster:
                     progress.update(task, description=f"{policy}: running")
                     with RouterClient(endpoint=cluster.client_endpoint) as client:
                         res = drive_workload(
                             client, wl, arrivals, speedup=speedup, timeout_s=run_timeout_s, id_prefix=f"{policy}-",
-                            progress=lambda done, known, t=task: progress.update(t, completed=done, total=known),
+                            progress=on_progress,
                             should_stop=lambda c=cluster: bool(c.supervisor.failed()),
                         )
                     cluster.check()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -288,6 +289,28 @@ class LocalCluster:
             return self.alive_workers()
         except Exception:
             return {}
+
+    def restart_worker(self, worker_id: str, *, crash: bool = True, wait: bool = True, timeout_s: float = 30.0) -> None:
+        """Kill a worker (SIGKILL when ``crash``, else SIGTERM) and start it again.
+
+        With ``wait``, return once the new incarnation has registered with the router.
+
+        The new process is a new incarnation (epoch): the router drops the old
+        index entries and in-flight requests are retried or answered with an error.
+        """
+        before = self._safe_alive().get(worker_id)
+        self.supervisor.restart(worker_id, sig=signal.SIGKILL if crash else signal.SIGTERM)
+        if not wait:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            epoch = self._safe_alive().get(worker_id)
+            if epoch is not None and epoch != before:
+                return
+            self.check()
+            time.sleep(0.05)
+        raise ComponentFailed(ComponentSpec(worker_id, "worker", []), f"did not re-register within {timeout_s:g} s",
+                              returncode=None, log_tail=tail(self.supervisor.log_path(worker_id)))
 
     def check(self) -> None:
         """Raise :class:`ComponentFailed` if a component died."""

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 STATUS_COLOURS = {"hit": "#2a9d8f", "partial": "#e9c46a", "miss": "#e76f51"}
 INCIDENT_COLOURS = {
     "gap": "#e76f51", "replay": "#f4a261", "reset": "#9b2226", "confidence": "#457b9d",
-    "worker_seen": "#2a9d8f", "worker_gone": "#6c757d", "error": "#d00000",
+    "worker_seen": "#2a9d8f", "worker_gone": "#6c757d", "error": "#d00000", "stream_restart": "#7b2cbf",
 }
 RUN_COLOURS = ("#e76f51", "#2a9d8f", "#264653", "#e9c46a", "#8338ec", "#3a86ff")
 

@@ -229,7 +229,11 @@ class MonitorState:
         self._counters[wid] = now
         if last is None:
             return now
-        # A decrease means the publisher restarted its counters: the new value is all new.
+        # A decrease means the counters restarted (a new worker incarnation, a router
+        # restart): the new value is all new.
+        restarted = [k for k in _EVENT_COUNTERS if now[k] < last[k]]
+        if restarted:
+            self._incident(s.t_s, wid, "stream_restart", f"counters restarted ({', '.join(restarted)})")
         return {k: (now[k] - last[k] if now[k] >= last[k] else now[k]) for k in _EVENT_COUNTERS}
 
     def _incident(self, t_s: float, worker_id: str, kind: str, detail: str) -> None:

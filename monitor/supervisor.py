@@ -150,6 +150,24 @@ class Supervisor:
         self._children.remove(child)
         return codes[name]
 
+    def restart(self, name: str, *, sig: int | None = None, timeout_s: float = 10.0) -> int | None:
+        """Send ``sig`` (default SIGKILL: a crash) to a component's group, reap it and start it again.
+
+        Returns the old process's exit code. The log file is appended to, so it
+        tells the whole story of the component.
+        """
+        child = self._child(name)
+        _killpg(child.proc, signal.SIGKILL if sig is None else sig)
+        try:
+            code = child.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _killpg(child.proc, signal.SIGKILL)
+            code = child.proc.wait()
+        _killpg(child.proc, signal.SIGKILL)  # whatever it spawned
+        self._children.remove(child)
+        self.start(child.spec)
+        return code
+
     def stop(self) -> dict[str, int | None]:
         """Stop everything, newest first; returns each component's exit code."""
         codes = self._stop(list(reversed(self._children)), self.stop_timeout_s)

@@ -55,6 +55,12 @@ def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(re
         assert {r.completion.worker_id for r in results[1:]} == {results[0].completion.worker_id}
         assert all(r.completion.cached_tokens > 0 for r in results[1:])
         assert _until(lambda: fetch_dump(f"{cluster.monitor_url}/json")["summary"]["requests"] == 4, 10), fetch_dump(f"{cluster.monitor_url}/json")["summary"]
+        # A crashed worker comes back as a new incarnation (epoch) and registers again.
+        epoch = cluster.alive_workers()["worker-1"]
+        old_pid = cluster.supervisor.pid("worker-1")
+        cluster.restart_worker("worker-1", crash=True, timeout_s=20)
+        assert cluster.alive_workers()["worker-1"] != epoch and _dead(old_pid)
+        pids.append(cluster.supervisor.pid("worker-1"))
     assert all(_dead(p) for p in pids)
     assert cluster.supervisor.names == []
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["monitor.log", "router.log", "worker-0.log", "worker-1.log"]

@@ -46,7 +46,9 @@ def test_cumulative_worker_counters_fold_as_increments_and_survive_a_publisher_r
     assert (c["event_gaps"], c["event_replays"], c["blocks_evicted"]) == (1 + 2 + 1, 1 + 1, 5 + 3 + 2)
     assert st.fold.workers["w0"]["blocks_evicted"] == 10
     kinds = [(i["t_s"], i["kind"]) for i in st.incidents]
-    assert kinds == [(1, "worker_seen"), (1, "gap"), (1, "replay"), (3, "gap"), (3, "replay"), (4, "gap")]
+    assert kinds == [(1, "worker_seen"), (1, "gap"), (1, "replay"), (3, "gap"), (3, "replay"), (4, "stream_restart"),
+                     (4, "gap")]
+    assert st.incidents[5]["detail"] == "counters restarted (gaps, replays, evictions)"
     assert st.workers["w0"]["gaps"] == 1 and st.workers["w0"]["evictions"] == 2
 
 

@@ -83,3 +83,19 @@ def test_early_exit_and_readiness_timeout_are_reported_with_the_log_tail(tmp_pat
         sup.start(ComponentSpec("slow", "monitor", [sys.executable, "-c", "pass"]))
     codes = sup.stop()
     assert codes == {"slow": -15, "crash": 3}
+
+
+def test_restart_crashes_and_starts_a_new_process_appending_to_the_log(tmp_path):
+    sup = Supervisor(log_dir=tmp_path, stop_timeout_s=1.0)
+    script = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(60)"
+    log = tmp_path / "w.log"
+    sup.start(ComponentSpec("w", "worker", [sys.executable, "-c", script], ready=lambda: log.read_text().count("pid") == 1))
+    sup.wait_ready("w", timeout_s=10)
+    old = sup.pid("w")
+    assert sup.restart("w") == -9
+    assert not _alive(old) and sup.pid("w") != old and sup.names == ["w"]
+    deadline = time.monotonic() + 10
+    while log.read_text().count("pid") < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert log.read_text().split() == ["pid", str(old), "pid", str(sup.pid("w"))]
+    assert sup.stop() == {"w": -15}
