@@ -162,6 +162,31 @@ def scale(out_dir, as_json, quick, repeats, seed, workers, rates_per_worker, dur
     finish(result, out_dir, as_json, plot=plot)
 
 
+@click.command("stale")
+@_with_common
+@click.option("--fault", "faults", multiple=True,
+              type=click.Choice(["drop", "worker_restart", "clear", "router_restart", "redis_restart"]),
+              help="Faults to inject (repeatable; default: all five).")
+@click.option("--workers", type=click.IntRange(1, 16), default=3, show_default=True)
+@click.option("--speedup", type=float, default=4.0, show_default=True, help="Emulated engine speed-up.")
+@click.option("--pre", "pre_s", type=float, default=12.0, show_default=True, help="Wall seconds of load before the fault.")
+@click.option("--post", "post_s", type=float, default=15.0, show_default=True, help="Wall seconds observed after it.")
+def stale(out_dir, as_json, quick, repeats, seed, faults, workers, speedup, pre_s, post_s) -> None:
+    """Recovery after each event-plane fault: time until index = truth and until hit rate is back."""
+    from bench.progress import RichProgress
+    from bench.stale import StaleConfig, display_tables, plot, run
+
+    cfg = StaleConfig.quick() if quick else StaleConfig(workers=workers, speedup=speedup, pre_s=pre_s, post_s=post_s)
+    if faults:
+        cfg.faults = tuple(faults)
+    cfg.seed = seed
+    if repeats:
+        cfg.repeats = repeats
+    cfg.out_dir = str(Path(out_dir) / "stale-runs")
+    result = run(cfg, command=_command_line(), progress=RichProgress("stale"))
+    finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -169,5 +194,5 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic, peer, scale]
+SUITE_COMMANDS = [overhead, basic, peer, scale, stale]
 

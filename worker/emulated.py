@@ -33,6 +33,7 @@ from bus.names import kv_event_topic
 from bus.publisher import EventPublisher, FaultPlan
 from bus.schema import Completion, Dispatch, ErrorCode, ErrorReply, Hello, RequestStats, TokenChunk, WorkerLoad
 from core.engine import EmulatedEngine, EngineRequest, RequestOutput, RequestRejected
+from core.hashing import external_hash_key
 from core.profiles import get_profile
 from core.tokenizer import Tokenizer, load_tokenizer
 from worker.vllm_exporter import EngineSnapshot, RequestMetrics
@@ -94,13 +95,14 @@ class EmulatedBackend:
         self.publisher = EventPublisher(
             endpoint=config.events_endpoint, replay_endpoint=config.replay_endpoint, topic=self.topic,
             buffer_steps=config.buffer_steps, ctx=ctx, faults=config.faults, bind=config.events_bind,
-            rng=random.Random(seed ^ 0x5EED) if config.faults is not None else None,
+            rng=random.Random(seed ^ 0x5EED),  # faults may also be switched on later (set_faults)
         )  # fmt: skip
         self.events_endpoint, self.replay_endpoint = self._advertised()
         self._clock = clock
         self._wall = wall_clock
         self._start = clock()
         self._outbox: list[BackendMessage] = []
+        self.http_url: str | None = None  # set by the runner when the HTTP API is served; sent in Hello
         self._step_end: float | None = None  # wall (monotonic) time the in-flight step ends
         self._step_outputs: list[RequestOutput] = []
         self._step_events: list = []
@@ -138,7 +140,7 @@ class EmulatedBackend:
             worker_id=self.config.worker_id, epoch=epoch, model=self.config.model, block_size=eng.config.block_size,
             num_gpu_blocks=eng.config.num_gpu_blocks, events_endpoint=self.events_endpoint,
             replay_endpoint=self.replay_endpoint, topic=self.topic, dp_size=1, profile=profile or self.config.profile,
-            engine=ENGINE_NAME,
+            engine=ENGINE_NAME, http_url=self.http_url,
         )  # fmt: skip
 
     def load(self, dp_rank: int = 0) -> WorkerLoad:
@@ -200,6 +202,16 @@ class EmulatedBackend:
         if ok:
             self.publisher.publish(self.engine.drain_events(), ts=self._wall())
         return ok
+
+    def set_faults(self, faults: FaultPlan | None) -> None:
+        """Change the event plane's fault injection at run time (a fault at a chosen moment: benchmarks)."""
+        self.publisher.faults = faults
+        logger.warning("event-plane faults now %s", faults)
+
+    def cached_block_keys(self) -> list[int]:
+        """The engine's truth: external hash keys (as the router indexes them) of every cached block."""
+        ext = self.engine.pool.hasher.external
+        return sorted(external_hash_key(ext(b.block_hash)) for b in self.engine.pool.cached_blocks())
 
     def restart_publisher(self) -> None:
         """Fault: look like a restarted vLLM publisher (seq back to 0, empty replay ring)."""

@@ -166,6 +166,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif path in ("/model_info", "/get_model_info"):
                 self._send_json(200, {"model_type": "kvr-emulated", "architectures": ["KvrEmulatedForCausalLM"],
                                       "is_generation": True})
+            elif path == "/kvr/cached_blocks":  # the engine's truth, to compare with a router's index
+                self._send_json(200, {"blocks": f.on_loop(f.backend.cached_block_keys)})
             elif path == "/get_load":
                 load = f.on_loop(lambda: f.backend.load(0))
                 self._send_json(200, {"load": load.queued_prefill_tokens, "aggregate": {"total_tokens": load.queued_prefill_tokens},
@@ -200,6 +202,15 @@ class _Handler(BaseHTTPRequestHandler):
             elif path in ("/reset_prefix_cache", "/flush_cache"):
                 ok = f.on_loop(f.backend.reset_prefix_cache)
                 self._send_json(200 if ok else 400, {"success": ok})
+            elif path == "/kvr/faults":  # event-plane fault rates from now on ({} = none)
+                from bus.publisher import FaultPlan
+
+                try:
+                    plan = FaultPlan(**{k: float(v) for k, v in body.items()}) if body else None
+                except (TypeError, ValueError) as exc:
+                    raise HttpError(400, f"bad fault plan: {exc}") from None
+                f.on_loop(lambda: f.backend.set_faults(plan))
+                self._send_json(200, {"success": True})
             elif path == "/kvr/restart_publisher":
                 f.on_loop(f.backend.restart_publisher)
                 self._send_json(200, {"success": True})

@@ -89,6 +89,7 @@ class WorkerRunner:
 
             self.http = HttpFront(service=self.service, backend=self.backend, host=options.http_host,
                                   port=options.http_port)
+            self.backend.http_url = self.http.url  # the router records it (kvr inspect, benchmarks)
         self._timers: list[threading.Thread] = []
         self._stopped = threading.Event()
 
