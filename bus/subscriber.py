@@ -120,6 +120,7 @@ class _Replay:
     attempts: int = 1
     seen_first: bool = False
     progressed: bool = False
+    live_after: int = 0  # live batches received since the request: the answer may predate them
 
 
 class EventSubscriber:
@@ -241,9 +242,9 @@ class EventSubscriber:
             self._new_dealer()  # a late answer to the old request must not be mistaken for a new one
             if replay.attempts < self._max_attempts:
                 logger.warning("%s: replay from %d timed out, retrying", self.name, replay.start)
-                self._send_replay_request(replay.start)
-                replay.attempts += 1
-                replay.deadline_s = self._clock() + self._replay_timeout_s
+                # Ask afresh from where the stream stands now (part of the old answer may have come).
+                self._request_replay_from_anchor(retry=True)
+                self._replay.attempts = replay.attempts + 1
             else:
                 logger.warning("%s: replay from %d unanswered after %d attempts", self.name, replay.start,
                                replay.attempts)
@@ -287,6 +288,8 @@ class EventSubscriber:
                              else f"seq frame of {len(frames[1])} bytes")
             return
         topic, seq_frame, payload = frames
+        if self._replay is not None:
+            self._replay.live_after += 1
         self._on_batch(int.from_bytes(seq_frame, "big"), topic, payload, replayed=False)
 
     def _on_batch(self, seq: int, topic: bytes, payload: bytes, *, replayed: bool) -> None:
@@ -430,21 +433,25 @@ class EventSubscriber:
             # Whoever is on the other end now may be a new publisher instance whose seq has
             # not gone backwards yet (even on a first connection: batches may have been applied
             # from a replay of an instance that is gone): prove continuity against the anchor.
-            if self._replay is None and self._replay_endpoint is not None and self._expected > 0:
+            if self._replay_endpoint is not None and self._expected > 0:
                 logger.info("%s: connected: checking the stream against seq %d", self.name, self._expected - 1)
+                if self._replay is not None:  # it may be talking to the instance that just went away
+                    self._replay = None
+                    self._new_dealer()
                 self._request_replay_from_anchor()
 
     # -- replay --------------------------------------------------------------------------------
 
-    def _request_replay_from_anchor(self) -> None:
+    def _request_replay_from_anchor(self, *, retry: bool = False) -> None:
         anchor = self._expected - 1
         if anchor >= 0 and anchor in self._digests and self._digests[anchor] != _LOST:
-            self._request_replay(anchor, anchor=True)
+            self._request_replay(anchor, anchor=True, retry=retry)
         else:
-            self._request_replay(self._expected, anchor=False)
+            self._request_replay(self._expected, anchor=False, retry=retry)
 
-    def _request_replay(self, start: int, *, anchor: bool) -> None:
-        self.counters.replays += 1
+    def _request_replay(self, start: int, *, anchor: bool, retry: bool = False) -> None:
+        if not retry:
+            self.counters.replays += 1
         self._replay = _Replay(start, anchor, self._clock() + self._replay_timeout_s)
         self._send_replay_request(start)
 
@@ -485,8 +492,7 @@ class EventSubscriber:
             if replay.anchor and seq == replay.start:
                 if self._digests.get(seq) != _digest(payload):
                     self._restart_stream(None)
-                else:
-                    replay.progressed = True
+                else:  # verified; not progress: a replay of only the anchor must not loop
                     self._drain_pending()  # live batches held for the check
                 return  # the anchor itself was applied already
             if seq > replay.start and seq > self._expected:
@@ -502,8 +508,11 @@ class EventSubscriber:
             return
         self._drain_pending()
         if self._pending:
-            if replay.progressed:
-                self._request_replay_from_anchor()  # a new hole opened while replaying
+            # Ask again if the answer moved us on or may predate the hole (live batches came
+            # in after the request); an answer that could have filled the hole and did not
+            # means the publisher does not have it.
+            if replay.progressed or replay.live_after:
+                self._request_replay_from_anchor()
             else:
                 self._give_up_gap()
 
