@@ -28,6 +28,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from bench.live import proc_cpu_s
 from bench.results import percentile, spread
 
 logger = logging.getLogger(__name__)
@@ -238,12 +239,21 @@ def router_vs_echo(cfg: EchoConfig | None = None, progress=None) -> list[dict]:
     arms = [_Arm("kvr router", router_clients, ctx), _Arm("raw relay (2 hops)", relay_clients, ctx),
             _Arm("raw echo (1 hop)", echo_ep, ctx)]
     samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in arms}
+    # The process in the middle of each arm: its CPU time per request.
+    middle = {"kvr router": router.pid, "raw relay (2 hops)": children[1].pid, "raw echo (1 hop)": children[3].pid}
+    cpu_us: dict[str, list[float]] = {a.name: [] for a in arms}
     try:
         _wait_ready(arms, cfg, router)
         for rep in range(cfg.repeats):
             for arm in arms:
                 payloads = _payloads(cfg, f"{rep}-{arm.name[:3]}", cfg.warmup + cfg.requests)
-                rtts = sorted([arm.round_trip(p, cfg.reply_timeout_s) for p in payloads][cfg.warmup:])
+                for p in payloads[:cfg.warmup]:
+                    arm.round_trip(p, cfg.reply_timeout_s)
+                c0 = proc_cpu_s(middle[arm.name])
+                rtts = sorted(arm.round_trip(p, cfg.reply_timeout_s) for p in payloads[cfg.warmup:])
+                c1 = proc_cpu_s(middle[arm.name])
+                if c0 is not None and c1 is not None:
+                    cpu_us[arm.name].append((c1 - c0) * 1e6 / cfg.requests)
                 samples[arm.name].append((percentile(rtts, 50) * 1e6, percentile(rtts, 99) * 1e6))
             if progress is not None:
                 progress.step(f"echo repetition {rep + 1}")
@@ -267,7 +277,8 @@ def router_vs_echo(cfg: EchoConfig | None = None, progress=None) -> list[dict]:
                      "ratio_p50": spread(r[0] / b[0] for r, b in zip(reps, relay)),
                      "ratio_p99": spread(r[1] / b[1] for r, b in zip(reps, relay)),
                      "ratio_p50_vs_1hop": spread(r[0] / b[0] for r, b in zip(reps, echo)),
-                     "added_p50_us": spread(r[0] - b[0] for r, b in zip(reps, relay))})
+                     "added_p50_us": spread(r[0] - b[0] for r, b in zip(reps, relay)),
+                     "middle_cpu_us_per_request": spread(cpu_us[name])})
     # The kvr row last: the overhead suite's goal reads it.
     return rows[1:] + rows[:1]
 

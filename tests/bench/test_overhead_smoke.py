@@ -70,3 +70,16 @@ def test_overhead_suite_runs_end_to_end_with_tiny_parameters(tmp_path) -> None:
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert data["suite"] == "overhead" and data["goals"][0]["target"] == 100.0
     assert "## decision latency" in (tmp_path / "overhead.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_router_vs_raw_echo_measures_three_arms_through_real_processes() -> None:
+    from bench.echo import EchoConfig, router_vs_echo
+
+    rows = router_vs_echo(EchoConfig(requests=20, repeats=1, warmup=2, prompt_tokens=64))
+    assert [r["arm"] for r in rows] == ["raw relay (2 hops)", "raw echo (1 hop)", "kvr router"]
+    relay, echo, kvr = rows
+    assert relay["ratio_p50"]["median"] == 1.0 and echo["ratio_p50_vs_1hop"]["median"] == 1.0
+    assert kvr["rtt_p50_us"]["median"] > 0 and kvr["rtt_p99_us"]["median"] >= kvr["rtt_p50_us"]["median"]
+    assert kvr["ratio_p50"]["median"] == pytest.approx(kvr["rtt_p50_us"]["median"] / relay["rtt_p50_us"]["median"])
+    assert kvr["middle_cpu_us_per_request"]["n"] == 1
