@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.metrics import CACHE_STATUSES, MetricsFold
+from monitor.state import split_target
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +128,17 @@ def plot_hit_rate_over_time(dump: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _row_name(name: str) -> str:
+    """Incident row of a worker or target: rank-0 targets share their worker's row."""
+    worker, rank = split_target(name)
+    return worker if rank == 0 else name
+
+
 def plot_recovery_timeline(dump: dict[str, Any], path: Path) -> Path:
-    """Hit rate and errors over time, with event-plane incidents marked per worker."""
+    """Hit rate and errors, the router's index per worker, and event-plane incidents, over time."""
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1.3]})
+    fig, (ax1, ax_idx, ax2) = plt.subplots(3, 1, figsize=(10, 8), sharex=True,
+                                           gridspec_kw={"height_ratios": [2, 1.4, 1.3]})
     t0 = _t0(dump)
     t, actual, predicted = _hit_rate_series(dump)
     if t:
@@ -148,22 +156,32 @@ def plot_recovery_timeline(dump: dict[str, Any], path: Path) -> Path:
         ax1.legend(loc="lower left")
     else:
         _no_data(ax1, "requests")
+    ti, idx = _per_worker_over_time(dump, "indexed_blocks")
+    for w, vals in idx.items():
+        ax_idx.plot(ti, vals, label=_row_name(w))
+    if idx:
+        ax_idx.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    else:
+        _no_data(ax_idx, "index sizes")
+    ax_idx.set_ylabel("indexed blocks")
+    ax_idx.set_title("the router's index per worker (drops on a restart or reset, then rebuilds)", fontsize=9)
     incidents = dump.get("incidents", [])
-    workers = sorted({i["worker_id"] for i in incidents} | set(dump.get("workers", {})))
+    workers = sorted({_row_name(i["worker_id"]) for i in incidents} | {_row_name(w) for w in dump.get("workers", {})})
     rows = {w: k for k, w in enumerate(workers)}
     seen_kinds = set()
     for inc in incidents:
         kind = inc["kind"]
-        ax2.scatter(inc["t_s"] - t0, rows[inc["worker_id"]], color=INCIDENT_COLOURS.get(kind, "black"), marker="|",
-                    s=250, linewidths=2, label=None if kind in seen_kinds else kind)
+        ax2.scatter(inc["t_s"] - t0, rows[_row_name(inc["worker_id"])], color=INCIDENT_COLOURS.get(kind, "black"),
+                    marker="|", s=250, linewidths=2, label=None if kind in seen_kinds else kind)
         seen_kinds.add(kind)
     if incidents:
         ax2.set_yticks(range(len(workers)), [w or "(router)" for w in workers])
+        ax2.set_ylim(-0.6, len(workers) - 0.4)
         ax2.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     else:
         _no_data(ax2, "incidents")
     ax2.set_xlabel("time (s)")
-    ax2.set_title("event-plane incidents (gaps, replays, resets, confidence, workers)", fontsize=9)
+    ax2.set_title("incidents: errors, gaps, replays, resets, restarts, confidence changes", fontsize=9)
     fig.suptitle(f"{dump['label']}: recovery timeline")
     return _save(fig, path)
 
