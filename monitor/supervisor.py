@@ -3,6 +3,9 @@
 Invariants:
 * every child runs in its own session (process group), so stopping it also
   stops whatever it spawned — nothing is orphaned;
+* on Linux every child also gets SIGTERM if the supervising *thread* dies
+  (``PR_SET_PDEATHSIG``), so even a SIGKILLed ``kvr up`` leaves nothing behind
+  (start components from a thread that outlives them: the main thread);
 * :meth:`Supervisor.stop` always returns, within ``stop_timeout_s`` plus a
   SIGKILL round: SIGTERM to every group in reverse start order, then SIGKILL
   to whatever is still alive;
@@ -16,6 +19,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +109,7 @@ class Supervisor:
             proc = subprocess.Popen(
                 spec.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**self._base_env, **spec.env}, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         self._children.append(_Child(spec, proc, log_path))
         logger.info("started %s (pid %d): %s", spec.name, proc.pid, " ".join(spec.argv))
@@ -198,6 +203,18 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 codes[c.spec.name] = None
         return codes
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent thread exits (Linux; best effort elsewhere)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:

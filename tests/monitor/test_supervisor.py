@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +54,12 @@ def test_stop_kills_whole_process_groups_and_logs_each_component(tmp_path):
     assert sup.failed() == []
     codes = sup.stop()
     assert codes == {"spawner": -15}
-    assert not _alive(grandchild) and not _alive(pid)
+    assert not _alive(pid)
+    # SIGKILL to the group is delivered asynchronously to the orphaned grandchild.
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _alive(grandchild)
     assert (tmp_path / "logs" / "spawner.log").read_text() == "up\n"
 
 
@@ -99,3 +105,36 @@ def test_restart_crashes_and_starts_a_new_process_appending_to_the_log(tmp_path)
         time.sleep(0.02)
     assert log.read_text().split() == ["pid", str(old), "pid", str(sup.pid("w"))]
     assert sup.stop() == {"w": -15}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_children_die_when_the_supervisor_is_killed_hard(tmp_path):
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    parent = f"""
+import sys, time, pathlib
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from monitor.supervisor import ComponentSpec, Supervisor
+sup = Supervisor(log_dir={str(tmp_path)!r})
+sup.start(ComponentSpec("c", "worker", [sys.executable, "-c", "import time; time.sleep(60)"]))
+pathlib.Path({str(pid_file)!r}).write_text(str(sup.pid("c")))
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 15
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child = int(pid_file.read_text())
+        assert _alive(child)
+        proc.kill()  # no chance to clean up
+        proc.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(child)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
