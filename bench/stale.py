@@ -146,18 +146,23 @@ def _get_json(url: str, timeout_s: float = 1.0):
         return json.loads(resp.read())
 
 
-def divergence(cluster, client, namespace: str) -> float | None:
-    """Jaccard distance between the engines' cached blocks and the router's mirrored index (None: unknown)."""
+def divergence(cluster, client, namespace: str, urls: dict[str, str]) -> float | None:
+    """Jaccard distance between the engines' cached blocks and the router's mirrored index (None: unknown).
+
+    Worker HTTP URLs come from the registry in Redis (``urls`` keeps the last known one: the
+    registry itself is gone for a while after a Redis restart; a restarted worker has a new one).
+    """
     from bus import names
 
     union = diff = 0
     try:
         for wid in cluster.worker_ids:
-            info = {k.decode(): v.decode() for k, v in client.hgetall(names.worker_key(namespace, wid)).items()}
-            url = info.get("http_url")
-            if not url:
+            url = client.hget(names.worker_key(namespace, wid), "http_url")
+            if url:
+                urls[wid] = url.decode()
+            if wid not in urls:
                 return None
-            truth = set(_get_json(f"{url}/kvr/cached_blocks")["blocks"])
+            truth = set(_get_json(f"{urls[wid]}/kvr/cached_blocks")["blocks"])
             index = {int(k) for k in client.hkeys(names.target_blocks_key(namespace, wid, 0))}
             union += len(truth | index)
             diff += len(truth ^ index)
@@ -219,13 +224,14 @@ def run_fault(cfg: StaleConfig, fault: str, run_dir: Path, seed: int) -> dict:
         t0 = time.monotonic()
         load.start()
         samples: list[tuple[float, float | None]] = []
+        urls: dict[str, str] = {}
         fault_at = None
         try:
             while time.monotonic() - t0 < cfg.pre_s + cfg.post_s:
                 if fault_at is None and time.monotonic() - t0 >= cfg.pre_s:
                     fault_at = time.monotonic()
                     inject(cluster, fault, cfg, client, ns)
-                samples.append((time.monotonic(), divergence(cluster, client, ns)))
+                samples.append((time.monotonic(), divergence(cluster, client, ns, urls)))
                 time.sleep(cfg.sample_s)
         finally:
             load.stop()
