@@ -55,7 +55,10 @@ def worker_cmd(**opts) -> None:
 
     engine, vllm_opts = split_vllm_options(opts)
     try:
-        runner = make_vllm_runner(opts, vllm_opts) if engine == "vllm" else WorkerRunner(WorkerOptions(**opts))
+        if engine == "vllm":
+            runner = make_vllm_runner(opts, vllm_opts)
+        else:  # --block-size (shared with --engine vllm) sets the emulated engine's block size too
+            runner = WorkerRunner(WorkerOptions(block_size=vllm_opts.get("block_size"), **opts))
     except Exception as exc:  # start-up errors: one clear line, non-zero exit
         logger.error("worker failed to start: %s", exc)
         sys.exit(1)

@@ -29,6 +29,7 @@ class WorkerOptions:
     speedup: float = 1.0
     seed: int | None = None
     tokenizer: str | None = None
+    block_size: int | None = None  # None: the profile's; another size keeps the profile's KV bytes
     num_gpu_blocks: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -57,6 +58,14 @@ class WorkerOptions:
         for name in ("num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) is not None:
                 overrides[name] = getattr(self, name)
+        if self.block_size is not None:
+            from core.profiles import get_profile
+
+            prof = get_profile(self.profile)
+            if self.block_size != prof.block_size:
+                overrides["block_size"] = self.block_size
+                # Same KV memory in bigger or smaller blocks (vLLM sizes the pool from memory).
+                overrides.setdefault("num_gpu_blocks", prof.num_gpu_blocks * prof.block_size // self.block_size)
         if self.no_prefix_caching:
             overrides["enable_prefix_caching"] = False
         replay = None if self.replay_endpoint in (None, "", "none") else self.replay_endpoint

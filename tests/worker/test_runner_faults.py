@@ -23,3 +23,11 @@ def test_periodic_publisher_restarts_and_cache_resets() -> None:
         runner.stop()
         th.join(timeout=5)
     assert not th.is_alive()
+
+
+def test_another_block_size_keeps_the_profiles_kv_memory() -> None:
+    cfg = WorkerOptions(worker_id="b", router_endpoint="none", block_size=32).backend_config()
+    assert cfg.engine_overrides == {"block_size": 32, "num_gpu_blocks": 462}  # 924 x 16 tokens = 462 x 32
+    assert WorkerOptions(worker_id="b", block_size=16).backend_config().engine_overrides == {}
+    explicit = WorkerOptions(worker_id="b", block_size=32, num_gpu_blocks=100).backend_config()
+    assert explicit.engine_overrides == {"num_gpu_blocks": 100, "block_size": 32}
