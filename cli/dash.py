@@ -6,12 +6,12 @@ import time
 
 import click
 
-DEFAULT_SOURCE = "http://127.0.0.1:9470/json"
+DEFAULT_SOURCE = "http://127.0.0.1:9470/json?light=1"
 
 
 @click.command("dash")
 @click.option("--source", default=DEFAULT_SOURCE, show_default=True, envvar="KVR_MONITOR_URL",
-              help="The monitor's /json URL, or a dump file.")
+              help="The monitor's /json URL (?light=1 skips the raw samples), or a dump file.")
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and tests).")
 @click.option("--interval", "interval_s", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--width", type=int, default=None, help="Console width (default: the terminal's).")

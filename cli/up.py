@@ -86,7 +86,7 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
     click.echo(f"kvr cluster ready: {workers} workers, redis {cluster.redis_url} ({cluster.redis_kind})")
     click.echo(f"  send:  kvr send --router {cluster.client_endpoint} 'hello'")
     if not no_monitor:
-        click.echo(f"  watch: kvr dash --source {cluster.monitor_url}/json    (Prometheus: {cluster.monitor_url}/metrics)")
+        click.echo(f"  watch: kvr dash --source '{cluster.monitor_url}/json?light=1'    (Prometheus: {cluster.monitor_url}/metrics)")
     click.echo(f"  logs:  {cluster.run_dir / 'logs'}    Ctrl-C stops everything", nl=True)
     code = 0
     try:

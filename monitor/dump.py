@@ -41,6 +41,9 @@ def normalize_dump(data: Any, *, source: str = "") -> dict[str, Any]:
     """Validate a parsed dump and fill the parts a fold-only JSON lacks."""
     if not isinstance(data, dict):
         raise DumpError(f"{source}: a dump is a JSON object")
+    if data.get("light") and "summary" in data:
+        # A dashboard's light dump: no fold to validate (dash reads only the summary and live parts).
+        return {**data, "label": data.get("label") or "live"}
     if "fold" not in data:
         raise DumpError(f"{source}: no 'fold' key (not a kvr monitor or simulator dump)")
     try:

@@ -4,7 +4,8 @@ Sockets::
 
     router PUB (bind) ──[topic, MetricsRecord]──▶ SUB (connect) monitor
     monitor HTTP (127.0.0.1 by default):  /metrics  Prometheus text
-                                          /json     the dump (what ``kvr dash`` reads)
+                                          /json     the dump (``?light=1``: without the fold's
+                                                    raw samples, what ``kvr dash`` polls)
                                           /healthz  "ok"
 
 One thread owns the SUB socket and the state; the HTTP server's threads only
@@ -162,10 +163,10 @@ class MonitorService:
         with self.lock:
             self.state.add(record)
 
-    def snapshot(self) -> dict:
-        """The dump as data (consistent: taken under the lock)."""
+    def snapshot(self, *, light: bool = False) -> dict:
+        """The dump as data (consistent: taken under the lock); ``light`` leaves the fold out."""
         with self.lock:
-            return self.state.dump(now_s=self._clock())
+            return self.state.dump(now_s=self._clock(), light=light)
 
     def dump_now(self) -> Path | None:
         """Write the dump file now (no-op without ``dump_path``)."""
@@ -184,13 +185,14 @@ class MonitorService:
 def _handler_for(service: MonitorService) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path == "/metrics":
                 with service.lock:
                     body = prometheus.render(service.state).encode()
                 self._reply(200, prometheus.CONTENT_TYPE, body)
             elif path in ("/json", "/dump"):
-                body = json.dumps(service.snapshot(), allow_nan=False).encode()
+                light = "light=1" in query.split("&")
+                body = json.dumps(service.snapshot(light=light), allow_nan=False).encode()
                 self._reply(200, "application/json", body)
             elif path == "/healthz":
                 self._reply(200, "text/plain", b"ok\n")

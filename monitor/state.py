@@ -288,26 +288,32 @@ class MonitorState:
 
     # ------------------------------------------------------------------ output
 
-    def dump(self, *, now_s: float) -> dict[str, Any]:
-        """The whole state as strict JSON data (NaN → null); :func:`monitor.dump.load_dump` reads it."""
-        return finite_or_none(
-            {
-                "kind": DUMP_KIND,
-                "version": DUMP_VERSION,
-                "label": self.label,
-                "dumped_s": now_s,
-                "started_s": self.started_s,
-                "last_record_s": self.last_record_s,
-                "records": self.records,
-                "decode_errors": self.decode_errors,
-                "summary": self.fold.summary(),
-                "timeline": self.fold.timeline_series(),
-                "errors_by_code": dict(sorted(self.errors_by_code.items())),
-                "workers": {k: self.workers[k] for k in sorted(self.workers)},
-                "series": list(self.series),
-                "incidents": list(self.incidents),
-                "incidents_dropped": self.incidents_dropped,
-                "recent_requests": list(self.recent),
-                "fold": self.fold.to_dict(),
-            }
-        )
+    def dump(self, *, now_s: float, light: bool = False, light_series: int = 120) -> dict[str, Any]:
+        """The whole state as strict JSON data (NaN → null); :func:`monitor.dump.load_dump` reads it.
+
+        ``light`` (what a dashboard polls): no fold (its raw samples grow with the
+        run) and only the last ``light_series`` series points.
+        """
+        series = list(self.series)
+        data = {
+            "kind": DUMP_KIND,
+            "version": DUMP_VERSION,
+            "label": self.label,
+            "light": light,
+            "dumped_s": now_s,
+            "started_s": self.started_s,
+            "last_record_s": self.last_record_s,
+            "records": self.records,
+            "decode_errors": self.decode_errors,
+            "summary": self.fold.summary(),
+            "timeline": self.fold.timeline_series(),
+            "errors_by_code": dict(sorted(self.errors_by_code.items())),
+            "workers": {k: self.workers[k] for k in sorted(self.workers)},
+            "series": series[-light_series:] if light else series,
+            "incidents": list(self.incidents),
+            "incidents_dropped": self.incidents_dropped,
+            "recent_requests": list(self.recent),
+        }
+        if not light:
+            data["fold"] = self.fold.to_dict()
+        return finite_or_none(data)

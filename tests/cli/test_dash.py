@@ -41,7 +41,12 @@ def test_dash_once_from_a_live_monitor_over_http():
         with svc.lock:
             svc.state.add(request("req-xyz", cached=48))
             svc.state.add(sample("gpu-7", t=time.time(), confidence="stale"))
-        res = CliRunner().invoke(main, ["dash", "--source", f"http://127.0.0.1:{svc.http_port}/json", "--once", "--width", "160"])
+        import json
+        import urllib.request
+
+        light = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{svc.http_port}/json?light=1", timeout=5).read())
+        assert light["light"] is True and "fold" not in light and light["summary"]["requests"] == 1
+        res = CliRunner().invoke(main, ["dash", "--source", f"http://127.0.0.1:{svc.http_port}/json?light=1", "--once", "--width", "160"])
         assert res.exit_code == 0, res.output
         assert "req-xyz" in res.stdout and "gpu-7" in res.stdout and "stale" in res.stdout
         assert "│ live  requests 1" in res.stdout

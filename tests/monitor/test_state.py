@@ -155,3 +155,15 @@ def test_samples_named_by_target_fold_into_their_worker():
     assert st.fold.workers["w1"]["load_samples"] == 2 and st.fold.workers["w1"]["blocks_evicted"] == 3
     assert sorted(st.workers) == ["w1/0", "w1/1"]
     assert (st.workers["w1/1"]["worker"], st.workers["w1/1"]["dp_rank"]) == ("w1", 1)
+
+
+def test_light_dump_leaves_out_the_fold_and_old_series_points():
+    st = MonitorState(block_size=16, sample_interval_s=1.0)
+    for t in range(10):
+        st.tick(float(t))
+    st.add(request("a", cached=48))
+    light = st.dump(now_s=20.0, light=True, light_series=3)
+    assert "fold" not in light and light["light"] is True
+    assert [p["t_s"] for p in light["series"]] == [7.0, 8.0, 9.0]
+    assert light["summary"] == st.dump(now_s=20.0)["summary"]
+    assert normalize_dump(light)["label"] == "live"
