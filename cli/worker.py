@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 @click.option("--fault-delay", default=0.0, type=float, help="Fraction of batches held back --fault-delay-ms.")
 @click.option("--fault-delay-ms", default=50.0, show_default=True, type=float)
 @click.option("--restart-publisher-every", default=0.0, type=float, help="Restart the KV-event publisher (seq back to 0) every N wall seconds.")
-@click.option("--clear-cache-every", default=0.0, type=float, help="Try a prefix-cache reset (AllBlocksCleared) every N wall seconds.")
+@click.option("--clear-cache-every", default=0.0, type=float, help="Reset the prefix cache (AllBlocksCleared; running requests are preempted) every N wall seconds.")
 def worker_cmd(**opts) -> None:
     """Run one emulated vLLM worker: registers with the router, runs requests, publishes KV events."""
     from worker.runner import WorkerOptions, WorkerRunner

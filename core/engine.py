@@ -199,7 +199,13 @@ class EmulatedEngine:
     def drain_events(self) -> list[KVEvent]:
         return self.pool.drain_events()
 
-    def reset_prefix_cache(self) -> bool:
+    def reset_prefix_cache(self, *, reset_running_requests: bool = False) -> bool:
+        """vLLM's reset (``AllBlocksCleared``): refused while blocks are in use, unless
+        ``reset_running_requests`` first preempts every running request (they recompute,
+        keeping their order at the head of the waiting queue), as vLLM's option does."""
+        if reset_running_requests:
+            while self._running:
+                self._preempt(self._running.pop())
         return self.pool.reset_prefix_cache()
 
     # ------------------------------------------------------------------ the step

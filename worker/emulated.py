@@ -196,11 +196,16 @@ class EmulatedBackend:
         self._outbox = []
         return out
 
-    def reset_prefix_cache(self) -> bool:
-        """vLLM's reset: refused while blocks are in use; on success → ``AllBlocksCleared``."""
-        ok = self.engine.reset_prefix_cache()
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's reset → ``AllBlocksCleared``; refused while blocks are in use unless
+        ``reset_running_requests`` (running requests are preempted and recompute)."""
+        ok = self.engine.reset_prefix_cache(reset_running_requests=reset_running_requests)
         if ok:
-            self.publisher.publish(self.engine.drain_events(), ts=self._wall())
+            events = self.engine.drain_events()
+            if self._step_end is not None:
+                self._step_events.extend(events)  # after the events of the step in flight, as on vLLM
+            else:
+                self.publisher.publish(events, ts=self._wall())
         return ok
 
     def set_faults(self, faults: FaultPlan | None) -> None:

@@ -200,8 +200,10 @@ class _Handler(BaseHTTPRequestHandler):
                     raise HttpError(400, "'tokens' must be a list of non-negative integers")
                 self._send_json(200, {"prompt": f.backend.tokenizer.decode(tokens)})
             elif path in ("/reset_prefix_cache", "/flush_cache"):
-                ok = f.on_loop(f.backend.reset_prefix_cache)
-                self._send_json(200 if ok else 400, {"success": ok})
+                # vLLM: ?reset_running_requests=true preempts running requests so the reset succeeds.
+                preempt = "reset_running_requests=true" in self.path.lower()
+                ok = f.on_loop(lambda: f.backend.reset_prefix_cache(preempt))
+                self._send_json(200 if ok else 409, {"success": ok})
             elif path == "/kvr/faults":  # event-plane fault rates from now on ({} = none)
                 from bus.publisher import FaultPlan
 

@@ -123,7 +123,8 @@ class WorkerRunner:
         if opts.restart_publisher_every > 0:
             self._every(opts.restart_publisher_every, self.backend.restart_publisher, "kvr-fault-restart")
         if opts.clear_cache_every > 0:
-            self._every(opts.clear_cache_every, self.backend.reset_prefix_cache, "kvr-fault-clear")
+            # The fault always clears: running requests are preempted (vLLM's reset_running_requests).
+            self._every(opts.clear_cache_every, lambda: self.backend.reset_prefix_cache(True), "kvr-fault-clear")
         logger.info("worker %s: profile %s, %d blocks x %d tokens, speedup %.1f, events %s, replay %s",
                     opts.worker_id, opts.profile, self.backend.engine.config.num_gpu_blocks,
                     self.backend.engine.config.block_size, opts.speedup, self.backend.events_endpoint,

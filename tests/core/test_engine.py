@@ -249,3 +249,19 @@ def test_every_request_finishes_once_and_the_event_stream_matches_the_pool(reqs,
         assert 0 <= s.queue_s <= s.ttft_s <= s.e2e_s and s.num_cached_tokens < s.num_prompt_tokens
     assert e.pool.num_used_blocks == 0
     assert +index == Counter(e.pool.hasher.external(b.block_hash) for b in e.pool.cached_blocks())
+
+
+def test_reset_with_running_requests_preempts_them_in_order_then_clears() -> None:
+    e = engine()
+    for i in range(3):
+        e.add_request(EngineRequest(f"r{i}", [i] * 20, max_tokens=5), now=0.0)
+    first = e.step(0.0)  # every prompt prefilled, one token each
+    e.drain_events()
+    assert e.reset_prefix_cache() is False
+    assert e.reset_prefix_cache(reset_running_requests=True) is True
+    assert [type(ev).__name__ for ev in e.drain_events()] == ["AllBlocksCleared"]
+    assert [r.request_id for r in e._waiting] == ["r0", "r1", "r2"] and e.pool.num_used_blocks == 0
+    _, stats, tokens, _ = run(e, now=1.0)
+    assert all(s.preemptions == 1 and s.num_output_tokens == 5 for s in stats.values())
+    assert all(len(first_tokens) == 1 for first_tokens in (o.new_token_ids for o in first.outputs))
+    assert all(len(t) == 4 for t in tokens.values())  # the rest after recomputing prompt + first token

@@ -221,3 +221,19 @@ def test_a_duplicate_dispatch_is_ignored_not_answered(ctx) -> None:
         assert b.drain() == [] and b.num_in_flight == 1
     finally:
         b.close()
+
+
+def test_a_reset_during_a_step_is_published_after_that_steps_events(ctx) -> None:
+    clock = Clock()
+    b = backend(ctx, clock)
+    try:
+        b.submit(Dispatch(request_id="q", token_ids=list(range(40)), max_tokens=3))
+        due = b.advance(clock.t)  # the prefill step (it stores 2 blocks) is in flight
+        assert b.reset_prefix_cache() is False
+        assert b.reset_prefix_cache(True) is True
+        clock.t = due
+        b.advance(clock.t)
+        (batch,) = replay_all(b, ctx)
+        assert [type(e).__name__ for e in decode_batch(batch[1]).events] == ["BlockStored", "AllBlocksCleared"]
+    finally:
+        b.close()
