@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import click
@@ -36,7 +37,8 @@ def inspect_cmd(redis_url: str, namespace: str, top: int, as_json: bool) -> None
     if as_json:
         click.echo(json.dumps(state, indent=2))
         return
-    console = Console()
+    # Piped output (scripts, `| less`) gets a wide console instead of rich's 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 160)
 
     def age(v):
         return "–" if v is None else f"{v:.1f} s"
