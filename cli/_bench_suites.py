@@ -85,7 +85,8 @@ def overhead(out_dir, as_json, quick, repeats, seed, workers, index_blocks, requ
               help="Poisson arrivals per second of workload time.")
 @click.option("--warmup", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests left out of the metrics at the start of each run.")
-def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, rate_per_s, warmup) -> None:
+@click.option("--param", "params", multiple=True, help="gsp workload parameter KEY=VALUE (repeatable), e.g. num_groups=32.")
+def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, rate_per_s, warmup, params) -> None:
     """Every policy on a live cluster, same request sequence: hit rate, TTFT (hits vs misses), throughput."""
     from bench.basic import BasicConfig, display_tables, plot, run
     from bench.progress import RichProgress
@@ -94,6 +95,11 @@ def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, ra
                                                         warmup=warmup)
     if policies:
         cfg.policies = tuple(policies)
+    for pair in params:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--param")
+        cfg.params[key] = value
     cfg.seed = seed
     if repeats:
         cfg.repeats = repeats
@@ -112,13 +118,19 @@ def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, ra
               help="Poisson arrivals per second of workload time.")
 @click.option("--warmup", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests discarded at the start of each run.")
-def peer(out_dir, as_json, quick, repeats, seed, arms, workers, speedup, rate_per_s, warmup) -> None:
+@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True, help="Shared system prompts.")
+@click.option("--prompts-per-group", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--system-words", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Words per system prompt (the built-in tokenizer makes ~1.3 tokens of a word).")
+def peer(out_dir, as_json, quick, repeats, seed, arms, workers, speedup, rate_per_s, warmup, groups,
+         prompts_per_group, system_words) -> None:
     """kvr vs sglang-router (PyPI sglang-router) in front of the same emulated fleet, same requests."""
     from bench.peer import PeerConfig, display_tables, plot, run
     from bench.progress import RichProgress
 
     cfg = PeerConfig.quick() if quick else PeerConfig(workers=workers, speedup=speedup, rate_per_s=rate_per_s,
-                                                      warmup=warmup)
+                                                      warmup=warmup, groups=groups,
+                                                      prompts_per_group=prompts_per_group, system_words=system_words)
     if arms:
         cfg.arms = tuple(arms)
     if any(a.startswith("sglang:") for a in cfg.arms):
