@@ -16,6 +16,7 @@ COPY worker ./worker
 COPY monitor ./monitor
 COPY sim ./sim
 COPY cli ./cli
+COPY bench ./bench
 RUN pip install . && kvr --help >/dev/null
 
 # Not root at run time.

@@ -77,3 +77,13 @@ def test_kvr_up_runs_the_same_topology(compose):
     assert worker["router_endpoint"].rsplit(":", 1)[1] == router["bind_workers"].rsplit(":", 1)[1]
     assert monitor["metrics_endpoints"][0].rsplit(":", 1)[1] == router["bind_metrics"].rsplit(":", 1)[1]
     assert router["block_size"] == worker["block_size"] == monitor["block_size"]
+
+
+def test_the_image_copies_every_installed_package():
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(p.rstrip("*") for p in include)
+    copied = sorted(ln.split()[1] for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.startswith("COPY ")
+                    and ln.split()[1] in packages)
+    assert copied == packages
