@@ -1,18 +1,11 @@
 """One logical KV-event stream from one vLLM-compatible publisher (one worker / DP rank).
 
 :class:`EventSubscriber` turns what arrives on a SUB socket (plus replies of vLLM's
-replay ROUTER) into an ordered list of :data:`StreamItem`, each reported exactly once:
-
-* :class:`AppliedBatch` ``(seq, batch, replayed, topic)``: the next batch of the
-  stream, in seq order with no holes (``replayed`` when it came from a replay);
-* :class:`StreamReset` ``(old_seq, new_seq)``: the publisher restarted (seq went
-  back, or a replay proved the stream's history changed). The consumer drops all
-  it knows from this worker; the new stream then starts at seq 0;
-* :class:`GapLost` ``(from_seq, to_seq)``: those batches are gone for good (no
-  replay endpoint, rotated out of the publisher's ring, replay unreachable). The
-  consumer resyncs that worker, as after a reset;
-* :class:`BadBatch` ``(seq, reason)``: a batch whose payload does not decode (its
-  seq is consumed: replay would return the same bytes).
+replay ROUTER) into an ordered list of stream items (``bus/stream_items.py``), each
+reported exactly once: :class:`AppliedBatch` (the next batch, in seq order, no holes),
+:class:`StreamReset` (publisher restarted: drop the worker's state, the new stream
+starts at 0), :class:`GapLost` (gone for good: resync the worker) and
+:class:`BadBatch` (undecodable payload, seq consumed).
 
 How the stream is kept whole:
 
@@ -37,6 +30,14 @@ How the stream is kept whole:
 Malformed messages (wrong frame count, seq not 8 bytes) are counted in
 ``bad_frames`` and logged; nothing here raises on bad input.
 
+Limit: vLLM has no incarnation id on the wire. A restart is seen from a seq going
+back, from a reconnection (then the anchor is checked), or from any later replay
+whose anchor bytes differ; a restart that none of these reveals (no reconnect seen,
+new seqs continuing exactly at the expected one) would go unnoticed.
+
+Data parallelism: one subscriber per rank; derive each rank's endpoints with
+``bus.sockets.offset_endpoint_for_dp_rank`` (and ``connectable`` for ``*`` binds).
+
 Use: ``poll(timeout_ms)`` for one stream. A router multiplexing many streams
 registers each subscriber with its own ``zmq.Poller`` via :meth:`attach` (the
 DEALER is replaced after a timeout, and attached pollers follow), then calls
@@ -53,63 +54,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
 import xxhash
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bus.sockets import DEFAULT_HWM, attach, make_dealer, make_socket
+from bus.stream_items import AppliedBatch, BadBatch, GapLost, StreamItem, StreamReset, SubscriberCounters
 from bus.vllm_codec import DecodeError, VllmEventDecoder
-from core.events import AllBlocksCleared, KVEventBatch
+from core.events import AllBlocksCleared
+
+__all__ = ["AppliedBatch", "BadBatch", "EventSubscriber", "GapLost", "StreamItem", "StreamReset",
+           "SubscriberCounters"]
 
 logger = logging.getLogger(__name__)
 
 _END_SEQ = b"\xff" * 8
 _MONITOR_EVERY = 16
 _LOST = -1  # digest marker of a seq reported as GapLost: a late copy is stale, not a reset
-
-
-class AppliedBatch(msgspec.Struct, frozen=True):
-    seq: int
-    batch: KVEventBatch
-    replayed: bool = False
-    topic: bytes = b""
-
-
-class StreamReset(msgspec.Struct, frozen=True):
-    old_seq: int  # last seq applied from the old stream (-1: none)
-    new_seq: int | None  # first seq seen from the new stream (None: found by replay)
-
-
-class GapLost(msgspec.Struct, frozen=True):
-    from_seq: int
-    to_seq: int  # inclusive
-
-
-class BadBatch(msgspec.Struct, frozen=True):
-    seq: int
-    reason: str
-
-
-StreamItem = AppliedBatch | StreamReset | GapLost | BadBatch
-
-
-@dataclass
-class SubscriberCounters:
-    batches: int = 0
-    events: int = 0
-    block_events: int = 0
-    gaps: int = 0
-    replays: int = 0
-    replayed_batches: int = 0
-    replay_timeouts: int = 0
-    duplicates: int = 0
-    resets: int = 0
-    reconnects: int = 0
-    decode_errors: int = 0
-    bad_frames: int = 0
-    unrecoverable_gaps: int = 0
-    lost_batches: int = 0
 
 
 @dataclass

@@ -17,7 +17,8 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from bus.publisher import FaultPlan, PublisherThread
+from bus.publisher import FaultPlan
+from bus.publisher_thread import PublisherThread
 from bus.subscriber import AppliedBatch, BadBatch, EventSubscriber, GapLost, StreamReset
 from bus.synthetic_events import SyntheticKVEvents
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from bus.publisher import PublisherThread
+from bus.publisher_thread import PublisherThread
 from bus.vllm_codec import decode_batch
 from cli.events import event_line
 from cli.main import main

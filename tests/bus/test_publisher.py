@@ -8,7 +8,8 @@ import random
 import pytest
 import zmq
 
-from bus.publisher import END_SEQ, EventPublisher, FaultPlan, PublisherThread
+from bus.publisher import END_SEQ, EventPublisher, FaultPlan
+from bus.publisher_thread import PublisherThread
 from bus.sockets import (
     connectable,
     make_socket,

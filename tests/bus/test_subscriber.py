@@ -354,3 +354,21 @@ def test_a_seq_the_publisher_never_sent_ends_as_lost_after_replay_cannot_fill_it
     finally:
         sub.close()
         pub.close()
+
+
+def test_a_vllm_0_22_publisher_legacy_replay_layout_and_array_events(ctx) -> None:
+    pub = EventPublisher(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True, ctx=ctx,
+                         reply_format="legacy", topic="kv@old@m")
+    sub = None
+    try:
+        for i in range(4):
+            pub.publish_raw(encode_batch(KVEventBatch(float(i), _events(i), 0), legacy=True))
+        sub = EventSubscriber(endpoint=pub.endpoint, replay_endpoint=pub.replay_endpoint, ctx=ctx)
+        items = _pump(sub, [pub], _n_applied(4), [])
+        # The legacy layout has no topic frame: the subscriber's own (empty) prefix stands in.
+        assert items == [AppliedBatch(i, KVEventBatch(float(i), _events(i), 0), True, b"") for i in range(4)]
+        assert sub.decoder.legacy_batches == 4
+    finally:
+        if sub is not None:
+            sub.close()
+        pub.close()
