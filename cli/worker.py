@@ -58,7 +58,8 @@ def worker_cmd(**opts) -> None:
         if engine == "vllm":
             runner = make_vllm_runner(opts, vllm_opts)
         else:  # --block-size (shared with --engine vllm) sets the emulated engine's block size too
-            runner = WorkerRunner(WorkerOptions(block_size=vllm_opts.get("block_size"), **opts))
+            runner = WorkerRunner(WorkerOptions(block_size=vllm_opts.get("block_size"),
+                                                dp_size=vllm_opts.get("dp_size", 1), **opts))
     except Exception as exc:  # start-up errors: one clear line, non-zero exit
         logger.error("worker failed to start: %s", exc)
         sys.exit(1)

@@ -64,6 +64,7 @@ class EmulatedWorkerConfig:
     lora_modules: tuple[str, ...] = ()  # LoRA adapter names served over HTTP (model = adapter name)
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     buffer_steps: int = 10_000
+    dp_rank: int = 0  # this engine's data-parallel rank (worker/emulated_dp.py runs several)
 
 
 class EmulatedBackend:
@@ -95,6 +96,7 @@ class EmulatedBackend:
         self.publisher = EventPublisher(
             endpoint=config.events_endpoint, replay_endpoint=config.replay_endpoint, topic=self.topic,
             buffer_steps=config.buffer_steps, ctx=ctx, faults=config.faults, bind=config.events_bind,
+            dp_rank=config.dp_rank,
             rng=random.Random(seed ^ 0x5EED),  # faults may also be switched on later (set_faults)
         )  # fmt: skip
         self.events_endpoint, self.replay_endpoint = self._advertised()
@@ -166,8 +168,9 @@ class EmulatedBackend:
             # A re-sent dispatch (the router retried over a flaky link): the first one answers.
             logger.warning("duplicate dispatch %s ignored (already running)", dispatch.request_id)
             return
-        if dispatch.dp_rank != 0:
-            self._outbox.append(self._error(dispatch.request_id, ErrorCode.BAD_REQUEST, "this worker has one DP rank"))
+        if dispatch.dp_rank not in (self.config.dp_rank, -1):  # -1: any rank (local requests)
+            self._outbox.append(self._error(dispatch.request_id, ErrorCode.BAD_REQUEST,
+                                            f"no DP rank {dispatch.dp_rank} on this worker"))
             return
         # max_tokens <= 0: the engine draws a length (HTTP chat requests without max_tokens).
         max_tokens = dispatch.max_tokens if dispatch.max_tokens > 0 else None
@@ -337,6 +340,10 @@ class EmulatedBackend:
                     "step wake-up lag mean %.2f ms max %.2f ms, %d resyncs (the engine fell behind real time)",
                     c.steps, c.finished, c.preemptions, c.busy_s, self.overrun_s / max(1, self.steps) * 1e3,
                     self.lag_max_s * 1e3, self.resyncs)
+
+    def reject(self, request_id: str, code: ErrorCode, message: str) -> None:
+        """Answer a request that will not run with its one terminal ``ErrorReply``."""
+        self._outbox.append(self._error(request_id, code, message))
 
     def _error(self, request_id: str, code: ErrorCode, message: str) -> ErrorReply:
         return ErrorReply(request_id, code, message, self.config.worker_id)

@@ -160,7 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_text(200, render(f.on_loop(f.backend.snapshot)), "text/plain; version=0.0.4; charset=utf-8")
             elif path in ("/server_info", "/get_server_info"):
                 cfg = f.backend.engine.config
-                self._send_json(200, {"served_model_name": f.backend.config.model, "dp_size": 1, "tp_size": 1,
+                self._send_json(200, {"served_model_name": f.backend.config.model,
+                                      "dp_size": getattr(f.backend, "dp_size", 1), "tp_size": 1,
                                       "page_size": cfg.block_size, "max_total_num_tokens": cfg.num_gpu_blocks * cfg.block_size,
                                       "engine": "kvr-emulated", "profile": f.backend.config.profile})
             elif path in ("/model_info", "/get_model_info"):
@@ -275,8 +276,13 @@ class _Handler(BaseHTTPRequestHandler):
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         model = body.get("model")
         lora = model if isinstance(model, str) and model in f.backend.config.lora_modules else None
-        f.service.submit_local(Dispatch(request_id=rid, token_ids=ids, max_tokens=max_tokens, lora_name=lora,
-                                        cache_salt=salt), inbox.put)
+        rank = self.headers.get("X-data-parallel-rank")  # vLLM's header; otherwise any rank (-1)
+        try:
+            dp_rank = -1 if rank is None else int(rank)
+        except ValueError:
+            raise HttpError(400, "X-data-parallel-rank must be an integer") from None
+        f.service.submit_local(Dispatch(request_id=rid, token_ids=ids, max_tokens=max_tokens, dp_rank=dp_rank,
+                                        lora_name=lora, cache_salt=salt), inbox.put)
         first = self._next(inbox, rid)
         if isinstance(first, ErrorReply):
             raise HttpError(_ERROR_STATUS.get(first.code, 500), first.message, first.code.value)

@@ -29,6 +29,7 @@ class WorkerOptions:
     speedup: float = 1.0
     seed: int | None = None
     tokenizer: str | None = None
+    dp_size: int = 1  # data-parallel ranks (fixed --events-endpoint / --replay-endpoint ports when > 1)
     block_size: int | None = None  # None: the profile's; another size keeps the profile's KV bytes
     num_gpu_blocks: int | None = None
     max_num_seqs: int | None = None
@@ -87,7 +88,12 @@ class WorkerRunner:
         router = options.router_endpoint
         if router in ("", "none"):
             router = None
-        self.backend = EmulatedBackend(config=options.backend_config())
+        if options.dp_size > 1:
+            from worker.emulated_dp import EmulatedDPBackend
+
+            self.backend = EmulatedDPBackend(config=options.backend_config(), dp_size=options.dp_size)
+        else:
+            self.backend = EmulatedBackend(config=options.backend_config())
         self.service = WorkerService(
             backend=self.backend, router_endpoint=router, worker_id=options.worker_id, profile=options.profile,
             heartbeat_interval_s=options.heartbeat_interval,

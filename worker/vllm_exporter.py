@@ -81,14 +81,33 @@ def _fmt(v: float) -> str:
     return repr(float(v)) if not float(v).is_integer() else f"{float(v):.1f}"
 
 
-def render(s: EngineSnapshot) -> str:
-    """Prometheus text exposition format (version 0.0.4)."""
-    base = f'model_name="{s.model}",engine="0"'
+def render(snapshots: EngineSnapshot | list[EngineSnapshot]) -> str:
+    """Prometheus text exposition format (version 0.0.4); one ``engine`` label per DP rank."""
+    snaps = snapshots if isinstance(snapshots, list) else [snapshots]
+    families: dict[str, list[str]] = {}
+    for rank, snap in enumerate(snaps):
+        for family, lines in _render_one(snap, rank).items():
+            if family in families:
+                families[family].extend(lines[2:])  # HELP and TYPE once per family
+            else:
+                families[family] = list(lines)
+    return "\n".join(line for lines in families.values() for line in lines) + "\n"
+
+
+def _render_one(s: EngineSnapshot, rank: int) -> dict[str, list[str]]:
+    """Lines of each metric family (HELP and TYPE first) for one engine."""
+    base = f'model_name="{s.model}",engine="{rank}"'
+    families: dict[str, list[str]] = {}
     out: list[str] = []
 
-    def metric(name: str, kind: str, help_: str, value: float, labels: str = base) -> None:
+    def family(name: str, kind: str, help_: str) -> None:
+        nonlocal out
+        out = families.setdefault(name, [])
         out.append(f"# HELP {name} {help_}")
         out.append(f"# TYPE {name} {kind}")
+
+    def metric(name: str, kind: str, help_: str, value: float, labels: str = base) -> None:
+        family(name, kind, help_)
         out.append(f"{name}{{{labels}}} {_fmt(value)}")
 
     metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", s.running)
@@ -103,13 +122,12 @@ def render(s: EngineSnapshot) -> str:
     r = s.requests
     metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", r.prompt_tokens)
     metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", r.generation_tokens)
-    out.append("# HELP vllm:request_success_total Count of successfully processed requests.")
-    out.append("# TYPE vllm:request_success_total counter")
+    family("vllm:request_success_total", "counter", "Count of successfully processed requests.")
     for reason in sorted(r.success) or ["length"]:
         out.append(f'vllm:request_success_total{{{base},finished_reason="{reason}"}} {_fmt(r.success.get(reason, 0))}')
     metric("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig", 1,
            labels=f'block_size="{s.block_size}",num_gpu_blocks="{s.num_gpu_blocks}",'
-                  f'enable_prefix_caching="{s.enable_prefix_caching}",engine="0"')
+                  f'enable_prefix_caching="{s.enable_prefix_caching}",engine="{rank}"')
     for name, help_, h in (
         ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", r.ttft),
         ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", r.e2e),
@@ -117,8 +135,7 @@ def render(s: EngineSnapshot) -> str:
         ("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", r.prefill),
         ("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", r.decode),
     ):
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} histogram")
+        family(name, "histogram", help_)
         cumulative = 0
         for le, count in zip(h.buckets, h.counts):
             cumulative += count
@@ -126,4 +143,4 @@ def render(s: EngineSnapshot) -> str:
         out.append(f'{name}_bucket{{{base},le="+Inf"}} {_fmt(h.n)}')
         out.append(f"{name}_count{{{base}}} {_fmt(h.n)}")
         out.append(f"{name}_sum{{{base}}} {_fmt(h.total)}")
-    return "\n".join(out) + "\n"
+    return families
