@@ -9,12 +9,15 @@ emulated engine is pure; this class gives it time:
 * a step that the engine says takes ``d`` seconds is *in flight* for ``d / speedup``
   wall seconds; its tokens are emitted, and its KV events published, when it ends;
   then the next step starts at once (continuous batching). Requests that arrive
-  meanwhile join at the next step, as on a real server. If the process falls behind,
-  the next step starts late (the overrun is counted, never caught up);
+  meanwhile join at the next step, as on a real server. While the engine stays busy,
+  steps chain in engine time, so late wake-ups (timer granularity, a busy CPU) never
+  accumulate; a stall over ``max_lag_s`` (50 ms) resyncs the engine to the wall clock
+  and is counted (``resyncs``): the engine then fell behind real time;
 * every step's KV events go out as one vLLM event batch (``ts`` = wall time), with
   vLLM's replay socket, from ``bus.publisher.EventPublisher`` (fault injection there).
 
 Single-threaded: every method runs on the service loop's thread (it owns the sockets).
+``worker/emulated_dp.py`` runs one of these per data-parallel rank.
 """
 
 from __future__ import annotations
