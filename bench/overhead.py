@@ -289,20 +289,23 @@ def ingestion(cfg: OverheadConfig, redis_client, progress=None) -> list[dict]:
         from router.mirror import RedisMirror
 
         arms.append(("decode + apply + Redis mirror", RedisMirror(client=redis_client, namespace="bench"), False))
-    rows = []
-    for name, mirror, decode_only in arms:
-        secs, trips = [], 0
-        for _ in range(cfg.repeats):
+    secs: dict[str, list[float]] = {name: [] for name, _, _ in arms}
+    trips: dict[str, int] = {}
+    for _ in range(cfg.repeats):  # arms interleave per repetition: load drift hits them alike
+        for name, mirror, decode_only in arms:
             if redis_client is not None:
                 redis_client.flushdb()
             gc.collect()
-            s, trips = _ingest_once(payloads, n_workers=cfg.ingest_workers, mirror=mirror, decode_only=decode_only)
-            secs.append(s)
+            s, trips[name] = _ingest_once(payloads, n_workers=cfg.ingest_workers, mirror=mirror,
+                                          decode_only=decode_only)
+            secs[name].append(s)
             progress.step(f"ingest: {name}")
+    rows = []
+    for name, mirror, _ in arms:
         rows.append({"path": name, "mirror": mirror is not None, "batches": len(payloads), "stored_blocks": stored, "removed_blocks": removed,
-                     "stored_blocks_per_s": spread(stored / s for s in secs),
-                     "all_blocks_per_s": spread((stored + removed) / s for s in secs),
-                     "redis_round_trips_per_batch": trips / len(payloads) if mirror is not None else 0.0})
+                     "stored_blocks_per_s": spread(stored / s for s in secs[name]),
+                     "all_blocks_per_s": spread((stored + removed) / s for s in secs[name]),
+                     "redis_round_trips_per_batch": trips[name] / len(payloads) if mirror is not None else 0.0})
     if redis_client is not None:
         redis_client.flushdb()
     return rows
