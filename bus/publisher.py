@@ -159,8 +159,12 @@ class EventPublisher:
         self.replay_endpoint: str | None = None
         if replay_endpoint is not None:
             # 0.33 sizes the ROUTER's send queue for a whole ring plus the end marker.
-            self._router, self.replay_endpoint = make_router(
-                self._ctx, replay_endpoint, sndhwm=2 * (self.buffer_steps + 1))
+            try:
+                self._router, self.replay_endpoint = make_router(
+                    self._ctx, replay_endpoint, sndhwm=2 * (self.buffer_steps + 1))
+            except zmq.ZMQError:
+                self._close_sockets()
+                raise
         logger.debug("publisher up: %s (replay %s, topic %r, rank %d)",
                      self.endpoint, self.replay_endpoint, self.topic, self.dp_rank)
 

@@ -93,10 +93,18 @@ def attach(sock: zmq.Socket, endpoint: str, *, bind: bool) -> str:
     return last.decode() if isinstance(last, bytes) and last else endpoint
 
 
+def _attached(sock: zmq.Socket, endpoint: str, *, bind: bool) -> tuple[zmq.Socket, str]:
+    try:
+        return sock, attach(sock, endpoint, bind=bind)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+
+
 def make_pub(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM, bind: bool | None = None) -> tuple[zmq.Socket, str]:
     """A PUB socket; ``bind=None`` applies vLLM's rule. Returns (socket, resolved endpoint)."""
     sock = make_socket(ctx, zmq.PUB, hwm=hwm)
-    return sock, attach(sock, endpoint, bind=vllm_binds(endpoint) if bind is None else bind)
+    return _attached(sock, endpoint, bind=vllm_binds(endpoint) if bind is None else bind)
 
 
 def make_sub(ctx: zmq.Context, endpoint: str, *, topic: bytes = b"", bind: bool = False,
@@ -104,13 +112,13 @@ def make_sub(ctx: zmq.Context, endpoint: str, *, topic: bytes = b"", bind: bool 
     """A SUB socket subscribed to the byte prefix ``topic``; connects unless ``bind``."""
     sock = make_socket(ctx, zmq.SUB, hwm=hwm)
     sock.setsockopt(zmq.SUBSCRIBE, topic)
-    return sock, attach(sock, endpoint, bind=bind)
+    return _attached(sock, endpoint, bind=bind)
 
 
 def make_router(ctx: zmq.Context, endpoint: str, *, sndhwm: int | None = None) -> tuple[zmq.Socket, str]:
     """A bound ROUTER (vLLM's replay socket always binds). Returns (socket, resolved endpoint)."""
     sock = make_socket(ctx, zmq.ROUTER, sndhwm=sndhwm)
-    return sock, attach(sock, endpoint, bind=True)
+    return _attached(sock, endpoint, bind=True)
 
 
 def make_dealer(ctx: zmq.Context, endpoint: str, *, hwm: int | None = None) -> zmq.Socket:

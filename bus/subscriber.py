@@ -123,7 +123,15 @@ class EventSubscriber:
         self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         # The monitor must exist before the first connection, or its event is lost.
         self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED)
-        self.endpoint = attach(self._sub, endpoint, bind=bind)
+        try:
+            self.endpoint = attach(self._sub, endpoint, bind=bind)
+        except zmq.ZMQError:  # e.g. a --bind port in use: leave nothing open behind
+            self._sub.disable_monitor()
+            self._monitor.close(linger=0)
+            self._sub.close(linger=0)
+            if self._own_ctx:
+                self._ctx.term()
+            raise
         self._connections = 0
         self._dealer: zmq.Socket | None = None
         self._replay: _Replay | None = None

@@ -92,14 +92,21 @@ def test_dp_rank_offsets_endpoints_like_vllm(endpoint: str, rank: int, expected:
 
 
 def test_dp_rank_publisher_binds_offset_ports_and_fills_its_rank(ctx) -> None:
-    port, replay_port = free_port(), free_port()
-    for p in (port, replay_port):  # the offset ports must be free too
-        assert p + 3 not in (port, replay_port)
     capture = STREAM["meta"]["replay_captures"]["dp_rank_3"]["req_from_0"][0]
     payload = bytes.fromhex(capture[2]["hex"])
     batch = decode_batch(payload)
-    pub = _publisher(ctx, endpoint=f"tcp://127.0.0.1:{port}", replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
-                     topic=TOPIC, dp_rank=3)
+    for _ in range(20):  # base ports are free, but base+3 may be taken: try other bases
+        port, replay_port = free_port(), free_port()
+        if abs(port - replay_port) == 3:
+            continue
+        try:
+            pub = _publisher(ctx, endpoint=f"tcp://127.0.0.1:{port}",
+                             replay_endpoint=f"tcp://127.0.0.1:{replay_port}", topic=TOPIC, dp_rank=3)
+            break
+        except zmq.ZMQError:
+            continue
+    else:
+        pytest.fail("no free port pair at offset 3")
     try:
         assert pub.endpoint == f"tcp://127.0.0.1:{port + 3}"
         assert pub.replay_endpoint == f"tcp://127.0.0.1:{replay_port + 3}"
