@@ -105,7 +105,10 @@ def listen(endpoint: str, bind: bool, replay_endpoint: str | None, topic: str, a
     from cli._events_demo import quiet_subscriber_log
 
     quiet_subscriber_log()
-    sub = EventSubscriber(endpoint=endpoint, replay_endpoint=replay_endpoint, topic=topic, bind=bind)
+    try:
+        sub = EventSubscriber(endpoint=endpoint, replay_endpoint=replay_endpoint, topic=topic, bind=bind)
+    except Exception as exc:  # zmq.ZMQError: bad endpoint, port in use
+        raise click.ClickException(f"cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from None
     printed = 0
     last_batch = time.monotonic()
     seen = {"gaps": 0, "replays": 0}
@@ -167,9 +170,12 @@ def publish(endpoint: str, replay_endpoint: str, topic: str, rate_hz: float, cou
 
     rng = random.Random(seed)
     source = SyntheticKVEvents(rng=random.Random(seed + 1))
-    pub = EventPublisher(endpoint=endpoint, replay_endpoint=replay_endpoint or None, topic=topic,
-                         reply_format="legacy" if legacy else "0.33",
-                         faults=FaultPlan(drop_rate=drop_rate) if drop_rate else None, rng=rng)
+    try:
+        pub = EventPublisher(endpoint=endpoint, replay_endpoint=replay_endpoint or None, topic=topic,
+                             reply_format="legacy" if legacy else "0.33",
+                             faults=FaultPlan(drop_rate=drop_rate) if drop_rate else None, rng=rng)
+    except Exception as exc:  # zmq.ZMQError: bad endpoint, port in use
+        raise click.ClickException(f"cannot open {endpoint} / {replay_endpoint}: {exc}") from None
     click.echo(f"publishing on {pub.endpoint} (replay {pub.replay_endpoint}) at {rate_hz:g}/s; Ctrl-C stops", err=True)
     period_s = 1.0 / rate_hz
     next_at = time.monotonic()

@@ -103,3 +103,8 @@ def test_publish_in_vllm_connect_mode_with_drops_reaches_a_bound_listener_comple
     assert all(line["dp_rank"] == 0 and line["events"] for line in lines)
     assert any(line["replayed"] for line in lines)  # 30 % of the batches never arrived live
     assert "gaps=" in err and "lost=0" in err
+
+
+def test_listen_reports_a_bad_endpoint_as_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["events", "listen", "tcp://no-port", "--timeout", "0.1"])
+    assert result.exit_code == 1 and "cannot connect tcp://no-port" in result.output
