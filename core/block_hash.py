@@ -1,16 +1,27 @@
 """The emulated engine's *external* block hash (what its KV events carry).
 
-A chained hash over (parent digest, block tokens, extra keys) with an engine seed,
-like vLLM's ``hash_block_tokens``: xxh3-128 (vLLM's ``xxhash`` algorithm, 16 bytes) or
-SHA-256 (32 bytes). On the wire it is the low 64 bits (last 8 bytes, big-endian) as an
-unsigned int, as vLLM's default int mode sends, or the raw digest. It deliberately
-differs from kvr's router hash (``core/hashing.py``): the router maps external to
-its own hashes from ``BlockStored`` token ids, as it must for a real vLLM.
+A chained hash over (parent digest, block tokens, extra keys), as vLLM's
+``hash_block_tokens``. Algorithms:
+
+* ``vllm-sha256`` (default): **vLLM 0.33's default, bit for bit**: SHA-256 of the
+  pickled tuple ``(parent_digest, tuple(token_ids), extra_keys)`` (highest pickle
+  protocol), the first parent being ``NONE_HASH = sha256(pickle("vllm-none-hash"))``
+  (vLLM without ``PYTHONHASHSEED``). Pinned by the vectors in
+  ``../shared/fixtures/vllm_kv_events/hash_vectors.json``, so an emulated worker's
+  ``BlockStored`` bytes equal a real vLLM's for the same tokens.
+* ``xxh3_128`` / ``sha256``: seeded hashes over packed bytes (16 / 32-byte digests),
+  for engines that must not collide with vLLM's.
+
+On the wire a digest is the low 64 bits (last 8 bytes, big-endian) as an unsigned int,
+as vLLM's default int mode sends, or the raw digest. Every algorithm differs from kvr's
+router hash (``core/hashing.py``): the router maps external to its own hashes from
+``BlockStored`` token ids, as it must for a real vLLM.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
 import sys
 from array import array
 from collections.abc import Sequence
@@ -23,7 +34,10 @@ from core.events import ExternalBlockHash
 
 #: Default engine hash seed: any value works; it only has to differ from the router's.
 ENGINE_HASH_SEED = 0x76_6C_6C_6D  # "vllm"
-HASH_ALGOS = ("xxh3_128", "sha256")
+HASH_ALGOS = ("vllm-sha256", "xxh3_128", "sha256")
+DEFAULT_HASH_ALGO = "vllm-sha256"
+#: vLLM's NONE_HASH seed when PYTHONHASHSEED is not set (0.33).
+VLLM_NONE_HASH_SEED = "vllm-none-hash"
 
 _extra_encoder = msgspec.msgpack.Encoder()
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
@@ -36,23 +50,33 @@ def _token_bytes(token_ids: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
-class BlockHasher:
-    """The engine's chained block hash (its *external* block hash).
+def _pickle_sha256(obj: Any) -> bytes:
+    # vLLM's ``sha256`` hash function: pickle (highest protocol) then SHA-256. Pickling
+    # bytes, tuples of ints, strings and None is deterministic across CPython 3 releases.
+    return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()
 
-    ``digest_i = H(parent_digest || tokens_i as uint32 LE || msgpack(extra_i))`` with
-    ``parent_0 = H(b"kvr-engine-none-hash")``; ``H`` is seeded xxh3-128 (16 bytes) or
-    SHA-256 over the seed prefix (32 bytes). ``external()`` gives the wire form: the
-    low 64 bits (last 8 bytes, big-endian), as vLLM's int mode, or the digest itself.
+
+class BlockHasher:
+    """The engine's chained block hash (its *external* block hash); see the module docstring.
+
+    For ``xxh3_128`` / ``sha256``: ``digest_i = H(parent_digest || tokens_i as uint32 LE
+    || msgpack(extra_i))`` with ``parent_0 = H(b"kvr-engine-none-hash")``, ``H`` seeded
+    by ``seed``. ``vllm-sha256`` ignores ``seed`` and uses ``none_hash_seed`` as vLLM
+    uses ``PYTHONHASHSEED``. ``external()`` gives the wire form.
     """
 
-    def __init__(self, *, seed: int = ENGINE_HASH_SEED, algo: str = "xxh3_128", int_hashes: bool = True) -> None:
+    def __init__(self, *, seed: int = ENGINE_HASH_SEED, algo: str = DEFAULT_HASH_ALGO, int_hashes: bool = True,
+                 none_hash_seed: str = VLLM_NONE_HASH_SEED) -> None:
         if algo not in HASH_ALGOS:
             raise ValueError(f"unknown hash algo {algo!r}; choose one of {HASH_ALGOS}")
         self.seed = seed
         self.algo = algo
         self.int_hashes = int_hashes
         self._seed_bytes = seed.to_bytes(8, "little", signed=False)
-        self.none_hash = self._digest(b"kvr-engine-none-hash")
+        if algo == "vllm-sha256":
+            self.none_hash = _pickle_sha256(none_hash_seed)
+        else:
+            self.none_hash = self._digest(b"kvr-engine-none-hash")
 
     def _digest(self, data: bytes) -> bytes:
         if self.algo == "xxh3_128":
@@ -60,7 +84,13 @@ class BlockHasher:
         return hashlib.sha256(self._seed_bytes + data).digest()
 
     def hash_block(self, parent: bytes | None, token_ids: Sequence[int], extra: Any = None) -> bytes:
-        """Digest of one full block given its parent's digest (``None`` = first block)."""
+        """Digest of one full block given its parent's digest (``None`` = first block).
+
+        ``extra`` is vLLM's tuple of tagged extra keys (``("lora", name, path)``,
+        ``("cache_salt", salt)``) or ``None``.
+        """
+        if self.algo == "vllm-sha256":
+            return _pickle_sha256((parent or self.none_hash, tuple(token_ids), extra))
         data = (parent or self.none_hash) + _token_bytes(token_ids)
         if extra is not None:
             data += _extra_encoder.encode(extra)

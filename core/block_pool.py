@@ -156,20 +156,21 @@ class BlockPool:
             seq.block_extras.append(wire_extra)
 
     @staticmethod
-    def _extra_keys(seq: KVSequence, block_idx: int) -> tuple[list[list[str]] | None, list[str] | None]:
+    def _extra_keys(seq: KVSequence, block_idx: int) -> tuple[tuple[tuple[str, ...], ...] | None, list[str] | None]:
         """(tagged keys folded into the hash, untagged per-block keys on the wire).
 
-        As vLLM: the LoRA name applies to every block, the cache salt to block 0 only.
+        As vLLM 0.33: ``("lora", name, path)`` on every block (the emulator has no adapter
+        files: the path is the name), ``("cache_salt", salt)`` on block 0 only.
         """
-        tagged: list[list[str]] = []
+        tagged: list[tuple[str, ...]] = []
         wire: list[str] = []
         if seq.lora_name is not None:
-            tagged.append(["lora", seq.lora_name])
+            tagged.append(("lora", seq.lora_name, seq.lora_name))
             wire.append(seq.lora_name)
         if seq.cache_salt is not None and block_idx == 0:
-            tagged.append(["cache_salt", seq.cache_salt])
+            tagged.append(("cache_salt", seq.cache_salt))
             wire.append(seq.cache_salt)
-        return (tagged or None), (wire or None)
+        return (tuple(tagged) or None), (wire or None)
 
     def get_computed_blocks(self, seq: KVSequence) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of full blocks, never covering the last prompt token.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -11,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bus.vllm_codec import encode_batch
 from core.block_pool import BlockHasher, BlockPool, KVSequence
-from core.events import AllBlocksCleared, BlockRemoved, BlockStored
+from core.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from core.hashing import block_hashes as kvr_block_hashes
 
 BS = 4
@@ -220,23 +222,50 @@ def test_external_hash_is_the_low_64_bits_of_the_digest_and_not_kvrs_router_hash
     pool = pool_of(6)
     seq = pool.new_sequence("a", list(range(16)))
     digests = seq.block_hashes
-    assert all(len(d) == 16 for d in digests)
+    assert all(len(d) == 32 for d in digests)  # vLLM's sha256 by default
     ext_hashes = [pool.hasher.external(d) for d in digests]
-    assert ext_hashes == [int.from_bytes(d[8:], "big") for d in digests]
+    assert ext_hashes == [int.from_bytes(d[-8:], "big") for d in digests]
     assert set(ext_hashes).isdisjoint(kvr_block_hashes(list(range(16)), block_size=BS))
     # Chained: the same block after a different parent hashes differently.
     other = pool.new_sequence("b", [99, 98, 97, 96] + list(range(4, 16)))
     assert other.block_hashes[1] != digests[1]
 
 
+def test_default_hash_is_vllm_033s_own(fixtures_dir) -> None:
+    vectors = json.loads((fixtures_dir / "hash_vectors.json").read_text())
+    hasher = BlockHasher()
+    assert hasher.none_hash.hex() == vectors["none_hash_sha256_pickle"]
+    pool = BlockPool(num_blocks=8, block_size=16)
+    seq = pool.new_sequence("v", [t for b in vectors["blocks"] for t in b["token_ids"]])
+    assert [d.hex() for d in seq.block_hashes] == [b["sha256_pickle_hex"] for b in vectors["blocks"]]
+    assert [pool.hasher.external(d) for d in seq.block_hashes] == [b["sha256_pickle_int64"] for b in vectors["blocks"]]
+
+
+@pytest.mark.parametrize(("fixture", "chunks"), [("01_stored_one_block", [17]), ("03_stored_multi_block", [49]),
+                                                 ("02_stored_chain_3", [16, 16, 17])])
+def test_stored_event_payload_is_byte_identical_to_vllm_033(fixtures_dir, fixture, chunks) -> None:
+    # The fixture prompt's blocks, prefilled in the given chunks (+1 token so every block fills).
+    meta = json.loads((fixtures_dir / f"{fixture}.json").read_text())
+    vectors = json.loads((fixtures_dir / "hash_vectors.json").read_text())
+    tokens = [t for b in vectors["blocks"] for t in b["token_ids"]][: sum(chunks) - 1] + [7]
+    pool = BlockPool(num_blocks=8, block_size=16)
+    seq = pool.new_sequence("v", tokens)
+    for n in chunks:
+        pool.allocate_slots(seq, n)
+        seq.num_computed_tokens += n
+    batch = KVEventBatch(meta["ts"], pool.drain_events(), meta["data_parallel_rank"])
+    assert encode_batch(batch) == (fixtures_dir / f"{fixture}.bin").read_bytes()
+
+
 def test_bytes_mode_and_sha256_digests() -> None:
-    raw = BlockHasher(int_hashes=False)
+    raw = BlockHasher(algo="xxh3_128", int_hashes=False)
     d = raw.hash_block(None, [1, 2, 3, 4])
     assert raw.external(d) == d and len(d) == 16
     sha = BlockHasher(algo="sha256")
     d32 = sha.hash_block(None, [1, 2, 3, 4])
     assert len(d32) == 32 and sha.external(d32) == int.from_bytes(d32[-8:], "big")
-    assert BlockHasher(seed=1).hash_block(None, [1, 2, 3, 4]) != BlockHasher(seed=2).hash_block(None, [1, 2, 3, 4])
+    assert BlockHasher(seed=1, algo="xxh3_128").hash_block(None, [1, 2, 3, 4]) != BlockHasher(
+        seed=2, algo="xxh3_128").hash_block(None, [1, 2, 3, 4])
     with pytest.raises(ValueError):
         BlockHasher(algo="md5")
 
