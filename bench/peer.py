@@ -3,7 +3,9 @@
 Every arm gets a fresh fleet of ``workers`` emulated workers (``kvr worker``, vLLM's HTTP API,
 ``speedup``; the same seeds, so the same engines) and one router in front of it:
 
-* ``kvr``: ``kvr router`` with its OpenAI HTTP front; the workers on its ZMQ link (their KV
+* ``kvr`` (or ``kvr:<policy>``, another of kvr's policies in the same router, e.g. ``kvr:sglang``,
+  kvr's own implementation of SGLang's rule on the exact index: it separates the router from the
+  policy): ``kvr router`` with its OpenAI HTTP front; the workers on its ZMQ link (their KV
   events feed its index);
 * ``sglang:<policy>``: ``python -m sglang_router.launch_router`` (PyPI ``sglang-router``,
   loopback-only flags from ``docs/peer-routers.md``) over the workers' HTTP API (``--router
@@ -181,13 +183,13 @@ def _sglang_workers_ready(url: str, n: int) -> bool:
     return len(healthy) >= n
 
 
-def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int) -> list[dict]:
+def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str = "kvr") -> list[dict]:
     from bench.live import cluster_config
     from bus.redis_server import free_loopback_port
     from monitor.cluster import LocalCluster
 
     port = free_loopback_port()
-    ccfg = cluster_config(workers=cfg.workers, policy="kvr", speedup=cfg.speedup, run_dir=run_dir,
+    ccfg = cluster_config(workers=cfg.workers, policy=policy, speedup=cfg.speedup, run_dir=run_dir,
                           namespace=run_dir.name, seed=seed,
                           router_args=["--http-port", str(port), "--http-host", "127.0.0.1"])
     url = f"http://127.0.0.1:{port}"
@@ -242,8 +244,8 @@ def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> S
             workload = text_workload(cfg, seed)
             for arm in cfg.arms:
                 run_dir = root / f"{arm.replace(':', '-').replace('_', '-')}-{rep}"
-                if arm == "kvr":
-                    results = run_kvr_arm(cfg, workload, run_dir, seed)
+                if arm == "kvr" or arm.startswith("kvr:"):
+                    results = run_kvr_arm(cfg, workload, run_dir, seed, arm.partition(":")[2] or "kvr")
                 elif arm.startswith("sglang:"):
                     results = run_sglang_arm(cfg, arm.split(":", 1)[1], workload, run_dir, seed)
                 else:
