@@ -176,7 +176,7 @@ def test_dynamo_softmax_sampling():
 
 def test_kvr_prefers_cache_until_queue_outweighs_it():
     lat = LinearPrefillModel(base_s=0.010, per_token_s=0.001)
-    p = KvrPolicy(block_size=BS, latency=lat)
+    p = KvrPolicy(block_size=BS, latency=lat, miss_weight=0)  # pure predicted TTFT
     rnd = random.Random(0)
     r = req(PROMPT)  # 160 tokens; at most 9 blocks (144 tokens) can hit
     d = p.choose(r, [ws(0, overlap=10), ws(1)], now=0, rng=rnd)
@@ -194,7 +194,7 @@ def test_kvr_prefers_cache_until_queue_outweighs_it():
 
 def test_kvr_discounts_overlap_by_confidence():
     lat = LinearPrefillModel(base_s=0.0, per_token_s=0.001)
-    p = KvrPolicy(block_size=BS, latency=lat)
+    p = KvrPolicy(block_size=BS, latency=lat, miss_weight=0)
     r = req(PROMPT)
     d = p.choose(r, [ws(0, overlap=8, conf=Confidence.RESYNCING), ws(1, overlap=5)], now=0, rng=random.Random(0))
     assert d.target == T[1] and d.scores[T[0]] == pytest.approx(160 - 64)
@@ -216,3 +216,17 @@ def test_kvr_load_bound_spills_a_hot_prefix_and_ties_prefer_fewer_in_flight():
     picks = {p.choose(r, [ws(0, in_flight=2), ws(1, in_flight=1), ws(2, in_flight=1)], now=0, rng=random.Random(s)).target
              for s in range(30)}
     assert picks == {T[1], T[2]}
+
+
+def test_kvr_miss_weight_charges_uncached_prefill_again():
+    lat = LinearPrefillModel(base_s=0.0, per_token_s=0.001)
+    r = req(PROMPT)  # 160 tokens
+    cands = [ws(0, overlap=9, queued_prefill_tokens=300), ws(1)]
+    greedy = KvrPolicy(block_size=BS, latency=lat, miss_weight=0).choose(r, cands, now=0, rng=random.Random(0))
+    # TTFT: w0 = 300 + 16 ms, w1 = 160 ms: greedy TTFT leaves the cache.
+    assert greedy.target == T[1] and greedy.scores == {T[0]: pytest.approx(316), T[1]: pytest.approx(160)}
+    sticky = KvrPolicy(block_size=BS, latency=lat, miss_weight=10).choose(r, cands, now=0, rng=random.Random(0))
+    # Score: w0 = 316 + 10 × 16 = 476, w1 = 160 + 10 × 160 = 1760.
+    assert sticky.target == T[0] and sticky.scores == {T[0]: pytest.approx(476), T[1]: pytest.approx(1760)}
+    assert "predicted TTFT 316.000 ms" in sticky.reason
+    assert KvrPolicy().miss_weight == 10.0
