@@ -455,6 +455,10 @@ class EventSubscriber:
         if seq_frame == _END_SEQ:
             self._end_replay(replay)
             return
+        if not topic.startswith(self._topic):
+            # Replay ignores SUB filters; keep the stream what the subscription lets through.
+            logger.debug("%s: ignoring replayed batch of topic %r", self.name, topic)
+            return
         seq = int.from_bytes(seq_frame, "big")
         if not replay.seen_first:
             replay.seen_first = True

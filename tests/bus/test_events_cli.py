@@ -108,3 +108,14 @@ def test_publish_in_vllm_connect_mode_with_drops_reaches_a_bound_listener_comple
 def test_listen_reports_a_bad_endpoint_as_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["events", "listen", "tcp://no-port", "--timeout", "0.1"])
     assert result.exit_code == 1 and "cannot connect tcp://no-port" in result.output
+
+
+def test_topic_is_a_prefix_filter_for_live_and_replayed_batches(publisher) -> None:
+    publisher.publish(EVENTS[2], 1.0)
+    runner = CliRunner()
+    other = runner.invoke(main, ["events", "listen", publisher.endpoint, "--replay-endpoint", publisher.replay_endpoint,
+                                 "--topic", "kv@pod-b", "--json", "--count", "1", "--timeout", "1"])
+    assert other.exit_code == 1 and other.stdout == ""
+    mine = runner.invoke(main, ["events", "listen", publisher.endpoint, "--replay-endpoint", publisher.replay_endpoint,
+                                "--topic", "kv@pod-a", "--json", "--count", "1", "--timeout", "5"])
+    assert mine.exit_code == 0 and json.loads(mine.stdout)["topic"] == "kv@pod-a@m"
