@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 @click.option("--max-num-batched-tokens", default=None, type=int, help="Override the profile's token budget per step.")
 @click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(1),
               help="Tokens per streamed chunk after the first (vLLM's --stream-interval); more = fewer messages.")
+@click.option("--hash-algo", default=None, type=click.Choice(["vllm-sha256", "vllm-sha256-cbor", "xxh3_128", "sha256"]),
+              help="Engine block hash: vLLM's sha256 (default) or sha256_cbor (its --prefix-caching-hash-algo), or a seeded one.")
 @click.option("--lora-modules", default=None, help="Comma-separated LoRA adapter names served over HTTP (model = adapter).")
 @click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching (no hits, no events).")
 @click.option("--http-port", default=None, type=int, help="Serve vLLM's OpenAI-compatible HTTP API on this port (0 = pick).")

@@ -9,6 +9,8 @@ A chained hash over (parent digest, block tokens, extra keys), as vLLM's
   (vLLM without ``PYTHONHASHSEED``). Pinned by the vectors in
   ``../shared/fixtures/vllm_kv_events/hash_vectors.json``, so an emulated worker's
   ``BlockStored`` bytes equal a real vLLM's for the same tokens.
+* ``vllm-sha256-cbor``: vLLM's ``--prefix-caching-hash-algo sha256_cbor`` (canonical
+  CBOR instead of pickle, the form other languages can recompute), same vectors file.
 * ``xxh3_128`` / ``sha256``: seeded hashes over packed bytes (16 / 32-byte digests),
   for engines that must not collide with vLLM's.
 
@@ -34,7 +36,7 @@ from core.events import ExternalBlockHash
 
 #: Default engine hash seed: any value works; it only has to differ from the router's.
 ENGINE_HASH_SEED = 0x76_6C_6C_6D  # "vllm"
-HASH_ALGOS = ("vllm-sha256", "xxh3_128", "sha256")
+HASH_ALGOS = ("vllm-sha256", "vllm-sha256-cbor", "xxh3_128", "sha256")
 DEFAULT_HASH_ALGO = "vllm-sha256"
 #: vLLM's NONE_HASH seed when PYTHONHASHSEED is not set (0.33).
 VLLM_NONE_HASH_SEED = "vllm-none-hash"
@@ -56,6 +58,38 @@ def _pickle_sha256(obj: Any) -> bytes:
     return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()
 
 
+def _cbor_head(major: int, n: int) -> bytes:
+    if n < 24:
+        return bytes([major << 5 | n])
+    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | info]) + n.to_bytes(size, "big")
+    raise ValueError("integer too large for CBOR")
+
+
+def _cbor(obj: Any) -> bytes:
+    """Canonical CBOR (RFC 8949 §4.2.1) of the types a block-hash input holds."""
+    if obj is None:
+        return b"\xf6"
+    if isinstance(obj, bool):
+        return b"\xf5" if obj else b"\xf4"
+    if isinstance(obj, int):
+        return _cbor_head(0, obj) if obj >= 0 else _cbor_head(1, -1 - obj)
+    if isinstance(obj, bytes):
+        return _cbor_head(2, len(obj)) + obj
+    if isinstance(obj, str):
+        raw = obj.encode("utf-8")
+        return _cbor_head(3, len(raw)) + raw
+    if isinstance(obj, (tuple, list)):
+        return _cbor_head(4, len(obj)) + b"".join(_cbor(x) for x in obj)
+    raise TypeError(f"cannot CBOR-encode {type(obj).__name__}")
+
+
+def _cbor_sha256(obj: Any) -> bytes:
+    # vLLM's ``sha256_cbor``: canonical CBOR then SHA-256.
+    return hashlib.sha256(_cbor(obj)).digest()
+
+
 class BlockHasher:
     """The engine's chained block hash (its *external* block hash); see the module docstring.
 
@@ -73,8 +107,9 @@ class BlockHasher:
         self.algo = algo
         self.int_hashes = int_hashes
         self._seed_bytes = seed.to_bytes(8, "little", signed=False)
-        if algo == "vllm-sha256":
-            self.none_hash = _pickle_sha256(none_hash_seed)
+        self._vllm_hash = {"vllm-sha256": _pickle_sha256, "vllm-sha256-cbor": _cbor_sha256}.get(algo)
+        if self._vllm_hash is not None:
+            self.none_hash = self._vllm_hash(none_hash_seed)
         else:
             self.none_hash = self._digest(b"kvr-engine-none-hash")
 
@@ -89,8 +124,8 @@ class BlockHasher:
         ``extra`` is vLLM's tuple of tagged extra keys (``("lora", name, path)``,
         ``("cache_salt", salt)``) or ``None``.
         """
-        if self.algo == "vllm-sha256":
-            return _pickle_sha256((parent or self.none_hash, tuple(token_ids), extra))
+        if self._vllm_hash is not None:
+            return self._vllm_hash((parent or self.none_hash, tuple(token_ids), extra))
         data = (parent or self.none_hash) + _token_bytes(token_ids)
         if extra is not None:
             data += _extra_encoder.encode(extra)

@@ -45,6 +45,7 @@ class WorkerOptions:
     fault_delay_ms: float = 50.0
     lora_modules: str | None = None  # comma-separated adapter names
     stream_interval: int = 1
+    hash_algo: str | None = None  # None: vLLM's default sha256 (core/block_hash.py)
     restart_publisher_every: float = 0.0
     clear_cache_every: float = 0.0
 
@@ -67,6 +68,8 @@ class WorkerOptions:
                 overrides["block_size"] = self.block_size
                 # Same KV memory in bigger or smaller blocks (vLLM sizes the pool from memory).
                 overrides.setdefault("num_gpu_blocks", prof.num_gpu_blocks * prof.block_size // self.block_size)
+        if self.hash_algo is not None:
+            overrides["hash_algo"] = self.hash_algo
         if self.no_prefix_caching:
             overrides["enable_prefix_caching"] = False
         replay = None if self.replay_endpoint in (None, "", "none") else self.replay_endpoint

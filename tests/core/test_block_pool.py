@@ -231,14 +231,25 @@ def test_external_hash_is_the_low_64_bits_of_the_digest_and_not_kvrs_router_hash
     assert other.block_hashes[1] != digests[1]
 
 
-def test_default_hash_is_vllm_033s_own(fixtures_dir) -> None:
+@pytest.mark.parametrize(("algo", "key"), [("vllm-sha256", "sha256_pickle"), ("vllm-sha256-cbor", "sha256_cbor")])
+def test_vllm_hash_algorithms_match_vllm_033s_vectors(fixtures_dir, algo, key) -> None:
     vectors = json.loads((fixtures_dir / "hash_vectors.json").read_text())
-    hasher = BlockHasher()
-    assert hasher.none_hash.hex() == vectors["none_hash_sha256_pickle"]
-    pool = BlockPool(num_blocks=8, block_size=16)
+    hasher = BlockHasher(algo=algo)
+    assert hasher.none_hash.hex() == vectors[f"none_hash_{key}"]
+    pool = BlockPool(num_blocks=8, block_size=16, hash_fn=hasher)
     seq = pool.new_sequence("v", [t for b in vectors["blocks"] for t in b["token_ids"]])
-    assert [d.hex() for d in seq.block_hashes] == [b["sha256_pickle_hex"] for b in vectors["blocks"]]
-    assert [pool.hasher.external(d) for d in seq.block_hashes] == [b["sha256_pickle_int64"] for b in vectors["blocks"]]
+    assert [d.hex() for d in seq.block_hashes] == [b[f"{key}_hex"] for b in vectors["blocks"]]
+    assert [pool.hasher.external(d) for d in seq.block_hashes] == [b[f"{key}_int64"] for b in vectors["blocks"]]
+    assert BlockPool(num_blocks=2, block_size=16).hasher.algo == "vllm-sha256"  # the default
+
+
+def test_cbor_hash_covers_extra_keys_and_rejects_odd_types() -> None:
+    h = BlockHasher(algo="vllm-sha256-cbor")
+    plain = h.hash_block(None, [1, 2])
+    assert h.hash_block(None, [1, 2], (("lora", "a", "a"),)) != plain != h.hash_block(None, [1, 2], (("cache_salt", "s"),))
+    assert h.hash_block(None, [1, 2**40]) != h.hash_block(None, [1, 2**40 + 1])
+    with pytest.raises(TypeError):
+        h.hash_block(None, [1], ({"a": 1},))
 
 
 @pytest.mark.parametrize(("fixture", "chunks"), [("01_stored_one_block", [17]), ("03_stored_multi_block", [49]),
