@@ -60,6 +60,7 @@ class InFlight:
     dispatched_at: float
     pending_prefill_tokens: int  # 0 once the first token arrived
     first_token_at: float | None = None
+    hashes: list[int] = field(default_factory=list, repr=False)  # the prompt's own block hashes
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,8 @@ class _TargetState:
     kv_usage: float = 0.0
     requests: dict[str, InFlight] = field(default_factory=dict)
     pending_prefill_tokens: int = 0
-    active_blocks: int = 0
+    active_blocks: int = 0  # distinct block hashes of the requests in flight
+    active_hashes: dict = field(default_factory=dict)  # own hash -> in-flight requests using it
     cached_load: WorkerLoad | None = None  # rebuilt only after a change
 
 
@@ -205,7 +207,7 @@ class RouterCore:
             decision = self.policy.choose(route_request, candidates, now=now, rng=self.rng)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %s", request.request_id, decision.explain())
-        rec = self._dispatch(request, decision, overlap.get(decision.target, 0), len(hashes), now)
+        rec = self._dispatch(request, decision, overlap.get(decision.target, 0), hashes, now)
         if self.tentative_window_s > 0 and hashes:
             self.index.add_tentative(decision.target, hashes, now + self.tentative_window_s)
         return RouteResult(decision, rec, hashes)
@@ -236,19 +238,23 @@ class RouterCore:
                 candidates[i] = new(WorkerState, (k, n, b[2], b[3], b[4]))
         return candidates
 
-    def _dispatch(self, request: RoutingInput, decision: Decision, overlap_blocks: int, n_blocks: int,
+    def _dispatch(self, request: RoutingInput, decision: Decision, overlap_blocks: int, hashes: list[int],
                   now: float) -> InFlight:
         prompt = len(request.token_ids)
         usable = min(overlap_blocks, max(prompt - 1, 0) // self.block_size)
         predicted = usable * self.block_size
-        rec = InFlight(request.request_id, decision.target, prompt, n_blocks, overlap_blocks, predicted, now,
-                       prompt - predicted)
+        rec = InFlight(request.request_id, decision.target, prompt, len(hashes), overlap_blocks, predicted, now,
+                       prompt - predicted, hashes=hashes)
         state = self._targets[decision.target]
         state.cached_load = None
         self._dirty.add(decision.target)
         state.requests[rec.request_id] = rec
         state.pending_prefill_tokens += rec.pending_prefill_tokens
-        state.active_blocks += rec.prompt_blocks
+        active = state.active_hashes
+        for h in hashes:
+            n = active.get(h)
+            active[h] = 1 if n is None else n + 1
+        state.active_blocks = len(active)
         self._requests[rec.request_id] = rec
         self.routed_total += 1
         self.predicted_cached_tokens_total += predicted
@@ -284,7 +290,14 @@ class RouterCore:
             self._dirty.add(rec.target)
             state.requests.pop(request_id, None)
             state.pending_prefill_tokens -= rec.pending_prefill_tokens
-            state.active_blocks -= rec.prompt_blocks
+            active = state.active_hashes
+            for h in rec.hashes:
+                n = active.get(h, 0)
+                if n <= 1:
+                    active.pop(h, None)
+                else:
+                    active[h] = n - 1
+            state.active_blocks = len(active)
         return rec
 
     def expire(self, now: float) -> None:

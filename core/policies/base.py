@@ -60,7 +60,7 @@ class WorkerLoad(NamedTuple):
     """A target's load: the engine's last heartbeat merged with the router's own accounting.
 
     ``in_flight`` and ``active_blocks`` are this router's (requests dispatched and not finished,
-    and their prompt blocks); ``queued_prefill_tokens`` is the larger of the engine's report
+    and the distinct prompt blocks they use, shared prefixes counted once, as Dynamo does); ``queued_prefill_tokens`` is the larger of the engine's report
     and the router's not-yet-started prefill work, so a second router's load still shows.
     (A NamedTuple, as ``WorkerState``: one is built per candidate per request, and tuples
     build several times faster than frozen dataclasses.)

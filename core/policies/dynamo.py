@@ -6,9 +6,11 @@ Per target (``docs/anchors.md`` §1a, ``lib/kv-router/src/scheduling/selector/de
     credit       = overlap_score_credit × overlap_blocks × decay
     decay        = 1 / (1 + credit_decay × (active_prefill − min active_prefill) / block_size / request_blocks)
     cost         = prefill_load_scale × max(raw_prefill − credit, 0) + decode_blocks
-    decode_blocks = active_blocks + request_blocks
+    decode_blocks = active_blocks + new_blocks
 
-``request_blocks`` is the prompt length in blocks (fractional, ISL / block_size). Temperature 0
+``request_blocks`` is the prompt length in blocks (fractional, ISL / block_size); ``active_blocks``
+the distinct blocks of the requests in flight on the target, and ``new_blocks`` the request's blocks
+not among them (Dynamo's ``potential_blocks``), taken as the blocks beyond the target's overlap. Temperature 0
 picks the minimum cost, ties uniformly at random; T > 0 min-max normalises the costs to [0, 1] and
 samples with p ∝ exp(−c / T). Defaults: credit 1.0, decay 0 (off), prefill scale 1, T 0.
 
@@ -70,7 +72,8 @@ class DynamoPolicy:
             excess = (w.load.queued_prefill_tokens - min_active_prefill_tokens) / bs
             decay = 1.0 / (1.0 + self.credit_decay * excess / request_blocks)
         credit = self.overlap_score_credit * w.overlap_blocks * decay
-        return self.prefill_load_scale * max(raw_prefill - credit, 0.0) + w.load.active_blocks + request_blocks
+        new_blocks = max(len(request.block_hashes) - w.overlap_blocks, 0)
+        return self.prefill_load_scale * max(raw_prefill - credit, 0.0) + w.load.active_blocks + new_blocks
 
     def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
         floor = min(w.load.queued_prefill_tokens for w in candidates)

@@ -154,13 +154,14 @@ def test_dynamo_cost_formula():
     p = DynamoPolicy(block_size=BS)
     r = req(PROMPT)  # 10 blocks
     w = ws(0, overlap=4, queued_prefill_tokens=32, active_blocks=7)
-    assert p.cost(r, w, 0) == pytest.approx(max(2 + 10 - 4, 0) + 7 + 10)
-    assert p.cost(r, ws(0, overlap=30), 0) == pytest.approx(0 + 0 + 10)  # prefill cost floors at 0
+    # prefill max(2 + 10 - 4, 0) + decode (7 active + 6 new blocks)
+    assert p.cost(r, w, 0) == pytest.approx(8 + 7 + 6)
+    assert p.cost(r, ws(0, overlap=30), 0) == pytest.approx(0 + 0 + 0)  # prefill floors at 0, nothing new
     decayed = DynamoPolicy(block_size=BS, credit_decay=1.0)
     # excess = (32 - 0)/16 = 2 blocks; normalised 2/10; decay 1/1.2; credit 4/1.2
-    assert decayed.cost(r, w, 0) == pytest.approx(12 - 4 / 1.2 + 17)
+    assert decayed.cost(r, w, 0) == pytest.approx(12 - 4 / 1.2 + 13)
     d = p.choose(r, [w, ws(1, overlap=0)], now=0, rng=random.Random(0))
-    assert d.target == T[1] and d.scores == {T[0]: pytest.approx(25.0), T[1]: pytest.approx(20.0)}
+    assert d.target == T[1] and d.scores == {T[0]: pytest.approx(21.0), T[1]: pytest.approx(20.0)}
 
 
 def test_dynamo_softmax_sampling():

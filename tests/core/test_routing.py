@@ -42,6 +42,9 @@ def test_routes_to_the_worker_holding_the_prefix_and_accounts_load():
     assert res.block_hashes == block_hashes(prompt, block_size=BS)
     load = core.load(W[2])
     assert (load.in_flight, load.queued_prefill_tokens, load.active_blocks) == (1, 20, 6)
+    core.route(RoutingInput("r0", prompt[:48]), now=1.0, exclude=[W[0], W[1]])  # its 3 blocks are r1's too
+    assert core.load(W[2]).active_blocks == 6  # distinct blocks: a shared prefix counts once
+    core.on_finish("r0")
     core.update_load(W[2], running=1, waiting=3, queued_prefill_tokens=500, kv_usage=0.5)
     assert core.load(W[2]).queued_prefill_tokens == 500  # the engine knows of more work (another router)
     core.update_load(W[2], queued_prefill_tokens=0)
