@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import click
+
+logger = logging.getLogger(__name__)
 
 
 @click.command("bench-engine")

@@ -23,6 +23,7 @@ router hash (``core/hashing.py``): the router maps external to its own hashes fr
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 import sys
 from array import array
@@ -33,6 +34,8 @@ import msgspec
 import xxhash
 
 from core.events import ExternalBlockHash
+
+logger = logging.getLogger(__name__)
 
 #: Default engine hash seed: any value works; it only has to differ from the router's.
 ENGINE_HASH_SEED = 0x76_6C_6C_6D  # "vllm"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core.block_hash import DEFAULT_HASH_ALGO, ENGINE_HASH_SEED
 from core.latency import LatencyModel, SimpleLatencyModel
 from core.profiles import Profile
+
+logger = logging.getLogger(__name__)
 
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"

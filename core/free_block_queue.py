@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+
+logger = logging.getLogger(__name__)
 
 
 class KVCacheBlock:

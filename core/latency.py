@@ -29,8 +29,11 @@ All times are seconds. The models are pure and cheap (a few float operations).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable

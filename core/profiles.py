@@ -13,10 +13,13 @@ marketing size (A100-40GB: 39.39 GiB).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from core.latency import LatencyModel, SimpleLatencyModel, StepLatencyModel, kv_read_per_token_s
+
+logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -29,10 +29,13 @@ multi-turn chats hit the cache as they do on a real server.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
 
 # GPT-2-style pre-tokenizer: letters, digits (<= 3), punctuation runs, whitespace.
 _PIECE = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")

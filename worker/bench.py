@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from core.block_pool import BlockPool
 from core.engine import EmulatedEngine, EngineRequest
 from core.profiles import get_profile
+
+logger = logging.getLogger(__name__)
 
 
 def bench_engine(*, profile: str = "a100-80gb-8b", batch: int = 1, prompt_tokens: int = 512,

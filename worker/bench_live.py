@@ -10,6 +10,7 @@ each a stall over 50 ms after which the engine fell behind real time).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -22,6 +23,8 @@ from typing import Any
 from bus.client import RouterClient
 from bus.schema import GenerateRequest
 from bus.sockets import free_tcp_endpoint
+
+logger = logging.getLogger(__name__)
 
 _LATE = re.compile(r"lag mean ([0-9.]+) ms max ([0-9.]+) ms, (\d+) resyncs")
 

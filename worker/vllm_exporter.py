@@ -9,7 +9,10 @@ vLLM's buckets for TTFT and request latency.
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
