@@ -24,8 +24,9 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from core.hashing import ROOT_PARENT_HASH, block_hashes
+from core.hashing import ROOT_PARENT_HASH, block_hashes, hash_block
 from sim.workload import SimRequest, Workload
 
 logger = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ class TraceWorkload(Workload):
         self.block_size = block_size
         self.name = name
         self._t0_ms = self.rows[0].timestamp_ms if self.rows else 0.0
-        # (parent kvr hash, trace id) -> kvr hashes of the id's blocks
-        self._memo: dict[tuple[int, int], list[int]] = {}
+        # (parent kvr hash, trace id) -> kvr hashes of the id's blocks (one int when compressed)
+        self._memo: dict[tuple[int, int], Any] = {}
 
     def num_roots(self) -> int:
         return len(self.rows)
@@ -117,6 +118,8 @@ class TraceWorkload(Workload):
 
     def expand(self, row: TraceRow, *, want_tokens: bool = True) -> tuple[list[int], list[int]]:
         """Token ids (empty unless ``want_tokens``) and kvr block hashes (full blocks) of one row."""
+        if self.mapping == "compressed":
+            return self._expand_compressed(row, want_tokens)
         n_tokens = self.prompt_tokens(row)
         tokens: list[int] = []
         hashes: list[int] = []
@@ -138,6 +141,23 @@ class TraceWorkload(Workload):
             if full < len(hs):
                 break  # a partial id ends the prompt
             parent = hs[-1]
+        return tokens, hashes
+
+    def _expand_compressed(self, row: TraceRow, want_tokens: bool) -> tuple[list[int], list[int]]:
+        # One id is one block: the memo holds a single hash per (parent, id).
+        bs = self.block_size
+        ids = row.hash_ids
+        tokens = [t for k in ids for t in range(k * bs, (k + 1) * bs)] if want_tokens else []
+        memo = self._memo
+        hashes: list[int] = []
+        parent = ROOT_PARENT_HASH
+        for k in ids:
+            key = (parent, k)
+            h = memo.get(key)
+            if h is None:
+                h = memo[key] = hash_block(parent, range(k * bs, (k + 1) * bs))
+            hashes.append(h)
+            parent = h
         return tokens, hashes
 
     def block_hash_stream(self):
