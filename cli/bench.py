@@ -221,4 +221,9 @@ from cli._bench_suites import SUITE_COMMANDS  # noqa: E402
 for _command in SUITE_COMMANDS:
     bench.add_command(_command)
 
+# The emulated engine's suite (cli/bench_engine.py): engine tokens/s, block-pool ops/s, --live processes.
+from cli.bench_engine import bench_engine_cmd  # noqa: E402
+
+bench.add_command(bench_engine_cmd, name="engine")
+
 COMMANDS = [bench]

@@ -1,4 +1,7 @@
-"""``kvr bench-engine``: emulated engine and block-pool speed (``worker/bench.py``)."""
+"""``kvr bench engine``: emulated engine and block-pool speed (``worker/bench.py``).
+
+Registered under the ``kvr bench`` group by ``cli/bench.py``; not a top-level command.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import click
 logger = logging.getLogger(__name__)
 
 
-@click.command("bench-engine")
+@click.command("engine")
 @click.option("--profile", default="a100-80gb-8b", show_default=True, help="Engine profile.")
 @click.option("--batches", default="1,32,256", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--prompt-tokens", default=512, show_default=True, type=int)
@@ -64,4 +67,4 @@ def bench_engine_cmd(profile: str, batches: str, prompt_tokens: int, output_toke
                f"{pool['evictions']} evictions)")
 
 
-COMMANDS = [bench_engine_cmd]
+COMMANDS: list = []  # lives under `kvr bench` (cli/bench.py)

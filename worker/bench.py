@@ -1,4 +1,4 @@
-"""Engine and block-pool speed (``kvr bench-engine``): how much wall CPU emulation costs.
+"""Engine and block-pool speed (``kvr bench engine``): how much wall CPU emulation costs.
 
 * **engine**: ``batch`` requests of ``prompt_tokens`` (distinct prompts) and ``output_tokens``
   each, run to completion on the pure engine as fast as the CPU allows (no clock).

@@ -1,4 +1,4 @@
-"""Live worker cost (``kvr bench-engine --live``): real router and worker processes on loopback.
+"""Live worker cost (``kvr bench engine --live``): real router and worker processes on loopback.
 
 A closed loop keeps ``concurrency`` requests in flight through ``kvr router`` to ``workers``
 emulated workers for ``duration_s`` seconds (prompts: one of 8 shared 1,024-token prefixes
