@@ -393,11 +393,12 @@ def run(cfg: OverheadConfig, *, command: str = "kvr bench overhead", progress=No
         mem = memory(cfg, client)
         result.tables["memory"] = [mem]
         progress.step("memory")
-        routing_trips = {"path": "routing (RouterCore.route)", "redis_round_trips_per_request": 0.0,
+        routing_trips = {"path": "routing a request (RouterCore.route)", "round_trips": 0.0, "per": "request",
                          "why": "RouterCore holds no Redis handle; the service writes Redis only per event "
-                                "batch, worker hello/heartbeat/goodbye"}
+                                "batch and on worker hello/heartbeat/goodbye"}
         result.tables["redis round trips"] = [routing_trips] + [
-            {"path": r["path"], "redis_round_trips_per_batch": r["redis_round_trips_per_batch"]}
+            {"path": f"ingesting an event batch ({r['path']})", "round_trips": r["redis_round_trips_per_batch"],
+             "per": "event batch", "why": "one pipeline per batch (router/ingest.py)"}
             for r in result.tables["ingestion"] if r["mirror"]]
         if cfg.echo:
             from bench.echo import EchoConfig, router_vs_echo
