@@ -52,3 +52,20 @@ def test_usage_errors():
     assert res.exit_code != 0 and "unknown" in res.output
     res = CliRunner().invoke(main, ["sim", "--workload", "nope"])
     assert res.exit_code != 0 and "unknown workload" in res.output
+
+
+def test_same_bytes_across_processes_with_different_hash_seeds():
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from cli.main import main; main(sys.argv[1:])"
+    args = ["sim", "--workload", "multiturn", "-p", "num_clients=6", "-p", "num_rounds=2", "-p", "request_length=64",
+            "--workers", "2", "--profile", "h100-8b", "--num-gpu-blocks", "40", "--rate", "4", "--policy", "kvr,random", "--json", "--no-progress"]
+    outs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout)
+    assert outs[0] == outs[1] and json.loads(outs[0])["policies"]["kvr"]["requests"] == 12
