@@ -86,6 +86,7 @@ class _Progress:
 @click.option("--concurrency", type=int, default=None, help="Cap on requests in flight (closed loop when no rate).")
 @click.option("--event-delay-ms", type=float, default=0.0, show_default=True, help="KV events reach the router this late.")
 @click.option("--heartbeat-ms", type=float, default=1000.0, show_default=True, help="Load heartbeat interval (0: always fresh).")
+@click.option("--tentative-s", type=float, default=None, help="Predict-on-route window of the router (default: the router's).")
 @click.option("--network-ms", type=float, default=0.0, show_default=True, help="One-way router<->worker latency.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -94,7 +95,7 @@ class _Progress:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--list-workloads", is_flag=True, help="List workloads and their parameters, then exit.")
 def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, trace_limit, params, policy_arg, workers,
-                profile, num_gpu_blocks, max_model_len, rate, rate_sweep, burstiness, speedup, concurrency, event_delay_ms, heartbeat_ms, network_ms,
+                profile, num_gpu_blocks, max_model_len, rate, rate_sweep, burstiness, speedup, concurrency, event_delay_ms, heartbeat_ms, tentative_s, network_ms,
                 seed, as_json, out_path, plots_dir, no_progress, list_workloads, **gsp):
     """Compare routing policies on a workload or trace with the live engine and router cores."""
     import random
@@ -133,6 +134,8 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
         config.engine_overrides["num_gpu_blocks"] = num_gpu_blocks
     if max_model_len is not None:
         config.engine_overrides["max_model_len"] = max_model_len
+    if tentative_s is not None:
+        config.router_options["tentative_window_s"] = tentative_s
     block_size = PROFILES[names[0]].block_size
 
     if trace_path is not None:

@@ -131,3 +131,15 @@ def _rounded(x):
     if isinstance(x, dict):
         return {k: _rounded(v) for k, v in x.items()}
     return x
+
+
+def test_one_profile_per_worker():
+    cfg = ClusterConfig(num_workers=2, profile=["h100-8b", "a100-80gb-8b"], engine_overrides={"max_model_len": 4096})
+    wl = make_workload("gsp", random.Random(0), GSP_SMALL)
+    cluster = SimCluster(workload=wl, arrivals=Poisson(rate_per_s=5.0), policy="round_robin", config=cfg, seed=0)
+    assert [e.config.num_gpu_blocks for e in cluster.engines] == [28063, 28044]
+    assert [e.config.max_num_seqs for e in cluster.engines] == [1024, 256]
+    res = cluster.run()
+    assert res.requests == 48 and res.unfinished == 0
+    with pytest.raises(ValueError, match="one per worker"):
+        ClusterConfig(num_workers=3, profile=["h100-8b", "h100-8b"]).profiles()
