@@ -75,7 +75,6 @@ class _InFlight:
     req: SimRequest
     worker: int
     arrival_s: float
-    hashes: list[int]
     predicted_cached_tokens: int
     first_token_s: float | None = None
     output: list[int] | None = None
@@ -146,7 +145,6 @@ class SimCluster:
         self._bound_stream: list[tuple[list[int], int]] = []
         self._roots_done = 0
         self._dispatched = 0
-        self._finished = 0
         self.rejected = 0
         self._want_outputs = type(workload).follow_ups is not Workload.follow_ups
         # Decode fast path: an engine may run several decode steps at once up to the
@@ -232,7 +230,7 @@ class SimCluster:
         self._bound_stream.append((hashes, len(req.token_ids)))
         w = self._target_index[res.decision.target]
         predicted = res.in_flight.predicted_cached_tokens
-        self._inflight[req.request_id] = _InFlight(req, w, now, hashes, predicted, output=[] if self._want_outputs else None)
+        self._inflight[req.request_id] = _InFlight(req, w, now, predicted, output=[] if self._want_outputs else None)
         self._dispatched += 1
         t_add = now + self.config.network_latency_s
         self.q.schedule(t_add, "engine_add", req.request_id)
@@ -243,7 +241,6 @@ class SimCluster:
         rid, stats, _ = payload
         now = self.q.now
         fl = self._inflight.pop(rid)
-        self._finished += 1
         self.fold.add_request(
             RequestRecord(
                 request_id=rid,
