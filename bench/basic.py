@@ -70,7 +70,8 @@ def run(cfg: BasicConfig, *, command: str = "kvr bench basic", progress=None) ->
                                         timeout_s=cfg.run_timeout_s, id_prefix=f"{ns}-")
                 m = request_metrics(out.results, warmup=cfg.warmup)
                 m.update(timed_out=out.timed_out, wall_s=out.wall_s,
-                         router_cpu_ms_per_request=(out.router_cpu_s or 0.0) * 1e3 / max(1, out.sent))
+                         router_cpu_ms_per_request=(out.router_cpu_s or 0.0) * 1e3 / max(1, out.sent),
+                         redis_commands_per_request=(out.redis_commands or 0) / max(1, out.sent))
                 per_policy[policy].append(m)
                 progress.step(f"{policy} rep {rep + 1}: hit {m['hit_rate']:.2f}, TTFT p99 {m['ttft_p99_ms']:.0f} ms")
                 settle(0.5)
@@ -80,7 +81,7 @@ def run(cfg: BasicConfig, *, command: str = "kvr bench basic", progress=None) ->
     rows = []
     for policy, runs in per_policy.items():
         row = {"policy": policy, "runs": len(runs), "requests": runs[0]["requests"] if runs else 0}
-        for k in (*METRICS, "router_cpu_ms_per_request", "timed_out"):
+        for k in (*METRICS, "router_cpu_ms_per_request", "redis_commands_per_request", "timed_out"):
             row[k] = spread(r[k] for r in runs)
         rows.append(row)
     result.tables["policies"] = rows
@@ -113,6 +114,7 @@ def display_tables(result: SuiteResult) -> dict[str, list[dict]]:
                      "TTFT hit ms": fmt_spread(r["ttft_hit_mean_ms"]), "TTFT miss ms": fmt_spread(r["ttft_miss_mean_ms"]),
                      "req/s": fmt_spread(r["throughput_rps"], 2), "p99 vs RR": f"{r.get('ttft_p99_vs_round_robin', 0):.2f}",
                      "router CPU ms/req": fmt_spread(r["router_cpu_ms_per_request"], 2),
+                     "Redis cmds/req": fmt_spread(r["redis_commands_per_request"], 1),
                      "errors": fmt_spread(r["errors"], 0)})
     return {"policies": rows, "runs": [{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()}
                                        for r in result.tables["runs"]]}

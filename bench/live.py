@@ -49,6 +49,7 @@ class DriveOutcome:
     timed_out: int
     wall_s: float
     router_cpu_s: float | None = None
+    redis_commands: int | None = None  # commands Redis processed during the drive (all clients)
 
 
 def proc_cpu_s(pid: int) -> float | None:
@@ -68,14 +69,31 @@ def drive_cluster(cluster, spec: WorkloadSpec, seed: int, *, speedup: float, tim
 
     wl, arrivals = spec.build(seed)
     pid = cluster.supervisor.pid("router")
+    cmd0 = redis_commands(cluster.redis_url)
     cpu0 = proc_cpu_s(pid)
     with RouterClient(endpoint=cluster.client_endpoint) as client:
         res = drive_workload(client, wl, arrivals, speedup=speedup, timeout_s=timeout_s, id_prefix=id_prefix,
                              max_in_flight=max_in_flight, should_stop=lambda: bool(cluster.supervisor.failed()))
     cpu1 = proc_cpu_s(pid)
+    cmd1 = redis_commands(cluster.redis_url)
     cluster.check()
     cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-    return DriveOutcome(res.results, res.sent, res.timed_out, res.wall_s, cpu)
+    # Two INFO calls of ours are in the difference: take them out.
+    cmds = None if cmd0 is None or cmd1 is None else cmd1 - cmd0 - 2
+    return DriveOutcome(res.results, res.sent, res.timed_out, res.wall_s, cpu, cmds)
+
+
+def redis_commands(url: str) -> int | None:
+    """``total_commands_processed`` of a Redis (None if unreachable)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2.0)
+    try:
+        return int(client.info("stats")["total_commands_processed"])
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return None
+    finally:
+        client.close()
 
 
 def request_metrics(results: list, *, warmup: int = 0) -> dict:

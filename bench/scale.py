@@ -89,6 +89,7 @@ def run(cfg: ScaleConfig, *, command: str = "kvr bench scale", progress=None) ->
                                  "ttft_p50_ms": m["ttft_p50_ms"], "ttft_p99_ms": m["ttft_p99_ms"],
                                  "hit_rate": m["hit_rate"], "load_cv": m["load_cv"],
                                  "router_cpu_ms_per_request": cpu * 1e3 / max(1, out.sent),
+                                 "redis_commands_per_request": (out.redis_commands or 0) / max(1, out.sent),
                                  "router_cpu_share": cpu / out.wall_s if out.wall_s else 0.0,
                                  "workers_cpu_share": (w1 - w0) / wall if wall else 0.0, "wall_s": out.wall_s})
                     progress.step(f"{n} workers, {rate:g} req/s: TTFT p99 {m['ttft_p99_ms']:.0f} ms")

@@ -23,6 +23,7 @@ def test_basic_suite_runs_a_policy_on_a_live_cluster(tmp_path) -> None:
     # 8 requests sent, the first 2 (warm-up) left out, every one answered, prefixes shared.
     assert (run_["requests"], run_["completed"], run_["errors"], run_["timed_out"]) == (6, 6, 0, 0)
     assert 0.3 < run_["hit_rate"] <= 1.0
+    assert run_["redis_commands_per_request"] > 0  # event batches and heartbeats write Redis
     assert rows["kvr"]["ttft_p99_vs_round_robin"] == 1.0  # no round_robin arm: the first row is the baseline
     paths = write_result(result, tmp_path, plot=plot, display=display_tables(result))
     assert sorted(p.name for p in paths) == ["basic.json", "basic.md", "basic.png"]
