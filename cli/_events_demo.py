@@ -28,7 +28,8 @@ _SETTLE_S = 3.0
 def quiet_subscriber_log() -> None:
     """The command reports gaps and resets itself; the subscriber's log would say it twice."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("bus.subscriber").setLevel(logging.ERROR)
+        for name in ("bus.subscriber", "bus.event_stream"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _batch_text(item: AppliedBatch) -> str:
