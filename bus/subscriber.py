@@ -18,7 +18,11 @@ How the stream is kept whole:
 * **Reset**: a live seq below the expected one whose bytes differ from what was
   applied under that seq (or too old to know) means a new publisher instance.
   A reconnection of the SUB (socket monitor) triggers an anchor check too, so a
-  restarted publisher is noticed even when its seq has not gone backwards yet.
+  restarted publisher is noticed even when its seq has not gone backwards yet
+  (batches buffered before it are dropped: the replay brings them back if the
+  instance is the same). If that check cannot be made (replay unreachable), the
+  stream is treated as reset: forgetting a worker's blocks costs hits, keeping a
+  dead instance's would send requests to blocks that are gone.
 * **Slow joiner**: on start, when a replay endpoint is known, the stream is
   replayed from 0 (or from ``expected_seq``), so batches sent before the
   subscription reached the publisher are not missed.
