@@ -10,7 +10,10 @@ Every arm gets a fresh fleet of ``workers`` emulated workers (``kvr worker``, vL
 * ``sglang:<policy>``: ``python -m sglang_router.launch_router`` (PyPI ``sglang-router``,
   loopback-only flags from ``docs/peer-routers.md``) over the workers' HTTP API (``--router
   none``: no kvr router anywhere). The workers do not advertise a model or tokenizer path, so the
-  peer never reaches out to the network.
+  peer never reaches out to the network;
+* ``vllm:<policy>``: ``vllm-router`` (PyPI ``vllm-router``) the same way; its ``cache_aware`` asks
+  every worker for the prompt's token ids (``/v1/completions/render``, then ``/tokenize``) per
+  request, as it would with stock vLLM, and that cost is part of its TTFT.
 
 The request sequence is a shared-prefix text workload (``groups`` system prompts of
 ``system_words`` words, ``prompts_per_group`` questions each, shuffled), sent open-loop at
@@ -202,24 +205,33 @@ def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str
         return drive_http(url, workload, cfg)
 
 
-def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> list[dict]:
+def _http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
+    """Start ``cfg.workers`` emulated workers serving only vLLM's HTTP API (no kvr router); their URLs."""
     from bus.redis_server import free_loopback_port
     from monitor.cluster import kvr_argv
+    from monitor.supervisor import ComponentSpec
+
+    urls = []
+    for i in range(cfg.workers):
+        port = free_loopback_port()
+        url = f"http://127.0.0.1:{port}"
+        urls.append(url)
+        sup.start(ComponentSpec(f"worker-{i}", "worker", kvr_argv(
+            "worker", "--id", f"worker-{i}", "--router", "none", "--http-port", str(port), "--http-host",
+            "127.0.0.1", "--speedup", f"{cfg.speedup:g}", "--seed", str(seed), "--replay-endpoint", "none",
+            log_level="WARNING"), ready=lambda u=url: _http_ok(f"{u}/health")))
+    for i in range(cfg.workers):
+        sup.wait_ready(f"worker-{i}", timeout_s=cfg.ready_timeout_s)
+    return urls
+
+
+def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> list[dict]:
+    from bus.redis_server import free_loopback_port
     from monitor.supervisor import ComponentSpec, Supervisor
 
     sup = Supervisor(log_dir=run_dir / "logs")
     try:
-        urls = []
-        for i in range(cfg.workers):
-            port = free_loopback_port()
-            url = f"http://127.0.0.1:{port}"
-            urls.append(url)
-            sup.start(ComponentSpec(f"worker-{i}", "worker", kvr_argv(
-                "worker", "--id", f"worker-{i}", "--router", "none", "--http-port", str(port), "--http-host",
-                "127.0.0.1", "--speedup", f"{cfg.speedup:g}", "--seed", str(seed), "--replay-endpoint", "none",
-                log_level="WARNING"), ready=lambda u=url: _http_ok(f"{u}/health")))
-        for i in range(cfg.workers):
-            sup.wait_ready(f"worker-{i}", timeout_s=cfg.ready_timeout_s)
+        urls = _http_fleet(sup, cfg, seed)
         port, prom = free_loopback_port(), free_loopback_port()
         url = f"http://127.0.0.1:{port}"
         sup.start(ComponentSpec("sglang-router", "router", [
@@ -228,6 +240,29 @@ def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: 
             str(prom), "--worker-startup-check-interval", "1", "--log-level", "warn"],
             ready=lambda: _sglang_workers_ready(url, cfg.workers)))
         sup.wait_ready("sglang-router", timeout_s=cfg.ready_timeout_s)
+        return drive_http(url, workload, cfg)
+    finally:
+        sup.stop()
+
+
+def run_vllm_router_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> list[dict]:
+    """vllm-router (PyPI ``vllm-router``): its cache_aware fetches token ids from every worker's /tokenize."""
+    import shutil
+
+    from bus.redis_server import free_loopback_port
+    from monitor.supervisor import ComponentSpec, Supervisor
+
+    binary = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
+    sup = Supervisor(log_dir=run_dir / "logs")
+    try:
+        urls = _http_fleet(sup, cfg, seed)
+        port, prom = free_loopback_port(), free_loopback_port()
+        url = f"http://127.0.0.1:{port}"
+        sup.start(ComponentSpec("vllm-router", "router", [
+            binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls, "--policy", policy,
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom), "--log-level", "warning"],
+            ready=lambda: _http_ok(f"{url}/health") and _http_ok(f"{url}/v1/models")))
+        sup.wait_ready("vllm-router", timeout_s=cfg.ready_timeout_s)
         return drive_http(url, workload, cfg)
     finally:
         sup.stop()
@@ -248,6 +283,8 @@ def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> S
                     results = run_kvr_arm(cfg, workload, run_dir, seed, arm.partition(":")[2] or "kvr")
                 elif arm.startswith("sglang:"):
                     results = run_sglang_arm(cfg, arm.split(":", 1)[1], workload, run_dir, seed)
+                elif arm.startswith("vllm:"):
+                    results = run_vllm_router_arm(cfg, arm.split(":", 1)[1], workload, run_dir, seed)
                 else:
                     raise ValueError(f"unknown arm {arm!r}")
                 m = http_metrics(results, cfg.warmup)

@@ -111,7 +111,7 @@ def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, ra
 @click.command("peer")
 @_with_common
 @click.option("--arm", "arms", multiple=True,
-              help="Arms: kvr, kvr:<policy>, sglang:cache_aware, sglang:round_robin, ... (repeatable; "
+              help="Arms: kvr, kvr:<policy>, sglang:<policy>, vllm:<policy> (vllm-router) (repeatable; "
                    "default kvr and both sglang arms).")
 @click.option("--workers", type=click.IntRange(1, 16), default=4, show_default=True)
 @click.option("--speedup", type=float, default=10.0, show_default=True, help="Emulated engine speed-up.")
