@@ -9,7 +9,8 @@ import pytest
 from bench.basic import BasicConfig, display_tables, plot, run
 from bench.results import write_result
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")]
 
 
 def test_basic_suite_runs_a_policy_on_a_live_cluster(tmp_path) -> None:

@@ -45,6 +45,7 @@ def test_percentile_is_nearest_rank_and_spread_summarises() -> None:
     assert spread([1.0, 4.0])["median"] == 2.5
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_overhead_suite_runs_end_to_end_with_tiny_parameters(tmp_path) -> None:
     cfg = OverheadConfig(workers=(2, 4), index_blocks=(400, 1200), requests=40, repeats=2, ingest_workers=2,
@@ -72,6 +73,7 @@ def test_overhead_suite_runs_end_to_end_with_tiny_parameters(tmp_path) -> None:
     assert "## decision latency" in (tmp_path / "overhead.md").read_text()
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_router_vs_raw_echo_measures_three_arms_through_real_processes() -> None:
     from bench.echo import EchoConfig, router_vs_echo

@@ -29,6 +29,7 @@ def test_http_metrics_drop_the_warmup_and_count_errors() -> None:
     assert m["ttft_p50_ms"] == pytest.approx(30.0) and m["ttft_p99_ms"] == pytest.approx(40.0)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_kvr_arm_answers_every_request_over_http(tmp_path) -> None:
     cfg = PeerConfig.quick()

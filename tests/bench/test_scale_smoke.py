@@ -17,6 +17,7 @@ def test_load_points_size_the_workload_from_rate_and_duration() -> None:
     assert _spec(cfg, 0.1).params["num_groups"] == 1
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_scale_suite_measures_a_load_point(tmp_path) -> None:
     cfg = ScaleConfig.quick()

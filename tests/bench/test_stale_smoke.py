@@ -24,6 +24,7 @@ def test_analyse_finds_recovery_from_divergence_and_hit_rate_windows() -> None:
     assert out["hit_recovered_s"] == pytest.approx(2.5)  # first 1 s window free of misses ends at 102.5
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_clear_fault_run_reports_recovery(tmp_path) -> None:
     cfg = StaleConfig.quick()
@@ -36,6 +37,7 @@ def test_clear_fault_run_reports_recovery(tmp_path) -> None:
     assert row["divergence_timeline"] and row["hit_timeline"]
 
 
+@pytest.mark.integration
 def test_worker_serves_its_cached_blocks_and_takes_faults(tmp_path) -> None:
     from worker.runner import WorkerOptions, WorkerRunner
 
