@@ -97,40 +97,46 @@ class KvrPolicy:
         return max(self.load_factor * mean, mean + self.min_slack)
 
     def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
-        bound = self.load_bound(candidates)
-        # Candidates alike in (overlap, confidence, queue) share one prediction: a large, mostly
-        # idle fleet costs a handful of latency-model calls, not one per worker.
+        # One pass over the fleet (tuple indexing: this loop is the cost of a 512-worker decision).
+        # Candidates alike in (overlap, confidence, queue) share one prediction, so a large, mostly
+        # idle fleet costs a handful of latency-model calls. The load bound needs the fleet's total,
+        # so the best candidate is found first and checked against the bound afterwards.
         memo: dict[tuple, tuple[float, float, int, float]] = {}
-        predictions = []
-        best_key = None
+        scores: dict[WorkerKey, float] = {}
+        total = 0
+        best_s = best_if = None
         tied: list[int] = []
-        over: list[int] = []
         for i, w in enumerate(candidates):
-            load = w.load
-            key = (w.overlap_blocks, w.confidence, load.queued_prefill_tokens)
+            load = w[2]
+            in_flight = load[0]
+            total += in_flight
+            key = (w[1], w[3], load[3])  # overlap, confidence, queued prefill tokens
             p = memo.get(key)
             if p is None:
                 p = memo[key] = self.predict(request, w)
-            predictions.append(p)
-            if load.in_flight + 1 > bound:
-                over.append(i)
-                continue
-            k = (p[3], load.in_flight)
-            if best_key is None or k < best_key:
-                best_key, tied = k, [i]
-            elif k == best_key:
+            score = p[3]
+            scores[w[0]] = score * 1e3
+            if best_s is None or score < best_s or (score == best_s and in_flight < best_if):
+                best_s, best_if, tied = score, in_flight, [i]
+            elif score == best_s and in_flight == best_if:
                 tied.append(i)
-        if not tied:  # cannot happen (someone is at or below the mean); stay safe
-            over = []
-            tied = [min(range(len(candidates)), key=lambda i: (predictions[i][3], candidates[i].load.in_flight))]
+        mean = (total + 1) / len(candidates)
+        bound = max(self.load_factor * mean, mean + self.min_slack)
+        over: list[int] = []
+        if best_if + 1 > bound:  # the best is over the bound: the best of the others instead
+            over = [i for i, w in enumerate(candidates) if w[2][0] + 1 > bound]
+            excluded = set(over)
+            allowed = [i for i in range(len(candidates)) if i not in excluded] or list(range(len(candidates)))
+            keyed = [(scores[candidates[i][0]], candidates[i][2][0], i) for i in allowed]
+            best = min(k[:2] for k in keyed)
+            tied = [i for s_, f_, i in keyed if (s_, f_) == best]
         pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
         chosen = candidates[pick]
-        ttft_s, queue_s, cached, _ = predictions[pick]
+        ttft_s, queue_s, cached, _ = memo[(chosen[1], chosen[3], chosen[2][3])]
         reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
                   f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, {chosen.confidence.value})")
         if over:
             reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
-        scores = {w.target: p[3] * 1e3 for w, p in zip(candidates, predictions)}
         unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
 
