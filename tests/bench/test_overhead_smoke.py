@@ -85,3 +85,17 @@ def test_router_vs_raw_echo_measures_three_arms_through_real_processes() -> None
     assert kvr["rtt_p50_us"]["median"] > 0 and kvr["rtt_p99_us"]["median"] >= kvr["rtt_p50_us"]["median"]
     assert kvr["ratio_p50"]["median"] == pytest.approx(kvr["rtt_p50_us"]["median"] / relay["rtt_p50_us"]["median"])
     assert kvr["middle_cpu_us_per_request"]["n"] == 1
+
+
+def test_every_suite_is_a_kvr_bench_command() -> None:
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    out = CliRunner().invoke(main, ["bench", "--help"])
+    assert out.exit_code == 0
+    listed = {line.split()[0] for line in out.output.split("Commands:")[1].splitlines() if line.strip()}
+    assert {"overhead", "basic", "scale", "stale", "peer"} <= listed
+    for suite in ("overhead", "basic", "scale", "stale", "peer"):
+        help_ = CliRunner().invoke(main, ["bench", suite, "--help"])
+        assert help_.exit_code == 0 and "--json" in help_.output and "--out" in help_.output
