@@ -42,6 +42,7 @@ from pathlib import Path
 from bench.live import settle
 from bench.progress import NullProgress
 from bench.results import Goal, SuiteResult, fmt_spread, percentile, spread
+from bench.sse_client import HTTPStreamError, post_sse
 
 logger = logging.getLogger(__name__)
 
@@ -95,25 +96,16 @@ def text_workload(cfg: PeerConfig, seed: int) -> list[tuple[float, str]]:
 # ---------------------------------------------------------------------------- the client
 
 
-async def _one(session, url: str, prompt: str, max_tokens: int, timeout_s: float) -> dict:
-    import aiohttp
-
+async def _one(url: str, prompt: str, max_tokens: int, timeout_s: float) -> dict:
     body = {"model": "kvr-emulated", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     out = {"sent_s": t0, "ttft_s": None, "e2e_s": None, "prompt_tokens": 0, "cached_tokens": 0, "error": None}
     try:
-        async with session.post(f"{url}/v1/completions", json=body,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            if resp.status != 200:
-                out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return out
-            async for line in resp.content:
-                if not line.startswith(b"data:"):
-                    continue
+        async with asyncio.timeout(timeout_s):
+            async for data in post_sse(f"{url}/v1/completions", body):
                 if out["ttft_s"] is None:
                     out["ttft_s"] = time.perf_counter() - t0
-                data = line[5:].strip()
                 if data == b"[DONE]":
                     break
                 msg = json.loads(data)
@@ -124,24 +116,21 @@ async def _one(session, url: str, prompt: str, max_tokens: int, timeout_s: float
                 if "error" in msg:
                     out["error"] = str(msg["error"])[:200]
         out["e2e_s"] = time.perf_counter() - t0
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (HTTPStreamError, OSError, TimeoutError, ValueError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 
 async def _drive(url: str, workload: list[tuple[float, str]], cfg: PeerConfig) -> list[dict]:
-    import aiohttp
-
-    # force_close: a new connection per request (see the module docstring).
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0)) as session:
-        t0 = time.perf_counter()
-        tasks = []
-        for at, prompt in workload:
-            delay = t0 + at / cfg.speedup - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(_one(session, url, prompt, cfg.max_tokens, cfg.request_timeout_s)))
-        return list(await asyncio.gather(*tasks))
+    # A new connection per request (see the module docstring): post_sse never reuses one.
+    t0 = time.perf_counter()
+    tasks = []
+    for at, prompt in workload:
+        delay = t0 + at / cfg.speedup - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(_one(url, prompt, cfg.max_tokens, cfg.request_timeout_s)))
+    return list(await asyncio.gather(*tasks))
 
 
 def drive_http(url: str, workload: list[tuple[float, str]], cfg: PeerConfig) -> list[dict]:
