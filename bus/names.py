@@ -17,7 +17,11 @@ are readable with ``redis-cli``::
     kvr:{ns}:target:{wid}:{rank}:blocks    HASH   field = external block hash (decimal uint64),
                                                   value = kvr block hash (decimal uint64): the prefix-index
                                                   mirror; HLEN = blocks the target holds
-    kvr:{ns}:routers                       HASH   router id → last seen (s), for `kvr inspect`
+    kvr:{ns}:routers                       HASH   router id → last seen (wall s), refreshed every second
+    kvr:{ns}:generation                    STRING a random token set (NX) by the first router to see
+                                                  this Redis data set; a router that finds it missing
+                                                  or changed knows Redis restarted empty or was
+                                                  flushed, and rewrites its whole mirror
 
 A router warm-starts by reading every ``target:*:blocks`` and ``:stream`` (the
 snapshot), then applies only event batches newer than the stored ``seq`` of the
@@ -91,6 +95,10 @@ def parse_target_key(namespace: str, key: str | bytes) -> tuple[str, int]:
 
 def routers_key(namespace: str) -> str:
     return f"{_base(namespace)}:routers"
+
+
+def generation_key(namespace: str) -> str:
+    return f"{_base(namespace)}:generation"
 
 
 def kv_event_topic(worker_id: str, model: str) -> str:

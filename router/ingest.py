@@ -203,6 +203,11 @@ class EventIngest:
         if replaced:
             self._reindex()
 
+    def mark_mirror_lost(self) -> None:
+        """Redis lost what was mirrored (restart, flush): rewrite every target on the next tick."""
+        for stream in self.streams.values():
+            stream.mirror_dirty = True
+
     def next_deadline_s(self) -> float | None:
         deadlines = [d for st in self.streams.values() if (d := st.subscriber.next_deadline_s()) is not None]
         return min(deadlines) if deadlines else None

@@ -247,5 +247,26 @@ class RedisMirror:
         return {names.parse_target_key(ns, k): n for k, n in zip(keys, counts)}
 
     @_wrap
+    def router_heartbeat(self, router_id: str, *, now_s: float, token: str) -> str:
+        """Record this router as alive and return the generation of the Redis data set.
+
+        ``token`` must be new on every call (a router re-setting its own old token after a
+        restart would miss the change). The generation is a token stored once per data set (``SET NX``): the first router to
+        write it wins and every router reads the same value back. It disappears when Redis
+        restarts without persistence or is flushed, so a router seeing a *different* value
+        than last time knows everything it mirrored is gone and must be rewritten, even though
+        no write ever failed (redis-py reconnects silently).
+        """
+        ns = self.namespace
+        key = names.generation_key(ns)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.set(key, token, nx=True)
+        pipe.get(key)
+        pipe.hset(names.routers_key(ns), router_id, now_s)
+        _, generation, _ = pipe.execute()
+        self.round_trips += 1
+        return generation.decode() if isinstance(generation, bytes) else str(generation)
+
+    @_wrap
     def ping(self) -> bool:
         return bool(self._r.ping())

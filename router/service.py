@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class RouterConfig:
     max_retries: int = 2
     tentative_window_s: float = 5.0
     stats_interval_s: float = 1.0
+    mirror_check_s: float = 1.0  # how often the router checks Redis is there and still holds its mirror
     housekeeping_s: float = 0.02  # liveness, heartbeats, timeouts, replay retries: at most this often
     router_id: str = "router"
     limits: AdmissionLimits = field(default_factory=AdmissionLimits)
@@ -147,6 +149,9 @@ class RouterService:
         self._by_client: dict[tuple[bytes, str], str] = {}
         self._ids = itertools.count(1)
         self._next_stats_s = clock() + config.stats_interval_s
+        self._next_mirror_check_s = clock()
+        self._mirror_generation: str | None = None  # Redis data set last seen (RedisMirror.router_heartbeat)
+        self._mirror_down = False
         self._next_housekeeping_s = clock()
         self._stopped = False
         #: A snapshot for other threads (the HTTP front): replaced, never mutated.
@@ -227,6 +232,9 @@ class RouterService:
             self._finish(p, ErrorReply(p.request.request_id, ErrorCode.TIMEOUT,
                                        f"no result within {self.config.request_timeout_s} s", _wid(p.target)))
         self.core.expire(now)
+        if self.mirror is not None and now >= self._next_mirror_check_s:
+            self._next_mirror_check_s = now + self.config.mirror_check_s
+            self._check_mirror()
         if now >= self._next_stats_s:
             self._next_stats_s = now + self.config.stats_interval_s
             self._publish_samples()
@@ -451,6 +459,37 @@ class RouterService:
         except MirrorUnavailable as exc:
             self.counters["mirror_failures"] += 1
             logger.debug("redis write failed: %s", exc)
+
+    def _check_mirror(self) -> None:
+        """Notice Redis going away, coming back, or coming back empty; resync the mirror then.
+
+        Writes during an outage fail and mark their target dirty (``EventIngest``), but a Redis
+        that restarted *between* two writes loses everything silently: redis-py reconnects and
+        the next write succeeds into an empty data set. The generation token catches that. On
+        any such transition the registry and every target are rewritten from memory; routing
+        never waited on Redis in the meantime.
+        """
+        try:
+            generation = self.mirror.router_heartbeat(self.config.router_id, now_s=self._wall(),
+                                                      token=uuid.uuid4().hex)
+        except MirrorUnavailable as exc:
+            self.counters["mirror_failures"] += 1
+            if not self._mirror_down:
+                logger.warning("Redis unavailable (%s): routing from memory, mirror resync when it is back", exc)
+            self._mirror_down = True
+            return
+        lost = self._mirror_generation is not None and generation != self._mirror_generation
+        if lost or self._mirror_down:
+            why = "came back empty (restarted or flushed)" if lost else "is back"
+            logger.warning("Redis %s: rewriting the registry and %d targets from memory", why, len(self.ingest.streams))
+            self.counters["mirror_resyncs"] += 1
+            self.ingest.mark_mirror_lost()
+            ttl_s = self.config.heartbeat.timeout_s
+            for worker in self.workers.values():
+                self._mirror_call(lambda w=worker: self.mirror.register_worker(w.hello, now_s=self._wall(), ttl_s=ttl_s))
+            self.ingest.tick()  # the rewrite itself (dirty targets); one that fails stays dirty
+        self._mirror_generation = generation
+        self._mirror_down = False
 
     def _publish_request(self, p: _Pending, terminal: Completion | ErrorReply) -> None:
         if self._metrics is None:

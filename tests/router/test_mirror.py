@@ -81,3 +81,18 @@ def test_namespace_is_validated() -> None:
     with pytest.raises(ValueError):
         names.workers_key("a:b")
     assert names.parse_target_key("ns", "kvr:ns:target:w:x:3:blocks") == ("w:x", 3)
+
+
+def test_generation_is_shared_by_routers_and_changes_when_the_data_set_is_lost(fake_redis) -> None:
+    a = RedisMirror(client=fake_redis, namespace="g")
+    b = RedisMirror(client=fake_redis, namespace="g")
+    first = a.router_heartbeat("r-a", now_s=10.0, token="tok-1")
+    assert first == "tok-1"
+    # Another router (or a later check) offers another token: the stored one wins.
+    assert b.router_heartbeat("r-b", now_s=11.0, token="tok-2") == "tok-1"
+    assert a.router_heartbeat("r-a", now_s=12.0, token="tok-3") == "tok-1"
+    assert {k.decode(): float(v) for k, v in fake_redis.hgetall(names.routers_key("g")).items()} == {
+        "r-a": 12.0, "r-b": 11.0}
+    fake_redis.flushall()  # what a restart without persistence looks like to a client
+    assert b.router_heartbeat("r-b", now_s=13.0, token="tok-4") == "tok-4"
+    assert a.router_heartbeat("r-a", now_s=14.0, token="tok-5") == "tok-4"
