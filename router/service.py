@@ -458,6 +458,7 @@ class RouterService:
             write()
         except MirrorUnavailable as exc:
             self.counters["mirror_failures"] += 1
+            self._mirror_down = True  # the next successful check rewrites what this write missed
             logger.debug("redis write failed: %s", exc)
 
     def _check_mirror(self) -> None:
@@ -479,7 +480,9 @@ class RouterService:
             self._mirror_down = True
             return
         lost = self._mirror_generation is not None and generation != self._mirror_generation
-        if lost or self._mirror_down:
+        was_down, self._mirror_down = self._mirror_down, False
+        self._mirror_generation = generation
+        if lost or was_down:
             why = "came back empty (restarted or flushed)" if lost else "is back"
             logger.warning("Redis %s: rewriting the registry and %d targets from memory", why, len(self.ingest.streams))
             self.counters["mirror_resyncs"] += 1
@@ -488,8 +491,6 @@ class RouterService:
             for worker in self.workers.values():
                 self._mirror_call(lambda w=worker: self.mirror.register_worker(w.hello, now_s=self._wall(), ttl_s=ttl_s))
             self.ingest.tick()  # the rewrite itself (dirty targets); one that fails stays dirty
-        self._mirror_generation = generation
-        self._mirror_down = False
 
     def _publish_request(self, p: _Pending, terminal: Completion | ErrorReply) -> None:
         if self._metrics is None:
