@@ -96,3 +96,17 @@ def test_generation_is_shared_by_routers_and_changes_when_the_data_set_is_lost(f
     fake_redis.flushall()  # what a restart without persistence looks like to a client
     assert b.router_heartbeat("r-b", now_s=13.0, token="tok-4") == "tok-4"
     assert a.router_heartbeat("r-a", now_s=14.0, token="tok-5") == "tok-4"
+
+
+@pytest.mark.integration
+def test_an_error_reply_inside_a_batch_is_one_exception_and_the_connection_stays_usable(redis_client) -> None:
+    mirror = RedisMirror(client=redis_client, namespace="t3")
+    # A blocks key of the wrong type makes HSET fail with WRONGTYPE inside the packed batch.
+    redis_client.set(names.target_blocks_key("t3", "w1", 0), "not a hash")
+    with pytest.raises(MirrorUnavailable, match="WRONGTYPE"):
+        mirror.write_batch("w1", 0, seq=0, epoch=1, stored={1: 2})
+    # The commands around the failing one ran (Redis executes a pipeline's commands one by one).
+    assert redis_client.hget(names.target_stream_key("t3", "w1", 0), "seq") == b"0"
+    redis_client.delete(names.target_blocks_key("t3", "w1", 0))
+    mirror.write_batch("w1", 0, seq=1, epoch=1, stored={2**63: 2**64 - 1}, removed=[5])
+    assert mirror.load_snapshot()[("w1", 0)] == TargetSnapshot("w1", 0, 1, 1, {2**63: 2**64 - 1})
