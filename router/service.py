@@ -180,7 +180,11 @@ class RouterService:
             elif sock is self._workers_sock:
                 self._drain(self._workers_sock, self._worker_decoder, self._on_worker)
             else:
-                self.ingest.handle(sock)
+                try:
+                    self.ingest.handle(sock)
+                except Exception:  # a bug on one batch must not take routing down; the stream gap-checks on
+                    self.counters["ingest_errors"] += 1
+                    logger.exception("error ingesting KV events")
         now = self._clock()
         if now >= self._next_housekeeping_s:
             # O(workers + pending) upkeep, paced so a busy loop does not pay it per message.
