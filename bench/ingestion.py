@@ -122,7 +122,7 @@ def ingestion(cfg, redis_client, progress=None) -> list[dict]:
 
 def memory(cfg, redis_client) -> dict:
     """Bytes per indexed block in process (tracemalloc) and in Redis (the mirror's real writes)."""
-    from router.ingest import fold_delta
+    from router.ingest import net_change
 
     n_workers = 8
     targets = [WorkerKey(f"worker-{i}", 0) for i in range(n_workers)]
@@ -154,13 +154,10 @@ def memory(cfg, redis_client) -> dict:
     fleet = FleetEvents(n_workers=n_workers, block_size=BLOCK_SIZE, seed=cfg.seed, record=False)
     seqs = [0] * n_workers
     for w, batch in fleet.batches_until(cfg.memory_blocks):
-        stored: dict[int, int] = {}
-        removed: set[int] = set()
-        cleared = False
+        delta = IndexDelta()
         for event in batch.events:
-            delta = IndexDelta()
             index.apply(targets[w], event, now=0.0, delta=delta)
-            cleared |= fold_delta(stored, removed, delta)
+        stored, removed, cleared = net_change(index, targets[w], delta)
         mirror.write_batch(targets[w].worker_id, 0, seq=seqs[w], epoch=1, stored=stored, removed=removed,
                            cleared=cleared, num_events=len(batch.events))
         seqs[w] += 1

@@ -544,6 +544,11 @@ class PrefixIndex:
 
     # ------------------------------------------------------------------ snapshots
 
+    def own_of(self, target: WorkerKey, ext: int) -> int | None:
+        """The own hash a target's external hash maps to now, or None when it is not indexed."""
+        state = self._targets.get(target)
+        return state.external_to_own.get(ext) if state else None
+
     def snapshot(self, target: WorkerKey) -> list[tuple[int, int]]:
         """``(external key, own hash)`` of every indexed block of a target, sorted."""
         state = self._targets.get(target)

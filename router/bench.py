@@ -109,7 +109,7 @@ def bench_overlap_only(n_workers: int, n_blocks: int, *, prompt_tokens: int = 10
 def bench_ingest(n_blocks: int, *, blocks_per_event: int = 16, events_per_batch: int = 4, mirror=None,
                  seed: int = 0) -> dict:
     """Blocks/s applied to the index (and written to Redis when ``mirror`` is given)."""
-    from router.ingest import fold_delta
+    from router.ingest import net_change
 
     rnd = random.Random(seed)
     events = _events(rnd, n_blocks, blocks_per_event, n_prefixes=256)
@@ -117,13 +117,10 @@ def bench_ingest(n_blocks: int, *, blocks_per_event: int = 16, events_per_batch:
     target = WorkerKey("w0", 0)
     c0, t0 = time.thread_time(), time.perf_counter()
     for start in range(0, len(events), events_per_batch):
-        stored: dict[int, int] = {}
-        removed: set[int] = set()
-        cleared = False
+        delta = IndexDelta()
         for ev in events[start:start + events_per_batch]:
-            delta = IndexDelta()
             index.apply(target, ev, now=0.0, delta=delta)
-            cleared |= fold_delta(stored, removed, delta)
+        stored, removed, cleared = net_change(index, target, delta)
         if mirror is not None:
             mirror.write_batch("w0", 0, seq=start, epoch=1, stored=stored, removed=removed, cleared=cleared,
                                num_events=events_per_batch)

@@ -59,19 +59,27 @@ class TargetStream:
     mirror_dirty: bool = False
 
 
-def fold_delta(net_stored: dict[int, int], net_removed: set[int], delta: IndexDelta) -> bool:
-    """Fold one event's delta into a batch's net change; returns whether the target was cleared."""
-    cleared = bool(delta.cleared)
-    if cleared:
-        net_stored.clear()
-        net_removed.clear()
-    for _, ext, _own in delta.removed:
-        net_stored.pop(ext, None)
-        net_removed.add(ext)
-    for _, ext, own in delta.stored:
-        net_removed.discard(ext)
-        net_stored[ext] = own
-    return cleared
+def net_change(index: PrefixIndex, target: WorkerKey, delta: IndexDelta) -> tuple[dict[int, int], set[int], bool]:
+    """A batch's net change on one target: ``(stored ext → own, removed exts, cleared)``.
+
+    Read off the index *after* the batch, which is what Redis must end up holding: an external
+    hash the batch touched is stored if the target maps it now, removed otherwise (a block stored
+    then evicted in the same batch is a harmless HDEL of an absent field). With a clear in the
+    batch, the mirror deletes the target first and then writes what is present.
+    """
+    stored: dict[int, int] = {}
+    removed: set[int] = set()
+    own_of = index.own_of
+    for entries in (delta.stored, delta.removed):
+        for _, ext, _own in entries:
+            if ext in stored or ext in removed:
+                continue
+            own = own_of(target, ext)
+            if own is None:
+                removed.add(ext)
+            else:
+                stored[ext] = own
+    return stored, removed, bool(delta.cleared)
 
 
 class EventIngest:
@@ -224,15 +232,13 @@ class EventIngest:
         target = stream.target
         now = self._clock()
         if isinstance(item, AppliedBatch):
-            net_stored: dict[int, int] = {}
-            net_removed: set[int] = set()
-            cleared = False
+            delta = IndexDelta()
+            apply = self.index.apply
             for event in item.batch.events:
-                delta = IndexDelta()
-                self.index.apply(target, event, now=now, delta=delta)
-                cleared |= fold_delta(net_stored, net_removed, delta)
-                stream.stored_blocks += len(delta.stored)
-                stream.removed_blocks += len(delta.removed)
+                apply(target, event, now=now, delta=delta)
+            stream.stored_blocks += len(delta.stored)
+            stream.removed_blocks += len(delta.removed)
+            net_stored, net_removed, cleared = net_change(self.index, target, delta)
             stream.batches += 1
             stream.events_applied += len(item.batch.events)
             stream.last_seq = item.seq
