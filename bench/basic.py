@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.live import WorkloadSpec, cluster_config, drive_cluster, request_metrics, settle
 from bench.progress import NullProgress
-from bench.results import SuiteResult, fmt_spread, spread
+from bench.results import SuiteResult, fmt_spread, spread, spread_bars
 
 logger = logging.getLogger(__name__)
 
@@ -121,24 +121,7 @@ def display_tables(result: SuiteResult) -> dict[str, list[dict]]:
 
 
 def plot(result: SuiteResult, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result.tables["policies"]
-    names = [r["policy"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, label in zip(axes, ("hit_rate", "ttft_p99_ms", "throughput_rps"),
-                              ("token hit rate", "TTFT p99 (ms, wall)", "throughput (req/s)")):
-        med = [r[key]["median"] for r in rows]
-        err = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
-        ax.bar(names, med, yerr=err, capsize=3, color=["tab:orange" if n == "kvr" else "tab:blue" for n in names])
-        ax.set_title(label)
-        ax.tick_params(axis="x", rotation=45)
-    fig.suptitle("kvr bench basic: every policy, same request sequence")
-    fig.tight_layout()
-    path = out_dir / "basic.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [spread_bars(result.tables["policies"], name_key="policy",
+                        panels=(("hit_rate", "token hit rate"), ("ttft_p99_ms", "TTFT p99 (ms, wall)"),
+                                ("throughput_rps", "throughput (req/s)")),
+                        title="kvr bench basic: every policy, same request sequence", path=out_dir / "basic.png")]

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from bench.live import settle
 from bench.progress import NullProgress
-from bench.results import Goal, SuiteResult, fmt_spread, percentile, spread
+from bench.results import Goal, SuiteResult, fmt_spread, percentile, spread, spread_bars
 from bench.sse_client import HTTPStreamError, post_sse
 
 logger = logging.getLogger(__name__)
@@ -321,24 +321,8 @@ def display_tables(result: SuiteResult) -> dict[str, list[dict]]:
 
 
 def plot(result: SuiteResult, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result.tables["arms"]
-    names = [r["arm"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, key, label in zip(axes, ("hit_rate", "ttft_p50_ms", "ttft_p99_ms"),
-                              ("token hit rate", "TTFT p50 (ms)", "TTFT p99 (ms)")):
-        med = [r[key]["median"] for r in rows]
-        err = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
-        ax.bar(names, med, yerr=err, capsize=3, color=["tab:orange" if n == "kvr" else "tab:blue" for n in names])
-        ax.set_title(label)
-        ax.tick_params(axis="x", rotation=20)
-    fig.suptitle("kvr vs sglang-router, same fleet, same requests")
-    fig.tight_layout()
-    path = out_dir / "peer.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [spread_bars(result.tables["arms"], name_key="arm",
+                        panels=(("hit_rate", "token hit rate"), ("ttft_p50_ms", "TTFT p50 (ms)"),
+                                ("ttft_p99_ms", "TTFT p99 (ms)")),
+                        title="kvr vs sglang-router, same fleet, same requests", path=out_dir / "peer.png",
+                        rotation=20, width_in=13.0)]

@@ -97,6 +97,29 @@ def fmt_spread(s: dict, digits: int = 1, scale: float = 1.0) -> str:
     return med if s["n"] == 1 else f"{med} ({lo}–{hi})"
 
 
+def spread_bars(rows: list[dict], *, name_key: str, panels: Sequence[tuple[str, str]], title: str, path: Path,
+                highlight: str = "kvr", rotation: int = 45, width_in: float = 14.0) -> Path:
+    """One bar panel per ``(key, label)``: the median of each row's spread, min–max as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r[name_key] for r in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(width_in, 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        med = [r[key]["median"] for r in rows]
+        err = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
+        ax.bar(names, med, yerr=err, capsize=3, color=["tab:orange" if n == highlight else "tab:blue" for n in names])
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=rotation)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "_(no rows)_\n"
