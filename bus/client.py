@@ -17,6 +17,8 @@ import zmq
 
 from bus.codec import DecodeError, encode, reply_decoder
 from bus.schema import CancelRequest, Completion, ErrorReply, GenerateRequest, ReplyMessage, Routed, TokenChunk
+from bus.security import Curve
+from bus.sockets import MAX_REQUEST_BYTES, make_socket
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +53,13 @@ class RequestResult:
 class RouterClient:
     """Send requests to a kvr router and collect their replies."""
 
-    def __init__(self, *, endpoint: str, ctx: zmq.Context | None = None, identity: bytes | None = None) -> None:
+    def __init__(self, *, endpoint: str, ctx: zmq.Context | None = None, identity: bytes | None = None,
+                 curve: Curve | None = None, max_msg_size: int = MAX_REQUEST_BYTES) -> None:
+        """``curve``: dial the router as a CURVE client (bus/security.py); without an authorised
+        key the router never sees a request and the client gets no reply."""
         self._ctx = ctx or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock = make_socket(self._ctx, zmq.DEALER, max_msg_size=max_msg_size,
+                                 setup=None if curve is None else curve.dial)
         if identity:
             self._sock.setsockopt(zmq.IDENTITY, identity)
         self._sock.connect(endpoint)

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from bus.sockets import DEFAULT_HWM, make_pub, make_router, offset_endpoint_for_dp_rank, vllm_binds
+from bus.security import EVENTS_DOMAIN, Curve
+from bus.sockets import MAX_CONTROL_BYTES, DEFAULT_HWM, make_pub, make_router, offset_endpoint_for_dp_rank, vllm_binds
 from bus.vllm_codec import encode_batch
 from core.events import KVEvent, KVEventBatch
 
@@ -117,8 +118,13 @@ class EventPublisher:
         faults: FaultPlan | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        curve: Curve | None = None,
     ) -> None:
         """``endpoint``/``replay_endpoint`` are base endpoints, offset by ``dp_rank`` as vLLM does.
+
+        With ``curve`` the PUB and the replay ROUTER are CURVE servers (this worker's key pair)
+        that admit only the router's key, so nobody else can read the stream or take the
+        port's place unnoticed (the router's SUB checks the server key).
 
         ``bind=None`` applies vLLM's bind-or-connect rule to the PUB; ``True``/``False``
         overrides it (``tcp://127.0.0.1:port`` would otherwise connect). ``faults``
@@ -140,6 +146,7 @@ class EventPublisher:
         self._bind = bind
         self._rng = rng
         self._clock = clock
+        self.curve = curve
         self._own_ctx = ctx is None
         self._ctx = ctx if ctx is not None else zmq.Context()
         self._base_endpoint = offset_endpoint_for_dp_rank(endpoint, dp_rank)
@@ -155,13 +162,20 @@ class EventPublisher:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _open_sockets(self, endpoint: str, replay_endpoint: str | None) -> None:
-        self._pub, self.endpoint = make_pub(self._ctx, endpoint, hwm=self._hwm, bind=self._bind)
+        setup = None
+        if self.curve is not None:
+            curve = self.curve
+
+            def setup(sock: zmq.Socket) -> None:
+                curve.serve(sock, domain=EVENTS_DOMAIN, allow=(curve.router_public,))
+        self._pub, self.endpoint = make_pub(self._ctx, endpoint, hwm=self._hwm, bind=self._bind, setup=setup)
         self.replay_endpoint: str | None = None
         if replay_endpoint is not None:
             # 0.33 sizes the ROUTER's send queue for a whole ring plus the end marker.
             try:
                 self._router, self.replay_endpoint = make_router(
-                    self._ctx, replay_endpoint, sndhwm=2 * (self.buffer_steps + 1))
+                    self._ctx, replay_endpoint, sndhwm=2 * (self.buffer_steps + 1), max_msg_size=MAX_CONTROL_BYTES,
+                    setup=setup)
             except zmq.ZMQError:
                 self._close_sockets()
                 raise

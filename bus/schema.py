@@ -159,6 +159,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     profile: str = ""
     engine: str = "emulated"  # or "vllm"
     protocol_version: int = PROTOCOL_VERSION
+    # z85 public key of the KV-event PUB and replay ROUTER when they are CURVE servers (the
+    # router's SUB then dials them as a CURVE client); "" = plain sockets (real vLLM).
+    events_curve_key: str = ""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):

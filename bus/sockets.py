@@ -10,6 +10,12 @@
   ``inproc://x_dp<rank>``; the topic is never changed.
 * :func:`connectable` turns a bound wildcard address (``tcp://0.0.0.0:5557``)
   into one a local peer can dial (``tcp://127.0.0.1:5557``).
+* Every socket that receives from another process gets ``ZMQ_MAXMSGSIZE``
+  (``max_msg_size``): libzmq drops the connection of a peer that sends a bigger
+  frame before buffering it, so one bad peer cannot make a process allocate
+  without bound. A DEALER or SUB that was cut off reconnects by itself.
+* ``setup`` (a callable) runs on a new socket before it binds or connects: where
+  CURVE options go (``bus/security.py``).
 
 zmq sockets are not thread-safe: whoever makes a socket here must use it from
 one thread only (contexts are thread-safe and may be shared).
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -26,6 +33,19 @@ logger = logging.getLogger(__name__)
 
 #: vLLM's default PUB high-water mark (``KVEventsConfig.hwm``).
 DEFAULT_HWM = 100_000
+
+MiB = 1 << 20
+#: Requests, worker messages and replies. The largest legitimate one is a request at the
+#: admission limits (core/admission.py): 2 Mi characters of text (up to 4 bytes each in
+#: UTF-8) or 128 Ki token ids (up to 5 bytes each in msgpack); 16 MiB leaves room, so such a
+#: request gets the router's clear PROMPT_TOO_LONG instead of a dropped connection.
+MAX_REQUEST_BYTES = 16 * MiB
+#: One KV-event batch, live or replayed: a step that stores 128 Ki tokens' blocks is ~1 MiB
+#: (token ids included); vLLM batches every request of a step, so leave a wide margin.
+MAX_EVENT_BYTES = 64 * MiB
+#: Sockets that only ever receive tiny control frames (subscriptions on a PUB, replay
+#: requests on a replay ROUTER).
+MAX_CONTROL_BYTES = 64 * 1024
 _BIND_RETRY_S = 2.0
 
 
@@ -58,16 +78,26 @@ def connectable(endpoint: str) -> str:
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None, sndhwm: int | None = None,
-                rcvhwm: int | None = None) -> zmq.Socket:
-    """A socket with linger 0 and the given high-water marks (``hwm`` sets both)."""
+                rcvhwm: int | None = None, max_msg_size: int | None = None,
+                setup: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+    """A socket with linger 0, the given high-water marks (``hwm`` sets both), an inbound frame
+    limit and ``setup`` applied (CURVE)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if max_msg_size is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
     if hwm is not None:
         sock.set_hwm(hwm)
     if sndhwm is not None:
         sock.setsockopt(zmq.SNDHWM, sndhwm)
     if rcvhwm is not None:
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    if setup is not None:
+        try:
+            setup(sock)
+        except BaseException:
+            sock.close(linger=0)
+            raise
     return sock
 
 
@@ -101,29 +131,38 @@ def _attached(sock: zmq.Socket, endpoint: str, *, bind: bool) -> tuple[zmq.Socke
         raise
 
 
-def make_pub(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM, bind: bool | None = None) -> tuple[zmq.Socket, str]:
-    """A PUB socket; ``bind=None`` applies vLLM's rule. Returns (socket, resolved endpoint)."""
-    sock = make_socket(ctx, zmq.PUB, hwm=hwm)
+def make_pub(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM, bind: bool | None = None,
+             max_msg_size: int | None = MAX_CONTROL_BYTES,
+             setup: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, str]:
+    """A PUB socket; ``bind=None`` applies vLLM's rule. Returns (socket, resolved endpoint).
+
+    A PUB receives only subscriptions, hence the small default inbound limit."""
+    sock = make_socket(ctx, zmq.PUB, hwm=hwm, max_msg_size=max_msg_size, setup=setup)
     return _attached(sock, endpoint, bind=vllm_binds(endpoint) if bind is None else bind)
 
 
 def make_sub(ctx: zmq.Context, endpoint: str, *, topic: bytes = b"", bind: bool = False,
-             hwm: int = DEFAULT_HWM) -> tuple[zmq.Socket, str]:
+             hwm: int = DEFAULT_HWM, max_msg_size: int | None = MAX_EVENT_BYTES,
+             setup: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, str]:
     """A SUB socket subscribed to the byte prefix ``topic``; connects unless ``bind``."""
-    sock = make_socket(ctx, zmq.SUB, hwm=hwm)
+    sock = make_socket(ctx, zmq.SUB, hwm=hwm, max_msg_size=max_msg_size, setup=setup)
     sock.setsockopt(zmq.SUBSCRIBE, topic)
     return _attached(sock, endpoint, bind=bind)
 
 
-def make_router(ctx: zmq.Context, endpoint: str, *, sndhwm: int | None = None) -> tuple[zmq.Socket, str]:
+def make_router(ctx: zmq.Context, endpoint: str, *, sndhwm: int | None = None,
+                max_msg_size: int | None = MAX_REQUEST_BYTES,
+                setup: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, str]:
     """A bound ROUTER (vLLM's replay socket always binds). Returns (socket, resolved endpoint)."""
-    sock = make_socket(ctx, zmq.ROUTER, sndhwm=sndhwm)
+    sock = make_socket(ctx, zmq.ROUTER, sndhwm=sndhwm, max_msg_size=max_msg_size, setup=setup)
     return _attached(sock, endpoint, bind=True)
 
 
-def make_dealer(ctx: zmq.Context, endpoint: str, *, hwm: int | None = None) -> zmq.Socket:
+def make_dealer(ctx: zmq.Context, endpoint: str, *, hwm: int | None = None,
+                max_msg_size: int | None = MAX_REQUEST_BYTES,
+                setup: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
     """A DEALER connected to ``endpoint`` (requests queue until the peer is up)."""
-    sock = make_socket(ctx, zmq.DEALER, hwm=hwm)
+    sock = make_socket(ctx, zmq.DEALER, hwm=hwm, max_msg_size=max_msg_size, setup=setup)
     sock.connect(endpoint)
     return sock
 

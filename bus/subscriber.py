@@ -62,7 +62,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bus.event_stream import EventStream
-from bus.sockets import DEFAULT_HWM, attach, make_dealer, make_socket
+from bus.security import Curve
+from bus.sockets import DEFAULT_HWM, MAX_EVENT_BYTES, attach, make_dealer, make_socket
 from bus.stream_items import AppliedBatch, BadBatch, GapLost, StreamItem, StreamReset, SubscriberCounters
 from bus.vllm_codec import VllmEventDecoder
 
@@ -95,8 +96,16 @@ class EventSubscriber(EventStream):
         decoder: VllmEventDecoder | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
+        max_msg_size: int = MAX_EVENT_BYTES,
+        curve: Curve | None = None,
+        server_key: str | bytes | None = None,
     ) -> None:
-        """``expected_seq`` resumes a stream (e.g. from Redis); ``None`` starts from the beginning."""
+        """``expected_seq`` resumes a stream (e.g. from Redis); ``None`` starts from the beginning.
+
+        A batch (live or replayed) bigger than ``max_msg_size`` cuts the connection (libzmq;
+        it reconnects, and the gap is replayed or reported lost). With ``curve`` and the
+        publisher's public ``server_key``, the SUB and the replay DEALER are CURVE clients:
+        only the holder of that key's secret can feed this stream."""
         super().__init__(name=name or endpoint, has_replay=replay_endpoint is not None, expected_seq=expected_seq,
                          replay_timeout_s=replay_timeout_ms / 1000.0, max_replay_attempts=max_replay_attempts,
                          max_pending=max_pending, digest_window=digest_window, decoder=decoder, clock=clock)
@@ -105,7 +114,11 @@ class EventSubscriber(EventStream):
         self._topic = topic.encode() if isinstance(topic, str) else bytes(topic)
         self._replay_endpoint = replay_endpoint
         self._pollers: list[zmq.Poller] = []
-        self._sub = make_socket(self._ctx, zmq.SUB, hwm=hwm)
+        self._max_msg_size = max_msg_size
+        self._setup = None
+        if curve is not None and server_key is not None:
+            self._setup = lambda sock: curve.dial(sock, server_key)
+        self._sub = make_socket(self._ctx, zmq.SUB, hwm=hwm, max_msg_size=max_msg_size, setup=self._setup)
         self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         # The monitor must exist before the first connection, or its event is lost.
         self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED)
@@ -120,10 +133,13 @@ class EventSubscriber(EventStream):
             raise
         self._dealer: zmq.Socket | None = None
         if replay_endpoint is not None:
-            self._dealer = make_dealer(self._ctx, replay_endpoint)
+            self._dealer = self._make_dealer()
         self.start()
 
     # -- sockets -------------------------------------------------------------------------------
+
+    def _make_dealer(self) -> zmq.Socket:
+        return make_dealer(self._ctx, self._replay_endpoint, max_msg_size=self._max_msg_size, setup=self._setup)
 
     def sockets(self) -> list[zmq.Socket]:
         """Sockets to poll for POLLIN (SUB, its connection monitor, the replay DEALER)."""
@@ -252,6 +268,6 @@ class EventSubscriber(EventStream):
         for poller in self._pollers:
             poller.unregister(self._dealer)
         self._dealer.close(linger=0)
-        self._dealer = make_dealer(self._ctx, self._replay_endpoint)
+        self._dealer = self._make_dealer()
         for poller in self._pollers:
             poller.register(self._dealer, zmq.POLLIN)

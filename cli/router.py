@@ -48,12 +48,22 @@ logger = logging.getLogger(__name__)
 @click.option("--tokenizer", default=None, envvar="KVR_TOKENIZER",
               help="Text prompts to token ids: 'builtin' (default), a tokenizer.json path, or a vLLM server URL "
                    "(its /tokenize, cached). Real vLLM fleets need the model's tokenizer (docs/vllm.md).")
+@click.option("--curve-dir", default=None, envvar="KVR_CURVE_DIR", type=click.Path(file_okay=False),
+              help="CURVE keys (kvr keys DIR): only workers whose public key is in DIR/workers and clients in "
+                   "DIR/clients get in; all traffic encrypted (docs/security.md). Needs DIR/router.key_secret.")
+@click.option("--max-request-bytes", type=click.IntRange(1024), default=None, envvar="KVR_MAX_REQUEST_BYTES",
+              help="Largest frame accepted from a client or worker; a bigger one drops that peer's connection "
+                   "[default: 16 MiB].")
+@click.option("--max-event-bytes", type=click.IntRange(1024), default=None, envvar="KVR_MAX_EVENT_BYTES",
+              help="Largest KV-event batch accepted (live or replayed) [default: 64 MiB].")
 @redis_url_option
 @namespace_option
 def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: str, block_size: int,
                heartbeat_interval_s: float, heartbeat_liveness: int, request_timeout_s: float, max_pending: int,
                max_retries: int, tentative_window_s: float, router_id: str, http_host: str, http_port: int,
-               model_name: str, no_redis: bool, redis_url: str, namespace: str, tokenizer: str | None = None) -> None:
+               model_name: str, no_redis: bool, redis_url: str, namespace: str, tokenizer: str | None = None,
+               curve_dir: str | None = None, max_request_bytes: int | None = None,
+               max_event_bytes: int | None = None) -> None:
     """Route requests to the worker whose KV cache already holds their prefix."""
     from core.liveness import HeartbeatConfig
     from router.service import RouterConfig, RouterService
@@ -63,6 +73,19 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
         block_size=block_size, heartbeat=HeartbeatConfig(heartbeat_interval_s, heartbeat_liveness),
         request_timeout_s=request_timeout_s, max_pending=max_pending, max_retries=max_retries,
         tentative_window_s=tentative_window_s, router_id=router_id)
+    if max_request_bytes is not None:
+        config.max_request_bytes = max_request_bytes
+    if max_event_bytes is not None:
+        config.max_event_bytes = max_event_bytes
+    curve = None
+    if curve_dir:
+        from bus.security import SecurityError, load_curve
+
+        try:
+            curve = load_curve(curve_dir, name="router")
+        except SecurityError as exc:
+            raise click.ClickException(str(exc)) from None
+        logger.info("CURVE on: %d worker key(s), %d client key(s) authorised", len(curve.workers), len(curve.clients))
     embedded = None
     mirror = None
     if not no_redis:
@@ -77,7 +100,7 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
     try:
         from worker.remote_tokenizer import load_router_tokenizer
 
-        service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer))
+        service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer), curve=curve)
     except Exception as exc:
         if embedded is not None:
             embedded.stop()
@@ -90,7 +113,7 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
         try:
             front = RouterHttpFront(client_endpoint=connectable(service.clients_endpoint), host=http_host,
                                     port=http_port, model=model_name, stats=lambda: service.stats,
-                                    request_timeout_s=request_timeout_s + 5)
+                                    request_timeout_s=request_timeout_s + 5, curve=curve)
         except OSError as exc:
             service.close()
             if embedded is not None:

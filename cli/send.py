@@ -57,8 +57,12 @@ def _parse_tokens(text: str) -> list[int]:
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Interactive: each prompt carries the conversation so far (its prefix is reusable).")
 @click.option("--show-text", is_flag=True, help="Print the generated text.")
+@click.option("--curve-dir", default=None, envvar="KVR_CURVE_DIR", type=click.Path(file_okay=False),
+              help="CURVE keys (kvr keys): dial a router started with --curve-dir (docs/security.md).")
+@click.option("--curve-key", default="client", show_default=True, help="Name of this client's key pair in --curve-dir.")
 def send_cmd(prompt: str | None, endpoint: str, tokens: str | None, max_tokens: int, model: str | None,
-             worker_id: str | None, repeat: int, timeout_s: float, interactive: bool, chat: bool, show_text: bool) -> None:
+             worker_id: str | None, repeat: int, timeout_s: float, interactive: bool, chat: bool, show_text: bool,
+             curve_dir: str | None = None, curve_key: str = "client") -> None:
     """Send PROMPT to the router and print where it went, what was cached and how long it took."""
     from bus.client import RouterClient
     from bus.schema import GenerateRequest
@@ -74,7 +78,15 @@ def send_cmd(prompt: str | None, endpoint: str, tokens: str | None, max_tokens: 
                               max_tokens=max_tokens, model=model, worker_id=worker_id)
         return client.generate(req, timeout_s=timeout_s)
 
-    with RouterClient(endpoint=endpoint) as client:
+    curve = None
+    if curve_dir:
+        from bus.security import SecurityError, load_curve
+
+        try:
+            curve = load_curve(curve_dir, name=curve_key)
+        except SecurityError as exc:
+            raise click.ClickException(str(exc)) from None
+    with RouterClient(endpoint=endpoint, curve=curve) as client:
         if not interactive:
             ids = _parse_tokens(tokens) if tokens is not None else None
             for _ in range(repeat):

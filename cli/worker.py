@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 @click.option("--fault-delay", default=0.0, type=float, help="Fraction of batches held back --fault-delay-ms.")
 @click.option("--fault-delay-ms", default=50.0, show_default=True, type=float)
 @click.option("--restart-publisher-every", default=0.0, type=float, help="Restart the KV-event publisher (seq back to 0) every N wall seconds.")
+@click.option("--curve-dir", default=None, envvar="KVR_CURVE_DIR", type=click.Path(file_okay=False),
+              help="CURVE keys (kvr keys): authenticate and encrypt the router link and the KV-event sockets "
+                   "(docs/security.md). Needs NAME.key_secret and router.key there.")
+@click.option("--curve-key", default="worker", show_default=True, envvar="KVR_CURVE_KEY",
+              help="Name of this worker's key pair in --curve-dir.")
 @click.option("--clear-cache-every", default=0.0, type=float, help="Reset the prefix cache (AllBlocksCleared; running requests are preempted) every N wall seconds.")
 def worker_cmd(**opts) -> None:
     """Run one emulated vLLM worker: registers with the router, runs requests, publishes KV events."""
@@ -58,7 +63,13 @@ def worker_cmd(**opts) -> None:
     engine, vllm_opts = split_vllm_options(opts)
     try:
         if engine == "vllm":
+            curve_dir, curve_key = opts.pop("curve_dir"), opts.pop("curve_key")
             runner = make_vllm_runner(opts, vllm_opts)
+            if curve_dir:
+                # Only the router link: vLLM's own event PUB cannot do CURVE (docs/security.md).
+                from bus.security import load_curve
+
+                runner.service.curve = load_curve(curve_dir, name=curve_key)
         else:  # --block-size (shared with --engine vllm) sets the emulated engine's block size too
             runner = WorkerRunner(WorkerOptions(block_size=vllm_opts.get("block_size"),
                                                 dp_size=vllm_opts.get("dp_size", 1), **opts))

@@ -28,6 +28,7 @@ import zmq
 
 from bus import names
 from bus.codec import DecodeError, metrics_decoder
+from bus.sockets import MAX_REQUEST_BYTES
 from monitor import prometheus
 from monitor.dump import write_dump
 from monitor.state import MonitorState
@@ -81,6 +82,7 @@ class MonitorService:
         if self._sub is None:
             sub = self._ctx.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # records are small: cut off a peer that is not
             sub.setsockopt(zmq.SUBSCRIBE, names.METRICS_TOPIC_PREFIX)
             for endpoint in self._endpoints:
                 sub.connect(endpoint)

@@ -31,7 +31,8 @@ import zmq
 
 from bus.codec import DecodeError, encode, reply_decoder
 from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, Routed, TokenChunk
-from bus.sockets import make_socket
+from bus.security import Curve
+from bus.sockets import MAX_REQUEST_BYTES, make_socket
 from core.tokenizer import apply_chat_template
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ _STATUS = {
 class _Bridge:
     """Owns the DEALER to the router; handler threads submit through a queue."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
-        self._ctx, self._endpoint = ctx, endpoint
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: Curve | None = None) -> None:
+        self._ctx, self._endpoint, self._curve = ctx, endpoint, curve
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._inboxes: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
@@ -76,7 +77,8 @@ class _Bridge:
             pass
 
     def _run(self) -> None:
-        sock = make_socket(self._ctx, zmq.DEALER)
+        sock = make_socket(self._ctx, zmq.DEALER, max_msg_size=MAX_REQUEST_BYTES,
+                           setup=None if self._curve is None else self._curve.dial)
         sock.connect(self._endpoint)
         decoder = reply_decoder()
         poller = zmq.Poller()
@@ -130,7 +132,8 @@ class RouterHttpFront:
 
     def __init__(self, *, client_endpoint: str, host: str = "127.0.0.1", port: int = 0, model: str = "kvr",
                  stats: Callable[[], dict] | None = None, ctx: zmq.Context | None = None,
-                 request_timeout_s: float = 600.0) -> None:
+                 request_timeout_s: float = 600.0, curve: Curve | None = None) -> None:
+        """``curve``: the bridge dials the router's client port as a CURVE client (bus/security.py)."""
         self.model = model
         self.stats = stats or (lambda: {})
         self.request_timeout_s = request_timeout_s
@@ -138,7 +141,7 @@ class RouterHttpFront:
         self._ids = itertools.count(1)
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        self.bridge = _Bridge(self._ctx, client_endpoint)
+        self.bridge = _Bridge(self._ctx, client_endpoint, curve)
         handler = type("Handler", (_Handler,), {"front": self})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True

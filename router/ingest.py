@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import zmq
 
 from bus.schema import Hello
-from bus.sockets import connectable, offset_endpoint_for_dp_rank, vllm_binds
+from bus.security import Curve
+from bus.sockets import MAX_EVENT_BYTES, connectable, offset_endpoint_for_dp_rank, vllm_binds
 from bus.subscriber import AppliedBatch, BadBatch, EventSubscriber, GapLost, StreamReset
 from core.prefix_index import Confidence, IndexDelta, PrefixIndex, WorkerKey
 from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot
@@ -96,8 +97,12 @@ class EventIngest:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         replay_timeout_ms: int = 1000,
+        curve: Curve | None = None,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         self.index = index
+        self._curve = curve
+        self._max_event_bytes = max_event_bytes
         self.mirror = mirror
         self.resync_s = resync_s
         self._poller = poller
@@ -141,6 +146,12 @@ class EventIngest:
         entries it described.
         """
         self.remove_worker(hello.worker_id)
+        if hello.events_curve_key and self._curve is None:
+            logger.warning("worker %s publishes KV events over CURVE but this router has no keys (--curve-dir): "
+                           "its events cannot be read", hello.worker_id)
+        elif self._curve is not None and not hello.events_curve_key:
+            logger.warning("worker %s: plain (unauthenticated) KV-event socket, as real vLLM's: keep it on a "
+                           "private network (docs/security.md)", hello.worker_id)
         targets = []
         for rank in range(max(1, hello.dp_size)):
             target = WorkerKey(hello.worker_id, rank)
@@ -162,7 +173,9 @@ class EventIngest:
             sub = EventSubscriber(
                 endpoint=endpoint, replay_endpoint=replay, topic=hello.topic,
                 bind=bind, ctx=self._ctx, expected_seq=expected, replay_timeout_ms=self._replay_timeout_ms,
-                clock=self._clock, name=str(target))
+                clock=self._clock, name=str(target), max_msg_size=self._max_event_bytes,
+                # CURVE when the worker's event sockets are CURVE servers (bus/security.py)
+                curve=self._curve, server_key=hello.events_curve_key or None)
             sub.attach(self._poller)
             stream = TargetStream(target, hello.epoch, sub, last_seq=-1 if expected is None else expected - 1)
             self.streams[target] = stream

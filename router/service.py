@@ -40,7 +40,8 @@ from bus.schema import (
     PROTOCOL_VERSION, Cancel, CancelRequest, Completion, Dispatch, ErrorCode, ErrorReply, GenerateRequest, Goodbye,
     Heartbeat, Hello, Refused, RequestRecord, RequestStats, Routed, TokenChunk, Welcome, WorkerLoad as WireLoad, WorkerSample,
 )  # fmt: skip
-from bus.sockets import make_router, make_socket
+from bus.security import CLIENTS_DOMAIN, WORKERS_DOMAIN, Curve, ZapHandler
+from bus.sockets import MAX_CONTROL_BYTES, MAX_EVENT_BYTES, MAX_REQUEST_BYTES, make_router, make_socket
 from core.admission import AdmissionLimits, check_prompt_length, check_request
 from core.liveness import HeartbeatConfig, LivenessTracker
 from core.prefix_index import Confidence, PrefixIndex, WorkerKey
@@ -73,6 +74,9 @@ class RouterConfig:
     housekeeping_s: float = 0.02  # liveness, heartbeats, timeouts, replay retries: at most this often
     router_id: str = "router"
     limits: AdmissionLimits = field(default_factory=AdmissionLimits)
+    # Inbound frame limits (bus/sockets.py): a bigger frame drops its sender's connection.
+    max_request_bytes: int = MAX_REQUEST_BYTES  # client requests and worker messages
+    max_event_bytes: int = MAX_EVENT_BYTES  # KV-event batches, live and replayed
 
 
 @dataclass
@@ -112,7 +116,11 @@ class RouterService:
         latency=None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        curve: Curve | None = None,
     ) -> None:
+        """``curve`` (bus/security.py): both ROUTERs are CURVE servers admitting only the
+        authorised worker / client keys, and event sockets of workers that name a key are
+        dialled as CURVE clients."""
         from core.policies import get_policy
 
         self.config = config
@@ -128,19 +136,25 @@ class RouterService:
         self.mirror = mirror
         self.liveness = LivenessTracker(config.heartbeat)
         self.counters: Counter[str] = Counter()
-        self._clients, self.clients_endpoint = make_router(self._ctx, config.bind_clients)
-        self._workers_sock, self.workers_endpoint = make_router(self._ctx, config.bind_workers)
+        self.curve = curve
+        self._zap = ZapHandler.for_context(self._ctx) if curve is not None else None
+        self._clients, self.clients_endpoint = make_router(
+            self._ctx, config.bind_clients, max_msg_size=config.max_request_bytes,
+            setup=None if curve is None else lambda s: curve.serve(s, domain=CLIENTS_DOMAIN, allow=curve.clients))
+        self._workers_sock, self.workers_endpoint = make_router(
+            self._ctx, config.bind_workers, max_msg_size=config.max_request_bytes,
+            setup=None if curve is None else lambda s: curve.serve(s, domain=WORKERS_DOMAIN, allow=curve.workers))
         self._metrics = None
         self.metrics_endpoint = None
         if config.bind_metrics:
-            self._metrics = make_socket(self._ctx, zmq.PUB)
+            self._metrics = make_socket(self._ctx, zmq.PUB, max_msg_size=MAX_CONTROL_BYTES)
             self._metrics.bind(config.bind_metrics)
             self.metrics_endpoint = self._metrics.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._poller = zmq.Poller()
         self._poller.register(self._clients, zmq.POLLIN)
         self._poller.register(self._workers_sock, zmq.POLLIN)
         self.ingest = EventIngest(index=self.index, poller=self._poller, ctx=self._ctx, mirror=mirror, clock=clock,
-                                  wall=wall)
+                                  wall=wall, curve=curve, max_event_bytes=config.max_event_bytes)
         self._snapshots = self.ingest.warm_start()
         self._client_decoder, self._worker_decoder = client_decoder(), worker_decoder()
         self.workers: dict[str, _Worker] = {}
@@ -522,7 +536,10 @@ class RouterService:
                 "in_flight": load.in_flight, "queued_prefill_tokens": load.queued_prefill_tokens,
                 "events_applied": stream.events_applied, "gaps": stream.gaps, "resets": stream.resets,
                 "event_lag_s": round(stream.event_lag_s, 6)}
-        self.stats = {"counters": dict(self.counters), "workers": len(self.workers), "pending": len(self.pending),
+        counters = dict(self.counters)
+        if self._zap is not None:  # CURVE handshakes refused (unknown keys), counted by the ZAP thread
+            counters.update({f"auth_denied_{d.removeprefix('kvr-')}": n for d, n in self._zap.denied.items()})
+        self.stats = {"counters": counters, "workers": len(self.workers), "pending": len(self.pending),
                       "indexed_blocks": self.index.total_blocks(), "targets": targets}
 
     def _publish_samples(self) -> None:

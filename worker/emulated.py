@@ -35,6 +35,7 @@ import zmq
 from bus.names import kv_event_topic
 from bus.publisher import EventPublisher, FaultPlan
 from bus.schema import Completion, Dispatch, ErrorCode, ErrorReply, Hello, RequestStats, TokenChunk, WorkerLoad
+from bus.security import Curve
 from core.engine import EmulatedEngine, EngineRequest, RequestOutput, RequestRejected
 from core.hashing import external_hash_key
 from core.profiles import get_profile
@@ -82,7 +83,10 @@ class EmulatedBackend:
         ctx: zmq.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        curve: Curve | None = None,
     ) -> None:
+        """``curve``: the KV-event PUB and replay ROUTER are CURVE servers that admit only the
+        router (bus/security.py); ``Hello`` carries their public key."""
         if config.speedup <= 0:
             raise ValueError("speedup must be positive")
         if config.stream_interval < 1:
@@ -101,6 +105,7 @@ class EmulatedBackend:
             buffer_steps=config.buffer_steps, ctx=ctx, faults=config.faults, bind=config.events_bind,
             dp_rank=config.dp_rank,
             rng=random.Random(seed ^ 0x5EED),  # faults may also be switched on later (set_faults)
+            curve=curve,
         )  # fmt: skip
         self.events_endpoint, self.replay_endpoint = self._advertised()
         self._clock = clock
@@ -146,6 +151,7 @@ class EmulatedBackend:
             num_gpu_blocks=eng.config.num_gpu_blocks, events_endpoint=self.events_endpoint,
             replay_endpoint=self.replay_endpoint, topic=self.topic, dp_size=1, profile=profile or self.config.profile,
             engine=ENGINE_NAME, http_url=self.http_url,
+            events_curve_key=self.publisher.curve.public_z85 if self.publisher.curve is not None else "",
         )  # fmt: skip
 
     def load(self, dp_rank: int = 0) -> WorkerLoad:

@@ -48,6 +48,8 @@ class WorkerOptions:
     hash_algo: str | None = None  # None: vLLM's default sha256 (core/block_hash.py)
     restart_publisher_every: float = 0.0
     clear_cache_every: float = 0.0
+    curve_dir: str | None = None  # CURVE keys (bus/security.py): router link and event sockets authenticated
+    curve_key: str = "worker"  # this worker's key pair in curve_dir
 
     def backend_config(self) -> EmulatedWorkerConfig:
         rates = (self.fault_drop, self.fault_duplicate, self.fault_reorder, self.fault_delay)
@@ -91,15 +93,20 @@ class WorkerRunner:
         router = options.router_endpoint
         if router in ("", "none"):
             router = None
+        curve = None
+        if options.curve_dir:
+            from bus.security import load_curve
+
+            curve = load_curve(options.curve_dir, name=options.curve_key)
         if options.dp_size > 1:
             from worker.emulated_dp import EmulatedDPBackend
 
-            self.backend = EmulatedDPBackend(config=options.backend_config(), dp_size=options.dp_size)
+            self.backend = EmulatedDPBackend(config=options.backend_config(), dp_size=options.dp_size, curve=curve)
         else:
-            self.backend = EmulatedBackend(config=options.backend_config())
+            self.backend = EmulatedBackend(config=options.backend_config(), curve=curve)
         self.service = WorkerService(
             backend=self.backend, router_endpoint=router, worker_id=options.worker_id, profile=options.profile,
-            heartbeat_interval_s=options.heartbeat_interval,
+            heartbeat_interval_s=options.heartbeat_interval, curve=curve,
         )
         self.http = None
         if options.http_port is not None:

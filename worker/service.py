@@ -39,7 +39,8 @@ from bus.codec import DecodeError, encode, router_decoder
 from bus.schema import (
     Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Refused, Welcome,
 )  # fmt: skip
-from bus.sockets import make_dealer
+from bus.security import Curve
+from bus.sockets import MAX_REQUEST_BYTES, make_dealer
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,14 @@ class WorkerService:
         max_poll_s: float = 0.02,
         ctx: zmq.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
+        curve: Curve | None = None,
+        max_msg_size: int = MAX_REQUEST_BYTES,
     ) -> None:
+        """``curve``: the router link is a CURVE client of the router's key (bus/security.py);
+        a frame from the router bigger than ``max_msg_size`` drops the link (it reconnects)."""
         self.backend = backend
+        self.curve = curve
+        self.max_msg_size = max_msg_size
         self.router_endpoint = router_endpoint
         self.worker_id = worker_id
         self.epoch = epoch if epoch is not None else time.time_ns() // 1000
@@ -220,7 +227,8 @@ class WorkerService:
     # ------------------------------------------------------------------ router link
 
     def _connect(self) -> None:
-        self._dealer = make_dealer(self._ctx, self.router_endpoint)
+        self._dealer = make_dealer(self._ctx, self.router_endpoint, max_msg_size=self.max_msg_size,
+                                   setup=None if self.curve is None else self.curve.dial)
         self._poller.register(self._dealer, zmq.POLLIN)
         self.counters.connects += 1
         now = self._clock()

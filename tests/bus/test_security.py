@@ -15,7 +15,16 @@ def test_kvr_keys_writes_key_pairs(tmp_path) -> None:
     result = CliRunner().invoke(main, ["keys", str(tmp_path / "k")])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
-        "client.key", "client.key_secret", "router.key", "router.key_secret", "worker.key", "worker.key_secret"]
+        "client.key", "client.key_secret", "clients", "router.key", "router.key_secret", "worker.key",
+        "worker.key_secret", "workers"]
+    # The router's authorised sets hold only public keys, one per role.
+    assert [p.name for p in (tmp_path / "k" / "workers").iterdir()] == ["worker.key"]
+    assert [p.name for p in (tmp_path / "k" / "clients").iterdir()] == ["client.key"]
+    result = CliRunner().invoke(main, ["keys", str(tmp_path / "k"), "--name", "gpu7", "--role", "worker"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "k" / "workers").iterdir()) == ["gpu7.key", "worker.key"]
+    result = CliRunner().invoke(main, ["keys", str(tmp_path / "k"), "--name", "gpu8"])
+    assert result.exit_code != 0 and "--role" in result.output
 
 
 def test_only_authorised_clients_get_through(tmp_path) -> None:
