@@ -61,6 +61,7 @@ class InFlight:
     pending_prefill_tokens: int  # 0 once the first token arrived
     first_token_at: float | None = None
     hashes: list[int] = field(default_factory=list, repr=False)  # the prompt's own block hashes
+    decode_blocks: int = 0  # KV blocks its output will fill (max_tokens / block size, rounded up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class _TargetState:
     pending_prefill_tokens: int = 0
     active_blocks: int = 0  # distinct block hashes of the requests in flight
     active_hashes: dict = field(default_factory=dict)  # own hash -> in-flight requests using it
+    decode_blocks: int = 0  # output blocks the requests in flight will fill
     cached_load: WorkerLoad | None = None  # rebuilt only after a change
 
 
@@ -167,6 +169,7 @@ class RouterCore:
             queued_prefill_tokens=max(s.engine_queued_prefill_tokens, s.pending_prefill_tokens),
             active_blocks=s.active_blocks,
             kv_usage=s.kv_usage,
+            decode_blocks=s.decode_blocks,
         )
         return s.cached_load
 
@@ -244,8 +247,9 @@ class RouterCore:
         usable = min(overlap_blocks, max(prompt - 1, 0) // self.block_size)
         predicted = usable * self.block_size
         rec = InFlight(request.request_id, decision.target, prompt, len(hashes), overlap_blocks, predicted, now,
-                       prompt - predicted, hashes=hashes)
+                       prompt - predicted, hashes=hashes, decode_blocks=-(-max(request.max_tokens, 0) // self.block_size))
         state = self._targets[decision.target]
+        state.decode_blocks += rec.decode_blocks
         state.cached_load = None
         self._dirty.add(decision.target)
         state.requests[rec.request_id] = rec
@@ -290,6 +294,7 @@ class RouterCore:
             self._dirty.add(rec.target)
             state.requests.pop(request_id, None)
             state.pending_prefill_tokens -= rec.pending_prefill_tokens
+            state.decode_blocks -= rec.decode_blocks
             active = state.active_hashes
             for h in rec.hashes:
                 n = active.get(h, 0)

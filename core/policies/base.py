@@ -72,6 +72,7 @@ class WorkerLoad(NamedTuple):
     queued_prefill_tokens: int = 0
     active_blocks: int = 0
     kv_usage: float = 0.0
+    decode_blocks: int = 0  # output blocks this router's requests in flight will still fill
 
 
 _IDLE = WorkerLoad()

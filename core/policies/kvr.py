@@ -22,7 +22,18 @@ p99 in s: at 8 req/s 0.345 / 2.16 with weight 0, 0.072 / 0.67 with 3, 0.071 / 0.
 35.8). On ReAct (shared 1200-token instruction, 10 req/s) weight 3 did best (p99 1.34 s vs
 2.73 s with 10; SGLang 15.2 s). 10 is the default for overload robustness.
 
-with the engine's own latency model (``core/latency.py``; ``LinearPrefillModel`` when none is
+KV pressure: when the blocks this request needs on a target (its uncached prompt blocks plus
+its output blocks) exceed what that target's requests in flight leave free of its capacity
+(``active_blocks`` + ``decode_blocks`` of this router's accounting), vLLM must hold it waiting or
+preempt a running request and recompute it. The overflow is charged ``kv_weight`` × the prefill
+time of that many blocks. Without it the policy piles a prefix's whole family on the worker that
+caches it until that worker preempts (simulator, fan-out workload: 5 chains + a 113-block judge
+per question on 200-block workers, 3 questions/s; TTFT p99 / hit rate / preemptions): weight 0
+1.28 s / 0.646 / 96, weight 3 0.36 s / 0.664 / 33, weight 10 0.45 s / 0.642 / 36 (dynamo 0.92 s
+/ 0.542 / 114). It never fires on gsp, multi-turn or the Mooncake traces at ~80 % load, and
+weight 3 leaves them unchanged.
+
+Times come from the engine's own latency model (``core/latency.py``; ``LinearPrefillModel`` when none is
 given). Overlap from a ``resyncing`` target counts half, from a ``stale`` one not at all: a
 wrong "hit" costs a full prefill on a worker picked for nothing.
 
@@ -46,6 +57,8 @@ from core.prefix_index import Confidence, WorkerKey
 
 #: Extra weight of a request's own uncached prefill in the score (see the module docstring).
 DEFAULT_MISS_WEIGHT = 10.0
+#: Weight of the KV-pressure charge (see the module docstring).
+DEFAULT_KV_WEIGHT = 3.0
 DEFAULT_CONFIDENCE_WEIGHTS = {Confidence.FRESH: 1.0, Confidence.RESYNCING: 0.5, Confidence.STALE: 0.0}
 
 
@@ -60,6 +73,7 @@ class KvrPolicy:
         load_factor: float = 2.0,
         min_slack: float = 4.0,
         miss_weight: float = DEFAULT_MISS_WEIGHT,
+        kv_weight: float = DEFAULT_KV_WEIGHT,
         confidence_weights: dict[Confidence, float] | None = None,
     ) -> None:
         if load_factor < 1.0 or min_slack < 0:
@@ -69,6 +83,7 @@ class KvrPolicy:
         self.load_factor = load_factor
         self.min_slack = min_slack
         self.miss_weight = miss_weight
+        self.kv_weight = kv_weight
         self.confidence_weights = dict(DEFAULT_CONFIDENCE_WEIGHTS)
         if confidence_weights:
             self.confidence_weights.update({Confidence(k): v for k, v in confidence_weights.items()})
@@ -90,7 +105,18 @@ class KvrPolicy:
         else:
             ttft_s = self.latency.prefill_s(new_tokens=queued + new, cached_tokens=cached)
             queue_s = ttft_s - alone_s
-        return ttft_s, queue_s, cached, ttft_s + self.miss_weight * alone_s
+        score = ttft_s + self.miss_weight * alone_s
+        if self.kv_weight and w.capacity_blocks > 0:
+            # KV pressure: blocks this request needs beyond what the requests in flight there
+            # leave free. vLLM then holds it waiting or preempts a running request, whose prefill
+            # is recomputed: priced as prefilling the overflow again.
+            bs = self.block_size
+            need = -(-request.prompt_tokens // bs) - cached // bs + -(-request.max_tokens // bs)
+            load = w.load
+            overflow = load.active_blocks + load.decode_blocks + need - w.capacity_blocks
+            if overflow > 0:
+                score += self.kv_weight * self.latency.prefill_s(new_tokens=overflow * bs)
+        return ttft_s, queue_s, cached, score
 
     def load_bound(self, candidates: Sequence[WorkerState]) -> float:
         mean = (sum(w.load.in_flight for w in candidates) + 1) / len(candidates)
@@ -110,7 +136,7 @@ class KvrPolicy:
             load = w[2]
             in_flight = load[0]
             total += in_flight
-            key = (w[1], w[3], load[3])  # overlap, confidence, queued prefill tokens
+            key = (w[1], w[3], load[3], load[4] + load[6])  # overlap, confidence, queued prefill, KV in use
             p = memo.get(key)
             if p is None:
                 p = memo[key] = self.predict(request, w)
@@ -132,7 +158,7 @@ class KvrPolicy:
             tied = [i for s_, f_, i in keyed if (s_, f_) == best]
         pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
         chosen = candidates[pick]
-        ttft_s, queue_s, cached, _ = memo[(chosen[1], chosen[3], chosen[2][3])]
+        ttft_s, queue_s, cached, _ = memo[(chosen[1], chosen[3], chosen[2][3], chosen[2][4] + chosen[2][6])]
         reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
                   f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, {chosen.confidence.value})")
         if over:

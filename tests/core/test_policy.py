@@ -230,4 +230,28 @@ def test_kvr_miss_weight_charges_uncached_prefill_again():
     # Score: w0 = 316 + 10 × 16 = 476, w1 = 160 + 10 × 160 = 1760.
     assert sticky.target == T[0] and sticky.scores == {T[0]: pytest.approx(476), T[1]: pytest.approx(1760)}
     assert "predicted TTFT 316.000 ms" in sticky.reason
-    assert KvrPolicy().miss_weight == 10.0
+    assert KvrPolicy().miss_weight == 10.0 and KvrPolicy().kv_weight == 3.0
+
+
+def test_kvr_kv_pressure_prices_blocks_beyond_what_the_requests_in_flight_leave_free():
+    lat = LinearPrefillModel(base_s=0.0, per_token_s=0.001)
+    # 160 prompt tokens (10 blocks) and 40 output tokens (3 blocks); w0 holds 9 of the prompt's blocks,
+    # so it needs 1 + 3 new blocks, out of a capacity of 1000.
+    r = RouteRequest("r", len(PROMPT), block_hashes(PROMPT, block_size=BS), PROMPT, None, max_tokens=40)
+    full = ws(0, overlap=9, active_blocks=990, decode_blocks=8)  # 998 in use: 2 blocks short
+    idle = ws(1)
+
+    def choose(weight, *cands):
+        return KvrPolicy(block_size=BS, latency=lat, miss_weight=0, kv_weight=weight).choose(
+            r, list(cands), now=0, rng=random.Random(0))
+
+    assert choose(0, full, idle).scores == {T[0]: pytest.approx(16), T[1]: pytest.approx(160)}
+    # The 2 missing blocks cost their prefill again (32 ms) × the weight.
+    d = choose(10, full, idle)
+    assert d.target == T[1] and d.scores == {T[0]: pytest.approx(16 + 320), T[1]: pytest.approx(160)}
+    assert choose(3, full, idle).target == T[0]  # 16 + 96 ms: still worth the cache
+    # Exactly full after this request: no overflow, no charge.
+    assert choose(10, ws(0, overlap=9, active_blocks=994, decode_blocks=2), idle).scores[T[0]] == pytest.approx(16)
+    # A target of unknown capacity is never charged.
+    unknown = WorkerState(T[0], 9, WorkerLoad(active_blocks=990, decode_blocks=8), Confidence.FRESH, 0)
+    assert choose(10, unknown, idle).scores[T[0]] == pytest.approx(16)

@@ -42,8 +42,10 @@ def test_routes_to_the_worker_holding_the_prefix_and_accounts_load():
     assert res.block_hashes == block_hashes(prompt, block_size=BS)
     load = core.load(W[2])
     assert (load.in_flight, load.queued_prefill_tokens, load.active_blocks) == (1, 20, 6)
-    core.route(RoutingInput("r0", prompt[:48]), now=1.0, exclude=[W[0], W[1]])  # its 3 blocks are r1's too
+    assert load.decode_blocks == 1  # max_tokens 16: one block of output
+    core.route(RoutingInput("r0", prompt[:48], max_tokens=33), now=1.0, exclude=[W[0], W[1]])  # its 3 blocks are r1's too
     assert core.load(W[2]).active_blocks == 6  # distinct blocks: a shared prefix counts once
+    assert core.load(W[2]).decode_blocks == 1 + 3  # output blocks are each request's own
     core.on_finish("r0")
     core.update_load(W[2], running=1, waiting=3, queued_prefill_tokens=500, kv_usage=0.5)
     assert core.load(W[2]).queued_prefill_tokens == 500  # the engine knows of more work (another router)
@@ -53,6 +55,7 @@ def test_routes_to_the_worker_holding_the_prefix_and_accounts_load():
     rec = core.on_finish("r1")
     assert rec.target == W[2] and core.on_finish("r1") is None
     assert (core.load(W[2]).in_flight, core.load(W[2]).active_blocks, core.num_in_flight()) == (0, 0, 0)
+    assert core.load(W[2]).decode_blocks == 0
 
 
 def test_prediction_never_covers_the_last_prompt_token():
