@@ -74,6 +74,11 @@ logger = logging.getLogger(__name__)
 
 _END_SEQ = b"\xff" * 8
 _MONITOR_EVERY = 16
+#: A connecting SUB whose connection dropped without a reconnect being scheduled within this
+#: long has lost its session for good: libzmq ends a session on a protocol error (a frame over
+#: ZMQ_MAXMSGSIZE, a malformed one) instead of reconnecting, so we dial again ourselves.
+_REVIVE_AFTER_S = 0.5
+_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 class EventSubscriber(EventStream):
@@ -121,7 +126,9 @@ class EventSubscriber(EventStream):
         self._sub = make_socket(self._ctx, zmq.SUB, hwm=hwm, max_msg_size=max_msg_size, setup=self._setup)
         self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         # The monitor must exist before the first connection, or its event is lost.
-        self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED)
+        self._monitor = self._sub.get_monitor_socket(_MONITOR_EVENTS)
+        self._bind = bind
+        self._revive_at: float | None = None
         try:
             self.endpoint = attach(self._sub, endpoint, bind=bind)
         except zmq.ZMQError:  # e.g. a --bind port in use: leave nothing open behind
@@ -184,9 +191,30 @@ class EventSubscriber(EventStream):
         return self.take()
 
     def check_timeouts(self) -> list[StreamItem]:
-        """Retry or give up a replay whose answer is overdue; returns items now ready."""
+        """Retry or give up a replay whose answer is overdue, dial a dead SUB again; returns items now ready."""
+        if self._revive_at is not None:
+            self._drain_monitor()
+            if self._revive_at is not None and self._clock() >= self._revive_at:
+                self._revive()
         self.on_timer()
         return self.take()
+
+    def next_deadline_s(self) -> float | None:
+        deadline = super().next_deadline_s()
+        if self._revive_at is not None:
+            deadline = self._revive_at if deadline is None else min(deadline, self._revive_at)
+        return deadline
+
+    def _revive(self) -> None:
+        self._revive_at = None
+        self.counters.bad_frames += 1
+        logger.warning("%s: connection dropped for a bad frame (over %d bytes?): dialling again", self.name,
+                       self._sub.getsockopt(zmq.MAXMSGSIZE))
+        try:
+            self._sub.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass  # the session is gone already
+        self._sub.connect(self.endpoint)  # the new connection's anchor check finds what was lost
 
     def poll(self, timeout_ms: int = 0) -> list[StreamItem]:
         """Wait up to ``timeout_ms`` for traffic; returns every item ready (maybe none)."""
@@ -254,8 +282,15 @@ class EventSubscriber(EventStream):
             except (zmq.ZMQError, ValueError) as exc:  # malformed monitor frames cannot happen; never crash
                 logger.debug("%s: monitor: %s", self.name, exc)
                 return
-            if msg["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+            event = msg["event"]
+            if event in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+                self._revive_at = None
                 self.on_connected()
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                self._revive_at = None  # libzmq is reconnecting by itself
+            elif event == zmq.EVENT_DISCONNECTED and not self._bind:
+                # A bound SUB's peers dial again by themselves; a connecting one may not (_revive).
+                self._revive_at = self._clock() + _REVIVE_AFTER_S
 
     # -- hooks of EventStream --------------------------------------------------------------
 

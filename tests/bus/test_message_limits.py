@@ -1,0 +1,144 @@
+"""ZMQ_MAXMSGSIZE: every socket that reads from another process has a frame limit; an oversized
+frame costs its sender the connection, never the receiver its life, and traffic goes on."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from bus.client import RouterClient
+from bus.codec import encode
+from bus.publisher import EventPublisher
+from bus.schema import ErrorCode, GenerateRequest, Hello
+from bus.sockets import MAX_CONTROL_BYTES, MAX_EVENT_BYTES, MAX_REQUEST_BYTES, free_tcp_endpoint
+from bus.subscriber import AppliedBatch, EventSubscriber, GapLost
+from core.admission import AdmissionLimits
+from core.events import BlockStored
+from router.service import RouterConfig, RouterService
+from worker.service import WorkerService
+
+pytestmark = pytest.mark.timeout(60)
+BS = 16
+
+
+def _limit(sock: zmq.Socket) -> int:
+    return sock.getsockopt(zmq.MAXMSGSIZE)
+
+
+def test_the_largest_legitimate_request_fits_the_default_limit() -> None:
+    """Requests at the admission limits must reach validation (a clear error), not be cut off."""
+    limits = AdmissionLimits()
+    by_tokens = GenerateRequest(request_id="x" * limits.max_id_chars, token_ids=[2**32 - 1] * limits.max_prompt_tokens,
+                                max_tokens=limits.max_output_tokens)
+    by_text = GenerateRequest(request_id="x" * limits.max_id_chars, prompt="\U0001F600" * limits.max_prompt_chars,
+                              max_tokens=limits.max_output_tokens)
+    assert len(encode(by_tokens)) < MAX_REQUEST_BYTES
+    assert len(encode(by_text)) < MAX_REQUEST_BYTES
+    assert MAX_REQUEST_BYTES <= MAX_EVENT_BYTES
+
+
+class _StubBackend:
+    """Just enough of a backend for the worker link to say Hello and shut down."""
+
+    def hello(self, *, epoch: int, profile: str = "") -> Hello:
+        return Hello("w2", epoch, "m", BS, 100, "tcp://127.0.0.1:1")
+
+    def drain(self) -> list:
+        return []
+
+
+def test_every_receiving_socket_has_a_frame_limit() -> None:
+    ctx = zmq.Context()
+    pub = EventPublisher(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True, ctx=ctx)
+    router = RouterService(RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(),
+                                        bind_metrics=free_tcp_endpoint(), block_size=BS), ctx=ctx)
+    router._on_hello(b"w", Hello("w1", 1, "m", BS, 100, pub.endpoint, pub.replay_endpoint), time.monotonic())
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    worker = WorkerService(backend=_StubBackend(), router_endpoint=router.workers_endpoint, worker_id="w2", ctx=ctx)
+    worker._connect()
+    try:
+        (stream,) = router.ingest.streams.values()
+        sub = stream.subscriber
+        assert _limit(router._clients) == _limit(router._workers_sock) == MAX_REQUEST_BYTES
+        assert _limit(router._metrics) == MAX_CONTROL_BYTES
+        assert _limit(sub._sub) == _limit(sub._dealer) == MAX_EVENT_BYTES
+        assert _limit(pub._pub) == _limit(pub._router) == MAX_CONTROL_BYTES
+        assert _limit(client._sock) == MAX_REQUEST_BYTES
+        assert _limit(worker._dealer) == MAX_REQUEST_BYTES
+    finally:
+        worker._shutdown()
+        client.close()
+        router.close()
+        pub.close()
+        ctx.term()
+
+
+def test_an_oversized_request_costs_the_sender_its_connection_not_the_router() -> None:
+    config = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
+                          max_request_bytes=64 * 1024)
+    box: dict = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        box["svc"] = RouterService(config)
+        ready.set()
+        box["svc"].run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    router: RouterService = box["svc"]
+    ctx = zmq.Context()
+    try:
+        with RouterClient(endpoint=router.clients_endpoint, ctx=ctx) as client:
+            big = client.send(GenerateRequest(request_id="big", token_ids=[1] * 100_000, max_tokens=1))
+            time.sleep(0.3)  # the router cuts the connection; the DEALER dials again by itself
+            # Later traffic on the same client flows (no worker: an explicit NO_WORKERS error).
+            deadline = time.monotonic() + 10
+            reply = None
+            while reply is None and time.monotonic() < deadline:
+                try:
+                    reply = client.generate(GenerateRequest(request_id=f"small-{time.monotonic()}", prompt="hi",
+                                                            max_tokens=1), timeout_s=1.0)
+                except TimeoutError:
+                    continue
+            assert reply is not None and reply.error is not None and reply.error.code is ErrorCode.NO_WORKERS
+            assert not big.done  # the oversized request never reached the router
+        assert thread.is_alive()
+        assert router.counters["requests"] >= 1 and router.counters["bad_messages"] == 0
+    finally:
+        router.stop()
+        thread.join(10)
+        ctx.term()
+
+
+def test_an_oversized_event_batch_is_dropped_and_the_stream_goes_on() -> None:
+    ctx = zmq.Context()
+    pub = EventPublisher(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True, ctx=ctx)
+    sub = EventSubscriber(endpoint=pub.endpoint, replay_endpoint=pub.replay_endpoint, ctx=ctx, replay_timeout_ms=200,
+                          max_replay_attempts=2, max_msg_size=64 * 1024)
+    tokens = list(range(BS))
+    items: list = []
+    try:
+        deadline = time.monotonic() + 2
+        while not any(isinstance(i, AppliedBatch) for i in items):  # joined: the first batch arrives
+            assert time.monotonic() < deadline, "subscriber never joined"
+            pub.publish([BlockStored([1], None, tokens, BS, None, "GPU", None)], time.time())
+            items += sub.poll(50)
+        oversized = pub.publish_raw(b"\x00" * (256 * 1024))
+        deadline = time.monotonic() + 15
+        while not any(isinstance(i, AppliedBatch) and i.seq > oversized for i in items):
+            assert time.monotonic() < deadline, f"no batch after the oversized one: {items[-5:]}"
+            pub.publish([BlockStored([2], None, tokens, BS, None, "GPU", None)], time.time())
+            pub.poll_replay(0)
+            items += sub.poll(50)
+        # The oversized batch itself is reported lost (its replay is cut off too), never applied.
+        assert not any(isinstance(i, AppliedBatch) and i.seq == oversized for i in items)
+        assert any(isinstance(i, GapLost) and i.from_seq <= oversized <= i.to_seq for i in items)
+    finally:
+        sub.close()
+        pub.close()
+        ctx.term()
