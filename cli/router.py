@@ -96,7 +96,11 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
 
             embedded = EmbeddedRedis().start()
             redis_url = embedded.url
-        mirror = RedisMirror(client=make_redis_client(redis_url), namespace=namespace)
+        client = make_redis_client(redis_url)
+        refused = redis_refusal(client)
+        if refused is not None:
+            raise click.ClickException(f"{refused} (--redis-url {redact_url(redis_url)})")
+        mirror = RedisMirror(client=client, namespace=namespace)
     try:
         from worker.remote_tokenizer import load_router_tokenizer
 
@@ -133,6 +137,43 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
         if embedded is not None:
             embedded.stop()
         logger.info("router stopped: %s", dict(service.counters))
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redis_refusal(client) -> str | None:
+    """Why Redis refuses this client for good (credentials, TLS), or None.
+
+    Redis being *down* is a fault the router rides out (it routes from memory and rewrites the
+    mirror when Redis is back), so that only logs; a wrong password or a certificate that does
+    not verify will not heal by waiting, so the router does not start with it.
+    """
+    import redis
+
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        return f"Redis refused the credentials: {exc}"
+    except redis.ResponseError as exc:  # e.g. a password for a Redis that has none
+        return f"Redis refused the connection: {exc}"
+    except redis.ConnectionError as exc:
+        if "SSL" in str(exc) or "certificate" in str(exc):
+            return f"TLS with Redis failed: {exc}"
+        logger.warning("Redis unreachable at start (%s): routing from memory until it answers", exc)
+    except redis.RedisError as exc:
+        logger.warning("Redis unreachable at start (%s): routing from memory until it answers", exc)
+    return None
 
 
 COMMANDS = [router_cmd]
