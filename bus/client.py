@@ -5,18 +5,28 @@ concurrent requests; replies are matched by ``request_id``. The client measures
 its own wall-clock TTFT and end-to-end latency, which include the router.
 
 Not thread-safe: one thread owns a client (ZMQ sockets are not thread-safe).
+
+**Nothing hangs on a lost router.** A router that dies (SIGKILL, crash) takes the replies of
+every request it held with it, and a DEALER would wait for them forever. The client watches its
+connection (socket monitor): when an established session to the router ends, every request still
+pending ends at once with a local ``ErrorReply(ROUTER_RESTARTED)``. Requests sent afterwards are
+queued by ZMQ and reach the router once it is back. A request sent in the few milliseconds
+between the disconnect and the client noticing it may still reach the new router: its reply then
+arrives after its local error and is counted in ``late_replies``, never delivered twice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bus.codec import DecodeError, encode, reply_decoder
-from bus.schema import CancelRequest, Completion, ErrorReply, GenerateRequest, ReplyMessage, Routed, TokenChunk
+from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, ReplyMessage, Routed, TokenChunk
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_socket
 
@@ -62,13 +72,27 @@ class RouterClient:
                                  setup=None if curve is None else curve.dial)
         if identity:
             self._sock.setsockopt(zmq.IDENTITY, identity)
+        # Before connect, so no session goes unseen. Only a session that completed its handshake
+        # counts: a refused CURVE handshake never reached the router and loses nothing.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._session_up = False
         self._sock.connect(endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._decoder = reply_decoder()
         self.pending: dict[str, RequestResult] = {}
         self.bad_replies = 0
         self.unmatched_replies = 0
+        self.connection_losses = 0  # router sessions that ended (router died or cut the connection)
+        self.late_replies = 0  # replies for requests already ended locally by a connection loss
+        self._abandoned: OrderedDict[str, None] = OrderedDict()  # those requests' ids (bounded)
+        self._ended: list[RequestResult] = []  # ended by a loss noticed in send(), for the next poll
 
     def send(self, request: GenerateRequest) -> RequestResult:
+        # A session lost before this send must not take this request down with it: the
+        # requests it did hold are ended now (returned by the next poll), this one goes out after.
+        self._read_monitor(self._ended)
         result = RequestResult(request.request_id, time.monotonic())
         self.pending[request.request_id] = result
         self._sock.send(encode(request))
@@ -79,14 +103,51 @@ class RouterClient:
 
     def poll(self, timeout_ms: int = 100) -> list[RequestResult]:
         """Read every reply available within ``timeout_ms``; return requests that finished."""
-        finished: list[RequestResult] = []
-        if not self._sock.poll(timeout_ms):
-            return finished
+        finished, self._ended = self._ended, []
+        ready = dict(self._poller.poll(0 if finished else timeout_ms))
+        if self._sock in ready:
+            self._read_replies(finished)
+        if self._monitor in ready:
+            self._read_monitor(finished)
+        return finished
+
+    def _read_monitor(self, finished: list[RequestResult]) -> None:
+        lost = False
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._session_up = True
+            elif event == zmq.EVENT_DISCONNECTED and self._session_up:
+                self._session_up = False
+                lost = True
+        if not lost:
+            return
+        self.connection_losses += 1
+        # Replies that made it before the session ended are real: take them first.
+        self._read_replies(finished)
+        if self.pending:
+            logger.warning("connection to the router lost: ending %d pending requests with an error",
+                           len(self.pending))
+        now = time.monotonic()
+        for rid, result in list(self.pending.items()):
+            result.error = ErrorReply(rid, ErrorCode.ROUTER_RESTARTED,
+                                      "connection to the router lost (router died, restarted or dropped this client) "
+                                      "before the request finished; its outcome is unknown")
+            result.finished_s = now
+            finished.append(self.pending.pop(rid))
+            self._abandoned[rid] = None
+        while len(self._abandoned) > 100_000:
+            self._abandoned.popitem(last=False)
+
+    def _read_replies(self, finished: list[RequestResult]) -> None:
         while True:
             try:
                 frame = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return finished
+                return
             try:
                 reply = self._decoder.decode(frame)
             except DecodeError as exc:
@@ -100,7 +161,10 @@ class RouterClient:
     def _apply(self, reply: ReplyMessage) -> RequestResult | None:
         result = self.pending.get(reply.request_id)
         if result is None:
-            self.unmatched_replies += 1
+            if reply.request_id in self._abandoned:
+                self.late_replies += 1
+            else:
+                self.unmatched_replies += 1
             return None
         now = time.monotonic()
         if isinstance(reply, Routed):
@@ -132,6 +196,9 @@ class RouterClient:
         raise TimeoutError(f"no terminal reply for {request.request_id} within {timeout_s} s")
 
     def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
     def __enter__(self) -> RouterClient:
