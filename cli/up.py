@@ -40,11 +40,14 @@ DEFAULT_MONITOR_PORT = 9470
 @click.option("--ready-timeout", "ready_timeout_s", type=float, default=60.0, show_default=True)
 @click.option("--router-arg", "router_args", multiple=True, help="Extra argument for `kvr router` (repeatable).")
 @click.option("--worker-arg", "worker_args", multiple=True, help="Extra argument for every `kvr worker` (repeatable).")
+@click.option("--curve", is_flag=True,
+              help="ZMQ CURVE on the bus: keys generated into RUN_DIR/keys, router and workers authenticated "
+                   "(docs/security.md); clients need `kvr send --curve-dir RUN_DIR/keys`.")
 @click.pass_context
 def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, namespace: str, policy: str, profile: str,
            speedup: float, block_size: int, run_dir: str | None, client_port: int, worker_port: int, metrics_port: int,
            monitor_port: int, no_monitor: bool, ready_timeout_s: float, router_args: tuple[str, ...],
-           worker_args: tuple[str, ...]) -> None:
+           worker_args: tuple[str, ...], curve: bool = False) -> None:
     """Start Redis, the router, WORKERS workers and the monitor; Ctrl-C stops them all.
 
     Exit code: 0 after a clean stop; 10 Redis, 11 router, 12 a worker, 13 the monitor failed
@@ -53,6 +56,21 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
     from monitor.cluster import ClusterConfig, LocalCluster
     from monitor.supervisor import ComponentFailed
 
+    keys_dir = None
+    if curve:
+        import tempfile
+        from pathlib import Path
+
+        from bus.security import SecurityError, generate_keys
+
+        run_dir = run_dir or tempfile.mkdtemp(prefix="kvr-run-")
+        keys_dir = Path(run_dir) / "keys"
+        try:
+            generate_keys(keys_dir)
+        except SecurityError as exc:
+            raise click.ClickException(str(exc)) from None
+        router_args = (*router_args, "--curve-dir", str(keys_dir))
+        worker_args = (*worker_args, "--curve-dir", str(keys_dir))
     log_level = logging.getLevelName(logging.getLogger().level)
     cluster = LocalCluster(ClusterConfig(
         workers=workers, redis_url=redis_url, redis_kind=redis_kind, namespace=namespace, policy=policy,
@@ -81,10 +99,12 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         "run_dir": str(cluster.run_dir),
         "dump": str(cluster.dump_path) if not no_monitor else None,
         "pids": {name: cluster.supervisor.pid(name) for name in cluster.supervisor.names},
+        "curve_dir": str(keys_dir) if keys_dir else None,
     }
     (cluster.run_dir / "cluster.json").write_text(json.dumps(info, indent=2) + "\n")
     click.echo(f"kvr cluster ready: {workers} workers, redis {cluster.redis_url} ({cluster.redis_kind})")
-    click.echo(f"  send:  kvr send --router {cluster.client_endpoint} 'hello'")
+    curve_flag = f" --curve-dir {keys_dir}" if keys_dir else ""
+    click.echo(f"  send:  kvr send --router {cluster.client_endpoint}{curve_flag} 'hello'")
     if not no_monitor:
         click.echo(f"  watch: kvr dash --source '{cluster.monitor_url}/json?light=1'    (Prometheus: {cluster.monitor_url}/metrics)")
     click.echo(f"  logs:  {cluster.run_dir / 'logs'}    Ctrl-C stops everything", nl=True)
