@@ -260,7 +260,13 @@ class WorkerService:
                 self._connect()
             return
         if now - self._last_recv > self.heartbeat_interval_s * self.liveness:
-            logger.warning("router silent for %.1f s: reconnecting in %.2f s", now - self._last_recv, self._backoff_s)
+            # Never welcomed at all: a CURVE refusal looks exactly like silence from here (the
+            # router never sees a refused peer), so say what to check.
+            hint = "" if self.counters.welcomes else (
+                " (never welcomed: is this worker's public key in the router's workers/ key directory?)"
+                if self.curve is not None else " (never welcomed: a router with --curve-dir admits only keyed workers)")
+            logger.warning("router silent for %.1f s: reconnecting in %.2f s%s", now - self._last_recv,
+                           self._backoff_s, hint)
             self._disconnect()
             self._reconnect_at = now + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, self.backoff_max_s)
