@@ -204,3 +204,42 @@ def test_an_unauthorised_publisher_cannot_inject_blocks(cluster, keys) -> None:
     for pub in [*impostors, genuine]:
         pub.close()
     ctx.term()
+
+
+def test_the_http_front_dials_its_curve_router_with_the_router_key(cluster, keys) -> None:
+    """``kvr router --curve-dir --http-port``: the front is a client of its own router, keyed."""
+    import http.client
+    import json
+
+    from bus.sockets import connectable
+    from router.http_front import RouterHttpFront
+
+    folder, _ = keys
+    cluster.worker("w-good", folder)
+    _wait(lambda: "w-good" in cluster.router.workers, what="the authorised worker to register")
+    front = RouterHttpFront(client_endpoint=connectable(cluster.router.clients_endpoint), model="m",
+                            stats=lambda: cluster.router.stats, request_timeout_s=10,
+                            curve=load_curve(folder, name="router"))
+    front.start()
+    try:
+        host, port = front.server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "hello", "max_tokens": 2}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 200, body
+        assert body["kvr"]["worker_id"] == "w-good"
+        # Refused handshakes show up in Prometheus text too.
+        stranger_ctx = zmq.Context()
+        stranger = RouterClient(endpoint=cluster.router.clients_endpoint, ctx=stranger_ctx,
+                                curve=load_curve(keys[1], name="client"))
+        stranger.send(_request(9))
+        _wait(lambda: cluster.router.stats["counters"].get("auth_denied_clients", 0) > 0, what="a counted refusal")
+        conn.request("GET", "/metrics")
+        assert "kvr_router_auth_denied_clients_total" in conn.getresponse().read().decode()
+        conn.close()
+        stranger.close()
+        stranger_ctx.term()
+    finally:
+        front.close()
