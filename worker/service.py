@@ -9,8 +9,10 @@ One loop thread owns every socket (zmq sockets are not thread-safe):
   interval; when nothing at all has come from the router for ``interval × liveness``,
   it drops the DEALER and reconnects after an exponential backoff (``backoff_min_s``
   doubling up to ``backoff_max_s``, reset by the next ``Welcome``), re-registering
-  with the same epoch. Messages for the router while the link is down are counted
-  and dropped: the router has failed those requests over already.
+  with the same epoch. Request replies produced while the link is down (tokens, results,
+  errors) are held, up to ``MAX_HELD_REPLIES``, and sent right after the next ``Hello``: a
+  router that only stalled still waits for them (it never declared this incarnation dead),
+  and one that failed the requests over already counts them as late. Heartbeats are not held.
 * **Backend.** ``Dispatch`` → ``backend.submit``, ``Cancel`` → ``backend.cancel``;
   whatever the backend produces (``TokenChunk``, ``Completion``, ``ErrorReply``) goes
   to the router, or to a local sink for requests that came in over HTTP.
@@ -28,6 +30,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ import zmq
 
 from bus.codec import DecodeError, encode, router_decoder
 from bus.schema import (
-    Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Refused, Welcome,
+    Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Refused, TokenChunk, Welcome,
 )  # fmt: skip
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_dealer
@@ -46,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 Sink = Callable[[Any], None]
 _TERMINAL = (Completion, ErrorReply)
+#: Request replies held while the router link is down (beyond that they are dropped and counted).
+MAX_HELD_REPLIES = 100_000
 
 
 @dataclass
@@ -54,7 +59,8 @@ class LinkCounters:
     welcomes: int = 0
     heartbeats_sent: int = 0
     messages_sent: int = 0
-    messages_dropped: int = 0  # produced while the link was down
+    messages_dropped: int = 0  # produced while the link was down (heartbeats, and replies beyond the hold limit)
+    replies_held: int = 0  # request replies held while the link was down, sent after the next Hello
     dispatches: int = 0
     cancels: int = 0
     bad_messages: int = 0
@@ -107,6 +113,7 @@ class WorkerService:
         self._last_recv = 0.0
         self._next_heartbeat = 0.0
         self._reconnect_at: float | None = None
+        self._held: deque = deque()  # request replies produced while the link was down
         self._backoff_s = backoff_min_s
         self._sinks: dict[str, Sink] = {}
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -238,6 +245,12 @@ class WorkerService:
         self.registered = False
         self._send(self.backend.hello(epoch=self.epoch, profile=self.profile))
         logger.info("worker %s registering with %s (epoch %d)", self.worker_id, self.router_endpoint, self.epoch)
+        if self._held:  # after the Hello on the same socket, so the router knows who sends them
+            logger.info("worker %s: sending %d replies held while the router link was down", self.worker_id,
+                        len(self._held))
+            held, self._held = self._held, deque()
+            for msg in held:
+                self._send(msg)
 
     def _disconnect(self) -> None:
         if self._dealer is not None:
@@ -279,7 +292,11 @@ class WorkerService:
 
     def _send(self, msg: Any) -> None:
         if self._dealer is None:
-            self.counters.messages_dropped += 1
+            if isinstance(msg, (TokenChunk, Completion, ErrorReply)) and len(self._held) < MAX_HELD_REPLIES:
+                self._held.append(msg)
+                self.counters.replies_held += 1
+            else:
+                self.counters.messages_dropped += 1
             return
         try:
             self._dealer.send(encode(msg), zmq.NOBLOCK)

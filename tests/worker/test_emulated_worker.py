@@ -124,6 +124,26 @@ def test_a_silent_router_makes_the_worker_reconnect_with_the_same_epoch(router, 
     assert second.epoch == first.epoch and svc.counters.connects >= 2
 
 
+def test_replies_produced_while_the_link_is_down_follow_the_next_hello(router, start_worker) -> None:
+    """A router that only stalled (no Hello lost, no death declared) still waits for them: nothing lost."""
+    svc = start_worker(backoff_min_s=0.3)
+    register(router, interval_s=0.05, liveness=2)
+    # A long request; the router goes silent while it runs, so the worker drops the link mid-stream.
+    router.send(Dispatch(request_id="r", token_ids=list(range(40)), max_tokens=400))
+    deadline = time.monotonic() + 5
+    while svc.counters.replies_held == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert svc.counters.replies_held > 0
+    tokens: list[int] = []
+    while not isinstance(msg := router.recv(), Hello):  # what got out before the link dropped
+        if isinstance(msg, TokenChunk):
+            tokens.extend(msg.token_ids)
+    router.send(Welcome(router_id="r1", heartbeat_interval_s=0.05, heartbeat_liveness=50))
+    rest, done = collect(router, "r")  # the held tokens, then the rest, then the result
+    assert isinstance(done, Completion) and done.output_tokens == 400
+    assert len(tokens) + len(rest) == 400  # not one token lost
+
+
 def test_refused_stops_the_worker(router) -> None:
     ctx = zmq.Context()
     backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id="w1"), ctx=ctx)
