@@ -37,6 +37,9 @@ from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot
 logger = logging.getLogger(__name__)
 
 DEFAULT_RESYNC_S = 10.0
+#: After a failed Redis write, dirty targets are not rewritten for this long: against a Redis that
+#: hangs (SIGSTOP, partition) each try costs the loop the whole socket timeout.
+MIRROR_RETRY_S = 1.0
 
 
 @dataclass
@@ -113,6 +116,7 @@ class EventIngest:
         self.streams: dict[WorkerKey, TargetStream] = {}
         self._by_socket: dict[zmq.Socket, TargetStream] = {}
         self.mirror_failures = 0
+        self._mirror_retry_at = 0.0  # no rewrite of dirty targets before this (clock)
 
     # ------------------------------------------------------------------ warm start
 
@@ -219,13 +223,14 @@ class EventIngest:
                 self._on_item(stream, item)
             replaced |= before != stream.subscriber.sockets()
             self._update_confidence(stream, now)
-            if stream.mirror_dirty:
+            if stream.mirror_dirty and now >= self._mirror_retry_at:
                 self._resync_mirror(stream)
         if replaced:
             self._reindex()
 
     def mark_mirror_lost(self) -> None:
         """Redis lost what was mirrored (restart, flush): rewrite every target on the next tick."""
+        self._mirror_retry_at = 0.0  # Redis answered just now: no reason to wait
         for stream in self.streams.values():
             stream.mirror_dirty = True
 
@@ -298,6 +303,7 @@ class EventIngest:
             write()
         except MirrorUnavailable as exc:
             self.mirror_failures += 1
+            self._mirror_retry_at = self._clock() + MIRROR_RETRY_S
             if stream is not None:
                 if not stream.mirror_dirty:
                     logger.warning("%s: Redis write failed (%s); will rewrite the target when it is back",
@@ -310,6 +316,7 @@ class EventIngest:
         try:
             self.mirror.replace_target(snap)
         except MirrorUnavailable:
+            self._mirror_retry_at = self._clock() + MIRROR_RETRY_S
             return
         stream.mirror_dirty = False
         logger.info("%s: Redis mirror rewritten (%d blocks)", t, len(snap.blocks))

@@ -351,7 +351,8 @@ class RouterService:
                                       queued_prefill_tokens=l.queued_prefill_tokens, kv_usage=l.kv_usage)
             self._mirror_call(lambda: self.mirror.touch_worker(wid, epoch=worker.hello.epoch, load=msg.load,
                                                                now_s=self._wall(),
-                                                               ttl_s=self.config.heartbeat.timeout_s))
+                                                               ttl_s=self.config.heartbeat.timeout_s),
+                              refresh=True)
         elif isinstance(msg, Goodbye):
             self._worker_gone(wid, ErrorCode.WORKER_DIED, "worker left")
         elif isinstance(msg, (TokenChunk, Completion, ErrorReply)):
@@ -469,8 +470,14 @@ class RouterService:
             self.counters["worker_send_drops"] += 1
             logger.debug("message to worker %s dropped: %s", identity.hex(), exc)
 
-    def _mirror_call(self, write: Callable[[], None]) -> None:
+    def _mirror_call(self, write: Callable[[], None], *, refresh: bool = False) -> None:
+        """A Redis write that must not stop routing. ``refresh`` (a heartbeat's liveness touch) is
+        skipped while Redis is known down: against a Redis that hangs rather than refuses, each
+        try would stall the loop for the socket timeout, and the resync rewrites it anyway."""
         if self.mirror is None:
+            return
+        if refresh and self._mirror_down:
+            self.counters["mirror_skipped"] += 1
             return
         try:
             write()
