@@ -45,3 +45,21 @@ def test_embedded_redis_serves_the_mirror_and_stops(kind):
         assert (snap.seq, snap.epoch, snap.blocks) == (5, 3, {11: 22, 33: 44})
         url = r.url
     assert not ping(url, timeout_s=0.2)
+
+
+def test_fakeredis_server_turns_nagle_off_on_every_connection():
+    import socket
+
+    from bus.redis_server import make_fakeredis_server
+
+    server = make_fakeredis_server("127.0.0.1", 0)
+    try:
+        client = socket.create_connection(server.server_address[:2])
+        conn, _ = server.get_request()
+        try:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            conn.close()
+            client.close()
+    finally:
+        server.server_close()
