@@ -319,12 +319,17 @@ class EventPublisher:
             logger.warning("ignoring replay request with %d frames (want 3)", len(frames))
             return
         identity, _, start_frame = frames
+        if len(start_frame) > 8:  # a seq is a uint64; a longer frame is not a replay request
+            self.counters.bad_replay_requests += 1
+            logger.warning("ignoring replay request with a %d-byte start seq (want 8)", len(start_frame))
+            return
         start = int.from_bytes(start_frame, "big")
         self.counters.replay_requests += 1
         sent = 0
         if self._ring:
-            # The ring holds consecutive seqs, so the start index is arithmetic.
-            offset = max(0, start - self._ring[0][0])
+            # The ring holds consecutive seqs, so the start index is arithmetic (clamped: islice
+            # refuses offsets past sys.maxsize, and a start of 2**64-1 is a valid request).
+            offset = min(max(0, start - self._ring[0][0]), len(self._ring))
             for seq, payload in itertools.islice(self._ring, offset, None):
                 if self.reply_format == "0.33":
                     self._router.send_multipart([identity, b"", self.topic, seq_bytes(seq), payload])

@@ -162,6 +162,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     # z85 public key of the KV-event PUB and replay ROUTER when they are CURVE servers (the
     # router's SUB then dials them as a CURVE client); "" = plain sockets (real vLLM).
     events_curve_key: str = ""
+    # Longest sequence (prompt + output) the engine takes; 0 = unknown. The router refuses a
+    # prompt no registered worker could hold (PROMPT_TOO_LONG) instead of dispatching it.
+    max_model_len: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):

@@ -38,8 +38,10 @@ from core.tokenizer import apply_chat_template
 logger = logging.getLogger(__name__)
 
 _MAX_BODY_BYTES = 64 * 1024 * 1024
+_MAX_TOKEN_ID = 2**32  # kvr hashes token ids as uint32 (core/hashing.py); the router says the same
+_MAX_WIRE_INT = 2**63  # what msgpack carries as a signed int; bigger is refused here, not in the bridge
 _STATUS = {
-    ErrorCode.BAD_REQUEST: 400, ErrorCode.PROMPT_TOO_LONG: 400, ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.BAD_REQUEST: 400, ErrorCode.PROMPT_TOO_LONG: 413, ErrorCode.UNKNOWN_MODEL: 404,
     ErrorCode.NO_WORKERS: 503, ErrorCode.OVERLOADED: 429, ErrorCode.TIMEOUT: 504, ErrorCode.CANCELLED: 499,
     ErrorCode.WORKER_DIED: 502, ErrorCode.WORKER_ERROR: 502, ErrorCode.ROUTER_RESTARTED: 503,
 }  # fmt: skip
@@ -94,9 +96,16 @@ class _Bridge:
                     pass
                 while True:
                     try:
-                        sock.send(encode(self._out.get_nowait()))
+                        msg = self._out.get_nowait()
                     except queue.Empty:
                         break
+                    try:
+                        data = encode(msg)
+                    except (OverflowError, TypeError, ValueError) as exc:  # parse_completion_body should stop these
+                        logger.warning("request %s does not encode: %s", msg.request_id, exc)
+                        self._fail(msg.request_id, ErrorReply(msg.request_id, ErrorCode.BAD_REQUEST, f"unencodable: {exc}"))
+                        continue
+                    sock.send(data)
                 while sock.poll(0):
                     try:
                         reply = decoder.decode(sock.recv())
@@ -115,6 +124,12 @@ class _Bridge:
                 for inbox in self._inboxes.values():
                     inbox.put(None)
                 self._inboxes.clear()
+
+    def _fail(self, request_id: str, reply: ErrorReply) -> None:
+        with self._lock:
+            inbox = self._inboxes.pop(request_id, None)
+        if inbox is not None:
+            inbox.put(reply)
 
     def close(self) -> None:
         self._stop.set()
@@ -220,58 +235,35 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = _content_length(self.headers.get("Content-Length"))
             if length > _MAX_BODY_BYTES:
-                raise HttpError(413, f"request body over {_MAX_BODY_BYTES} bytes")
-            try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise HttpError(400, f"invalid JSON: {exc}") from None
-            if not isinstance(body, dict):
-                raise HttpError(400, "the request body must be a JSON object")
+                self.close_connection = True  # the unread body must not be taken for the next request
+                raise HttpError(413, f"request body of {length} bytes is over the {_MAX_BODY_BYTES}-byte limit",
+                                ErrorCode.PROMPT_TOO_LONG.value)
+            raw = self.rfile.read(length) if length else b""
             if path in ("/v1/completions", "/v1/chat/completions"):
-                self._completions(body, chat=path.endswith("chat/completions"))
+                chat = path.endswith("chat/completions")
+                self._completions(raw, chat=chat)
             else:
                 self._error(404, f"no route {path}", "NotFoundError")
         except HttpError as exc:
             self._error(exc.status, str(exc), exc.kind)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception:  # a bug must not drop the connection without an answer
+            logger.exception("POST %s failed", path)
+            self.close_connection = True
+            try:
+                self._error(500, "internal error", ErrorCode.INTERNAL.value)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ generation
 
-    def _request(self, body: dict, chat: bool, rid: str) -> GenerateRequest:
-        prompt, token_ids = None, None
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or not messages:
-                raise HttpError(400, "'messages' must be a non-empty list of objects")
-            prompt = apply_chat_template(messages, add_generation_prompt=True)
-        else:
-            p = body.get("prompt")
-            if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-                p = p[0]  # a batch of one
-            if isinstance(p, str):
-                prompt = p
-            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                token_ids = p
-            else:
-                raise HttpError(400, "'prompt' must be a string or a list of token ids (batches are not supported)")
-        if body.get("n", 1) != 1:
-            raise HttpError(400, "only n=1 is supported")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise HttpError(400, "'max_tokens' must be a positive integer")
-        salt = body.get("cache_salt")
-        if salt is not None and not isinstance(salt, str):
-            raise HttpError(400, "'cache_salt' must be a string")
-        return GenerateRequest(rid, prompt=prompt, token_ids=token_ids, max_tokens=max_tokens,
-                               model=body.get("model"), cache_salt=salt, stream=bool(body.get("stream")))
-
-    def _completions(self, body: dict, *, chat: bool) -> None:
+    def _completions(self, raw: bytes, *, chat: bool) -> None:
         f = self.front
         rid = f.next_id(chat)
-        req = self._request(body, chat, rid)
+        req, body = parse_completion(raw, chat=chat, request_id=rid, alias=f.model)
         inbox = f.bridge.submit(req)
         routed: Routed | None = None
         model = body.get("model") or f.model
@@ -326,7 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
                        "policy": routed.policy if routed else None}
                 if streaming:
                     self._sse({**head, "choices": [_choice(chat, "", msg.finish_reason, stream=True)]})
-                    if (body.get("stream_options") or {}).get("include_usage"):
+                    if (body.get("stream_options") or {}).get("include_usage"):  # a dict or null (parsed)
                         self._sse({**head, "choices": [], "usage": usage, "kvr": kvr})
                     self._sse(b"[DONE]")
                     self.wfile.write(b"0\r\n\r\n")
@@ -335,6 +327,87 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, {**head, "object": obj, "choices": [_choice(chat, "".join(texts), msg.finish_reason)],
                                  "usage": usage, "kvr": kvr}, {"x-kvr-worker": msg.worker_id})
                 return
+
+
+def _content_length(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    try:
+        length = int(value.strip())
+    except ValueError:
+        raise HttpError(400, f"invalid Content-Length {value[:40]!r}", ErrorCode.BAD_REQUEST.value) from None
+    if length < 0:
+        raise HttpError(400, f"invalid Content-Length {length}", ErrorCode.BAD_REQUEST.value)
+    return length
+
+
+def _bad(message: str) -> HttpError:
+    return HttpError(400, message, ErrorCode.BAD_REQUEST.value)
+
+
+def parse_completion_body(raw: bytes, *, chat: bool, request_id: str, alias: str | None = None,
+                          _body_out: dict | None = None) -> GenerateRequest:
+    """The HTTP edge's decoder: a completions body → a ``GenerateRequest`` the client channel
+    carries, or ``HttpError`` (400, type ``bad_request``) saying what is wrong; nothing else.
+
+    Only what the router cannot judge is checked here: JSON shape and types, and numbers too big
+    for msgpack (which would fail in the bridge, not in this request). Limits (``max_tokens``,
+    prompt length, vocabulary, models) are the router's, so ZMQ and HTTP clients get the same
+    answers. ``alias`` is the model name the front lists (``/v1/models``): it means any model.
+    """
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise _bad(f"invalid JSON: {str(exc)[:200]}") from None
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    if _body_out is not None:
+        _body_out["body"] = body
+    prompt, token_ids = None, None
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or not messages:
+            raise _bad("'messages' must be a non-empty list of objects")
+        prompt = apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]  # a batch of one
+        if isinstance(p, str):
+            prompt = p
+        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            bad = next((t for t in p if not 0 <= t < _MAX_TOKEN_ID), None)
+            if bad is not None:
+                raise _bad(f"token id {bad} is outside [0, {_MAX_TOKEN_ID})")
+            token_ids = p  # empty: the router's "token_ids is empty"
+        else:
+            raise _bad("'prompt' must be a string or a list of token ids (batches are not supported)")
+    if body.get("n", 1) != 1:
+        raise _bad("only n=1 is supported")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise _bad("'max_tokens' must be a positive integer")
+    if max_tokens >= _MAX_WIRE_INT:
+        raise _bad(f"'max_tokens' {max_tokens} is too large")
+    salt = body.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise _bad("'cache_salt' must be a string")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("'model' must be a string")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object")
+    return GenerateRequest(request_id, prompt=prompt, token_ids=token_ids, max_tokens=max_tokens,
+                           model=None if model == alias else model, cache_salt=salt, stream=bool(body.get("stream")))
+
+
+def parse_completion(raw: bytes, *, chat: bool, request_id: str, alias: str | None = None
+                     ) -> tuple[GenerateRequest, dict]:
+    """:func:`parse_completion_body` and the JSON object it read (for the response's options)."""
+    box: dict = {}
+    req = parse_completion_body(raw, chat=chat, request_id=request_id, alias=alias, _body_out=box)
+    return req, box["body"]
 
 
 def _choice(chat: bool, text: str, finish_reason: str | None, *, stream: bool = False) -> dict:

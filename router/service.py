@@ -159,6 +159,8 @@ class RouterService:
         self._client_decoder, self._worker_decoder = client_decoder(), worker_decoder()
         self.workers: dict[str, _Worker] = {}
         self._identities: dict[bytes, str] = {}  # worker DEALER identity -> worker id
+        self._models_served: frozenset[str] = frozenset()  # of the registered workers (_refresh_fleet)
+        self._min_model_len = 0  # smallest max_model_len a registered worker gave (0: none known)
         self.pending: dict[str, _Pending] = {}
         self._by_client: dict[tuple[bytes, str], str] = {}
         self._ids = itertools.count(1)
@@ -275,11 +277,13 @@ class RouterService:
         now = self._clock()
         self.counters["requests"] += 1
         if (client, req.request_id) in self._by_client:
+            self.counters["rejected_bad_request"] += 1
             self._reply(client, ErrorReply(req.request_id, ErrorCode.BAD_REQUEST, "request_id already in flight"))
             return
         rejection = check_request(request_id=req.request_id, prompt=req.prompt, token_ids=req.token_ids,
                                   max_tokens=req.max_tokens, model=req.model, limits=self.config.limits)
         if rejection is not None:
+            self.counters[f"rejected_{rejection.code}"] += 1
             self._reply(client, ErrorReply(req.request_id, ErrorCode(rejection.code), rejection.message))
             return
         if len(self.pending) >= self.config.max_pending:
@@ -291,13 +295,54 @@ class RouterService:
         if req.token_ids is None:
             rejection = check_prompt_length(len(tokens), self.config.limits)
             if rejection is not None:
+                self.counters[f"rejected_{rejection.code}"] += 1
                 self._reply(client, ErrorReply(req.request_id, ErrorCode(rejection.code), rejection.message))
                 return
+        unfit = self._unfit_targets(req, len(tokens))
+        if isinstance(unfit, ErrorReply):
+            self.counters[f"rejected_{unfit.code.value}"] += 1
+            self._reply(client, unfit)
+            return
         key = f"{self.config.router_id}-{next(self._ids)}"
         p = _Pending(key, client, req, tokens, now, self._wall(), now + self.config.request_timeout_s)
+        if unfit:
+            p.tried.update(unfit)  # never routed there, not even on a retry
         self.pending[key] = p
         self._by_client[(client, req.request_id)] = key
         self._dispatch(p, now)
+
+    def _unfit_targets(self, req: GenerateRequest, num_tokens: int) -> set[WorkerKey] | ErrorReply:
+        """Targets that cannot take ``req`` (another model, a max_model_len too short for the
+        prompt), or the error when no registered worker can: what the Hellos say is answered at
+        once, not after a round trip to a worker that would refuse it."""
+        if (req.model is None or req.model in self.config.limits.models
+                or (len(self._models_served) == 1 and req.model in self._models_served)) and (
+                not self._min_model_len or num_tokens < self._min_model_len):
+            return set()  # the common case: every worker can take it (no per-worker scan)
+        unfit: set[WorkerKey] = set()
+        other_model = longest = 0
+        for w in self.workers.values():
+            h = w.hello
+            if req.model is not None and h.model != req.model and req.model not in self.config.limits.models:
+                other_model += 1
+                unfit.update(w.targets)
+            elif h.max_model_len and num_tokens >= h.max_model_len:
+                longest = max(longest, h.max_model_len)
+                unfit.update(w.targets)
+        if not self.workers or any(t not in unfit for w in self.workers.values() for t in w.targets):
+            return unfit
+        if other_model == len(self.workers):
+            return ErrorReply(req.request_id, ErrorCode.UNKNOWN_MODEL, f"model {req.model!r} is not served here "
+                              f"(served: {', '.join(sorted(self._models_served))})")
+        return ErrorReply(req.request_id, ErrorCode.PROMPT_TOO_LONG,
+                          f"the prompt ({num_tokens} tokens) leaves no room for output under max_model_len {longest} "
+                          f"(the longest of the workers{'' if req.model is None else f' serving {req.model!r}'})")
+
+    def _refresh_fleet(self) -> None:
+        """What requests are checked against (``_unfit_targets``), on every registry change."""
+        self._models_served = frozenset(w.hello.model for w in self.workers.values())
+        self._min_model_len = min((w.hello.max_model_len for w in self.workers.values() if w.hello.max_model_len > 0),
+                                  default=0)
 
     def _dispatch(self, p: _Pending, now: float) -> None:
         """Route (again) and send; a request nothing can take ends with ``NO_WORKERS``."""
@@ -378,6 +423,7 @@ class RouterService:
             self.workers[hello.worker_id] = _Worker(identity, hello, targets)
             self._identities[identity] = hello.worker_id
             self._adopt_latency(hello)
+            self._refresh_fleet()
             logger.info("worker %s registered (epoch %d, %d rank(s), events %s)", hello.worker_id, hello.epoch,
                         len(targets), hello.events_endpoint)
         else:
@@ -430,6 +476,7 @@ class RouterService:
         if worker is None:
             return
         self._identities.pop(worker.identity, None)
+        self._refresh_fleet()
         self.ingest.remove_worker(wid)
         self._refresh_stats()
         now = self._clock()

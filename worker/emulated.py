@@ -152,6 +152,7 @@ class EmulatedBackend:
             replay_endpoint=self.replay_endpoint, topic=self.topic, dp_size=1, profile=profile or self.config.profile,
             engine=ENGINE_NAME, http_url=self.http_url,
             events_curve_key=self.publisher.curve.public_z85 if self.publisher.curve is not None else "",
+            max_model_len=eng.max_model_len,
         )  # fmt: skip
 
     def load(self, dp_rank: int = 0) -> WorkerLoad:

@@ -124,13 +124,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(status, {"error": {"message": message, "type": kind, "param": None, "code": status}})
 
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int((self.headers.get("Content-Length") or "0").strip())
+        except ValueError:
+            length = -1
+        if length < 0:  # rfile.read(-1) would wait for the client to close: a hang
+            self.close_connection = True
+            raise HttpError(400, "invalid Content-Length")
         if length > _MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body must not be taken for the next request
             raise HttpError(413, f"request body over {_MAX_BODY_BYTES} bytes")
         raw = self.rfile.read(length) if length else b"{}"
         try:
             body = json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
             raise HttpError(400, f"invalid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise HttpError(400, "the request body must be a JSON object")

@@ -191,7 +191,8 @@ class VllmBackend:
             worker_id=self.config.worker_id, epoch=epoch, model=self.info.model, block_size=self.info.block_size,
             num_gpu_blocks=self.info.num_gpu_blocks, events_endpoint=self.events_endpoint,
             replay_endpoint=self.replay_endpoint, topic=self.config.topic, dp_size=self.config.dp_size,
-            http_url=self.config.vllm_url, profile=profile, engine=ENGINE_NAME)
+            http_url=self.config.vllm_url, profile=profile, engine=ENGINE_NAME,
+            max_model_len=self.info.max_model_len or 0)
 
     # ------------------------------------------------------------------ requests
 
