@@ -100,12 +100,17 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
         refused = redis_refusal(client)
         if refused is not None:
             raise click.ClickException(f"{refused} (--redis-url {redact_url(redis_url)})")
-        mirror = RedisMirror(client=client, namespace=namespace)
+        from router.background_mirror import BackgroundMirror
+
+        # Writes on their own thread: a slow or hung Redis never stalls routing or heartbeats.
+        mirror = BackgroundMirror(mirror=RedisMirror(client=client, namespace=namespace))
     try:
         from worker.remote_tokenizer import load_router_tokenizer
 
         service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer), curve=curve)
     except Exception as exc:
+        if mirror is not None:
+            mirror.close(timeout_s=0.5)
         if embedded is not None:
             embedded.stop()
         raise click.ClickException(f"router did not start: {exc}") from None
@@ -134,6 +139,8 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
     finally:
         if front is not None:
             front.close()
+        if mirror is not None:
+            mirror.close()  # what Redis takes within 2 s; a warm start replays the rest from the workers
         if embedded is not None:
             embedded.stop()
         logger.info("router stopped: %s", dict(service.counters))

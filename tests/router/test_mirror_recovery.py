@@ -62,6 +62,19 @@ class RedisProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@pytest.fixture(params=["sync", "background"])
+def mirror_kind(request) -> str:
+    """Both the plain mirror and the one ``kvr router`` runs (writes on a background thread)."""
+    return request.param
+
+
+def _mirror(url: str, kind: str, **client_kw):
+    from router.background_mirror import BackgroundMirror
+
+    mirror = RedisMirror(client=make_redis_client(url, **client_kw), namespace="t")
+    return mirror if kind == "sync" else BackgroundMirror(mirror=mirror)
+
+
 @pytest.fixture
 def redis_proc():
     proc = RedisProcess()
@@ -88,9 +101,8 @@ def _route(client: RouterClient, workers, rid: str, tokens: list[int]):
     return res
 
 
-def test_redis_restarting_empty_is_noticed_and_the_mirror_rewritten(ctx, redis_proc):
-    running = RunningRouter(_config(mirror_check_s=0.1),
-                            mirror=RedisMirror(client=make_redis_client(redis_proc.url), namespace="t"))
+def test_redis_restarting_empty_is_noticed_and_the_mirror_rewritten(ctx, redis_proc, mirror_kind):
+    running = RunningRouter(_config(mirror_check_s=0.1), mirror=_mirror(redis_proc.url, mirror_kind))
     svc = running.service
     w1, w2 = FakeWorker(ctx, svc.workers_endpoint, "w1"), FakeWorker(ctx, svc.workers_endpoint, "w2")
     client = RouterClient(endpoint=svc.clients_endpoint, ctx=ctx)
@@ -123,12 +135,12 @@ def test_redis_restarting_empty_is_noticed_and_the_mirror_rewritten(ctx, redis_p
         w1.close()
         w2.close()
         running.stop()
+        if mirror_kind == "background":
+            svc.mirror.close(timeout_s=0.5)
 
 
-def test_routing_goes_on_while_redis_is_down_and_the_mirror_catches_up(ctx, redis_proc):
-    running = RunningRouter(_config(mirror_check_s=0.1),
-                            mirror=RedisMirror(client=make_redis_client(redis_proc.url, timeout_s=0.05),
-                                               namespace="t"))
+def test_routing_goes_on_while_redis_is_down_and_the_mirror_catches_up(ctx, redis_proc, mirror_kind):
+    running = RunningRouter(_config(mirror_check_s=0.1), mirror=_mirror(redis_proc.url, mirror_kind, timeout_s=0.05))
     svc = running.service
     w1, w2 = FakeWorker(ctx, svc.workers_endpoint, "w1"), FakeWorker(ctx, svc.workers_endpoint, "w2")
     client = RouterClient(endpoint=svc.clients_endpoint, ctx=ctx)
@@ -161,3 +173,5 @@ def test_routing_goes_on_while_redis_is_down_and_the_mirror_catches_up(ctx, redi
         w1.close()
         w2.close()
         running.stop()
+        if mirror_kind == "background":
+            svc.mirror.close(timeout_s=0.5)

@@ -1,0 +1,198 @@
+"""The Redis mirror's writes on a background thread: the routing loop never waits on Redis.
+
+``RedisMirror`` is synchronous: every event batch costs the routing thread one Redis round
+trip. That is ~0.1-2 ms against a healthy Redis, but a slow one (a busy or distant server, the
+embedded fakeredis) or a hung one (SIGSTOP, a partition: every call waits out the socket
+timeout) stalls routing, heartbeats go unanswered and workers are declared dead. This wrapper
+keeps ``RedisMirror``'s interface, so ``EventIngest`` and ``RouterService`` use it unchanged:
+
+* writes (``write_batch``, ``clear_target``, ``replace_target``, the registry) are queued and
+  run in submission order on one thread; they return at once;
+* a write that fails there is reported to the caller on its *next* write for the same target
+  (``MirrorUnavailable``, as a synchronous failure would be): the caller marks the target dirty
+  and rewrites it whole. ``replace_target`` and ``clear_target`` write a target's whole state,
+  so they supersede an earlier failure instead of reporting it;
+* any failure also makes the next ``router_heartbeat`` raise, so the service treats Redis as
+  having been away and rewrites the registry and every target when it answers again — a target
+  that never writes again is repaired too;
+* ``router_heartbeat`` answers from the last completed check and queues the next (the first
+  call waits for its answer); reads (``load_snapshot``, ``alive_workers`` …) stay synchronous;
+* the queue is bounded: when Redis cannot keep up, writes are dropped and counted, and the
+  targets they belonged to are rewritten later, exactly as after a failure.
+
+Invariant: a target's writes reach Redis in the order the routing thread made them, and after a
+failure the next whole-target write (queued after everything before it) makes Redis exact again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_QUEUE = 10_000
+_REGISTRY = ("registry",)
+
+
+class BackgroundMirror:
+    """``RedisMirror`` with its writes moved to a background thread (see the module docstring)."""
+
+    def __init__(self, *, mirror: RedisMirror, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+        self._mirror = mirror
+        self.namespace = mirror.namespace
+        self._max_queue = max_queue
+        self._queue: deque[tuple[tuple, Callable[[], object]]] = deque()
+        self._cond = threading.Condition()
+        self._failed: dict[tuple, str] = {}  # target or registry key -> why its last write failed
+        self._failed_since_check: str | None = None
+        self._heartbeat: tuple[str | None, str | None] | None = None  # (generation, error) of the last check
+        self._heartbeat_pending = False
+        self._busy = False
+        self._closed = False
+        self.queued = 0
+        self.dropped = 0
+        self.async_failures = 0
+        self._thread = threading.Thread(target=self._run, name="kvr-redis-mirror", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ passthrough
+
+    def __getattr__(self, name: str):
+        # Reads and counters (load_snapshot, alive_workers, round_trips …) go to the mirror itself.
+        return getattr(self._mirror, name)
+
+    @property
+    def failures(self) -> int:
+        return self._mirror.failures
+
+    # ------------------------------------------------------------------ writes
+
+    def register_worker(self, hello, **kw) -> None:
+        self._submit(_REGISTRY, lambda: self._mirror.register_worker(hello, **kw))
+
+    def touch_worker(self, worker_id: str, **kw) -> None:
+        self._submit(_REGISTRY, lambda: self._mirror.touch_worker(worker_id, **kw))
+
+    def unregister_worker(self, worker_id: str, **kw) -> None:
+        self._submit(_REGISTRY, lambda: self._mirror.unregister_worker(worker_id, **kw))
+
+    def write_batch(self, worker_id: str, dp_rank: int, **kw) -> None:
+        self._submit((worker_id, dp_rank), lambda: self._mirror.write_batch(worker_id, dp_rank, **kw))
+
+    def clear_target(self, worker_id: str, dp_rank: int, **kw) -> None:
+        self._submit((worker_id, dp_rank), lambda: self._mirror.clear_target(worker_id, dp_rank, **kw), whole=True)
+
+    def replace_target(self, snapshot: TargetSnapshot) -> None:
+        key = (snapshot.worker_id, snapshot.dp_rank)
+        self._submit(key, lambda: self._mirror.replace_target(snapshot), whole=True)
+
+    def router_heartbeat(self, router_id: str, *, now_s: float, token: str) -> str:
+        """The generation seen by the last completed check; queues the next one."""
+        with self._cond:
+            if not self._heartbeat_pending:
+                self._heartbeat_pending = True
+                self._enqueue(("heartbeat",), lambda: self._check(router_id, now_s, token))
+            if self._heartbeat is None:  # the very first check: wait for its answer
+                deadline = time.monotonic() + 5.0
+                while self._heartbeat is None and not self._closed and time.monotonic() < deadline:
+                    self._cond.wait(0.05)
+            result = self._heartbeat  # the last completed check: one period old at most
+            failed, self._failed_since_check = self._failed_since_check, None
+        if result is None:
+            raise MirrorUnavailable("redis: no answer to the mirror check yet")
+        generation, error = result
+        if error is not None:
+            raise MirrorUnavailable(error)
+        if failed is not None:
+            raise MirrorUnavailable(f"a mirror write failed since the last check: {failed}")
+        return generation
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every queued write ran (True) or the timeout passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Drain what Redis takes within ``timeout_s``, then stop the thread."""
+        if not self.flush(timeout_s):
+            logger.warning("Redis mirror: %d writes not flushed at shutdown", len(self._queue))
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------------ internals
+
+    def _submit(self, key: tuple, write: Callable[[], object], *, whole: bool = False) -> None:
+        with self._cond:
+            why = self._failed.pop(key, None)
+            if why is not None and not whole:
+                raise MirrorUnavailable(f"an earlier write failed: {why}")
+            self._enqueue(key, write)
+
+    def _enqueue(self, key: tuple, write: Callable[[], object]) -> None:
+        # Called with the lock held.
+        if len(self._queue) >= self._max_queue:
+            self.dropped += 1
+            self._record_failure(key, f"queue full ({self._max_queue} writes waiting)")
+            return
+        self._queue.append((key, write))
+        self.queued += 1
+        self._cond.notify_all()
+
+    def _record_failure(self, key: tuple, why: str) -> None:
+        # Called with the lock held.
+        if key != ("heartbeat",):
+            self._failed[key] = why
+        self._failed_since_check = why
+
+    def _check(self, router_id: str, now_s: float, token: str) -> None:
+        try:
+            generation = self._mirror.router_heartbeat(router_id, now_s=now_s, token=token)
+        except MirrorUnavailable as exc:
+            result = (None, str(exc))
+        else:
+            result = (generation, None)
+        with self._cond:
+            self._heartbeat = result
+            self._heartbeat_pending = False
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                key, write = self._queue.popleft()
+                self._busy = True
+            try:
+                write()
+            except MirrorUnavailable as exc:
+                with self._cond:
+                    self.async_failures += 1
+                    self._record_failure(key, str(exc))
+                logger.debug("background mirror write failed: %s", exc)
+            except Exception:  # a bug in one write must not kill the writer
+                logger.exception("background mirror write crashed")
+                with self._cond:
+                    self._record_failure(key, "internal error")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

@@ -1,0 +1,117 @@
+"""BackgroundMirror: RedisMirror's writes on a thread, failures reported on the next write."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from bus import names
+from bus.schema import Hello
+from router.background_mirror import BackgroundMirror
+from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot, make_redis_client
+
+HELLO = Hello(worker_id="w1", epoch=7, model="m", block_size=16, num_gpu_blocks=924,
+              events_endpoint="tcp://127.0.0.1:5557")
+
+
+@pytest.fixture
+def hung_server():
+    """A TCP server that accepts connections and never answers (a SIGSTOPped or partitioned Redis)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
+    stop.set()
+    t.join(2)
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def _wait(pred, timeout_s: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _refused_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connections are refused
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def test_writes_land_in_order_and_match_the_synchronous_mirror(fake_redis):
+    bg = BackgroundMirror(mirror=RedisMirror(client=fake_redis, namespace="bg"))
+    try:
+        bg.register_worker(HELLO, now_s=1.0, ttl_s=3.0)
+        bg.write_batch("w1", 0, seq=0, epoch=7, stored={1: 11, 2: 12})
+        bg.write_batch("w1", 0, seq=1, epoch=7, stored={3: 13}, removed=[1])
+        bg.write_batch("w1", 0, seq=2, epoch=7, cleared=True, stored={4: 14})
+        bg.write_batch("w1", 0, seq=3, epoch=7, stored={5: 15})
+        assert bg.flush(5.0)
+        assert bg.load_snapshot()[("w1", 0)] == TargetSnapshot("w1", 0, 3, 7, {4: 14, 5: 15})
+        assert bg.alive_workers() == {"w1": 7}  # reads pass through, synchronously
+        assert bg.router_heartbeat("r", now_s=2.0, token="t1") == "t1"
+        assert fake_redis.hget(names.routers_key("bg"), "r") == b"2.0"
+        assert (bg.queued, bg.dropped, bg.async_failures) == (6, 0, 0)
+    finally:
+        bg.close()
+
+
+def test_a_failed_write_is_reported_on_the_next_write_of_that_target_and_by_the_check():
+    bg = BackgroundMirror(mirror=RedisMirror(client=make_redis_client(_refused_url()), namespace="bg"))
+    try:
+        with pytest.raises(MirrorUnavailable):
+            bg.router_heartbeat("r", now_s=0.0, token="t")  # the first check waits for its answer: refused
+        bg.write_batch("w1", 0, seq=0, epoch=1, stored={1: 2})  # returns at once; fails on the thread
+        assert bg.flush(5.0) and bg.async_failures == 1
+        bg.write_batch("w2", 0, seq=0, epoch=1, stored={1: 2})  # another target: not its failure
+        with pytest.raises(MirrorUnavailable, match="an earlier write failed"):
+            bg.write_batch("w1", 0, seq=1, epoch=1, stored={3: 4})
+        bg.write_batch("w1", 0, seq=2, epoch=1)  # reported once: the caller now owns the resync
+        assert bg.flush(5.0)
+        # A whole-target write supersedes an earlier failure instead of reporting it.
+        bg.replace_target(TargetSnapshot("w1", 0, 2, 1, {1: 2}))
+        bg.clear_target("w2", 0, epoch=1)
+        with pytest.raises(MirrorUnavailable):
+            bg.router_heartbeat("r", now_s=1.0, token="t")
+    finally:
+        bg.close()
+
+
+def test_a_hung_redis_never_blocks_the_caller_and_the_queue_is_bounded(hung_server):
+    bg = BackgroundMirror(mirror=RedisMirror(client=make_redis_client(hung_server, timeout_s=0.5), namespace="bg"),
+                          max_queue=3)
+    try:
+        bg.write_batch("w1", 0, seq=0, epoch=1, stored={0: 0})
+        assert _wait(lambda: bg._busy)  # taken by the thread, which now waits on the silent server
+        for seq in range(1, 5):  # three wait in the queue, the fourth is dropped
+            bg.write_batch("w1", 0, seq=seq, epoch=1, stored={seq: seq})
+        assert not bg.flush(0.01)  # the caller came back while the writer is still waiting on Redis
+        assert (bg.queued, bg.dropped) == (4, 1)
+        with pytest.raises(MirrorUnavailable, match="queue full"):
+            bg.write_batch("w1", 0, seq=5, epoch=1)
+    finally:
+        bg.close(timeout_s=0.1)
