@@ -124,6 +124,16 @@ def load_public_keys(directory: str | Path) -> frozenset[bytes]:
     return frozenset(load_public_key(folder, p.stem) for p in sorted(folder.glob("*.key")))
 
 
+def is_public_key(text: str) -> bool:
+    """Whether ``text`` is a z85 CURVE public key (40 characters, 32 bytes)."""
+    if len(text) != 40:
+        return False
+    try:
+        return len(z85.decode(text.encode("ascii"))) == 32
+    except (ValueError, UnicodeEncodeError, KeyError):
+        return False
+
+
 def make_server(sock: zmq.Socket, keys: KeyPair) -> None:
     """Make ``sock`` a CURVE server (call before bind/connect)."""
     sock.curve_secretkey = keys.secret

@@ -40,7 +40,7 @@ from bus.schema import (
     PROTOCOL_VERSION, Cancel, CancelRequest, Completion, Dispatch, ErrorCode, ErrorReply, GenerateRequest, Goodbye,
     Heartbeat, Hello, Refused, RequestRecord, RequestStats, Routed, TokenChunk, Welcome, WorkerLoad as WireLoad, WorkerSample,
 )  # fmt: skip
-from bus.security import CLIENTS_DOMAIN, WORKERS_DOMAIN, Curve, ZapHandler
+from bus.security import CLIENTS_DOMAIN, WORKERS_DOMAIN, Curve, ZapHandler, is_public_key
 from bus.sockets import MAX_CONTROL_BYTES, MAX_EVENT_BYTES, MAX_REQUEST_BYTES, make_router, make_socket
 from core.admission import AdmissionLimits, check_prompt_length, check_request
 from core.liveness import HeartbeatConfig, LivenessTracker
@@ -410,6 +410,10 @@ class RouterService:
                       else f"block_size {hello.block_size} != the router's {cfg.block_size}")
             logger.warning("refusing worker %s: %s", hello.worker_id, reason)
             self._send_worker(identity, Refused(reason))
+            return
+        if hello.events_curve_key and not is_public_key(hello.events_curve_key):
+            logger.warning("refusing worker %s: events_curve_key is not a z85 CURVE public key", hello.worker_id)
+            self._send_worker(identity, Refused("events_curve_key is not a z85 CURVE public key (40 characters)"))
             return
         old = self.workers.get(hello.worker_id)
         if old is not None and (old.hello.epoch != hello.epoch or old.hello.events_endpoint != hello.events_endpoint):

@@ -256,3 +256,22 @@ def test_the_http_front_dials_its_curve_router_with_the_router_key(cluster, keys
         stranger_ctx.term()
     finally:
         front.close()
+
+
+def test_a_hello_with_a_malformed_events_key_is_refused_not_crashed_on(cluster, keys) -> None:
+    from bus.schema import Refused
+
+    folder, _ = keys
+    worker_curve = load_curve(folder, name="worker")
+    ctx = zmq.Context()
+    link = ctx.socket(zmq.DEALER)
+    link.setsockopt(zmq.LINGER, 0)
+    make_client(link, worker_curve.keys, worker_curve.router_public)
+    link.connect(cluster.router.workers_endpoint)
+    link.send(encode(Hello("w-bad", 1, "m", BS, 100, "tcp://127.0.0.1:1", events_curve_key="not a key")))
+    assert link.poll(5000)
+    reply = router_decoder().decode(link.recv())
+    assert isinstance(reply, Refused) and "events_curve_key" in reply.reason
+    assert "w-bad" not in cluster.router.workers and cluster.router.counters["handler_errors"] == 0
+    link.close()
+    ctx.term()
