@@ -102,7 +102,9 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         "curve_dir": str(keys_dir) if keys_dir else None,
     }
     (cluster.run_dir / "cluster.json").write_text(json.dumps(info, indent=2) + "\n")
-    click.echo(f"kvr cluster ready: {workers} workers, redis {cluster.redis_url} ({cluster.redis_kind})")
+    from cli.router import redact_url
+
+    click.echo(f"kvr cluster ready: {workers} workers, redis {redact_url(cluster.redis_url)} ({cluster.redis_kind})")
     curve_flag = f" --curve-dir {keys_dir}" if keys_dir else ""
     click.echo(f"  send:  kvr send --router {cluster.client_endpoint}{curve_flag} 'hello'")
     if not no_monitor:
