@@ -60,3 +60,41 @@ def test_only_authorised_clients_get_through(tmp_path) -> None:
         for sock in (good, bad, server):
             sock.close()
     ctx.term()
+
+
+def test_a_curve_publisher_streams_only_to_the_router_key(tmp_path) -> None:
+    """KV events carry token ids (prompt content): only the router's key may read them."""
+    import time
+
+    from bus.publisher import EventPublisher
+    from bus.security import load_curve
+    from bus.subscriber import AppliedBatch, EventSubscriber
+    from core.events import BlockStored
+
+    generate_keys(tmp_path / "k")
+    generate_keys(tmp_path / "s", ("client",))
+    (tmp_path / "s" / "router.key").write_bytes((tmp_path / "k" / "router.key").read_bytes())
+    worker = load_curve(tmp_path / "k", name="worker")
+    ctx = zmq.Context()
+    pub = EventPublisher(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True, ctx=ctx,
+                         curve=worker)
+    readers = {
+        "router": EventSubscriber(endpoint=pub.endpoint, replay_endpoint=pub.replay_endpoint, ctx=ctx,
+                                  curve=load_curve(tmp_path / "k", name="router"), server_key=worker.public_z85),
+        "stranger": EventSubscriber(endpoint=pub.endpoint, replay_endpoint=pub.replay_endpoint, ctx=ctx,
+                                    curve=load_curve(tmp_path / "s", name="client"), server_key=worker.public_z85),
+        "plain": EventSubscriber(endpoint=pub.endpoint, replay_endpoint=pub.replay_endpoint, ctx=ctx),
+    }
+    got = {name: 0 for name in readers}
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        pub.publish([BlockStored([1], None, list(range(16)), 16, None, "GPU", None)], time.time())
+        pub.poll_replay(0)
+        for name, sub in readers.items():
+            got[name] += sum(isinstance(i, AppliedBatch) for i in sub.poll(10))
+    assert got["router"] > 0
+    assert got["stranger"] == 0 and got["plain"] == 0
+    for sub in readers.values():
+        sub.close()
+    pub.close()
+    ctx.term()
