@@ -7,10 +7,14 @@ requests; run kvr on a private network or loopback only. With keys
 
 * every socket pair is encrypted (CURVE25519);
 * the router's ROUTER sockets are CURVE servers and accept only clients whose
-  public key is in the authorised directory (ZAP, via pyzmq's authenticator);
-* the router's SUB to a worker's KV-event PUB is a CURVE *client* of the worker,
-  so a process without the worker's key cannot publish into the index under
-  its name: the worker's PUB is the CURVE server and knows the router's key.
+  public key is in the authorised directory of their role (ZAP: :class:`ZapHandler`,
+  one per context, domains ``kvr-workers`` / ``kvr-clients``);
+* the router's SUB and replay DEALER to a worker's KV-event PUB and replay ROUTER
+  are CURVE *clients* of the key the worker's ``Hello`` names, so a process without
+  that key's secret cannot publish into the index under its name; the worker's
+  sockets admit only the router's key (domain ``kvr-events``), so nobody else reads
+  the events (token ids: prompt content);
+* real vLLM's event sockets cannot do CURVE: they stay plain (network isolation).
 
 Keys are pyzmq certificate files: ``NAME.key`` (public) and ``NAME.key_secret``.
 A key directory (``kvr keys DIR``, ``--curve-dir DIR``) looks like::
