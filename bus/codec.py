@@ -43,9 +43,12 @@ class ChannelDecoder(Generic[T]):
             raise DecodeError(f"message of {len(frame)} bytes exceeds the {self._max_bytes}-byte limit")
         try:
             return self._decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # msgspec raises UnicodeDecodeError (not DecodeError) for a string that is not UTF-8 and
+            # RecursionError for deep nesting: both are bad frames, and must not escape as such.
             self.errors += 1
-            raise DecodeError(str(exc)) from None
+            raise DecodeError(f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError)
+                              else str(exc)) from None
 
 
 def client_decoder() -> ChannelDecoder:

@@ -41,6 +41,11 @@ class DecodeError(ValueError):
     """A frame or payload that is not a valid vLLM KV-event batch."""
 
 
+# What msgspec raises on bad bytes: DecodeError (ValidationError is one), but UnicodeDecodeError
+# for a string that is not UTF-8 and RecursionError for deep nesting (found by kvr bench fuzz).
+_MSGSPEC_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 # Legacy (<= 0.23) positional layout. Everything after block_size was added in
 # later releases, hence defaults: a 6-element array from 0.9 decodes as well.
 class LegacyBlockStored(msgspec.Struct, tag="BlockStored", array_like=True):
@@ -136,7 +141,7 @@ class VllmEventDecoder:
             raise DecodeError(f"payload must be bytes, got {type(payload).__name__}")
         try:
             batch = self._map_form.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _MSGSPEC_ERRORS:
             batch = self._decode_slow(payload)
         else:
             # Fast path: msgspec typed every field; only ranges are left to check.
@@ -149,7 +154,7 @@ class VllmEventDecoder:
         """Legacy arrays, unknown event types, or a real error with a clear message."""
         try:
             batch = self._legacy_form.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _MSGSPEC_ERRORS:
             pass
         else:
             self.legacy_batches += 1

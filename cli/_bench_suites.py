@@ -1,4 +1,4 @@
-"""``kvr bench overhead|basic|scale|stale|peer``: the suites of the ``bench/`` package.
+"""``kvr bench overhead|basic|scale|stale|peer|fuzz``: the suites of the ``bench/`` package.
 
 Each command only parses options, runs the suite with a progress bar (stderr) and writes
 ``<suite>.json``, ``<suite>.md`` and plots into ``--out``; ``--json`` also prints the JSON on
@@ -200,6 +200,33 @@ def stale(out_dir, as_json, quick, repeats, seed, faults, workers, speedup, pre_
     finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
 
 
+@click.command("fuzz")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True,
+              help="Folder for fuzz.json and fuzz.md.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the result as JSON on stdout.")
+@click.option("--quick", is_flag=True, help="2,000 cases per decoder (seconds): a smoke run.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cases", type=click.IntRange(min=1), default=100_000, show_default=True, help="Cases per decoder.")
+@click.option("--target", "target_names", multiple=True,
+              help="Decoders to fuzz (repeatable; default: all): vllm_events, client, worker, router, reply, "
+                   "metrics, kv_stream, replay_request, http_completions.")
+def fuzz(out_dir, as_json, quick, seed, cases, target_names) -> None:
+    """Every decoder at a socket edge on mutated and random input: cases, crashes, throughput."""
+    from bench.fuzz import FuzzConfig, run
+    from bench.progress import RichProgress
+
+    cfg = FuzzConfig.quick() if quick else FuzzConfig(cases=cases)
+    cfg.seed, cfg.targets = seed, tuple(target_names)
+    try:
+        result = run(cfg, command=_command_line(), progress=RichProgress("fuzz"))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from None
+    finish(result, out_dir, as_json)
+    crashes = sum(r["crashes"] for r in result.tables["fuzz"])
+    if crashes:
+        raise click.ClickException(f"{crashes} crash(es): see the crashes table")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -207,5 +234,5 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic, peer, scale, stale]
+SUITE_COMMANDS = [overhead, basic, peer, scale, stale, fuzz]
 

@@ -50,8 +50,10 @@ _STATUS = {
 class _Bridge:
     """Owns the DEALER to the router; handler threads submit through a queue."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, curve: Curve | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: Curve | None = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         self._ctx, self._endpoint, self._curve = ctx, endpoint, curve
+        self._max_request_bytes = max_request_bytes
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._inboxes: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
@@ -105,6 +107,13 @@ class _Bridge:
                         logger.warning("request %s does not encode: %s", msg.request_id, exc)
                         self._fail(msg.request_id, ErrorReply(msg.request_id, ErrorCode.BAD_REQUEST, f"unencodable: {exc}"))
                         continue
+                    if len(data) > self._max_request_bytes:
+                        # The router would cut this DEALER's connection (ZMQ_MAXMSGSIZE) and with it
+                        # the replies of every other HTTP request in flight: refuse this one here.
+                        self._fail(msg.request_id, ErrorReply(
+                            msg.request_id, ErrorCode.PROMPT_TOO_LONG,
+                            f"request of {len(data)} bytes is over the router's {self._max_request_bytes}-byte limit"))
+                        continue
                     sock.send(data)
                 while sock.poll(0):
                     try:
@@ -147,8 +156,10 @@ class RouterHttpFront:
 
     def __init__(self, *, client_endpoint: str, host: str = "127.0.0.1", port: int = 0, model: str = "kvr",
                  stats: Callable[[], dict] | None = None, ctx: zmq.Context | None = None,
-                 request_timeout_s: float = 600.0, curve: Curve | None = None) -> None:
-        """``curve``: the bridge dials the router's client port as a CURVE client (bus/security.py)."""
+                 request_timeout_s: float = 600.0, curve: Curve | None = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+        """``curve``: the bridge dials the router's client port as a CURVE client (bus/security.py).
+        ``max_request_bytes``: the router's limit; bigger requests are refused here (PROMPT_TOO_LONG)."""
         self.model = model
         self.stats = stats or (lambda: {})
         self.request_timeout_s = request_timeout_s
@@ -156,7 +167,7 @@ class RouterHttpFront:
         self._ids = itertools.count(1)
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        self.bridge = _Bridge(self._ctx, client_endpoint, curve)
+        self.bridge = _Bridge(self._ctx, client_endpoint, curve, max_request_bytes)
         handler = type("Handler", (_Handler,), {"front": self})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
@@ -398,8 +409,13 @@ def parse_completion_body(raw: bytes, *, chat: bool, request_id: str, alias: str
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _bad("'stream_options' must be an object")
-    return GenerateRequest(request_id, prompt=prompt, token_ids=token_ids, max_tokens=max_tokens,
-                           model=None if model == alias else model, cache_salt=salt, stream=bool(body.get("stream")))
+    req = GenerateRequest(request_id, prompt=prompt, token_ids=token_ids, max_tokens=max_tokens,
+                          model=None if model == alias else model, cache_salt=salt, stream=bool(body.get("stream")))
+    try:
+        encode(req)  # JSON's "\ud800" is a lone surrogate: no UTF-8, so no msgpack (the bridge would fail)
+    except (UnicodeEncodeError, OverflowError) as exc:
+        raise _bad(f"the request does not encode: {str(exc)[:200]}") from None
+    return req
 
 
 def parse_completion(raw: bytes, *, chat: bool, request_id: str, alias: str | None = None
@@ -429,7 +445,7 @@ def render_metrics(stats: dict) -> str:
         lines += [f"# TYPE {metric} gauge", f"{metric} {stats.get(key, 0)}"]
     targets = stats.get("targets") or {}
     for field in ("indexed_blocks", "in_flight", "queued_prefill_tokens", "events_applied", "gaps", "resets",
-                  "event_lag_s"):
+                  "replays", "event_lag_s"):
         metric = f"kvr_router_target_{field}"
         lines.append(f"# TYPE {metric} gauge")
         for name, t in sorted(targets.items()):
