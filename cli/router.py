@@ -122,7 +122,8 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
         try:
             front = RouterHttpFront(client_endpoint=connectable(service.clients_endpoint), host=http_host,
                                     port=http_port, model=model_name, stats=lambda: service.stats,
-                                    request_timeout_s=request_timeout_s + 5, curve=curve)
+                                    request_timeout_s=request_timeout_s + 5, curve=curve,
+                                    max_request_bytes=config.max_request_bytes)
         except OSError as exc:
             service.close()
             if embedded is not None:
