@@ -91,9 +91,16 @@ class SteadyLoad(threading.Thread):
         self.seed = seed
         self.records: list[tuple[float, int, int, bool]] = []  # (finish wall s, prompt, cached, error)
         self.lost = 0
+        self.sent = 0
+        self.error_codes: dict[str, int] = {}  # ErrorCode value -> requests that ended with it
+        self.late_replies = self.unmatched_replies = self.connection_losses = 0  # the client's counters
         self._halt = threading.Event()
+        self._drain_s = 0.0
 
-    def stop(self) -> None:
+    def stop(self, *, drain_s: float = 0.0) -> None:
+        """Stop sending; with ``drain_s`` keep reading replies that long for the requests in flight
+        (whatever is still unanswered then counts as lost)."""
+        self._drain_s = drain_s
         self._halt.set()
 
     def run(self) -> None:
@@ -114,23 +121,37 @@ class SteadyLoad(threading.Thread):
             sent: dict[str, float] = {}
             next_at = time.monotonic()
             k = 0
-            while not self._halt.is_set():
+            drain_until = None
+            while True:
                 now = time.monotonic()
+                if self._halt.is_set():
+                    if drain_until is None:
+                        drain_until = now + self._drain_s
+                    if not sent or now >= drain_until:
+                        if self._drain_s > 0:  # without a drain the in-flight ones were never waited for
+                            self.lost += len(sent)
+                        break
+                    next_at = float("inf")  # draining: nothing new
                 while now >= next_at:
                     req = prompts[k % len(prompts)]
                     rid = f"s{self.seed}-{k}"
                     client.send(GenerateRequest(request_id=rid, token_ids=list(req.token_ids),
                                                 max_tokens=req.max_tokens))
                     sent[rid] = now
+                    self.sent += 1
                     k += 1
                     next_at += rnd.expovariate(wall_rate)
-                for res in client.poll(max(0, min(20, int((next_at - time.monotonic()) * 1000)))):
+                for res in client.poll(int(max(0.0, min(0.02, next_at - time.monotonic())) * 1000)):
                     sent.pop(res.request_id, None)
                     if res.completion is not None:
                         self.records.append((time.monotonic(), res.completion.prompt_tokens,
                                              res.completion.cached_tokens, False))
                     else:
                         self.records.append((time.monotonic(), 0, 0, True))
+                        code = res.error.code.value
+                        self.error_codes[code] = self.error_codes.get(code, 0) + 1
+                self.late_replies, self.unmatched_replies = client.late_replies, client.unmatched_replies
+                self.connection_losses = client.connection_losses
                 cutoff = time.monotonic() - cfg.request_timeout_s
                 for rid in [r for r, t in sent.items() if t < cutoff]:
                     del sent[rid]

@@ -593,7 +593,7 @@ class RouterService:
                 "indexed_blocks": self.index.num_blocks(target), "confidence": self.index.confidence(target).value,
                 "in_flight": load.in_flight, "queued_prefill_tokens": load.queued_prefill_tokens,
                 "events_applied": stream.events_applied, "gaps": stream.gaps, "resets": stream.resets,
-                "event_lag_s": round(stream.event_lag_s, 6)}
+                "replays": stream.subscriber.counters.replays, "event_lag_s": round(stream.event_lag_s, 6)}
         counters = dict(self.counters)
         if self._zap is not None:  # CURVE handshakes refused (unknown keys), counted by the ZAP thread
             counters.update({f"auth_denied_{d.removeprefix('kvr-')}": n for d, n in self._zap.denied.items()})

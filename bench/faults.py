@@ -1,0 +1,594 @@
+"""The fault suite (``pytest -m faults``, ``kvr bench faults``): every fault a kvr cluster meets, counted.
+
+Each case runs a fresh supervised :class:`monitor.cluster.LocalCluster` (real ``redis-server``,
+router and ``workers`` emulated workers as processes, loopback only) under the steady Poisson
+workload of ``bench/stale.py`` (:class:`bench.stale.SteadyLoad`), injects one fault ``pre_s``
+after the load starts, keeps the load on for ``post_s`` after the fault has *ended*, then stops
+sending and drains. Measured per case:
+
+* **sent / completed / errored / lost**: every request the load sent ends in exactly one terminal
+  reply (a result or an explicit error); *lost* = still unanswered ``drain_s`` after the load
+  stopped; the client's ``unmatched_replies`` (a second terminal, or a reply nobody asked for)
+  must stay 0;
+* **crashed**: components the supervisor saw exit, other than the one killed on purpose;
+* **recovery to exact index**: seconds from the fault's end to the first *conclusive* sample in
+  which the router's index (as mirrored in Redis: the blocks hash of each target) equals every
+  live worker's cached blocks (``GET /kvr/cached_blocks``, the engine's block pool) exactly, and a
+  dead worker has no entries. A sample is conclusive when the workers' truth read before and after
+  the index read (``settle_s`` apart) is the same: under load a step's events are in flight for a
+  few ms, and a sample that straddles a step says nothing;
+* **recovery to prior hit rate**: seconds from the fault's end until a ``window_s`` window of
+  finished requests has a token hit rate within ``hit_tolerance`` of the ``pre_window_s`` before
+  the fault (None: not within the run);
+* at the end, with the load drained, the index must equal the truth exactly (``exact_within_s``).
+
+When a fault *ends* (``fault_end``) is per case: a restart ends when the component is back (a
+worker registered with the router, the router serving every worker, Redis answering PING); a rate
+fault when its rate is set back to 0; a SIGKILLed worker that stays dead when the router has
+declared it dead (its heartbeat timeout: by design nothing reveals the death earlier).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.live import cluster_config
+from bench.progress import NullProgress
+from bench.results import SuiteResult
+from bench.stale import SteadyLoad, StaleConfig, _get_json, _post
+
+logger = logging.getLogger(__name__)
+
+CASES = ("worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down", "drop", "dup_reorder",
+         "slow_subscriber", "client_disconnect", "worker_stall", "rogue_publisher")
+
+#: Error codes each case may end requests with (anything else fails the case); the rest: none.
+ALLOWED_ERRORS = {
+    "worker_kill": {"worker_died"},
+    "worker_restart": {"worker_died"},
+    "worker_stall": {"worker_died"},
+    "router_restart": {"router_restarted", "no_workers"},
+}
+
+
+@dataclass
+class FaultsConfig:
+    cases: tuple[str, ...] = CASES
+    workers: int = 2
+    speedup: float = 20.0
+    rate_per_s: float = 1.0  # workload time: rate × speedup requests per wall second
+    groups: int = 4
+    system_prompt_len: int = 256
+    question_len: int = 32
+    output_len: int = 16  # streamed tokens: a kill lands mid-stream
+    heartbeat_s: float = 0.5  # router heartbeat interval (× liveness 3 = the death timeout)
+    pre_s: float = 3.0
+    post_s: float = 2.0
+    fault_s: float = 2.0  # how long a rate fault (drop, duplicate/reorder, slow subscriber, rogue) lasts
+    redis_down_s: float = 3.0
+    drop_rate: float = 0.05
+    duplicate_rate: float = 0.1
+    reorder_rate: float = 0.1
+    sample_s: float = 0.1
+    settle_s: float = 0.03
+    exact_within_s: float = 1.0
+    window_s: float = 1.0
+    pre_window_s: float = 2.0
+    hit_tolerance: float = 0.05
+    drain_s: float = 10.0
+    request_timeout_s: float = 30.0
+    seed: int = 0
+    out_dir: str = ""
+
+    def load_config(self) -> StaleConfig:
+        return StaleConfig(speedup=self.speedup, rate_per_s=self.rate_per_s, groups=self.groups,
+                           system_prompt_len=self.system_prompt_len, question_len=self.question_len,
+                           output_len=self.output_len, request_timeout_s=self.request_timeout_s)
+
+
+@dataclass
+class CaseResult:
+    case: str
+    sent: int = 0
+    completed: int = 0
+    errored: int = 0
+    lost: int = 0
+    error_codes: dict = field(default_factory=dict)
+    unmatched_replies: int = 0
+    late_replies: int = 0
+    connection_losses: int = 0
+    crashed: list = field(default_factory=list)  # components that exited, other than the one killed on purpose
+    fault_s: float = 0.0  # fault start → fault end (wall seconds)
+    index_exact_s: float | None = None  # fault end → first conclusive exact sample
+    exact_after_drain: bool = False
+    inconclusive_samples: int = 0
+    hit_before: float | None = None
+    hit_recovered_s: float | None = None
+    notes: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- index vs truth
+
+
+class Truth:
+    """Reads the workers' cached blocks (their HTTP URLs from the registry) and the mirrored index."""
+
+    def __init__(self, cluster, namespace: str) -> None:
+        from router.mirror import make_redis_client
+
+        self.cluster = cluster
+        self.ns = namespace
+        self.redis = make_redis_client(cluster.redis_url, timeout_s=0.3)
+        self.urls: dict[str, str] = {}
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def _truth(self, live: list[str]) -> dict[str, set[int]]:
+        from bus import names
+
+        out = {}
+        for wid in live:
+            url = self.redis.hget(names.worker_key(self.ns, wid), "http_url")
+            if url:
+                self.urls[wid] = url.decode()
+            out[wid] = set(_get_json(f"{self.urls[wid]}/kvr/cached_blocks", timeout_s=1.0)["blocks"])
+        return out
+
+    def sample(self, *, dead: tuple[str, ...] = (), settle_s: float = 0.03) -> bool | None:
+        """True: index == truth for every live worker and empty for the dead; False: not; None: inconclusive."""
+        from bus import names
+
+        live = [w for w in self.cluster.worker_ids if w not in dead]
+        try:
+            before = self._truth(live)
+            time.sleep(settle_s)  # events of a step that ended just before `before` reach the index
+            index = {w: {int(k) for k in self.redis.hkeys(names.target_blocks_key(self.ns, w, 0))}
+                     for w in self.cluster.worker_ids}
+            after = self._truth(live)
+        except Exception as exc:  # Redis or a worker away (the faults do that): unknown
+            logger.debug("index sample unknown: %r", exc)
+            return None
+        if before != after:
+            return None
+        return all(index[w] == before[w] for w in live) and not any(index[w] for w in dead)
+
+
+class Sampler(threading.Thread):
+    """Samples :meth:`Truth.sample` every ``sample_s`` into ``samples`` [(t, result)]."""
+
+    def __init__(self, truth: Truth, cfg: FaultsConfig) -> None:
+        super().__init__(daemon=True, name="faults-sampler")
+        self.truth, self.cfg = truth, cfg
+        self.dead: tuple[str, ...] = ()
+        self.samples: list[tuple[float, bool | None]] = []
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            t = time.monotonic()
+            self.samples.append((t, self.truth.sample(dead=self.dead, settle_s=self.cfg.settle_s)))
+            self._halt.wait(max(0.0, self.cfg.sample_s - (time.monotonic() - t)))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _router_metrics(port: int) -> dict[str, float]:
+    """The router's Prometheus gauges and counters from its HTTP front (labelled ones summed over labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            name = name.split("{", 1)[0]
+            try:
+                out[name] = out.get(name, 0.0) + float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def _wait(pred, timeout_s: float, what: str, poll_s: float = 0.05) -> float:
+    """Poll ``pred`` until True; returns the time it became True (raises TimeoutError)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return time.monotonic()
+        except Exception as exc:  # a component still coming back
+            logger.debug("waiting for %s: %r", what, exc)
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} not within {timeout_s:g} s")
+
+
+def _router_serves_all(port: int, n: int) -> bool:
+    return _router_metrics(port).get("kvr_router_workers") == n
+
+
+def _worker_url(truth: Truth, wid: str) -> str:
+    from bus import names
+
+    return truth.redis.hget(names.worker_key(truth.ns, wid), "http_url").decode()
+
+
+def _set_faults(truth: Truth, plan: dict) -> None:
+    for wid in truth.cluster.worker_ids:
+        if not _post(f"{_worker_url(truth, wid)}/kvr/faults", plan):
+            raise RuntimeError(f"{wid} refused the fault plan {plan}")
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+def inject(case: str, cluster, cfg: FaultsConfig, truth: Truth, sampler: Sampler, http_port: int) -> tuple[float, dict]:
+    """Inject ``case``; return when the fault has ended: (fault end, notes)."""
+    sup = cluster.supervisor
+    n = len(cluster.worker_ids)
+    timeout = cfg.heartbeat_s * 3
+    notes: dict = {}
+    if case == "worker_kill":
+        return _worker_kill(cluster, cfg, sampler, notes, http_port), notes
+    if case == "worker_restart":
+        cluster.restart_worker("worker-0", crash=False, wait=True, timeout_s=15)
+        return _wait(lambda: _router_serves_all(http_port, n), 10, "the router to serve every worker"), notes
+    if case == "router_restart":
+        sup.restart("router")
+        return _wait(lambda: _router_serves_all(http_port, n), 15, "the restarted router to serve every worker"), notes
+    if case == "redis_restart":
+        sup.restart("redis")
+        from bus.redis_server import ping
+
+        return _wait(lambda: ping(cluster.redis_url), 10, "Redis to answer again"), notes
+    if case == "redis_down":
+        # Unreachable but alive (a partition, a stalled host): connections hang rather than refuse.
+        sup.signal("redis", signal.SIGSTOP)
+        time.sleep(cfg.redis_down_s)
+        sup.signal("redis", signal.SIGCONT)
+        return time.monotonic(), notes
+    if case in ("drop", "dup_reorder"):
+        plan = ({"drop_rate": cfg.drop_rate} if case == "drop"
+                else {"duplicate_rate": cfg.duplicate_rate, "reorder_rate": cfg.reorder_rate})
+        _set_faults(truth, plan)
+        time.sleep(cfg.fault_s)
+        _set_faults(truth, {})
+        return time.monotonic(), notes
+    if case == "slow_subscriber":
+        return _slow_subscriber(cluster, cfg, truth, notes), notes
+    if case == "client_disconnect":
+        return _client_disconnect(cluster, cfg, notes), notes
+    if case == "worker_stall":
+        # Alive, socket open, silent: SIGSTOP past the heartbeat timeout, then let it run again.
+        sup.signal("worker-0", signal.SIGSTOP)
+        _wait(lambda: _router_metrics(http_port).get("kvr_router_workers") == n - 1, timeout + 5,
+              "the router to declare the stalled worker dead")
+        notes["declared_dead"] = True
+        sup.signal("worker-0", signal.SIGCONT)
+        return _wait(lambda: _router_serves_all(http_port, n), 15, "the stalled worker to register again"), notes
+    if case == "rogue_publisher":
+        return _rogue(cluster, cfg, truth, notes, http_port), notes
+    raise ValueError(f"unknown fault case {case!r}; known: {', '.join(CASES)}")
+
+
+def _worker_kill(cluster, cfg: FaultsConfig, sampler: Sampler, notes: dict, http_port: int) -> float:
+    """SIGKILL the worker that is streaming a long request (a side client's), mid-stream; it stays dead."""
+    import zmq
+
+    from bus.client import RouterClient
+    from bus.schema import GenerateRequest
+
+    n = len(cluster.worker_ids)
+    ctx = zmq.Context()
+    side = RouterClient(endpoint=cluster.client_endpoint, ctx=ctx)
+    try:
+        for i in range(4):
+            side.send(GenerateRequest(request_id=f"long-{i}", token_ids=[3 + i] * 48, max_tokens=2000))
+        victim = None
+        deadline = time.monotonic() + 5
+        while victim is None and time.monotonic() < deadline:
+            side.poll(10)
+            victim = next((r.routed.worker_id for r in side.pending.values() if r.token_ids and r.routed), None)
+        if victim is None:
+            raise RuntimeError("no long request streaming within 5 s")
+        notes["victim"] = victim
+        notes["victim_streaming"] = sum(1 for r in side.pending.values()
+                                        if r.token_ids and r.routed and r.routed.worker_id == victim)
+        cluster.supervisor.signal(victim, signal.SIGKILL)
+        sampler.dead = (victim,)
+        # Ends when the router declares it dead (its heartbeat timeout): nothing reveals it sooner.
+        end = _wait(lambda: _router_metrics(http_port).get("kvr_router_workers") == n - 1,
+                    cfg.heartbeat_s * 3 + 5, f"the router to declare {victim} dead")
+        for rid in list(side.pending):  # the survivors' long requests: cut short, not part of the fault
+            side.cancel(rid)
+        outcomes: dict[str, int] = {}
+        deadline = time.monotonic() + 5
+        while side.pending and time.monotonic() < deadline:
+            for r in side.poll(20):
+                key = "completed" if r.completion is not None else r.error.code.value
+                outcomes[key] = outcomes.get(key, 0) + 1
+        notes["long_requests"] = outcomes
+        notes["long_requests_unanswered"] = len(side.pending)
+    finally:
+        side.close()
+        ctx.term()
+    return end
+
+
+def _slow_subscriber(cluster, cfg: FaultsConfig, truth: Truth, notes: dict) -> float:
+    """A second subscriber on worker-0's KV events that never reads (tiny HWM and buffers), then goes."""
+    import zmq
+
+    from bus import names
+
+    endpoint = truth.redis.hget(names.worker_key(truth.ns, "worker-0"), "events_endpoint").decode()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 1)
+    sub.setsockopt(zmq.RCVBUF, 4096)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    time.sleep(cfg.fault_s)
+    received = 0
+    seqs = []
+    while True:
+        try:
+            frames = sub.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        received += 1
+        if len(frames) == 3 and len(frames[1]) == 8:
+            seqs.append(int.from_bytes(frames[1], "big"))
+    sub.close(linger=0)
+    ctx.term()
+    notes["slow_subscriber_received"] = received
+    notes["slow_subscriber_seq_span"] = (max(seqs) - min(seqs) + 1) if seqs else 0
+    return time.monotonic()
+
+
+def _client_disconnect(cluster, cfg: FaultsConfig, notes: dict) -> float:
+    """A second client starts long streamed requests and closes its socket mid-stream."""
+    import zmq
+
+    from bus.client import RouterClient
+    from bus.schema import GenerateRequest
+
+    ctx = zmq.Context()
+    client = RouterClient(endpoint=cluster.client_endpoint, ctx=ctx)
+    n = 8
+    for i in range(n):
+        client.send(GenerateRequest(request_id=f"gone-{i}", token_ids=[7 + i] * 64, max_tokens=200))
+    streaming = 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and streaming == 0:
+        client.poll(20)
+        streaming = sum(1 for r in client.pending.values() if r.token_ids)
+    notes["disconnected_streaming"] = streaming
+    notes["disconnected_requests"] = len(client.pending)
+    client.close()  # mid-stream: no cancel, the socket just goes
+    ctx.term()
+    return time.monotonic()
+
+
+def _rogue(cluster, cfg: FaultsConfig, truth: Truth, notes: dict, http_port: int) -> float:
+    """An unregistered process: worker messages without Hello on the worker port, and a PUB of
+    made-up KV events under worker-0's topic on its own port."""
+    import zmq
+
+    from bus import names
+    from bus.codec import encode
+    from bus.publisher import EventPublisher
+    from bus.schema import Completion, Heartbeat, TokenChunk
+    from core.events import BlockStored
+
+    before = _router_metrics(http_port).get("kvr_router_unknown_peer_messages_total", 0.0)
+    topic = truth.redis.hget(names.worker_key(truth.ns, "worker-0"), "topic")
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(cluster.worker_endpoint)
+    pub = EventPublisher(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True,
+                         topic=topic.decode() if topic else "", ctx=ctx)
+    end = time.monotonic() + cfg.fault_s
+    i = 0
+    while time.monotonic() < end:
+        dealer.send(encode(Heartbeat(sender_id="worker-0")))
+        dealer.send(encode(TokenChunk(request_id=f"router-{i + 1}", token_ids=[1], text="x")))
+        dealer.send(encode(Completion(f"router-{i + 1}", "worker-0", 16, 16, 1)))
+        pub.publish([BlockStored(block_hashes=[10_000 + i], parent_block_hash=None, token_ids=list(range(16)),
+                                 block_size=16, lora_id=None, medium=None, lora_name=None)], ts=time.time())
+        i += 1
+        time.sleep(0.02)
+    pub.close()
+    dealer.close(linger=0)
+    ctx.term()
+    notes["rogue_messages"] = 3 * i
+
+    def counted() -> float:
+        return _router_metrics(http_port).get("kvr_router_unknown_peer_messages_total", 0.0) - before
+
+    try:  # the router's stats snapshot is refreshed once per second
+        _wait(lambda: counted() >= 3 * i, 3.0, "the router to count every rogue message")
+    except TimeoutError:
+        pass
+    notes["unknown_peer_messages"] = counted()
+    return time.monotonic()
+
+
+# ---------------------------------------------------------------------------- one case
+
+
+def _hit_rate(records, lo: float, hi: float) -> float | None:
+    sel = [(p, c) for t, p, c, err in records if lo <= t < hi and not err]
+    prompt = sum(p for p, _ in sel)
+    return sum(c for _, c in sel) / prompt if prompt else None
+
+
+def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
+    from bus.redis_server import free_loopback_port
+    from monitor.cluster import LocalCluster
+    from monitor.supervisor import ComponentFailed
+
+    ns = run_dir.name
+    http_port = free_loopback_port()
+    router_args = ["--http-port", str(http_port), "--heartbeat-interval", f"{cfg.heartbeat_s:g}",
+                   "--request-timeout", f"{cfg.request_timeout_s:g}"]
+    for attempt in range(2):
+        cluster = LocalCluster(cluster_config(workers=cfg.workers, policy="kvr", speedup=cfg.speedup,
+                                              run_dir=run_dir, namespace=ns, seed=cfg.seed, router_args=router_args))
+        try:
+            cluster.start()
+            break
+        except ComponentFailed as exc:
+            # Free ports are picked by binding port 0 and letting go: another process can take one
+            # before the component binds it. Not a fault of the system under test: pick again.
+            if attempt or "Address already in use" not in str(exc):
+                raise
+            logger.warning("port taken at start, starting the cluster again: %s", exc)
+            http_port = free_loopback_port()
+            router_args[1] = str(http_port)
+    out = CaseResult(case)
+    try:
+        truth = Truth(cluster, ns)
+        load = SteadyLoad(cluster.client_endpoint, cfg.load_config(), cfg.seed)
+        sampler = Sampler(truth, cfg)
+        load.start()
+        sampler.start()
+        try:
+            time.sleep(cfg.pre_s)
+            start = time.monotonic()
+            end, out.notes = inject(case, cluster, cfg, truth, sampler, http_port)
+            out.fault_s = end - start
+            time.sleep(cfg.post_s)
+        finally:
+            load.stop(drain_s=cfg.drain_s)
+            load.join(timeout=cfg.drain_s + 5)
+            sampler.stop()
+            sampler.join(timeout=5)
+        # Quiet now: the index must equal the truth exactly, every sample conclusive.
+        try:
+            _wait(lambda: truth.sample(dead=sampler.dead, settle_s=cfg.settle_s) is True, cfg.exact_within_s,
+                  "index == truth after the drain", poll_s=0.05)
+            out.exact_after_drain = True
+        except TimeoutError:
+            out.exact_after_drain = False
+        if case == "client_disconnect":
+            # The router ends the abandoned requests too (its pending table drains).
+            try:
+                _wait(lambda: _router_metrics(http_port).get("kvr_router_pending_requests") == 0, 5,
+                      "the router's pending table to drain")
+                out.notes["router_pending_drained"] = True
+            except TimeoutError:
+                out.notes["router_pending_drained"] = False
+        expected_dead = set(sampler.dead)
+        out.crashed = sorted(f.spec.name for f in cluster.supervisor.failed() if f.spec.name not in expected_dead)
+        # The router's stats snapshot (behind /metrics) is refreshed every second: let it catch up
+        # with the end of the drain before reading the counters.
+        time.sleep(1.1)
+        metrics = _safe_metrics(http_port)
+        out.notes["router_counters"] = {k.removeprefix("kvr_router_").removesuffix("_total"): v
+                                        for k, v in metrics.items() if k.endswith("_total")}
+        out.notes["stream_gaps"] = metrics.get("kvr_router_target_gaps", 0.0)  # summed over live targets
+        out.notes["stream_resets"] = metrics.get("kvr_router_target_resets", 0.0)
+        out.notes["stream_replays"] = metrics.get("kvr_router_target_replays", 0.0)
+        truth.close()
+    finally:
+        cluster.stop()
+    out.sent = load.sent
+    out.errored = sum(1 for r in load.records if r[3])
+    out.completed = len(load.records) - out.errored
+    out.lost = load.lost
+    out.error_codes = dict(load.error_codes)
+    out.unmatched_replies, out.late_replies = load.unmatched_replies, load.late_replies
+    out.connection_losses = load.connection_losses
+    after = [(t, ok) for t, ok in sampler.samples if t >= end]
+    out.inconclusive_samples = sum(1 for _, ok in after if ok is None)
+    out.index_exact_s = next((t - end for t, ok in after if ok), None)
+    out.hit_before = _hit_rate(load.records, start - cfg.pre_window_s, start)
+    if out.hit_before is not None:
+        t = end + cfg.window_s / 2
+        last = max((r[0] for r in load.records), default=end)
+        while t <= last:
+            h = _hit_rate(load.records, t - cfg.window_s, t)
+            if h is not None and h >= out.hit_before - cfg.hit_tolerance:
+                out.hit_recovered_s = t - end
+                break
+            t += cfg.sample_s
+    return out
+
+
+def _safe_metrics(port: int) -> dict[str, float]:
+    try:
+        return _router_metrics(port)
+    except OSError:
+        return {}
+
+
+# ---------------------------------------------------------------------------- suite
+
+
+TABLE_COLUMNS = ("fault", "sent", "completed", "errored", "lost", "crashed", "index exact after s",
+                 "hit rate back after s", "errors")
+
+
+def table_row(r: CaseResult) -> dict:
+    def s(x):
+        return "never" if x is None else f"{x:.2f}"
+
+    return {"fault": r.case, "sent": r.sent, "completed": r.completed, "errored": r.errored, "lost": r.lost,
+            "crashed": ", ".join(r.crashed) or "none", "index exact after s": s(r.index_exact_s),
+            "hit rate back after s": s(r.hit_recovered_s),
+            "errors": ", ".join(f"{k} {v}" for k, v in sorted(r.error_codes.items())) or "-"}
+
+
+def render_table(rows: list[CaseResult]) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for r in rows:
+        row = table_row(r)
+        lines.append("| " + " | ".join(str(row[c]) for c in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_table(rows: list[CaseResult], out_dir: str | Path, *, command: str) -> list[Path]:
+    """``faults.json`` (every field) and ``faults.md`` (the table) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    order = {c: i for i, c in enumerate(CASES)}
+    rows = sorted(rows, key=lambda r: order.get(r.case, len(order)))
+    jpath, mpath = out / "faults.json", out / "faults.md"
+    jpath.write_text(json.dumps({"command": command, "cases": [asdict(r) for r in rows]}, indent=1, default=str))
+    mpath.write_text(f"# Faults\n\n`{command}`\n\n{render_table(rows)}\n")
+    return [jpath, mpath]
+
+
+def run(cfg: FaultsConfig, *, command: str = "kvr bench faults", progress=None) -> SuiteResult:
+    progress = progress or NullProgress()
+    root = Path(cfg.out_dir or tempfile.mkdtemp(prefix="kvr-bench-faults-"))
+    progress.start(len(cfg.cases), "starting")
+    rows = []
+    try:
+        for case in cfg.cases:
+            r = run_case(cfg, case, root / f"faults-{case.replace('_', '-')}")
+            rows.append(r)
+            progress.step(f"{case}: lost {r.lost}, index exact after {r.index_exact_s}")
+    finally:
+        progress.close()
+    result = SuiteResult("faults", command, {**asdict(cfg), "cases": list(cfg.cases)})
+    result.tables["faults"] = [table_row(r) for r in rows]
+    result.tables["runs"] = [asdict(r) for r in rows]
+    result.notes.append(f"{cfg.workers} workers at speedup {cfg.speedup:g}, Poisson {cfg.rate_per_s * cfg.speedup:g} "
+                        f"req/s wall, heartbeat {cfg.heartbeat_s:g} s × 3; fault {cfg.pre_s:g} s after the load "
+                        f"starts, load on {cfg.post_s:g} s after it ends; logs in {root}")
+    return result
