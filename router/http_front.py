@@ -246,7 +246,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
         try:
-            length = _content_length(self.headers.get("Content-Length"))
+            try:
+                length = _content_length(self.headers.get("Content-Length"))
+            except HttpError:
+                self.close_connection = True  # where the body ends is unknown: nothing after it can be read
+                raise
             if length > _MAX_BODY_BYTES:
                 self.close_connection = True  # the unread body must not be taken for the next request
                 raise HttpError(413, f"request body of {length} bytes is over the {_MAX_BODY_BYTES}-byte limit",
