@@ -468,6 +468,7 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
         sampler.start()
         try:
             time.sleep(cfg.pre_s)
+            replays_before = _safe_metrics(http_port).get("kvr_router_target_replays", 0.0)
             start = time.monotonic()
             end, out.notes = inject(case, cluster, cfg, truth, sampler, http_port)
             out.fault_s = end - start
@@ -502,7 +503,8 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
                                         for k, v in metrics.items() if k.endswith("_total")}
         out.notes["stream_gaps"] = metrics.get("kvr_router_target_gaps", 0.0)  # summed over live targets
         out.notes["stream_resets"] = metrics.get("kvr_router_target_resets", 0.0)
-        out.notes["stream_replays"] = metrics.get("kvr_router_target_replays", 0.0)
+        # Replays since just before the fault (every subscription starts with one: the slow joiner's).
+        out.notes["stream_replays"] = metrics.get("kvr_router_target_replays", 0.0) - replays_before
         truth.close()
     finally:
         cluster.stop()
@@ -573,14 +575,26 @@ def write_table(rows: list[CaseResult], out_dir: str | Path, *, command: str) ->
     return [jpath, mpath]
 
 
+def display_tables(result: SuiteResult) -> dict[str, list[dict]]:
+    def s(x):
+        return "never" if x is None else f"{x:.2f}"
+
+    details = [{"fault": r["case"], "fault lasted s": s(r["fault_s"]), "exact after drain": r["exact_after_drain"],
+                "inconclusive samples": r["inconclusive_samples"], "hit rate before": s(r["hit_before"]),
+                "connection losses seen": r["connection_losses"], "late replies": r["late_replies"],
+                "notes": json.dumps({k: v for k, v in r["notes"].items() if k != "router_counters"}, default=str)}
+               for r in result.tables["runs"]]
+    return {"faults": result.tables["faults"], "runs": details}
+
+
 def run(cfg: FaultsConfig, *, command: str = "kvr bench faults", progress=None) -> SuiteResult:
     progress = progress or NullProgress()
     root = Path(cfg.out_dir or tempfile.mkdtemp(prefix="kvr-bench-faults-"))
     progress.start(len(cfg.cases), "starting")
     rows = []
     try:
-        for case in cfg.cases:
-            r = run_case(cfg, case, root / f"faults-{case.replace('_', '-')}")
+        for i, case in enumerate(cfg.cases):
+            r = run_case(cfg, case, root / f"faults-{case.replace('_', '-')}-{i}")
             rows.append(r)
             progress.step(f"{case}: lost {r.lost}, index exact after {r.index_exact_s}")
     finally:

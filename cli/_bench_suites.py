@@ -227,6 +227,36 @@ def fuzz(out_dir, as_json, quick, seed, cases, target_names) -> None:
         raise click.ClickException(f"{crashes} crash(es): see the crashes table")
 
 
+@click.command("faults")
+@_with_common
+@click.option("--case", "cases", multiple=True, type=click.Choice(["worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down", "drop",
+                                 "dup_reorder", "slow_subscriber", "client_disconnect", "worker_stall",
+                                 "rogue_publisher"]),
+              help="Fault cases to run (repeatable; default: all eleven).")
+@click.option("--workers", type=click.IntRange(2, 16), default=2, show_default=True)
+@click.option("--speedup", type=float, default=20.0, show_default=True, help="Emulated engine speed-up.")
+@click.option("--redis-down", "redis_down_s", type=float, default=3.0, show_default=True,
+              help="Seconds Redis stays unreachable (SIGSTOP) in the redis_down case.")
+def faults(out_dir, as_json, quick, repeats, seed, cases, workers, speedup, redis_down_s) -> None:
+    """The fault suite on a live cluster: sent, completed, errored, lost; recovery of the index and hit rate."""
+    from bench.faults import FaultsConfig, display_tables, run
+    from bench.progress import RichProgress
+
+    cfg = FaultsConfig(workers=workers, speedup=speedup, redis_down_s=redis_down_s, seed=seed)
+    if quick:
+        cfg.cases = ("drop",)
+    if cases:
+        cfg.cases = tuple(cases)
+    if repeats:
+        cfg.cases = tuple(c for c in cfg.cases for _ in range(repeats))
+    cfg.out_dir = str(Path(out_dir) / "faults-runs")
+    result = run(cfg, command=_command_line(), progress=RichProgress("faults"))
+    finish(result, out_dir, as_json, display=display_tables(result))
+    bad = [r for r in result.tables["runs"] if r["lost"] or r["crashed"] or r["unmatched_replies"]]
+    if bad:
+        raise click.ClickException(f"{len(bad)} case(s) lost requests or crashed a component: see the table")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -234,5 +264,5 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic, peer, scale, stale, fuzz]
+SUITE_COMMANDS = [overhead, basic, peer, scale, stale, fuzz, faults]
 

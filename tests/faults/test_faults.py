@@ -77,3 +77,10 @@ def _case_specific(case: str, r, logs: str) -> None:
         assert n["unknown_peer_messages"] == n["rogue_messages"], n
     elif case == "slow_subscriber":
         assert n["slow_subscriber_received"] >= 1, n  # it was connected, and stuck at its HWM
+
+
+def test_kvr_bench_faults_lists_the_same_cases_as_the_suite() -> None:
+    from cli._bench_suites import faults
+
+    (opt,) = [p for p in faults.params if p.name == "cases"]
+    assert tuple(opt.type.choices) == CASES
