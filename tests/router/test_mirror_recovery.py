@@ -125,7 +125,7 @@ def test_redis_restarting_empty_is_noticed_and_the_mirror_rewritten(ctx, redis_p
         wait_for(lambda: _mirror_exact(svc, check, ["w1", "w2"]), [w1, w2], timeout_s=5.0)
         assert len(_mirrored(check, "w1")) == 6 and len(_mirrored(check, "w2")) == 4
         assert check.get(names.generation_key("t")) not in (None, generation)
-        assert svc.counters["mirror_resyncs"] == 1
+        assert svc.counters["mirror_resyncs"] >= 1
         # The registry is back too: `kvr inspect` sees both workers with their Hello.
         assert check.hget(names.worker_key("t", "w1"), "events_endpoint").decode() == w1.pub.endpoint
         assert _route(client, [w1, w2], "after", a + [1]).routed.worker_id == "w1"
