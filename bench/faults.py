@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import signal
 import tempfile
 import threading
@@ -74,6 +75,8 @@ class FaultsConfig:
     post_s: float = 2.0
     fault_s: float = 2.0  # how long a rate fault (drop, duplicate/reorder, slow subscriber, rogue) lasts
     redis_down_s: float = 3.0
+    slow_hwm: int = 8  # the workers' KV-event PUB high-water mark in the slow_subscriber case
+    slow_sndbuf: int = 65_536  # and kernel send buffer (the OS's default holds MBs on loopback)
     drop_rate: float = 0.05
     duplicate_rate: float = 0.1
     reorder_rate: float = 0.1
@@ -327,7 +330,11 @@ def _worker_kill(cluster, cfg: FaultsConfig, sampler: Sampler, notes: dict, http
 
 
 def _slow_subscriber(cluster, cfg: FaultsConfig, truth: Truth, notes: dict) -> float:
-    """A second subscriber on worker-0's KV events that never reads (tiny HWM and buffers), then goes."""
+    """A second subscriber on worker-0's KV events that stops reading (tiny HWM and kernel buffer).
+
+    Its queue at the publisher (``--events-hwm``) overflows and ZMQ drops batches *for it*: seen
+    as holes in the seqs it finally reads. The router's subscription on the same PUB must neither
+    stall the engine nor lose anything (a batch it misses too is replayed)."""
     import zmq
 
     from bus import names
@@ -340,21 +347,48 @@ def _slow_subscriber(cluster, cfg: FaultsConfig, truth: Truth, notes: dict) -> f
     sub.setsockopt(zmq.RCVBUF, 4096)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(endpoint)
-    time.sleep(cfg.fault_s)
+    time.sleep(0.2)  # connected and subscribed (ZMQ's slow joiner) before the burst
+    # Not reading, while worker-0 publishes a burst: short requests straight to its HTTP API, each
+    # with new blocks (their events reach every subscriber, the router's included).
+    url = _worker_url(truth, "worker-0")
+    burst_until = time.monotonic() + cfg.fault_s
+
+    def burst(k: int) -> None:
+        i = 0
+        while time.monotonic() < burst_until:
+            rnd = random.Random(k * 1_000_003 + i)  # a new prompt: new blocks, a big BlockStored
+            body = {"prompt": [rnd.randrange(1, 30_000) for _ in range(1920)], "max_tokens": 1}
+            ok = _post(f"{url}/v1/completions", body)
+            notes["burst_requests"] = notes.get("burst_requests", 0) + 1
+            notes["burst_refused"] = notes.get("burst_refused", 0) + (not ok)
+            i += 1
+
+    threads = [threading.Thread(target=burst, args=(k,), daemon=True) for k in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     received = 0
     seqs = []
-    while True:
+    quiet_until = time.monotonic() + 0.5
+    while time.monotonic() < quiet_until:  # now read it all (what the buffers held, then live)
         try:
             frames = sub.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
-            break
+            time.sleep(0.005)
+            continue
         received += 1
         if len(frames) == 3 and len(frames[1]) == 8:
             seqs.append(int.from_bytes(frames[1], "big"))
+    # Every batch the router applied by now was published while the slow subscriber was connected.
+    applied = int(truth.redis.hget(names.target_stream_key(truth.ns, "worker-0", 0), "seq") or -1)
     sub.close(linger=0)
     ctx.term()
     notes["slow_subscriber_received"] = received
-    notes["slow_subscriber_seq_span"] = (max(seqs) - min(seqs) + 1) if seqs else 0
+    notes["published_meanwhile"] = applied - min(seqs) + 1 if seqs else 0
+    # Batches the PUB dropped for it (its HWM overflowed); the last few ms' may still have been in flight.
+    notes["slow_subscriber_dropped"] = notes["published_meanwhile"] - len(set(seqs))
+    notes["slow_subscriber_seqs"] = seqs[:3] + seqs[-3:]
     return time.monotonic()
 
 
@@ -445,9 +479,13 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
     http_port = free_loopback_port()
     router_args = ["--http-port", str(http_port), "--heartbeat-interval", f"{cfg.heartbeat_s:g}",
                    "--request-timeout", f"{cfg.request_timeout_s:g}"]
+    # A small PUB high-water mark, so that a subscriber that stops reading overflows it within the case.
+    worker_args = (["--events-hwm", str(cfg.slow_hwm), "--events-sndbuf", str(cfg.slow_sndbuf)]
+                   if case == "slow_subscriber" else [])
     for attempt in range(2):
         cluster = LocalCluster(cluster_config(workers=cfg.workers, policy="kvr", speedup=cfg.speedup,
-                                              run_dir=run_dir, namespace=ns, seed=cfg.seed, router_args=router_args))
+                                              run_dir=run_dir, namespace=ns, seed=cfg.seed, router_args=router_args,
+                                              worker_args=worker_args))
         try:
             cluster.start()
             break

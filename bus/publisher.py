@@ -119,8 +119,13 @@ class EventPublisher:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         curve: Curve | None = None,
+        sndbuf: int = 0,
     ) -> None:
         """``endpoint``/``replay_endpoint`` are base endpoints, offset by ``dp_rank`` as vLLM does.
+
+        ``hwm`` batches queue per subscriber before ZMQ drops live batches for it; in front of that
+        the kernel buffers a connection's bytes (``sndbuf``, 0 = the OS's autotuned size, MBs on
+        loopback), so a small ``sndbuf`` makes a stuck subscriber overflow the HWM soon (tests).
 
         With ``curve`` the PUB and the replay ROUTER are CURVE servers (this worker's key pair)
         that admit only the router's key, so nobody else can read the stream or take the
@@ -143,6 +148,7 @@ class EventPublisher:
         self.faults = faults
         self.counters = PublisherCounters()
         self._hwm = hwm
+        self._sndbuf = sndbuf
         self._bind = bind
         self._rng = rng
         self._clock = clock
@@ -168,7 +174,13 @@ class EventPublisher:
 
             def setup(sock: zmq.Socket) -> None:
                 curve.serve(sock, domain=EVENTS_DOMAIN, allow=(curve.router_public,))
-        self._pub, self.endpoint = make_pub(self._ctx, endpoint, hwm=self._hwm, bind=self._bind, setup=setup)
+        pub_setup = setup
+        if self._sndbuf:
+            def pub_setup(sock: zmq.Socket, _then=setup) -> None:  # before bind: connections inherit it
+                sock.setsockopt(zmq.SNDBUF, self._sndbuf)
+                if _then is not None:
+                    _then(sock)
+        self._pub, self.endpoint = make_pub(self._ctx, endpoint, hwm=self._hwm, bind=self._bind, setup=pub_setup)
         self.replay_endpoint: str | None = None
         if replay_endpoint is not None:
             # 0.33 sizes the ROUTER's send queue for a whole ring plus the end marker.

@@ -49,6 +49,12 @@ logger = logging.getLogger(__name__)
 @click.option("--fault-reorder", default=0.0, type=float, help="Fraction of batches sent after the next one.")
 @click.option("--fault-delay", default=0.0, type=float, help="Fraction of batches held back --fault-delay-ms.")
 @click.option("--fault-delay-ms", default=50.0, show_default=True, type=float)
+@click.option("--events-hwm", default=100_000, show_default=True, type=click.IntRange(1),
+              help="KV-event PUB high-water mark, batches queued per subscriber before ZMQ drops them for it "
+                   "(vLLM's kv-events-config 'hwm'); dropped batches stay replayable.")
+@click.option("--events-sndbuf", default=0, show_default=True, type=click.IntRange(0),
+              help="KV-event PUB kernel send buffer per subscriber, bytes (0: the OS's). With a small "
+                   "--events-hwm, a subscriber that stops reading overflows within seconds (fault tests).")
 @click.option("--restart-publisher-every", default=0.0, type=float, help="Restart the KV-event publisher (seq back to 0) every N wall seconds.")
 @click.option("--curve-dir", default=None, envvar="KVR_CURVE_DIR", type=click.Path(file_okay=False),
               help="CURVE keys (kvr keys): authenticate and encrypt the router link and the KV-event sockets "

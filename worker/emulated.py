@@ -68,6 +68,8 @@ class EmulatedWorkerConfig:
     lora_modules: tuple[str, ...] = ()  # LoRA adapter names served over HTTP (model = adapter name)
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     buffer_steps: int = 10_000
+    events_hwm: int = 100_000  # PUB high-water mark per subscriber (vLLM's KVEventsConfig.hwm)
+    events_sndbuf: int = 0  # PUB kernel send buffer per connection, bytes (0: the OS's)
     dp_rank: int = 0  # this engine's data-parallel rank (worker/emulated_dp.py runs several)
 
 
@@ -103,7 +105,7 @@ class EmulatedBackend:
         self.publisher = EventPublisher(
             endpoint=config.events_endpoint, replay_endpoint=config.replay_endpoint, topic=self.topic,
             buffer_steps=config.buffer_steps, ctx=ctx, faults=config.faults, bind=config.events_bind,
-            dp_rank=config.dp_rank,
+            dp_rank=config.dp_rank, hwm=config.events_hwm, sndbuf=config.events_sndbuf,
             rng=random.Random(seed ^ 0x5EED),  # faults may also be switched on later (set_faults)
             curve=curve,
         )  # fmt: skip

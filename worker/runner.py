@@ -43,6 +43,8 @@ class WorkerOptions:
     fault_reorder: float = 0.0
     fault_delay: float = 0.0
     fault_delay_ms: float = 50.0
+    events_hwm: int = 100_000  # KV-event PUB high-water mark (vLLM's KVEventsConfig.hwm)
+    events_sndbuf: int = 0  # KV-event PUB kernel send buffer, bytes (0: the OS's)
     lora_modules: str | None = None  # comma-separated adapter names
     stream_interval: int = 1
     hash_algo: str | None = None  # None: vLLM's default sha256 (core/block_hash.py)
@@ -79,7 +81,8 @@ class WorkerOptions:
             worker_id=self.worker_id, model=self.model, profile=self.profile, speedup=self.speedup,
             events_endpoint=self.events_endpoint, events_bind=not self.events_dial, replay_endpoint=replay,
             topic=self.topic, advertise_host=self.advertise_host, seed=self.seed, tokenizer=self.tokenizer,
-            faults=faults, engine_overrides=overrides,
+            faults=faults, engine_overrides=overrides, events_hwm=self.events_hwm,
+            events_sndbuf=self.events_sndbuf,
             stream_interval=self.stream_interval,
             lora_modules=tuple(n.strip() for n in (self.lora_modules or "").split(",") if n.strip()),
         )
