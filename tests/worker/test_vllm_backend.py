@@ -63,7 +63,8 @@ def test_hello_describes_the_server(fake, backend):
     hello = backend.hello(epoch=7, profile="h100")
     assert hello == Hello(worker_id="vllm-0", epoch=7, model=fake.model, block_size=16, num_gpu_blocks=101,
                           events_endpoint="tcp://127.0.0.1:5557", replay_endpoint="tcp://127.0.0.1:5558",
-                          topic="kv@vllm-0@m", dp_size=1, http_url=fake.url, profile="h100", engine="vllm")
+                          topic="kv@vllm-0@m", dp_size=1, http_url=fake.url, profile="h100", engine="vllm",
+                          max_model_len=fake.max_model_len)  # from /v1/models: the router refuses longer prompts
     assert backend.info.lora_adapters == ("sql-lora",)
     assert fake.requests[0]["prompt"] == [0] and fake.requests[0]["max_tokens"] == 1  # the start-up probe
 
