@@ -11,7 +11,10 @@ Served (stdlib ``ThreadingHTTPServer``, HTTP/1.1):
 
 HTTP handler threads never touch the router's sockets: a bridge thread owns one DEALER to the
 router's client ROUTER and hands replies to each handler's queue (woken through a socket pair).
-Errors map to HTTP statuses (no workers 503, overloaded 429, timeout 504, bad request 400...).
+Errors map to HTTP statuses (bad request 400, prompt too long or body over 64 MiB 413, unknown
+model 404, overloaded 429, no workers 503, timeout 504...) with OpenAI-style JSON whose ``type`` is
+the stable ``ErrorCode`` value. Bodies are decoded by :func:`parse_completion_body`, the HTTP
+edge's one decoder: anything it accepts crosses the bridge (encodes, decodes at the router).
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def test_each_bad_request_gets_its_error_code_over_zmq(stack, fields, code, mess
     assert stack.router.counters[f"rejected_{code.value}"] == before + 1
 
 
-def test_wrong_types_on_the_client_channel_are_dropped_and_counted(stack):
+def test_wrong_types_on_the_client_channel_are_dropped_and_counted(stack, caplog):
     """A frame that is not a GenerateRequest has no request id the router could trust: counted, logged, dropped."""
     raw = stack.ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
@@ -151,7 +151,7 @@ def test_wrong_types_on_the_client_channel_are_dropped_and_counted(stack):
             b'\x83\xa4type\xa8generate\xaarequest_id\xa1x\xa9token_ids\x91\xa1a',  # a token id a string
             b'\x83\xa4type\xa8generate\xaarequest_id\xa1x\xaamax_tokens\xcb?\xf8\x00\x00\x00\x00\x00\x00',  # 1.5
             b'\x82\xa4type\xa8generate\xaarequest_id\xa3\xc3\x28x',  # not UTF-8 (crashed the loop before)
-            b"\x91" * 100_000 + b"\xc0",  # nesting deeper than the recursion limit (crashed the loop before)
+            b"\x81\xa1a" * 100_000 + b"\xc0",  # an unknown field nested past the recursion limit (crashed the loop)
             b'\x81\xa4type\xa4nope',  # unknown tag
         ]
         for f in frames:
@@ -162,6 +162,9 @@ def test_wrong_types_on_the_client_channel_are_dropped_and_counted(stack):
             time.sleep(0.01)
         assert stack.router.counters["bad_messages"] == before + len(frames)
         assert stack.running.thread.is_alive()
+        logged = [r.getMessage() for r in caplog.records if r.name == "router.service"]
+        assert sum(m.startswith("undecodable message from ") for m in logged) == len(frames)
+        assert any("UnicodeDecodeError" in m for m in logged) and any("RecursionError" in m for m in logged)
         _serving(stack, "after-bad-client-frames")
     finally:
         raw.close(linger=0)
@@ -175,7 +178,7 @@ def test_malformed_worker_messages_and_unknown_peers_keep_the_router_serving(sta
         bad_before = stack.router.counters["bad_messages"]
         unknown_before = stack.router.counters["unknown_peer_messages"]
         frames = [b"\xc1", b'\x81\xa4type\xa5hello', b'\x83\xa4type\xa9heartbeat\xa9sender_id\xa3\xff\xfe\xfd\xa5epoch\x01',
-                  b"\xdd\xff\xff\xff\xff", b"\x91" * 100_000 + b"\xc0"]
+                  b"\xdd\xff\xff\xff\xff", b"\x81\xa1a" * 100_000 + b"\xc0"]
         for f in frames:
             raw.send(f)
         raw.send(encode(Heartbeat("w1", 1)))  # valid, but from a peer that never said Hello: not w1's beat
