@@ -110,7 +110,8 @@ class CaseResult:
     connection_losses: int = 0
     crashed: list = field(default_factory=list)  # components that exited, other than the one killed on purpose
     fault_s: float = 0.0  # fault start → fault end (wall seconds)
-    index_exact_s: float | None = None  # fault end → first conclusive exact sample
+    index_exact_s: float | None = None  # fault end → first conclusive exact sample (None: not while observed)
+    observed_s: float = 0.0  # fault end → load stopped: how long the recovery was watched under load
     exact_after_drain: bool = False
     inconclusive_samples: int = 0
     hit_before: float | None = None
@@ -511,6 +512,7 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
             end, out.notes = inject(case, cluster, cfg, truth, sampler, http_port)
             out.fault_s = end - start
             time.sleep(cfg.post_s)
+            out.observed_s = time.monotonic() - end
         finally:
             load.stop(drain_s=cfg.drain_s)
             load.join(timeout=cfg.drain_s + 5)
@@ -585,7 +587,7 @@ TABLE_COLUMNS = ("fault", "sent", "completed", "errored", "lost", "crashed", "in
 
 def table_row(r: CaseResult) -> dict:
     def s(x):
-        return "never" if x is None else f"{x:.2f}"
+        return f"not within {r.observed_s:.1f}" if x is None else f"{x:.2f}"
 
     return {"fault": r.case, "sent": r.sent, "completed": r.completed, "errored": r.errored, "lost": r.lost,
             "crashed": ", ".join(r.crashed) or "none", "index exact after s": s(r.index_exact_s),
