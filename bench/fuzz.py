@@ -14,7 +14,8 @@ Targets (``TARGETS``):
 * ``vllm_events``: vLLM KV-event payloads (``bus.vllm_codec.VllmEventDecoder``), every release's form;
 * ``client`` / ``worker`` / ``router`` / ``reply`` / ``metrics``: the msgspec channel decoders of
   ``bus/codec.py`` on each side; a decoded ``GenerateRequest`` also goes through the router's
-  admission check (``core.admission.check_request``), which must answer, not raise;
+  admission check (``core.admission.check_request``), which must answer, not raise, and a client
+  frame that does not decode through ``salvage_request_id`` (whom the router answers);
 * ``kv_stream``: multipart frames of the live SUB and the replay DEALER into the subscriber's
   frame parsing and ``EventStream`` state machine (seq frames, end markers, payloads);
 * ``replay_request``: a worker's replay ROUTER answering request frames (``EventPublisher._serve``);
@@ -346,12 +347,19 @@ def _channel(factory_name: str, type_names: tuple[str, ...]) -> Callable[[bytes]
 
 
 def _client_run() -> Callable[[bytes], Any]:
+    from bus.codec import DecodeError, salvage_request_id
     from core.admission import AdmissionLimits, check_request
 
     decode, limits = _channel("client_decoder", ("GenerateRequest", "CancelRequest")), AdmissionLimits()
 
     def run(frame: bytes) -> Any:
-        msg = decode(frame)
+        try:
+            msg = decode(frame)
+        except DecodeError:
+            rid = salvage_request_id(frame)  # what the router does next with a bad frame: find whom to answer
+            if rid is not None and not isinstance(rid, str):
+                raise AssertionError(f"salvaged a {type(rid).__name__}") from None
+            raise
         if hasattr(msg, "token_ids"):  # the router's very next step: admission must answer, not raise
             check_request(request_id=msg.request_id, prompt=msg.prompt, token_ids=msg.token_ids,
                           max_tokens=msg.max_tokens, model=msg.model, limits=limits)

@@ -15,6 +15,7 @@ from bus.vllm_codec import DecodeError
 __all__ = [
     "DecodeError", "ChannelDecoder", "encode", "MAX_MESSAGE_BYTES",
     "client_decoder", "reply_decoder", "worker_decoder", "router_decoder", "metrics_decoder",
+    "salvage_request_id",
 ]
 
 #: Largest message any kvr channel accepts (a 128k-token prompt as token ids is ~0.7 MB).
@@ -49,6 +50,31 @@ class ChannelDecoder(Generic[T]):
             self.errors += 1
             raise DecodeError(f"{type(exc).__name__}: {exc}" if not isinstance(exc, msgspec.DecodeError)
                               else str(exc)) from None
+
+
+class _Envelope(msgspec.Struct):
+    """Just enough of a client message to answer it: the tag and the id (other fields ignored)."""
+
+    type: str
+    request_id: str
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+
+
+def salvage_request_id(frame: bytes, *, max_chars: int = 256) -> str | None:
+    """The ``request_id`` of a ``GenerateRequest`` that failed to decode (a field of the wrong
+    type, say), so the router can answer it with an error instead of leaving the client waiting;
+    ``None`` when the frame is not even that (then nobody can be told)."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        return None
+    try:
+        env = _envelope_decoder.decode(frame)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if env.type != "generate" or not 0 < len(env.request_id) <= max_chars:
+        return None
+    return env.request_id
 
 
 def client_decoder() -> ChannelDecoder:

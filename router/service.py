@@ -35,7 +35,7 @@ import msgspec
 import zmq
 
 from bus import names
-from bus.codec import DecodeError, client_decoder, encode, worker_decoder
+from bus.codec import DecodeError, client_decoder, encode, salvage_request_id, worker_decoder
 from bus.schema import (
     PROTOCOL_VERSION, Cancel, CancelRequest, Completion, Dispatch, ErrorCode, ErrorReply, GenerateRequest, Goodbye,
     Heartbeat, Hello, Refused, RequestRecord, RequestStats, Routed, TokenChunk, Welcome, WorkerLoad as WireLoad, WorkerSample,
@@ -221,12 +221,24 @@ class RouterService:
             except DecodeError as exc:
                 self.counters["bad_messages"] += 1
                 logger.warning("undecodable message from %s: %s", frames[0].hex(), exc)
+                if sock is self._clients:
+                    self._answer_malformed(frames[0], frames[1], exc)
                 continue
             try:
                 handler(frames[0], msg)
             except Exception:  # a bug handling one message must not take the router down
                 self.counters["handler_errors"] += 1
                 logger.exception("error handling %s", type(msg).__name__)
+
+    def _answer_malformed(self, client: bytes, frame: bytes, exc: DecodeError) -> None:
+        """A generate request with a field of the wrong type still names its id: answer it
+        (``BAD_REQUEST``, msgspec's words say which field) rather than let the client wait. Not
+        when that id is in flight: the error would end the client's other request."""
+        rid = salvage_request_id(frame, max_chars=self.config.limits.max_id_chars)
+        if rid is None or (client, rid) in self._by_client:
+            return
+        self.counters["rejected_bad_request"] += 1
+        self._reply(client, ErrorReply(rid, ErrorCode.BAD_REQUEST, f"malformed request: {exc}"))
 
     def _tick(self, now: float) -> None:
         self.ingest.tick()

@@ -170,6 +170,53 @@ def test_wrong_types_on_the_client_channel_are_dropped_and_counted(stack, caplog
         raw.close(linger=0)
 
 
+def _generate_frame(**fields) -> bytes:
+    """A client-channel frame as a peer could build it, types unchecked."""
+    import msgspec
+
+    return msgspec.msgpack.encode({"type": "generate", **fields})
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"request_id": "t1", "token_ids": [1, "2"]}, "malformed request: Expected `int`, got `str` - at `$.token_ids[1]`"),
+    ({"request_id": "t2", "token_ids": [1, 2.5]}, "malformed request: Expected `int`, got `float` - at `$.token_ids[1]`"),
+    ({"request_id": "t3", "token_ids": 7}, "malformed request: Expected `array | null`, got `int` - at `$.token_ids`"),
+    ({"request_id": "t4", "prompt": "hi", "max_tokens": "8"},
+     "malformed request: Expected `int`, got `str` - at `$.max_tokens`"),
+    ({"request_id": "t5", "prompt": "hi", "model": 3}, "malformed request: Expected `str | null`, got `int` - at `$.model`"),
+])
+def test_wrong_field_types_get_a_bad_request_reply_naming_the_field(stack, fields, message):
+    """The typed decoder refuses the frame; the router still finds its id and answers it."""
+    from bus.codec import reply_decoder
+
+    raw = stack.ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(connectable(stack.router.clients_endpoint))
+    try:
+        raw.send(_generate_frame(**fields))
+        assert raw.poll(5000), "no reply"
+        reply = reply_decoder().decode(raw.recv())
+        assert (reply.request_id, reply.code, reply.message) == (fields["request_id"], ErrorCode.BAD_REQUEST, message)
+    finally:
+        raw.close(linger=0)
+
+
+def test_frames_without_a_usable_id_get_no_reply(stack):
+    """No id (or not a string, or not a generate): nobody to answer; counted, and the socket stays quiet."""
+    raw = stack.ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(connectable(stack.router.clients_endpoint))
+    try:
+        before = stack.router.counters["bad_messages"]
+        for frame in (_generate_frame(request_id=5, token_ids=[1]), _generate_frame(token_ids=["x"]),
+                      _generate_frame(request_id="", token_ids=["x"]), b"\x82\xa4type\xa6cancel\xaarequest_id\x01"):
+            raw.send(frame)
+        assert not raw.poll(300)
+        assert stack.router.counters["bad_messages"] == before + 4
+    finally:
+        raw.close(linger=0)
+
+
 def test_malformed_worker_messages_and_unknown_peers_keep_the_router_serving(stack):
     raw = stack.ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
