@@ -20,7 +20,9 @@ Targets (``TARGETS``):
   frame parsing and ``EventStream`` state machine (seq frames, end markers, payloads);
 * ``replay_request``: a worker's replay ROUTER answering request frames (``EventPublisher._serve``);
 * ``http_completions``: the router's HTTP front body decoder (``router.http_front.parse_completion_body``);
-  a request it accepts must also cross the bridge: encode, decode on the client channel, pass admission.
+  a request it accepts must also cross the bridge: encode, decode on the client channel, pass admission;
+* ``http_worker``: the emulated worker's vLLM API bodies (``worker.http_api.completion_params``), then
+  its engine's admission (``RequestRejected`` is the worker's 400).
 
 The hypothesis tests (tests/bus/test_fuzz_decoders.py) run the same targets with fewer cases.
 """
@@ -402,6 +404,25 @@ def _http_run() -> Callable[[bytes], Any]:
     return run
 
 
+def _http_worker_run() -> Callable[[bytes], Any]:
+    from core.engine import EmulatedEngine, EngineRequest
+    from core.profiles import get_profile
+    from core.tokenizer import BuiltinTokenizer
+    from worker.http_api import completion_params, decode_json_body
+
+    engine, tokenizer = EmulatedEngine(profile_or_config=get_profile("simple"), rng=random.Random(0)), BuiltinTokenizer()
+
+    def run(raw: bytes) -> Any:
+        chat = b'"messages"' in raw[:4096]
+        ids, max_tokens, salt = completion_params(decode_json_body(raw), chat=chat, tokenizer=tokenizer)
+        # What the worker does next (EmulatedBackend.submit): the engine admits it or says why not (a 400).
+        engine.add_request(EngineRequest("fuzz", ids, max_tokens if max_tokens > 0 else None, None, salt), now=0.0)
+        engine.abort("fuzz", now=0.0)
+        return ids
+
+    return run
+
+
 class _StreamHarness:
     """The subscriber's frame parsing (live SUB and replay DEALER) over the real ``EventStream``, no sockets."""
 
@@ -511,7 +532,9 @@ def _replay_request_case(rng: random.Random) -> list[bytes]:
 def targets() -> dict[str, Target]:
     """Every decoder at a socket edge, freshly built (each has its own counters)."""
     from bus.vllm_codec import DecodeError
+    from core.engine_types import RequestRejected
     from router.http_front import HttpError
+    from worker.http_api import HttpError as WorkerHttpError
 
     stream, replay = _StreamHarness(), _ReplayHarness()
     return {t.name: t for t in (
@@ -533,6 +556,8 @@ def targets() -> dict[str, Target]:
                kind="request_frames"),
         Target("http_completions", "router HTTP front ← HTTP client", _http_run(), (HttpError,), _http_seeds,
                kind="json"),
+        Target("http_worker", "worker HTTP (vLLM API) ← HTTP client", _http_worker_run(),
+               (WorkerHttpError, RequestRejected), _http_seeds, kind="json"),
     )}
 
 
@@ -634,5 +659,5 @@ def run(cfg: FuzzConfig, *, command: str = "kvr bench fuzz", progress=None) -> S
                         f"{sum(r['hangs (>1 s)'] for r in rows)} cases over {SLOW_CASE_S:g} s")
     result.notes.append("cases_per_s, mean_us and max_ms time the decoder only (not making the case)")
     result.notes.append("a crash is any exception but the decoder's documented one (DecodeError; HttpError for the "
-                        "HTTP front; none at all for kv_stream and replay_request, which count bad frames)")
+                        "HTTP fronts, RequestRejected for the worker's engine; none at all for kv_stream and replay_request, which count bad frames)")
     return result

@@ -209,7 +209,7 @@ def stale(out_dir, as_json, quick, repeats, seed, faults, workers, speedup, pre_
 @click.option("--cases", type=click.IntRange(min=1), default=100_000, show_default=True, help="Cases per decoder.")
 @click.option("--target", "target_names", multiple=True,
               help="Decoders to fuzz (repeatable; default: all): vllm_events, client, worker, router, reply, "
-                   "metrics, kv_stream, replay_request, http_completions.")
+                   "metrics, kv_stream, replay_request, http_completions, http_worker.")
 def fuzz(out_dir, as_json, quick, seed, cases, target_names) -> None:
     """Every decoder at a socket edge on mutated and random input: cases, crashes, throughput."""
     from bench.fuzz import FuzzConfig, run

@@ -43,6 +43,58 @@ VERSION = "0.33.0+kvr.emulated"
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
+def decode_json_body(raw: bytes) -> dict[str, Any]:
+    """A request body → its JSON object, or ``HttpError`` 400 (the HTTP edge's one error)."""
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
+        raise HttpError(400, f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    return body
+
+
+def prompt_ids(body: dict[str, Any], *, chat: bool, tokenizer: Any) -> list[int]:
+    """The prompt of a (chat) completions or tokenize body as token ids, or ``HttpError`` 400.
+    Ids are not range-checked here: the engine refuses those outside uint32 (a 400 as well)."""
+    try:
+        return _prompt_ids(body, chat=chat, tokenizer=tokenizer)
+    except UnicodeEncodeError as exc:  # JSON's "\ud800": a lone surrogate no tokenizer can encode (was a 500)
+        raise HttpError(400, f"the prompt is not valid Unicode: {exc}") from None
+
+
+def _prompt_ids(body: dict[str, Any], *, chat: bool, tokenizer: Any) -> list[int]:
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise HttpError(400, "'messages' must be a list of objects")
+        return tokenizer.encode(apply_chat_template(messages, add_generation_prompt=body.get("add_generation_prompt", True)))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    raise HttpError(400, "'prompt' must be a string or a list of token ids (batches are not supported)")
+
+
+def completion_params(body: dict[str, Any], *, chat: bool, tokenizer: Any) -> tuple[list[int], int, str | None]:
+    """``(token ids, max_tokens, cache_salt)`` of a completions body, or ``HttpError`` 400."""
+    ids = prompt_ids(body, chat=chat, tokenizer=tokenizer)
+    if body.get("n", 1) != 1:
+        raise HttpError(400, "only n=1 is supported")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = 0 if chat else DEFAULT_COMPLETION_MAX_TOKENS  # 0: the engine draws a length
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise HttpError(400, "'max_tokens' must be a positive integer")
+    salt = body.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise HttpError(400, "'cache_salt' must be a string")
+    return ids, max_tokens, salt
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
         super().__init__(message)
@@ -134,14 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length > _MAX_BODY_BYTES:
             self.close_connection = True  # the unread body must not be taken for the next request
             raise HttpError(413, f"request body over {_MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(length) if length else b"{}"
-        try:
-            body = json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
-            raise HttpError(400, f"invalid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the request body must be a JSON object")
-        return body
+        return decode_json_body(self.rfile.read(length) if length else b"{}")
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
@@ -248,34 +293,11 @@ class _Handler(BaseHTTPRequestHandler):
                 "parent": f.backend.config.model, "max_model_len": f.backend.engine.max_model_len, "permission": []}
 
     def _prompt_ids(self, body: dict[str, Any], *, chat: bool) -> list[int]:
-        tok = self.front.backend.tokenizer
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise HttpError(400, "'messages' must be a list of objects")
-            return tok.encode(apply_chat_template(messages, add_generation_prompt=body.get("add_generation_prompt", True)))
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            return tok.encode(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
-        raise HttpError(400, "'prompt' must be a string or a list of token ids (batches are not supported)")
+        return prompt_ids(body, chat=chat, tokenizer=self.front.backend.tokenizer)
 
     def _completions(self, body: dict[str, Any], *, chat: bool) -> None:
         f = self.front
-        ids = self._prompt_ids(body, chat=chat)
-        if body.get("n", 1) != 1:
-            raise HttpError(400, "only n=1 is supported")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is None:
-            max_tokens = 0 if chat else DEFAULT_COMPLETION_MAX_TOKENS  # 0: the engine draws a length
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            raise HttpError(400, "'max_tokens' must be a positive integer")
-        salt = body.get("cache_salt")
-        if salt is not None and not isinstance(salt, str):
-            raise HttpError(400, "'cache_salt' must be a string")
+        ids, max_tokens, salt = completion_params(body, chat=chat, tokenizer=f.backend.tokenizer)
         stream = bool(body.get("stream", False))
         options = body.get("stream_options")
         include_usage = bool(options.get("include_usage", False)) if isinstance(options, dict) else False

@@ -88,7 +88,7 @@ def test_http_bodies_of_any_shape(body, chat):
 
 
 def test_valid_seeds_decode_on_every_target():
-    for name in _MSGPACK + ["http_completions"]:  # the frame targets' seeds are payloads, not cases
+    for name in _MSGPACK + ["http_completions", "http_worker"]:  # the frame targets' seeds are payloads, not cases
         for seed in _SEEDS[name]:
             outcome = run_case(TARGETS[name], seed)
             assert outcome.ok and outcome.accepted, (name, outcome.crash)

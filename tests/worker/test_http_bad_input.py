@@ -82,3 +82,12 @@ def test_fuzzed_fields_get_an_answer(worker, value, key):
     path = "/v1/chat/completions" if key == "messages" else "/v1/completions"
     status, obj = _post(worker, path, json.dumps(body).encode())
     assert status == 200 or (400 <= status < 500 and obj["error"]["code"] == status), (status, obj)
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "\\ud800", "max_tokens": 1}',
+                                 b'{"messages": [{"role": "user", "content": "x\\udfff"}], "max_tokens": 1}'])
+def test_lone_surrogates_are_400(worker, raw):
+    """JSON allows "\\ud800", UTF-8 does not: the tokenizer raised and the worker answered 500 (kvr bench fuzz)."""
+    status, obj = _post(worker, "/v1/chat/completions" if b"messages" in raw else "/v1/completions", raw)
+    assert (status, obj["error"]["type"]) == (400, "BadRequestError")
+    assert obj["error"]["message"].startswith("the prompt is not valid Unicode: 'utf-8' codec can't encode")
