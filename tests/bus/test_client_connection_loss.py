@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import zmq
@@ -67,9 +68,11 @@ def test_pending_requests_end_with_an_error_when_the_router_dies_and_later_ones_
 def test_no_router_yet_is_not_a_connection_loss() -> None:
     """Nothing listening: the request waits (ZMQ queues it), it is not failed."""
     ctx = zmq.Context()
-    probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
+    # A port held by a socket that never listens: connections are refused, and no other test's
+    # socket can take the port meanwhile.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
     client = RouterClient(endpoint=f"tcp://127.0.0.1:{port}", ctx=ctx)
     try:
         client.send(GenerateRequest(request_id="a", token_ids=[1, 2], max_tokens=1))
@@ -77,4 +80,5 @@ def test_no_router_yet_is_not_a_connection_loss() -> None:
         assert "a" in client.pending and client.connection_losses == 0
     finally:
         client.close()
+        holder.close()
         ctx.term()
