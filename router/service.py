@@ -242,6 +242,12 @@ class RouterService:
 
     def _tick(self, now: float) -> None:
         self.ingest.tick()
+        deadline = self.liveness.next_deadline()
+        if deadline is not None and now >= deadline:
+            # Read what is waiting before declaring anyone dead: after a stall of this loop (CPU
+            # starvation, a slow handler) the workers' beats sit unread, they were not silent.
+            self._drain(self._workers_sock, self._worker_decoder, self._on_worker)
+            now = max(now, self._clock())
         for wid in self.liveness.expired(now):
             logger.warning("worker %s missed %d heartbeats: dead", wid, self.config.heartbeat.liveness)
             self._worker_gone(str(wid), ErrorCode.WORKER_DIED, "worker stopped answering heartbeats")

@@ -273,6 +273,10 @@ class WorkerService:
                 self._connect()
             return
         if now - self._last_recv > self.heartbeat_interval_s * self.liveness:
+            # Read what is waiting before judging: after a long step or CPU starvation the
+            # router's beats sit unread in the socket, and the router was not silent at all.
+            self._recv_router()
+        if self._dealer is not None and now - self._last_recv > self.heartbeat_interval_s * self.liveness:
             # Never welcomed at all: a CURVE refusal looks exactly like silence from here (the
             # router never sees a refused peer), so say what to check.
             hint = "" if self.counters.welcomes else (

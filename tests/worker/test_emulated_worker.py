@@ -124,6 +124,19 @@ def test_a_silent_router_makes_the_worker_reconnect_with_the_same_epoch(router, 
     assert second.epoch == first.epoch and svc.counters.connects >= 2
 
 
+def test_a_stalled_worker_loop_reads_the_waiting_beats_before_calling_the_router_silent(router, start_worker) -> None:
+    """CPU starvation or a long piece of work on the loop: the router's beats wait unread in the
+    socket meanwhile; that is not a silent router, and the worker must not drop the link."""
+    svc = start_worker()
+    register(router, interval_s=0.05, liveness=3)  # silent for 0.15 s = dead
+    svc.call(lambda: time.sleep(0.6))  # the loop is stuck (an HTTP-side call, here) for 0.6 s
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:  # the router beats on all along
+        router.send(Heartbeat(sender_id="r1"))
+        time.sleep(0.02)
+    assert svc.registered and svc.counters.connects == 1  # the link never dropped: the beats were there
+
+
 def test_replies_produced_while_the_link_is_down_follow_the_next_hello(router, start_worker) -> None:
     """A router that only stalled (no Hello lost, no death declared) still waits for them: nothing lost."""
     svc = start_worker(backoff_min_s=0.3)
