@@ -643,7 +643,8 @@ def run(cfg: FuzzConfig, *, command: str = "kvr bench fuzz", progress=None) -> S
                 progress.step(name)
             rows.append({"decoder": name, "edge": target.edge, "cases": tally.cases, "accepted": tally.accepted,
                          "refused": tally.cases - tally.accepted - tally.crashes, "crashes": tally.crashes,
-                         "hangs (>1 s)": tally.slow, "cases_per_s": round(tally.cases / tally.seconds) if tally.seconds else 0,
+                         "hangs (>1 s)": tally.slow,
+                         "cases_per_s": round(tally.cases / tally.seconds) if tally.seconds else 0,
                          "mean_us": round(tally.seconds / max(1, tally.cases) * 1e6, 1),
                          "max_ms": round(tally.max_case_s * 1e3, 2), "examples": tally.examples})
     finally:
@@ -659,5 +660,6 @@ def run(cfg: FuzzConfig, *, command: str = "kvr bench fuzz", progress=None) -> S
                         f"{sum(r['hangs (>1 s)'] for r in rows)} cases over {SLOW_CASE_S:g} s")
     result.notes.append("cases_per_s, mean_us and max_ms time the decoder only (not making the case)")
     result.notes.append("a crash is any exception but the decoder's documented one (DecodeError; HttpError for the "
-                        "HTTP fronts, RequestRejected for the worker's engine; none at all for kv_stream and replay_request, which count bad frames)")
+                        "HTTP fronts, RequestRejected for the worker's engine; none at all for kv_stream and "
+                        "replay_request, which count bad frames)")
     return result

@@ -9,6 +9,7 @@ regression tests pin the crashes the fuzzer found.
 from __future__ import annotations
 
 import json
+import random
 
 import msgspec
 import pytest
@@ -23,7 +24,7 @@ from router.http_front import HttpError, parse_completion_body
 
 TARGETS = targets()
 NAMES = sorted(TARGETS)
-_SEEDS = {name: t.seeds(__import__("random").Random(0)) for name, t in TARGETS.items()}
+_SEEDS = {name: t.seeds(random.Random(0)) for name, t in TARGETS.items()}
 
 # Values msgpack can carry, nested: what a peer could put in any field.
 _scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats()
