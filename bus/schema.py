@@ -188,6 +188,9 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     heartbeat_interval_s: float
     heartbeat_liveness: int
     protocol_version: int = PROTOCOL_VERSION
+    #: The router's incarnation; its heartbeats carry it as ``epoch``. A worker that hears
+    #: another one (the router restarted and does not know it) says Hello again at once.
+    router_epoch: int = 0
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):

@@ -165,6 +165,9 @@ class RouterService:
         self._by_client: dict[tuple[bytes, str], str] = {}
         self._ids = itertools.count(1)
         self._next_stats_s = clock() + config.stats_interval_s
+        #: This router's incarnation, in its heartbeats and Welcome (workers notice a restart by it).
+        self.epoch = int(wall() * 1e6)
+        self._nudged: dict[bytes, float] = {}  # unknown peer -> when it was last asked to say Hello
         self._next_mirror_check_s = clock()
         self._mirror_generation: str | None = None  # Redis data set last seen (RedisMirror.router_heartbeat)
         self._mirror_down = False
@@ -261,7 +264,7 @@ class RouterService:
                 elif self.index.confidence(t) is Confidence.STALE:
                     self.index.set_confidence(t, Confidence.FRESH)
             if self.liveness.send_due(wid, now):
-                self._send_worker(w.identity, Heartbeat(sender_id=self.config.router_id))
+                self._send_worker(w.identity, Heartbeat(sender_id=self.config.router_id, epoch=self.epoch))
                 self.liveness.sent(wid, now)
         for key in [k for k, p in self.pending.items() if now >= p.deadline_s]:
             p = self.pending[key]
@@ -403,7 +406,16 @@ class RouterService:
             return
         worker = self._worker_by_identity(identity)
         if worker is None:
-            self.counters["unknown_peer_messages"] += 1  # no beats back: it will time out and say Hello
+            # A worker registered with an earlier incarnation of this router (it restarted) or one
+            # whose Hello was lost. A heartbeat with this router's epoch makes it say Hello at once
+            # instead of after its liveness timeout; at most one per peer per second.
+            self.counters["unknown_peer_messages"] += 1
+            if now - self._nudged.get(identity, -1e9) >= 1.0:
+                if len(self._nudged) > 10_000:
+                    self._nudged.clear()
+                self._nudged[identity] = now
+                self.counters["unknown_peers_nudged"] += 1
+                self._send_worker(identity, Heartbeat(sender_id=self.config.router_id, epoch=self.epoch))
             return
         wid = worker.hello.worker_id
         self.liveness.seen(wid, now)
@@ -454,7 +466,9 @@ class RouterService:
             self._identities[identity] = hello.worker_id
         self.liveness.seen(hello.worker_id, now)
         self._refresh_stats()
-        self._send_worker(identity, Welcome(cfg.router_id, cfg.heartbeat.interval_s, cfg.heartbeat.liveness))
+        self._nudged.pop(identity, None)
+        self._send_worker(identity, Welcome(cfg.router_id, cfg.heartbeat.interval_s, cfg.heartbeat.liveness,
+                                            router_epoch=self.epoch))
         self.liveness.sent(hello.worker_id, now)
         self._mirror_call(lambda: self.mirror.register_worker(hello, now_s=self._wall(), ttl_s=cfg.heartbeat.timeout_s))
 

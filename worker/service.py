@@ -65,6 +65,7 @@ class LinkCounters:
     cancels: int = 0
     bad_messages: int = 0
     handler_errors: int = 0
+    rehellos: int = 0  # Hellos sent again because a router of another epoch spoke (it restarted)
 
 
 class WorkerService:
@@ -105,6 +106,8 @@ class WorkerService:
         self.counters = LinkCounters()
         self.refused: str | None = None
         self.registered = False
+        self._router_epoch = 0  # the incarnation of the router that welcomed us (0: not yet)
+        self._last_rehello = -1e9
         self._ctx = ctx or zmq.Context.instance()
         self._clock = clock
         self._decoder = router_decoder()
@@ -243,6 +246,7 @@ class WorkerService:
         self._next_heartbeat = now + self.heartbeat_interval_s
         self._reconnect_at = None
         self.registered = False
+        self._router_epoch = 0
         self._send(self.backend.hello(epoch=self.epoch, profile=self.profile))
         logger.info("worker %s registering with %s (epoch %d)", self.worker_id, self.router_endpoint, self.epoch)
         if self._held:  # after the Hello on the same socket, so the router knows who sends them
@@ -347,13 +351,25 @@ class WorkerService:
             self.heartbeat_interval_s = msg.heartbeat_interval_s
             self.liveness = msg.heartbeat_liveness
             self._backoff_s = self.backoff_min_s
+            self._router_epoch = msg.router_epoch
             logger.info("registered with router %s (heartbeat %.2f s x %d)", msg.router_id,
                         msg.heartbeat_interval_s, msg.heartbeat_liveness)
+        elif isinstance(msg, Heartbeat):
+            # A router of another incarnation (it restarted and does not know us, or our Hello was
+            # lost): register again now rather than after the liveness timeout. At most twice a
+            # second, so a burst of its beats costs one Hello.
+            now = self._clock()
+            if msg.epoch and msg.epoch != self._router_epoch and now - self._last_rehello >= 0.5:
+                self._last_rehello = now
+                self.counters.rehellos += 1
+                self.registered = False
+                logger.warning("router %s answers as epoch %d (we registered with %d): saying Hello again",
+                               msg.sender_id, msg.epoch, self._router_epoch)
+                self._send(self.backend.hello(epoch=self.epoch, profile=self.profile))
         elif isinstance(msg, Refused):
             self.refused = msg.reason
             logger.error("router refused worker %s: %s", self.worker_id, msg.reason)
             self._stop.set()
-        # Heartbeat: liveness only (already noted on receipt).
 
     def _shutdown(self) -> None:
         self._run_inbox()

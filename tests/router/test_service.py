@@ -173,7 +173,8 @@ def test_refuses_a_block_size_mismatch(ctx, router):
     try:
         w.hello()
         wait_for(lambda: any(isinstance(m, Refused) for m in w.received), [w])
-        assert "block_size 32" in w.received[-1].reason and "w9" not in router.workers
+        [refused] = [m for m in w.received if isinstance(m, Refused)]
+        assert "block_size 32" in refused.reason and "w9" not in router.workers
     finally:
         w.close()
 
@@ -303,3 +304,21 @@ def test_a_worker_restart_with_a_new_epoch_discards_its_stored_index(ctx, redis_
         running.stop()
         if w2 is not None:
             w2.close()
+
+
+def test_an_unknown_peer_is_asked_to_say_hello_and_welcome_carries_the_router_epoch(ctx, router):
+    w = FakeWorker(ctx, router.workers_endpoint, "w1")  # beats without a Hello: a restarted router's view
+    try:
+        wait_for(lambda: any(isinstance(m, Heartbeat) for m in w.received), [w])
+        nudges = [m for m in w.received if isinstance(m, Heartbeat)]
+        assert nudges[0].epoch == router.epoch > 0 and "w1" not in router.workers
+        time.sleep(0.5)
+        wait_for(lambda: True, [w])  # more beats within the second: no more nudges
+        assert len([m for m in w.received if isinstance(m, Heartbeat)]) == 1
+        assert router.counters["unknown_peers_nudged"] == 1
+        w.hello()
+        wait_for(lambda: any(isinstance(m, Welcome) for m in w.received), [w])
+        [welcome] = [m for m in w.received if isinstance(m, Welcome)]
+        assert welcome.router_epoch == router.epoch
+    finally:
+        w.close()

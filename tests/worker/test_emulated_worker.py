@@ -215,3 +215,22 @@ def test_a_failing_backend_answers_with_an_internal_error_and_keeps_serving(rout
     router.send(Dispatch(request_id="fine", token_ids=[1, 2, 3], max_tokens=1))
     _, ok = collect(router, "fine")
     assert isinstance(ok, Completion) and svc.counters.handler_errors == 1
+
+
+def test_a_router_of_another_epoch_gets_a_hello_at_once_on_the_same_link(router, start_worker) -> None:
+    """A restarted router does not know the worker; its heartbeat (its new epoch) is the cue to
+    register again now instead of after the liveness timeout."""
+    svc = start_worker()
+    first = router.recv(Hello)
+    router.send(Welcome(router_id="r1", heartbeat_interval_s=0.2, heartbeat_liveness=50, router_epoch=5))
+    router.send(Heartbeat(sender_id="r1", epoch=5))  # the same incarnation: nothing to do
+    router.send(Heartbeat(sender_id="r1", epoch=9))  # another one: Hello again, same epoch, same socket
+    again = router.recv(Hello, timeout_s=2)
+    assert again == first and svc.counters.rehellos == 1 and svc.counters.connects == 1
+    router.send(Heartbeat(sender_id="r1", epoch=9))  # within 0.5 s of the last Hello: not another one
+    router.send(Welcome(router_id="r1", heartbeat_interval_s=0.2, heartbeat_liveness=50, router_epoch=9))
+    router.send(Heartbeat(sender_id="r1", epoch=9))
+    time.sleep(0.7)
+    router.send(Heartbeat(sender_id="r1", epoch=9))  # welcomed by epoch 9 now
+    time.sleep(0.2)
+    assert svc.counters.rehellos == 1 and svc.registered
