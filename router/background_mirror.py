@@ -12,9 +12,9 @@ keeps ``RedisMirror``'s interface, so ``EventIngest`` and ``RouterService`` use 
   (``MirrorUnavailable``, as a synchronous failure would be): the caller marks the target dirty
   and rewrites it whole. ``replace_target`` and ``clear_target`` write a target's whole state,
   so they supersede an earlier failure instead of reporting it;
-* any failure also makes the next ``router_heartbeat`` raise, so the service treats Redis as
-  having been away and rewrites the registry and every target when it answers again — a target
-  that never writes again is repaired too;
+* any failure is also reported by ``take_write_failures`` (which the service reads with each
+  mirror check), so the service treats Redis as having been away and rewrites the registry and
+  every target as soon as a check succeeds — a target that never writes again is repaired too;
 * ``router_heartbeat`` answers from the last completed check and queues the next (the first
   call waits for its answer); reads (``load_snapshot``, ``alive_workers`` …) stay synchronous;
 * the queue is bounded: when Redis cannot keep up, writes are dropped and counted, and the
@@ -103,15 +103,18 @@ class BackgroundMirror:
                 while self._heartbeat is None and not self._closed and time.monotonic() < deadline:
                     self._cond.wait(0.05)
             result = self._heartbeat  # the last completed check: one period old at most
-            failed, self._failed_since_check = self._failed_since_check, None
         if result is None:
             raise MirrorUnavailable("redis: no answer to the mirror check yet")
         generation, error = result
         if error is not None:
             raise MirrorUnavailable(error)
-        if failed is not None:
-            raise MirrorUnavailable(f"a mirror write failed since the last check: {failed}")
         return generation
+
+    def take_write_failures(self) -> str | None:
+        """Why a write failed since the last call (None: none did); resets."""
+        with self._cond:
+            failed, self._failed_since_check = self._failed_since_check, None
+        return failed
 
     # ------------------------------------------------------------------ lifecycle
 

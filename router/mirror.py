@@ -316,6 +316,13 @@ class RedisMirror:
         self.round_trips += 1
         return generation.decode() if isinstance(generation, bytes) else str(generation)
 
+    def take_write_failures(self) -> str | None:
+        """Writes that failed without their caller hearing of it: never here (every method raises).
+
+        ``BackgroundMirror`` overrides it; the service asks both kinds with each mirror check.
+        """
+        return None
+
     @_wrap
     def ping(self) -> bool:
         return bool(self._r.ping())

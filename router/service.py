@@ -70,7 +70,7 @@ class RouterConfig:
     max_retries: int = 2
     tentative_window_s: float = 5.0
     stats_interval_s: float = 1.0
-    mirror_check_s: float = 1.0  # how often the router checks Redis is there and still holds its mirror
+    mirror_check_s: float = 0.25  # how often the router checks Redis is there and still holds its mirror
     housekeeping_s: float = 0.02  # liveness, heartbeats, timeouts, replay retries: at most this often
     router_id: str = "router"
     limits: AdmissionLimits = field(default_factory=AdmissionLimits)
@@ -588,7 +588,8 @@ class RouterService:
             self._mirror_down = True
             return
         lost = self._mirror_generation is not None and generation != self._mirror_generation
-        was_down, self._mirror_down = self._mirror_down, False
+        failed = self.mirror.take_write_failures()  # writes made off the routing thread that failed
+        was_down, self._mirror_down = self._mirror_down or failed is not None, False
         self._mirror_generation = generation
         if lost or was_down:
             why = "came back empty (restarted or flushed)" if lost else "is back"

@@ -75,7 +75,7 @@ def test_writes_land_in_order_and_match_the_synchronous_mirror(fake_redis):
         assert bg.alive_workers() == {"w1": 7}  # reads pass through, synchronously
         assert bg.router_heartbeat("r", now_s=2.0, token="t1") == "t1"
         assert fake_redis.hget(names.routers_key("bg"), "r") == b"2.0"
-        assert (bg.queued, bg.dropped, bg.async_failures) == (6, 0, 0)
+        assert (bg.queued, bg.dropped, bg.async_failures) == (6, 0, 0) and bg.take_write_failures() is None
     finally:
         bg.close()
 
@@ -85,8 +85,11 @@ def test_a_failed_write_is_reported_on_the_next_write_of_that_target_and_by_the_
     try:
         with pytest.raises(MirrorUnavailable):
             bg.router_heartbeat("r", now_s=0.0, token="t")  # the first check waits for its answer: refused
+        bg.take_write_failures()
         bg.write_batch("w1", 0, seq=0, epoch=1, stored={1: 2})  # returns at once; fails on the thread
         assert bg.flush(5.0) and bg.async_failures == 1
+        # The service hears of it with its next mirror check, once.
+        assert "Connection refused" in bg.take_write_failures() and bg.take_write_failures() is None
         bg.write_batch("w2", 0, seq=0, epoch=1, stored={1: 2})  # another target: not its failure
         with pytest.raises(MirrorUnavailable, match="an earlier write failed"):
             bg.write_batch("w1", 0, seq=1, epoch=1, stored={3: 4})
@@ -97,6 +100,7 @@ def test_a_failed_write_is_reported_on_the_next_write_of_that_target_and_by_the_
         bg.clear_target("w2", 0, epoch=1)
         with pytest.raises(MirrorUnavailable):
             bg.router_heartbeat("r", now_s=1.0, token="t")
+        assert bg.take_write_failures() is not None  # the w2 write, the replace and the clear failed too
     finally:
         bg.close()
 
