@@ -38,6 +38,7 @@ class _Replay:
     progressed: bool = False
     live_after: int = 0  # live batches received since the request: the answer may predate them
     verify: bool = False  # asked after a (re)connection: is the publisher still the same instance?
+    probe: bool = False  # asked after a quiet spell: nothing known missing, so not "in flight" for anyone
 
 
 class EventStream:
@@ -55,6 +56,7 @@ class EventStream:
         digest_window: int,
         decoder: VllmEventDecoder | None,
         clock: Callable[[], float],
+        quiet_probe_s: float | None = None,
     ) -> None:
         self.name = name
         self.counters = SubscriberCounters()
@@ -65,6 +67,11 @@ class EventStream:
         self._max_pending = max_pending
         self._window = digest_window
         self._clock = clock
+        # Gaps show when a later batch arrives; batches lost at the *tail* of a burst (the slow
+        # joiner's window, an HWM drop) have no later batch to reveal them. So once the stream
+        # has been quiet this long after a batch, ask the replay socket once for anything newer.
+        self._quiet_probe_s = quiet_probe_s if has_replay else None
+        self._probe_due: float | None = None
         self._connections = 0
         self._replay: _Replay | None = None
         self._expected = 0 if expected_seq is None else expected_seq
@@ -96,11 +103,12 @@ class EventStream:
 
     @property
     def replay_in_flight(self) -> bool:
-        return self._replay is not None
+        """A replay is repairing the stream (a quiet-spell probe does not count: nothing is known missing)."""
+        return self._replay is not None and not self._replay.probe
 
     def next_deadline_s(self) -> float | None:
         """Clock time at which :meth:`on_timer` has work, if any."""
-        return None if self._replay is None else self._replay.deadline_s
+        return self._probe_due if self._replay is None else self._replay.deadline_s
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -156,7 +164,18 @@ class EventStream:
     def on_timer(self) -> None:
         """Retry or give up a replay whose answer is overdue."""
         replay = self._replay
-        if replay is None or self._clock() < replay.deadline_s:
+        if replay is None:
+            if self._probe_due is not None and self._clock() >= self._probe_due:
+                self._probe_due = None
+                self.counters.quiet_probes += 1
+                self._request_replay_from_anchor(count=False)
+                self._replay.probe = True
+            return
+        if self._clock() < replay.deadline_s:
+            return
+        if replay.probe:  # unanswered probe: nothing was known missing, the next batch will tell
+            self._replay = None
+            self._abandon_replay_channel()
             return
         self.counters.replay_timeouts += 1
         self._abandon_replay_channel()  # a late answer to the old request must not count for the new one
@@ -230,6 +249,8 @@ class EventStream:
     def _apply(self, seq: int, topic: bytes, payload: bytes, replayed: bool) -> None:
         self._remember(seq, _digest(payload))
         self._expected = seq + 1
+        if self._quiet_probe_s is not None:
+            self._probe_due = self._clock() + self._quiet_probe_s
         try:
             batch = self.decoder.decode(payload)
         except DecodeError as exc:
@@ -298,15 +319,15 @@ class EventStream:
         while len(self._digests) > self._window:
             self._digests.popitem(last=False)
 
-    def _request_replay_from_anchor(self, *, retry: bool = False) -> None:
+    def _request_replay_from_anchor(self, *, retry: bool = False, count: bool = True) -> None:
         anchor = self._expected - 1
         if anchor >= 0 and anchor in self._digests and self._digests[anchor] != _LOST:
-            self._request_replay(anchor, anchor=True, retry=retry)
+            self._request_replay(anchor, anchor=True, retry=retry, count=count)
         else:
-            self._request_replay(self._expected, anchor=False, retry=retry)
+            self._request_replay(self._expected, anchor=False, retry=retry, count=count)
 
-    def _request_replay(self, start: int, *, anchor: bool, retry: bool = False) -> None:
-        if not retry:
+    def _request_replay(self, start: int, *, anchor: bool, retry: bool = False, count: bool = True) -> None:
+        if not retry and count:
             self.counters.replays += 1
         self._replay = _Replay(start, anchor, self._clock() + self._replay_timeout_s)
         self._send_replay_request(start)

@@ -68,3 +68,4 @@ class SubscriberCounters:
     bad_frames: int = 0
     unrecoverable_gaps: int = 0
     lost_batches: int = 0
+    quiet_probes: int = 0  # replays asked after a quiet spell, for batches lost at the tail

@@ -30,6 +30,11 @@ How the stream is kept whole:
   one) are reported as :class:`GapLost`.
 * A replay that times out (publisher gone) gets a fresh DEALER and is retried
   ``max_replay_attempts`` times; then the missing range is reported as lost.
+* **Tail losses**: a gap shows only when a later batch arrives. Once the stream has been
+  quiet for ``quiet_probe_s`` after a batch, it asks the replay socket once for anything
+  newer than its anchor (checking the anchor's bytes too): batches lost at the end of a
+  burst come back, and a publisher that restarted while idle is noticed. Such a probe is
+  not "a replay in flight" (nothing is known missing); unanswered, it is simply dropped.
 
 Malformed messages (wrong frame count, seq not 8 bytes) are counted in
 ``bad_frames`` and logged; nothing here raises on bad input.
@@ -72,6 +77,9 @@ __all__ = ["AppliedBatch", "BadBatch", "EventSubscriber", "GapLost", "StreamItem
 
 logger = logging.getLogger(__name__)
 
+#: Quiet spell after a batch before the stream asks its replay socket once for anything newer.
+DEFAULT_QUIET_PROBE_S = 1.0
+
 _END_SEQ = b"\xff" * 8
 _MONITOR_EVERY = 16
 #: A connecting SUB whose connection dropped without a reconnect being scheduled within this
@@ -104,6 +112,7 @@ class EventSubscriber(EventStream):
         max_msg_size: int = MAX_EVENT_BYTES,
         curve: Curve | None = None,
         server_key: str | bytes | None = None,
+        quiet_probe_s: float | None = DEFAULT_QUIET_PROBE_S,
     ) -> None:
         """``expected_seq`` resumes a stream (e.g. from Redis); ``None`` starts from the beginning.
 
@@ -113,7 +122,8 @@ class EventSubscriber(EventStream):
         only the holder of that key's secret can feed this stream."""
         super().__init__(name=name or endpoint, has_replay=replay_endpoint is not None, expected_seq=expected_seq,
                          replay_timeout_s=replay_timeout_ms / 1000.0, max_replay_attempts=max_replay_attempts,
-                         max_pending=max_pending, digest_window=digest_window, decoder=decoder, clock=clock)
+                         max_pending=max_pending, digest_window=digest_window, decoder=decoder, clock=clock,
+                         quiet_probe_s=quiet_probe_s)
         self._own_ctx = ctx is None
         self._ctx = ctx if ctx is not None else zmq.Context()
         self._topic = topic.encode() if isinstance(topic, str) else bytes(topic)

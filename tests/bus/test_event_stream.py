@@ -9,6 +9,7 @@ after a clean final batch the last instance's whole stream has been applied exac
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,9 +22,10 @@ from core.events import BlockRemoved, KVEventBatch
 class _Stream(EventStream):
     """Replay requests go to a list; abandoning the channel forgets the outstanding one."""
 
-    def __init__(self, clock) -> None:
+    def __init__(self, clock, quiet_probe_s: float | None = None) -> None:
         super().__init__(name="sim", has_replay=True, expected_seq=None, replay_timeout_s=1.0,
-                         max_replay_attempts=3, max_pending=10_000, digest_window=4096, decoder=None, clock=clock)
+                         max_replay_attempts=3, max_pending=10_000, digest_window=4096, decoder=None, clock=clock,
+                         quiet_probe_s=quiet_probe_s)
         self.requests: list[int] = []
         self.channel = 0  # a new DEALER: the rest of an old answer never arrives
 
@@ -44,11 +46,12 @@ _op = st.one_of(
 )
 
 
+@pytest.mark.parametrize("quiet_probe_s", [None, 1.0])
 @settings(max_examples=int(__import__('os').environ.get('KVR_STREAM_EXAMPLES', '300')), deadline=None)
 @given(st.lists(_op, max_size=80))
-def test_any_fault_schedule_applies_each_batch_of_the_last_instance_exactly_once(ops) -> None:
+def test_any_fault_schedule_applies_each_batch_of_the_last_instance_exactly_once(quiet_probe_s, ops) -> None:
     now = [0.0]
-    stream = _Stream(lambda: now[0])
+    stream = _Stream(lambda: now[0], quiet_probe_s)
     items: list = []
     instance, ring, delayed = 0, [], []
     identity: dict[float, tuple[int, int]] = {}  # ts -> (instance, seq)
@@ -129,3 +132,57 @@ def test_any_fault_schedule_applies_each_batch_of_the_last_instance_exactly_once
     assert set(range(len(ring))) <= set(applied) | lost
     if not any(op == "timeout" for op, _ in ops):
         assert not lost and applied == list(range(len(ring)))
+
+
+def _payload(seq: int) -> bytes:
+    return encode_batch(KVEventBatch(float(seq), [BlockRemoved(block_hashes=[seq], medium="GPU")], 0))
+
+
+def test_a_quiet_stream_asks_once_for_batches_lost_at_its_tail() -> None:
+    """The last batches of a burst are lost (slow joiner, HWM): no later batch reveals the hole,
+    so after a quiet spell the stream probes the replay socket once."""
+    now = [0.0]
+    stream = _Stream(lambda: now[0], quiet_probe_s=1.0)
+    stream.on_connected()
+    stream.on_live(0, b"", _payload(0))  # seq 1 and 2 were published too, and never arrived
+    assert [i.seq for i in stream.take()] == [0] and stream.next_deadline_s() == 1.0
+    now[0] = 0.9
+    stream.on_timer()
+    assert stream.requests == []
+    now[0] = 1.0
+    stream.on_timer()
+    assert stream.requests == [0]  # from the anchor, whose bytes are checked
+    assert not stream.replay_in_flight  # nothing is known missing: the target stays fresh
+    assert (stream.counters.quiet_probes, stream.counters.replays) == (1, 0)
+    stream.requests = []
+    for seq in range(3):
+        stream.on_replayed(seq, b"", _payload(seq))
+    stream.on_replay_end()
+    got = stream.take()
+    assert [(i.seq, i.replayed) for i in got] == [(1, True), (2, True)]
+    # New batches re-arm the probe; a probe that finds nothing changes nothing.
+    now[0] = 2.5
+    stream.on_timer()
+    assert stream.requests == [2]
+    stream.requests = []
+    stream.on_replayed(2, b"", _payload(2))
+    stream.on_replay_end()
+    assert stream.take() == [] and stream.next_deadline_s() is None  # quiet until the next batch
+    assert stream.counters.quiet_probes == 2 and stream.counters.gaps == 0
+
+
+def test_an_unanswered_probe_is_dropped_without_retries_or_losses() -> None:
+    now = [0.0]
+    stream = _Stream(lambda: now[0], quiet_probe_s=1.0)
+    stream.on_connected()
+    stream.on_live(0, b"", _payload(0))
+    stream.take()
+    now[0] = 1.0
+    stream.on_timer()
+    assert stream.requests == [0]
+    now[0] = 2.5  # past the replay timeout: the publisher did not answer
+    stream.on_timer()
+    assert stream.requests == [] and stream.channel == 1 and not stream.replay_in_flight
+    assert (stream.counters.replay_timeouts, stream.counters.unrecoverable_gaps) == (0, 0)
+    stream.on_live(1, b"", _payload(1))  # the stream goes on as before
+    assert [i.seq for i in stream.take()] == [1]
