@@ -174,6 +174,9 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):
     epoch: int = 0
     load: WorkerLoad | None = None
     dp_rank: int = 0
+    #: Router → worker: False means "you are not registered with me" (the router restarted, or
+    #: declared the worker dead while it was stalled): the worker says Hello again at once.
+    known: bool = True
 
 
 class Goodbye(msgspec.Struct, tag="goodbye", frozen=True):

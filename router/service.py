@@ -406,16 +406,16 @@ class RouterService:
             return
         worker = self._worker_by_identity(identity)
         if worker is None:
-            # A worker registered with an earlier incarnation of this router (it restarted) or one
-            # whose Hello was lost. A heartbeat with this router's epoch makes it say Hello at once
-            # instead of after its liveness timeout; at most one per peer per second.
+            # A worker registered with an earlier incarnation of this router (it restarted), one this
+            # router declared dead while it was stalled, or one whose Hello was lost. "Not known"
+            # makes it say Hello at once instead of after its liveness timeout; at most 1/s per peer.
             self.counters["unknown_peer_messages"] += 1
             if now - self._nudged.get(identity, -1e9) >= 1.0:
                 if len(self._nudged) > 10_000:
                     self._nudged.clear()
                 self._nudged[identity] = now
                 self.counters["unknown_peers_nudged"] += 1
-                self._send_worker(identity, Heartbeat(sender_id=self.config.router_id, epoch=self.epoch))
+                self._send_worker(identity, Heartbeat(sender_id=self.config.router_id, epoch=self.epoch, known=False))
             return
         wid = worker.hello.worker_id
         self.liveness.seen(wid, now)

@@ -355,16 +355,16 @@ class WorkerService:
             logger.info("registered with router %s (heartbeat %.2f s x %d)", msg.router_id,
                         msg.heartbeat_interval_s, msg.heartbeat_liveness)
         elif isinstance(msg, Heartbeat):
-            # A router of another incarnation (it restarted and does not know us, or our Hello was
-            # lost): register again now rather than after the liveness timeout. At most twice a
-            # second, so a burst of its beats costs one Hello.
+            # The router does not know us (it restarted, or declared us dead while we were
+            # stalled): register again now rather than after the liveness timeout, which its beats
+            # would keep from ever expiring. At most twice a second.
             now = self._clock()
-            if msg.epoch and msg.epoch != self._router_epoch and now - self._last_rehello >= 0.5:
+            if not msg.known and now - self._last_rehello >= 0.5:
                 self._last_rehello = now
                 self.counters.rehellos += 1
                 self.registered = False
-                logger.warning("router %s answers as epoch %d (we registered with %d): saying Hello again",
-                               msg.sender_id, msg.epoch, self._router_epoch)
+                logger.warning("router %s (epoch %d) does not know this worker (welcomed by epoch %d): "
+                               "saying Hello again", msg.sender_id, msg.epoch, self._router_epoch)
                 self._send(self.backend.hello(epoch=self.epoch, profile=self.profile))
         elif isinstance(msg, Refused):
             self.refused = msg.reason
