@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 
@@ -25,6 +24,7 @@ from bus.sockets import connectable, free_tcp_endpoint
 from core.liveness import HeartbeatConfig
 from router.http_front import RouterHttpFront
 from router.service import RouterConfig
+from tests.http_helpers import raw_http
 from tests.router.test_service import RunningRouter
 from worker.runner import WorkerOptions, WorkerRunner
 
@@ -306,14 +306,7 @@ def test_malformed_http_is_answered_and_the_front_keeps_serving(stack):
 
 
 def _raw_http(stack: Stack, data: bytes) -> bytes:
-    host, port = stack.front.server.server_address[:2]
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    return raw_http(stack.front.server.server_address, data)
 
 
 @pytest.mark.parametrize("length,status,message", [

@@ -10,6 +10,7 @@ import pytest
 
 from core.tokenizer import BuiltinTokenizer
 from worker.openai_client import CompletionRequest, OpenAIClient
+from tests.http_helpers import http_only_worker
 from worker.runner import WorkerOptions, WorkerRunner
 from worker.vllm_checks import check_server
 from worker.vllm_metrics import cache_config, engine_stats, parse_prometheus_text
@@ -22,13 +23,8 @@ PROSE = (
 
 @pytest.fixture(scope="module")
 def worker():
-    runner = WorkerRunner(WorkerOptions(worker_id="h1", router_endpoint="none", http_port=0, speedup=50.0, seed=11))
-    th = threading.Thread(target=runner.run, daemon=True)
-    th.start()
-    yield runner
-    runner.stop()
-    th.join(timeout=5)
-    assert not th.is_alive()
+    with http_only_worker("h1", seed=11) as runner:
+        yield runner
 
 
 def call(worker, method: str, path: str, body=None, raw: bytes | None = None):

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.runner import WorkerOptions, WorkerRunner
+from tests.http_helpers import http_only_worker, raw_http
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def worker():
-    runner = WorkerRunner(WorkerOptions(worker_id="hb", router_endpoint="none", http_port=0, speedup=50.0, seed=3))
-    th = threading.Thread(target=runner.run, daemon=True)
-    th.start()
-    yield runner
-    runner.stop()
-    th.join(timeout=5)
-    assert not th.is_alive()
+    with http_only_worker("hb", seed=3) as runner:
+        yield runner
 
 
 def _post(worker, path: str, raw: bytes) -> tuple[int, dict]:
@@ -39,14 +32,7 @@ def _post(worker, path: str, raw: bytes) -> tuple[int, dict]:
 
 
 def _raw(worker, data: bytes) -> bytes:
-    host, port = worker.http.server.server_address[:2]
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    return raw_http(worker.http.server.server_address, data)
 
 
 @pytest.mark.parametrize("length", ["-5", "abc"])
