@@ -104,7 +104,6 @@ def _relay_main(client_endpoint: str, worker_endpoint: str | None, stop) -> None
     """Forward frames between a client ROUTER and a worker ROUTER (or echo, without a worker)."""
     import zmq
 
-    from bus.schema import Completion
     from bus.codec import encode
     from bus.sockets import make_router
 

@@ -15,8 +15,6 @@ import time
 
 import click
 
-from cli.options import setup_logging  # noqa: F401  (logging is configured by the group)
-
 _GSP_FLAGS = (
     ("num_groups", int), ("prompts_per_group", int), ("system_prompt_len", int), ("question_len", int),
     ("output_len", int), ("range_ratio", float), ("num_turns", int), ("zipf_alpha", float),
