@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from core.policies import Decision, RouteRequest, RoutingPolicy, WorkerLoad, WorkerState
+from core.policies.base import decode_blocks_estimate
 from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class InFlight:
     pending_prefill_tokens: int  # 0 once the first token arrived
     first_token_at: float | None = None
     hashes: list[int] = field(default_factory=list, repr=False)  # the prompt's own block hashes
-    decode_blocks: int = 0  # KV blocks its output will fill (max_tokens / block size, rounded up)
+    decode_blocks: int = 0  # KV blocks its output is expected to fill (decode_blocks_estimate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +248,8 @@ class RouterCore:
         usable = min(overlap_blocks, max(prompt - 1, 0) // self.block_size)
         predicted = usable * self.block_size
         rec = InFlight(request.request_id, decision.target, prompt, len(hashes), overlap_blocks, predicted, now,
-                       prompt - predicted, hashes=hashes, decode_blocks=-(-max(request.max_tokens, 0) // self.block_size))
+                       prompt - predicted, hashes=hashes,
+                       decode_blocks=decode_blocks_estimate(request.max_tokens, self.block_size))
         state = self._targets[decision.target]
         state.decode_blocks += rec.decode_blocks
         state.cached_load = None

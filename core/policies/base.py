@@ -56,6 +56,17 @@ class RouteRequest:
     max_tokens: int = 16
 
 
+#: Output tokens a request is expected to fill KV with, at most. ``max_tokens`` is a bound clients
+#: set far above what they generate (EOS comes first), and vLLM allocates decode blocks as it goes,
+#: so the KV a request will hold is estimated as min(max_tokens, this).
+DECODE_ESTIMATE_CAP_TOKENS = 512
+
+
+def decode_blocks_estimate(max_tokens: int, block_size: int) -> int:
+    """KV blocks a request's output is expected to fill (see ``DECODE_ESTIMATE_CAP_TOKENS``)."""
+    return -(-min(max(max_tokens, 0), DECODE_ESTIMATE_CAP_TOKENS) // block_size)
+
+
 class WorkerLoad(NamedTuple):
     """A target's load: the engine's last heartbeat merged with the router's own accounting.
 

@@ -24,7 +24,8 @@ p99 in s: at 8 req/s 0.345 / 2.16 with weight 0, 0.072 / 0.67 with 3, 0.071 / 0.
 
 KV pressure: when the blocks this request needs on a target (its uncached prompt blocks plus
 its output blocks) exceed what that target's requests in flight leave free of its capacity
-(``active_blocks`` + ``decode_blocks`` of this router's accounting), vLLM must hold it waiting or
+(``active_blocks`` + ``decode_blocks`` of this router's accounting; output estimated as
+``max_tokens`` capped at 512 tokens, ``decode_blocks_estimate``), vLLM must hold it waiting or
 preempt a running request and recompute it. The overflow is charged ``kv_weight`` × the prefill
 time of that many blocks. Without it the policy piles a prefix's whole family on the worker that
 caches it until that worker preempts (simulator, fan-out workload: 5 chains + a 113-block judge
@@ -52,7 +53,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from core.policies.base import Decision, LatencyModel, LinearPrefillModel, RouteRequest, WorkerState
+from core.policies.base import (
+    Decision, LatencyModel, LinearPrefillModel, RouteRequest, WorkerState, decode_blocks_estimate,
+)  # fmt: skip
 from core.prefix_index import Confidence, WorkerKey
 
 #: Extra weight of a request's own uncached prefill in the score (see the module docstring).
@@ -111,7 +114,7 @@ class KvrPolicy:
             # leave free. vLLM then holds it waiting or preempts a running request, whose prefill
             # is recomputed: priced as prefilling the overflow again.
             bs = self.block_size
-            need = -(-request.prompt_tokens // bs) - cached // bs + -(-request.max_tokens // bs)
+            need = -(-request.prompt_tokens // bs) - cached // bs + decode_blocks_estimate(request.max_tokens, bs)
             load = w.load
             overflow = load.active_blocks + load.decode_blocks + need - w.capacity_blocks
             if overflow > 0:

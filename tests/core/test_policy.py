@@ -255,3 +255,9 @@ def test_kvr_kv_pressure_prices_blocks_beyond_what_the_requests_in_flight_leave_
     # A target of unknown capacity is never charged.
     unknown = WorkerState(T[0], 9, WorkerLoad(active_blocks=990, decode_blocks=8), Confidence.FRESH, 0)
     assert choose(10, unknown, idle).scores[T[0]] == pytest.approx(16)
+
+
+def test_output_blocks_are_estimated_from_max_tokens_capped_at_512_tokens():
+    from core.policies.base import decode_blocks_estimate
+
+    assert [decode_blocks_estimate(n, 16) for n in (-5, 0, 1, 16, 17, 512, 513, 10**9)] == [0, 0, 1, 1, 2, 32, 32, 32]
