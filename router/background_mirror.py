@@ -96,8 +96,8 @@ class BackgroundMirror:
         """The generation seen by the last completed check; queues the next one."""
         with self._cond:
             if not self._heartbeat_pending:
-                self._heartbeat_pending = True
-                self._enqueue(("heartbeat",), lambda: self._check(router_id, now_s, token))
+                # A check dropped by a full queue is simply asked again next time.
+                self._heartbeat_pending = self._enqueue(("heartbeat",), lambda: self._check(router_id, now_s, token))
             if self._heartbeat is None:  # the very first check: wait for its answer
                 deadline = time.monotonic() + 5.0
                 while self._heartbeat is None and not self._closed and time.monotonic() < deadline:
@@ -147,15 +147,17 @@ class BackgroundMirror:
                 raise MirrorUnavailable(f"an earlier write failed: {why}")
             self._enqueue(key, write)
 
-    def _enqueue(self, key: tuple, write: Callable[[], object]) -> None:
+    def _enqueue(self, key: tuple, write: Callable[[], object]) -> bool:
+        """Queue one write (False: the queue was full, the write dropped and recorded as failed)."""
         # Called with the lock held.
         if len(self._queue) >= self._max_queue:
             self.dropped += 1
             self._record_failure(key, f"queue full ({self._max_queue} writes waiting)")
-            return
+            return False
         self._queue.append((key, write))
         self.queued += 1
         self._cond.notify_all()
+        return True
 
     def _record_failure(self, key: tuple, why: str) -> None:
         # Called with the lock held.

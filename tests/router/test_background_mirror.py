@@ -117,5 +117,11 @@ def test_a_hung_redis_never_blocks_the_caller_and_the_queue_is_bounded(hung_serv
         assert (bg.queued, bg.dropped) == (4, 1)
         with pytest.raises(MirrorUnavailable, match="queue full"):
             bg.write_batch("w1", 0, seq=5, epoch=1)
+        # A mirror check that finds the queue full is dropped too, and asked again the next time.
+        with bg._cond:
+            bg._heartbeat = ("g0", None)  # as if an earlier check had completed
+        assert bg.router_heartbeat("r", now_s=1.0, token="t") == "g0"
+        assert bg._heartbeat_pending is False and bg.dropped == 2
+        assert "queue full" in bg.take_write_failures()
     finally:
         bg.close(timeout_s=0.1)
