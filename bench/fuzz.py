@@ -333,19 +333,22 @@ def _http_seeds(rng: random.Random) -> list[bytes]:
 # ----------------------------------------------------------------------------- runners
 
 
-def _channel(factory_name: str, type_names: tuple[str, ...]) -> Callable[[bytes], Any]:
-    from bus import codec, schema
-
-    decoder = getattr(codec, factory_name)()
-    types = tuple(getattr(schema, n) for n in type_names)
+def _typed(decode: Callable[[bytes], Any], types: tuple[type, ...]) -> Callable[[bytes], Any]:
+    """``decode``, checked to return one of ``types`` (anything else is a crash)."""
 
     def run(frame: bytes) -> Any:
-        msg = decoder.decode(frame)
+        msg = decode(frame)
         if not isinstance(msg, types):
             raise AssertionError(f"decoded to {type(msg).__name__}")
         return msg
 
     return run
+
+
+def _channel(factory_name: str, type_names: tuple[str, ...]) -> Callable[[bytes], Any]:
+    from bus import codec, schema
+
+    return _typed(getattr(codec, factory_name)().decode, tuple(getattr(schema, n) for n in type_names))
 
 
 def _client_run() -> Callable[[bytes], Any]:
@@ -374,15 +377,7 @@ def _vllm_run() -> Callable[[bytes], Any]:
     from bus.vllm_codec import VllmEventDecoder
     from core.events import KVEventBatch
 
-    decoder = VllmEventDecoder()
-
-    def run(payload: bytes) -> Any:
-        batch = decoder.decode(payload)
-        if not isinstance(batch, KVEventBatch):
-            raise AssertionError(f"decoded to {type(batch).__name__}")
-        return batch
-
-    return run
+    return _typed(VllmEventDecoder().decode, (KVEventBatch,))
 
 
 def _http_run() -> Callable[[bytes], Any]:

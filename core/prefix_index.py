@@ -44,8 +44,9 @@ import enum
 import heapq
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple
 
 import msgspec
@@ -544,10 +545,14 @@ class PrefixIndex:
 
     # ------------------------------------------------------------------ snapshots
 
+    def external_map(self, target: WorkerKey) -> Mapping[int, int]:
+        """A target's external key → own hash map as it is now (a live view: read, never write)."""
+        state = self._targets.get(target)
+        return MappingProxyType(state.external_to_own) if state else MappingProxyType({})
+
     def own_of(self, target: WorkerKey, ext: int) -> int | None:
         """The own hash a target's external hash maps to now, or None when it is not indexed."""
-        state = self._targets.get(target)
-        return state.external_to_own.get(ext) if state else None
+        return self.external_map(target).get(ext)
 
     def snapshot(self, target: WorkerKey) -> list[tuple[int, int]]:
         """``(external key, own hash)`` of every indexed block of a target, sorted."""

@@ -73,12 +73,12 @@ def net_change(index: PrefixIndex, target: WorkerKey, delta: IndexDelta) -> tupl
     """
     stored: dict[int, int] = {}
     removed: set[int] = set()
-    own_of = index.own_of
+    own_of = index.external_map(target).get  # one target lookup per batch, not per block
     for entries in (delta.stored, delta.removed):
         for _, ext, _own in entries:
             if ext in stored or ext in removed:
                 continue
-            own = own_of(target, ext)
+            own = own_of(ext)
             if own is None:
                 removed.add(ext)
             else:

@@ -11,6 +11,8 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import zmq
@@ -139,10 +141,7 @@ def test_each_bad_request_gets_its_error_code_over_zmq(stack, fields, code, mess
 
 def test_wrong_types_on_the_client_channel_are_dropped_and_counted(stack, caplog):
     """A frame that is not a GenerateRequest has no request id the router could trust: counted, logged, dropped."""
-    raw = stack.ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(connectable(stack.router.clients_endpoint))
-    try:
+    with _raw_dealer(stack, stack.router.clients_endpoint) as raw:
         before = stack.router.counters["bad_messages"]
         frames = [
             b"",  # empty
@@ -166,8 +165,6 @@ def test_wrong_types_on_the_client_channel_are_dropped_and_counted(stack, caplog
         assert sum(m.startswith("undecodable message from ") for m in logged) == len(frames)
         assert any("UnicodeDecodeError" in m for m in logged) and any("RecursionError" in m for m in logged)
         _serving(stack, "after-bad-client-frames")
-    finally:
-        raw.close(linger=0)
 
 
 def _generate_frame(**fields) -> bytes:
@@ -189,39 +186,26 @@ def test_wrong_field_types_get_a_bad_request_reply_naming_the_field(stack, field
     """The typed decoder refuses the frame; the router still finds its id and answers it."""
     from bus.codec import reply_decoder
 
-    raw = stack.ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(connectable(stack.router.clients_endpoint))
-    try:
+    with _raw_dealer(stack, stack.router.clients_endpoint) as raw:
         raw.send(_generate_frame(**fields))
         assert raw.poll(5000), "no reply"
         reply = reply_decoder().decode(raw.recv())
         assert (reply.request_id, reply.code, reply.message) == (fields["request_id"], ErrorCode.BAD_REQUEST, message)
-    finally:
-        raw.close(linger=0)
 
 
 def test_frames_without_a_usable_id_get_no_reply(stack):
     """No id (or not a string, or not a generate): nobody to answer; counted, and the socket stays quiet."""
-    raw = stack.ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(connectable(stack.router.clients_endpoint))
-    try:
+    with _raw_dealer(stack, stack.router.clients_endpoint) as raw:
         before = stack.router.counters["bad_messages"]
         for frame in (_generate_frame(request_id=5, token_ids=[1]), _generate_frame(token_ids=["x"]),
                       _generate_frame(request_id="", token_ids=["x"]), b"\x82\xa4type\xa6cancel\xaarequest_id\x01"):
             raw.send(frame)
         assert not raw.poll(300)
         assert stack.router.counters["bad_messages"] == before + 4
-    finally:
-        raw.close(linger=0)
 
 
 def test_malformed_worker_messages_and_unknown_peers_keep_the_router_serving(stack):
-    raw = stack.ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(connectable(stack.router.workers_endpoint))
-    try:
+    with _raw_dealer(stack, stack.router.workers_endpoint) as raw:
         bad_before = stack.router.counters["bad_messages"]
         unknown_before = stack.router.counters["unknown_peer_messages"]
         frames = [b"\xc1", b'\x81\xa4type\xa5hello', b'\x83\xa4type\xa9heartbeat\xa9sender_id\xa3\xff\xfe\xfd\xa5epoch\x01',
@@ -237,8 +221,6 @@ def test_malformed_worker_messages_and_unknown_peers_keep_the_router_serving(sta
         assert stack.router.counters["unknown_peer_messages"] == unknown_before + 1
         assert list(stack.router.workers) == ["w1"]
         _serving(stack, "after-bad-worker-frames")
-    finally:
-        raw.close(linger=0)
 
 
 # ---------------------------------------------------------------------------- bad requests, HTTP
@@ -303,6 +285,18 @@ def test_malformed_http_is_answered_and_the_front_keeps_serving(stack):
     status, _ = stack.post("/v1/completions", b'{"prompt": [1], "max_tokens": 100000000000000000000000}')
     assert status == 400
     _serving(stack, "after-bad-http")
+
+
+@contextmanager
+def _raw_dealer(stack: Stack, endpoint: str) -> Iterator[zmq.Socket]:
+    """A bare DEALER on one of the router's sockets, for frames no well-behaved peer sends."""
+    raw = stack.ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(connectable(endpoint))
+    try:
+        yield raw
+    finally:
+        raw.close(linger=0)
 
 
 def _raw_http(stack: Stack, data: bytes) -> bytes:
