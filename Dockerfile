@@ -1,5 +1,5 @@
 # kvr: one image for every component (router, worker, monitor); docker-compose.yml picks the command.
-FROM python:3.11-slim
+FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/kvr
 # Metadata first so the dependency layer is cached across source edits.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY core ./core
 COPY bus ./bus
 COPY router ./router
@@ -17,7 +17,7 @@ COPY monitor ./monitor
 COPY sim ./sim
 COPY cli ./cli
 COPY bench ./bench
-RUN pip install . && kvr --help >/dev/null
+RUN pip install -c constraints.txt . && kvr --help >/dev/null
 
 # Not root at run time.
 RUN useradd --create-home --uid 10001 kvr && mkdir -p /data && chown kvr /data

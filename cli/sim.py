@@ -3,7 +3,7 @@
 Examples::
 
     kvr sim --workload gsp --policy all --workers 8 --rate 20
-    kvr sim --trace ../shared/traces/mooncake_fast25_conversation_trace.jsonl --policy kvr,round_robin --json
+    kvr sim --trace traces/mooncake_fast25_conversation_trace.jsonl --policy kvr,round_robin --json
     kvr sim --workload multiturn -p num_clients=64 --concurrency 32 --policy all
     kvr sim --workload gsp --rate-sweep 5,10,20,40 --plots out/
 """

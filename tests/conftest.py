@@ -27,8 +27,11 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("kvr", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("kvr")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "fixtures" / "vllm_kv_events"
+# Test data lives in the repository (a user's clone has nothing beside it):
+# vLLM's captured event frames under tests/fixtures, the Mooncake traces under traces/.
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "vllm_kv_events"
+TRACES = REPO / "traces"
 
 
 def free_port() -> int:
@@ -44,14 +47,12 @@ def rng() -> random.Random:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"shared folder with fixtures and traces not found at {SHARED}")
-    return SHARED
+def traces_dir() -> Path:
+    return TRACES
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir(shared_dir: Path) -> Path:
+def fixtures_dir() -> Path:
     return FIXTURES
 
 

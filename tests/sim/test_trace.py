@@ -1,4 +1,4 @@
-"""Mooncake trace reader and both mappings, on the real traces in ../shared/traces."""
+"""Mooncake trace reader and both mappings, on the real traces in traces/."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from sim.workload import TraceTimes, assign_arrivals
 
 
 @pytest.fixture(scope="module")
-def conversation(shared_dir):
-    return read_mooncake(shared_dir / "traces" / "mooncake_fast25_conversation_trace.jsonl")
+def conversation(traces_dir):
+    return read_mooncake(traces_dir / "mooncake_fast25_conversation_trace.jsonl")
 
 
 @pytest.fixture(scope="module")
-def synthetic(shared_dir):
-    return read_mooncake(shared_dir / "traces" / "mooncake_fast25_synthetic_trace.jsonl")
+def synthetic(traces_dir):
+    return read_mooncake(traces_dir / "mooncake_fast25_synthetic_trace.jsonl")
 
 
 def test_real_traces_row_and_block_counts(conversation, synthetic):
