@@ -4,20 +4,23 @@
 
 1. The text is split into pieces the way GPT-2's pre-tokenizer does: a word with its
    leading space (`` hello``), up to 3 digits, a run of punctuation, a whitespace run.
-2. A piece of lowercase ASCII letters (with its leading space) is cut into chunks of
-   at most 6 characters, packed 5 bits a character into ids ``0x80000000 |
-   symbols`` (the range no UTF-8 text reaches). Any other piece is cut into chunks of
-   at most 4 UTF-8 bytes at character boundaries, whose id is those bytes read as a
-   big-endian unsigned integer. Every id is below 2**32.
+2. An ASCII word that is lowercase after an optional capital (`` hello``, ``Light``) is cut
+   into chunks of at most 3 letters (the first chunk keeps the leading space and the
+   capital: `` hel`` ``lo``); an ASCII group of 1-3 digits with its optional space is one
+   token; any other piece is its UTF-8 bytes, two to a token.
+3. Each kind of chunk has its own id range (``_WORD_BASE``, ``_DIGITS_BASE``, bytes below
+   them), numbered arithmetically, so ids are reversible without any table.
 
-So ids are reversible without any table: ``decode(encode(text)) == text`` for every
-text (NUL characters become U+FFFD), and ``encode(decode(ids)) == ids`` for ids that
-``encode`` produced, which includes every id the emulated engine generates (short
-English words with a leading space, each its own piece). English prose comes out at
-about 3.7 characters per token and technical Markdown at about 3 (real BPE
-vocabularies: about 4). Like a real
-tokenizer, extending a text only changes the tokens of its last piece, so texts that
-share a prefix share their leading tokens and therefore their KV blocks.
+Every id is below ``BUILTIN_VOCAB_SIZE`` (141,124): a vocabulary the size of a real
+model's (Llama 3: 128,256; Qwen: 151,936). Real vocabularies stay below about 2**18, and
+peers check it: vllm-router refuses prompts whose token ids are 2**31 or more.
+``decode(encode(text)) == text`` for every text, and ``encode(decode(ids)) == ids`` for
+ids that ``encode`` produced, which includes every id the emulated engine generates
+(short English words with a leading space, each one token). English prose comes out at
+about 3 characters per token and technical Markdown at about 2.3 (real BPE vocabularies:
+about 4). Like a real tokenizer, extending a text only changes the tokens of its last
+piece, so texts that share a prefix share their leading tokens and therefore their KV
+blocks.
 
 ``HFTokenizer`` wraps a Hugging Face ``tokenizer.json`` through the optional
 ``tokenizers`` package.
@@ -39,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 # GPT-2-style pre-tokenizer: letters, digits (<= 3), punctuation runs, whitespace.
 _PIECE = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")
-_MAX_CHUNK_BYTES = 4
 
 # Words the engine draws its output from: each is " " + <= 3 letters, hence one token.
 _OUTPUT_WORDS = (
@@ -66,90 +68,119 @@ class Tokenizer(Protocol):
         ...
 
 
-_COMPACT_FLAG = 0x8000_0000  # ids 0x80000000..0xBFFFFFFF: packed lowercase words
-_COMPACT_CHARS = 6
-_COMPACT_SYMBOL = {ch: i + 1 for i, ch in enumerate(" abcdefghijklmnopqrstuvwxyz")}
-_COMPACT_CHAR = {v: k for k, v in _COMPACT_SYMBOL.items()}
-_LOWER_WORD = re.compile(r" ?[a-z]+")
+# Id layout (each range numbered arithmetically; see the module docstring):
+#   [0, 256)                      one byte
+#   [256, _WORD_BASE)             two bytes, big-endian
+#   [_WORD_BASE, _DIGITS_BASE)    a word chunk: 4 variants (leading space? capital?) x 1-3 letters
+#   [_DIGITS_BASE, VOCAB)         1-3 ASCII digits, with or without a leading space
+_PAIR_BASE = 256
+_WORD_BASE = _PAIR_BASE + 256 * 256
+_WORD_LETTERS = 3
+_LETTER_OFFSETS = (0, 0, 26, 26 + 26**2)  # by length: strings of 1, 2, 3 letters in turn
+_LETTER_STRINGS = 26 + 26**2 + 26**3  # 18,278 per variant
+_DIGITS_BASE = _WORD_BASE + 4 * _LETTER_STRINGS
+_DIGIT_OFFSETS = (0, 0, 10, 110)
+_DIGIT_STRINGS = 10 + 100 + 1000  # per variant (with or without a leading space)
+#: Ids of the built-in tokenizer are 0 .. BUILTIN_VOCAB_SIZE - 1 (141,124 ids; 2**18 = 262,144).
+BUILTIN_VOCAB_SIZE = _DIGITS_BASE + 2 * _DIGIT_STRINGS
+
+_WORD = re.compile(r" ?[A-Za-z][a-z]*")
+_DIGITS = re.compile(r" ?[0-9]{1,3}")
+_A = ord("a")
 
 
-def _compact_id(chunk: str) -> int:
+def _letters_index(letters: str) -> int:
+    """1-3 lowercase letters → 0 .. _LETTER_STRINGS - 1 (shorter strings first)."""
     value = 0
-    for k, ch in enumerate(chunk):
-        value |= _COMPACT_SYMBOL[ch] << (25 - 5 * k)
-    return _COMPACT_FLAG | value
+    for ch in letters:
+        value = value * 26 + ord(ch) - _A
+    return _LETTER_OFFSETS[len(letters)] + value
 
 
-def _bytes_id(chunk: str) -> int:
-    # A UTF-8 chunk never starts with a continuation byte (0x80-0xBF), so these ids
-    # never fall in the compact range.
-    return int.from_bytes(chunk.encode("utf-8"), "big")
+def _word_ids(piece: str) -> list[int]:
+    space = piece[0] == " "
+    word = piece[1:] if space else piece
+    cap = word[0] <= "Z"
+    first = (word[0].lower() if cap else word[0]) + word[1:_WORD_LETTERS]
+    ids = [_WORD_BASE + (2 * space + cap) * _LETTER_STRINGS + _letters_index(first)]
+    ids.extend(_WORD_BASE + _letters_index(word[i : i + _WORD_LETTERS])
+               for i in range(_WORD_LETTERS, len(word), _WORD_LETTERS))
+    return ids
+
+
+def _digits_id(piece: str) -> int:
+    space = piece[0] == " "
+    digits = piece[1:] if space else piece
+    return _DIGITS_BASE + space * _DIGIT_STRINGS + _DIGIT_OFFSETS[len(digits)] + int(digits)
+
+
+def _bytes_ids(piece: str) -> list[int]:
+    raw = piece.encode("utf-8")
+    ids = [_PAIR_BASE + (raw[i] << 8 | raw[i + 1]) for i in range(0, len(raw) - 1, 2)]
+    if len(raw) % 2:
+        ids.append(raw[-1])
+    return ids
+
+
+def _from_offsets(index: int, offsets: tuple[int, ...]) -> tuple[int, int]:
+    """Inverse of the offset numbering: ``(length, value)``."""
+    length = 3 if index >= offsets[3] else 2 if index >= offsets[2] else 1
+    return length, index - offsets[length]
 
 
 @lru_cache(maxsize=1 << 16)
 def _id_text(token_id: int) -> bytes:
-    if token_id >> 30 == 2:
-        chars = []
-        for k in range(_COMPACT_CHARS):
-            sym = (token_id >> (25 - 5 * k)) & 31
-            if sym == 0:
-                break
-            chars.append(_COMPACT_CHAR.get(sym, "\ufffd"))
-        return "".join(chars).encode("utf-8")
-    return token_id.to_bytes((token_id.bit_length() + 7) // 8 or 1, "big")
+    if not 0 <= token_id < BUILTIN_VOCAB_SIZE:
+        raise ValueError(f"token id {token_id} is outside the built-in vocabulary [0, {BUILTIN_VOCAB_SIZE})")
+    if token_id < _PAIR_BASE:
+        return bytes((token_id,))
+    if token_id < _WORD_BASE:
+        return (token_id - _PAIR_BASE).to_bytes(2, "big")
+    if token_id < _DIGITS_BASE:
+        variant, index = divmod(token_id - _WORD_BASE, _LETTER_STRINGS)
+        length, value = _from_offsets(index, _LETTER_OFFSETS)
+        chars = [chr(_A + value // 26**k % 26) for k in reversed(range(length))]
+        if variant & 1:
+            chars[0] = chars[0].upper()
+        return ((" " if variant & 2 else "") + "".join(chars)).encode()
+    space, index = divmod(token_id - _DIGITS_BASE, _DIGIT_STRINGS)
+    length, value = _from_offsets(index, _DIGIT_OFFSETS)
+    return ((" " if space else "") + str(value).zfill(length)).encode()
 
 
 class BuiltinTokenizer:
     """Deterministic, table-free, reversible tokenizer (see module docstring)."""
 
     name = "builtin"
+    vocab_size = BUILTIN_VOCAB_SIZE
 
     def encode(self, text: str) -> list[int]:
-        if "\x00" in text:
-            text = text.replace("\x00", "\ufffd")
         ids: list[int] = []
-        lower = _LOWER_WORD.fullmatch
+        word, digits = _WORD.fullmatch, _DIGITS.fullmatch
         for piece in _PIECE.findall(text):
-            if lower(piece):
-                if len(piece) <= _COMPACT_CHARS:
-                    ids.append(_compact_id(piece))
-                else:
-                    ids.extend(_compact_id(piece[i : i + _COMPACT_CHARS]) for i in range(0, len(piece), _COMPACT_CHARS))
-            elif len(piece) <= 4 and len(piece.encode("utf-8")) <= _MAX_CHUNK_BYTES:
-                ids.append(_bytes_id(piece))
+            if word(piece):
+                ids.extend(_word_ids(piece))
+            elif digits(piece):
+                ids.append(_digits_id(piece))
             else:
-                ids.extend(_bytes_id(c) for c in _chunks(piece))
+                ids.extend(_bytes_ids(piece))
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
             raw = b"".join(_id_text(i) for i in ids)
-        except (OverflowError, AttributeError, TypeError) as exc:
-            raise ValueError("token ids must be non-negative integers") from exc
+        except TypeError as exc:
+            raise ValueError("token ids must be integers") from exc
         return raw.decode("utf-8", errors="replace")
 
     def output_vocab(self) -> tuple[int, ...]:
         return default_output_vocab()
 
 
-def _chunks(piece: str) -> Iterable[str]:
-    """Cut a piece into runs of <= 4 UTF-8 bytes without splitting a character."""
-    start = 0
-    size = 0
-    for i, ch in enumerate(piece):
-        n = len(ch.encode("utf-8"))
-        if size + n > _MAX_CHUNK_BYTES:
-            yield piece[start:i]
-            start, size = i, 0
-        size += n
-    if start < len(piece):
-        yield piece[start:]
-
-
 @lru_cache(maxsize=1)
 def default_output_vocab() -> tuple[int, ...]:
     """The built-in tokenizer's ids of the engine's output words (one token each)."""
-    return tuple(_compact_id(" " + w) for w in _OUTPUT_WORDS)
+    return tuple(_word_ids(" " + w)[0] for w in _OUTPUT_WORDS)
 
 
 class HFTokenizer:

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.tokenizer import BuiltinTokenizer, apply_chat_template, default_output_vocab, load_tokenizer
+from core.tokenizer import (
+    BUILTIN_VOCAB_SIZE, BuiltinTokenizer, apply_chat_template, default_output_vocab, load_tokenizer,
+)
 
 TOK = BuiltinTokenizer()
 PROSE = (
@@ -20,24 +22,60 @@ PROSE = (
 )
 
 
+def _word(variant: int, letters: str) -> int:
+    """A word chunk's id from the documented layout: after 256 byte ids and 65,536 byte-pair ids,
+    4 variants (bit 1: leading space, bit 0: capital) of the 18,278 strings of 1-3 letters."""
+    offset = {1: 0, 2: 26, 3: 26 + 26**2}[len(letters)]
+    value = 0
+    for ch in letters:
+        value = value * 26 + ord(ch) - ord("a")
+    return 256 + 256**2 + variant * 18_278 + offset + value
+
+
 def test_pinned_ids() -> None:
-    # Lowercase words pack into 0x80000000 | 5-bit symbols; anything else is its UTF-8 bytes.
-    assert TOK.encode("Hello world!") == [int.from_bytes(b"Hell", "big"), ord("o"), 0x80000000 | (1 << 25) | (24 << 20) | (16 << 15) | (19 << 10) | (13 << 5) | 5, ord("!")]
-    assert TOK.encode(" beautiful") == [TOK.encode(" beaut")[0], TOK.encode("iful")[0]]
-    assert TOK.decode([0x80000000 | (21 << 25)]) == "t"
+    # Words go in chunks of <= 3 letters (the first keeps the space and the capital), digit groups
+    # are one id, anything else is its UTF-8 bytes two to an id.
+    assert TOK.encode("Hello world!") == [_word(1, "hel"), _word(0, "lo"), _word(2, "wor"), _word(0, "ld"), ord("!")]
+    assert TOK.encode(" beautiful") == [_word(2, "bea"), _word(0, "uti"), _word(0, "ful")]
+    digits_base = 256 + 256**2 + 4 * 18_278
+    assert TOK.encode(" 042") == [digits_base + 1110 + 110 + 42]
+    assert TOK.encode("7") == [digits_base + 7]
+    assert TOK.encode("HTTP") == [256 + (ord("H") << 8 | ord("T")), 256 + (ord("T") << 8 | ord("P"))]
+    assert TOK.encode("é") == [256 + 0xC3A9]
+    assert TOK.decode([_word(0, "t")]) == "t"
+    assert BUILTIN_VOCAB_SIZE == digits_base + 2 * 1110 == 141_124
 
 
-def test_english_prose_is_about_four_characters_per_token() -> None:
+def test_ids_stay_in_a_realistic_vocabulary() -> None:
+    # vllm-router refuses token ids >= 2**31; real vocabularies stay below about 2**18.
+    text = PROSE + " Zebra ZEBRA 999 \u4e2d\u6587 naïve \U0001F600 ~~~ \n\t "
+    ids = TOK.encode(text)
+    assert max(ids) < BUILTIN_VOCAB_SIZE < 2**18 and min(ids) >= 0
+    assert max(default_output_vocab()) < BUILTIN_VOCAB_SIZE
+    assert TOK.vocab_size == BUILTIN_VOCAB_SIZE
+    for bad in (BUILTIN_VOCAB_SIZE, -1, 2**31):
+        with pytest.raises(ValueError):
+            TOK.decode([bad])
+
+
+def test_every_word_and_digit_id_is_its_own_piece() -> None:
+    # Each word or digit chunk decodes to text that encodes back to that one id (bytes ids only
+    # decode: a lone byte pair need not be UTF-8).
+    for i in range(BUILTIN_VOCAB_SIZE):
+        text = TOK.decode([i])
+        assert i < 256 + 256**2 or TOK.encode(text) == [i], (i, text)
+
+
+def test_english_prose_is_about_three_characters_per_token() -> None:
     ratio = len(PROSE) / len(TOK.encode(PROSE))
-    assert 3.3 < ratio < 4.5
+    assert 2.8 < ratio < 3.4
 
 
 @given(st.text(max_size=200))
-def test_decode_inverts_encode_for_any_text_without_nul(text: str) -> None:
-    text = text.replace("\x00", "")
+def test_decode_inverts_encode_for_any_text(text: str) -> None:
     ids = TOK.encode(text)
     assert TOK.decode(ids) == text
-    assert all(0 <= i < 2**32 for i in ids)
+    assert all(0 <= i < BUILTIN_VOCAB_SIZE for i in ids)
     assert TOK.encode(TOK.decode(ids)) == ids
 
 

@@ -92,7 +92,7 @@ def test_metrics_use_vllm_names_that_kvr_and_routers_parse(worker) -> None:
 def test_tokenize_detokenize_models_and_peer_router_probes(worker) -> None:
     _, text, _ = call(worker, "POST", "/tokenize", {"model": "m", "prompt": "hello world"})
     tok = json.loads(text)
-    assert tok["tokens"] == BuiltinTokenizer().encode("hello world") and tok["count"] == 2
+    assert tok["tokens"] == BuiltinTokenizer().encode("hello world") and tok["count"] == 4  # hel lo wor ld
     _, text, _ = call(worker, "POST", "/detokenize", {"model": "m", "tokens": tok["tokens"]})
     assert json.loads(text) == {"prompt": "hello world"}
     _, text, _ = call(worker, "GET", "/v1/models")
