@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bus.codec import DecodeError, encode, router_decoder
 from bus.schema import (
@@ -51,6 +52,8 @@ Sink = Callable[[Any], None]
 _TERMINAL = (Completion, ErrorReply)
 #: Request replies held while the router link is down (beyond that they are dropped and counted).
 MAX_HELD_REPLIES = 100_000
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass
@@ -112,6 +115,8 @@ class WorkerService:
         self._clock = clock
         self._decoder = router_decoder()
         self._dealer: zmq.Socket | None = None
+        self._dealer_events: zmq.Socket | None = None  # the DEALER's socket monitor (why no Welcome came)
+        self._link_seen = 0  # zmq events seen on the current DEALER (EVENT_CONNECTED, handshake failures)
         self._poller = zmq.Poller()
         self._last_recv = 0.0
         self._next_heartbeat = 0.0
@@ -237,8 +242,16 @@ class WorkerService:
     # ------------------------------------------------------------------ router link
 
     def _connect(self) -> None:
-        self._dealer = make_dealer(self._ctx, self.router_endpoint, max_msg_size=self.max_msg_size,
-                                   setup=None if self.curve is None else self.curve.dial)
+        self._link_seen = 0
+
+        def setup(sock: zmq.Socket) -> None:
+            if self.curve is not None:
+                self.curve.dial(sock)
+            # Before connect: whether anything ever accepted the connection tells "no router
+            # there" from "a router that refused the handshake" (CURVE) when no Welcome comes.
+            self._dealer_events = sock.get_monitor_socket(zmq.EVENT_CONNECTED | _HANDSHAKE_FAILED)
+
+        self._dealer = make_dealer(self._ctx, self.router_endpoint, max_msg_size=self.max_msg_size, setup=setup)
         self._poller.register(self._dealer, zmq.POLLIN)
         self.counters.connects += 1
         now = self._clock()
@@ -259,9 +272,33 @@ class WorkerService:
     def _disconnect(self) -> None:
         if self._dealer is not None:
             self._poller.unregister(self._dealer)
+            if self._dealer_events is not None:
+                self._dealer.disable_monitor()
+                self._dealer_events.close(linger=0)
+                self._dealer_events = None
             self._dealer.close()
             self._dealer = None
         self.registered = False
+
+    def _silence_hint(self) -> str:
+        """Why a router never welcomed this worker, from the DEALER's socket events."""
+        while self._dealer_events is not None:
+            try:
+                self._link_seen |= recv_monitor_message(self._dealer_events, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+        if self.counters.welcomes:
+            return ""
+        if self._link_seen & _HANDSHAKE_FAILED:
+            # A CURVE refusal looks exactly like silence from the link (the router never sees a
+            # refused peer); only the failed handshake shows it.
+            return (" (handshake refused: is this worker's public key in the router's workers/ key directory?)"
+                    if self.curve is not None else
+                    " (handshake refused: a router with --curve-dir admits only workers with an authorised key)")
+        if not self._link_seen & zmq.EVENT_CONNECTED:
+            return f" (nothing accepts connections at {self.router_endpoint}: is the router running there? " \
+                   "--router none runs without one)"
+        return " (connected, never welcomed)"
 
     def _link_timers(self, now: float) -> None:
         if not getattr(self.backend, "healthy", True):  # its engine is down (vLLM adapter): leave the router
@@ -281,11 +318,7 @@ class WorkerService:
             # router's beats sit unread in the socket, and the router was not silent at all.
             self._recv_router()
         if self._dealer is not None and now - self._last_recv > self.heartbeat_interval_s * self.liveness:
-            # Never welcomed at all: a CURVE refusal looks exactly like silence from here (the
-            # router never sees a refused peer), so say what to check.
-            hint = "" if self.counters.welcomes else (
-                " (never welcomed: is this worker's public key in the router's workers/ key directory?)"
-                if self.curve is not None else " (never welcomed: a router with --curve-dir admits only keyed workers)")
+            hint = self._silence_hint()
             logger.warning("router silent for %.1f s: reconnecting in %.2f s%s", now - self._last_recv,
                            self._backoff_s, hint)
             self._disconnect()

@@ -275,3 +275,22 @@ def test_a_hello_with_a_malformed_events_key_is_refused_not_crashed_on(cluster, 
     assert "w-bad" not in cluster.router.workers and cluster.router.counters["handler_errors"] == 0
     link.close()
     ctx.term()
+
+
+def test_a_refused_worker_is_told_to_check_its_key(cluster, keys, caplog) -> None:
+    """A CURVE refusal is silence on the link: the worker's warning names the failed handshake
+    (and, with keys, the key directory); a worker simply without a router is told otherwise
+    (tests/worker/test_emulated_worker.py)."""
+    folder, stranger = keys
+    caplog.set_level("WARNING", logger="worker.service")
+    cluster.worker("w-stranger", stranger)
+    cluster.worker("w-plain", None)
+    cluster.worker("w-good", folder)
+    _wait(lambda: "w-good" in cluster.router.workers, what="the authorised worker to register")
+
+    def hints() -> set[str]:
+        return {r.getMessage().rpartition(" (")[2] for r in caplog.records if r.getMessage().startswith("router silent")}
+
+    _wait(lambda: len(hints()) == 2, what="both refused workers to warn")
+    assert hints() == {"handshake refused: is this worker's public key in the router's workers/ key directory?)",
+                       "handshake refused: a router with --curve-dir admits only workers with an authorised key)"}

@@ -236,3 +236,43 @@ def test_a_router_that_does_not_know_the_worker_gets_a_hello_at_once_on_the_same
     router.send(Heartbeat(sender_id="r1", epoch=9))
     time.sleep(0.2)
     assert svc.counters.rehellos == 1 and svc.registered
+
+
+def _silence_warnings(caplog, svc, timeout_s: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [r.getMessage() for r in caplog.records if r.getMessage().startswith("router silent")]
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("no 'router silent' warning")
+
+
+def test_no_router_at_all_is_said_so_not_blamed_on_curve(caplog) -> None:
+    """Nothing listens at the router endpoint: the warning says so (it used to suggest CURVE keys)."""
+    from bus.sockets import free_tcp_endpoint
+
+    caplog.set_level("WARNING", logger="worker.service")
+    ctx = zmq.Context()
+    endpoint = free_tcp_endpoint()
+    backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id="w1", speedup=20.0, seed=3), ctx=ctx)
+    svc = WorkerService(backend=backend, router_endpoint=endpoint, worker_id="w1", ctx=ctx, heartbeat_interval_s=0.05,
+                        liveness=2, backoff_min_s=0.05)
+    th = threading.Thread(target=svc.run, daemon=True)
+    th.start()
+    try:
+        message = _silence_warnings(caplog, svc)[0]
+    finally:
+        svc.stop()
+        th.join(5)
+        ctx.term()
+    assert message.endswith(f"(nothing accepts connections at {endpoint}: is the router running there? "
+                            "--router none runs without one)")
+    assert "curve" not in message.lower() and "key" not in message
+
+
+def test_a_router_that_accepts_but_never_welcomes_is_not_blamed_on_curve(router, start_worker, caplog) -> None:
+    caplog.set_level("WARNING", logger="worker.service")
+    svc = start_worker(heartbeat_interval_s=0.05, liveness=2, backoff_min_s=0.05)
+    router.recv(Hello)  # read, never answered
+    assert _silence_warnings(caplog, svc)[0].endswith("(connected, never welcomed)")
