@@ -76,7 +76,7 @@ class _Progress:
 @click.option("--workers", type=int, default=8, show_default=True)
 @click.option("--profile", default=None, help="Engine profile (kvr profiles), or one per worker comma-separated; default: the engine's default.")
 @click.option("--num-gpu-blocks", type=int, default=None, help="Override the profile's KV capacity per worker (blocks).")
-@click.option("--max-model-len", type=int, default=None, help="Override the profile's max model length (tokens).")
+@click.option("--max-model-len", type=int, default=None, help="Max model length (tokens). Default: the profile's, raised to fit the workload's longest request, at most a 128k-token model's.")
 @click.option("--rate", type=float, default=None, help="Poisson (or bursty) request rate, roots/s. Default: all at once (synthetic) or trace timestamps.")
 @click.option("--rate-sweep", default=None, help="Comma-separated rates: one comparison per rate.")
 @click.option("--burstiness", type=float, default=None, help="Gamma arrivals with this shape (1 = Poisson, < 1 burstier).")
@@ -110,7 +110,9 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
     from core.policies import POLICY_NAMES
     from core.profiles import DEFAULT_PROFILE, PROFILES
     from sim.cluster import ClusterConfig
-    from sim.report import comparison_report, markdown_table, run_policies, to_json
+    from sim.context import LONG_CONTEXT_TOKENS, fitted_max_model_len
+    from sim.rejections import all_rejected, rejection_message
+    from sim.report import comparison_report, markdown_table, rejection_runs, run_policies, to_json
     from sim.trace import load_trace
     from sim.workload import AllAtOnce, Bursty, Poisson, TraceTimes
     if (workload_name is None) == (trace_path is None):
@@ -140,6 +142,7 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
         trace = load_trace(trace_path, mapping=trace_mapping, trace_block_tokens=trace_block_tokens,
                            block_size=block_size, limit=trace_limit)
         title = f"{trace.name} ({trace_mapping})"
+        probe = trace
 
         def make_wl():
             return trace  # stateless apart from a hash memo that is safe to share
@@ -150,12 +153,35 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
             raise click.UsageError("--gsp-* flags apply to --workload gsp only")
         title = workload_name
         try:
-            make_workload(workload_name, random.Random(seed), wl_params)
+            probe = make_workload(workload_name, random.Random(seed), wl_params)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--workload/-p") from exc
 
         def make_wl():
             return make_workload(workload_name, random.Random(seed), wl_params)
+
+    if max_model_len is None:
+        # No context given: fit the workload's longest request, up to a 128k-token model
+        # (sim/context.py says why a router's user expects this).
+        longest, cap = probe.longest_request_tokens(), probe.engine_tokens(LONG_CONTEXT_TOKENS)
+        fitted = fitted_max_model_len(longest_tokens=longest, cap_tokens=cap,
+                                      profile_max_model_lens=[PROFILES[n].max_model_len for n in names])
+        if fitted is not None:
+            config.engine_overrides["max_model_len"] = fitted
+            native = "/".join(sorted({str(PROFILES[n].max_model_len) for n in names}))
+            scaled = " (in the trace's compressed tokens)" if cap != LONG_CONTEXT_TOKENS else ""
+            why = f"a {LONG_CONTEXT_TOKENS}-token model's context{scaled}" if longest > cap else "the workload"
+            click.echo(f"note: max_model_len {fitted} tokens to fit {why} (profile {profile}: {native}); "
+                       f"pin it with --max-model-len", err=True)
+    del probe
+
+    def check_rejections(results, where=""):
+        """The rejection warning for ``results`` (None: none); an all-rejected run is an error."""
+        runs = rejection_runs(results)
+        msg = rejection_message(runs)
+        if all_rejected(runs):
+            raise click.ClickException(f"no request ran{where}: {msg}")
+        return msg
 
     def arrivals_for(r):
         if r is not None:
@@ -170,10 +196,13 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
     t0 = time.perf_counter()
     if rate_sweep:
         rates = [float(x) for x in rate_sweep.split(",") if x.strip()]
-        sweep, bound, last = [], float("nan"), None
+        sweep, bound, last, warnings = [], float("nan"), None, {}
         for r in rates:
             results = run_policies(make_workload=make_wl, make_arrivals=arrivals_for(r), policies=policies,
                                    config=config, seed=seed, progress=lambda n, d, t, _r=r: progress(f"{n}@{_r:g}", d, t))
+            msg = check_rejections(results, f" at {r:g} req/s")
+            if msg is not None:
+                warnings.setdefault(msg, []).append(f"{r:g}")
             rep = comparison_report(results)
             bound = rep["upper_bound"]
             sweep.append({"rate_per_s": r, "policies": rep["policies"]})
@@ -182,13 +211,20 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
                 click.echo(f"\n## {title} at {r:g} req/s\n\n{markdown_table(rep)}")
         report = {"upper_bound": bound, "sweep": sweep}
         folds = {n: res.fold for n, res in last.items()} if last else {}
+        for msg, at in warnings.items():
+            # One line per distinct warning (with one profile the rate changes nothing).
+            where = "" if len(at) == len(rates) else f" at {','.join(at)} req/s"
+            click.echo(f"warning{where}: {msg}", err=True)
     else:
         results = run_policies(make_workload=make_wl, make_arrivals=arrivals_for(rate), policies=policies,
                                config=config, seed=seed, progress=progress)
+        msg = check_rejections(results)
         report = comparison_report(results)
         folds = {n: res.fold for n, res in results.items()}
         if not as_json:
             click.echo(f"## {title}: {workers} workers, profile {profile}\n\n{markdown_table(report)}")
+        if msg is not None:
+            click.echo(f"warning: {msg}", err=True)
     wall_s = time.perf_counter() - t0
     text = to_json(report)
     if as_json:

@@ -38,6 +38,7 @@ from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 from core.profiles import get_profile
 from core.routing import RouterCore, RoutingInput
 from sim.clock import EventQueue
+from sim.rejections import Rejections
 from sim.workload import ArrivalProcess, SimRequest, Workload, assign_arrivals
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class RunResult:
     busy_fraction: float = math.nan
     #: Engine calls that ran several decode steps at once (the fast path).
     fast_windows: int = 0
+    #: The rejections by cause (``rejected`` is their total).
+    rejections: Rejections = field(default_factory=Rejections)
 
 
 class SimCluster:
@@ -145,7 +148,7 @@ class SimCluster:
         self._bound_stream: list[tuple[list[int], int]] = []
         self._roots_done = 0
         self._dispatched = 0
-        self.rejected = 0
+        self.rejections = Rejections()
         self._want_outputs = type(workload).follow_ups is not Workload.follow_ups
         # Decode fast path: an engine may run several decode steps at once up to the
         # earliest time a request could reach it ("wake" times). Open loop: the next
@@ -189,7 +192,7 @@ class SimCluster:
         span = self.fold.duration_s
         busy = sum(e.counters.busy_s for e in self.engines) / len(self.engines) / span if span > 0 else math.nan
         return RunResult(self.policy_name, self.fold, bound, self._dispatched, len(self._inflight) + len(self._waiting),
-                         self.rejected, busy, self.fast_windows)
+                         self.rejections.total, busy, self.fast_windows, self.rejections)
 
     def _busy(self) -> bool:
         return bool(self._inflight or self._waiting or self._pending_sends) or self._roots_done < self._num_roots
@@ -285,7 +288,8 @@ class SimCluster:
         except RequestRejected as exc:
             # As the live worker: an explicit error to the client, never a silent drop.
             logger.debug("engine %s rejected %s: %s", self.names[fl.worker], rid, exc)
-            self.rejected += 1
+            self.rejections.add(prompt_tokens=len(req.token_ids), engine_max_model_len=eng.max_model_len,
+                                configured_max_model_len=eng.config.max_model_len, message=str(exc))
             self.router.on_finish(rid)
             del self._inflight[rid]
             self._release_waiting(self.q.now)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sim.cluster import ClusterConfig, RunResult, SimCluster
+from sim.rejections import Rejections
 from sim.workload import ArrivalProcess, Workload
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,11 @@ def comparison_report(results: dict[str, RunResult]) -> dict[str, Any]:
     }
 
 
+def rejection_runs(results: dict[str, RunResult]) -> dict[str, tuple[int, Rejections]]:
+    """``policy -> (requests, rejections)``, the input of ``sim.rejections.rejection_message``."""
+    return {name: (r.requests, r.rejections) for name, r in results.items()}
+
+
 def to_json(report: dict[str, Any]) -> str:
     """Deterministic JSON: NaN/inf as null, insertion order kept."""
     return json.dumps(_finite(report), indent=2)
@@ -117,6 +123,7 @@ _TABLE_COLUMNS = (
     ("busy_fraction", "busy", "{:.2f}"),
     ("evictions", "evictions", "{:d}"),
     ("preemptions", "preempt", "{:d}"),
+    ("rejected", "rejected", "{:d}"),
 )
 
 

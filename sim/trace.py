@@ -112,6 +112,15 @@ class TraceWorkload(Workload):
             return min(row.input_length, self.trace_block_tokens * len(row.hash_ids))
         return self.block_size * len(row.hash_ids)
 
+    def longest_request_tokens(self) -> int:
+        # No follow-ups. From the row lengths: expanding every row's tokens would not fit in memory.
+        return max((self.prompt_tokens(r) + self.output_tokens(r) for r in self.rows), default=0)
+
+    def engine_tokens(self, model_tokens: int) -> int:
+        if self.mapping == "faithful":
+            return model_tokens
+        return model_tokens * self.block_size // self.trace_block_tokens
+
     def _id_tokens(self, k: int) -> list[int]:
         width = self.trace_block_tokens if self.mapping == "faithful" else self.block_size
         return list(range(k * width, (k + 1) * width))

@@ -76,6 +76,24 @@ class Workload:
     def root_requests(self, i: int) -> list[SimRequest]:
         return self.roots[i].requests
 
+    def longest_request_tokens(self) -> int:
+        """An upper bound on the tokens one request needs in the engine (prompt + output),
+        follow-ups included; 0 without requests.
+
+        This default measures the roots, which is exact for a workload without follow-ups. A
+        workload with follow-ups adds their growth from its config. The engine never writes
+        more than ``max_tokens``, so full lengths bound what the answers add."""
+        return self.longest_root_tokens()
+
+    def longest_root_tokens(self) -> int:
+        """The most tokens one root request needs in the engine (prompt + output); 0 without roots."""
+        return max((len(q.token_ids) + q.max_tokens for i in range(self.num_roots()) for q in self.root_requests(i)), default=0)
+
+    def engine_tokens(self, model_tokens: int) -> int:
+        """``model_tokens`` of a real model's context in this workload's engine tokens (the
+        same unless the workload rescales its prompts, as a compressed trace does)."""
+        return model_tokens
+
     @property
     def has_timestamps(self) -> bool:
         n = self.num_roots()

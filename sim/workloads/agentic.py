@@ -53,6 +53,11 @@ class TreeOfThought(Workload):
             kids = [SimRequest(f"tot-{q}/{b}", list(prompt), c.output_len, group=q, meta={"level": 1}) for b in range(c.branches)]
             self.roots.append(Root(kids))
 
+    def longest_request_tokens(self) -> int:
+        # Level k+1 = level k's prompt + its answer (<= output_len) + a step instruction.
+        c = self.config
+        return self.longest_root_tokens() + (c.depth - 1) * (c.step_len + c.output_len) if self.roots else 0
+
     def follow_ups(self, request: SimRequest, output_token_ids: Sequence[int]) -> list[SimRequest]:
         c = self.config
         level = request.meta["level"]
@@ -95,6 +100,14 @@ class FanOut(Workload):
             chains = [SimRequest(f"fanout-{q}/chain{k}", list(prompt), c.output_len, group=q, meta={"chain": k}) for k in range(c.num_chains)]
             self.roots.append(Root(chains))
 
+    def longest_request_tokens(self) -> int:
+        # The judge sees the question, every chain's answer (<= output_len each) and 16 tokens.
+        c = self.config
+        if not self.roots:
+            return 0
+        judge = max(map(len, self._questions.values())) + c.num_chains * c.output_len + len(self._judge_tokens) + c.judge_output_len
+        return max(self.longest_root_tokens(), judge)
+
     def follow_ups(self, request: SimRequest, output_token_ids: Sequence[int]) -> list[SimRequest]:
         if "chain" not in request.meta:
             return []
@@ -135,6 +148,11 @@ class ReAct(Workload):
             Root([SimRequest(f"react-{t}/s1", instruction + random_tokens(gen, c.task_len), c.output_len, group=t, meta={"step": 1})])
             for t in range(c.num_tasks)
         ]
+
+    def longest_request_tokens(self) -> int:
+        # Step k+1 = step k's prompt + its answer (<= output_len) + an observation.
+        c = self.config
+        return self.longest_root_tokens() + (c.num_steps - 1) * (c.observation_len + c.output_len) if self.roots else 0
 
     def follow_ups(self, request: SimRequest, output_token_ids: Sequence[int]) -> list[SimRequest]:
         c = self.config

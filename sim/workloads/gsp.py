@@ -66,6 +66,12 @@ class GeneratedSharedPrefix(Workload):
             rng.shuffle(reqs)
         self.roots = [Root([r]) for r in reqs]
 
+    def longest_request_tokens(self) -> int:
+        # Turn k+1 = turn k's prompt + its answer (<= output_len) + a question (<= question_len).
+        c = self.config
+        grow = max(1, c.question_len) + max(1, c.output_len)
+        return self.longest_root_tokens() + (c.num_turns - 1) * grow if self.roots else 0
+
     def follow_ups(self, request: SimRequest, output_token_ids: Sequence[int]) -> list[SimRequest]:
         turn = request.meta["turn"]
         if turn >= self.config.num_turns:

@@ -47,6 +47,12 @@ class MultiTurnChat(Workload):
             for i in range(c.num_clients)
         ]
 
+    def longest_request_tokens(self) -> int:
+        # Round k+1 = round k's prompt + its answer (<= output_length) + a sub-question.
+        c = self.config
+        q = c.sub_question_length if c.sub_question_length is not None else c.request_length
+        return self.longest_root_tokens() + (c.num_rounds - 1) * (q + c.output_length) if self.roots else 0
+
     def follow_ups(self, request: SimRequest, output_token_ids: Sequence[int]) -> list[SimRequest]:
         c = self.config
         rnd = request.meta["round"]
