@@ -1,4 +1,4 @@
-"""Every Redis key and ZMQ topic kvr uses, built here and only here.
+"""Every Redis key, ZMQ topic and default port kvr uses, built here and only here.
 
 Redis schema (``{ns}`` is the namespace, default ``default``; ``{wid}`` a worker
 id; ``{rank}`` a data-parallel rank; a *target* is ``{wid}:{rank}``). All values
@@ -29,8 +29,10 @@ same ``epoch`` (zguide Clone pattern). Writes for one event batch go in one pipe
 
 ZMQ topics (PUB/SUB byte prefixes)::
 
-    kv@{wid}@{model}                       a worker's KV-event topic (llm-d's convention; vLLM's
-                                           default is the empty topic, which also works)
+    (empty)                                a worker's KV-event topic: vLLM's default, and the emulated
+                                           worker's (kvr worker --topic sets one, e.g. llm-d's
+                                           kv@{wid}@{model}); the router subscribes to each worker's
+                                           endpoint on its own socket, so topics need not differ
     kvr.metrics.request                    RequestRecord, published by the router
     kvr.metrics.worker                     WorkerSample, published by the router
 """
@@ -38,6 +40,12 @@ ZMQ topics (PUB/SUB byte prefixes)::
 from __future__ import annotations
 
 KEY_PREFIX = "kvr"
+
+# The router's default ports (kvr router --bind-clients / --bind-workers / --bind-metrics), on
+# loopback unless --bind-host says otherwise (cli/bind.py).
+ROUTER_CLIENTS_PORT = 5555
+ROUTER_WORKERS_PORT = 5556
+ROUTER_METRICS_PORT = 5557
 
 METRICS_TOPIC_PREFIX = b"kvr.metrics."
 REQUEST_METRICS_TOPIC = b"kvr.metrics.request"
@@ -99,8 +107,3 @@ def routers_key(namespace: str) -> str:
 
 def generation_key(namespace: str) -> str:
     return f"{_base(namespace)}:generation"
-
-
-def kv_event_topic(worker_id: str, model: str) -> str:
-    """Default KV-event topic of an emulated worker (llm-d's ``kv@pod@model``)."""
-    return f"kv@{worker_id}@{model}"

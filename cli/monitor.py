@@ -7,6 +7,9 @@ import signal
 
 import click
 
+from cli.bind import bind_host_option, warn_exposed
+from cli.ready import announce_ready, clear_ready_file, ready_file_option
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS_ENDPOINT = "tcp://127.0.0.1:5557"
@@ -21,21 +24,26 @@ DEFAULT_HTTP_PORT = 9470
 @click.option("--dump", "dump_path", type=click.Path(dir_okay=False), default="kvr-monitor.json", show_default=True,
               help="JSON dump file (written on an interval, on SIGUSR1 and at exit); '' disables.")
 @click.option("--dump-interval", "dump_interval_s", type=float, default=5.0, show_default=True, help="Seconds between dumps.")
-@click.option("--http-host", default="127.0.0.1", show_default=True, help="Address of the HTTP face (/metrics, /json).")
+@bind_host_option
+@click.option("--http-host", default=None, show_default="<bind-host>", help="Address of the HTTP face (/metrics, /json).")
 @click.option("--http-port", type=int, default=DEFAULT_HTTP_PORT, show_default=True, help="HTTP port; -1 disables, 0 picks one.")
 @click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block (cache status, match length).")
 @click.option("--bucket", "bucket_s", type=float, default=5.0, show_default=True, help="Width of timeline buckets, seconds.")
 @click.option("--sample-interval", "sample_interval_s", type=float, default=1.0, show_default=True,
               help="Seconds between series points (hit rate over time, load).")
 @click.option("--label", default="", help="Name of this run in reports.")
+@ready_file_option
 def monitor_cmd(
-    metrics_endpoints: tuple[str, ...], dump_path: str, dump_interval_s: float, http_host: str, http_port: int,
-    block_size: int, bucket_s: float, sample_interval_s: float, label: str,
+    metrics_endpoints: tuple[str, ...], dump_path: str, dump_interval_s: float, bind_host: str, http_host: str | None,
+    http_port: int, block_size: int, bucket_s: float, sample_interval_s: float, label: str,
+    ready_file: str | None = None,
 ) -> None:
     """Subscribe to metrics records, keep time series, dump JSON and serve /metrics."""
     from monitor.service import MonitorService
     from monitor.state import MonitorState
 
+    clear_ready_file(ready_file)
+    http_host = http_host if http_host is not None else bind_host
     state = MonitorState(block_size=block_size, bucket_s=bucket_s, sample_interval_s=sample_interval_s, label=label)
     service = MonitorService(
         metrics_endpoints=list(metrics_endpoints),
@@ -53,9 +61,14 @@ def monitor_cmd(
         service.start()
     except OSError as exc:
         raise click.ClickException(f"cannot serve HTTP on {http_host}:{http_port}: {exc.strerror}") from None
+    url = None if service.http_port is None else f"http://{http_host}:{service.http_port}"
+    warn_exposed("monitor", {"http": url})
     try:
+        announce_ready(component="monitor", component_id=label or "monitor", endpoints={"http": url},
+                       ready_file=ready_file)
         service.run()
     finally:
+        clear_ready_file(ready_file)
         service.close()
         logger.info("monitor stopped after %d records (%d dumps)", state.records, service.dumps_written)
 

@@ -7,19 +7,23 @@ import signal
 
 import click
 
+from bus import names
+from cli.bind import bind_host_option, tcp_endpoint, warn_exposed
 from cli.options import namespace_option, redis_url_option
+from cli.ready import announce_ready, clear_ready_file, ready_file_option
 from core.policies import DEFAULT_POLICY, POLICY_NAMES
 
 logger = logging.getLogger(__name__)
 
 
 @click.command("router")
-@click.option("--bind-clients", default="tcp://*:5555", show_default=True, envvar="KVR_BIND_CLIENTS",
-              help="ROUTER endpoint for clients (kvr send, the HTTP front).")
-@click.option("--bind-workers", default="tcp://*:5556", show_default=True, envvar="KVR_BIND_WORKERS",
-              help="ROUTER endpoint workers register with.")
-@click.option("--bind-metrics", default="tcp://*:5557", show_default=True, envvar="KVR_BIND_METRICS",
-              help="PUB endpoint of the metrics stream ('' disables).")
+@bind_host_option
+@click.option("--bind-clients", default=None, show_default=f"tcp://<bind-host>:{names.ROUTER_CLIENTS_PORT}",
+              envvar="KVR_BIND_CLIENTS", help="ROUTER endpoint for clients (kvr send, the HTTP front).")
+@click.option("--bind-workers", default=None, show_default=f"tcp://<bind-host>:{names.ROUTER_WORKERS_PORT}",
+              envvar="KVR_BIND_WORKERS", help="ROUTER endpoint workers register with.")
+@click.option("--bind-metrics", default=None, show_default=f"tcp://<bind-host>:{names.ROUTER_METRICS_PORT}",
+              envvar="KVR_BIND_METRICS", help="PUB endpoint of the metrics stream ('' disables).")
 @click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY, show_default=True,
               envvar="KVR_POLICY", help="Routing policy.")
 @click.option("--block-size", type=int, default=16, show_default=True, envvar="KVR_BLOCK_SIZE",
@@ -38,12 +42,14 @@ logger = logging.getLogger(__name__)
               help="Seconds a routed request's blocks count as present on its worker (0 disables).")
 @click.option("--router-id", default="router", show_default=True, envvar="KVR_ROUTER_ID",
               help="Name of this router (prefix of the request ids workers see).")
-@click.option("--http-host", default="127.0.0.1", show_default=True, envvar="KVR_HTTP_HOST",
+@click.option("--http-host", default=None, show_default="<bind-host>", envvar="KVR_HTTP_HOST",
               help="Address of the OpenAI-compatible HTTP front.")
 @click.option("--http-port", type=int, default=-1, show_default=True, envvar="KVR_HTTP_PORT",
               help="Port of the OpenAI-compatible HTTP front (/v1/completions, /v1/chat/completions, /health, "
                    "/metrics), e.g. 8000; 0 picks one; -1 (default) serves none.")
-@click.option("--model-name", default="kvr", show_default=True, help="Model name the HTTP front reports.")
+@click.option("--model-name", default=None,
+              help="An alias the HTTP front also lists and accepts for any served model (/v1/models lists the "
+                   "model names the workers registered).")
 @click.option("--no-redis", is_flag=True, help="Run without the Redis mirror (no warm start, no sharing).")
 @click.option("--tokenizer", default=None, envvar="KVR_TOKENIZER",
               help="Text prompts to token ids: 'builtin' (default), a tokenizer.json path, or a vLLM server URL "
@@ -56,18 +62,23 @@ logger = logging.getLogger(__name__)
                    "[default: 16 MiB].")
 @click.option("--max-event-bytes", type=click.IntRange(1024), default=None, envvar="KVR_MAX_EVENT_BYTES",
               help="Largest KV-event batch accepted (live or replayed) [default: 64 MiB].")
+@ready_file_option
 @redis_url_option
 @namespace_option
-def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: str, block_size: int,
-               heartbeat_interval_s: float, heartbeat_liveness: int, request_timeout_s: float, max_pending: int,
-               max_retries: int, tentative_window_s: float, router_id: str, http_host: str, http_port: int,
-               model_name: str, no_redis: bool, redis_url: str, namespace: str, tokenizer: str | None = None,
+def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | None, bind_metrics: str | None,
+               policy: str, block_size: int, heartbeat_interval_s: float, heartbeat_liveness: int,
+               request_timeout_s: float, max_pending: int, max_retries: int, tentative_window_s: float, router_id: str, http_host: str | None, http_port: int,
+               model_name: str | None, no_redis: bool, redis_url: str, namespace: str, tokenizer: str | None = None,
                curve_dir: str | None = None, max_request_bytes: int | None = None,
-               max_event_bytes: int | None = None) -> None:
+               max_event_bytes: int | None = None, ready_file: str | None = None) -> None:
     """Route requests to the worker whose KV cache already holds their prefix."""
     from core.liveness import HeartbeatConfig
     from router.service import RouterConfig, RouterService
 
+    clear_ready_file(ready_file)
+    bind_clients, bind_workers, bind_metrics, http_host = bind_addresses(
+        bind_host, bind_clients=bind_clients, bind_workers=bind_workers, bind_metrics=bind_metrics,
+        http_host=http_host)
     config = RouterConfig(
         bind_clients=bind_clients, bind_workers=bind_workers, bind_metrics=bind_metrics or None, policy=policy,
         block_size=block_size, heartbeat=HeartbeatConfig(heartbeat_interval_s, heartbeat_liveness),
@@ -135,9 +146,14 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
     logger.info("router %s: clients %s, workers %s, metrics %s, http %s, policy %s", router_id,
                 service.clients_endpoint, service.workers_endpoint, service.metrics_endpoint,
                 front.url if front else None, policy)
+    endpoints = {"clients": service.clients_endpoint, "workers": service.workers_endpoint,
+                 "metrics": service.metrics_endpoint, "http": front.url if front else None}
+    warn_exposed("router", endpoints, authenticated=() if curve is None else ("clients", "workers"))
     try:
+        announce_ready(component="router", component_id=router_id, endpoints=endpoints, ready_file=ready_file)
         service.run()
     finally:
+        clear_ready_file(ready_file)
         if front is not None:
             front.close()
         if mirror is not None:
@@ -145,6 +161,16 @@ def router_cmd(bind_clients: str, bind_workers: str, bind_metrics: str, policy: 
         if embedded is not None:
             embedded.stop()
         logger.info("router stopped: %s", dict(service.counters))
+
+
+def bind_addresses(bind_host: str, *, bind_clients: str | None = None, bind_workers: str | None = None,
+                   bind_metrics: str | None = None, http_host: str | None = None) -> tuple[str, str, str, str]:
+    """``(clients, workers, metrics endpoints, HTTP host)``: each one given, else on ``bind_host``
+    (the default ports of bus/names.py)."""
+    return (bind_clients if bind_clients is not None else tcp_endpoint(bind_host, names.ROUTER_CLIENTS_PORT),
+            bind_workers if bind_workers is not None else tcp_endpoint(bind_host, names.ROUTER_WORKERS_PORT),
+            bind_metrics if bind_metrics is not None else tcp_endpoint(bind_host, names.ROUTER_METRICS_PORT),
+            http_host if http_host is not None else bind_host)
 
 
 def redact_url(url: str) -> str:

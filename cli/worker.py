@@ -9,6 +9,8 @@ import sys
 import click
 
 from cli._vllm import make_vllm_runner, split_vllm_options, vllm_options
+from cli.bind import bind_host_option, default_advertise_host, tcp_endpoint, warn_exposed
+from cli.ready import announce_ready, clear_ready_file, ready_file_option
 
 logger = logging.getLogger(__name__)
 
@@ -18,14 +20,16 @@ logger = logging.getLogger(__name__)
 @click.option("--id", "worker_id", required=True, envvar="KVR_WORKER_ID", help="Worker id (unique in the fleet).")
 @click.option("--router", "router_endpoint", default="tcp://127.0.0.1:5556", show_default=True, envvar="KVR_ROUTER",
               help="The router's worker endpoint (kvr router --bind-workers). 'none' runs without a router (HTTP only).")
-@click.option("--events-endpoint", default="tcp://127.0.0.1:0", show_default=True,
+@bind_host_option
+@click.option("--events-endpoint", default=None, show_default="tcp://<bind-host>:0",
               help="KV-event PUB endpoint (bound; port 0 picks one). With --events-dial the worker dials out "
                    "to a router that binds it, like vLLM's central mode.")
 @click.option("--events-dial", is_flag=True, help="Connect the PUB out instead of binding it.")
-@click.option("--replay-endpoint", default="tcp://127.0.0.1:0", show_default=True,
+@click.option("--replay-endpoint", default=None, show_default="tcp://<bind-host>:0",
               help="vLLM replay ROUTER endpoint (always bound); 'none' disables replay.")
-@click.option("--topic", default=None, help="KV-event topic (default kv@<id>@<model>; vLLM's default is '').")
-@click.option("--advertise-host", default="127.0.0.1", show_default=True,
+@click.option("--topic", default="", show_default="'', vLLM's",
+              help="KV-event topic (llm-d's convention: kv@<id>@<model>).")
+@click.option("--advertise-host", default=None, show_default="<bind-host>; this host's name if that is 0.0.0.0",
               help="Host the router dials to reach this worker's bound sockets.")
 @click.option("--profile", default="simple", show_default=True, help="Engine profile (see `kvr profiles`).")
 @click.option("--model", default="kvr-emulated", show_default=True, help="Served model name.")
@@ -35,6 +39,9 @@ logger = logging.getLogger(__name__)
 @click.option("--num-gpu-blocks", default=None, type=int, help="Override the profile's KV capacity (blocks).")
 @click.option("--max-num-seqs", default=None, type=int, help="Override the profile's max running requests.")
 @click.option("--max-num-batched-tokens", default=None, type=int, help="Override the profile's token budget per step.")
+@click.option("--max-model-len", default=None, type=click.IntRange(1),
+              help="Longest prompt + output in tokens (vLLM's --max-model-len); default: the profile's, at most "
+                   "what the KV cache holds.")
 @click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(1),
               help="Tokens per streamed chunk after the first (vLLM's --stream-interval); more = fewer messages.")
 @click.option("--hash-algo", default=None, type=click.Choice(["vllm-sha256", "vllm-sha256-cbor", "xxh3_128", "sha256"]),
@@ -42,7 +49,7 @@ logger = logging.getLogger(__name__)
 @click.option("--lora-modules", default=None, help="Comma-separated LoRA adapter names served over HTTP (model = adapter).")
 @click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching (no hits, no events).")
 @click.option("--http-port", default=None, type=int, help="Serve vLLM's OpenAI-compatible HTTP API on this port (0 = pick).")
-@click.option("--http-host", default="127.0.0.1", show_default=True, help="HTTP bind address.")
+@click.option("--http-host", default=None, show_default="<bind-host>", help="HTTP bind address.")
 @click.option("--heartbeat-interval", default=1.0, show_default=True, type=float, help="Seconds between heartbeats (until the router's Welcome says otherwise).")
 @click.option("--fault-drop", default=0.0, type=float, help="Fraction of KV-event batches not sent live (still replayable).")
 @click.option("--fault-duplicate", default=0.0, type=float, help="Fraction of batches sent twice.")
@@ -61,12 +68,27 @@ logger = logging.getLogger(__name__)
                    "(docs/security.md). Needs NAME.key_secret and router.key there.")
 @click.option("--curve-key", default="worker", show_default=True, envvar="KVR_CURVE_KEY",
               help="Name of this worker's key pair in --curve-dir.")
+@ready_file_option
 @click.option("--clear-cache-every", default=0.0, type=float, help="Reset the prefix cache (AllBlocksCleared; running requests are preempted) every N wall seconds.")
 def worker_cmd(**opts) -> None:
     """Run one emulated vLLM worker: registers with the router, runs requests, publishes KV events."""
     from worker.runner import WorkerOptions, WorkerRunner
 
     engine, vllm_opts = split_vllm_options(opts)
+    ready_file = opts.pop("ready_file")
+    clear_ready_file(ready_file)
+    bind_host = opts.pop("bind_host")
+    emulated = engine == "emulated"
+    if emulated:  # what the emulated worker binds (the vLLM server binds its own sockets)
+        for name in ("events_endpoint", "replay_endpoint"):
+            if opts[name] is None:
+                opts[name] = tcp_endpoint(bind_host, 0)
+        if opts["http_host"] is None:
+            opts["http_host"] = bind_host
+        if opts["advertise_host"] is None:
+            opts["advertise_host"] = default_advertise_host(bind_host)
+    elif opts.pop("max_model_len") is not None:
+        raise click.UsageError("--max-model-len is for the emulated worker; the vLLM server takes its own")
     try:
         if engine == "vllm":
             curve_dir, curve_key = opts.pop("curve_dir"), opts.pop("curve_key")
@@ -84,7 +106,15 @@ def worker_cmd(**opts) -> None:
         sys.exit(1)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.stop())
-    runner.run()
+    # Bound in the constructors (the HTTP server listens already and serves once run() starts).
+    endpoints = runner.bound_endpoints() if emulated else {}
+    warn_exposed(f"worker {opts['worker_id']}", endpoints,  # CURVE covers the event sockets, never HTTP
+                 authenticated=[n for n in endpoints if n != "http"] if emulated and opts["curve_dir"] else ())
+    announce_ready(component="worker", component_id=opts["worker_id"], endpoints=endpoints, ready_file=ready_file)
+    try:
+        runner.run()
+    finally:
+        clear_ready_file(ready_file)
     if runner.service.refused:
         click.echo(f"router refused this worker: {runner.service.refused}", err=True)
         sys.exit(2)

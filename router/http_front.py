@@ -6,8 +6,13 @@ Served (stdlib ``ThreadingHTTPServer``, HTTP/1.1):
   prompt is a string or a list of token ids; ``usage.prompt_tokens_details.cached_tokens`` is the
   engine's prefix hit; a ``kvr`` object (and ``x-kvr-worker`` header) says where it ran and
   what the router predicted;
-* ``GET /v1/models``, ``/health`` (200 while a worker is registered, else 503), ``/metrics``
-  (Prometheus text: router counters and per-target index and load gauges).
+* ``GET /v1/models``: the model names the registered workers serve (their ``Hello``; the same
+  names an unknown model's error lists), then the front's alias if it has one (``--model-name``:
+  accepted for any served model);
+* ``GET /health`` (200 while a worker is registered, else 503), ``/metrics`` (Prometheus text:
+  router counters and per-target index and load gauges).
+
+A known path asked with another method is answered 405 with an ``Allow`` header (404: unknown path).
 
 HTTP handler threads never touch the router's sockets: a bridge thread owns one DEALER to the
 router's client ROUTER and hands replies to each handler's queue (woken through a socket pair).
@@ -43,6 +48,8 @@ logger = logging.getLogger(__name__)
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 _MAX_TOKEN_ID = 2**32  # kvr hashes token ids as uint32 (core/hashing.py); the router says the same
 _MAX_WIRE_INT = 2**63  # what msgpack carries as a signed int; bigger is refused here, not in the bridge
+_GET_PATHS = frozenset({"/health", "/v1/models", "/metrics"})
+_POST_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.PROMPT_TOO_LONG: 413, ErrorCode.UNKNOWN_MODEL: 404,
     ErrorCode.NO_WORKERS: 503, ErrorCode.OVERLOADED: 429, ErrorCode.TIMEOUT: 504, ErrorCode.CANCELLED: 499,
@@ -157,11 +164,13 @@ class _Bridge:
 class RouterHttpFront:
     """Serve the OpenAI API in front of a router; ``start`` serves in a daemon thread."""
 
-    def __init__(self, *, client_endpoint: str, host: str = "127.0.0.1", port: int = 0, model: str = "kvr",
+    def __init__(self, *, client_endpoint: str, host: str = "127.0.0.1", port: int = 0, model: str | None = None,
                  stats: Callable[[], dict] | None = None, ctx: zmq.Context | None = None,
                  request_timeout_s: float = 600.0, curve: Curve | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
-        """``curve``: the bridge dials the router's client port as a CURVE client (bus/security.py).
+        """``model``: an alias accepted for any served model, listed after the served names.
+        ``stats``: the router's snapshot (``RouterService.stats``); its ``models`` are the served names.
+        ``curve``: the bridge dials the router's client port as a CURVE client (bus/security.py).
         ``max_request_bytes``: the router's limit; bigger requests are refused here (PROMPT_TOO_LONG)."""
         self.model = model
         self.stats = stats or (lambda: {})
@@ -180,6 +189,16 @@ class RouterHttpFront:
     def url(self) -> str:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def model_names(self) -> list[str]:
+        """What ``/v1/models`` lists: the served names the workers registered, then the alias."""
+        served = list(self.stats().get("models") or ())
+        return served + ([self.model] if self.model and self.model not in served else [])
+
+    def default_model(self) -> str:
+        """The ``model`` of a response whose request named none: the one served model, else the alias."""
+        served = self.stats().get("models") or ()
+        return served[0] if len(served) == 1 else (self.model or "")
 
     def next_id(self, chat: bool) -> str:
         return f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids)}-{self.created}"
@@ -237,14 +256,31 @@ class _Handler(BaseHTTPRequestHandler):
                 workers = f.stats().get("workers", 0)
                 self._send(200 if workers else 503, f"{workers} worker(s)\n".encode(), "text/plain")
             elif path == "/v1/models":
-                self._json(200, {"object": "list", "data": [
-                    {"id": f.model, "object": "model", "created": f.created, "owned_by": "kvr"}]})
+                cards = [{"id": name, "object": "model", "created": f.created, "owned_by": "kvr"}
+                         for name in f.model_names()]
+                self._json(200, {"object": "list", "data": cards})
             elif path == "/metrics":
                 self._send(200, render_metrics(f.stats()).encode(), "text/plain; version=0.0.4; charset=utf-8")
             else:
-                self._error(404, f"no route {path}", "NotFoundError")
+                self._no_route(path)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+    def _other_method(self) -> None:
+        self.close_connection = True  # a body it may carry is not read
+        self._no_route(self.path.split("?", 1)[0])
+
+    do_PUT = do_DELETE = do_PATCH = _other_method  # noqa: N815 (http.server's naming)
+
+    def _no_route(self, path: str) -> None:
+        """405 with ``Allow`` for a path served under another method, else 404."""
+        allowed = [m for m, paths in (("GET", _GET_PATHS), ("POST", _POST_PATHS)) if path in paths]
+        if allowed:
+            self._json(405, {"error": {"message": f"method {self.command} not allowed on {path}",
+                                       "type": "MethodNotAllowedError", "param": None, "code": 405}},
+                       {"Allow": ", ".join(allowed)})
+        else:
+            self._error(404, f"no route {path}", "NotFoundError")
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
@@ -263,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
                 chat = path.endswith("chat/completions")
                 self._completions(raw, chat=chat)
             else:
-                self._error(404, f"no route {path}", "NotFoundError")
+                self._no_route(path)
         except HttpError as exc:
             self._error(exc.status, str(exc), exc.kind)
         except (BrokenPipeError, ConnectionResetError):
@@ -284,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
         req, body = parse_completion(raw, chat=chat, request_id=rid, alias=f.model)
         inbox = f.bridge.submit(req)
         routed: Routed | None = None
-        model = body.get("model") or f.model
+        model = body.get("model") or f.default_model()
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model}
         streaming = False

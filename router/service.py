@@ -58,8 +58,9 @@ _SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 @dataclass
 class RouterConfig:
-    bind_clients: str = "tcp://*:5555"
-    bind_workers: str = "tcp://*:5556"
+    # Loopback unless told otherwise (``kvr router --bind-host``; cli/bind.py).
+    bind_clients: str = f"tcp://127.0.0.1:{names.ROUTER_CLIENTS_PORT}"
+    bind_workers: str = f"tcp://127.0.0.1:{names.ROUTER_WORKERS_PORT}"
     bind_metrics: str | None = None
     policy: str = "kvr"
     policy_options: dict = field(default_factory=dict)
@@ -631,7 +632,8 @@ class RouterService:
         if self._zap is not None:  # CURVE handshakes refused (unknown keys), counted by the ZAP thread
             counters.update({f"auth_denied_{d.removeprefix('kvr-')}": n for d, n in self._zap.denied.items()})
         self.stats = {"counters": counters, "workers": len(self.workers), "pending": len(self.pending),
-                      "indexed_blocks": self.index.total_blocks(), "targets": targets}
+                      "indexed_blocks": self.index.total_blocks(), "targets": targets,
+                      "models": sorted(self._models_served)}  # what /v1/models lists (the Hellos' names)
 
     def _publish_samples(self) -> None:
         if self._metrics is None:

@@ -32,7 +32,6 @@ from typing import Any
 
 import zmq
 
-from bus.names import kv_event_topic
 from bus.publisher import EventPublisher, FaultPlan
 from bus.schema import Completion, Dispatch, ErrorCode, ErrorReply, Hello, RequestStats, TokenChunk, WorkerLoad
 from bus.security import Curve
@@ -59,7 +58,9 @@ class EmulatedWorkerConfig:
     events_endpoint: str = "tcp://127.0.0.1:0"
     events_bind: bool = True  # False: dial out to a router that binds (vLLM's "central" mode)
     replay_endpoint: str | None = "tcp://127.0.0.1:0"  # always bound, as vLLM's
-    topic: str | None = None  # None: kv@<worker id>@<model>
+    # vLLM's default topic (empty): a peer that subscribes to everything hears it. The router
+    # needs no topic to tell workers apart: it subscribes to each worker's endpoint on its own socket.
+    topic: str = ""
     advertise_host: str = "127.0.0.1"  # host the router dials for our bound sockets
     seed: int | None = None  # engine rng (output tokens, drawn lengths) and fault rng
     tokenizer: str | None = None  # None: built-in; else a tokenizer.json path
@@ -101,7 +102,7 @@ class EmulatedBackend:
         if config.tokenizer is not None:
             overrides.setdefault("output_vocab", self.tokenizer.output_vocab())
         self.engine = EmulatedEngine(profile_or_config=self.profile, rng=random.Random(seed), **overrides)
-        self.topic = config.topic if config.topic is not None else kv_event_topic(config.worker_id, config.model)
+        self.topic = config.topic
         self.publisher = EventPublisher(
             endpoint=config.events_endpoint, replay_endpoint=config.replay_endpoint, topic=self.topic,
             buffer_steps=config.buffer_steps, ctx=ctx, faults=config.faults, bind=config.events_bind,

@@ -15,6 +15,8 @@ Served (stdlib ``ThreadingHTTPServer``, HTTP/1.1, loopback by default):
   them), ``/get_load``.
 * ``POST /kvr/restart_publisher``: event-plane fault injection.
 
+A known path asked with another method is answered 405 with an ``Allow`` header (404: unknown path).
+
 Requests run on the same engine as the router's, through ``WorkerService.submit_local``;
 handler threads never touch the engine. A model name that is one of the worker's LoRA
 adapters (``--lora-modules``) runs as that adapter (its blocks hash and report the
@@ -102,6 +104,14 @@ class HttpError(Exception):
         self.kind = kind
 
 
+_GET_PATHS = frozenset({
+    "/health", "/ping", "/version", "/v1/models", "/metrics", "/server_info", "/get_server_info", "/model_info",
+    "/get_model_info", "/kvr/cached_blocks", "/get_load",
+})
+_POST_PATHS = frozenset({
+    "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/reset_prefix_cache", "/flush_cache",
+    "/kvr/faults", "/kvr/restart_publisher",
+})
 _ERROR_STATUS = {
     ErrorCode.PROMPT_TOO_LONG: 400, ErrorCode.BAD_REQUEST: 400, ErrorCode.CANCELLED: 499,
     ErrorCode.TIMEOUT: 504, ErrorCode.WORKER_ERROR: 503,
@@ -227,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
                                       "loads": [{"dp_rank": 0, "num_reqs": load.running + load.waiting,
                                                  "num_tokens": load.queued_prefill_tokens, "num_total_tokens": load.queued_prefill_tokens}]})
             else:
-                self._error(404, f"no route {path}", "NotFoundError")
+                self._no_route(path)
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception:  # a bug must not kill the connection silently
@@ -238,6 +248,9 @@ class _Handler(BaseHTTPRequestHandler):
         f = self.front
         path = self.path.split("?", 1)[0]
         try:
+            if path not in _POST_PATHS:
+                self._other_method()
+                return
             body = self._body()
             if path == "/v1/completions":
                 self._completions(body, chat=False)
@@ -251,7 +264,11 @@ class _Handler(BaseHTTPRequestHandler):
                 tokens = body.get("tokens")
                 if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens):
                     raise HttpError(400, "'tokens' must be a list of non-negative integers")
-                self._send_json(200, {"prompt": f.backend.tokenizer.decode(tokens)})
+                try:
+                    text = f.backend.tokenizer.decode(tokens)
+                except ValueError as exc:  # an id outside the vocabulary (vLLM: 400 as well)
+                    raise HttpError(400, str(exc)) from None
+                self._send_json(200, {"prompt": text})
             elif path in ("/reset_prefix_cache", "/flush_cache"):
                 # vLLM: ?reset_running_requests=true preempts running requests so the reset succeeds.
                 preempt = "reset_running_requests=true" in self.path.lower()
@@ -269,8 +286,6 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/kvr/restart_publisher":
                 f.on_loop(f.backend.restart_publisher)
                 self._send_json(200, {"success": True})
-            else:
-                self._error(404, f"no route {path}", "NotFoundError")
         except HttpError as exc:
             self._error(exc.status, str(exc), exc.kind)
         except (BrokenPipeError, ConnectionResetError):
@@ -278,6 +293,22 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # malformed input that slipped past validation, or a bug
             logger.exception("POST %s failed", path)
             self._error(500, "internal error", "InternalServerError")
+
+    def _other_method(self) -> None:
+        self.close_connection = True  # a body it may carry is not read
+        self._no_route(self.path.split("?", 1)[0])
+
+    do_PUT = do_DELETE = do_PATCH = _other_method  # noqa: N815 (http.server's naming)
+
+    def _no_route(self, path: str) -> None:
+        """405 with ``Allow`` for a path served under another method, else 404."""
+        allowed = [m for m, paths in (("GET", _GET_PATHS), ("POST", _POST_PATHS)) if path in paths]
+        if allowed:
+            self._send_json(405, {"error": {"message": f"method {self.command} not allowed on {path}",
+                                            "type": "MethodNotAllowedError", "param": None, "code": 405}},
+                            {"Allow": ", ".join(allowed)})
+        else:
+            self._error(404, f"no route {path}", "NotFoundError")
 
     # ------------------------------------------------------------------ generation
 

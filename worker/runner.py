@@ -22,7 +22,7 @@ class WorkerOptions:
     events_endpoint: str = "tcp://127.0.0.1:0"
     events_dial: bool = False
     replay_endpoint: str | None = "tcp://127.0.0.1:0"
-    topic: str | None = None
+    topic: str = ""  # vLLM's default (worker/emulated.py)
     advertise_host: str = "127.0.0.1"
     profile: str = "simple"
     model: str = "kvr-emulated"
@@ -34,6 +34,7 @@ class WorkerOptions:
     num_gpu_blocks: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None  # None: the profile's (vLLM's --max-model-len)
     no_prefix_caching: bool = False
     http_port: int | None = None
     http_host: str = "127.0.0.1"
@@ -61,7 +62,7 @@ class WorkerOptions:
                                reorder_rate=self.fault_reorder, delay_rate=self.fault_delay,
                                delay_ms=self.fault_delay_ms)
         overrides = {}
-        for name in ("num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) is not None:
                 overrides[name] = getattr(self, name)
         if self.block_size is not None:
@@ -124,6 +125,20 @@ class WorkerRunner:
     @property
     def http_url(self) -> str | None:
         return None if self.http is None else self.http.url
+
+    def bound_endpoints(self) -> dict[str, str | None]:
+        """Every socket this worker listens on, ports resolved (``None``: not bound): the KV-event
+        PUB and replay ROUTER of each data-parallel rank (``events``, ``replay``; rank r > 0 as
+        ``events.r``, ``replay.r``) and the HTTP API."""
+        ranks = getattr(self.backend, "ranks", [self.backend])
+        out: dict[str, str | None] = {}
+        for rank, backend in enumerate(ranks):
+            suffix = f".{rank}" if rank else ""
+            pub = backend.publisher
+            out[f"events{suffix}"] = None if self.options.events_dial else pub.endpoint
+            out[f"replay{suffix}"] = pub.replay_endpoint
+        out["http"] = self.http_url
+        return out
 
     def _every(self, period_s: float, action, name: str) -> None:
         def loop() -> None:
