@@ -12,8 +12,8 @@ import pytest
 
 from bus import names
 from cli.bind import tcp_endpoint
-from cli.main import main
 from monitor.cluster import ClusterConfig, LocalCluster
+from tests.cli.parse import dry_parse
 
 yaml = pytest.importorskip("yaml")  # in the test extra; skip only where it is not installed
 
@@ -28,14 +28,6 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def compose_vllm() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.vllm.yml").read_text())
-
-
-def dry_parse(args: list[str]) -> click.Context:
-    """Parse ``kvr <args>`` like the CLI would, without running anything (raises click.UsageError)."""
-    group_ctx = main.make_context("kvr", list(args), resilient_parsing=False)
-    rest = [*group_ctx._protected_args, *group_ctx.args]
-    name, cmd, sub_args = main.resolve_command(group_ctx, rest)
-    return cmd.make_context(name, sub_args, parent=group_ctx)
 
 
 def option_names(args: list[str]) -> list[str]:

@@ -118,3 +118,74 @@ def test_streaming_chat_sends_sse_chunks_then_done(stack):
     assert status == 200 and "kvr_router_workers 1" in text
     assert 'kvr_router_target_indexed_blocks{worker="w1",dp_rank="0",confidence="fresh"}' in text
 
+
+
+def _request(front: RouterHttpFront, method: str, path: str, body: bytes | None = None):
+    host, port = front.server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request(method, path, body=body)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), data
+
+
+def test_models_lists_the_served_names_the_unknown_model_error_names(stack):
+    """One definition: /v1/models lists the model names the workers registered (then the front's
+    alias), and an unknown model's error lists the same served names."""
+    ctx, svc, front, workers = stack
+    w = FakeWorker(ctx, svc.workers_endpoint, "w1")  # registers model "m"
+    workers.append(w)
+    w.hello()
+    wait_for(lambda: svc.stats.get("models") == ["m"], workers)
+    status, data = _get(front, "/v1/models")
+    assert status == 200 and [c["id"] for c in json.loads(data)["data"]] == ["m"]  # the alias "m" is not repeated
+    status, _, data = _serve_while(workers, lambda: _post(front, "/v1/completions",
+                                                          {"prompt": [1, 2, 3], "max_tokens": 1, "model": "other"}))
+    error = json.loads(data)["error"]
+    assert (status, error["type"]) == (404, "unknown_model")
+    assert error["message"].endswith("(served: m)")
+    status, _, data = _serve_while(workers, lambda: _post(front, "/v1/completions",
+                                                          {"prompt": [1, 2, 3], "max_tokens": 1}))
+    assert status == 200 and json.loads(data)["model"] == "m"  # no model asked: the one served
+
+
+def test_an_alias_is_listed_after_the_served_names(stack):
+    ctx, svc, _, workers = stack
+    front = RouterHttpFront(client_endpoint=connectable(svc.clients_endpoint), model="kvr", stats=lambda: svc.stats,
+                            ctx=ctx, request_timeout_s=10)
+    front.start()
+    try:
+        assert [c["id"] for c in json.loads(_get(front, "/v1/models")[1])["data"]] == ["kvr"]  # no workers yet
+        w = FakeWorker(ctx, svc.workers_endpoint, "w1")
+        workers.append(w)
+        w.hello()
+        wait_for(lambda: svc.stats.get("models") == ["m"], workers)
+        assert [c["id"] for c in json.loads(_get(front, "/v1/models")[1])["data"]] == ["m", "kvr"]
+    finally:
+        front.close()
+    unaliased = RouterHttpFront(client_endpoint=connectable(svc.clients_endpoint), stats=lambda: {}, ctx=ctx)
+    unaliased.start()
+    try:
+        assert json.loads(_get(unaliased, "/v1/models")[1])["data"] == []  # nothing served, nothing listed
+    finally:
+        unaliased.close()
+
+
+@pytest.mark.parametrize("method,path,allow", [
+    ("GET", "/v1/completions", "POST"), ("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET"),
+    ("POST", "/health", "GET"), ("PUT", "/v1/completions", "POST"), ("DELETE", "/metrics", "GET"),
+])
+def test_a_known_path_under_another_method_is_405_with_allow(stack, method, path, allow):
+    _, _, front, _ = stack
+    status, headers, data = _request(front, method, path, b"{}" if method in ("POST", "PUT") else None)
+    assert (status, headers["Allow"]) == (405, allow)
+    assert json.loads(data)["error"] == {"message": f"method {method} not allowed on {path}",
+                                         "type": "MethodNotAllowedError", "param": None, "code": 405}
+
+
+def test_an_unknown_path_is_404_under_any_method(stack):
+    _, _, front, _ = stack
+    for method in ("GET", "POST", "PUT"):
+        status, headers, _ = _request(front, method, "/v1/nowhere", b"{}" if method != "GET" else None)
+        assert status == 404 and "Allow" not in headers

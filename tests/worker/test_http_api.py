@@ -156,3 +156,24 @@ def test_odd_fields_never_break_the_server(worker) -> None:
     assert status == 400 and "token ids" in json.loads(text)["error"]["message"]
     status, _, _ = call(worker, "POST", "/v1/chat/completions", {"model": "m", "messages": "hi"})
     assert status == 400
+
+
+@pytest.mark.parametrize("method,path,allow", [
+    ("GET", "/v1/completions", "POST"), ("GET", "/v1/chat/completions", "POST"), ("GET", "/tokenize", "POST"),
+    ("POST", "/v1/models", "GET"), ("POST", "/health", "GET"), ("PUT", "/v1/completions", "POST"),
+    ("DELETE", "/v1/models", "GET"),
+])
+def test_a_known_path_under_another_method_is_405_with_allow(worker, method, path, allow) -> None:
+    status, text, headers = call(worker, method, path, {} if method in ("POST", "PUT") else None)
+    assert (status, headers["Allow"]) == (405, allow)
+    assert json.loads(text)["error"] == {"message": f"method {method} not allowed on {path}",
+                                         "type": "MethodNotAllowedError", "param": None, "code": 405}
+    status, _, headers = call(worker, method, "/v1/nowhere", {} if method in ("POST", "PUT") else None)
+    assert status == 404 and "Allow" not in headers
+
+
+def test_detokenize_outside_the_vocabulary_is_a_400(worker) -> None:
+    from core.tokenizer import BUILTIN_VOCAB_SIZE
+
+    status, text, _ = call(worker, "POST", "/detokenize", {"tokens": [1, BUILTIN_VOCAB_SIZE]})
+    assert status == 400 and str(BUILTIN_VOCAB_SIZE) in json.loads(text)["error"]["message"]
