@@ -52,12 +52,26 @@ class RequestResult:
         return self.completion is not None or self.error is not None
 
     @property
+    def answered(self) -> bool:
+        """The router said something about it (Routed, a token, the end): it is listening."""
+        return self.routed is not None or self.first_token_s is not None or self.done
+
+    @property
     def ttft_s(self) -> float | None:
         return None if self.first_token_s is None else self.first_token_s - self.sent_s
 
     @property
     def e2e_s(self) -> float | None:
         return None if self.finished_s is None else self.finished_s - self.sent_s
+
+
+class NoRouterReply(TimeoutError):
+    """Not a word from the router within the first-reply timeout: nothing listens at the endpoint,
+    the router refused this client (CURVE), or it is wedged. ``connected``: a session was up."""
+
+    def __init__(self, message: str, *, connected: bool) -> None:
+        super().__init__(message)
+        self.connected = connected
 
 
 class RouterClient:
@@ -76,6 +90,7 @@ class RouterClient:
         # counts: a refused CURVE handshake never reached the router and loses nothing.
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._session_up = False
+        self.endpoint = endpoint
         self._sock.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -184,14 +199,30 @@ class RouterClient:
             result.finished_s = now
         return result
 
-    def generate(self, request: GenerateRequest, *, timeout_s: float = 60.0) -> RequestResult:
-        """Send one request and wait for its terminal reply (or raise TimeoutError)."""
-        self.send(request)
-        deadline = time.monotonic() + timeout_s
+    def generate(self, request: GenerateRequest, *, timeout_s: float = 60.0,
+                 first_reply_timeout_s: float | None = None) -> RequestResult:
+        """Send one request and wait for its terminal reply (or raise TimeoutError).
+
+        ``first_reply_timeout_s``: give up early, with :class:`NoRouterReply`, when the router has
+        not answered at all by then. A router answers every request at once (``Routed`` or an
+        error), so this fails fast on a missing router while ``timeout_s`` bounds long generations.
+        """
+        result = self.send(request)
+        now = time.monotonic()
+        deadline = now + timeout_s
+        first_deadline = None if first_reply_timeout_s is None else now + first_reply_timeout_s
         while time.monotonic() < deadline:
-            for result in self.poll(50):
-                if result.request_id == request.request_id:
-                    return result
+            for done in self.poll(50):
+                if done.request_id == request.request_id:
+                    return done
+            if first_deadline is not None and not result.answered and time.monotonic() > first_deadline:
+                self.pending.pop(request.request_id, None)
+                if self._session_up:
+                    why = "it accepted the connection but has not answered"
+                else:
+                    why = "nothing accepted the connection (no router listening there, or it refused this client's CURVE key)"
+                raise NoRouterReply(f"no reply from a router at {self.endpoint} within {first_reply_timeout_s:g} s: {why}",
+                                    connected=self._session_up)
         self.pending.pop(request.request_id, None)
         raise TimeoutError(f"no terminal reply for {request.request_id} within {timeout_s} s")
 

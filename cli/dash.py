@@ -6,24 +6,35 @@ import time
 
 import click
 
-DEFAULT_SOURCE = "http://127.0.0.1:9470/json?light=1"
+#: What the dashboard reads of a monitor: its dump, without the raw samples.
+JSON_PATH = "/json?light=1"
 
 
 @click.command("dash")
-@click.option("--source", default=DEFAULT_SOURCE, show_default=True, envvar="KVR_MONITOR_URL",
-              help="The monitor's /json URL (?light=1 skips the raw samples), or a dump file.")
+@click.option("--source", default=None, envvar="KVR_MONITOR_URL",
+              help=f"The monitor's /json URL (?light=1 skips the raw samples), or a dump file "
+                   f"(default: the running `kvr up`'s monitor, <monitor>{JSON_PATH}).")
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and tests).")
 @click.option("--interval", "interval_s", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--width", type=int, default=None, help="Console width (default: the terminal's).")
-def dash_cmd(source: str, once: bool, interval_s: float, width: int | None) -> None:
+def dash_cmd(source: str | None, once: bool, interval_s: float, width: int | None) -> None:
     """Hit rate, latency by cache status, per-worker load and index health, recent requests, incidents."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
 
+    from cli.up import DEFAULT_MONITOR_PORT
+    from cli.user_state import NoClusterError, require_cluster
     from monitor.dashboard import fetch_dump, render_dashboard
     from monitor.dump import DumpError
 
+    if source is None:
+        compose = f"http://127.0.0.1:{DEFAULT_MONITOR_PORT}{JSON_PATH}"
+        instead = f"--source URL|DUMP (or KVR_MONITOR_URL; docker compose's monitor: {compose})"
+        monitor_url = require_cluster(instead=instead).get("monitor_url")
+        if not monitor_url:
+            raise NoClusterError(f"the running `kvr up` has no monitor (--no-monitor); pass {instead}")
+        source = f"{monitor_url}{JSON_PATH}"
     console = Console(width=width)
 
     def frame():

@@ -16,22 +16,32 @@ from cli.options import namespace_option, redis_url_option
 @namespace_option
 @click.option("--top", type=int, default=10, show_default=True, help="How many hottest prefixes to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def inspect_cmd(redis_url: str, namespace: str, top: int, as_json: bool) -> None:
-    """Show what Redis holds for NAMESPACE: workers, per-target seq/epoch/lag and blocks, shared prefixes."""
+@click.pass_context
+def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as_json: bool) -> None:
+    """Show what Redis holds for NAMESPACE: workers, per-target seq/epoch/lag and blocks, shared prefixes.
+
+    Without --redis-url (or KVR_REDIS_URL) it reads the running `kvr up`'s Redis, and its
+    namespace unless --namespace is given.
+    """
     import redis
     from rich.console import Console
     from rich.table import Table
 
     from monitor.inspect import inspect_state
+    from cli.router import redact_url
+    from cli.user_state import require_cluster
     from router.mirror import make_redis_client
 
     if not redis_url:
-        raise click.UsageError("--redis-url (or KVR_REDIS_URL) is required; `kvr up` prints it and writes it to cluster.json")
+        cluster = require_cluster(instead="--redis-url URL (or KVR_REDIS_URL)")
+        redis_url = cluster["redis_url"]
+        if ctx.get_parameter_source("namespace") is click.core.ParameterSource.DEFAULT:
+            namespace = cluster.get("namespace", namespace)
     client = make_redis_client(redis_url, timeout_s=2.0)
     try:
         state = inspect_state(client, namespace=namespace, now_s=time.time(), top=top)
     except (redis.RedisError, OSError) as exc:
-        raise click.ClickException(f"cannot read {redis_url}: {exc}") from None
+        raise click.ClickException(f"cannot read {redact_url(redis_url)}: {exc}") from None
     finally:
         client.close()
     if as_json:

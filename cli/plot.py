@@ -17,13 +17,22 @@ def _load(paths):
 
 
 @click.command("plot")
-@click.argument("dump", type=click.Path(dir_okay=False))
+@click.argument("dump", type=click.Path(dir_okay=False), required=False)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Directory for the PNGs (default: <dump name>-plots next to the dump).")
-def plot_cmd(dump: str, out_dir: str | None) -> None:
-    """Latency, hit-rate, recovery, block-utilisation, cache-status and worker-load PNGs of one dump."""
+def plot_cmd(dump: str | None, out_dir: str | None) -> None:
+    """Latency, hit-rate, recovery, block-utilisation, cache-status and worker-load PNGs of one dump.
+
+    Without DUMP: the running `kvr up`'s monitor.json (written every few seconds). A stopped
+    `kvr up` keeps its run (RUN_DIR/monitor.json) under the state dir's runs/.
+    """
+    from cli.user_state import NoClusterError, require_cluster, runs_dir
     from monitor.plots import plot_run
 
+    if dump is None:
+        dump = require_cluster(instead=f"DUMP (a stopped `kvr up` keeps RUN_DIR/monitor.json under {runs_dir()})").get("dump")
+        if not dump:
+            raise NoClusterError("the running `kvr up` has no monitor (--no-monitor), so no dump; pass DUMP")
     (data,) = _load([dump])
     out = Path(out_dir) if out_dir else Path(dump).with_name(Path(dump).stem + "-plots")
     for name, path in plot_run(data, out).items():

@@ -15,7 +15,9 @@ import uuid
 
 import click
 
-DEFAULT_ROUTER = "tcp://127.0.0.1:5555"
+#: Seconds to wait for the router's first reply: it answers every request at once (Routed or an
+#: error), so silence this long means nothing is listening (or it refused this client).
+DEFAULT_CONNECT_TIMEOUT_S = 3.0
 
 
 def describe(result) -> str:
@@ -45,14 +47,17 @@ def _parse_tokens(text: str) -> list[int]:
 
 @click.command("send")
 @click.argument("prompt", required=False)
-@click.option("--router", "endpoint", default=DEFAULT_ROUTER, show_default=True, envvar="KVR_ROUTER",
-              help="The router's client endpoint.")
+@click.option("--router", "endpoint", default=None, envvar="KVR_ROUTER",
+              help="The router's client endpoint (default: the running `kvr up`'s, from its state file).")
 @click.option("--tokens", default=None, help="Send these token ids instead of a text prompt ('1,2,3').")
 @click.option("--max-tokens", type=int, default=16, show_default=True)
 @click.option("--model", default=None)
 @click.option("--worker", "worker_id", default=None, help="Bypass the policy and use this worker.")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Send the same request this many times.")
-@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True,
+              help="Seconds for a whole request (a long generation included).")
+@click.option("--connect-timeout", "connect_timeout_s", type=float, default=DEFAULT_CONNECT_TIMEOUT_S, show_default=True,
+              help="Seconds to wait for the router's first reply; none by then = no router there: exit 1.")
 @click.option("-i", "--interactive", is_flag=True, help="Read prompts from stdin, one per line.")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Interactive: each prompt carries the conversation so far (its prefix is reusable).")
@@ -60,15 +65,25 @@ def _parse_tokens(text: str) -> list[int]:
 @click.option("--curve-dir", default=None, envvar="KVR_CURVE_DIR", type=click.Path(file_okay=False),
               help="CURVE keys (kvr keys): dial a router started with --curve-dir (docs/security.md).")
 @click.option("--curve-key", default="client", show_default=True, help="Name of this client's key pair in --curve-dir.")
-def send_cmd(prompt: str | None, endpoint: str, tokens: str | None, max_tokens: int, model: str | None,
-             worker_id: str | None, repeat: int, timeout_s: float, interactive: bool, chat: bool, show_text: bool,
-             curve_dir: str | None = None, curve_key: str = "client") -> None:
-    """Send PROMPT to the router and print where it went, what was cached and how long it took."""
-    from bus.client import RouterClient
+def send_cmd(prompt: str | None, endpoint: str | None, tokens: str | None, max_tokens: int, model: str | None,
+             worker_id: str | None, repeat: int, timeout_s: float, connect_timeout_s: float, interactive: bool,
+             chat: bool, show_text: bool, curve_dir: str | None = None, curve_key: str = "client") -> None:
+    """Send PROMPT to the router and print where it went, what was cached and how long it took.
+
+    Without --router (or KVR_ROUTER) it sends to the running `kvr up` (with its CURVE keys when it
+    was started with --curve). Exit code: 0, 1 when a request failed or no router answered within
+    --connect-timeout, 2 when there is no router to send to.
+    """
+    from bus.client import NoRouterReply, RouterClient
     from bus.schema import GenerateRequest
+    from cli.user_state import require_cluster
 
     if not interactive and prompt is None and tokens is None:
         raise click.UsageError("give a PROMPT, --tokens, or -i for an interactive session")
+    if endpoint is None:
+        cluster = require_cluster(instead="--router ENDPOINT (or KVR_ROUTER)")
+        endpoint = cluster["client_endpoint"]
+        curve_dir = curve_dir or cluster.get("curve_dir")
     session = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
     counter = itertools.count(1)
     failures = 0
@@ -76,7 +91,7 @@ def send_cmd(prompt: str | None, endpoint: str, tokens: str | None, max_tokens: 
     def one(text: str | None, ids: list[int] | None) -> object:
         req = GenerateRequest(request_id=f"send-{session}-{next(counter)}", prompt=text, token_ids=ids,
                               max_tokens=max_tokens, model=model, worker_id=worker_id)
-        return client.generate(req, timeout_s=timeout_s)
+        return client.generate(req, timeout_s=timeout_s, first_reply_timeout_s=min(connect_timeout_s, timeout_s))
 
     curve = None
     if curve_dir:
@@ -92,6 +107,8 @@ def send_cmd(prompt: str | None, endpoint: str, tokens: str | None, max_tokens: 
             for _ in range(repeat):
                 try:
                     result = one(None if ids is not None else prompt, ids)
+                except NoRouterReply as exc:
+                    raise click.ClickException(str(exc)) from None
                 except TimeoutError as exc:
                     raise click.ClickException(f"{exc} (is a router listening on {endpoint}?)") from None
                 click.echo(describe(result))

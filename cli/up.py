@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
 
 import click
 
@@ -31,7 +32,8 @@ DEFAULT_MONITOR_PORT = 9470
 @click.option("--speedup", type=float, default=1.0, show_default=True, help="Run the emulated engines this much faster.")
 @click.option("--block-size", type=int, default=16, show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Logs, dump and cluster.json (default: a new temp dir).")
+              help="Logs, monitor.json and cluster.json (default: a new STATE/runs/up-<time>-<pid>, kept after "
+                   "the stop; the newest 10 are kept).")
 @click.option("--client-port", type=int, default=DEFAULT_CLIENT_PORT, show_default=True, help="Router client port (0: any).")
 @click.option("--worker-port", type=int, default=DEFAULT_WORKER_PORT, show_default=True, help="Router worker port (0: any).")
 @click.option("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, show_default=True, help="Router metrics PUB port (0: any).")
@@ -42,7 +44,8 @@ DEFAULT_MONITOR_PORT = 9470
 @click.option("--worker-arg", "worker_args", multiple=True, help="Extra argument for every `kvr worker` (repeatable).")
 @click.option("--curve", is_flag=True,
               help="ZMQ CURVE on the bus: keys generated into RUN_DIR/keys, router and workers authenticated "
-                   "(docs/security.md); clients need `kvr send --curve-dir RUN_DIR/keys`.")
+                   "(docs/security.md); `kvr send` finds the client key through the state file (elsewhere: "
+                   "--curve-dir RUN_DIR/keys).")
 @click.pass_context
 def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, namespace: str, policy: str, profile: str,
            speedup: float, block_size: int, run_dir: str | None, client_port: int, worker_port: int, metrics_port: int,
@@ -50,20 +53,26 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
            worker_args: tuple[str, ...], curve: bool = False) -> None:
     """Start Redis, the router, WORKERS workers and the monitor; Ctrl-C stops them all.
 
+    \b
+    Once ready it records itself in STATE/current.json (STATE: $KVR_STATE_DIR, else
+    $XDG_STATE_HOME/kvr, else ~/.local/state/kvr; mode 0600), so `kvr send`, `kvr dash`,
+    `kvr inspect` and `kvr plot` find it without flags; the file is removed at the stop.
+    The run directory (logs/, monitor.json, cluster.json) is kept after the stop, failed or
+    not: without --run-dir it is STATE/runs/up-<time>-<pid>, and the newest 10 are kept.
+
     Exit code: 0 after a clean stop; 10 Redis, 11 router, 12 a worker, 13 the monitor failed
     (its log's last lines are printed).
     """
+    from cli import user_state
+    from cli.router import redact_url
     from monitor.cluster import ClusterConfig, LocalCluster
     from monitor.supervisor import ComponentFailed
 
+    run_dir = run_dir or str(user_state.new_run_dir("up"))
     keys_dir = None
     if curve:
-        import tempfile
-        from pathlib import Path
-
         from bus.security import SecurityError, generate_keys
 
-        run_dir = run_dir or tempfile.mkdtemp(prefix="kvr-run-")
         keys_dir = Path(run_dir) / "keys"
         try:
             generate_keys(keys_dir)
@@ -82,10 +91,12 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    logs = cluster.run_dir / "logs"
     try:
         cluster.start()
     except ComponentFailed as exc:
         click.echo(f"kvr up: {exc}", err=True)
+        click.echo(f"kvr up: logs in {logs}", err=True)
         ctx.exit(cluster.exit_code())
     info = {
         "client_endpoint": cluster.client_endpoint,
@@ -96,22 +107,25 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         "redis_kind": cluster.redis_kind,
         "namespace": namespace,
         "workers": cluster.worker_ids,
-        "run_dir": str(cluster.run_dir),
-        "dump": str(cluster.dump_path) if not no_monitor else None,
+        "run_dir": str(cluster.run_dir.resolve()),
+        "cluster_json": str((cluster.run_dir / "cluster.json").resolve()),
+        "dump": str(cluster.dump_path.resolve()) if not no_monitor else None,
+        "logs": str(logs.resolve()),
+        "pid": os.getpid(),
         "pids": {name: cluster.supervisor.pid(name) for name in cluster.supervisor.names},
-        "curve_dir": str(keys_dir) if keys_dir else None,
+        "curve_dir": str(keys_dir.resolve()) if keys_dir else None,
     }
-    (cluster.run_dir / "cluster.json").write_text(json.dumps(info, indent=2) + "\n")
-    from cli.router import redact_url
-
-    click.echo(f"kvr cluster ready: {workers} workers, redis {redact_url(cluster.redis_url)} ({cluster.redis_kind})")
-    curve_flag = f" --curve-dir {keys_dir}" if keys_dir else ""
-    click.echo(f"  send:  kvr send --router {cluster.client_endpoint}{curve_flag} 'hello'")
-    if not no_monitor:
-        click.echo(f"  watch: kvr dash --source '{cluster.monitor_url}/json?light=1'    (Prometheus: {cluster.monitor_url}/metrics)")
-    click.echo(f"  logs:  {cluster.run_dir / 'logs'}    Ctrl-C stops everything", nl=True)
-    code = 0
+    # cluster.json and current.json hold the Redis URL (maybe with its password): 0600 both.
+    user_state.write_private_json(Path(info["cluster_json"]), info)
     try:
+        previous = user_state.running_cluster()
+    except user_state.NoCluster:
+        previous = None
+    state_path = user_state.publish(info)
+    try:
+        click.echo(ready_message(info, workers=workers, state_path=state_path, masked_redis=redact_url(cluster.redis_url),
+                                 previous_pid=previous["pid"] if previous else None))
+        code = 0
         while not stop.wait(0.5):
             try:
                 cluster.check()
@@ -121,8 +135,41 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
                 break
     finally:
         codes = cluster.stop()
-        click.echo("kvr cluster stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()), err=True)
+        user_state.withdraw()
+        click.echo("kvr cluster stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items())
+                   + f"; run dir kept: {info['run_dir']}", err=True)
     ctx.exit(code)
+
+
+def ready_message(info: dict, *, workers: int, state_path: Path, masked_redis: str, previous_pid: int | None) -> str:
+    """What `kvr up` prints once ready: where everything is, and the next commands to try.
+
+    The first line is stable (scripts wait for it); the Redis URL is the masked one.
+    """
+    run_dir = Path(info["run_dir"])
+    lines = [f"kvr cluster ready: {workers} workers, redis {masked_redis} ({info['redis_kind']}), "
+             f"namespace {info['namespace']}"]
+    if previous_pid is not None:
+        lines.append(f"  (another `kvr up`, pid {previous_pid}, is still running; commands now default to this one)")
+    lines += [
+        f"  router:   clients {info['client_endpoint']}, workers {info['worker_endpoint']}, "
+        f"metrics {info['metrics_endpoint']}",
+        f"  monitor:  {info['monitor_url'] or 'off (--no-monitor)'}",
+        f"  run dir:  {run_dir}  (kept after the stop)",
+        f"  found by: {state_path}  (kvr send/dash/inspect/plot use it when given no endpoint)",
+        "try:",
+        '  kvr send "hello"',
+        "  kvr send -i                  # a chat: each turn reuses the conversation's prefix",
+    ]
+    if info["monitor_url"]:
+        lines.append("  kvr dash                     # live dashboard")
+    lines.append("  kvr inspect                  # what Redis holds: workers, index, hottest prefixes")
+    lines.append(f"  redis-cli -u {masked_redis} --scan --pattern 'kvr:{info['namespace']}:*'")
+    if info["monitor_url"]:
+        lines.append(f"  curl -s {info['monitor_url']}/metrics")
+        lines.append(f"  kvr plot {info['dump']}")
+    lines.append(f"logs: {info['logs']}    Ctrl-C stops everything")
+    return "\n".join(lines)
 
 
 COMMANDS = [up_cmd]

@@ -29,6 +29,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bus.redis_server import embedded_redis_argv, free_loopback_port, ping
 from monitor.supervisor import ComponentFailed, ComponentSpec, Supervisor, tail
@@ -70,7 +71,10 @@ class ClusterConfig:
 
 
 def kvr_argv(*args: str, log_level: str = "INFO") -> list[str]:
-    """``kvr <args>`` run by this interpreter (works from a venv, a checkout or a container)."""
+    """``kvr <args>`` run by this interpreter (works from a venv, a checkout or a container).
+
+    Run by :class:`~monitor.supervisor.Supervisor`, which keeps the current directory off the
+    child's ``sys.path`` (a user's ``cli/`` or ``core/`` folder cannot shadow kvr's)."""
     return [sys.executable, "-m", "cli.main", "--log-level", log_level, *args]
 
 
@@ -133,7 +137,10 @@ class LocalCluster:
         return ComponentSpec("redis", "redis", argv, ready=lambda: ping(url))
 
     def router_spec(self) -> ComponentSpec:
+        """The router; a Redis URL with a password goes in its environment, never on a command line
+        (``ps`` and the supervisor's log show command lines)."""
         c = self.config
+        secret = urlsplit(self.redis_url).password is not None
         argv = kvr_argv(
             "router",
             "--bind-clients", self.client_endpoint,
@@ -141,12 +148,13 @@ class LocalCluster:
             "--bind-metrics", self.metrics_endpoint,
             "--policy", c.policy,
             "--block-size", str(c.block_size),
-            "--redis-url", self.redis_url,
+            *([] if secret else ["--redis-url", self.redis_url]),
             "--namespace", c.namespace,
             *c.router_args,
             log_level=c.log_level,
         )
-        return ComponentSpec("router", "router", argv, ready=self._workers_registered)
+        return ComponentSpec("router", "router", argv, ready=self._workers_registered,
+                             env={"KVR_REDIS_URL": self.redis_url} if secret else {})
 
     def worker_spec(self, worker_id: str) -> ComponentSpec:
         """A worker: KV-event PUB, replay ROUTER and vLLM-style HTTP face on free loopback ports (port 0)."""
@@ -213,7 +221,7 @@ class LocalCluster:
                 sup.start(redis_spec)
                 sup.wait_ready("redis", timeout_s=c.ready_timeout_s)
             elif not ping(self.redis_url, timeout_s=2.0):
-                raise ComponentFailed(ComponentSpec("redis", "redis", []), f"at {self.redis_url} does not answer PING",
+                raise ComponentFailed(ComponentSpec("redis", "redis", []), f"at {_redacted(self.redis_url)} does not answer PING",
                                       returncode=None)
             if c.monitor:
                 # First, so it sees the router's first records.
@@ -236,7 +244,7 @@ class LocalCluster:
             raise
         self._started = True
         logger.info("cluster ready in %.1f s: %d workers, redis %s (%s), client %s, monitor %s, logs %s",
-                    time.monotonic() - t0, c.workers, self.redis_url, self.redis_kind, self.client_endpoint,
+                    time.monotonic() - t0, c.workers, _redacted(self.redis_url), self.redis_kind, self.client_endpoint,
                     self.monitor_url if c.monitor else "off", self.run_dir / "logs")
         return self
 
@@ -336,6 +344,13 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password (one definition: ``cli.router.redact_url``)."""
+    from cli.router import redact_url
+
+    return redact_url(url)
 
 
 def _http_ok(url: str) -> bool:

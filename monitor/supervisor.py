@@ -9,6 +9,7 @@ Invariants:
 * :meth:`Supervisor.stop` always returns, within ``stop_timeout_s`` plus a
   SIGKILL round: SIGTERM to every group in reverse start order, then SIGKILL
   to whatever is still alive;
+* Python children never import from the current directory (``PYTHONSAFEPATH``);
 * a child that exits while it should be running is reported by
   :meth:`Supervisor.failed` with its exit code and the tail of its log.
 """
@@ -80,7 +81,10 @@ class Supervisor:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.stop_timeout_s = stop_timeout_s
-        self._base_env = dict(os.environ if base_env is None else base_env)
+        # PYTHONSAFEPATH (Python >= 3.11, like -P): a Python child never puts the current directory
+        # on sys.path, so a folder named like a kvr package (cli/, core/, bus/) where the user runs
+        # `kvr up` cannot shadow kvr's own modules in `python -m cli.main`.
+        self._base_env = {**(os.environ if base_env is None else base_env), "PYTHONSAFEPATH": "1"}
         self._children: list[_Child] = []
         self._stopping = False
 
