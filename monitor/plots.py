@@ -42,8 +42,7 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path)  # laid out by its builder
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -67,16 +66,68 @@ def _nan(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
+def dense_timeline(timeline: dict[str, Any], bucket_s: float) -> dict[str, Any]:
+    """A fold's ``timeline_series`` with every bucket between its first and last.
+
+    The fold keeps only buckets that saw data, so plotting its lists as they are
+    would join points across idle periods. Here a missing bucket has no hit rate
+    and no KV sample (NaN: the line breaks there) and started no requests (0).
+    """
+    ts = timeline.get("t_s") or []
+    if not ts:
+        return {"t_s": [], "token_hit_rate": [], "requests": {}, "kv_usage": {}}
+    first = round(ts[0] / bucket_s)
+    pos = {round(t / bucket_s) - first: k for k, t in enumerate(ts)}
+    n = round(ts[-1] / bucket_s) - first + 1
+
+    def fill(values: list[Any], missing: float) -> list[float]:
+        return [_nan(values[pos[i]]) if i in pos else missing for i in range(n)]
+
+    return {
+        "t_s": [(first + i) * bucket_s for i in range(n)],
+        "token_hit_rate": fill(timeline.get("token_hit_rate", []), math.nan),
+        "requests": {w: fill(v, 0.0) for w, v in (timeline.get("requests") or {}).items()},
+        "kv_usage": {w: fill(v, math.nan) for w, v in (timeline.get("kv_usage") or {}).items()},
+    }
+
+
 def _hit_rate_series(dump: dict[str, Any]) -> tuple[list[float], list[float], list[float]]:
-    """(t, actual, predicted) — the live series if any, else the fold's time buckets."""
+    """(t, actual, predicted): the live series if any, else the fold's time buckets.
+
+    A point without requests (an idle interval) is NaN in both lists, so a line
+    drawn through them breaks there instead of bridging the idle period.
+    """
     t0 = _t0(dump)
-    pts = [p for p in dump.get("series", []) if p.get("window_requests")]
-    if pts:
-        return ([p["t_s"] - t0 for p in pts], [_nan(p["window_hit_rate"]) for p in pts],
-                [_nan(p.get("window_predicted_hit_rate")) for p in pts])
-    tl = dump.get("timeline") or {}
-    t = [v - t0 for v in tl.get("t_s", [])]
-    return t, [_nan(v) for v in tl.get("token_hit_rate", [])], [math.nan] * len(t)
+    series = dump.get("series", [])
+    if any(p.get("window_requests") for p in series):
+        idle = [not p.get("window_requests") for p in series]
+        return ([p["t_s"] - t0 for p in series],
+                [math.nan if i else _nan(p["window_hit_rate"]) for p, i in zip(series, idle)],
+                [math.nan if i else _nan(p.get("window_predicted_hit_rate")) for p, i in zip(series, idle)])
+    tl = dense_timeline(dump.get("timeline") or {}, _bucket_s(dump))
+    return [v - t0 for v in tl["t_s"]], tl["token_hit_rate"], [math.nan] * len(tl["t_s"])
+
+
+def _bucket_s(dump: dict[str, Any]) -> float:
+    """The fold's bucket width; a light dump (no fold) has it as its timeline's smallest step."""
+    width = (dump.get("fold") or {}).get("timeline_bucket_s")
+    if width:
+        return float(width)
+    ts = (dump.get("timeline") or {}).get("t_s") or []
+    return min((b - a for a, b in zip(ts, ts[1:]) if b > a), default=1.0)
+
+
+def _legend_above(ax, handles=None, labels=None, **kw) -> None:
+    """A legend in a row above the axes: it never covers the data."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=max(1, len(handles)),
+              frameon=False, fontsize=8, borderaxespad=0.2, **kw)
+
+
+def _legend_right(ax, **kw) -> None:
+    """A legend to the right of the axes: it never covers the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, **kw)
 
 
 def _cdf(ax, values: Sequence[float], label: str, colour: str) -> None:
@@ -88,7 +139,7 @@ def _cdf(ax, values: Sequence[float], label: str, colour: str) -> None:
 # ----------------------------------------------------------------------------- one run
 
 
-def plot_latency_distribution(dump: dict[str, Any], path: Path) -> Path:
+def latency_distribution_figure(dump: dict[str, Any]):
     plt = _plt()
     fold = MetricsFold.from_dict(dump["fold"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -100,32 +151,34 @@ def plot_latency_distribution(dump: dict[str, Any], path: Path) -> Path:
         _cdf(ax2, fold.e2e_s, "end-to-end", "#e76f51")
         ax2.set_xlabel("latency (ms)")
         ax2.set_ylabel("fraction of requests")
-        ax2.legend(loc="lower right")
+        ax2.legend(loc="lower right")  # a CDF rises to the left of and above this corner
     else:
         _no_data(ax1, "requests")
         _no_data(ax2, "requests")
     ax1.set_title("TTFT distribution")
     ax2.set_title("Latency CDF")
     fig.suptitle(f"{dump['label']}: latency distribution")
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def plot_hit_rate_over_time(dump: dict[str, Any], path: Path) -> Path:
+def hit_rate_over_time_figure(dump: dict[str, Any]):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 4))
     t, actual, predicted = _hit_rate_series(dump)
-    if t:
+    if any(not math.isnan(v) for v in actual):
         ax.plot(t, [100 * v for v in actual], marker=".", color="#2a9d8f", label="token hit rate (engine)")
         if any(not math.isnan(v) for v in predicted):
             ax.plot(t, [100 * v for v in predicted], ls="--", color="#264653", label="predicted (router)")
         ax.set_ylim(-2, 102)
-        ax.legend(loc="lower right")
+        _legend_above(ax)
     else:
         _no_data(ax, "requests")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("hit rate (%)")
-    ax.set_title(f"{dump['label']}: cache hit rate over time")
-    return _save(fig, path)
+    ax.set_title(f"{dump['label']}: cache hit rate over time (gaps: no requests)", pad=22)
+    fig.tight_layout()
+    return fig
 
 
 def _row_name(name: str) -> str:
@@ -134,33 +187,38 @@ def _row_name(name: str) -> str:
     return worker if rank == 0 else name
 
 
-def plot_recovery_timeline(dump: dict[str, Any], path: Path) -> Path:
+def recovery_timeline_figure(dump: dict[str, Any]):
     """Hit rate and errors, the router's index per worker, and event-plane incidents, over time."""
     plt = _plt()
     fig, (ax1, ax_idx, ax2) = plt.subplots(3, 1, figsize=(10, 8), sharex=True,
                                            gridspec_kw={"height_ratios": [2, 1.4, 1.3]})
     t0 = _t0(dump)
     t, actual, predicted = _hit_rate_series(dump)
-    if t:
-        ax1.plot(t, [100 * v for v in actual], color="#2a9d8f", label="hit rate (engine)")
+    has_hits = any(not math.isnan(v) for v in actual)
+    if has_hits:
+        ax1.plot(t, [100 * v for v in actual], marker=".", markersize=4, color="#2a9d8f", label="hit rate (engine)")
         if any(not math.isnan(v) for v in predicted):
             ax1.plot(t, [100 * v for v in predicted], ls="--", color="#264653", label="predicted (router)")
+        ax1.set_ylim(-2, 102)
+    handles, labels = ax1.get_legend_handles_labels()
     series = dump.get("series", [])
     if any(p.get("window_errors") for p in series):
         axe = ax1.twinx()
         axe.bar([p["t_s"] - t0 for p in series], [p.get("window_errors", 0) for p in series],
                 width=0.8 * _step(series), color="#d00000", alpha=0.35, label="errors")
         axe.set_ylabel("errors per interval")
+        more_handles, more_labels = axe.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
     ax1.set_ylabel("hit rate (%)")
-    if t:
-        ax1.legend(loc="lower left")
-    else:
+    if handles:
+        _legend_above(ax1, handles, labels)
+    if not has_hits:
         _no_data(ax1, "requests")
     ti, idx = _per_worker_over_time(dump, "indexed_blocks")
     for w, vals in idx.items():
         ax_idx.plot(ti, vals, label=_row_name(w))
     if idx:
-        ax_idx.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+        _legend_right(ax_idx)
     else:
         _no_data(ax_idx, "index sizes")
     ax_idx.set_ylabel("indexed blocks")
@@ -177,13 +235,14 @@ def plot_recovery_timeline(dump: dict[str, Any], path: Path) -> Path:
     if incidents:
         ax2.set_yticks(range(len(workers)), [w or "(router)" for w in workers])
         ax2.set_ylim(-0.6, len(workers) - 0.4)
-        ax2.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+        _legend_right(ax2)
     else:
         _no_data(ax2, "incidents")
     ax2.set_xlabel("time (s)")
     ax2.set_title("incidents: errors, gaps, replays, resets, restarts, confidence changes", fontsize=9)
     fig.suptitle(f"{dump['label']}: recovery timeline")
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def _step(series: list[dict[str, Any]]) -> float:
@@ -198,42 +257,76 @@ def _per_worker_over_time(dump: dict[str, Any], key: str) -> tuple[list[float], 
     if series:
         workers = sorted({w for p in series for w in p.get(key, {})})
         return [p["t_s"] - t0 for p in series], {w: [_nan(p.get(key, {}).get(w)) for p in series] for w in workers}
-    tl = dump.get("timeline") or {}
+    tl = dense_timeline(dump.get("timeline") or {}, _bucket_s(dump))
     tl_key = {"kv_usage": "kv_usage", "running": "requests"}.get(key)
     if tl_key and tl.get(tl_key):
-        return [v - t0 for v in tl["t_s"]], {w: [_nan(v) for v in vals] for w, vals in tl[tl_key].items()}
+        return [v - t0 for v in tl["t_s"]], tl[tl_key]
     return [], {}
 
 
-def plot_block_utilisation(dump: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+def block_utilisation_series(dump: dict[str, Any]) -> dict[str, Any]:
+    """What the two block-utilisation panels draw, per worker, in one unit where possible.
+
+    * ``in_use_pct``: blocks referenced by running or waiting requests, % of the
+      worker's KV cache (the engine's ``kv_cache_usage``);
+    * ``cached``: blocks holding a cached prefix (the router's index of the
+      worker): in use *or* idle but kept for reuse. In % of the same capacity
+      (``cached_unit == "%"``) when every worker's capacity is known, else in
+      blocks (``cached_unit == "blocks"``).
+
+    With prefix caching a finished request's blocks stay cached but are no longer
+    in use: a cache that is full (right) while little is in use (left) is normal.
+    """
     t, kv = _per_worker_over_time(dump, "kv_usage")
-    for w, vals in kv.items():
-        ax1.plot(t, [100 * v for v in vals], label=w)
-    if kv:
+    t_idx, idx = _per_worker_over_time(dump, "indexed_blocks")
+    live = dump.get("workers", {})
+    capacity = {w: int(live.get(w, {}).get("num_gpu_blocks") or 0) for w in idx}
+    in_pct = bool(idx) and all(capacity.values())
+    cached = {w: [100 * v / capacity[w] for v in vals] for w, vals in idx.items()} if in_pct else idx
+    return {"t_s": t, "in_use_pct": {w: [100 * v for v in vals] for w, vals in kv.items()},
+            "cached_t_s": t_idx, "cached": cached, "cached_unit": "%" if in_pct else "blocks",
+            "capacity_blocks": {w: c for w, c in capacity.items() if c}}
+
+
+def block_utilisation_figure(dump: dict[str, Any]):
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
+    u = block_utilisation_series(dump)
+    workers = sorted(set(u["in_use_pct"]) | set(u["cached"]))
+    colour = {w: f"C{k % 10}" for k, w in enumerate(workers)}  # one colour per worker in both panels
+    for w, vals in u["in_use_pct"].items():
+        ax1.plot(u["t_s"], vals, color=colour[w], label=w)
+    if u["in_use_pct"]:
         ax1.set_ylim(-2, 102)
-        ax1.legend(fontsize=8)
     else:
         _no_data(ax1, "load samples")
     ax1.set_xlabel("time (s)")
-    ax1.set_ylabel("KV blocks in use (%)")
-    ax1.set_title("block utilisation per worker")
-    t, idx = _per_worker_over_time(dump, "indexed_blocks")
-    for w, vals in idx.items():
-        ax2.plot(t, vals, label=w)
-    if idx:
-        ax2.legend(fontsize=8)
-    else:
+    ax1.set_ylabel("blocks in use (% of the worker's KV cache)")
+    ax1.set_title("in use by running requests", fontsize=10)
+    for w, vals in u["cached"].items():
+        cap = u["capacity_blocks"].get(w)
+        ax2.plot(u["cached_t_s"], vals, color=colour[w], label=f"{w} ({cap} blocks)" if cap else w)
+    if not u["cached"]:
         _no_data(ax2, "index sizes")
+    elif u["cached_unit"] == "%":
+        ax2.set_ylim(-2, max(102, 2 + max((v for vals in u["cached"].values() for v in vals if not math.isnan(v)),
+                                          default=0)))
+        ax2.set_ylabel("blocks cached (% of the worker's KV cache)")
+    else:
+        ax2.set_ylabel("blocks cached (count; capacity not reported)")
     ax2.set_xlabel("time (s)")
-    ax2.set_ylabel("blocks")
-    ax2.set_title("blocks in the router's index per worker")
-    fig.suptitle(f"{dump['label']}: block utilisation over time")
-    return _save(fig, path)
+    ax2.set_title("cached: in use or idle, kept for reuse (router's index)", fontsize=10)
+    if workers:
+        _legend_right(ax2)
+    fig.suptitle(f"{dump['label']}: KV blocks over time: in use vs cached")
+    fig.text(0.5, 0.01, "A finished request's blocks stay cached (right) but leave 'in use' (left): "
+             "a full cache with little in use is normal with prefix caching.",
+             ha="center", va="bottom", fontsize=8, color="#555555")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
 
 
-def plot_latency_by_cache_status(dump: dict[str, Any], path: Path) -> Path:
+def latency_by_cache_status_figure(dump: dict[str, Any]):
     plt = _plt()
     fold = MetricsFold.from_dict(dump["fold"])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -249,47 +342,67 @@ def plot_latency_by_cache_status(dump: dict[str, Any], path: Path) -> Path:
         _no_data(ax, "requests")
     ax.set_ylabel("TTFT (ms)")
     ax.set_title(f"{dump['label']}: TTFT by cache status (box: quartiles, ◆ mean)")
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def plot_worker_load_heatmap(dump: dict[str, Any], path: Path) -> Path:
-    """Requests started per worker per time bucket (the fold's timeline)."""
+def worker_load_grid(dump: dict[str, Any]) -> tuple[list[float], list[str], list[list[float]]]:
+    """(bin edges in s since the run's start, workers, requests started per second per worker and bin).
+
+    Bins are the fold's time buckets with every idle bucket in between, clipped to
+    the run: the first starts at the run's first record (0), the last ends at its
+    last. A clipped bin's rate is over its clipped width, so it compares with the rest.
+    """
+    width = _bucket_s(dump)
+    tl = dense_timeline(dump.get("timeline") or {}, width)
+    if not tl["t_s"] or not tl["requests"]:
+        return [], [], []
+    t0 = _t0(dump)
+    end = max(dump.get("last_record_s") or 0.0, t0)
+    edges = [max(t, t0) - t0 for t in tl["t_s"]]
+    last = tl["t_s"][-1] + width
+    edges.append((min(last, end) if end > tl["t_s"][-1] else last) - t0)
+    workers = sorted(tl["requests"])
+    grid = [[n / max(hi - lo, 1e-9) for n, lo, hi in zip(tl["requests"][w], edges, edges[1:])] for w in workers]
+    return edges, workers, grid
+
+
+def worker_load_heatmap_figure(dump: dict[str, Any]):
+    """Requests started per worker over time (the fold's timeline)."""
     plt = _plt()
-    tl = dump.get("timeline") or {}
-    reqs = tl.get("requests") or {}
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * max(1, len(reqs))))
-    if reqs and tl.get("t_s"):
-        workers = sorted(reqs)
-        grid = [reqs[w] for w in workers]
-        t0 = _t0(dump)
-        ts = tl["t_s"]
-        width = dump["fold"]["timeline_bucket_s"]
+    edges, workers, grid = worker_load_grid(dump)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * max(1, len(workers))))
+    if workers:
         ax.grid(False)
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0,
-                       extent=(ts[0] - t0, ts[-1] - t0 + width, len(workers) - 0.5, -0.5))
+        mesh = ax.pcolormesh(edges, [k - 0.5 for k in range(len(workers) + 1)], grid, cmap="viridis", vmin=0)
+        ax.set_ylim(len(workers) - 0.5, -0.5)
         ax.set_yticks(range(len(workers)), workers)
-        fig.colorbar(im, ax=ax, label=f"requests per {width:g} s")
+        ax.set_xlim(edges[0], edges[-1])
+        fig.colorbar(mesh, ax=ax, label="requests / s")
         ax.set_xlabel("time (s)")
     else:
         _no_data(ax, "requests")
-    ax.set_title(f"{dump['label']}: worker load (requests per bucket)")
-    return _save(fig, path)
+    ax.set_title(f"{dump['label']}: worker load (requests started per s, {_bucket_s(dump):g} s bins)")
+    fig.tight_layout()
+    return fig
 
 
-RUN_PLOTS = {
-    "latency_distribution": plot_latency_distribution,
-    "hit_rate_over_time": plot_hit_rate_over_time,
-    "recovery_timeline": plot_recovery_timeline,
-    "block_utilisation": plot_block_utilisation,
-    "latency_by_cache_status": plot_latency_by_cache_status,
-    "worker_load_heatmap": plot_worker_load_heatmap,
+# Each builds a matplotlib figure of one dump; ``plot_run`` saves them as ``<name>.png``.
+RUN_FIGURES = {
+    "latency_distribution": latency_distribution_figure,
+    "hit_rate_over_time": hit_rate_over_time_figure,
+    "recovery_timeline": recovery_timeline_figure,
+    "block_utilisation": block_utilisation_figure,
+    "latency_by_cache_status": latency_by_cache_status_figure,
+    "worker_load_heatmap": worker_load_heatmap_figure,
 }
+RUN_PLOTS = tuple(RUN_FIGURES)
 
 
 def plot_run(dump: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Every single-run plot of ``dump`` into ``out_dir`` (``<name>.png``)."""
     out_dir = Path(out_dir)
-    return {name: fn(dump, out_dir / f"{name}.png") for name, fn in RUN_PLOTS.items()}
+    return {name: _save(build(dump), out_dir / f"{name}.png") for name, build in RUN_FIGURES.items()}
 
 
 # ----------------------------------------------------------------------------- several runs
@@ -317,6 +430,7 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     ax.set_ylabel("fraction of requests")
     ax.set_title("TTFT CDF by run")
     ax.legend(loc="lower right")
+    fig.tight_layout()
     out["compare_ttft_cdf"] = _save(fig, out_dir / "compare_ttft_cdf.png")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -328,6 +442,7 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     ax.set_ylabel("token hit rate (%)")
     ax.set_title("Cache hit rate over time by run")
     ax.legend(loc="lower right")
+    fig.tight_layout()
     out["compare_hit_rate"] = _save(fig, out_dir / "compare_hit_rate.png")
 
     results = [run_results(d) for d in dumps]
@@ -352,6 +467,7 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     ax2.set_xticks(list(xs), labels)
     ax2.set_ylabel("mean TTFT (ms)")
     ax2.set_title("Mean TTFT (label: token hit rate)")
+    fig.tight_layout()
     out["compare_mean_ttft"] = _save(fig, out_dir / "compare_mean_ttft.png")
     return out
 
