@@ -128,6 +128,19 @@ def _from_offsets(index: int, offsets: tuple[int, ...]) -> tuple[int, int]:
     return length, index - offsets[length]
 
 
+def _piece_ids(piece: str) -> tuple[int, ...]:
+    """One pre-tokenizer piece's ids."""
+    if _WORD.fullmatch(piece):
+        return tuple(_word_ids(piece))
+    if _DIGITS.fullmatch(piece):
+        return (_digits_id(piece),)
+    return tuple(_bytes_ids(piece))
+
+
+_MEMO_PIECE_CHARS = 32  # short pieces (words, punctuation) repeat: memoized; a long run is not kept
+_memo_piece_ids = lru_cache(maxsize=1 << 16)(_piece_ids)
+
+
 @lru_cache(maxsize=1 << 16)
 def _id_text(token_id: int) -> bytes:
     if not 0 <= token_id < BUILTIN_VOCAB_SIZE:
@@ -156,14 +169,9 @@ class BuiltinTokenizer:
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        word, digits = _WORD.fullmatch, _DIGITS.fullmatch
+        memo, limit = _memo_piece_ids, _MEMO_PIECE_CHARS
         for piece in _PIECE.findall(text):
-            if word(piece):
-                ids.extend(_word_ids(piece))
-            elif digits(piece):
-                ids.append(_digits_id(piece))
-            else:
-                ids.extend(_bytes_ids(piece))
+            ids.extend(memo(piece) if len(piece) <= limit else _piece_ids(piece))
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
