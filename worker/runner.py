@@ -108,6 +108,12 @@ class WorkerRunner:
             self.backend = EmulatedDPBackend(config=options.backend_config(), dp_size=options.dp_size, curve=curve)
         else:
             self.backend = EmulatedBackend(config=options.backend_config(), curve=curve)
+        engine = self.backend.engine
+        if options.max_model_len is not None and engine.max_model_len < options.max_model_len:
+            # vLLM refuses to start on this too, rather than serve a shorter length than asked.
+            self.backend.close()
+            raise ValueError(f"--max-model-len {options.max_model_len} is more than the KV cache holds "
+                             f"({engine.max_model_len} tokens): lower it, or raise --num-gpu-blocks")
         self.service = WorkerService(
             backend=self.backend, router_endpoint=router, worker_id=options.worker_id, profile=options.profile,
             heartbeat_interval_s=options.heartbeat_interval, curve=curve,

@@ -119,3 +119,16 @@ def test_max_model_len_is_the_emulated_workers_option() -> None:
     assert result.exit_code == 2
     assert "--max-model-len is for the emulated worker; the vLLM server takes its own" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_max_model_len_over_the_kv_capacity_is_refused_at_start() -> None:
+    from worker.runner import WorkerOptions, WorkerRunner
+
+    # 10 blocks of 16 tokens, one of them vLLM's null block: 144 tokens.
+    runner = WorkerRunner(WorkerOptions(worker_id="w", router_endpoint="none", num_gpu_blocks=10, max_model_len=100))
+    assert runner.backend.engine.max_model_len == 100
+    runner.backend.close()
+    with pytest.raises(ValueError) as err:
+        WorkerRunner(WorkerOptions(worker_id="w", router_endpoint="none", num_gpu_blocks=10, max_model_len=1000))
+    assert str(err.value) == ("--max-model-len 1000 is more than the KV cache holds (144 tokens): lower it, "
+                              "or raise --num-gpu-blocks")
