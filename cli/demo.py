@@ -70,8 +70,10 @@ def _wait_for_monitor(url: str, expected: int, timeout_s: float) -> dict:
               help="Policies to compare, the first is the baseline (repeatable).")
 @click.option("--profile", default="", help="Worker latency profile (default: the worker's).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="kvr-demo", show_default=True,
-              help="Directory for dumps, logs, report.md and plots.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Directory for dumps, logs, report.md and plots (default: a new STATE/runs/demo-<time>-<pid>, "
+                   "the newest 10 kept; STATE: $KVR_STATE_DIR, else $XDG_STATE_HOME/kvr, else ~/.local/state/kvr). "
+                   "Its path is printed.")
 @redis_url_option
 @click.option("--crash-worker-at", "crash_at", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Crash worker-0 (SIGKILL) and restart it when this fraction of requests has finished: "
@@ -83,7 +85,7 @@ def _wait_for_monitor(url: str, expected: int, timeout_s: float) -> dict:
               help="Give up on a run after this many wall-clock seconds.")
 @click.pass_context
 def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float, workload: str, params: tuple[str, ...],
-             policies: tuple[str, ...], profile: str, seed: int, out_dir: str, redis_url: str,
+             policies: tuple[str, ...], profile: str, seed: int, out_dir: str | None, redis_url: str,
              crash_at: float | None, worker_args: tuple[str, ...], plots: bool, run_timeout_s: float) -> None:
     """Bring up a local cluster per policy, drive one workload, print the comparison and write the report."""
     from rich.console import Console
@@ -100,19 +102,22 @@ def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float
     from sim.workload import Poisson, assign_arrivals
     from sim.workloads import make_workload
 
+    from cli.user_state import new_run_dir
+
     console = Console(stderr=True)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     wl_params = {**(DEFAULT_PARAMS if workload == DEFAULT_WORKLOAD else {}), **_parse_params(params)}
     try:
         probe = make_workload(workload, random.Random(seed), wl_params)
     except (KeyError, TypeError, ValueError) as exc:
         raise click.UsageError(f"workload {workload!r}: {exc}") from None
+    # Only once the arguments are known good: a usage error leaves no empty run behind.
+    out = Path(out_dir) if out_dir else new_run_dir("demo")
+    out.mkdir(parents=True, exist_ok=True)
     n_roots = probe.num_roots()
     n_root_requests = sum(len(probe.root_requests(i)) for i in range(n_roots))
     console.print(f"[bold]kvr demo[/bold]: {workload} ({n_root_requests} requests, {wl_params}), "
                   f"{workers} workers, speedup {speedup:g}, {rate_per_s:g} req/s (workload time), "
-                  f"policies {', '.join(policies)}")
+                  f"policies {', '.join(policies)}; output in {out}")
     dumps = []
     code = 0
     with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -162,6 +167,7 @@ def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float
             dumps.append(dump)
             progress.update(task, description=f"{policy}: done ({res.wall_s:.0f} s)")
     if not dumps:
+        console.print(f"output (logs): {out}")
         ctx.exit(code or 1)
     header, rows = table_rows([run_results(d) for d in dumps])
     table = Table(title=f"kvr demo: {workload}, {workers} workers, speedup {speedup:g}")
@@ -177,7 +183,7 @@ def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float
              f"wall-clock at that speedup, as the router measured them.")
     report = write_report(dumps, out, title="kvr demo: cache-blind vs cache-aware routing", notes=notes, plots=plots)
     dump_paths = ", ".join(str(out / f"{d['label']}.json") for d in dumps)
-    console.print(f"report: {report}\ndumps: {dump_paths}")
+    console.print(f"report: {report}\ndumps: {dump_paths}\noutput: {out}")
     ctx.exit(code)
 
 

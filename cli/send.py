@@ -110,7 +110,9 @@ def send_cmd(prompt: str | None, endpoint: str | None, tokens: str | None, max_t
                 except NoRouterReply as exc:
                     raise click.ClickException(str(exc)) from None
                 except TimeoutError as exc:
-                    raise click.ClickException(f"{exc} (is a router listening on {endpoint}?)") from None
+                    # The router answered (else NoRouterReply): the generation is what takes long.
+                    raise click.ClickException(f"{exc}; the router at {endpoint} answered but the request did not "
+                                               "finish (a longer --timeout?)") from None
                 click.echo(describe(result))
                 if show_text and result.text:
                     click.echo(result.text)

@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
+
+from cli.main import main
 
 pytestmark = pytest.mark.integration
 
@@ -39,3 +42,27 @@ def test_demo_compares_policies_and_writes_everything(tmp_path):
     assert report.startswith("# kvr demo: cache-blind vs cache-aware routing")
     assert "| Metric | round_robin | kvr |" in report and "## Run: kvr" in report
     assert "![" not in report and not (out / "plots").exists()
+
+
+def test_demo_without_out_writes_a_fresh_run_under_the_state_dir_and_says_where(tmp_path, state_dir):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "demo", "--workers", "1", "--policy", "kvr",
+         "--speedup", "10", "--rate", "20", "--param", "num_groups=1", "--param", "prompts_per_group=2",
+         "--param", "system_prompt_len=64", "--param", "output_len=2", "--no-plots"],
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+        env={**os.environ, "COLUMNS": "400"},  # rich wraps stderr at 80 columns otherwise
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = (state_dir / "runs").iterdir()
+    assert out.name.startswith("demo-")
+    assert proc.stderr.splitlines()[-1] == f"output: {out}"
+    assert (out / "report.md").exists() and json.loads((out / "kvr.json").read_text())["summary"]["requests"] == 2
+    assert list(cwd.iterdir()) == []  # nothing written where it was started
+
+
+def test_demo_usage_error_leaves_no_run_behind(state_dir):
+    res = CliRunner().invoke(main, ["demo", "--workload", "no-such-workload"])
+    assert res.exit_code == 2
+    assert not (state_dir / "runs").exists()

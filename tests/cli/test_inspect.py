@@ -50,3 +50,26 @@ def test_kvr_inspect_against_real_redis(redis_client, redis_server):
     assert "w0:0" in res.stdout and f"{0xAA:016x}" in res.stdout and "router-1" in res.stdout
     res = runner.invoke(main, ["inspect", "--redis-url", ""], env={"KVR_REDIS_URL": ""})
     assert res.exit_code == 2 and "--redis-url" in res.output
+
+
+@pytest.mark.integration
+def test_kvr_inspect_reads_the_running_clusters_redis_and_namespace(redis_client, redis_server):
+    import os
+
+    from cli import user_state
+    from tests.conftest import free_port
+
+    _populate(redis_client)
+    user_state.publish({"redis_url": redis_server, "namespace": "t", "pid": os.getpid()})
+    runner = CliRunner()
+    res = runner.invoke(main, ["inspect", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [t["blocks"] for t in json.loads(res.stdout)["targets"]] == [2, 3]
+    res = runner.invoke(main, ["inspect", "--json", "--namespace", "other"])  # an explicit namespace wins
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["targets"] == []
+    # So does an explicit URL (here: nothing there), and the error never shows a password.
+    dead = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    res = runner.invoke(main, ["inspect"], env={"KVR_REDIS_URL": dead})
+    assert res.exit_code == 1 and res.output.startswith(f"Error: cannot read {dead.replace('s3cret', '***')}: ")
+    assert "s3cret" not in res.output

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
+import zmq
 from click.testing import CliRunner
 
+from bus.codec import client_decoder, encode
+from bus.schema import Routed
+from cli import user_state
 from cli.main import main
+from cli.send import DEFAULT_CONNECT_TIMEOUT_S
+from tests.cli.parse import dry_parse
 from tests.conftest import free_port
 from tests.monitor.fake_router import ScriptedRouter
 
@@ -47,8 +56,78 @@ def test_interactive_chat_resends_the_history(router):
     assert "history cleared" in res.stdout
 
 
-def test_send_without_a_router_times_out_with_a_hint():
-    res = CliRunner().invoke(main, ["send", "--router", f"tcp://127.0.0.1:{free_port()}", "x", "--timeout", "0.3"])
-    assert res.exit_code == 1 and "is a router listening" in res.output
+def test_send_needs_a_prompt():
     res = CliRunner().invoke(main, ["send"])
     assert res.exit_code == 2
+
+
+def test_a_routed_request_that_does_not_finish_ends_at_the_total_timeout():
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sock.bind(endpoint)
+    stop = threading.Event()
+
+    def answer_routed_only():
+        dec = client_decoder()
+        while not stop.is_set():
+            if sock.poll(50):
+                ident, frame = sock.recv_multipart()
+                req = dec.decode(frame)
+                sock.send_multipart([ident, encode(Routed(req.request_id, "w1", 0, 0, 0, "kvr", ""))])
+
+    thread = threading.Thread(target=answer_routed_only, daemon=True)
+    thread.start()
+    try:
+        # The first reply came, so the connect timeout (shorter) does not end it: the total one does.
+        res = CliRunner().invoke(main, ["send", "--router", endpoint, "x", "--timeout", "1", "--connect-timeout", "0.2"])
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        sock.close()
+        ctx.term()
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: no terminal reply for send-") and res.output.count("\n") == 1
+    assert res.output.endswith(f" within 1.0 s; the router at {endpoint} answered but the request did not finish "
+                               "(a longer --timeout?)\n")
+
+
+def test_send_goes_to_the_running_cluster_unless_told_otherwise(router):
+    user_state.publish({"client_endpoint": router.endpoint, "curve_dir": None, "pid": os.getpid()})
+    res = CliRunner().invoke(main, ["send", "found"])
+    assert res.exit_code == 0, res.output
+    assert [r.prompt for r in router.requests] == ["found"]
+    # A flag or KVR_ROUTER wins over the state file.
+    user_state.publish({"client_endpoint": f"tcp://127.0.0.1:{free_port()}", "curve_dir": None, "pid": os.getpid()})
+    res = CliRunner().invoke(main, ["send", "flag", "--router", router.endpoint])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["send", "env"], env={"KVR_ROUTER": router.endpoint})
+    assert res.exit_code == 0, res.output
+    assert [r.prompt for r in router.requests] == ["found", "flag", "env"]
+
+
+def test_send_with_no_router_fails_at_the_connect_timeout_in_one_line():
+    assert dry_parse(["send", "x"]).params["connect_timeout_s"] == DEFAULT_CONNECT_TIMEOUT_S == 3.0
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    # --timeout is long: only the first-reply timeout can end it.
+    res = CliRunner().invoke(main, ["send", "--router", endpoint, "x", "--timeout", "60", "--connect-timeout", "0.3"])
+    assert res.exit_code == 1
+    assert res.output == (f"Error: no reply from a router at {endpoint} within 0.3 s: nothing accepted the connection "
+                          "(no router listening there, or it refused this client's CURVE key)\n")
+
+
+def test_send_to_a_silent_listener_says_it_accepted_but_did_not_answer():
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sock.bind(endpoint)
+    try:
+        res = CliRunner().invoke(main, ["send", "--router", endpoint, "x", "--timeout", "60", "--connect-timeout", "0.5"])
+    finally:
+        sock.close()
+        ctx.term()
+    assert res.exit_code == 1
+    assert res.output == (f"Error: no reply from a router at {endpoint} within 0.5 s: "
+                          "it accepted the connection but has not answered\n")

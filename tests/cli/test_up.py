@@ -9,12 +9,18 @@ import subprocess
 import sys
 import time
 
+import stat
+from pathlib import Path
+
 import pytest
+from click.testing import CliRunner
 
 from bus.client import RouterClient
 from bus.schema import GenerateRequest
-from monitor.cluster import ClusterConfig, LocalCluster
+from cli.main import main
+from monitor.cluster import ClusterConfig, LocalCluster, kvr_argv
 from monitor.dashboard import fetch_dump
+from monitor.supervisor import ComponentSpec, Supervisor
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -125,3 +131,78 @@ def test_kvr_up_exits_when_a_component_dies(redis_server, tmp_path):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def _shadowing_folder(path: Path) -> Path:
+    """A folder holding packages named like kvr's, as a user's project might."""
+    for pkg in ("cli", "core", "bus"):
+        (path / pkg).mkdir(parents=True)
+        (path / pkg / "__init__.py").write_text('raise SystemExit("shadowed: the cwd is on sys.path")\n')
+        (path / pkg / "main.py").write_text('raise SystemExit("shadowed")\n')
+    return path
+
+
+def test_children_are_not_shadowed_by_folders_in_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(_shadowing_folder(tmp_path / "work"))
+    argv = kvr_argv("--help")
+    # The folder does shadow a plain `python -m cli.main` started there ...
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    plain = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+    assert plain.returncode == 1 and "shadowed: the cwd is on sys.path" in plain.stderr
+    # ... but not the same command run by the supervisor.
+    sup = Supervisor(log_dir=tmp_path / "logs")
+    sup.start(ComponentSpec("kvr", "kvr", argv))
+    assert _until(lambda: sup.failed(), 30)
+    (exited,) = sup.failed()
+    assert exited.returncode == 0, exited.log_tail
+    assert "kvr: a KV-cache-aware router for LLM inference fleets." in (tmp_path / "logs" / "kvr.log").read_text()
+
+
+def test_kvr_up_from_a_shadowing_folder_is_found_through_its_state_file(tmp_path, state_dir):
+    work = _shadowing_folder(tmp_path / "work")
+    # -P: the parent too must not import the folder's cli/ (its children are what is tested).
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "cli.main", "up", "-n", "1", "--redis-kind", "fakeredis", "--speedup", "50",
+         "--client-port", "0", "--worker-port", "0", "--metrics-port", "0", "--monitor-port", "0",
+         "--ready-timeout", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work,
+    )
+    current = state_dir / "current.json"
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("kvr cluster ready: 1 workers, redis redis://127.0.0.1:"), proc.stderr.read()
+        info = json.loads(current.read_text())
+        assert info["pid"] == proc.pid and stat.S_IMODE(current.stat().st_mode) == 0o600
+        run_dir = Path(info["run_dir"])
+        assert run_dir.parent == state_dir / "runs" and run_dir.name.startswith("up-")
+        assert info["cluster_json"] == str(run_dir / "cluster.json") and info["dump"] == str(run_dir / "monitor.json")
+        assert json.loads((run_dir / "cluster.json").read_text()) == info
+        assert stat.S_IMODE((run_dir / "cluster.json").stat().st_mode) == 0o600
+        # No flags: send and inspect find the cluster through the state file.
+        res = CliRunner().invoke(main, ["send", "hello", "--max-tokens", "2"])
+        assert res.exit_code == 0 and res.stdout.startswith("worker worker-0 "), res.output
+        res = CliRunner().invoke(main, ["inspect", "--json"])
+        assert res.exit_code == 0, res.output
+        assert [w["worker_id"] for w in json.loads(res.stdout)["workers"]] == ["worker-0"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        assert '  kvr send "hello"' in out and f"logs: {run_dir / 'logs'}    Ctrl-C stops everything" in out
+        assert not current.exists()  # withdrawn at the stop; the run is kept
+        assert f"; run dir kept: {run_dir}" in proc.stderr.read()
+        assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [
+            "monitor.log", "redis.log", "router.log", "worker-0.log"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_a_redis_password_goes_to_the_routers_environment_not_its_command_line(tmp_path):
+    secret = "redis://:s3cret@127.0.0.1:6379/0"
+    spec = LocalCluster(ClusterConfig(workers=1, redis_url=secret, run_dir=tmp_path)).router_spec()
+    assert not any("s3cret" in a for a in spec.argv) and dict(spec.env) == {"KVR_REDIS_URL": secret}
+    plain = LocalCluster(ClusterConfig(workers=1, redis_url="redis://127.0.0.1:6379/0", run_dir=tmp_path)).router_spec()
+    assert plain.argv[plain.argv.index("--redis-url") + 1] == "redis://127.0.0.1:6379/0" and dict(plain.env) == {}
