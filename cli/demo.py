@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from cli.options import redis_url_option
+from cli.user_state import KEEP_RUNS
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ def _wait_for_monitor(url: str, expected: int, timeout_s: float) -> dict:
 @click.option("--profile", default="", help="Worker latency profile (default: the worker's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Directory for dumps, logs, report.md and plots (default: a new STATE/runs/demo-<time>-<pid>, "
-                   "the newest 10 kept; STATE: $KVR_STATE_DIR, else $XDG_STATE_HOME/kvr, else ~/.local/state/kvr). "
-                   "Its path is printed.")
+              help=f"Directory for dumps, logs, report.md and plots (default: a new STATE/runs/demo-<time>-<pid>, "
+                   f"the newest {KEEP_RUNS} kept; STATE: $KVR_STATE_DIR, else $XDG_STATE_HOME/kvr, else "
+                   "~/.local/state/kvr). Its path is printed.")
 @redis_url_option
 @click.option("--crash-worker-at", "crash_at", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Crash worker-0 (SIGKILL) and restart it when this fraction of requests has finished: "

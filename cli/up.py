@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from cli.options import namespace_option, redis_url_option
+from cli.user_state import KEEP_RUNS
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ DEFAULT_MONITOR_PORT = 9470
 @click.option("--speedup", type=float, default=1.0, show_default=True, help="Run the emulated engines this much faster.")
 @click.option("--block-size", type=int, default=16, show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Logs, monitor.json and cluster.json (default: a new STATE/runs/up-<time>-<pid>, kept after "
-                   "the stop; the newest 10 are kept).")
+              help=f"Logs, monitor.json and cluster.json (default: a new STATE/runs/up-<time>-<pid>, kept after "
+                   f"the stop; older ones are pruned, the newest {KEEP_RUNS} kept).")
 @click.option("--client-port", type=int, default=DEFAULT_CLIENT_PORT, show_default=True, help="Router client port (0: any).")
 @click.option("--worker-port", type=int, default=DEFAULT_WORKER_PORT, show_default=True, help="Router worker port (0: any).")
 @click.option("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, show_default=True, help="Router metrics PUB port (0: any).")
@@ -53,12 +54,10 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
            worker_args: tuple[str, ...], curve: bool = False) -> None:
     """Start Redis, the router, WORKERS workers and the monitor; Ctrl-C stops them all.
 
-    \b
-    Once ready it records itself in STATE/current.json (STATE: $KVR_STATE_DIR, else
-    $XDG_STATE_HOME/kvr, else ~/.local/state/kvr; mode 0600), so `kvr send`, `kvr dash`,
-    `kvr inspect` and `kvr plot` find it without flags; the file is removed at the stop.
-    The run directory (logs/, monitor.json, cluster.json) is kept after the stop, failed or
-    not: without --run-dir it is STATE/runs/up-<time>-<pid>, and the newest 10 are kept.
+    Once ready it records itself in STATE/current.json (mode 0600; STATE is $KVR_STATE_DIR, else
+    $XDG_STATE_HOME/kvr, else ~/.local/state/kvr), so `kvr send`, `kvr dash`, `kvr inspect` and
+    `kvr plot` find it without flags; the file is removed at the stop. The run directory
+    (logs/, monitor.json, cluster.json) is kept after the stop, failed or not: see --run-dir.
 
     Exit code: 0 after a clean stop; 10 Redis, 11 router, 12 a worker, 13 the monitor failed
     (its log's last lines are printed).
