@@ -101,9 +101,10 @@ def worker_cmd(**opts) -> None:
         else:  # --block-size (shared with --engine vllm) sets the emulated engine's block size too
             runner = WorkerRunner(WorkerOptions(block_size=vllm_opts.get("block_size"),
                                                 dp_size=vllm_opts.get("dp_size", 1), **opts))
+    except click.UsageError:
+        raise
     except Exception as exc:  # start-up errors: one clear line, non-zero exit
-        logger.error("worker failed to start: %s", exc)
-        sys.exit(1)
+        raise click.ClickException(f"worker failed to start: {exc}") from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.stop())
     # Bound in the constructors (the HTTP server listens already and serves once run() starts).
