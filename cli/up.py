@@ -114,14 +114,14 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         "pids": {name: cluster.supervisor.pid(name) for name in cluster.supervisor.names},
         "curve_dir": str(keys_dir.resolve()) if keys_dir else None,
     }
-    # cluster.json and current.json hold the Redis URL (maybe with its password): 0600 both.
-    user_state.write_private_json(Path(info["cluster_json"]), info)
     try:
         previous = user_state.running_cluster()
     except user_state.NoCluster:
         previous = None
-    state_path = user_state.publish(info)
     try:
+        # cluster.json and current.json hold the Redis URL (maybe with its password): 0600 both.
+        user_state.write_private_json(Path(info["cluster_json"]), info)
+        state_path = user_state.publish(info)
         click.echo(ready_message(info, workers=workers, state_path=state_path, masked_redis=redact_url(cluster.redis_url),
                                  previous_pid=previous["pid"] if previous else None))
         code = 0
