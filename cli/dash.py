@@ -17,7 +17,9 @@ JSON_PATH = "/json?light=1"
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and tests).")
 @click.option("--interval", "interval_s", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--width", type=int, default=None, help="Console width (default: the terminal's).")
-def dash_cmd(source: str | None, once: bool, interval_s: float, width: int | None) -> None:
+@click.option("--height", type=int, default=None,
+              help="Lines to fit a frame in: the most important panels first (default: the terminal's; --once: no limit).")
+def dash_cmd(source: str | None, once: bool, interval_s: float, width: int | None, height: int | None) -> None:
     """Hit rate, latency by cache status, per-worker load and index health, recent requests, incidents."""
     from rich.console import Console
     from rich.live import Live
@@ -37,9 +39,15 @@ def dash_cmd(source: str | None, once: bool, interval_s: float, width: int | Non
         source = f"{monitor_url}{JSON_PATH}"
     console = Console(width=width)
 
+    def layout() -> dict:
+        # Read on every frame: the terminal may have been resized. Live keeps the cursor on
+        # the line under the frame, so a frame of the terminal's full height would scroll it.
+        live_height = height if height is not None else console.size.height - 1
+        return {"width": console.size.width, "height": height if once else live_height}
+
     def frame():
         try:
-            return render_dashboard(fetch_dump(source))
+            return render_dashboard(fetch_dump(source), **layout())
         except (OSError, ValueError, DumpError) as exc:
             return Text(f"waiting for the monitor at {source}: {exc}", style="yellow")
 
@@ -48,7 +56,7 @@ def dash_cmd(source: str | None, once: bool, interval_s: float, width: int | Non
             data = fetch_dump(source)
         except (OSError, ValueError, DumpError) as exc:
             raise click.ClickException(f"cannot read {source}: {exc}") from None
-        console.print(render_dashboard(data))
+        console.print(render_dashboard(data, **layout()))
         return
     try:
         with Live(frame(), console=console, refresh_per_second=4, screen=False) as live:

@@ -37,7 +37,7 @@ def ttft_cdf(folds: dict[str, MetricsFold], *, title: str = "") -> Figure:
     ax.set_ylabel("fraction of requests")
     ax.set_ylim(0, 1.0)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")  # a CDF rises to the left of and above this corner
     ax.set_title(title or "TTFT CDF per policy")
     fig.tight_layout()
     return fig
@@ -52,22 +52,25 @@ def _cv(values: list[float]) -> float:
 
 def over_time(folds: dict[str, MetricsFold], *, kv_policy: str | None = None, title: str = "") -> Figure:
     """Hit rate and load CV over time per policy; KV usage per worker of ``kv_policy``."""
+    from monitor.plots import dense_timeline
+
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     for name, fold in folds.items():
-        ts = fold.timeline_series()
+        # Idle buckets are NaN (no requests: no hit rate, no load CV), so lines break there.
+        ts = dense_timeline(fold.timeline_series(), fold.timeline_bucket_s)
         axes[0].plot(ts["t_s"], ts["token_hit_rate"], label=name)
         per_bucket = list(zip(*ts["requests"].values())) if ts["requests"] else []
         axes[1].plot(ts["t_s"][: len(per_bucket)], [_cv(list(b)) for b in per_bucket], label=name)
     axes[0].set_ylabel("token hit rate")
-    axes[0].legend(fontsize="small")
+    axes[0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over the data
     axes[1].set_ylabel("load CV (requests/worker)")
     kv_name = kv_policy if kv_policy in folds else next(iter(folds), None)
     if kv_name is not None:
-        ts = folds[kv_name].timeline_series()
+        ts = dense_timeline(folds[kv_name].timeline_series(), folds[kv_name].timeline_bucket_s)
         for worker, series in ts["kv_usage"].items():
             axes[2].plot(ts["t_s"], series, label=worker, linewidth=0.8)
-        axes[2].set_ylabel(f"KV usage ({kv_name})")
-        axes[2].legend(fontsize="x-small", ncol=4)
+        axes[2].set_ylabel(f"KV in use ({kv_name})")
+        axes[2].legend(fontsize="x-small", ncol=1 + len(ts["kv_usage"]) // 12, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[2].set_xlabel("time (s)")
     for ax in axes:
         ax.grid(True, alpha=0.3)
@@ -91,7 +94,7 @@ def rate_sweep(sweep: list[dict[str, Any]], *, title: str = "") -> Figure:
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("TTFT (s)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over the data
     ax.set_title(title or "TTFT vs request rate")
     fig.tight_layout()
     return fig
