@@ -7,12 +7,13 @@ import signal
 
 import click
 
+from bus import names
 from cli.bind import bind_host_option, warn_exposed
 from cli.ready import announce_ready, clear_ready_file, ready_file_option
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METRICS_ENDPOINT = "tcp://127.0.0.1:5557"
+DEFAULT_METRICS_ENDPOINT = f"tcp://127.0.0.1:{names.ROUTER_METRICS_PORT}"
 DEFAULT_HTTP_PORT = 9470
 
 

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from bus import names
 from cli._vllm import make_vllm_runner, split_vllm_options, vllm_options
 from cli.bind import bind_host_option, default_advertise_host, tcp_endpoint, warn_exposed
 from cli.ready import announce_ready, clear_ready_file, ready_file_option
@@ -18,7 +19,8 @@ logger = logging.getLogger(__name__)
 @click.command("worker")
 @vllm_options  # --engine vllm and its options (cli/_vllm.py)
 @click.option("--id", "worker_id", required=True, envvar="KVR_WORKER_ID", help="Worker id (unique in the fleet).")
-@click.option("--router", "router_endpoint", default="tcp://127.0.0.1:5556", show_default=True, envvar="KVR_ROUTER",
+@click.option("--router", "router_endpoint", default=f"tcp://127.0.0.1:{names.ROUTER_WORKERS_PORT}", show_default=True,
+              envvar="KVR_ROUTER",
               help="The router's worker endpoint (kvr router --bind-workers). 'none' runs without a router (HTTP only).")
 @bind_host_option
 @click.option("--events-endpoint", default=None, show_default="tcp://<bind-host>:0",

@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from bus import names
 from bus.publisher import FaultPlan
 from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
 from worker.service import WorkerService
@@ -18,7 +19,7 @@ class WorkerOptions:
     """Everything ``kvr worker`` takes (one field per CLI option)."""
 
     worker_id: str
-    router_endpoint: str | None = "tcp://127.0.0.1:5556"
+    router_endpoint: str | None = f"tcp://127.0.0.1:{names.ROUTER_WORKERS_PORT}"
     events_endpoint: str = "tcp://127.0.0.1:0"
     events_dial: bool = False
     replay_endpoint: str | None = "tcp://127.0.0.1:0"
