@@ -28,7 +28,7 @@ def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as
     from rich.table import Table
 
     from monitor.inspect import inspect_state
-    from cli.router import redact_url
+    from bus.redis_url import redact_url
     from cli.user_state import require_cluster
     from router.mirror import make_redis_client
 

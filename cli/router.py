@@ -8,6 +8,7 @@ import signal
 import click
 
 from bus import names
+from bus.redis_url import redact_url
 from cli.bind import bind_host_option, tcp_endpoint, warn_exposed
 from cli.options import namespace_option, redis_url_option
 from cli.ready import announce_ready, clear_ready_file, ready_file_option
@@ -171,19 +172,6 @@ def bind_addresses(bind_host: str, *, bind_clients: str | None = None, bind_work
             bind_workers if bind_workers is not None else tcp_endpoint(bind_host, names.ROUTER_WORKERS_PORT),
             bind_metrics if bind_metrics is not None else tcp_endpoint(bind_host, names.ROUTER_METRICS_PORT),
             http_host if http_host is not None else bind_host)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def redis_refusal(client) -> str | None:

@@ -63,7 +63,7 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
     (its log's last lines are printed).
     """
     from cli import user_state
-    from cli.router import redact_url
+    from bus.redis_url import redact_url
     from monitor.cluster import ClusterConfig, LocalCluster
     from monitor.supervisor import ComponentFailed
 

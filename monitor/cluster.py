@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bus.redis_server import embedded_redis_argv, free_loopback_port, ping
+from bus.redis_url import redact_url
 from monitor.supervisor import ComponentFailed, ComponentSpec, Supervisor, tail
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class LocalCluster:
                 sup.start(redis_spec)
                 sup.wait_ready("redis", timeout_s=c.ready_timeout_s)
             elif not ping(self.redis_url, timeout_s=2.0):
-                raise ComponentFailed(ComponentSpec("redis", "redis", []), f"at {_redacted(self.redis_url)} does not answer PING",
+                raise ComponentFailed(ComponentSpec("redis", "redis", []), f"at {redact_url(self.redis_url)} does not answer PING",
                                       returncode=None)
             if c.monitor:
                 # First, so it sees the router's first records.
@@ -244,7 +245,7 @@ class LocalCluster:
             raise
         self._started = True
         logger.info("cluster ready in %.1f s: %d workers, redis %s (%s), client %s, monitor %s, logs %s",
-                    time.monotonic() - t0, c.workers, _redacted(self.redis_url), self.redis_kind, self.client_endpoint,
+                    time.monotonic() - t0, c.workers, redact_url(self.redis_url), self.redis_kind, self.client_endpoint,
                     self.monitor_url if c.monitor else "off", self.run_dir / "logs")
         return self
 
@@ -344,13 +345,6 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _redacted(url: str) -> str:
-    """``url`` without its password (one definition: ``cli.router.redact_url``)."""
-    from cli.router import redact_url
-
-    return redact_url(url)
 
 
 def _http_ok(url: str) -> bool:

@@ -41,6 +41,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    """Each test gets its own kvr state dir (``KVR_STATE_DIR``, inherited by the processes it
+    starts): no test reads or clobbers a user's running ``kvr up``, and the ambient endpoint
+    variables that would point commands elsewhere are cleared."""
+    from cli.user_state import STATE_DIR_ENV
+
+    path = tmp_path / "kvr-state"
+    monkeypatch.setenv(STATE_DIR_ENV, str(path))
+    for var in ("KVR_ROUTER", "KVR_REDIS_URL", "KVR_MONITOR_URL", "KVR_NAMESPACE", "KVR_CURVE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    return path
+
+
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)

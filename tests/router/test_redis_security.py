@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from bus.schema import Hello
 from cli.main import main
-from cli.router import redact_url
+from bus.redis_url import redact_url
 from router.mirror import MirrorUnavailable, RedisMirror, make_redis_client
 from tests.conftest import _need_real_service, free_port
 
