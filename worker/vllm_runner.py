@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from bus import names
 from worker.service import WorkerService
 from worker.vllm_backend import VllmBackend, VllmBackendConfig
 
@@ -23,7 +24,7 @@ class VllmWorkerOptions:
     worker_id: str
     vllm_url: str
     kv_events_endpoint: str
-    router_endpoint: str | None = "tcp://127.0.0.1:5555"
+    router_endpoint: str | None = f"tcp://127.0.0.1:{names.ROUTER_WORKERS_PORT}"  # the router's worker port
     replay_endpoint: str | None = None
     topic: str = ""
     dp_size: int = 1
