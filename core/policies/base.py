@@ -12,7 +12,7 @@ is one line a person can read in a DEBUG log.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -99,12 +99,45 @@ class WorkerState(NamedTuple):
     capacity_blocks: int = 0
 
 
+class LazyScores(Mapping):
+    """A decision's per-candidate scores, built on first read.
+
+    A policy has its scores at hand in its own form (a list beside the candidates); turning them
+    into a dict keyed by target costs a hash per candidate on every decision, while only a DEBUG
+    log or a test reads them. ``build`` is called at most once.
+    """
+
+    __slots__ = ("_build", "_dict")
+
+    def __init__(self, build: Callable[[], dict[WorkerKey, float]]) -> None:
+        self._build: Callable[[], dict[WorkerKey, float]] | None = build
+        self._dict: dict[WorkerKey, float] | None = None
+
+    def _scores(self) -> dict[WorkerKey, float]:
+        if self._dict is None:
+            self._dict = self._build()
+            self._build = None  # release the candidates it holds
+        return self._dict
+
+    def __getitem__(self, target: WorkerKey) -> float:
+        return self._scores()[target]
+
+    def __iter__(self) -> Iterator[WorkerKey]:
+        return iter(self._scores())
+
+    def __len__(self) -> int:
+        return len(self._scores())
+
+    def __repr__(self) -> str:
+        return repr(self._scores())
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """A policy's answer, with its explanation."""
 
     target: WorkerKey
-    scores: dict[WorkerKey, float]
+    scores: Mapping[WorkerKey, float]  # a dict, or a LazyScores
     reason: str
     policy: str
     score_unit: str = "cost"

@@ -54,7 +54,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from core.policies.base import (
-    Decision, LatencyModel, LinearPrefillModel, RouteRequest, WorkerState, decode_blocks_estimate,
+    Decision, LatencyModel, LazyScores, LinearPrefillModel, RouteRequest, WorkerState, decode_blocks_estimate,
 )  # fmt: skip
 from core.prefix_index import Confidence, WorkerKey
 
@@ -126,12 +126,32 @@ class KvrPolicy:
         return max(self.load_factor * mean, mean + self.min_slack)
 
     def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
-        # One pass over the fleet (tuple indexing: this loop is the cost of a 512-worker decision).
-        # Candidates alike in (overlap, confidence, queue) share one prediction, so a large, mostly
-        # idle fleet costs a handful of latency-model calls. The load bound needs the fleet's total,
-        # so the best candidate is found first and checked against the bound afterwards.
-        memo: dict[tuple, tuple[float, float, int, float]] = {}
-        scores: dict[WorkerKey, float] = {}
+        # One pass over the fleet, tuple indexing only: this loop is the cost of a 512-worker
+        # decision. It computes exactly ``predict(...)[3]`` per candidate (same operations, same
+        # order, so the same floats; ``tests/core/test_policy_equivalence.py`` pins it against
+        # the plain per-candidate version), sharing work between candidates:
+        # * the part of the score that depends only on (cached tokens, queued prefill) is memoised:
+        #   a large, mostly idle fleet costs a handful of latency-model calls;
+        # * cached tokens depend on (overlap, confidence); overlap 0 (most of a fleet) is 0 cached
+        #   whatever the confidence, without a lookup;
+        # * the KV-pressure charge is per candidate (its capacity and KV in use), priced only when
+        #   it overflows.
+        # The load bound needs the fleet's total, so the best candidate is found first and checked
+        # against the bound afterwards. Scores reach the Decision as a LazyScores (built if read).
+        bs = self.block_size
+        prompt = request.prompt_tokens
+        max_blocks = max(prompt - 1, 0) // bs  # the last token is always computed
+        weights = self.confidence_weights
+        prefill = self.latency.prefill_s
+        miss_weight = self.miss_weight
+        kv_weight = self.kv_weight
+        # Blocks the request needs on a target, less its cached ones: need0 - cached // bs.
+        need0 = -(-prompt // bs) + decode_blocks_estimate(request.max_tokens, bs)
+        cached_of: dict[tuple, int] = {}
+        memo: dict[tuple[int, int], float] = {}
+        kv_charge: dict[int, float] = {}
+        raw: list[float] = []
+        append = raw.append
         total = 0
         best_s = best_if = None
         tied: list[int] = []
@@ -139,12 +159,33 @@ class KvrPolicy:
             load = w[2]
             in_flight = load[0]
             total += in_flight
-            key = (w[1], w[3], load[3], load[4] + load[6])  # overlap, confidence, queued prefill, KV in use
-            p = memo.get(key)
-            if p is None:
-                p = memo[key] = self.predict(request, w)
-            score = p[3]
-            scores[w[0]] = score * 1e3
+            overlap = w[1]
+            if overlap:
+                ck = (overlap, w[3])
+                cached = cached_of.get(ck)
+                if cached is None:
+                    cached = cached_of[ck] = min(int(overlap * weights[w[3]]), max_blocks) * bs
+            else:
+                cached = 0
+            queued = load[3]
+            if queued < 0:
+                queued = 0  # predict treats every queued <= 0 alike
+            key = (cached, queued)
+            score = memo.get(key)
+            if score is None:
+                new = prompt - cached
+                alone_s = prefill(new_tokens=new, cached_tokens=cached)
+                ttft_s = alone_s if queued <= 0 else prefill(new_tokens=queued + new, cached_tokens=cached)
+                score = memo[key] = ttft_s + miss_weight * alone_s
+            capacity = w[4]
+            if kv_weight and capacity > 0:
+                overflow = load[4] + load[6] + need0 - cached // bs - capacity
+                if overflow > 0:
+                    charge = kv_charge.get(overflow)
+                    if charge is None:
+                        charge = kv_charge[overflow] = kv_weight * prefill(new_tokens=overflow * bs)
+                    score += charge
+            append(score)
             if best_s is None or score < best_s or (score == best_s and in_flight < best_if):
                 best_s, best_if, tied = score, in_flight, [i]
             elif score == best_s and in_flight == best_if:
@@ -156,17 +197,19 @@ class KvrPolicy:
             over = [i for i, w in enumerate(candidates) if w[2][0] + 1 > bound]
             excluded = set(over)
             allowed = [i for i in range(len(candidates)) if i not in excluded] or list(range(len(candidates)))
-            keyed = [(scores[candidates[i][0]], candidates[i][2][0], i) for i in allowed]
+            # Compared in the Decision's unit (ms), as the scores a reader sees.
+            keyed = [(raw[i] * 1e3, candidates[i][2][0], i) for i in allowed]
             best = min(k[:2] for k in keyed)
             tied = [i for s_, f_, i in keyed if (s_, f_) == best]
         pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
         chosen = candidates[pick]
-        ttft_s, queue_s, cached, _ = memo[(chosen[1], chosen[3], chosen[2][3], chosen[2][4] + chosen[2][6])]
+        ttft_s, queue_s, cached, _ = self.predict(request, chosen)
         reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
                   f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, {chosen.confidence.value})")
         if over:
             reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
         unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
+        scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(candidates, raw)})
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
 
     def forget(self, target: WorkerKey) -> None:
