@@ -18,7 +18,8 @@ JSON_PATH = "/json?light=1"
 @click.option("--interval", "interval_s", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--width", type=int, default=None, help="Console width (default: the terminal's).")
 @click.option("--height", type=int, default=None,
-              help="Lines to fit a frame in: the most important panels first (default: the terminal's; --once: no limit).")
+              help="Lines to fit a frame in, the most important panels first "
+                   "(default: the terminal's; --once: no limit).")
 def dash_cmd(source: str | None, once: bool, interval_s: float, width: int | None, height: int | None) -> None:
     """Hit rate, latency by cache status, per-worker load and index health, recent requests, incidents."""
     from rich.console import Console

@@ -54,7 +54,7 @@ def _no_data(ax, what: str) -> None:
 
 
 def _t0(dump: dict[str, Any]) -> float:
-    fold = dump["fold"]
+    fold = dump.get("fold") or {}  # a light dump has none
     candidates = [dump.get("started_s"), fold.get("first_arrival_s")]
     if dump.get("series"):
         candidates.append(dump["series"][0]["t_s"])
@@ -109,20 +109,18 @@ def _hit_rate_series(dump: dict[str, Any]) -> tuple[list[float], list[float], li
 
 
 def _bucket_s(dump: dict[str, Any]) -> float:
-    """The fold's bucket width; a light dump (no fold) has it as its timeline's smallest step."""
-    width = (dump.get("fold") or {}).get("timeline_bucket_s")
-    if width:
-        return float(width)
-    ts = (dump.get("timeline") or {}).get("t_s") or []
-    return min((b - a for a, b in zip(ts, ts[1:]) if b > a), default=1.0)
+    """The width of the fold's time buckets (plots read full dumps: ``load_dump`` requires the fold)."""
+    return float(dump["fold"]["timeline_bucket_s"])
 
 
 def _legend_above(ax, handles=None, labels=None, **kw) -> None:
-    """A legend in a row above the axes: it never covers the data."""
+    """A legend in a row above the axes: it never covers the data. Set the axes' title first: it moves up."""
     if handles is None:
         handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=max(1, len(handles)),
               frameon=False, fontsize=8, borderaxespad=0.2, **kw)
+    if ax.get_title():
+        ax.set_title(ax.get_title(), pad=22)
 
 
 def _legend_right(ax, **kw) -> None:
@@ -151,12 +149,13 @@ def latency_distribution_figure(dump: dict[str, Any]):
         _cdf(ax2, fold.e2e_s, "end-to-end", "#e76f51")
         ax2.set_xlabel("latency (ms)")
         ax2.set_ylabel("fraction of requests")
-        ax2.legend(loc="lower right")  # a CDF rises to the left of and above this corner
     else:
         _no_data(ax1, "requests")
         _no_data(ax2, "requests")
-    ax1.set_title("TTFT distribution")
+    ax1.set_title("TTFT distribution", pad=22)  # level with the CDF's, above its legend
     ax2.set_title("Latency CDF")
+    if fold.ttft_s:
+        _legend_above(ax2)
     fig.suptitle(f"{dump['label']}: latency distribution")
     fig.tight_layout()
     return fig
@@ -171,12 +170,13 @@ def hit_rate_over_time_figure(dump: dict[str, Any]):
         if any(not math.isnan(v) for v in predicted):
             ax.plot(t, [100 * v for v in predicted], ls="--", color="#264653", label="predicted (router)")
         ax.set_ylim(-2, 102)
-        _legend_above(ax)
     else:
         _no_data(ax, "requests")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("hit rate (%)")
-    ax.set_title(f"{dump['label']}: cache hit rate over time (gaps: no requests)", pad=22)
+    ax.set_title(f"{dump['label']}: cache hit rate over time (gaps: no requests)")
+    if ax.lines:
+        _legend_above(ax)
     fig.tight_layout()
     return fig
 
@@ -429,7 +429,7 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     ax.set_xlabel("TTFT (ms, log scale)")
     ax.set_ylabel("fraction of requests")
     ax.set_title("TTFT CDF by run")
-    ax.legend(loc="lower right")
+    _legend_right(ax)
     fig.tight_layout()
     out["compare_ttft_cdf"] = _save(fig, out_dir / "compare_ttft_cdf.png")
 
@@ -441,7 +441,7 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("token hit rate (%)")
     ax.set_title("Cache hit rate over time by run")
-    ax.legend(loc="lower right")
+    _legend_right(ax)
     fig.tight_layout()
     out["compare_hit_rate"] = _save(fig, out_dir / "compare_hit_rate.png")
 
@@ -458,7 +458,7 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     ax1.set_ylabel("mean TTFT (ms)")
     ax1.set_title("Mean TTFT: hits vs misses")
     ax1.set_ylim(0, 1.2 * max(hit + miss + [1e-9]))
-    ax1.legend(loc="upper center", ncols=2, fontsize=8)
+    _legend_above(ax1)
     means = [1000 * _zero(r.ttft_mean_s) for r in results]
     bars = ax2.bar(list(xs), means, color=[RUN_COLOURS[k % len(RUN_COLOURS)] for k in xs])
     for bar, r in zip(bars, results):
@@ -466,7 +466,7 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
                      ha="center", va="bottom", fontsize=9)
     ax2.set_xticks(list(xs), labels)
     ax2.set_ylabel("mean TTFT (ms)")
-    ax2.set_title("Mean TTFT (label: token hit rate)")
+    ax2.set_title("Mean TTFT (label: token hit rate)", pad=22)  # level with the left title, above its legend
     fig.tight_layout()
     out["compare_mean_ttft"] = _save(fig, out_dir / "compare_mean_ttft.png")
     return out

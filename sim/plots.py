@@ -37,7 +37,7 @@ def ttft_cdf(folds: dict[str, MetricsFold], *, title: str = "") -> Figure:
     ax.set_ylabel("fraction of requests")
     ax.set_ylim(0, 1.0)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")  # a CDF rises to the left of and above this corner
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: no corner of a CDF is always empty
     ax.set_title(title or "TTFT CDF per policy")
     fig.tight_layout()
     return fig
@@ -70,7 +70,8 @@ def over_time(folds: dict[str, MetricsFold], *, kv_policy: str | None = None, ti
         for worker, series in ts["kv_usage"].items():
             axes[2].plot(ts["t_s"], series, label=worker, linewidth=0.8)
         axes[2].set_ylabel(f"KV in use ({kv_name})")
-        axes[2].legend(fontsize="x-small", ncol=1 + len(ts["kv_usage"]) // 12, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        axes[2].legend(fontsize="x-small", ncol=1 + len(ts["kv_usage"]) // 12, loc="upper left",
+                       bbox_to_anchor=(1.0, 1.0))
     axes[2].set_xlabel("time (s)")
     for ax in axes:
         ax.grid(True, alpha=0.3)
