@@ -475,9 +475,8 @@ class PrefixIndex:
     def add_tentative(self, target: WorkerKey, own_hashes: Sequence[int], expires_at: float) -> None:
         """Count ``own_hashes`` as present on ``target`` until ``expires_at`` (or settled by an event)."""
         state = self._target(target)
-        holders, bit = self._holders, state.bit
         # Blocks really present already need no prediction.
-        self._tentative.add(state.slot, (o for o in own_hashes if not holders.get(o, 0) & bit), expires_at)
+        self._tentative.add(state.slot, own_hashes, expires_at, held=self._holders)
 
     def expire_tentative(self, now: float) -> None:
         self._tentative.expire(now)

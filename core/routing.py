@@ -257,9 +257,9 @@ class RouterCore:
         state.requests[rec.request_id] = rec
         state.pending_prefill_tokens += rec.pending_prefill_tokens
         active = state.active_hashes
+        get = active.get
         for h in hashes:
-            n = active.get(h)
-            active[h] = 1 if n is None else n + 1
+            active[h] = get(h, 0) + 1
         state.active_blocks = len(active)
         self._requests[rec.request_id] = rec
         self.routed_total += 1
@@ -298,12 +298,13 @@ class RouterCore:
             state.pending_prefill_tokens -= rec.pending_prefill_tokens
             state.decode_blocks -= rec.decode_blocks
             active = state.active_hashes
+            get = active.get
             for h in rec.hashes:
-                n = active.get(h, 0)
-                if n <= 1:
-                    active.pop(h, None)
-                else:
+                n = get(h, 0)
+                if n > 1:
                     active[h] = n - 1
+                elif n:
+                    del active[h]
             state.active_blocks = len(active)
         return rec
 

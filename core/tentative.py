@@ -12,7 +12,7 @@ entry renewed later than a heap item is left alone when that item pops.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class TentativeEntries:
@@ -31,13 +31,22 @@ class TentativeEntries:
         """Entries held: (target, block) pairs."""
         return sum(len(s) for s in self.slots.values())
 
-    def add(self, slot: int, owns: Iterable[int], expires_at: float) -> None:
-        """Predict ``owns`` on ``slot`` until ``expires_at`` (an earlier expiry never shortens one)."""
+    def add(self, slot: int, owns: Iterable[int], expires_at: float, *, held: Mapping[int, int] | None = None) -> None:
+        """Predict ``owns`` on ``slot`` until ``expires_at`` (an earlier expiry never shortens one).
+
+        ``held`` (own hash → slot bitmask of real blocks) skips the hashes ``slot`` really holds:
+        they need no prediction (filtered here, in one comprehension: this runs per prompt block on every route).
+        """
         bit = 1 << slot
         table, masks = self.slots, self.masks
-        added = []
-        for own in owns:
-            entry = table.get(own)
+        table_get = table.get
+        if held is not None:
+            held_get = held.get
+            added = tuple([own for own in owns if not held_get(own, 0) & bit])
+        else:
+            added = tuple(owns)
+        for own in added:
+            entry = table_get(own)
             if entry is None:
                 table[own] = {slot: expires_at}
                 masks[own] = bit
@@ -48,10 +57,9 @@ class TentativeEntries:
                     masks[own] |= bit
                 elif previous < expires_at:
                     entry[slot] = expires_at
-            added.append(own)
         if added:
             self._seq += 1
-            heapq.heappush(self._heap, (expires_at, self._seq, slot, tuple(added)))
+            heapq.heappush(self._heap, (expires_at, self._seq, slot, added))
 
     def next_expiry(self) -> float | None:
         return self._heap[0][0] if self._heap else None
