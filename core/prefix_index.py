@@ -232,16 +232,29 @@ class PrefixIndex:
 
     def apply_batch(self, worker_id: str, batch: KVEventBatch, *, now: float, delta: IndexDelta | None = None) -> None:
         """Apply every event of one published batch to ``(worker_id, batch.data_parallel_rank)``."""
-        target = WorkerKey(worker_id, batch.data_parallel_rank or 0)
-        for event in batch.events:
-            self.apply(target, event, now=now, delta=delta)
+        self.apply_events(WorkerKey(worker_id, batch.data_parallel_rank or 0), batch.events, now=now, delta=delta)
 
     def apply(self, target: WorkerKey, event: object, *, now: float, delta: IndexDelta | None = None) -> None:
         """Apply one KV event (or a ``SnapshotBlocks``) to a target. Never raises on bad input."""
+        self._apply(self._target(target), event, now, delta)
+
+    def apply_events(self, target: WorkerKey, events: Sequence[object], *, now: float,
+                     delta: IndexDelta | None = None) -> None:
+        """``apply`` each event in order, looking the target up once (the ingest path: a batch at a time)."""
         state = self._target(target)
+        for event in events:
+            self._apply(state, event, now, delta)
+
+    def _apply(self, state: _Target, event: object, now: float, delta: IndexDelta | None) -> None:
         if state.parked.fifo:
             self._expire_orphans(state, now)
-        if isinstance(event, BlockStored):
+        kind = type(event)
+        # Exact types first (the decoder's structs); isinstance keeps subclasses working.
+        if kind is BlockRemoved:  # the commonest: vLLM evicts one hash per event
+            self._on_removed(state, event, delta)
+        elif kind is BlockStored:
+            self._on_stored(state, event, now, delta)
+        elif isinstance(event, BlockStored):
             self._on_stored(state, event, now, delta)
         elif isinstance(event, BlockRemoved):
             self._on_removed(state, event, delta)
@@ -251,14 +264,14 @@ class PrefixIndex:
         elif isinstance(event, SnapshotBlocks):
             if len(event.block_hashes) != len(event.own_hashes):
                 self.counters["malformed"] += 1
-                logger.warning("%s: snapshot with %d external and %d own hashes ignored", target,
+                logger.warning("%s: snapshot with %d external and %d own hashes ignored", state.key,
                                len(event.block_hashes), len(event.own_hashes))
                 return
             for ext, own in zip(event.block_hashes, event.own_hashes):
                 self._insert(state, ext, own, delta, now)
         else:
             self.counters["unknown_event"] += 1
-            logger.warning("%s: unknown event type %s ignored", target, type(event).__name__)
+            logger.warning("%s: unknown event type %s ignored", state.key, type(event).__name__)
 
     def _on_stored(self, state: _Target, ev: BlockStored, now: float, delta: IndexDelta | None) -> None:
         n = len(ev.block_hashes)
@@ -345,23 +358,43 @@ class PrefixIndex:
         if ev.group_idx is not None and state.removal_groups and ev.group_idx not in state.removal_groups:
             self.counters["ignored_group"] += 1
             return
+        # Per removed hash, inline: _release's common case (one external hash per own hash).
+        ext_map, holders, extra_refs = state.external_to_own, self._holders, state.extra_refs
+        tentative, tslots, slot, keep = self._tentative, self._tentative.slots, state.slot, ~state.bit
+        stored_removed = delta.removed if delta is not None else None
+        removed = 0
         for h in ev.block_hashes:
-            try:
-                ext = external_hash_key(h)
-            except (TypeError, AttributeError):
-                self.counters["malformed"] += 1
-                continue
-            own = state.external_to_own.pop(ext, None)
+            if type(h) is int:
+                ext = h & _U64
+            else:
+                try:
+                    ext = external_hash_key(h)
+                except (TypeError, AttributeError):
+                    self.counters["malformed"] += 1
+                    continue
+            own = ext_map.pop(ext, None)
             if own is None:
                 if state.parked.mark_removed(ext):
                     self.counters["removed_parked"] += 1
                 else:
                     self.counters["removed_unknown"] += 1
                 continue
-            self.counters["removed_blocks"] += 1
-            self._release(state, own)
-            if delta is not None:
-                delta.removed.append((state.key, ext, own))
+            removed += 1
+            if extra_refs and own in extra_refs:
+                self._release(state, own)
+            else:
+                mask = holders.get(own, 0) & keep
+                if mask:
+                    holders[own] = mask
+                else:
+                    holders.pop(own, None)
+                state.num_blocks -= 1
+                if tslots:
+                    tentative.drop(own, slot)
+            if stored_removed is not None:
+                stored_removed.append((state.key, ext, own))
+        if removed:
+            self.counters["removed_blocks"] += removed
 
     # ------------------------------------------------------------------ core mutations
 

@@ -251,9 +251,7 @@ class EventIngest:
         now = self._clock()
         if isinstance(item, AppliedBatch):
             delta = IndexDelta()
-            apply = self.index.apply
-            for event in item.batch.events:
-                apply(target, event, now=now, delta=delta)
+            self.index.apply_events(target, item.batch.events, now=now, delta=delta)
             stream.stored_blocks += len(delta.stored)
             stream.removed_blocks += len(delta.removed)
             net_stored, net_removed, cleared = net_change(self.index, target, delta)
