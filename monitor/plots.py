@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.metrics import CACHE_STATUSES, MetricsFold
+from core.metrics import CACHE_STATUSES, MetricsFold, dense_timeline
 from monitor.state import split_target
 
 logger = logging.getLogger(__name__)
@@ -64,31 +64,6 @@ def _t0(dump: dict[str, Any]) -> float:
 
 def _nan(v: Any) -> float:
     return math.nan if v is None else float(v)
-
-
-def dense_timeline(timeline: dict[str, Any], bucket_s: float) -> dict[str, Any]:
-    """A fold's ``timeline_series`` with every bucket between its first and last.
-
-    The fold keeps only buckets that saw data, so plotting its lists as they are
-    would join points across idle periods. Here a missing bucket has no hit rate
-    and no KV sample (NaN: the line breaks there) and started no requests (0).
-    """
-    ts = timeline.get("t_s") or []
-    if not ts:
-        return {"t_s": [], "token_hit_rate": [], "requests": {}, "kv_usage": {}}
-    first = round(ts[0] / bucket_s)
-    pos = {round(t / bucket_s) - first: k for k, t in enumerate(ts)}
-    n = round(ts[-1] / bucket_s) - first + 1
-
-    def fill(values: list[Any], missing: float) -> list[float]:
-        return [_nan(values[pos[i]]) if i in pos else missing for i in range(n)]
-
-    return {
-        "t_s": [(first + i) * bucket_s for i in range(n)],
-        "token_hit_rate": fill(timeline.get("token_hit_rate", []), math.nan),
-        "requests": {w: fill(v, 0.0) for w, v in (timeline.get("requests") or {}).items()},
-        "kv_usage": {w: fill(v, math.nan) for w, v in (timeline.get("kv_usage") or {}).items()},
-    }
 
 
 def _hit_rate_series(dump: dict[str, Any]) -> tuple[list[float], list[float], list[float]]:

@@ -52,7 +52,7 @@ def _cv(values: list[float]) -> float:
 
 def over_time(folds: dict[str, MetricsFold], *, kv_policy: str | None = None, title: str = "") -> Figure:
     """Hit rate and load CV over time per policy; KV usage per worker of ``kv_policy``."""
-    from monitor.plots import dense_timeline
+    from core.metrics import dense_timeline
 
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     for name, fold in folds.items():

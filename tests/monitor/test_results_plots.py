@@ -4,13 +4,13 @@ import math
 
 import pytest
 
+from core.metrics import dense_timeline
 from monitor.plots import (
     RUN_FIGURES,
     RUN_PLOTS,
     _hit_rate_series,
     block_utilisation_figure,
     block_utilisation_series,
-    dense_timeline,
     hit_rate_over_time_figure,
     recovery_timeline_figure,
     worker_load_grid,
