@@ -7,7 +7,7 @@ A chained hash over (parent digest, block tokens, extra keys), as vLLM's
   pickled tuple ``(parent_digest, tuple(token_ids), extra_keys)`` (highest pickle
   protocol), the first parent being ``NONE_HASH = sha256(pickle("vllm-none-hash"))``
   (vLLM without ``PYTHONHASHSEED``). Pinned by the vectors in
-  ``../shared/fixtures/vllm_kv_events/hash_vectors.json``, so an emulated worker's
+  ``tests/fixtures/vllm_kv_events/hash_vectors.json``, so an emulated worker's
   ``BlockStored`` bytes equal a real vLLM's for the same tokens.
 * ``vllm-sha256-cbor``: vLLM's ``--prefix-caching-hash-algo sha256_cbor`` (canonical
   CBOR instead of pickle, the form other languages can recompute), same vectors file.

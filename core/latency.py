@@ -18,7 +18,7 @@ Two shapes:
 * ``SimpleLatencyModel``: the seed's model, ``prefill = base + blocks_to_compute ×
   per_block`` and ``decode = tokens × per_token`` (a batched decode step costs one
   ``per_token`` whatever the batch).
-* ``StepLatencyModel``: the calibrated one (``../shared/docs/workloads.md`` §3.2): a
+* ``StepLatencyModel``: the calibrated one (``docs/workloads.md`` §3.2): a
   forward pass pays a fixed framework overhead and the larger of its prefill base
   and its decode floor (the weight read), then linear prefill compute, a per-sequence
   decode cost, the KV read at ~80 % of HBM bandwidth, and Preble's attention term

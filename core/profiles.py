@@ -1,7 +1,7 @@
 """Named engine profiles (GPU × model): latency constants, KV capacity, batch limits.
 
 Every constant cites its source; "derived" marks arithmetic done for this project
-(``../shared/docs/workloads.md`` §3 and §4 hold the sources and the derivations).
+(``docs/workloads.md`` §3 and §4 hold the sources and the derivations).
 
 Capacity follows vLLM: ``available = gpu_memory × utilisation − weights − other
 non-KV memory`` (activation peak of the profile run plus non-torch memory), and

@@ -1,7 +1,7 @@
 """Preble-like workloads from published length and sharing statistics.
 
 Statistics (Preble, ICLR'25, as encoded in Aibrix's dataset generator README;
-``../shared/docs/workloads.md`` §2.4): prompt length mean ± std, shared fraction
+``docs/workloads.md`` §2.4): prompt length mean ± std, shared fraction
 of the prompt mean ± std, and Preble's e2e config per 2 GPUs (#prefixes,
 #requests, rps). Generation follows Aibrix's ``synthetic_prefix_sharing_dataset``:
 per group a base prefix of ⌊L̄·s̄⌋ tokens; per sample L ~ N(L̄, σ_L) truncated

@@ -2,7 +2,7 @@
 
 They need no kvr code: only vLLM's HTTP face (``/health``, ``/get_server_info``, ``/tokenize``,
 ``/v1/completions``), and for vllm-router's ``kv_aware`` policy vLLM's KV events (its subscriber
-wants vLLM's default empty topic). Each router binary lives in its own venv (``../shared/docs/peer-routers.md``
+wants vLLM's default empty topic). Each router binary lives in its own venv (``docs/peer-routers.md``
 §1); point ``KVR_SGLANG_ROUTER_PYTHON`` / ``KVR_VLLM_ROUTER_BIN`` at them to run these tests.
 Cache-aware routing must keep a shared prefix on one worker: every repeat reports cached tokens.
 """
