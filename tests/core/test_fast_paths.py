@@ -1,0 +1,231 @@
+"""The router's hot paths equal their plain per-item versions, on random and adversarial inputs.
+
+Each fast path (kvr's one-pass ``choose``, chained block hashing, predict-on-route, removals
+released inline) is compared with a straightforward reference written here: same results,
+same floats, same random draws.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.block_keys import own_hashes_of_event
+from core.events import BlockRemoved, BlockStored
+from core.hashing import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, hash_block
+from core.policies import KvrPolicy, RouteRequest, WorkerLoad, WorkerState
+from core.policies.base import LazyScores
+from core.prefix_index import Confidence, PrefixIndex, WorkerKey
+from core.profiles import get_profile
+from core.tentative import TentativeEntries
+
+BS = 16
+KEYS = [WorkerKey(f"w{i}", 0) for i in range(12)]
+
+
+# ------------------------------------------------------------------ kvr policy
+
+
+def reference_choose(policy: KvrPolicy, request: RouteRequest, candidates, rng):
+    """kvr's rule, one ``predict`` per candidate: (target, reason, scores in ms)."""
+    preds = [policy.predict(request, w) for w in candidates]
+    scores = [p[3] for p in preds]
+    in_flight = [w.load.in_flight for w in candidates]
+    mean = (sum(in_flight) + 1) / len(candidates)
+    bound = max(policy.load_factor * mean, mean + policy.min_slack)
+    best = min(zip(scores, in_flight))
+    tied = [i for i in range(len(candidates)) if (scores[i], in_flight[i]) == best]
+    over = []
+    if best[1] + 1 > bound:
+        over = [i for i in range(len(candidates)) if in_flight[i] + 1 > bound]
+        allowed = [i for i in range(len(candidates)) if i not in over] or list(range(len(candidates)))
+        best = min((scores[i] * 1e3, in_flight[i]) for i in allowed)
+        tied = [i for i in allowed if (scores[i] * 1e3, in_flight[i]) == best]
+    pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
+    ttft_s, queue_s, cached, _ = preds[pick]
+    chosen = candidates[pick]
+    reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
+              f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, {chosen.confidence.value})")
+    if over:
+        reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
+    return chosen.target, reason, {w.target: s * 1e3 for w, s in zip(candidates, scores)}
+
+
+# Small value ranges on purpose: they force equal keys, equal scores (ties) and the load bound.
+candidate = st.tuples(
+    st.sampled_from([0, 0, 0, 1, 3, 8, 40]),  # overlap blocks
+    st.sampled_from(list(Confidence)),
+    st.integers(0, 6),  # in flight
+    st.sampled_from([0, 0, -5, 16, 500, 4096]),  # queued prefill tokens
+    st.integers(0, 120),  # active blocks
+    st.integers(0, 40),  # decode blocks
+    st.sampled_from([0, 100, 150, 1000]),  # capacity blocks (mixed: a heterogeneous fleet)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cands=st.lists(candidate, min_size=1, max_size=12), prompt=st.integers(1, 700),
+       max_tokens=st.sampled_from([1, 16, 256, 4000]), seed=st.integers(0, 3),
+       latency=st.sampled_from([None, "simple", "a100-80gb-8b"]), kv_weight=st.sampled_from([0.0, 3.0]),
+       miss_weight=st.sampled_from([0.0, 10.0]))
+def test_kvr_choose_equals_one_predict_per_candidate(cands, prompt, max_tokens, seed, latency, kv_weight, miss_weight):
+    model = get_profile(latency).latency if latency else None
+    policy = KvrPolicy(block_size=BS, latency=model, kv_weight=kv_weight, miss_weight=miss_weight)
+    candidates = [WorkerState(KEYS[i], ov, WorkerLoad(in_flight=f, queued_prefill_tokens=q, active_blocks=a,
+                                                      decode_blocks=d), conf, cap)
+                  for i, (ov, conf, f, q, a, d, cap) in enumerate(cands)]
+    request = RouteRequest("r", prompt, [], (), None, max_tokens)
+    rng_fast, rng_ref = random.Random(seed), random.Random(seed)
+    d = policy.choose(request, candidates, now=0.0, rng=rng_fast)
+    target, reason, scores = reference_choose(policy, request, candidates, rng_ref)
+    assert (d.target, d.reason) == (target, reason)
+    assert dict(d.scores) == scores  # exact floats
+    assert rng_fast.getstate() == rng_ref.getstate()  # the same draws
+
+
+def test_kvr_scores_differ_by_capacity_even_when_load_is_equal():
+    # Two workers alike in everything but capacity: only the small one pays the KV charge.
+    policy = KvrPolicy(block_size=BS)
+    load = WorkerLoad(active_blocks=90)
+    small, large = WorkerState(KEYS[0], 0, load, Confidence.FRESH, 100), WorkerState(KEYS[1], 0, load, Confidence.FRESH, 1000)
+    d = policy.choose(RouteRequest("r", 320, [], (), None, 16), [small, large], now=0.0, rng=random.Random(0))
+    assert d.target == KEYS[1] and d.scores[KEYS[0]] > d.scores[KEYS[1]]
+    assert d.scores[KEYS[1]] == policy.predict(RouteRequest("r", 320, [], (), None, 16), large)[3] * 1e3
+
+
+def test_lazy_scores_build_once_and_compare_as_a_dict():
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {KEYS[0]: 1.5, KEYS[1]: 2.0}
+
+    s = LazyScores(build)
+    assert calls == []
+    assert s == {KEYS[0]: 1.5, KEYS[1]: 2.0} and {KEYS[0]: 1.5, KEYS[1]: 2.0} == s
+    assert s[KEYS[1]] == 2.0 and len(s) == 2 and list(s) == [KEYS[0], KEYS[1]] and s != {KEYS[0]: 1.5}
+    assert calls == [1]
+
+
+# ------------------------------------------------------------------ block hashing
+
+
+def reference_block_hashes(tokens, *, parent, extra, max_blocks=None):
+    out = []
+    n = len(tokens) // BS if max_blocks is None else min(len(tokens) // BS, max_blocks)
+    for i in range(n):
+        parent = hash_block(parent, tokens[i * BS:(i + 1) * BS], extra)
+        out.append(parent)
+    return out
+
+
+tokens_st = st.lists(st.one_of(st.integers(0, 50), st.just(0), st.just(2**32 - 1)), max_size=6 * BS + 5)
+extra_st = st.one_of(st.none(), st.just(["lora-a"]), st.lists(st.text(max_size=4), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=tokens_st, extra=extra_st, parent=st.one_of(st.just(ROOT_PARENT_HASH), st.integers(0, 2**64 - 1)),
+       max_blocks=st.one_of(st.none(), st.integers(0, 7)))
+def test_block_hashes_equal_hash_block_chained(tokens, extra, parent, max_blocks):
+    got = block_hashes(tokens, block_size=BS, parent_hash=parent, extra_keys=extra, max_blocks=max_blocks)
+    assert got == reference_block_hashes(tokens, parent=parent, extra=extra_key_bytes(extra), max_blocks=max_blocks)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 5), per_block=st.lists(st.one_of(st.none(), st.just(["x"]), st.just(["x", "salt"])),
+                                               min_size=5, max_size=5), same=st.booleans())
+def test_event_hashes_equal_per_block_chain(n, per_block, same):
+    tokens = list(range(n * BS))
+    extra = [per_block[0]] * n if same else per_block[:n]
+    want, parent = [], ROOT_PARENT_HASH
+    for i in range(n):
+        parent = hash_block(parent, tokens[i * BS:(i + 1) * BS], extra_key_bytes(extra[i]))
+        want.append(parent)
+    assert own_hashes_of_event(tokens, extra, BS, ROOT_PARENT_HASH) == want
+
+
+# ------------------------------------------------------------------ predict-on-route
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 3), st.lists(st.integers(0, 12), max_size=10), st.integers(1, 5)),
+                    max_size=12),
+       held=st.dictionaries(st.integers(0, 12), st.integers(0, 15), max_size=8))
+def test_tentative_add_with_held_equals_filter_then_add(ops, held):
+    fast, ref = TentativeEntries(), TentativeEntries()
+    for slot, owns, expires in ops:
+        fast.add(slot, owns, float(expires), held=held)
+        ref.add(slot, [o for o in owns if not held.get(o, 0) & (1 << slot)], float(expires))
+    assert fast.slots == ref.slots and fast.masks == ref.masks and fast._heap == ref._heap
+    for now in (2.0, 4.0, 9.0):
+        fast.expire(now)
+        ref.expire(now)
+        assert fast.slots == ref.slots and fast.masks == ref.masks
+
+
+# ------------------------------------------------------------------ removals released inline
+
+T3 = [WorkerKey("a", 0), WorkerKey("b", 0), WorkerKey("c", 0)]
+CHAIN = list(range(5 * BS))
+ALT = [1000 + t for t in range(5 * BS)]
+
+index_op = st.one_of(
+    # store blocks 0..n-1 of CHAIN under external hashes base+i (base 1 or 2: two externals per own hash)
+    st.tuples(st.just("store"), st.integers(0, 2), st.integers(1, 5), st.sampled_from([100, 200])),
+    st.tuples(st.just("store_alt"), st.integers(0, 2), st.integers(1, 5)),
+    st.tuples(st.just("remove"), st.integers(0, 2), st.lists(st.sampled_from([100, 101, 102, 200, 201, 204, 300, 301, 999, -1]),
+                                                             max_size=4)),
+    st.tuples(st.just("tentative"), st.integers(0, 2), st.integers(1, 5)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(index_op, max_size=25))
+def test_removals_equal_a_naive_model(ops):
+    idx = PrefixIndex(block_size=BS)
+    own = block_hashes(CHAIN, block_size=BS)
+    own_alt = block_hashes(ALT, block_size=BS)
+    refs: dict[WorkerKey, dict[int, int]] = {t: {} for t in T3}  # external -> own, per target
+    tentative: dict[tuple[WorkerKey, int], float] = {}
+    batch: dict[WorkerKey, list] = {t: [] for t in T3}
+    for o in ops:
+        t = T3[o[1]]
+        if o[0] in ("store", "store_alt"):
+            base, owns, tokens = (o[3], own, CHAIN) if o[0] == "store" else (300, own_alt, ALT)
+            ev = BlockStored(block_hashes=[base + i for i in range(o[2])], parent_block_hash=None,
+                             token_ids=tokens[:o[2] * BS], block_size=BS, lora_id=None, medium="GPU",
+                             lora_name=None)
+            batch[t].append(ev)
+            idx.apply_events(t, [ev], now=0.0)
+            for i in range(o[2]):
+                refs[t][base + i] = owns[i]
+                tentative.pop((t, owns[i]), None)
+        elif o[0] == "remove":
+            hashes = [h & (2**64 - 1) for h in o[2]]
+            idx.apply_events(t, [BlockRemoved(block_hashes=hashes, medium=None)], now=0.0)
+            for h in hashes:
+                gone = refs[t].pop(h, None)
+                if gone is not None:
+                    tentative.pop((t, gone), None)
+        else:
+            idx.add_tentative(t, own[:o[2]], 10.0)
+            held = set(refs[t].values())
+            for h in own[:o[2]]:
+                if h not in held:
+                    tentative[(t, h)] = 10.0
+    for t in T3:
+        assert dict(idx.snapshot(t)) == refs[t]
+        assert idx.num_blocks(t) == len(set(refs[t].values()))
+    assert idx.num_tentative() == len(tentative)
+    for chain in (own, own_alt):
+        want = {}
+        for t in T3:
+            present = set(refs[t].values()) | {h for (tt, h) in tentative if tt == t}
+            k = 0
+            while k < len(chain) and chain[k] in present:
+                k += 1
+            if k:
+                want[t] = k
+        assert idx.overlap(chain) == want
