@@ -27,7 +27,10 @@ import enum
 import msgspec
 
 #: Bump when a change is not backwards compatible; peers with another version are refused.
-PROTOCOL_VERSION = 1
+#: 2: numbered reply streams (``TokenChunk.seq``, ``Completion.chunks``) and worker links that prove
+#: their incarnation (``Hello.link_token``); a version-1 worker would be refused as a duplicate on
+#: its first reconnect, so it is refused at once instead.
+PROTOCOL_VERSION = 2
 
 
 class ErrorCode(str, enum.Enum):
@@ -109,6 +112,11 @@ class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):
     request_id: str
     token_ids: list[int]
     text: str = ""
+    #: This chunk's place in its request's stream (0, 1, 2...), stamped by the worker service on the
+    #: router link. The router relays chunks in this order only: a repeat (a worker resending its
+    #: stream after a reconnect) is dropped, a gap ends the request with an explicit error. -1: not
+    #: numbered (not checked; a client never sees -1 from a version-2 worker).
+    seq: int = -1
 
 
 class Completion(msgspec.Struct, tag="done", frozen=True):
@@ -124,6 +132,10 @@ class Completion(msgspec.Struct, tag="done", frozen=True):
     predicted_cached_tokens: int = -1  # filled in by the router; -1 = unknown
     dp_rank: int = 0
     retries: int = 0
+    #: How many ``TokenChunk``s the worker sent before this (stamped by the worker service). The
+    #: router says done only when it relayed exactly that many; otherwise the client gets an
+    #: ``ErrorReply`` instead (never a result with missing tokens). -1: not counted.
+    chunks: int = -1
 
 
 class ErrorReply(msgspec.Struct, tag="error", frozen=True):
@@ -165,6 +177,17 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     # Longest sequence (prompt + output) the engine takes; 0 = unknown. The router refuses a
     # prompt no registered worker could hold (PROMPT_TOO_LONG) instead of dispatching it.
     max_model_len: int = 0
+    #: A random secret of this incarnation, sent only on the router link and never stored (not in
+    #: Redis, unlike the epoch): a Hello on a new connection that repeats it is the same process
+    #: reconnecting, and takes its requests over; any other claimant of a live worker's id is
+    #: refused (``Refused.code == REFUSED_DUPLICATE_ID``). "" = none (never proves anything).
+    link_token: str = ""
+    #: The router requests this worker still has (running, or finished with results the router may
+    #: not have got), all dispatched by the router incarnation ``router_epoch`` (0: none yet). On a
+    #: replaced link the router fails or re-routes its requests that are not listed (their Dispatch
+    #: or result was lost with the old connection) and cancels the listed ones it no longer waits for.
+    in_flight: list[str] = []
+    router_epoch: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):
@@ -196,10 +219,20 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     router_epoch: int = 0
 
 
+#: ``Refused.code``: the worker id is held by another live connection. ``retry_after_s`` is how long
+#: before the holder would be declared dead if it is silent: a restarted worker whose predecessor
+#: died says Hello once more then; refused again, the holder is alive and the worker gives up.
+REFUSED_DUPLICATE_ID = "duplicate_id"
+#: ``Refused.code``: CURVE is on and the worker id is bound to another public key (final).
+REFUSED_KEY_MISMATCH = "key_mismatch"
+
+
 class Refused(msgspec.Struct, tag="refused", frozen=True):
-    """Registration refused (bad block size, protocol version, auth...)."""
+    """Registration refused (bad block size, protocol version, auth, a worker id in use...)."""
 
     reason: str
+    code: str = ""  # "" (final), REFUSED_DUPLICATE_ID or REFUSED_KEY_MISMATCH
+    retry_after_s: float = 0.0
 
 
 class Dispatch(msgspec.Struct, tag="dispatch", frozen=True):

@@ -14,6 +14,23 @@ Guarantees:
 * **Worker death** (silent for ``interval × liveness``, a ``Goodbye``, or a new epoch): its
   targets leave the core and the index; each of its requests that streamed no token yet is
   routed again elsewhere (up to ``max_retries``), the others end with ``WORKER_DIED``.
+* **No result with missing tokens.** A request's chunks reach its client in their ``seq`` order
+  only, and its ``Completion`` only when exactly ``Completion.chunks`` were relayed; a gap or a
+  count that disagrees ends it like a worker death (re-routed if the client saw nothing yet, else
+  ``WORKER_DIED``), the worker told to cancel it.
+* **A replaced worker link hands over, loses nothing.** A worker that timed this router out (a
+  stall) reconnects on a new connection and says ``Hello`` with the same epoch and its secret
+  ``link_token``, listing the requests it still holds (``in_flight``). The router moves the worker
+  to the new connection and then: each of its requests the worker does not list (the Dispatch, or
+  the result, died with the old connection) is re-routed or fails with ``WORKER_DIED``; listed ones
+  the router no longer waits for are cancelled. After the ``Welcome`` the worker resends every
+  listed request's stream from its start; repeats are dropped by ``seq``.
+* **A worker id belongs to one live connection.** Another claimant (a second process with the same
+  id, or one copying id and epoch from the registry, without the link token) is refused
+  (``REFUSED_DUPLICATE_ID``, a warning, ``rejected_hello_duplicate_id``) while the holder beats; it
+  takes over only once the holder is silent for the heartbeat timeout. With CURVE an id is bound
+  to the public key that first registered it: another key is refused for good
+  (``REFUSED_KEY_MISMATCH``, ``rejected_hello_key_mismatch``).
 * **Bad input never crashes the loop**: undecodable frames and messages from unknown peers are
   counted and logged. Peers that are not registered get no heartbeats, so a worker that outlived
   a router restart times out and says ``Hello`` again.
@@ -37,8 +54,9 @@ import zmq
 from bus import names
 from bus.codec import DecodeError, client_decoder, encode, salvage_request_id, worker_decoder
 from bus.schema import (
-    PROTOCOL_VERSION, Cancel, CancelRequest, Completion, Dispatch, ErrorCode, ErrorReply, GenerateRequest, Goodbye,
-    Heartbeat, Hello, Refused, RequestRecord, RequestStats, Routed, TokenChunk, Welcome, WorkerLoad as WireLoad, WorkerSample,
+    PROTOCOL_VERSION, REFUSED_DUPLICATE_ID, REFUSED_KEY_MISMATCH, Cancel, CancelRequest, Completion, Dispatch,
+    ErrorCode, ErrorReply, GenerateRequest, Goodbye, Heartbeat, Hello, Refused, RequestRecord, RequestStats, Routed,
+    TokenChunk, Welcome, WorkerLoad as WireLoad, WorkerSample,
 )  # fmt: skip
 from bus.security import CLIENTS_DOMAIN, WORKERS_DOMAIN, Curve, ZapHandler, is_public_key
 from bus.sockets import MAX_CONTROL_BYTES, MAX_EVENT_BYTES, MAX_REQUEST_BYTES, make_router, make_socket
@@ -92,6 +110,7 @@ class _Pending:
     target: WorkerKey | None = None
     predicted_cached_tokens: int = 0
     streamed: bool = False
+    relayed_chunks: int = 0  # TokenChunks relayed to the client from the current target, in seq order
     first_token_s: float | None = None
     retries: int = 0
     tried: set = field(default_factory=set)
@@ -160,6 +179,8 @@ class RouterService:
         self._client_decoder, self._worker_decoder = client_decoder(), worker_decoder()
         self.workers: dict[str, _Worker] = {}
         self._identities: dict[bytes, str] = {}  # worker DEALER identity -> worker id
+        #: CURVE: worker id -> the z85 public key that first registered it (for this router's life).
+        self._id_keys: dict[str, str] = {}
         self._models_served: frozenset[str] = frozenset()  # of the registered workers (_refresh_fleet)
         self._min_model_len = 0  # smallest max_model_len a registered worker gave (0: none known)
         self.pending: dict[str, _Pending] = {}
@@ -198,7 +219,7 @@ class RouterService:
             if sock is self._clients:
                 self._drain(self._clients, self._client_decoder, self._on_client)
             elif sock is self._workers_sock:
-                self._drain(self._workers_sock, self._worker_decoder, self._on_worker)
+                self._drain_workers()
             else:
                 try:
                     self.ingest.handle(sock)
@@ -211,10 +232,20 @@ class RouterService:
             self._next_housekeeping_s = now + self.config.housekeeping_s
             self._tick(now)
 
-    def _drain(self, sock: zmq.Socket, decoder, handler) -> None:
+    def _drain_workers(self) -> None:
+        self._drain(self._workers_sock, self._worker_decoder, self._on_worker, peer_keys=self.curve is not None)
+
+    def _drain(self, sock: zmq.Socket, decoder, handler, *, peer_keys: bool = False) -> None:
+        """``peer_keys`` (the CURVE worker socket): the handler also gets the sender's public key,
+        the user id the ZAP handler gave its connection (a frame property, hence copy=False)."""
         for _ in range(1000):  # bounded: one busy peer must not starve the others
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                if peer_keys:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    key = parts[-1].get("User-Id")
+                    frames = [f.bytes for f in parts]
+                else:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) != 2:
@@ -229,7 +260,10 @@ class RouterService:
                     self._answer_malformed(frames[0], frames[1], exc)
                 continue
             try:
-                handler(frames[0], msg)
+                if peer_keys:
+                    handler(frames[0], msg, peer_key=key)
+                else:
+                    handler(frames[0], msg)
             except Exception:  # a bug handling one message must not take the router down
                 self.counters["handler_errors"] += 1
                 logger.exception("error handling %s", type(msg).__name__)
@@ -250,7 +284,7 @@ class RouterService:
         if deadline is not None and now >= deadline:
             # Read what is waiting before declaring anyone dead: after a stall of this loop (CPU
             # starvation, a slow handler) the workers' beats sit unread, they were not silent.
-            self._drain(self._workers_sock, self._worker_decoder, self._on_worker)
+            self._drain_workers()
             now = max(now, self._clock())
         for wid in self.liveness.expired(now):
             logger.warning("worker %s missed %d heartbeats: dead", wid, self.config.heartbeat.liveness)
@@ -400,10 +434,10 @@ class RouterService:
 
     # ------------------------------------------------------------------ workers
 
-    def _on_worker(self, identity: bytes, msg) -> None:
+    def _on_worker(self, identity: bytes, msg, *, peer_key: str | None = None) -> None:
         now = self._clock()
         if isinstance(msg, Hello):
-            self._on_hello(identity, msg, now)
+            self._on_hello(identity, msg, now, peer_key=peer_key)
             return
         worker = self._worker_by_identity(identity)
         if worker is None:
@@ -434,7 +468,7 @@ class RouterService:
         elif isinstance(msg, (TokenChunk, Completion, ErrorReply)):
             self._on_result(wid, msg, now)
 
-    def _on_hello(self, identity: bytes, hello: Hello, now: float) -> None:
+    def _on_hello(self, identity: bytes, hello: Hello, now: float, *, peer_key: str | None = None) -> None:
         cfg = self.config
         if hello.protocol_version != PROTOCOL_VERSION or hello.block_size != cfg.block_size:
             reason = (f"protocol {hello.protocol_version} != {PROTOCOL_VERSION}" if hello.protocol_version != PROTOCOL_VERSION
@@ -446,32 +480,120 @@ class RouterService:
             logger.warning("refusing worker %s: events_curve_key is not a z85 CURVE public key", hello.worker_id)
             self._send_worker(identity, Refused("events_curve_key is not a z85 CURVE public key (40 characters)"))
             return
-        old = self.workers.get(hello.worker_id)
-        if old is not None and (old.hello.epoch != hello.epoch or old.hello.events_endpoint != hello.events_endpoint):
-            self._worker_gone(hello.worker_id, ErrorCode.WORKER_DIED, "worker restarted")
+        refusal = self._claim_refusal(identity, hello, now, peer_key)
+        if refusal is not None:
+            self.counters[f"rejected_hello_{refusal.code}"] += 1
+            n = self.counters[f"rejected_hello_{refusal.code}"]
+            if n <= 10 or n % 100 == 0:  # a peer that keeps trying must not flood the log
+                logger.warning("refusing a Hello for worker %s (epoch %d, %d refused so far): %s", hello.worker_id,
+                               hello.epoch, n, refusal.reason)
+            self._send_worker(identity, refusal)
+            return
+        wid = hello.worker_id
+        old = self.workers.get(wid)
+        replaced = old is not None and old.identity != identity
+        if old is not None and not _same_incarnation(old, identity, hello):
+            # Another incarnation (a restart), or a claimant of an id whose holder is proven gone.
+            self._worker_gone(wid, ErrorCode.WORKER_DIED, "worker restarted" if old.hello.epoch != hello.epoch
+                              else "worker replaced after its heartbeat timeout")
             old = None
         if old is None:
-            resume = {t.dp_rank: s for t, s in self._snapshots.items() if t.worker_id == hello.worker_id}
+            resume = {t.dp_rank: s for t, s in self._snapshots.items() if t.worker_id == wid}
             targets = self.ingest.add_worker(hello, resume=resume)
             for t in targets:
                 self.core.register(t, capacity_blocks=hello.num_gpu_blocks)
-            self.workers[hello.worker_id] = _Worker(identity, hello, targets)
-            self._identities[identity] = hello.worker_id
+            self.workers[wid] = _Worker(identity, hello, targets)
+            self._identities[identity] = wid
             self._adopt_latency(hello)
             self._refresh_fleet()
-            logger.info("worker %s registered (epoch %d, %d rank(s), events %s)", hello.worker_id, hello.epoch,
+            logger.info("worker %s registered (epoch %d, %d rank(s), events %s)", wid, hello.epoch,
                         len(targets), hello.events_endpoint)
         else:
             self._identities.pop(old.identity, None)
             old.identity = identity  # reconnected with a new DEALER; same incarnation, same index
-            self._identities[identity] = hello.worker_id
-        self.liveness.seen(hello.worker_id, now)
+            old.hello = hello
+            self._identities[identity] = wid
+        if self.curve is not None and peer_key is not None:
+            self._id_keys.setdefault(wid, peer_key)
+        self.liveness.seen(wid, now)
         self._refresh_stats()
         self._nudged.pop(identity, None)
         self._send_worker(identity, Welcome(cfg.router_id, cfg.heartbeat.interval_s, cfg.heartbeat.liveness,
                                             router_epoch=self.epoch))
-        self.liveness.sent(hello.worker_id, now)
+        self.liveness.sent(wid, now)
+        # After the Welcome: a request re-routed here must reach the worker after it.
+        self._take_over(wid, hello, replaced=old is not None and replaced, now=now)
         self._mirror_call(lambda: self.mirror.register_worker(hello, now_s=self._wall(), ttl_s=cfg.heartbeat.timeout_s))
+
+    def _claim_refusal(self, identity: bytes, hello: Hello, now: float, peer_key: str | None) -> Refused | None:
+        """Why this Hello may not have its worker id, or None. The id belongs to one live connection:
+        the same connection, or the same incarnation on a new one (proved by ``link_token``), may
+        say Hello again; anyone else waits until the holder misses its heartbeat timeout."""
+        wid = hello.worker_id
+        bound = self._id_keys.get(wid)
+        if self.curve is not None and bound is not None and peer_key != bound:
+            return Refused(f"worker id {wid!r} is bound to another CURVE key (the one that first registered it); "
+                           f"this key ({peer_key or '-'}) may serve only the ids it registered",
+                           code=REFUSED_KEY_MISMATCH)
+        old = self.workers.get(wid)
+        if old is None or old.identity == identity or _same_incarnation(old, identity, hello):
+            return None
+        last = self.liveness.last_seen(wid)
+        if last is None or not self.liveness.is_alive(wid, now):
+            return None  # the holder is proven gone: take over
+        retry_after_s = max(0.0, last + self.config.heartbeat.timeout_s - now)
+        return Refused(f"worker id {wid!r} is in use by a live worker (epoch {old.hello.epoch}, heard from "
+                       f"{now - last:.2f} s ago): give this worker another --id", code=REFUSED_DUPLICATE_ID,
+                       retry_after_s=round(retry_after_s, 3))
+
+    def _take_over(self, wid: str, hello: Hello, *, replaced: bool, now: float) -> None:
+        """Reconcile a worker's requests with what its Hello says it holds.
+
+        Invariant: every pending request on ``wid`` either is listed in ``hello.in_flight`` (the
+        worker will resend its whole stream after the Welcome) or ends now, re-routed if its client
+        saw nothing yet, else with ``WORKER_DIED``. Only on a *replaced* link: on the same
+        connection, Dispatches sent after the worker's Hello are still on their way to it."""
+        held = set(hello.in_flight) if hello.router_epoch == self.epoch else set()  # keys of another router are not ours
+        mine: set[str] = set()
+        if replaced:
+            lost = [p for p in self.pending.values() if p.target is not None and p.target.worker_id == wid
+                    and p.key not in held]
+            mine = {p.key for p in self.pending.values() if p.target is not None and p.target.worker_id == wid}
+            if lost:
+                self.counters["requests_lost_with_link"] += len(lost)
+                logger.warning("worker %s reconnected without %d of its requests (lost with the old connection): "
+                               "routing them again or failing them", wid, len(lost))
+            for p in lost:
+                self._fail_or_retry(p, ErrorCode.WORKER_DIED, "its worker link was replaced and the request was lost "
+                                    "with the old connection", now=now)
+            self.counters["worker_links_replaced"] += 1
+            logger.info("worker %s reconnected (epoch %d): %d request(s) handed over", wid, hello.epoch,
+                        len(mine & held))
+        else:
+            mine = {p.key for p in self.pending.values() if p.target is not None and p.target.worker_id == wid}
+        worker = self.workers[wid]
+        for key in held - mine:  # finished or failed over already: the worker may stop it
+            self._send_worker(worker.identity, Cancel(key))
+
+    def _fail_or_retry(self, p: _Pending, code: ErrorCode, why: str, *, now: float, cancel: bool = False) -> None:
+        """End ``p`` on its current worker: route it again (elsewhere) if its client saw nothing yet
+        and retries are left, else fail it with ``code``. ``cancel`` tells that worker to stop it."""
+        wid = _wid(p.target)
+        worker = self.workers.get(wid) if wid is not None else None
+        if cancel and worker is not None:
+            self._send_worker(worker.identity, Cancel(p.key))
+        self.core.on_finish(p.key)
+        if worker is not None:
+            p.tried.update(worker.targets)  # not another rank of the same worker: the key is the same
+        if not p.streamed and p.retries < self.config.max_retries:
+            p.retries += 1
+            p.relayed_chunks = 0
+            self.counters["retries"] += 1
+            logger.info("request %s: %s before its first token, routing it again", p.key, why)
+            self._dispatch(p, now)
+        else:
+            detail = "after tokens were streamed" if p.streamed else f"after {p.retries} retries"
+            self._finish(p, ErrorReply(p.request.request_id, code, f"{why} {detail}", wid))
 
     def _adopt_latency(self, hello: Hello) -> None:
         """kvr's TTFT model: the engine profile the first worker names, unless one was given."""
@@ -494,12 +616,31 @@ class RouterService:
             return
         rid = p.request.request_id
         if isinstance(msg, TokenChunk):
+            if msg.seq >= 0 and msg.seq != p.relayed_chunks:
+                if msg.seq < p.relayed_chunks:  # resent after a reconnect: relayed already
+                    self.counters["repeated_chunks_dropped"] += 1
+                    return
+                self.counters["reply_stream_gaps"] += 1
+                logger.warning("request %s: chunk %d from worker %s, expected %d: chunks were lost", p.key, msg.seq,
+                               wid, p.relayed_chunks)
+                self._fail_or_retry(p, ErrorCode.WORKER_DIED, f"chunks {p.relayed_chunks}..{msg.seq - 1} of its "
+                                    "stream were lost on the worker link", now=now, cancel=True)
+                return
+            p.relayed_chunks += 1
             if not p.streamed:
                 p.streamed = True
                 p.first_token_s = now
                 self.core.on_first_token(p.key, now=now)
             self._reply(p.client, msgspec.structs.replace(msg, request_id=rid))
         elif isinstance(msg, Completion):
+            if msg.chunks >= 0 and msg.chunks != p.relayed_chunks:
+                # Never a result with missing tokens: the count the worker sent must have arrived.
+                self.counters["incomplete_completions"] += 1
+                logger.warning("request %s: worker %s finished after %d chunks, %d reached the router", p.key, wid,
+                               msg.chunks, p.relayed_chunks)
+                self._fail_or_retry(p, ErrorCode.WORKER_DIED, f"{msg.chunks - p.relayed_chunks} of its {msg.chunks} "
+                                    "chunks were lost on the worker link", now=now)
+                return
             if p.first_token_s is None:
                 p.first_token_s = now
             self._finish(p, msgspec.structs.replace(msg, request_id=rid, predicted_cached_tokens=p.predicted_cached_tokens,
@@ -523,14 +664,7 @@ class RouterService:
             p = self.pending.get(rec.request_id)
             if p is None:
                 continue
-            if not p.streamed and p.retries < self.config.max_retries:
-                p.retries += 1
-                self.counters["retries"] += 1
-                logger.info("request %s: worker %s gone before its first token, routing it again", p.key, wid)
-                self._dispatch(p, now)
-            else:
-                detail = "after tokens were streamed" if p.streamed else f"after {p.retries} retries"
-                self._finish(p, ErrorReply(p.request.request_id, code, f"{why} {detail}", wid))
+            self._fail_or_retry(p, code, why, now=now)
 
     def _worker_by_identity(self, identity: bytes) -> _Worker | None:
         wid = self._identities.get(identity)
@@ -673,3 +807,10 @@ class RouterService:
 
 def _wid(target: WorkerKey | None) -> str | None:
     return None if target is None else target.worker_id
+
+
+def _same_incarnation(held: _Worker, identity: bytes, hello: Hello) -> bool:
+    """Whether ``hello`` comes from the process that registered ``held``: on its connection, or on a
+    new one with its secret link token; and still with the same epoch and event endpoint."""
+    same_process = identity == held.identity or (bool(hello.link_token) and hello.link_token == held.hello.link_token)
+    return same_process and hello.epoch == held.hello.epoch and hello.events_endpoint == held.hello.events_endpoint

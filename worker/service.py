@@ -9,10 +9,22 @@ One loop thread owns every socket (zmq sockets are not thread-safe):
   interval; when nothing at all has come from the router for ``interval × liveness``,
   it drops the DEALER and reconnects after an exponential backoff (``backoff_min_s``
   doubling up to ``backoff_max_s``, reset by the next ``Welcome``), re-registering
-  with the same epoch. Request replies produced while the link is down (tokens, results,
-  errors) are held, up to ``MAX_HELD_REPLIES``, and sent right after the next ``Hello``: a
-  router that only stalled still waits for them (it never declared this incarnation dead),
-  and one that failed the requests over already counts them as late. Heartbeats are not held.
+  with the same epoch. Heartbeats produced while the link is down are dropped.
+* **Nothing lost when the link is replaced.** Closing a DEALER throws away whatever it still
+  queued (a stalled router read nothing for seconds), so the worker keeps each router request's
+  stream: every ``TokenChunk`` numbered (``seq``) and the terminal reply (``Completion.chunks`` =
+  the chunks before it), from the ``Dispatch`` until the router has surely read the end (it spoke
+  a heartbeat interval after the terminal went out; at most ``MAX_FINISHED_STREAMS`` are kept).
+  Replies are sent only on a welcomed link; the ``Hello`` on a new link carries the secret
+  ``link_token`` of this incarnation and the kept request ids (``in_flight``); after the
+  ``Welcome`` of the same router incarnation every kept stream is sent again from its start (the
+  router drops chunks it relayed already, by ``seq``, and fails or re-routes the requests this
+  worker does not list). A ``Welcome`` of another router incarnation (it restarted and knows none
+  of them) cancels and forgets them instead.
+* **One live connection per worker id.** A ``Refused`` with ``REFUSED_DUPLICATE_ID`` means
+  another live worker holds the id: the worker says Hello once more after ``retry_after_s`` (the
+  holder may be its own predecessor, dead but not yet timed out); refused again, it stops
+  (``refused`` set, logged as an error; ``kvr worker`` exits non-zero).
 * **Backend.** ``Dispatch`` → ``backend.submit``, ``Cancel`` → ``backend.cancel``;
   whatever the backend produces (``TokenChunk``, ``Completion``, ``ErrorReply``) goes
   to the router, or to a local sink for requests that came in over HTTP.
@@ -27,21 +39,24 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import secrets
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bus.codec import DecodeError, encode, router_decoder
 from bus.schema import (
-    Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Refused, TokenChunk, Welcome,
+    REFUSED_DUPLICATE_ID, Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, Refused,
+    TokenChunk, Welcome,
 )  # fmt: skip
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_dealer
@@ -50,8 +65,11 @@ logger = logging.getLogger(__name__)
 
 Sink = Callable[[Any], None]
 _TERMINAL = (Completion, ErrorReply)
-#: Request replies held while the router link is down (beyond that they are dropped and counted).
-MAX_HELD_REPLIES = 100_000
+#: Finished request streams kept for a resend (beyond that the oldest are forgotten and counted; a
+#: router that then misses one fails or re-routes the request explicitly).
+MAX_FINISHED_STREAMS = 10_000
+#: After a duplicate-id refusal, the second Hello goes this long after the holder's timeout.
+DUPLICATE_RETRY_MARGIN_S = 0.1
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -62,13 +80,26 @@ class LinkCounters:
     welcomes: int = 0
     heartbeats_sent: int = 0
     messages_sent: int = 0
-    messages_dropped: int = 0  # produced while the link was down (heartbeats, and replies beyond the hold limit)
-    replies_held: int = 0  # request replies held while the link was down, sent after the next Hello
+    messages_dropped: int = 0  # produced while the link was down (heartbeats)
+    replies_held: int = 0  # request replies kept unsent while the link was not welcomed, sent after the Welcome
+    replies_resent: int = 0  # replies sent again from kept streams after a Welcome
+    streams_forgotten: int = 0  # finished streams dropped unconfirmed (MAX_FINISHED_STREAMS)
+    orphan_replies_dropped: int = 0  # replies of requests of a router incarnation that is gone
     dispatches: int = 0
     cancels: int = 0
     bad_messages: int = 0
     handler_errors: int = 0
     rehellos: int = 0  # Hellos sent again because a router of another epoch spoke (it restarted)
+
+
+@dataclass
+class _Stream:
+    """One router request's replies as sent (numbered), kept for a resend on a new link."""
+
+    messages: list = field(default_factory=list)
+    chunks: int = 0
+    finished: bool = False
+    sent_s: float | None = None  # when its terminal last went out on a welcomed link
 
 
 class WorkerService:
@@ -121,7 +152,13 @@ class WorkerService:
         self._last_recv = 0.0
         self._next_heartbeat = 0.0
         self._reconnect_at: float | None = None
-        self._held: deque = deque()  # request replies produced while the link was down
+        self._streams: dict[str, _Stream] = {}  # router request id -> its replies so far (module docstring)
+        self._finished: deque[str] = deque()  # ids of finished streams, oldest first (pruning)
+        self._orphans: set[str] = set()  # requests of a router incarnation that is gone (cancelled)
+        self._link_token = secrets.token_hex(16)  # proves a new link is this incarnation (Hello.link_token)
+        self._welcomed_epoch: int | None = None  # the router incarnation that dispatched what _streams hold
+        self._duplicate_retry_at: float | None = None  # when to say Hello again after REFUSED_DUPLICATE_ID
+        self._duplicate_retried = False
         self._backoff_s = backoff_min_s
         self._sinks: dict[str, Sink] = {}
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -199,6 +236,8 @@ class WorkerService:
             deadlines.append(self._next_heartbeat)
         if self._reconnect_at is not None:
             deadlines.append(self._reconnect_at)
+        if self._duplicate_retry_at is not None:
+            deadlines.append(self._duplicate_retry_at)
         # zmq polls in whole milliseconds: round up rather than spin through the last one.
         timeout_ms = max(0, math.ceil((min(deadlines) - self._clock()) * 1000.0))
         for sock, _ in self._poller.poll(timeout_ms):
@@ -237,7 +276,7 @@ class WorkerService:
                     del self._sinks[msg.request_id]
                 sink(msg)
             else:
-                self._send(msg)
+                self._relay(msg)
 
     # ------------------------------------------------------------------ router link
 
@@ -260,14 +299,93 @@ class WorkerService:
         self._reconnect_at = None
         self.registered = False
         self._router_epoch = 0
-        self._send(self.backend.hello(epoch=self.epoch, profile=self.profile))
+        if self._duplicate_retry_at is None:  # else the retry timer says it, not before the holder's timeout
+            self._send(self._hello())
         logger.info("worker %s registering with %s (epoch %d)", self.worker_id, self.router_endpoint, self.epoch)
-        if self._held:  # after the Hello on the same socket, so the router knows who sends them
-            logger.info("worker %s: sending %d replies held while the router link was down", self.worker_id,
-                        len(self._held))
-            held, self._held = self._held, deque()
-            for msg in held:
+
+    def _hello(self) -> Hello:
+        return msgspec.structs.replace(self.backend.hello(epoch=self.epoch, profile=self.profile),
+                                       link_token=self._link_token, in_flight=list(self._streams),
+                                       router_epoch=self._welcomed_epoch or 0)
+
+    # ------------------------------------------------------------------ request streams
+
+    def _relay(self, msg: Any) -> None:
+        """A reply to a router request: numbered, kept, and sent if the link is welcomed."""
+        key = msg.request_id
+        if key in self._orphans:
+            if isinstance(msg, _TERMINAL):
+                self._orphans.discard(key)
+            self.counters.orphan_replies_dropped += 1
+            return
+        stream = self._streams.get(key)
+        if stream is None:  # not dispatched over the link (nothing does that): as it is
+            self._send(msg)
+            return
+        if stream.finished:  # a backend answers once; a second terminal would be a bug: do not pass it on
+            self.counters.bad_messages += 1
+            return
+        if isinstance(msg, TokenChunk):
+            msg = msgspec.structs.replace(msg, seq=stream.chunks)
+            stream.chunks += 1
+        elif isinstance(msg, Completion):
+            msg = msgspec.structs.replace(msg, chunks=stream.chunks)
+        stream.messages.append(msg)
+        terminal = isinstance(msg, _TERMINAL)
+        if terminal:
+            stream.finished = True
+            self._finished.append(key)
+        if self.registered and self._dealer is not None:
+            self._send(msg)
+            if terminal:
+                stream.sent_s = self._clock()
+        else:
+            self.counters.replies_held += 1
+
+    def _resend_streams(self) -> None:
+        """After a Welcome of the same router: every kept stream again from its start, in order."""
+        now = self._clock()
+        n = 0
+        for stream in self._streams.values():
+            for msg in stream.messages:
                 self._send(msg)
+                n += 1
+            if stream.finished:
+                stream.sent_s = now
+        if n:
+            self.counters.replies_resent += n
+            logger.info("worker %s: sent %d replies of %d request(s) again from their start", self.worker_id, n,
+                        len(self._streams))
+
+    def _forget_streams(self, why: str) -> None:
+        """The router that dispatched them is gone: stop what runs, drop what is kept."""
+        running = [key for key, s in self._streams.items() if not s.finished]
+        if running:
+            logger.warning("worker %s: cancelling %d request(s): %s", self.worker_id, len(running), why)
+        if len(self._orphans) > MAX_FINISHED_STREAMS:
+            self._orphans.clear()  # ids whose cancel never answered: forget them
+        for key in running:
+            self._orphans.add(key)
+            self.backend.cancel(key)
+        self._streams.clear()
+        self._finished.clear()
+
+    def _prune_streams(self) -> None:
+        """Forget finished streams the router has surely read: it spoke an interval after they went out."""
+        cutoff = self._last_recv - self.heartbeat_interval_s
+        finished = self._finished
+        while finished:
+            key = finished[0]
+            stream = self._streams.get(key)
+            if stream is None or not stream.finished:
+                finished.popleft()  # dispatched again since (a new stream under the same id)
+                continue
+            if len(finished) > MAX_FINISHED_STREAMS:
+                self.counters.streams_forgotten += 1
+            elif stream.sent_s is None or stream.sent_s > cutoff:
+                return
+            finished.popleft()
+            del self._streams[key]
 
     def _disconnect(self) -> None:
         if self._dealer is not None:
@@ -313,6 +431,10 @@ class WorkerService:
             if self._reconnect_at is not None and now >= self._reconnect_at:
                 self._connect()
             return
+        if self._duplicate_retry_at is not None and now >= self._duplicate_retry_at:
+            self._duplicate_retry_at = None
+            self._send(self._hello())
+        self._prune_streams()
         if now - self._last_recv > self.heartbeat_interval_s * self.liveness:
             # Read what is waiting before judging: after a long step or CPU starvation the
             # router's beats sit unread in the socket, and the router was not silent at all.
@@ -333,11 +455,7 @@ class WorkerService:
 
     def _send(self, msg: Any) -> None:
         if self._dealer is None:
-            if isinstance(msg, (TokenChunk, Completion, ErrorReply)) and len(self._held) < MAX_HELD_REPLIES:
-                self._held.append(msg)
-                self.counters.replies_held += 1
-            else:
-                self.counters.messages_dropped += 1
+            self.counters.messages_dropped += 1
             return
         try:
             self._dealer.send(encode(msg), zmq.NOBLOCK)
@@ -368,12 +486,15 @@ class WorkerService:
             self.counters.handler_errors += 1
             logger.exception("handling %s failed", type(msg).__name__)
             if isinstance(msg, Dispatch):
-                self._send(ErrorReply(msg.request_id, ErrorCode.INTERNAL, "worker failed to start the request",
-                                      self.worker_id))
+                self._relay(ErrorReply(msg.request_id, ErrorCode.INTERNAL, "worker failed to start the request",
+                                       self.worker_id))
 
     def _dispatch_message(self, msg: Any) -> None:
         if isinstance(msg, Dispatch):
             self.counters.dispatches += 1
+            kept = self._streams.get(msg.request_id)
+            if kept is None or kept.finished:  # (a running one dispatched again: the backend ignores it)
+                self._streams[msg.request_id] = _Stream()
             self.backend.submit(msg)
         elif isinstance(msg, Cancel):
             self.counters.cancels += 1
@@ -385,21 +506,37 @@ class WorkerService:
             self.liveness = msg.heartbeat_liveness
             self._backoff_s = self.backoff_min_s
             self._router_epoch = msg.router_epoch
+            self._duplicate_retried = False
+            self._duplicate_retry_at = None
             logger.info("registered with router %s (heartbeat %.2f s x %d)", msg.router_id,
                         msg.heartbeat_interval_s, msg.heartbeat_liveness)
+            if self._welcomed_epoch is not None and msg.router_epoch != self._welcomed_epoch:
+                self._forget_streams(f"router {msg.router_id} restarted (epoch {self._welcomed_epoch} -> "
+                                     f"{msg.router_epoch}) and does not know them")
+            self._welcomed_epoch = msg.router_epoch
+            self._resend_streams()
         elif isinstance(msg, Heartbeat):
             # The router does not know us (it restarted, or declared us dead while we were
             # stalled): register again now rather than after the liveness timeout, which its beats
             # would keep from ever expiring. At most twice a second.
             now = self._clock()
-            if not msg.known and now - self._last_rehello >= 0.5:
+            if not msg.known and self._duplicate_retry_at is None and now - self._last_rehello >= 0.5:
                 self._last_rehello = now
                 self.counters.rehellos += 1
                 self.registered = False
                 logger.warning("router %s (epoch %d) does not know this worker (welcomed by epoch %d): "
                                "saying Hello again", msg.sender_id, msg.epoch, self._router_epoch)
-                self._send(self.backend.hello(epoch=self.epoch, profile=self.profile))
+                self._send(self._hello())
         elif isinstance(msg, Refused):
+            if msg.code == REFUSED_DUPLICATE_ID and not self._duplicate_retried:
+                # The holder may be this worker's predecessor, dead but not yet timed out: once
+                # more after its timeout; a second refusal proves it alive.
+                self._duplicate_retried = True
+                wait_s = msg.retry_after_s + DUPLICATE_RETRY_MARGIN_S
+                self._duplicate_retry_at = self._clock() + wait_s
+                logger.warning("router refused worker %s: %s; saying Hello once more in %.2f s, in case the holder "
+                               "is this worker's dead predecessor", self.worker_id, msg.reason, wait_s)
+                return
             self.refused = msg.reason
             logger.error("router refused worker %s: %s", self.worker_id, msg.reason)
             self._stop.set()

@@ -16,7 +16,7 @@ from bus.client import RouterClient
 from bus.codec import encode, router_decoder
 from bus.publisher import PublisherThread
 from bus.schema import (
-    Completion, Dispatch, ErrorCode, GenerateRequest, Goodbye, Heartbeat, Hello, Refused, TokenChunk, Welcome,
+    REFUSED_DUPLICATE_ID, REFUSED_KEY_MISMATCH, Cancel, Completion, Dispatch, ErrorCode, GenerateRequest, Goodbye, Heartbeat, Hello, Refused, TokenChunk, Welcome,
     WorkerLoad,
 )  # fmt: skip
 from bus.sockets import free_tcp_endpoint
@@ -297,6 +297,12 @@ def test_a_worker_restart_with_a_new_epoch_discards_its_stored_index(ctx, redis_
         w.close()
         w2 = FakeWorker(ctx, svc.workers_endpoint, "w1", epoch=2)  # a new incarnation, new publisher
         w2.hello()
+        # Its predecessor died a moment ago, silently: not proven gone yet, so the id stays its own.
+        wait_for(lambda: any(isinstance(m, Refused) for m in w2.received), [w2])
+        [refused] = [m for m in w2.received if isinstance(m, Refused)]
+        assert refused.code == REFUSED_DUPLICATE_ID and 0 < refused.retry_after_s <= 3 * BEAT_S
+        time.sleep(refused.retry_after_s)
+        w2.hello()  # once more after the holder's timeout: it takes over
         wait_for(lambda: "w1" in svc.workers and svc.workers["w1"].hello.epoch == 2, [w2])
         assert svc.index.num_blocks(WorkerKey("w1", 0)) == 0
         wait_for(lambda: redis_client.hlen(names.target_blocks_key("t", "w1", 0)) == 0, [w2])

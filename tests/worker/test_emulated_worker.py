@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import msgspec
 import pytest
 import zmq
 
@@ -104,7 +105,7 @@ def test_registers_runs_requests_and_reports_cached_tokens(router, start_worker)
 
 def test_heartbeats_carry_the_engine_load(router, start_worker) -> None:
     start_worker()
-    register(router, interval_s=0.05)
+    register(router, interval_s=0.05, liveness=100)  # this router never beats: a long timeout
     router.send(Dispatch(request_id="long", token_ids=list(range(50)), max_tokens=10_000))
     for _ in range(50):
         beat = router.recv(Heartbeat)
@@ -137,24 +138,32 @@ def test_a_stalled_worker_loop_reads_the_waiting_beats_before_calling_the_router
     assert svc.registered and svc.counters.connects == 1  # the link never dropped: the beats were there
 
 
-def test_replies_produced_while_the_link_is_down_follow_the_next_hello(router, start_worker) -> None:
-    """A router that only stalled (no Hello lost, no death declared) still waits for them: nothing lost."""
+def test_a_replaced_link_resends_every_kept_stream_from_its_start_after_the_welcome(router, start_worker) -> None:
+    """A stalled router: the worker drops the link mid-stream (what its DEALER still queued is
+    gone), says Hello on a new one listing the request and its link token, holds every reply
+    until the Welcome, then sends the whole stream again, numbered: nothing is missing."""
     svc = start_worker(backoff_min_s=0.3)
-    register(router, interval_s=0.05, liveness=2)
-    # A long request; the router goes silent while it runs, so the worker drops the link mid-stream.
+    first = register(router, interval_s=0.05, liveness=2)
     router.send(Dispatch(request_id="r", token_ids=list(range(40)), max_tokens=400))
     deadline = time.monotonic() + 5
     while svc.counters.replies_held == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert svc.counters.replies_held > 0
-    tokens: list[int] = []
+    before: list[TokenChunk] = []
     while not isinstance(msg := router.recv(), Hello):  # what got out before the link dropped
         if isinstance(msg, TokenChunk):
-            tokens.extend(msg.token_ids)
+            before.append(msg)
+    assert msg.in_flight == ["r"] and msg.link_token == first.link_token != "" and msg.epoch == first.epoch
+    assert [c.seq for c in before] == list(range(len(before)))
     router.send(Welcome(router_id="r1", heartbeat_interval_s=0.05, heartbeat_liveness=50))
-    rest, done = collect(router, "r")  # the held tokens, then the rest, then the result
-    assert isinstance(done, Completion) and done.output_tokens == 400
-    assert len(tokens) + len(rest) == 400  # not one token lost
+    chunks: list[TokenChunk] = []
+    while not isinstance(msg := router.recv(), (Completion, ErrorReply)):
+        if isinstance(msg, TokenChunk):
+            chunks.append(msg)
+    assert [c.seq for c in chunks] == list(range(len(chunks)))  # again from chunk 0, none skipped
+    assert isinstance(msg, Completion) and msg.output_tokens == 400 and msg.chunks == len(chunks)
+    assert sum(len(c.token_ids) for c in chunks) == 400
+    assert chunks[: len(before)] == before and svc.counters.replies_resent >= len(before)
 
 
 def test_refused_stops_the_worker(router) -> None:
@@ -227,7 +236,9 @@ def test_a_router_that_does_not_know_the_worker_gets_a_hello_at_once_on_the_same
     router.send(Heartbeat(sender_id="r1", epoch=5))  # a known worker: nothing to do
     router.send(Heartbeat(sender_id="r1", epoch=9, known=False))
     again = router.recv(Hello, timeout_s=2)
-    assert again == first and svc.counters.rehellos == 1 and svc.counters.connects == 1  # same socket
+    # Same socket; its requests (none) are the ones of the router incarnation that welcomed it.
+    assert again == msgspec.structs.replace(first, router_epoch=5)
+    assert svc.counters.rehellos == 1 and svc.counters.connects == 1
     router.send(Heartbeat(sender_id="r1", epoch=9, known=False))  # within 0.5 s of that Hello: no other
     time.sleep(0.2)
     assert svc.counters.rehellos == 1
