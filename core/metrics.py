@@ -16,7 +16,14 @@ Definitions (one each):
   floor((prompt - 1) / block_size)``, the last prompt token is always computed),
   ``partial`` otherwise.
 * **TPOT** = (e2e − TTFT) / (output tokens − 1), for requests with ≥ 2 output tokens.
-* percentiles interpolate linearly between order statistics (numpy's default).
+* percentiles interpolate linearly between order statistics (numpy's default;
+  :func:`core.quantiles.percentile`, the one definition). A fold made with
+  ``relative_accuracy`` keeps DDSketches instead of every value: its quantiles
+  are then within that relative error (see :mod:`core.quantiles`); counts,
+  sums, means and maxima stay exact.
+* **bounded memory**: with ``max_timeline_buckets`` the timeline never holds
+  more buckets than that: when it would, the bucket width doubles and
+  neighbouring buckets add up (a long run keeps its whole history, coarser).
 * **load CV** = population std / mean of per-worker request counts over every
   registered worker (a worker that got nothing counts as 0).
 * **infinite-cache upper bound**: requests in arrival order, a set of seen block
@@ -34,6 +41,8 @@ from typing import Any
 import msgspec
 
 from core.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from core.quantiles import Samples, new_samples, samples_from_json
+from core.quantiles import percentile as percentile  # re-exported: the one definition lives in core.quantiles
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +69,6 @@ class RequestRecord(msgspec.Struct, kw_only=True, frozen=True):
     queue_s: float = 0.0
     prefill_s: float = 0.0
     preemptions: int = 0
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated ``q``-th percentile of already sorted values (NaN if empty)."""
-    n = len(sorted_values)
-    if n == 0:
-        return math.nan
-    rank = (n - 1) * q / 100.0
-    lo = int(math.floor(rank))
-    hi = min(lo + 1, n - 1)
-    frac = rank - lo
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
 
 
 def cache_status(num_prompt_tokens: int, num_cached_tokens: int, block_size: int) -> str:
@@ -106,22 +103,37 @@ class MetricsFold:
 
     ``block_size`` classifies cache status and match lengths; ``timeline_bucket_s``
     is the width of the time buckets behind the hit-rate and load-over-time plots.
+    ``relative_accuracy`` (None: keep every value, exact) makes every latency
+    distribution a bounded sketch; ``max_timeline_buckets`` (None: unbounded)
+    caps the timeline by coarsening it. A fold that lives as long as a live
+    monitor sets both; the simulator (finite runs, exact figures) sets neither.
     """
 
-    def __init__(self, *, block_size: int = 16, timeline_bucket_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        timeline_bucket_s: float = 10.0,
+        relative_accuracy: float | None = None,
+        max_timeline_buckets: int | None = None,
+    ) -> None:
         if block_size <= 0 or timeline_bucket_s <= 0:
             raise ValueError("block_size and timeline_bucket_s must be positive")
+        if max_timeline_buckets is not None and max_timeline_buckets < 2:
+            raise ValueError("max_timeline_buckets must be at least 2")
         self.block_size = block_size
         self.timeline_bucket_s = timeline_bucket_s
+        self.relative_accuracy = relative_accuracy
+        self.max_timeline_buckets = max_timeline_buckets
         self.workers: dict[str, dict[str, float]] = {}
-        self.ttft_s: list[float] = []
-        self.tpot_s: list[float] = []
-        self.e2e_s: list[float] = []
-        self.queue_s: list[float] = []
-        self.ttft_by_status: dict[str, list[float]] = {s: [] for s in CACHE_STATUSES}
-        self.e2e_by_status: dict[str, list[float]] = {s: [] for s in CACHE_STATUSES}
+        self.ttft_s: Samples = new_samples(relative_accuracy)
+        self.tpot_s: Samples = new_samples(relative_accuracy)
+        self.e2e_s: Samples = new_samples(relative_accuracy)
+        self.queue_s: Samples = new_samples(relative_accuracy)
+        self.ttft_by_status: dict[str, Samples] = {s: new_samples(relative_accuracy) for s in CACHE_STATUSES}
+        self.e2e_by_status: dict[str, Samples] = {s: new_samples(relative_accuracy) for s in CACHE_STATUSES}
         self.match_blocks_hist: dict[int, int] = {}
-        self.event_lag_s: list[float] = []
+        self.event_lag_s: Samples = new_samples(relative_accuracy)
         self.counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
         self.first_arrival_s = math.inf
         self.last_finish_s = -math.inf
@@ -138,8 +150,16 @@ class MetricsFold:
         idx = int(math.floor(t / self.timeline_bucket_s))
         b = self.timeline.get(idx)
         if b is None:
-            b = self.timeline[idx] = {"prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "per_worker": {}}
+            if self.max_timeline_buckets is not None and len(self.timeline) >= self.max_timeline_buckets:
+                self._coarsen_timeline()
+                return self._bucket(t)
+            b = self.timeline[idx] = _new_bucket()
         return b
+
+    def _coarsen_timeline(self) -> None:
+        """Double the bucket width: bucket ``i`` joins ``i // 2`` (floor(t / 2w) = floor(floor(t / w) / 2))."""
+        self.timeline = _coarsened(self.timeline)
+        self.timeline_bucket_s *= 2
 
     def add_request(self, rec: RequestRecord) -> None:
         """Fold one finished request."""
@@ -160,14 +180,14 @@ class MetricsFold:
             c["predicted_prompt_tokens"] += rec.num_prompt_tokens
             c["predicted_cached_tokens"] += rec.predicted_cached_tokens
             c["predicted_engine_cached_tokens"] += rec.num_cached_tokens
-        self.ttft_s.append(rec.ttft_s)
-        self.e2e_s.append(rec.e2e_s)
-        self.queue_s.append(rec.queue_s)
+        self.ttft_s.add(rec.ttft_s)
+        self.e2e_s.add(rec.e2e_s)
+        self.queue_s.add(rec.queue_s)
         if rec.num_output_tokens >= 2:
-            self.tpot_s.append((rec.e2e_s - rec.ttft_s) / (rec.num_output_tokens - 1))
+            self.tpot_s.add((rec.e2e_s - rec.ttft_s) / (rec.num_output_tokens - 1))
         status = cache_status(rec.num_prompt_tokens, rec.num_cached_tokens, self.block_size)
-        self.ttft_by_status[status].append(rec.ttft_s)
-        self.e2e_by_status[status].append(rec.e2e_s)
+        self.ttft_by_status[status].add(rec.ttft_s)
+        self.e2e_by_status[status].add(rec.e2e_s)
         bucket = _match_bucket(rec.num_cached_tokens // self.block_size)
         self.match_blocks_hist[bucket] = self.match_blocks_hist.get(bucket, 0) + 1
         self.first_arrival_s = min(self.first_arrival_s, rec.arrival_s)
@@ -207,7 +227,7 @@ class MetricsFold:
 
     def observe_event_lag(self, lag_s: float) -> None:
         """Time from an event batch's ``ts`` to when the index applied it."""
-        self.event_lag_s.append(lag_s)
+        self.event_lag_s.add(lag_s)
 
     def count_gap(self, n: int = 1) -> None:
         """Sequence gaps detected on the event plane."""
@@ -220,49 +240,72 @@ class MetricsFold:
     # ---- merge / serialise ---------------------------------------------
 
     def merge(self, other: MetricsFold) -> MetricsFold:
-        """Fold ``other`` into this one (same block size and bucket width) and return self."""
-        if (other.block_size, other.timeline_bucket_s) != (self.block_size, self.timeline_bucket_s):
-            raise ValueError("cannot merge folds with different block_size or timeline_bucket_s")
+        """Fold ``other`` into this one and return self.
+
+        Same block size and kind of samples (exact or sketches of one accuracy).
+        Bucket widths may differ by a power of two (a bounded timeline coarsens):
+        the finer timeline is coarsened to the wider width first.
+        """
+        if other.block_size != self.block_size or other.relative_accuracy != self.relative_accuracy:
+            raise ValueError("cannot merge folds with different block_size or relative_accuracy")
+        other_timeline = other.timeline
+        if other.timeline_bucket_s != self.timeline_bucket_s:
+            steps_mine = _doublings(self.timeline_bucket_s, other.timeline_bucket_s)
+            steps_other = _doublings(other.timeline_bucket_s, self.timeline_bucket_s)
+            if steps_mine is None and steps_other is None:
+                raise ValueError("cannot merge folds whose timeline_bucket_s differ by other than a power of two")
+            for _ in range(steps_mine or 0):
+                self._coarsen_timeline()
+            for _ in range(steps_other or 0):
+                other_timeline = _coarsened(other_timeline)
         for name, w in other.workers.items():
             self.register_worker(name)
             mine = self.workers[name]
             for k, v in w.items():
                 mine[k] = max(mine[k], v) if k == "kv_usage_max" else mine[k] + v
-        for attr in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "event_lag_s"):
-            getattr(self, attr).extend(getattr(other, attr))
+        for attr in _SAMPLE_ATTRS:
+            getattr(self, attr).merge(getattr(other, attr))
         for s in CACHE_STATUSES:
-            self.ttft_by_status[s].extend(other.ttft_by_status[s])
-            self.e2e_by_status[s].extend(other.e2e_by_status[s])
+            self.ttft_by_status[s].merge(other.ttft_by_status[s])
+            self.e2e_by_status[s].merge(other.e2e_by_status[s])
         for k, v in other.match_blocks_hist.items():
             self.match_blocks_hist[k] = self.match_blocks_hist.get(k, 0) + v
         for k, v in other.counters.items():
             self.counters[k] += v
         self.first_arrival_s = min(self.first_arrival_s, other.first_arrival_s)
         self.last_finish_s = max(self.last_finish_s, other.last_finish_s)
-        for idx, ob in other.timeline.items():
-            b = self.timeline.setdefault(idx, {"prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "per_worker": {}})
-            for k in ("prompt_tokens", "cached_tokens", "requests"):
-                b[k] += ob[k]
-            for wname, vals in ob["per_worker"].items():
-                mine = b["per_worker"].setdefault(wname, [0, 0.0, 0, 0])
-                for i, v in enumerate(vals):
-                    mine[i] += v
+        for idx, ob in other_timeline.items():
+            _add_bucket(self.timeline.setdefault(idx, _new_bucket()), ob)
+        if self.max_timeline_buckets is not None:
+            while len(self.timeline) > self.max_timeline_buckets:
+                self._coarsen_timeline()
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything, JSON-ready (raw samples included, so merges stay exact)."""
-        return {
+        """Everything, JSON-ready (raw samples or sketches included, so merges stay exact).
+
+        An exact fold's distributions are lists of values; a bounded fold's are
+        sketch objects (:meth:`core.quantiles.SketchSamples.to_json`), and it
+        names its ``relative_accuracy`` and ``max_timeline_buckets``.
+        """
+        out: dict[str, Any] = {
             "block_size": self.block_size,
             "timeline_bucket_s": self.timeline_bucket_s,
+        }
+        if self.relative_accuracy is not None:
+            out["relative_accuracy"] = self.relative_accuracy
+        if self.max_timeline_buckets is not None:
+            out["max_timeline_buckets"] = self.max_timeline_buckets
+        return out | {
             "workers": {k: dict(v) for k, v in self.workers.items()},
-            "ttft_s": list(self.ttft_s),
-            "tpot_s": list(self.tpot_s),
-            "e2e_s": list(self.e2e_s),
-            "queue_s": list(self.queue_s),
-            "ttft_by_status": {k: list(v) for k, v in self.ttft_by_status.items()},
-            "e2e_by_status": {k: list(v) for k, v in self.e2e_by_status.items()},
+            "ttft_s": self.ttft_s.to_json(),
+            "tpot_s": self.tpot_s.to_json(),
+            "e2e_s": self.e2e_s.to_json(),
+            "queue_s": self.queue_s.to_json(),
+            "ttft_by_status": {k: v.to_json() for k, v in self.ttft_by_status.items()},
+            "e2e_by_status": {k: v.to_json() for k, v in self.e2e_by_status.items()},
             "match_blocks_hist": {str(k): v for k, v in sorted(self.match_blocks_hist.items())},
-            "event_lag_s": list(self.event_lag_s),
+            "event_lag_s": self.event_lag_s.to_json(),
             "counters": dict(self.counters),
             "first_arrival_s": None if math.isinf(self.first_arrival_s) else self.first_arrival_s,
             "last_finish_s": None if math.isinf(self.last_finish_s) else self.last_finish_s,
@@ -275,12 +318,17 @@ class MetricsFold:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MetricsFold:
         """Inverse of :meth:`to_dict`."""
-        f = cls(block_size=d["block_size"], timeline_bucket_s=d["timeline_bucket_s"])
+        f = cls(
+            block_size=d["block_size"],
+            timeline_bucket_s=d["timeline_bucket_s"],
+            relative_accuracy=d.get("relative_accuracy"),
+            max_timeline_buckets=d.get("max_timeline_buckets"),
+        )
         f.workers = {k: dict(v) for k, v in d["workers"].items()}
-        for attr in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "event_lag_s"):
-            setattr(f, attr, list(d[attr]))
-        f.ttft_by_status = {k: list(v) for k, v in d["ttft_by_status"].items()}
-        f.e2e_by_status = {k: list(v) for k, v in d["e2e_by_status"].items()}
+        for attr in _SAMPLE_ATTRS:
+            setattr(f, attr, samples_from_json(d[attr]))
+        f.ttft_by_status = {k: samples_from_json(v) for k, v in d["ttft_by_status"].items()}
+        f.e2e_by_status = {k: samples_from_json(v) for k, v in d["e2e_by_status"].items()}
         f.match_blocks_hist = {int(k): v for k, v in d["match_blocks_hist"].items()}
         f.counters = {**dict.fromkeys(_COUNTERS, 0), **d["counters"]}
         f.first_arrival_s = math.inf if d["first_arrival_s"] is None else d["first_arrival_s"]
@@ -290,6 +338,18 @@ class MetricsFold:
             for k, b in d["timeline"].items()
         }
         return f
+
+    def stored_sizes(self) -> dict[str, int]:
+        """How many values, bins and entries the fold holds, by container (what a bounded fold keeps flat)."""
+        dists = [getattr(self, a) for a in _SAMPLE_ATTRS]
+        dists += list(self.ttft_by_status.values()) + list(self.e2e_by_status.values())
+        return {
+            "distribution_values": sum(d.stored() for d in dists),
+            "timeline_buckets": len(self.timeline),
+            "timeline_worker_entries": sum(len(b["per_worker"]) for b in self.timeline.values()),
+            "match_buckets": len(self.match_blocks_hist),
+            "workers": len(self.workers),
+        }
 
     # ---- results --------------------------------------------------------
 
@@ -311,10 +371,9 @@ class MetricsFold:
             "output_tokens": int(c["output_tokens"]),
         }
         for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("e2e", self.e2e_s), ("queue", self.queue_s)):
-            s = sorted(values)
-            out[f"{name}_mean_s"] = _ratio(sum(s), len(s))
+            out[f"{name}_mean_s"] = values.mean()
             for q in PERCENTILES:
-                out[f"{name}_p{q}_s"] = percentile(s, q)
+                out[f"{name}_p{q}_s"] = values.quantile(q)
         dur = self.duration_s
         out["duration_s"] = dur
         out["throughput_rps"] = _ratio(c["requests"], dur)
@@ -322,14 +381,14 @@ class MetricsFold:
         out["output_tokens_per_s"] = _ratio(c["output_tokens"], dur)
         out["by_cache_status"] = {}
         for st in CACHE_STATUSES:
-            t = sorted(self.ttft_by_status[st])
-            e = sorted(self.e2e_by_status[st])
+            t = self.ttft_by_status[st]
+            e = self.e2e_by_status[st]
             out["by_cache_status"][st] = {
                 "requests": len(t),
-                "ttft_p50_s": percentile(t, 50),
-                "ttft_p99_s": percentile(t, 99),
-                "e2e_p50_s": percentile(e, 50),
-                "e2e_p99_s": percentile(e, 99),
+                "ttft_p50_s": t.quantile(50),
+                "ttft_p99_s": t.quantile(99),
+                "e2e_p50_s": e.quantile(50),
+                "e2e_p99_s": e.quantile(99),
             }
         names = sorted(self.workers)
         req_counts = [self.workers[n]["requests"] for n in names]
@@ -344,10 +403,10 @@ class MetricsFold:
         out["eviction_rate_per_s"] = _ratio(c["blocks_evicted"], dur)
         out["cache_clears"] = int(c["cache_clears"])
         out["preemptions"] = int(c["preemptions"])
-        lags = sorted(self.event_lag_s)
-        out["event_lag_p50_s"] = percentile(lags, 50)
-        out["event_lag_p99_s"] = percentile(lags, 99)
-        out["event_lag_max_s"] = lags[-1] if lags else math.nan
+        lags = self.event_lag_s
+        out["event_lag_p50_s"] = lags.quantile(50)
+        out["event_lag_p99_s"] = lags.quantile(99)
+        out["event_lag_max_s"] = lags.max()
         out["event_gaps"] = int(c["event_gaps"])
         out["event_replays"] = int(c["event_replays"])
         out["match_blocks_hist"] = {str(k): v for k, v in sorted(self.match_blocks_hist.items())}
@@ -377,6 +436,40 @@ class MetricsFold:
                 row.append(_ratio(pw[1], pw[2]))
             kv[n] = row
         return {"t_s": t, "token_hit_rate": hit, "requests": reqs, "kv_usage": kv}
+
+
+_SAMPLE_ATTRS = ("ttft_s", "tpot_s", "e2e_s", "queue_s", "event_lag_s")
+
+
+def _new_bucket() -> dict[str, Any]:
+    return {"prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "per_worker": {}}
+
+
+def _add_bucket(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for k in ("prompt_tokens", "cached_tokens", "requests"):
+        into[k] += other[k]
+    for wname, vals in other["per_worker"].items():
+        mine = into["per_worker"].setdefault(wname, [0, 0.0, 0, 0])
+        for i, v in enumerate(vals):
+            mine[i] += v
+
+
+def _coarsened(timeline: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The timeline at twice the bucket width (a new dict; ``timeline`` is left alone)."""
+    out: dict[int, dict[str, Any]] = {}
+    for idx in sorted(timeline):
+        _add_bucket(out.setdefault(idx // 2, _new_bucket()), timeline[idx])
+    return out
+
+
+def _doublings(finer_s: float, wider_s: float) -> int | None:
+    """How many doublings take ``finer_s`` to ``wider_s`` (None if none do)."""
+    steps = 0
+    width = finer_s
+    while width < wider_s:
+        width *= 2
+        steps += 1
+    return steps if steps and width == wider_s else None
 
 
 _COUNTERS = (

@@ -10,6 +10,7 @@ Missing data never fails a plot: a panel without data says so.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from core.metrics import CACHE_STATUSES, MetricsFold, dense_timeline
+from core.quantiles import Samples, samples_from_json
 from monitor.state import split_target
 
 logger = logging.getLogger(__name__)
@@ -103,10 +105,13 @@ def _legend_right(ax, **kw) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, **kw)
 
 
-def _cdf(ax, values: Sequence[float], label: str, colour: str) -> None:
-    xs = sorted(v * 1000 for v in values)
-    ys = [(i + 1) / len(xs) for i in range(len(xs))]
-    ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})", color=colour)
+def _cdf(ax, samples: Samples, label: str, colour: str) -> None:
+    """Empirical CDF in ms (a sketch's: one step per bin, within its relative accuracy)."""
+    values, counts = samples.weighted()
+    n = len(samples)
+    xs = [v * 1000 for v in values]
+    ys = [c / n for c in itertools.accumulate(counts)]
+    ax.step(xs, ys, where="post", label=f"{label} (n={n})", color=colour)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -117,7 +122,8 @@ def latency_distribution_figure(dump: dict[str, Any]):
     fold = MetricsFold.from_dict(dump["fold"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     if fold.ttft_s:
-        ax1.hist([v * 1000 for v in fold.ttft_s], bins=40, color="#264653", alpha=0.85)
+        values, counts = fold.ttft_s.weighted()
+        ax1.hist([v * 1000 for v in values], weights=counts, bins=40, color="#264653", alpha=0.85)
         ax1.set_xlabel("TTFT (ms)")
         ax1.set_ylabel("requests")
         _cdf(ax2, fold.ttft_s, "TTFT", "#264653")
@@ -305,20 +311,28 @@ def latency_by_cache_status_figure(dump: dict[str, Any]):
     plt = _plt()
     fold = MetricsFold.from_dict(dump["fold"])
     fig, ax = plt.subplots(figsize=(7, 4))
-    data = [(st, [v * 1000 for v in fold.ttft_by_status[st]]) for st in CACHE_STATUSES if fold.ttft_by_status[st]]
+    data = [(st, fold.ttft_by_status[st]) for st in CACHE_STATUSES if len(fold.ttft_by_status[st])]
     if data:
-        box = ax.boxplot([d for _, d in data], patch_artist=True, showfliers=False)
+        box = ax.bxp([_box_stats(d) for _, d in data], patch_artist=True, showfliers=False)
         ax.set_xticks(range(1, len(data) + 1), [f"{st}\n(n={len(d)})" for st, d in data])
         for patch, (st, _) in zip(box["boxes"], data):
             patch.set_facecolor(STATUS_COLOURS[st])
         for k, (_, d) in enumerate(data, start=1):
-            ax.scatter([k], [sum(d) / len(d)], color="black", marker="D", s=18, zorder=3)
+            ax.scatter([k], [d.mean() * 1000], color="black", marker="D", s=18, zorder=3)
     else:
         _no_data(ax, "requests")
     ax.set_ylabel("TTFT (ms)")
     ax.set_title(f"{dump['label']}: TTFT by cache status (box: quartiles, ◆ mean)")
     fig.tight_layout()
     return fig
+
+
+def _box_stats(samples: Samples) -> dict[str, float]:
+    """A box in ms: quartiles, whiskers at 1.5 IQR clipped to the data (matplotlib's rule, from quantiles)."""
+    q1, med, q3 = (samples.quantile(q) * 1000 for q in (25, 50, 75))
+    iqr = q3 - q1
+    return {"med": med, "q1": q1, "q3": q3, "whislo": max(samples.min() * 1000, q1 - 1.5 * iqr),
+            "whishi": min(samples.max() * 1000, q3 + 1.5 * iqr), "fliers": []}
 
 
 def worker_load_grid(dump: dict[str, Any]) -> tuple[list[float], list[str], list[list[float]]]:
@@ -392,8 +406,8 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     out: dict[str, Path] = {}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for k, d in enumerate(dumps):
-        ttft = d["fold"]["ttft_s"]
-        if ttft:
+        ttft = samples_from_json(d["fold"]["ttft_s"])
+        if len(ttft):
             _cdf(ax, ttft, d["label"], RUN_COLOURS[k % len(RUN_COLOURS)])
     ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator

@@ -2,16 +2,20 @@
 
 Metric names follow Prometheus conventions: base units (seconds), ``_total``
 for counters, one histogram per latency. Histograms are built at scrape time
-from the fold's raw samples, so they are exact for the whole run.
+from the fold's distributions (whole run): counts and sums are exact; a value
+within the fold's relative accuracy (1 %) of a bucket bound may be counted on
+either side of it (the monitor keeps sketches, not every value).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from core.metrics import CACHE_STATUSES
+from core.quantiles import Samples
 from monitor.state import MonitorState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -50,19 +54,21 @@ class _Writer:
         for labels, value in samples:
             self.lines.append(f"{name}{_labels(labels)} {_fmt(value)}")
 
-    def histogram(self, name: str, help_text: str, series: dict[str, Sequence[float]], label: str) -> None:
-        """One histogram family; ``series`` maps a label value ('' = no label) to raw samples."""
+    def histogram(self, name: str, help_text: str, series: dict[str, Samples], label: str) -> None:
+        """One histogram family; ``series`` maps a label value ('' = no label) to a distribution."""
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} histogram")
         for value, samples in series.items():
             base = {label: value} if value else {}
-            ordered = sorted(samples)
+            values, counts = samples.weighted()
+            cumulative = list(itertools.accumulate(counts))
             for le in LATENCY_BUCKETS_S:
-                count = bisect.bisect_right(ordered, le)
+                k = bisect.bisect_right(values, le)
+                count = cumulative[k - 1] if k else 0
                 self.lines.append(f"{name}_bucket{_labels({**base, 'le': _fmt(le)})} {count}")
-            self.lines.append(f"{name}_bucket{_labels({**base, 'le': '+Inf'})} {len(ordered)}")
-            self.lines.append(f"{name}_sum{_labels(base)} {_fmt(float(sum(ordered)))}")
-            self.lines.append(f"{name}_count{_labels(base)} {len(ordered)}")
+            self.lines.append(f"{name}_bucket{_labels({**base, 'le': '+Inf'})} {len(samples)}")
+            self.lines.append(f"{name}_sum{_labels(base)} {_fmt(float(samples.total()))}")
+            self.lines.append(f"{name}_count{_labels(base)} {len(samples)}")
 
 
 def _target(sample: dict) -> dict[str, str]:

@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.metrics import MetricsFold
+from core.quantiles import Samples
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+def _mean(*parts: Samples) -> float:
+    """The mean of the union of ``parts`` (exact: counts and sums are exact in a sketch too)."""
+    n = sum(len(p) for p in parts)
+    return sum(p.total() for p in parts) / n if n else math.nan
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,10 @@ def run_results(dump: dict[str, Any]) -> RunResults:
     """The results of one dump (see :func:`monitor.dump.load_dump`)."""
     fold = MetricsFold.from_dict(dump["fold"])
     s = fold.summary()
-    hits = fold.ttft_by_status["hit"] + fold.ttft_by_status["partial"]
+    hits = (fold.ttft_by_status["hit"], fold.ttft_by_status["partial"])
     misses = fold.ttft_by_status["miss"]
     n = s["requests"]
-    hit_mean, miss_mean = _mean(hits), _mean(misses)
+    hit_mean, miss_mean = _mean(*hits), _mean(misses)
     return RunResults(
         label=dump.get("label") or "run",
         requests=n,
@@ -75,7 +78,7 @@ def run_results(dump: dict[str, Any]) -> RunResults:
         hit_improvement=1 - hit_mean / miss_mean if miss_mean and not math.isnan(miss_mean) else math.nan,
         block_utilisation=s["kv_usage_mean"],
         mean_match_blocks=fold.counters["cached_tokens"] / fold.block_size / n if n else math.nan,
-        prefix_match_success=len(hits) / n if n else math.nan,
+        prefix_match_success=sum(len(h) for h in hits) / n if n else math.nan,
         throughput_rps=s["throughput_rps"],
         load_cv=s["load_cv"],
         evictions=s["evictions"],

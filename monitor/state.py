@@ -18,6 +18,22 @@ A counter that goes down means its publisher restarted: the new value is taken
 as the increment (nothing is lost, nothing is counted twice).
 
 Times are the publishers' wall-clock seconds; the state never reads a clock.
+
+Memory is bounded whatever the run's length (a monitor runs for days):
+
+* the fold keeps latency distributions as DDSketches (``relative_accuracy``,
+  default 1 %: every reported quantile within 1 % of a true order statistic;
+  counts, token totals, means and maxima exact) and at most
+  ``max_timeline_buckets`` timeline buckets (default 1024; past that the bucket
+  width doubles, so the whole run stays, coarser);
+* the series is a ring of the last ``max_series`` points (default 20,000: 5.5 h
+  at one point a second; the whole run is in the fold's timeline);
+* the incident log keeps the last ``max_incidents`` (default 2,000; dropped ones
+  are counted) and the recent-request table the last ``recent`` (default 50);
+* a window's TTFTs are kept only until the next series point (one
+  ``sample_interval_s`` of requests).
+
+What grows is per worker and per error code: the fleet's size, not the run's length.
 """
 
 from __future__ import annotations
@@ -29,7 +45,8 @@ from typing import Any
 
 from bus.schema import RequestRecord, WorkerSample
 from core.events import BlockRemoved
-from core.metrics import MetricsFold, percentile
+from core.metrics import MetricsFold
+from core.quantiles import DEFAULT_RELATIVE_ACCURACY, ExactSamples
 from core.metrics import RequestRecord as FoldRecord
 
 logger = logging.getLogger(__name__)
@@ -93,14 +110,16 @@ class _Window:
         self.predicted_cached_tokens = 0
         self.requests = 0
         self.errors = 0
-        self.ttft_s: list[float] = []
+        self.ttft_s = ExactSamples()  # one sample interval's worth: bounded by the request rate
 
 
 class MonitorState:
     """Folds metrics records; renders the dump that dash, plot and report read.
 
     ``label`` names the run in reports; ``recent`` bounds the recent-request list
-    and ``max_incidents`` the incident log (oldest dropped first, counted).
+    and ``max_incidents`` the incident log (oldest dropped first, counted);
+    ``max_series`` the series ring. ``relative_accuracy`` and
+    ``max_timeline_buckets`` bound the fold (see the module docstring).
     """
 
     def __init__(
@@ -113,8 +132,15 @@ class MonitorState:
         recent: int = 50,
         max_incidents: int = 2000,
         max_series: int = 20_000,
+        relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY,
+        max_timeline_buckets: int = 1024,
     ) -> None:
-        self.fold = MetricsFold(block_size=block_size, timeline_bucket_s=bucket_s)
+        self.fold = MetricsFold(
+            block_size=block_size,
+            timeline_bucket_s=bucket_s,
+            relative_accuracy=relative_accuracy,
+            max_timeline_buckets=max_timeline_buckets,
+        )
         self.label = label
         self.sample_interval_s = sample_interval_s
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
@@ -264,7 +290,7 @@ class MonitorState:
     def _series_point(self, now_s: float) -> dict[str, Any]:
         c = self.fold.counters
         w = self._window
-        ttft = sorted(w.ttft_s)
+        ttft = w.ttft_s
         return {
             "t_s": now_s,
             "requests": int(c["requests"]),
@@ -276,8 +302,8 @@ class MonitorState:
             "window_predicted_hit_rate": (
                 w.predicted_cached_tokens / w.predicted_prompt_tokens if w.predicted_prompt_tokens else math.nan
             ),
-            "window_ttft_p50_s": percentile(ttft, 50),
-            "window_ttft_p99_s": percentile(ttft, 99),
+            "window_ttft_p50_s": ttft.quantile(50),
+            "window_ttft_p99_s": ttft.quantile(99),
             "evictions": int(c["blocks_evicted"]),
             "gaps": int(c["event_gaps"]),
             "replays": int(c["event_replays"]),
@@ -288,11 +314,24 @@ class MonitorState:
 
     # ------------------------------------------------------------------ output
 
+    def stored_sizes(self) -> dict[str, int]:
+        """Entries held, by container: flat once the run is past its warm-up (what the soak test pins)."""
+        return {
+            **{f"fold_{k}": v for k, v in self.fold.stored_sizes().items()},
+            "series": len(self.series),
+            "incidents": len(self.incidents),
+            "recent_requests": len(self.recent),
+            "window_ttft": len(self._window.ttft_s),
+            "live_workers": len(self.workers),
+            "worker_counters": len(self._counters),
+            "error_codes": len(self.errors_by_code),
+        }
+
     def dump(self, *, now_s: float, light: bool = False, light_series: int = 120) -> dict[str, Any]:
         """The whole state as strict JSON data (NaN → null); :func:`monitor.dump.load_dump` reads it.
 
-        ``light`` (what a dashboard polls): no fold (its raw samples grow with the
-        run) and only the last ``light_series`` series points.
+        ``light`` (what a dashboard polls): no fold (its sketches and timeline are
+        bounded but not small) and only the last ``light_series`` series points.
         """
         series = list(self.series)
         data = {
