@@ -34,22 +34,41 @@ class FakeWorker:
     """A worker link and an event publisher; ``mode`` scripts what it does with a Dispatch."""
 
     def __init__(self, ctx: zmq.Context, router_ep: str, wid: str, *, epoch: int = 1, block_size: int = BS,
-                 mode: str = "complete") -> None:
+                 mode: str = "complete", link_token: str = "", setup=None) -> None:
         self.wid, self.epoch, self.block_size, self.mode = wid, epoch, block_size, mode
+        self.link_token, self.ctx, self.router_ep, self.setup = link_token, ctx, router_ep, setup
         self.pub = PublisherThread(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True,
                                    topic=f"kv@{wid}@m")
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(router_ep)
+        self.sock = self._dealer()
         self.decoder = router_decoder()
         self.received: list = []
         self.alive = True
         self.next_beat = 0.0
 
-    def hello(self) -> None:
+    def _dealer(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.setup is not None:
+            self.setup(sock)
+        sock.connect(self.router_ep)
+        return sock
+
+    def reconnect(self) -> None:
+        """A new connection (what a worker does when it timed the router out); the old one is gone."""
+        self.sock.close(linger=0)
+        self.sock = self._dealer()
+
+    def hello(self, *, in_flight: tuple[str, ...] = (), router_epoch: int = 0) -> None:
         # The publisher binds: advertise its address, the router connects to it.
         self.sock.send(encode(Hello(self.wid, self.epoch, "m", self.block_size, 1000, self.pub.endpoint,
-                                    self.pub.replay_endpoint, topic=f"kv@{self.wid}@m")))
+                                    self.pub.replay_endpoint, topic=f"kv@{self.wid}@m", link_token=self.link_token,
+                                    in_flight=list(in_flight), router_epoch=router_epoch)))
+
+    def send(self, msg) -> None:
+        self.sock.send(encode(msg))
+
+    def refusals(self) -> list[Refused]:
+        return [m for m in self.received if isinstance(m, Refused)]
 
     def store(self, tokens: list[int]) -> None:
         n = len(tokens) // BS
@@ -328,3 +347,206 @@ def test_an_unknown_peer_is_asked_to_say_hello_and_welcome_carries_the_router_ep
         assert welcome.router_epoch == router.epoch
     finally:
         w.close()
+
+
+# ----------------------------------------------------------------------------- stream integrity
+
+
+def _one_request(ctx, router, w: FakeWorker, client: RouterClient, rid: str = "x"):
+    """Register ``w``, send one request to it; returns (result, the router's key)."""
+    w.hello()
+    wait_for(lambda: w.wid in router.workers, [w])
+    res = client.send(GenerateRequest(rid, token_ids=list(range(40)), max_tokens=4))
+    wait_for(lambda: len(w.dispatches()) == 1, [w], client)
+    return res, w.dispatches()[0].request_id
+
+
+def test_a_completion_whose_chunk_count_disagrees_with_the_chunks_relayed_is_an_error(ctx, router):
+    w = FakeWorker(ctx, router.workers_endpoint, "a", mode="hang")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        res, key = _one_request(ctx, router, w, client)
+        w.send(TokenChunk(key, [7, 8], seq=0))
+        w.send(Completion(key, "a", 40, 0, 4, chunks=2))  # says 2 chunks (4 tokens): one never arrived
+        wait_for(lambda: res.done, [w], client)
+        assert res.completion is None and res.token_ids == [7, 8]
+        assert res.error.code is ErrorCode.WORKER_DIED and "1 of its 2 chunks were lost" in res.error.message
+        assert router.counters["incomplete_completions"] == 1
+    finally:
+        client.close()
+        w.close()
+
+
+def test_a_gap_in_the_chunks_ends_the_request_and_cancels_it_on_the_worker(ctx, router):
+    w = FakeWorker(ctx, router.workers_endpoint, "a", mode="hang")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        res, key = _one_request(ctx, router, w, client)
+        w.send(TokenChunk(key, [7], seq=0))
+        w.send(TokenChunk(key, [9], seq=2))  # chunk 1 lost
+        wait_for(lambda: res.done, [w], client)
+        assert res.token_ids == [7] and res.error.code is ErrorCode.WORKER_DIED
+        wait_for(lambda: any(isinstance(m, Cancel) and m.request_id == key for m in w.received), [w])
+        assert router.counters["reply_stream_gaps"] == 1
+    finally:
+        client.close()
+        w.close()
+
+
+def test_a_gap_before_any_chunk_reached_the_client_routes_the_request_again(ctx, router):
+    a = FakeWorker(ctx, router.workers_endpoint, "a", mode="hang")
+    b = FakeWorker(ctx, router.workers_endpoint, "b")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        res, key = _one_request(ctx, router, a, client)
+        b.hello()
+        wait_for(lambda: "b" in router.workers, [a, b])
+        a.send(TokenChunk(key, [5], seq=1))  # chunk 0 lost: the client has seen nothing yet
+        wait_for(lambda: res.done, [a, b], client)
+        assert res.completion is not None and res.completion.worker_id == "b" and res.completion.retries == 1
+        assert res.token_ids == [7, 8]  # b's stream only
+    finally:
+        client.close()
+        a.close()
+        b.close()
+
+
+# ----------------------------------------------------------------------------- a replaced worker link
+
+
+def test_a_replaced_link_hands_its_requests_over_and_the_resent_stream_is_relayed_once(ctx, router):
+    """A router stall: the worker reconnects with its link token and lists its request; chunks it
+    resends from the start are dropped up to what was relayed, the rest relayed, nothing missing."""
+    w = FakeWorker(ctx, router.workers_endpoint, "a", mode="hang", link_token="secret-a")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        res, key = _one_request(ctx, router, w, client)
+        w.send(TokenChunk(key, [7], seq=0))
+        wait_for(lambda: res.token_ids == [7], [w], client)
+        first_identity = router.workers["a"].identity
+        w.reconnect()  # chunk 1 went down with the old connection
+        w.hello(in_flight=(key,), router_epoch=router.epoch)
+        wait_for(lambda: sum(isinstance(m, Welcome) for m in w.received) == 2, [w], client)
+        assert router.workers["a"].identity != first_identity
+        for i, tok in enumerate([7, 8, 9]):  # the whole stream again, from its start
+            w.send(TokenChunk(key, [tok], seq=i))
+        w.send(Completion(key, "a", 40, 0, 3, chunks=3))
+        wait_for(lambda: res.done, [w], client)
+        assert res.completion is not None and res.token_ids == [7, 8, 9]
+        assert router.counters["repeated_chunks_dropped"] == 1 and router.counters["worker_links_replaced"] == 1
+        assert router.counters["rejected_hello_duplicate_id"] == 0
+    finally:
+        client.close()
+        w.close()
+
+
+def test_requests_a_reconnecting_worker_does_not_hold_are_routed_again_or_failed(ctx, router):
+    """Their Dispatch (or result) died with the old connection: re-routed if the client saw nothing,
+    else WORKER_DIED; one the worker holds but the router no longer waits for is cancelled."""
+    w = FakeWorker(ctx, router.workers_endpoint, "a", mode="hang", link_token="secret-a")
+    b = FakeWorker(ctx, router.workers_endpoint, "b")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        w.hello()
+        wait_for(lambda: "a" in router.workers, [w])
+        streamed = client.send(GenerateRequest("s", token_ids=list(range(40))))
+        silent = client.send(GenerateRequest("q", token_ids=list(range(40))))
+        wait_for(lambda: len(w.dispatches()) == 2, [w], client)
+        b.hello()  # where a lost request can go
+        wait_for(lambda: "b" in router.workers, [w, b])
+        key_s, key_q = (d.request_id for d in w.dispatches())
+        w.send(TokenChunk(key_s, [7], seq=0))
+        wait_for(lambda: streamed.token_ids == [7], [w, b], client)
+        w.reconnect()
+        w.hello(in_flight=("gone-already",), router_epoch=router.epoch)  # holds neither of them
+        wait_for(lambda: streamed.done and silent.done, [w, b], client)
+        assert streamed.error.code is ErrorCode.WORKER_DIED and "link was replaced" in streamed.error.message
+        assert silent.completion is not None and silent.completion.worker_id == "b"
+        assert router.counters["requests_lost_with_link"] == 2
+        wait_for(lambda: any(isinstance(m, Cancel) and m.request_id == "gone-already" for m in w.received), [w, b])
+    finally:
+        client.close()
+        w.close()
+        b.close()
+
+
+# ----------------------------------------------------------------------------- one connection per worker id
+
+
+def test_a_hello_copying_a_live_workers_id_and_epoch_is_refused(ctx, router):
+    """An impostor with the id, epoch and endpoints from the registry, but not the link token."""
+    w = FakeWorker(ctx, router.workers_endpoint, "a", epoch=7, link_token="secret-a")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    impostor = FakeWorker(ctx, router.workers_endpoint, "a", epoch=7, link_token="guess")
+    try:
+        w.hello()
+        wait_for(lambda: "a" in router.workers, [w])
+        identity = router.workers["a"].identity
+        impostor.pub.close()
+        impostor.pub = w.pub  # the same advertised endpoints
+        impostor.hello()
+        wait_for(lambda: impostor.refusals(), [w, impostor])
+        [refused] = impostor.refusals()
+        assert refused.code == REFUSED_DUPLICATE_ID and 0 < refused.retry_after_s <= 3 * BEAT_S
+        assert router.counters["rejected_hello_duplicate_id"] == 1 and router.workers["a"].identity == identity
+        res = client.send(GenerateRequest("x", token_ids=list(range(40))))
+        wait_for(lambda: res.done, [w, impostor], client)
+        assert res.completion is not None and not impostor.dispatches()
+    finally:
+        client.close()
+        impostor.sock.close(linger=0)
+        w.close()
+
+
+def test_a_claimant_takes_an_id_over_once_its_holder_missed_the_heartbeat_timeout(ctx, router):
+    w = FakeWorker(ctx, router.workers_endpoint, "a", epoch=7, link_token="secret-a")
+    other = FakeWorker(ctx, router.workers_endpoint, "a", epoch=8, link_token="secret-b")
+    try:
+        w.hello()
+        wait_for(lambda: "a" in router.workers, [w])
+        other.hello()
+        wait_for(lambda: other.refusals(), [w, other])
+        w.alive = False  # the holder goes silent
+        time.sleep(3 * BEAT_S)
+        other.hello()
+        wait_for(lambda: "a" in router.workers and router.workers["a"].hello.epoch == 8, [other])
+        assert len(other.refusals()) == 1 and router.counters["rejected_hello_duplicate_id"] == 1
+    finally:
+        w.close()
+        other.close()
+
+
+def test_with_curve_a_worker_id_is_bound_to_the_key_that_first_registered_it(ctx, tmp_path):
+    from bus.security import generate_keys, load_curve, load_key_pair, make_client
+
+    generate_keys(tmp_path, ("router", "worker", "worker-b", "client"))
+    curve = load_curve(tmp_path, name="router")
+    running = RunningRouter(_config(), curve=curve)
+    svc = running.service
+
+    def as_key(name: str):
+        pair = load_key_pair(tmp_path, name)
+        return lambda sock: make_client(sock, pair, curve.keys.public)
+
+    a = FakeWorker(ctx, svc.workers_endpoint, "a", link_token="t", setup=as_key("worker"))
+    thief = FakeWorker(ctx, svc.workers_endpoint, "a", link_token="t", setup=as_key("worker-b"))
+    b = FakeWorker(ctx, svc.workers_endpoint, "b", setup=as_key("worker-b"))
+    try:
+        a.hello()
+        wait_for(lambda: "a" in svc.workers, [a])
+        a.alive = False
+        a.sock.close(linger=0)  # gone for good: the id is free, but not for another key
+        time.sleep(3 * BEAT_S)
+        thief.pub.close()
+        thief.pub = a.pub
+        thief.hello()  # even with the link token: the key decides
+        wait_for(lambda: thief.refusals(), [thief])
+        assert thief.refusals()[0].code == REFUSED_KEY_MISMATCH
+        assert svc.counters["rejected_hello_key_mismatch"] == 1
+        b.hello()  # the same key may register an id of its own
+        wait_for(lambda: "b" in svc.workers, [b])
+    finally:
+        running.stop()
+        thief.sock.close(linger=0)
+        a.pub.close()
+        b.close()

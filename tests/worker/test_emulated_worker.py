@@ -11,7 +11,8 @@ import zmq
 
 from bus.codec import encode, worker_decoder
 from bus.schema import (
-    Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, Refused, TokenChunk, Welcome,
+    REFUSED_DUPLICATE_ID, Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, Refused,
+    TokenChunk, Welcome,
 )  # fmt: skip
 from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
 from worker.service import WorkerService
@@ -287,3 +288,62 @@ def test_a_router_that_accepts_but_never_welcomes_is_not_blamed_on_curve(router,
     svc = start_worker(heartbeat_interval_s=0.05, liveness=2, backoff_min_s=0.05)
     router.recv(Hello)  # read, never answered
     assert _silence_warnings(caplog, svc)[0].endswith("(connected, never welcomed)")
+
+
+def test_a_duplicate_id_refusal_is_tried_once_more_after_the_holders_timeout_then_stops(router, start_worker) -> None:
+    """The holder may be this worker's dead predecessor: one more Hello after ``retry_after_s``;
+    refused again, the holder is alive, and the worker stops with the reason."""
+    svc = start_worker()
+    router.recv(Hello)
+    refused_at = time.monotonic()
+    router.send(Refused(reason="worker id 'w1' is in use", code=REFUSED_DUPLICATE_ID, retry_after_s=0.3))
+    router.recv(Hello, timeout_s=5)
+    assert time.monotonic() - refused_at >= 0.3 and svc.refused is None
+    router.send(Refused(reason="worker id 'w1' is in use", code=REFUSED_DUPLICATE_ID, retry_after_s=0.3))
+    deadline = time.monotonic() + 5
+    while svc.refused is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert svc.refused == "worker id 'w1' is in use"
+
+
+def test_a_restarted_worker_registers_once_its_dead_predecessor_timed_out(router, start_worker) -> None:
+    svc = start_worker()
+    router.recv(Hello)
+    router.send(Refused(reason="in use", code=REFUSED_DUPLICATE_ID, retry_after_s=0.1))
+    register(router)  # the second Hello: the predecessor is gone now
+    deadline = time.monotonic() + 5
+    while not svc.registered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert svc.registered and svc.refused is None
+
+
+def test_a_welcome_from_a_restarted_router_cancels_and_forgets_the_old_routers_requests(router, start_worker) -> None:
+    svc = start_worker()
+    router.recv(Hello)
+    router.send(Welcome(router_id="r1", heartbeat_interval_s=0.2, heartbeat_liveness=50, router_epoch=5))
+    router.send(Dispatch(request_id="old", token_ids=list(range(30)), max_tokens=100_000))
+    router.recv(TokenChunk)
+    router.send(Heartbeat(sender_id="r1", epoch=9, known=False))  # a new router incarnation
+    again = router.recv(Hello)
+    assert again.in_flight == ["old"] and again.router_epoch == 5
+    router.send(Welcome(router_id="r1", heartbeat_interval_s=0.2, heartbeat_liveness=50, router_epoch=9))
+    deadline = time.monotonic() + 5
+    while svc.counters.orphan_replies_dropped == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The old request was cancelled and its reply not sent to a router that never asked for it.
+    assert svc.counters.orphan_replies_dropped >= 1
+    assert svc.call(lambda: svc.backend.num_in_flight).result(timeout=5) == 0
+    router.send(Dispatch(request_id="new", token_ids=list(range(30)), max_tokens=2))
+    tokens, done = collect(router, "new")  # nothing of "old" in between
+    assert isinstance(done, Completion) and len(tokens) == 2
+
+
+def test_stream_chunks_are_numbered_and_the_completion_counts_them(router, start_worker) -> None:
+    start_worker()
+    register(router)
+    router.send(Dispatch(request_id="n", token_ids=list(range(30)), max_tokens=5))
+    chunks: list[TokenChunk] = []
+    while not isinstance(msg := router.recv(), (Completion, ErrorReply)):
+        if isinstance(msg, TokenChunk):
+            chunks.append(msg)
+    assert [c.seq for c in chunks] == [0, 1, 2, 3, 4] and msg.chunks == 5
