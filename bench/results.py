@@ -4,8 +4,9 @@ A :class:`SuiteResult` holds named tables (lists of flat row dicts), the goals m
 (as ratios, never pass/fail in a test) and free-text notes. :func:`write_result` writes
 ``<suite>.json`` and ``<suite>.md`` into the output folder and lets the suite draw its plots.
 
-Statistics: :func:`percentile` is nearest-rank on sorted samples; :func:`spread` summarises
-repetitions as median and min..max, which is what the reports quote.
+Statistics: :func:`percentile` is the project's one definition (:func:`core.quantiles.percentile`:
+linear interpolation between the closest ranks, numpy's default); :func:`spread` summarises
+repetitions as median (its 50th percentile) and min..max, which is what the reports quote.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from core.quantiles import percentile as percentile  # re-exported for the suites: the one definition
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +73,12 @@ def machine_info() -> dict:
             "loadavg_at_start": [round(x, 2) for x in load]}
 
 
-def percentile(sorted_samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100) of already sorted samples; NaN when empty."""
-    if not sorted_samples:
-        return math.nan
-    rank = max(1, math.ceil(q / 100.0 * len(sorted_samples)))
-    return sorted_samples[min(rank, len(sorted_samples)) - 1]
-
-
 def spread(values: Iterable[float]) -> dict:
     """Median and range of repeated measurements."""
     vals = sorted(v for v in values if not math.isnan(v))
     if not vals:
         return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    mid = len(vals) // 2
-    median = vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
-    return {"median": median, "min": vals[0], "max": vals[-1], "n": len(vals)}
+    return {"median": percentile(vals, 50), "min": vals[0], "max": vals[-1], "n": len(vals)}
 
 
 def fmt_spread(s: dict, digits: int = 1, scale: float = 1.0) -> str:

@@ -107,7 +107,7 @@ class SketchSamples:
     ``q / 100 * (n - 1)`` rounded down: within ``relative_accuracy`` of that
     order statistic, so within ``relative_accuracy`` of the linear-interpolated
     :func:`percentile` plus the gap between the two closest order statistics.
-    Count, sum, min and max are exact.
+    Count, sum, min and max are exact (and so are the 0th and 100th percentiles).
     """
 
     def __init__(self, *, relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
@@ -163,7 +163,11 @@ class SketchSamples:
     def quantile(self, q: float) -> float:
         if not self._count:
             return math.nan
-        # The sketch's bins are representatives: clamp to the exact extremes.
+        # The extremes are known exactly; elsewhere a bin's representative, clamped to them.
+        if q <= 0:
+            return self._min
+        if q >= 100:
+            return self._max
         return min(self._max, max(self._min, float(self._sketch.get_quantile_value(q / 100.0))))
 
     def weighted(self) -> tuple[list[float], list[int]]:

@@ -36,10 +36,10 @@ def test_fleet_events_fill_exactly_what_they_report_and_requests_hit_the_index()
     assert first[1].events[0].block_hashes == next(iter(FleetEvents(n_workers=3, seed=5).batches_until(1)))[1].events[0].block_hashes
 
 
-def test_percentile_is_nearest_rank_and_spread_summarises() -> None:
+def test_percentile_interpolates_and_spread_summarises() -> None:
     samples = sorted(float(i) for i in range(1, 101))
-    assert percentile(samples, 50) == 50.0
-    assert percentile(samples, 99) == 99.0
+    assert percentile(samples, 50) == 50.5  # rank 49.5: between 50 and 51 (the project's one definition)
+    assert percentile(samples, 99) == pytest.approx(99.01)
     assert percentile(samples, 100) == 100.0
     assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
     assert spread([1.0, 4.0])["median"] == 2.5

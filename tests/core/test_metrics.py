@@ -166,3 +166,58 @@ def test_upper_bound_zero_token_entries_only_add_blocks():
     # a decode's blocks ("d") become reusable by a later prompt
     reqs = [(["a"], 20), (["a", "d"], 0), (["a", "d", "e"], 50)]
     assert infinite_cache_upper_bound(reqs, block_size=16) == pytest.approx(32 / 70)
+
+
+def test_exact_fold_dict_has_lists_and_no_bounded_keys():
+    f = MetricsFold()
+    for r in RECORDS:
+        f.add_request(r)
+    d = f.to_dict()
+    assert d["ttft_s"] == [0.5, 0.1, 0.3, 0.2] and isinstance(d["ttft_s"], list)
+    assert "relative_accuracy" not in d and "max_timeline_buckets" not in d
+
+
+def test_bounded_fold_keeps_exact_counts_and_quantiles_within_its_accuracy():
+    exact = MetricsFold()
+    bounded = MetricsFold(relative_accuracy=0.01, max_timeline_buckets=8)
+    for f in (exact, bounded):
+        for r in RECORDS:
+            f.add_request(r)
+        f.observe_event_lag(0.004)
+        f.observe_event_lag(0.0)
+    se, sb = exact.summary(), bounded.summary()
+    for key in ("requests", "prompt_tokens", "cached_tokens", "output_tokens", "token_hit_rate", "load_cv"):
+        assert sb[key] == se[key]
+    assert sb["ttft_mean_s"] == pytest.approx(se["ttft_mean_s"], rel=1e-12)
+    assert sb["event_lag_max_s"] == 0.004 and sb["by_cache_status"]["miss"]["requests"] == 1
+    for key in ("ttft_p50_s", "ttft_p90_s", "e2e_p50_s", "tpot_p50_s"):
+        # 4 values: linear interpolation puts p50 between two of them; the sketch returns the lower one.
+        assert sb[key] <= se[key] * 1.01
+    again = MetricsFold.from_dict(json.loads(json.dumps(bounded.to_dict())))
+    assert again.to_dict() == bounded.to_dict() and again.max_timeline_buckets == 8
+    assert json.dumps(again.summary(), sort_keys=True) == json.dumps(sb, sort_keys=True)
+
+
+def test_bounded_timeline_coarsens_by_doubling_and_keeps_totals():
+    f = MetricsFold(timeline_bucket_s=1.0, max_timeline_buckets=4, relative_accuracy=0.01)
+    for i in range(10):  # one request per second, t = 0..9
+        f.add_request(rec(i, "w0", arrival=float(i), ttft=0.1, e2e=0.2, prompt=10, cached=i, out=2))
+    # 4 buckets of 1 s fill at t = 3; t = 4 doubles to 2 s (2 buckets) ... t = 8 doubles to 4 s.
+    assert f.timeline_bucket_s == 4.0 and sorted(f.timeline) == [0, 1, 2]
+    assert [f.timeline[i]["requests"] for i in (0, 1, 2)] == [4, 4, 2]
+    assert [f.timeline[i]["cached_tokens"] for i in (0, 1, 2)] == [6, 22, 17]
+    assert f.timeline_series()["t_s"] == [0.0, 4.0, 8.0]
+
+
+def test_merge_coarsens_the_finer_timeline():
+    fine = MetricsFold(timeline_bucket_s=1.0)
+    wide = MetricsFold(timeline_bucket_s=4.0)
+    for i in range(6):
+        (fine if i % 2 else wide).add_request(rec(i, "w0", arrival=float(i), ttft=0.1, e2e=0.2, prompt=10, cached=0, out=1))
+    merged = MetricsFold.from_dict(fine.to_dict()).merge(wide)
+    assert merged.timeline_bucket_s == 4.0 and {k: b["requests"] for k, b in merged.timeline.items()} == {0: 4, 1: 2}
+    assert MetricsFold.from_dict(wide.to_dict()).merge(fine).timeline == merged.timeline
+    with pytest.raises(ValueError):
+        fine.merge(MetricsFold(timeline_bucket_s=3.0))
+    with pytest.raises(ValueError):
+        fine.merge(MetricsFold(timeline_bucket_s=1.0, relative_accuracy=0.01))

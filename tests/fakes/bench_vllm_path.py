@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import threading
 import time
 
 from bus.client import RouterClient
 from bus.schema import Completion, Dispatch, GenerateRequest
 from core.liveness import HeartbeatConfig
+from core.quantiles import percentile
 from router.service import RouterConfig, RouterService
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
 from worker.openai_client import CompletionRequest, OpenAIClient
@@ -35,7 +35,7 @@ from worker.vllm_runner import VllmWorkerOptions, VllmWorkerRunner
 
 
 def _pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) >= 2 else values[0]
+    return percentile(sorted(values), q)
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
