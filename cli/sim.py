@@ -6,6 +6,12 @@ Examples::
     kvr sim --trace traces/mooncake_fast25_conversation_trace.jsonl --policy kvr,round_robin --json
     kvr sim --workload multiturn -p num_clients=64 --concurrency 32 --policy all
     kvr sim --workload gsp --rate-sweep 5,10,20,40 --plots out/
+    kvr sim --workload gsp --goodput --slo-ttft-p99 0.5 --policy kvr,sglang,round_robin --plots out/
+
+``--goodput`` searches, per policy, the highest rate (``--workload``) or trace speed-up
+(``--trace``) that meets the SLO (sim/goodput.py defines the predicate and the search). When
+no probed load meets it the table says "none", a note says so in one line, and the exit
+status is still 0: "none" is the search's answer, not an error (JSON: ``"goodput": null``).
 """
 
 from __future__ import annotations
@@ -63,6 +69,27 @@ class _Progress:
             self._last = -1
 
 
+def _check_goodput_flags(*, goodput, slo_ttft_p99, slo_tpot_p99, tolerance, start, rate, rate_sweep, concurrency,
+                         speedup_given) -> None:
+    """Usage errors of the goodput flags (one line each)."""
+    if not goodput:
+        if slo_ttft_p99 is not None or slo_tpot_p99 is not None or tolerance is not None:
+            raise click.UsageError("--slo-* and --goodput-tolerance apply to --goodput only")
+        return
+    if slo_ttft_p99 is None:
+        raise click.UsageError("--goodput needs --slo-ttft-p99")
+    if rate is not None or rate_sweep or speedup_given:
+        raise click.UsageError("--goodput searches the rate (or trace speed-up) itself: drop --rate/--rate-sweep/--speedup")
+    if concurrency is not None:
+        # A client-side cap hides overload in the client's queue, which the SLO cannot see.
+        raise click.UsageError("--goodput needs open-loop arrivals: drop --concurrency")
+    for flag, v in (("--slo-ttft-p99", slo_ttft_p99), ("--slo-tpot-p99", slo_tpot_p99), ("--goodput-start", start)):
+        if v is not None and not v > 0:
+            raise click.BadParameter("must be positive", param_hint=flag)
+    if tolerance is not None and not 0 < tolerance < 1:
+        raise click.BadParameter("must be in (0, 1)", param_hint="--goodput-tolerance")
+
+
 @click.command("sim")
 @click.option("--workload", "workload_name", default=None, help="Synthetic workload (see --list-workloads).")
 @click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Mooncake JSONL trace.")
@@ -86,6 +113,11 @@ class _Progress:
 @click.option("--heartbeat-ms", type=float, default=1000.0, show_default=True, help="Load heartbeat interval (0: always fresh).")
 @click.option("--tentative-s", type=float, default=None, help="Predict-on-route window of the router (default: the router's).")
 @click.option("--network-ms", type=float, default=0.0, show_default=True, help="One-way router<->worker latency.")
+@click.option("--goodput", is_flag=True, help="Search each policy's highest rate (or trace speed-up) that meets the SLO.")
+@click.option("--slo-ttft-p99", type=float, default=None, help="Goodput SLO: TTFT p99 bound, seconds (required with --goodput).")
+@click.option("--slo-tpot-p99", type=float, default=None, help="Goodput SLO: also a TPOT p99 bound, seconds.")
+@click.option("--goodput-tolerance", type=float, default=None, help="Goodput: relative tolerance of the bisection [default: 0.05].")
+@click.option("--goodput-start", type=float, default=1.0, show_default=True, help="Goodput: first rate (or speed-up) probed.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
@@ -94,7 +126,7 @@ class _Progress:
 @click.option("--list-workloads", is_flag=True, help="List workloads and their parameters, then exit.")
 def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, trace_limit, params, policy_arg, workers,
                 profile, num_gpu_blocks, max_model_len, rate, rate_sweep, burstiness, speedup, concurrency, event_delay_ms, heartbeat_ms, tentative_s, network_ms,
-                seed, as_json, out_path, plots_dir, no_progress, list_workloads, **gsp):
+                goodput, slo_ttft_p99, slo_tpot_p99, goodput_tolerance, goodput_start, seed, as_json, out_path, plots_dir, no_progress, list_workloads, **gsp):
     """Compare routing policies on a workload or trace with the live engine and router cores."""
     import random
     from pathlib import Path
@@ -117,6 +149,9 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
     from sim.workload import AllAtOnce, Bursty, Poisson, TraceTimes
     if (workload_name is None) == (trace_path is None):
         raise click.UsageError("give exactly one of --workload or --trace")
+    _check_goodput_flags(goodput=goodput, slo_ttft_p99=slo_ttft_p99, slo_tpot_p99=slo_tpot_p99, tolerance=goodput_tolerance,
+                         start=goodput_start, rate=rate, rate_sweep=rate_sweep, concurrency=concurrency,
+                         speedup_given=speedup != 1.0)
     policies = list(POLICY_NAMES) if policy_arg == "all" else [p.strip() for p in policy_arg.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
@@ -183,18 +218,42 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
             raise click.ClickException(f"no request ran{where}: {msg}")
         return msg
 
-    def arrivals_for(r):
+    def arrivals_for(r, trace_speedup=speedup):
         if r is not None:
             if burstiness is not None:
                 return lambda: Bursty(rate_per_s=r, burstiness=burstiness, max_concurrency=concurrency)
             return lambda: Poisson(rate_per_s=r, max_concurrency=concurrency)
         if trace_path is not None:
-            return lambda: TraceTimes(speedup=speedup, max_concurrency=concurrency)
+            return lambda: TraceTimes(speedup=trace_speedup, max_concurrency=concurrency)
         return lambda: AllAtOnce(max_concurrency=concurrency)
 
     progress = _Progress(not no_progress)
     t0 = time.perf_counter()
-    if rate_sweep:
+    if goodput:
+        from sim import goodput as gp
+
+        slo = gp.Slo(ttft_p99_s=slo_ttft_p99, tpot_p99_s=slo_tpot_p99)
+        tolerance = gp.DEFAULT_TOLERANCE if goodput_tolerance is None else goodput_tolerance
+        searches = {}
+        for name in policies:
+            def probe(load, _name=name):
+                # A rate for a workload, a speed-up for a trace: one full run, same seed.
+                arrivals = arrivals_for(None, load) if trace_path is not None else arrivals_for(load)
+                result = run_policies(make_workload=make_wl, make_arrivals=arrivals, policies=[_name], config=config,
+                                      seed=seed, progress=lambda n, d, t: progress(f"{n}@{load:.3g}", d, t))[_name]
+                return gp.probe_stats(result)
+
+            searches[name] = gp.find_goodput(probe, slo=slo, start=goodput_start, tolerance=tolerance)
+        load_kind = gp.LOAD_SPEEDUP if trace_path is not None else gp.LOAD_RATE
+        report = gp.goodput_report(searches, load=load_kind, slo=slo, start=goodput_start, tolerance=tolerance, seed=seed)
+        folds = {}
+        if not as_json:
+            tpot = f", TPOT p99 ≤ {slo_tpot_p99:g} s" if slo_tpot_p99 is not None else ""
+            click.echo(f"## {title}: goodput at TTFT p99 ≤ {slo_ttft_p99:g} s{tpot}, {workers} workers, profile {profile}\n\n"
+                       f"{gp.goodput_table(report)}")
+        for line in gp.summary_lines(report):
+            click.echo(f"note: {line}", err=True)
+    elif rate_sweep:
         rates = [float(x) for x in rate_sweep.split(",") if x.strip()]
         sweep, bound, last, warnings = [], float("nan"), None, {}
         for r in rates:
@@ -236,8 +295,11 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
 
         out = Path(plots_dir)
         out.mkdir(parents=True, exist_ok=True)
-        plots.ttft_cdf(folds, title=f"TTFT CDF: {title}").savefig(out / "ttft_cdf.png", dpi=120)
-        plots.over_time(folds, kv_policy=policies[0], title=f"{title}: hit rate and load over time").savefig(out / "over_time.png", dpi=120)
+        if goodput:
+            plots.goodput(report, title=f"{title}: goodput at TTFT p99 ≤ {slo_ttft_p99:g} s").savefig(out / "goodput.png", dpi=120)
+        else:
+            plots.ttft_cdf(folds, title=f"TTFT CDF: {title}").savefig(out / "ttft_cdf.png", dpi=120)
+            plots.over_time(folds, kv_policy=policies[0], title=f"{title}: hit rate and load over time").savefig(out / "over_time.png", dpi=120)
         if rate_sweep:
             plots.rate_sweep(report["sweep"], title=f"{title}: TTFT vs rate").savefig(out / "rate_sweep.png", dpi=120)
         click.echo(f"plots written to {out}/", err=True)

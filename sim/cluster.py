@@ -97,6 +97,9 @@ class RunResult:
     fast_windows: int = 0
     #: The rejections by cause (``rejected`` is their total).
     rejections: Rejections = field(default_factory=Rejections)
+    #: When the router received the last request, follow-ups included (-inf: none); with the
+    #: fold's first arrival it bounds the offered load's span (sim/goodput.py).
+    last_arrival_s: float = -math.inf
 
 
 class SimCluster:
@@ -160,6 +163,7 @@ class SimCluster:
         self._adds: list[list[float]] = [[] for _ in range(config.num_workers)]
         self.fast_windows = 0
         self._pending_sends = 0
+        self._last_arrival_s = -math.inf
 
     # ---------------------------------------------------------------- driving
 
@@ -192,7 +196,7 @@ class SimCluster:
         span = self.fold.duration_s
         busy = sum(e.counters.busy_s for e in self.engines) / len(self.engines) / span if span > 0 else math.nan
         return RunResult(self.policy_name, self.fold, bound, self._dispatched, len(self._inflight) + len(self._waiting),
-                         self.rejections.total, busy, self.fast_windows, self.rejections)
+                         self.rejections.total, busy, self.fast_windows, self.rejections, self._last_arrival_s)
 
     def _busy(self) -> bool:
         return bool(self._inflight or self._waiting or self._pending_sends) or self._roots_done < self._num_roots
@@ -235,6 +239,7 @@ class SimCluster:
         predicted = res.in_flight.predicted_cached_tokens
         self._inflight[req.request_id] = _InFlight(req, w, now, predicted, output=[] if self._want_outputs else None)
         self._dispatched += 1
+        self._last_arrival_s = now
         t_add = now + self.config.network_latency_s
         self.q.schedule(t_add, "engine_add", req.request_id)
         heapq.heappush(self._adds[w], t_add)

@@ -3,7 +3,9 @@
 * TTFT CDF per policy;
 * token hit rate and load imbalance (CV of per-worker requests) over time per policy,
   and KV usage per worker over time for one policy;
-* a rate sweep: TTFT p99 (and p50) against request rate per policy.
+* a rate sweep: TTFT p99 (and p50) against request rate per policy;
+* a goodput search: TTFT p99 of every probe against its load per policy, the SLO as a
+  horizontal line and each policy's goodput marked.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from core.metrics import MetricsFold  # noqa: E402
@@ -97,5 +100,49 @@ def rate_sweep(sweep: list[dict[str, Any]], *, title: str = "") -> Figure:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over the data
     ax.set_title(title or "TTFT vs request rate")
+    fig.tight_layout()
+    return fig
+
+
+def goodput(report: dict[str, Any], *, title: str = "") -> Figure:
+    """TTFT p99 of each probe against its load (``sim.goodput`` report), one colour per policy:
+    filled dots met the SLO, crosses did not; a star marks the goodput (the highest met
+    load); the dashed line is the TTFT SLO."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    search = report["search"]
+    for i, (name, row) in enumerate(report["policies"].items()):
+        colour = f"C{i}"
+        probes = sorted((p for p in row["probes"] if p["ttft_p99_s"] is not None), key=lambda p: p["load"])
+        if not probes:
+            continue
+        ax.plot([p["load"] for p in probes], [p["ttft_p99_s"] for p in probes], "-", color=colour, alpha=0.5, linewidth=1)
+        met = [p for p in probes if p["met"]]
+        failed = [p for p in probes if not p["met"]]
+        ax.plot([p["load"] for p in met], [p["ttft_p99_s"] for p in met], "o", color=colour, markersize=4)
+        ax.plot([p["load"] for p in failed], [p["ttft_p99_s"] for p in failed], "x", color=colour, markersize=5)
+        at = row["at_goodput"]
+        label = f"{name}: {row['goodput']:.3g}" if at else f"{name}: none"
+        if at:
+            ax.plot([row["goodput"]], [at["ttft_p99_s"]], "*", color=colour, markersize=14, markeredgecolor="black",
+                    markeredgewidth=0.6)
+        ax.plot([], [], "*-", color=colour, label=label)  # legend entry: the policy and its goodput
+    ax.axhline(search["slo"]["ttft_p99_s"], color="black", linestyle="--", linewidth=1,
+               label=f"SLO TTFT p99 {search['slo']['ttft_p99_s']:g} s")
+    ax.plot([], [], "o", color="grey", markersize=4, label="probe met the SLO")
+    ax.plot([], [], "x", color="grey", markersize=5, label="probe failed it")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    # Loads double while bracketing: plain numbers read better than powers of ten.
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    from sim.goodput import LOAD_RATE
+
+    unit = "request rate (req/s)" if search["load"] == LOAD_RATE else "trace speed-up (×)"
+    ax.set_xlabel(unit)
+    ax.set_ylabel("TTFT p99 (s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), title="goodput")  # outside: never over the data
+    ax.set_title(title or "goodput: TTFT p99 vs load")
     fig.tight_layout()
     return fig
