@@ -4,6 +4,10 @@ A dump is the JSON of :meth:`monitor.state.MonitorState.dump`. Readers (dash,
 plot, report) also accept any JSON object with a ``fold`` key holding
 :meth:`core.metrics.MetricsFold.to_dict` (a simulator run, for instance): the
 missing live-only parts read as empty.
+
+A monitor's fold keeps its latency distributions as sketches (bounded memory,
+quantiles within its ``relative_accuracy``); a simulator's keeps every value.
+Read either through :meth:`core.metrics.MetricsFold.from_dict`, never the raw lists.
 """
 
 from __future__ import annotations

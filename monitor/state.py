@@ -26,8 +26,10 @@ Memory is bounded whatever the run's length (a monitor runs for days):
   counts, token totals, means and maxima exact) and at most
   ``max_timeline_buckets`` timeline buckets (default 1024; past that the bucket
   width doubles, so the whole run stays, coarser);
-* the series is a ring of the last ``max_series`` points (default 20,000: 5.5 h
-  at one point a second; the whole run is in the fold's timeline);
+* the series holds at most ``max_series`` points (default 4,096): when full, its
+  older half is thinned to every other point, so the last ~``max_series / 2``
+  intervals are at full resolution and older history gets sparser (each kept
+  point is unchanged: its ``window_*`` fields describe its own interval);
 * the incident log keeps the last ``max_incidents`` (default 2,000; dropped ones
   are counted) and the recent-request table the last ``recent`` (default 50);
 * a window's TTFTs are kept only until the next series point (one
@@ -118,7 +120,7 @@ class MonitorState:
 
     ``label`` names the run in reports; ``recent`` bounds the recent-request list
     and ``max_incidents`` the incident log (oldest dropped first, counted);
-    ``max_series`` the series ring. ``relative_accuracy`` and
+    ``max_series`` the series (thinned when full). ``relative_accuracy`` and
     ``max_timeline_buckets`` bound the fold (see the module docstring).
     """
 
@@ -131,7 +133,7 @@ class MonitorState:
         label: str = "",
         recent: int = 50,
         max_incidents: int = 2000,
-        max_series: int = 20_000,
+        max_series: int = 4096,
         relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY,
         max_timeline_buckets: int = 1024,
     ) -> None:
@@ -146,7 +148,10 @@ class MonitorState:
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
         self.incidents: deque[dict[str, Any]] = deque(maxlen=max_incidents)
         self.incidents_dropped = 0
-        self.series: deque[dict[str, Any]] = deque(maxlen=max_series)
+        if max_series < 2:
+            raise ValueError("max_series must be at least 2")
+        self.max_series = max_series
+        self.series: list[dict[str, Any]] = []
         self.workers: dict[str, dict[str, Any]] = {}  # latest sample per worker, JSON-ready
         self.errors_by_code: dict[str, int] = {}
         self.records = 0
@@ -281,6 +286,10 @@ class MonitorState:
         if now_s < self._next_sample_s:
             return False
         self.series.append(self._series_point(now_s))
+        if len(self.series) > self.max_series:
+            # Keep the first point (the run's start) and every other one of the older half.
+            half = len(self.series) // 2
+            self.series = self.series[:half:2] + self.series[half:]
         self._window = _Window()
         # Skip missed intervals instead of bursting points after a stall.
         steps = math.floor((now_s - self._next_sample_s) / self.sample_interval_s) + 1

@@ -46,8 +46,10 @@ def test_state_sizes_stop_growing_and_quantiles_stay_within_one_percent():
     full = st.stored_sizes()
     # The window holds the requests since the last series point: at most one interval's (30 here).
     assert half.pop("window_ttft") <= 30 and full.pop("window_ttft") <= 30
+    # The series is thinned when it passes 600 points: between 451 and 600 from then on.
+    assert 451 <= half.pop("series") <= 600 and 451 <= full.pop("series") <= 600
     assert full == half
-    assert half["series"] == 600 and half["incidents"] == 100 and half["recent_requests"] == 50
+    assert half["incidents"] == 100 and half["recent_requests"] == 50
     assert half["fold_timeline_buckets"] <= 64 and half["fold_distribution_values"] <= 9 * 2 * 2048
 
     ok = np.array([i % 500 != 499 for i in range(N)])
@@ -63,3 +65,17 @@ def test_state_sizes_stop_growing_and_quantiles_stay_within_one_percent():
             rank = (len(values) - 1) * q / 100
             step = ordered[math.ceil(rank)] - ordered[math.floor(rank)]
             assert abs(s[f"{name}_p{q}_s"] - exact) <= 0.01 * exact + step, (name, q)
+
+
+def test_series_thins_its_older_half_when_full():
+    st = MonitorState(sample_interval_s=1.0, max_series=8)
+    for t in range(9):
+        st.tick(float(t))
+    # 9 points > 8: the older half (t = 0..3) keeps t = 0 and 2; the newer half stays whole.
+    assert [p["t_s"] for p in st.series] == [0.0, 2.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    for t in range(9, 11):
+        st.tick(float(t))
+    # t = 10 makes 9 again: the older half (0, 2, 4, 5) keeps 0 and 4.
+    assert [p["t_s"] for p in st.series] == [0.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    st.tick(11.0)
+    assert [p["t_s"] for p in st.series] == [0.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
