@@ -234,13 +234,16 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
 
         slo = gp.Slo(ttft_p99_s=slo_ttft_p99, tpot_p99_s=slo_tpot_p99)
         tolerance = gp.DEFAULT_TOLERANCE if goodput_tolerance is None else goodput_tolerance
-        searches = {}
+        searches, rejected_runs = {}, {}
         for name in policies:
             def probe(load, _name=name):
                 # A rate for a workload, a speed-up for a trace: one full run, same seed.
                 arrivals = arrivals_for(None, load) if trace_path is not None else arrivals_for(load)
                 result = run_policies(make_workload=make_wl, make_arrivals=arrivals, policies=[_name], config=config,
                                       seed=seed, progress=lambda n, d, t: progress(f"{n}@{load:.3g}", d, t))[_name]
+                if result.rejected and _name not in rejected_runs:
+                    # A rejection fails the SLO at any load; the warning says which limit to raise.
+                    rejected_runs[_name] = (result.requests, result.rejections)
                 return gp.probe_stats(result)
 
             searches[name] = gp.find_goodput(probe, slo=slo, start=goodput_start, tolerance=tolerance)
@@ -253,6 +256,9 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
                        f"{gp.goodput_table(report)}")
         for line in gp.summary_lines(report):
             click.echo(f"note: {line}", err=True)
+        msg = rejection_message(rejected_runs)
+        if msg is not None:
+            click.echo(f"warning: {msg}", err=True)
     elif rate_sweep:
         rates = [float(x) for x in rate_sweep.split(",") if x.strip()]
         sweep, bound, last, warnings = [], float("nan"), None, {}

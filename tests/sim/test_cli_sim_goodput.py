@@ -90,3 +90,12 @@ def test_usage_errors():
         res = _sim("--workload", "gsp", *extra)
         assert res.exit_code == 2, (extra, res.output)
         assert needle in res.output and "Traceback" not in res.output
+
+
+def test_rejections_fail_every_load_and_say_why():
+    res = _sim(*SMALL, "--policy", "kvr", "--slo-ttft-p99", "10", "--max-model-len", "300")
+    assert res.exit_code == 0, res.output
+    assert "| kvr | none |" in res.stdout
+    err = res.stderr.splitlines()
+    assert err[0] == "note: no load meets the SLO for kvr (lowest probed: 0.125 req/s)"
+    assert err[1].startswith("warning: 96 of 96 requests rejected: prompt too long for max_model_len 300 tokens")
