@@ -245,6 +245,12 @@ LOAD_RATE = "rate_per_s"
 LOAD_SPEEDUP = "speedup"
 
 
+def load_unit(load: str) -> str:
+    """The unit of a load: a workload's rate counts roots (a conversation, a fan-out), as
+    ``--rate`` does; a trace's speed-up divides its timestamps."""
+    return "roots/s" if load == LOAD_RATE else "× speed-up"
+
+
 def goodput_report(searches: dict[str, GoodputSearch], *, load: str, slo: Slo, start: float, tolerance: float,
                    seed: int) -> dict[str, Any]:
     """The JSON report: the search's settings, then per policy its result, every probe and
@@ -278,7 +284,7 @@ def _num(v: Any, fmt: str) -> str:
 
 def goodput_table(report: dict[str, Any]) -> str:
     """The report as a GitHub markdown table, one row per policy ("none": no load met)."""
-    unit = "req/s" if report["search"]["load"] == LOAD_RATE else "speed-up ×"
+    unit = load_unit(report["search"]["load"])
     names = list(report["policies"])
     header = ["policy", f"goodput ({unit})", "served req/s", "TTFT p99 s", "TPOT p99 ms", "hit", "probes",
               f"vs {names[0]}" if names else "vs first"]
@@ -300,7 +306,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     """Notes under the table: kvr against the best other policy, non-monotone probes,
     unbracketed searches, policies without a goodput (one line each)."""
     out = []
-    unit = "req/s" if report["search"]["load"] == LOAD_RATE else "× speed-up"
+    unit = load_unit(report["search"]["load"])
     kv = report.get("kvr_vs_best_other")
     if kv is not None and kv["ratio"] is not None:
         out.append(f"kvr / best other policy ({kv['policy']}): {kv['ratio']:.2f}×")

@@ -136,10 +136,9 @@ def goodput(report: dict[str, Any], *, title: str = "") -> Figure:
     ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    from sim.goodput import LOAD_RATE
+    from sim.goodput import LOAD_RATE, load_unit
 
-    unit = "request rate (req/s)" if search["load"] == LOAD_RATE else "trace speed-up (×)"
-    ax.set_xlabel(unit)
+    ax.set_xlabel(f"{'request rate' if search['load'] == LOAD_RATE else 'trace speed-up'} ({load_unit(search['load'])})")
     ax.set_ylabel("TTFT p99 (s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), title="goodput")  # outside: never over the data

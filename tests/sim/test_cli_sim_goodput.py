@@ -25,7 +25,7 @@ def test_table_with_data_and_plot(tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0] == "## gsp: goodput at TTFT p99 ≤ 0.05 s, 2 workers, profile h100-8b"
-    assert lines[2] == "| policy | goodput (req/s) | served req/s | TTFT p99 s | TPOT p99 ms | hit | probes | vs kvr |"
+    assert lines[2] == "| policy | goodput (roots/s) | served req/s | TTFT p99 s | TPOT p99 ms | hit | probes | vs kvr |"
     rows = {ln.split(" | ")[0][2:]: ln.split(" | ")[1:] for ln in lines[4:6]}
     assert list(rows) == ["kvr", "round_robin"]
     for cells in rows.values():
@@ -61,7 +61,7 @@ def test_impossible_slo_says_none_in_one_line_and_exits_0():
     assert res.exit_code == 0, res.output
     assert "| kvr | none | - | - | - | - | 7 | - |" in res.stdout
     assert "| round_robin | none | - | - | - | - | 7 | - |" in res.stdout
-    assert res.stderr.splitlines() == ["note: no load meets the SLO for kvr, round_robin (lowest probed: 0.125 req/s)",
+    assert res.stderr.splitlines() == ["note: no load meets the SLO for kvr, round_robin (lowest probed: 0.125 roots/s)",
                                        res.stderr.splitlines()[-1]]
     assert res.stderr.splitlines()[-1].startswith("simulated in ")
     rep = json.loads(_sim(*SMALL, "--policy", "kvr", "--slo-ttft-p99", "1e-6", "--json").stdout)
@@ -97,5 +97,5 @@ def test_rejections_fail_every_load_and_say_why():
     assert res.exit_code == 0, res.output
     assert "| kvr | none |" in res.stdout
     err = res.stderr.splitlines()
-    assert err[0] == "note: no load meets the SLO for kvr (lowest probed: 0.125 req/s)"
+    assert err[0] == "note: no load meets the SLO for kvr (lowest probed: 0.125 roots/s)"
     assert err[1].startswith("warning: 96 of 96 requests rejected: prompt too long for max_model_len 300 tokens")

@@ -90,7 +90,7 @@ def test_search_none_when_nothing_meets():
     assert calls == [1.0, 0.5, 0.25, 0.125] and res.floor == 0.125
     rep = gp.goodput_report({"round_robin": res}, load=gp.LOAD_RATE, slo=SLO, start=1.0, tolerance=0.05, seed=0)
     assert "| round_robin | none | - | - | - | - | 4 | - |" in gp.goodput_table(rep)
-    assert gp.summary_lines(rep) == ["no load meets the SLO for round_robin (lowest probed: 0.125 req/s)"]
+    assert gp.summary_lines(rep) == ["no load meets the SLO for round_robin (lowest probed: 0.125 roots/s)"]
 
 
 def test_search_unbracketed_is_a_lower_bound():
@@ -107,7 +107,7 @@ def test_non_monotone_check_probe_is_reported_not_used():
     res = gp.find_goodput(lambda x: _stats(ttft_p99_s=0.05 if x < 3 or x == 8 else 0.2), slo=SLO, start=1.0)
     assert res.goodput < 3 and res.non_monotone == [8.0]
     rep = gp.goodput_report({"kvr": res}, load=gp.LOAD_RATE, slo=SLO, start=1.0, tolerance=0.05, seed=0)
-    assert f"kvr: not monotone: the SLO was met at 8 req/s, above the goodput {res.goodput:.3g}" in gp.summary_lines(rep)
+    assert f"kvr: not monotone: the SLO was met at 8 roots/s, above the goodput {res.goodput:.3g}" in gp.summary_lines(rep)
 
 
 def test_report_ratios():
