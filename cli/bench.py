@@ -1,4 +1,4 @@
-"""``kvr bench``: benchmarks (not tests). Each suite prints a table; results live in BENCHMARKS.md.
+"""``kvr bench``: benchmarks (not tests). Each suite prints a table; results live in docs/benchmarks.md.
 
 Adding a suite: write ``suite_<name>(**options) -> BenchTable`` (measure, return rows;
 ratios against a baseline measured in the same run), and a thin click command under

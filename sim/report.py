@@ -146,7 +146,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """The table as GitHub markdown (for BENCHMARKS.md)."""
+    """The table as GitHub markdown (for docs/benchmarks.md)."""
     header, rows = table_rows(report)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
