@@ -49,7 +49,11 @@ from bench.stale import SteadyLoad, StaleConfig, _get_json, _post
 logger = logging.getLogger(__name__)
 
 CASES = ("worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down", "drop", "dup_reorder",
-         "slow_subscriber", "client_disconnect", "worker_stall", "rogue_publisher")
+         "slow_subscriber", "client_disconnect", "worker_stall", "rogue_publisher", "router_stall", "impostor_hello",
+         "impostor_hello_curve", "duplicate_worker")
+#: Cases whose cluster runs with CURVE on (keys in RUN_DIR/keys, one extra authorised worker key).
+CURVE_CASES = ("impostor_hello_curve",)
+IMPOSTOR_KEY = "worker-impostor"
 
 #: Error codes each case may end requests with (anything else fails the case); the rest: none.
 ALLOWED_ERRORS = {
@@ -57,6 +61,8 @@ ALLOWED_ERRORS = {
     "worker_restart": {"worker_died"},
     "worker_stall": {"worker_died"},
     "router_restart": {"router_restarted", "no_workers"},
+    # A stream truly lost on a replaced link would end explicitly so; none is expected (resent).
+    "router_stall": {"worker_died"},
 }
 
 
@@ -75,6 +81,9 @@ class FaultsConfig:
     post_s: float = 2.0
     fault_s: float = 2.0  # how long a rate fault (drop, duplicate/reorder, slow subscriber, rogue) lasts
     redis_down_s: float = 3.0
+    router_stall_s: float = 5.0  # SIGSTOP of the router: past the workers' 1.5 s timeout, they reconnect
+    stall_requests: int = 20  # long requests streaming across the router stall
+    stall_max_tokens: int = 3000  # ~6 s of decoding for 20 of them at speedup 20: before, during and after
     slow_hwm: int = 8  # the workers' KV-event PUB high-water mark in the slow_subscriber case
     slow_sndbuf: int = 65_536  # and kernel send buffer (the OS's default holds MBs on loopback)
     drop_rate: float = 0.05
@@ -283,6 +292,12 @@ def inject(case: str, cluster, cfg: FaultsConfig, truth: Truth, sampler: Sampler
         return _wait(lambda: _router_serves_all(http_port, n), 15, "the stalled worker to register again"), notes
     if case == "rogue_publisher":
         return _rogue(cluster, cfg, truth, notes, http_port), notes
+    if case == "router_stall":
+        return _router_stall(cluster, cfg, notes, http_port), notes
+    if case in ("impostor_hello", "impostor_hello_curve"):
+        return _impostor(cluster, cfg, truth, notes, http_port, curve=case in CURVE_CASES), notes
+    if case == "duplicate_worker":
+        return _duplicate_worker(cluster, cfg, notes, http_port), notes
     raise ValueError(f"unknown fault case {case!r}; known: {', '.join(CASES)}")
 
 
@@ -462,6 +477,157 @@ def _rogue(cluster, cfg: FaultsConfig, truth: Truth, notes: dict, http_port: int
     return time.monotonic()
 
 
+def _client_curve(cluster):
+    """The cluster's client key (CURVE cases), else None."""
+    keys = Path(cluster.run_dir) / "keys"
+    if not (keys / "client.key_secret").exists():
+        return None
+    from bus.security import load_curve
+
+    return load_curve(keys, name="client")
+
+
+def _router_stall(cluster, cfg: FaultsConfig, notes: dict, http_port: int) -> float:
+    """SIGSTOP the router for ``router_stall_s`` while long requests stream; then SIGCONT.
+
+    The workers time it out (1.5 s) and reconnect on new connections: what their old DEALERs
+    still queued is gone, and so are Dispatches the router sent to them. Every long request must
+    end with *all* its tokens (as many as ``Completion.output_tokens``) or an explicit error."""
+    import zmq
+
+    from bus.client import RouterClient
+    from bus.schema import GenerateRequest
+
+    n = len(cluster.worker_ids)
+    before = _router_metrics(http_port).get("kvr_router_worker_links_replaced_total", 0.0)
+    ctx = zmq.Context()
+    side = RouterClient(endpoint=cluster.client_endpoint, ctx=ctx)
+    try:
+        results = [side.send(GenerateRequest(request_id=f"stall-{i}", token_ids=[11 + i] * 48,
+                                             max_tokens=cfg.stall_max_tokens)) for i in range(cfg.stall_requests)]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(1 for r in results if r.token_ids) < len(results) // 2:
+            side.poll(10)
+        notes["streaming_at_stall"] = sum(1 for r in results if r.token_ids and not r.done)
+        cluster.supervisor.signal("router", signal.SIGSTOP)
+        time.sleep(cfg.router_stall_s)
+        cluster.supervisor.signal("router", signal.SIGCONT)
+        # Ends when every worker has said Hello on its new connection (and had it taken over).
+        end = _wait(lambda: _router_metrics(http_port).get("kvr_router_worker_links_replaced_total", 0.0) - before >= n,
+                    10, "every worker to reconnect to the router")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(r.done for r in results):
+            side.poll(20)
+    finally:
+        side.close()
+        ctx.term()
+    outcomes: dict[str, int] = {}
+    for r in results:
+        if not r.done:
+            key = "unanswered"
+        elif r.error is not None:
+            key = r.error.code.value
+        elif len(r.token_ids) == r.completion.output_tokens:
+            key = "complete"
+        else:
+            key = "missing_tokens" if len(r.token_ids) < r.completion.output_tokens else "extra_tokens"
+        outcomes[key] = outcomes.get(key, 0) + 1
+    notes["long_requests"] = outcomes
+    notes["long_tokens_received"] = sum(len(r.token_ids) for r in results)
+    counters = _router_metrics(http_port)
+    for name in ("worker_links_replaced", "requests_lost_with_link", "repeated_chunks_dropped", "reply_stream_gaps",
+                 "incomplete_completions"):
+        notes[name] = counters.get(f"kvr_router_{name}_total", 0.0) - (before if name == "worker_links_replaced" else 0)
+    return end
+
+
+def _registry_hello(truth: Truth, wid: str):
+    """A Hello for ``wid`` built from what the Redis registry says of it (as anyone with Redis could)."""
+    import secrets
+
+    from bus import names
+    from bus.schema import Hello
+
+    reg = {k.decode(): v.decode() for k, v in truth.redis.hgetall(names.worker_key(truth.ns, wid)).items()}
+    return Hello(worker_id=wid, epoch=int(reg["epoch"]), model=reg["model"], block_size=int(reg["block_size"]),
+                 num_gpu_blocks=int(reg["num_gpu_blocks"]), events_endpoint=reg["events_endpoint"],
+                 replay_endpoint=reg["replay_endpoint"] or None, topic=reg["topic"], dp_size=int(reg["dp_size"]),
+                 http_url=reg["http_url"] or None, profile=reg["profile"], engine=reg["engine"],
+                 link_token=secrets.token_hex(16))  # the real one is never stored: a guess
+
+
+def _impostor(cluster, cfg: FaultsConfig, truth: Truth, notes: dict, http_port: int, *, curve: bool) -> float:
+    """A process claims worker-0 with its id, epoch and endpoints copied from the Redis registry,
+    beats for ``fault_s`` and answers any Dispatch with made-up text. With ``curve`` it holds an
+    authorised worker key, another one than worker-0 registered with."""
+    import zmq
+
+    from bus.codec import encode, router_decoder
+    from bus.schema import Completion, Dispatch, Heartbeat, Refused, TokenChunk, Welcome
+
+    hello = _registry_hello(truth, "worker-0")
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    if curve:
+        from bus.security import load_curve
+
+        load_curve(Path(cluster.run_dir) / "keys", name=IMPOSTOR_KEY).dial(dealer)
+    dealer.connect(cluster.worker_endpoint)
+    decoder = router_decoder()
+    got: dict[str, int] = {}
+    dispatches = 0
+    end = time.monotonic() + cfg.fault_s
+    next_hello = 0.0
+    while time.monotonic() < end:
+        now = time.monotonic()
+        if now >= next_hello:  # says Hello again and again, as the operator's impostor did
+            dealer.send(encode(hello))
+            next_hello = now + 0.5
+        dealer.send(encode(Heartbeat(sender_id="worker-0", epoch=hello.epoch)))
+        while dealer.poll(0):
+            msg = decoder.decode(dealer.recv())
+            kind = type(msg).__name__ if not isinstance(msg, Refused) else f"Refused:{msg.code}"
+            got[kind] = got.get(kind, 0) + 1
+            if isinstance(msg, Dispatch):
+                dispatches += 1
+                dealer.send(encode(TokenChunk(msg.request_id, [1], "impostor", seq=0)))
+                dealer.send(encode(Completion(msg.request_id, "worker-0", len(msg.token_ids), 0, 1, chunks=1)))
+        time.sleep(0.05)
+    dealer.close(linger=0)
+    ctx.term()
+    notes["impostor_received"] = got
+    notes["impostor_dispatches"] = dispatches
+    notes["impostor_welcomed"] = got.get(Welcome.__name__, 0)
+    time.sleep(1.1)  # the stats snapshot behind /metrics
+    m = _router_metrics(http_port)
+    notes["rejected_hello_duplicate_id"] = m.get("kvr_router_rejected_hello_duplicate_id_total", 0.0)
+    notes["rejected_hello_key_mismatch"] = m.get("kvr_router_rejected_hello_key_mismatch_total", 0.0)
+    notes["workers"] = m.get("kvr_router_workers")
+    return time.monotonic()
+
+
+def _duplicate_worker(cluster, cfg: FaultsConfig, notes: dict, http_port: int) -> float:
+    """A second ``kvr worker --id worker-0`` beside the live one: it must exit non-zero with one
+    line, and the live one keep its registration (no flapping)."""
+    import subprocess
+
+    before = _router_metrics(http_port)
+    spec = cluster.worker_spec("worker-0")
+    t0 = time.monotonic()
+    proc = subprocess.run(spec.argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    notes["duplicate_exit_code"] = proc.returncode
+    notes["duplicate_ran_s"] = round(time.monotonic() - t0, 2)
+    notes["duplicate_last_line"] = (proc.stderr.strip().splitlines() or [""])[-1]
+    time.sleep(1.1)  # the stats snapshot behind /metrics
+    after = _router_metrics(http_port)
+    for name in ("rejected_hello_duplicate_id", "worker_links_replaced"):
+        key = f"kvr_router_{name}_total"
+        notes[name] = after.get(key, 0.0) - before.get(key, 0.0)
+    notes["workers"] = after.get("kvr_router_workers")
+    return time.monotonic()
+
+
 # ---------------------------------------------------------------------------- one case
 
 
@@ -483,6 +649,13 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
     # A small PUB high-water mark, so that a subscriber that stops reading overflows it within the case.
     worker_args = (["--events-hwm", str(cfg.slow_hwm), "--events-sndbuf", str(cfg.slow_sndbuf)]
                    if case == "slow_subscriber" else [])
+    if case in CURVE_CASES:
+        from bus.security import generate_keys
+
+        keys = run_dir / "keys"
+        generate_keys(keys, ("router", "worker", "client", IMPOSTOR_KEY))
+        router_args += ["--curve-dir", str(keys)]
+        worker_args += ["--curve-dir", str(keys)]
     for attempt in range(2):
         cluster = LocalCluster(cluster_config(workers=cfg.workers, policy="kvr", speedup=cfg.speedup,
                                               run_dir=run_dir, namespace=ns, seed=cfg.seed, router_args=router_args,
@@ -501,7 +674,7 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
     out = CaseResult(case)
     try:
         truth = Truth(cluster, ns)
-        load = SteadyLoad(cluster.client_endpoint, cfg.load_config(), cfg.seed)
+        load = SteadyLoad(cluster.client_endpoint, cfg.load_config(), cfg.seed, curve=_client_curve(cluster))
         sampler = Sampler(truth, cfg)
         load.start()
         sampler.start()

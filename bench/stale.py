@@ -84,9 +84,11 @@ class StaleConfig:
 class SteadyLoad(threading.Thread):
     """Poisson requests from a gsp workload (recycled), each with its own timeout; never blocks the bench."""
 
-    def __init__(self, endpoint: str, cfg: StaleConfig, seed: int) -> None:
+    def __init__(self, endpoint: str, cfg: StaleConfig, seed: int, *, curve=None) -> None:
+        """``curve`` (bus/security.Curve): dial a router that has CURVE on."""
         super().__init__(daemon=True, name="stale-load")
         self.endpoint = endpoint
+        self.curve = curve
         self.cfg = cfg
         self.seed = seed
         self.records: list[tuple[float, int, int, bool]] = []  # (finish wall s, prompt, cached, error)
@@ -117,7 +119,7 @@ class SteadyLoad(threading.Thread):
         prompts = [r for i in range(wl.num_roots()) for r in wl.root_requests(i)]
         rnd = random.Random(self.seed)
         wall_rate = cfg.rate_per_s * cfg.speedup
-        with RouterClient(endpoint=self.endpoint) as client:
+        with RouterClient(endpoint=self.endpoint, curve=self.curve) as client:
             sent: dict[str, float] = {}
             next_at = time.monotonic()
             k = 0

@@ -214,6 +214,8 @@ class ZapHandler:
             ok = key in keys if keys is not None else mechanism != b"CURVE"
         if ok:
             self.allowed[domain] += 1
+            # The user id is the client's z85 key: libzmq attaches it to every message of the
+            # connection ("User-Id"), which is how the router binds a worker id to its key.
             return [b"1.0", request_id, b"200", b"OK", key or b"anonymous", b""]
         self.denied[domain] += 1
         n = self.denied[domain]

@@ -564,8 +564,9 @@ class RouterService:
                 logger.warning("worker %s reconnected without %d of its requests (lost with the old connection): "
                                "routing them again or failing them", wid, len(lost))
             for p in lost:
+                # Not the worker's fault: it may take the request again, on its new link.
                 self._fail_or_retry(p, ErrorCode.WORKER_DIED, "its worker link was replaced and the request was lost "
-                                    "with the old connection", now=now)
+                                    "with the old connection", now=now, exclude_worker=False)
             self.counters["worker_links_replaced"] += 1
             logger.info("worker %s reconnected (epoch %d): %d request(s) handed over", wid, hello.epoch,
                         len(mine & held))
@@ -575,16 +576,20 @@ class RouterService:
         for key in held - mine:  # finished or failed over already: the worker may stop it
             self._send_worker(worker.identity, Cancel(key))
 
-    def _fail_or_retry(self, p: _Pending, code: ErrorCode, why: str, *, now: float, cancel: bool = False) -> None:
-        """End ``p`` on its current worker: route it again (elsewhere) if its client saw nothing yet
-        and retries are left, else fail it with ``code``. ``cancel`` tells that worker to stop it."""
+    def _fail_or_retry(self, p: _Pending, code: ErrorCode, why: str, *, now: float, cancel: bool = False,
+                       exclude_worker: bool = True) -> None:
+        """End ``p`` on its current worker: route it again if its client saw nothing yet and retries
+        are left, else fail it with ``code``. ``cancel`` tells that worker to stop it;
+        ``exclude_worker`` keeps the retry off that worker (every rank: the key stays the same)."""
         wid = _wid(p.target)
         worker = self.workers.get(wid) if wid is not None else None
         if cancel and worker is not None:
             self._send_worker(worker.identity, Cancel(p.key))
         self.core.on_finish(p.key)
-        if worker is not None:
-            p.tried.update(worker.targets)  # not another rank of the same worker: the key is the same
+        if worker is not None and exclude_worker:
+            p.tried.update(worker.targets)
+        elif p.target is not None:
+            p.tried.discard(p.target)
         if not p.streamed and p.retries < self.config.max_retries:
             p.retries += 1
             p.relayed_chunks = 0

@@ -154,6 +154,7 @@ class WorkerService:
         self._reconnect_at: float | None = None
         self._streams: dict[str, _Stream] = {}  # router request id -> its replies so far (module docstring)
         self._finished: deque[str] = deque()  # ids of finished streams, oldest first (pruning)
+        self._backlog: deque[bytes] = deque()  # encoded replies the full link has not taken yet
         self._orphans: set[str] = set()  # requests of a router incarnation that is gone (cancelled)
         self._link_token = secrets.token_hex(16)  # proves a new link is this incarnation (Hello.link_token)
         self._welcomed_epoch: int | None = None  # the router incarnation that dispatched what _streams hold
@@ -229,6 +230,7 @@ class WorkerService:
         self._flush_backend()
         if self.router_endpoint is not None:
             self._link_timers(now)
+            self._flush_backlog()
         deadlines = [now + self.max_poll_s]
         if due is not None:
             deadlines.append(due)
@@ -336,7 +338,7 @@ class WorkerService:
             stream.finished = True
             self._finished.append(key)
         if self.registered and self._dealer is not None:
-            self._send(msg)
+            self._send_reply(msg)
             if terminal:
                 stream.sent_s = self._clock()
         else:
@@ -348,7 +350,7 @@ class WorkerService:
         n = 0
         for stream in self._streams.values():
             for msg in stream.messages:
-                self._send(msg)
+                self._send_reply(msg)
                 n += 1
             if stream.finished:
                 stream.sent_s = now
@@ -388,6 +390,7 @@ class WorkerService:
             del self._streams[key]
 
     def _disconnect(self) -> None:
+        self._backlog.clear()  # kept in _streams: the next Welcome resends them
         if self._dealer is not None:
             self._poller.unregister(self._dealer)
             if self._dealer_events is not None:
@@ -453,9 +456,28 @@ class WorkerService:
                 self.counters.heartbeats_sent += 1
             self._next_heartbeat = now + self.heartbeat_interval_s
 
+    def _send_reply(self, msg: Any) -> None:
+        """A request reply on the welcomed link: never dropped for a full queue (a resend after a
+        reconnect can be tens of thousands of chunks); it waits in ``_backlog``, in order."""
+        self._backlog.append(encode(msg))
+        self._flush_backlog()
+
+    def _flush_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and self._dealer is not None:
+            try:
+                self._dealer.send(backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the link is full: the loop tries again within max_poll_s
+            backlog.popleft()
+            self.counters.messages_sent += 1
+
     def _send(self, msg: Any) -> None:
         if self._dealer is None:
             self.counters.messages_dropped += 1
+            return
+        if self._backlog:  # behind the replies waiting there (a Goodbye must not overtake a result)
+            self._backlog.append(encode(msg))
             return
         try:
             self._dealer.send(encode(msg), zmq.NOBLOCK)
@@ -549,6 +571,11 @@ class WorkerService:
         self._flush_backend()
         if self._dealer is not None:
             self._send(Goodbye(worker_id=self.worker_id, epoch=self.epoch))
+            deadline = self._clock() + 1.0
+            while self._backlog and self._clock() < deadline:
+                self._flush_backlog()
+                if self._backlog:
+                    time.sleep(0.005)
             self._dealer.setsockopt(zmq.LINGER, 500)  # let the last replies and the goodbye out
             self._disconnect()
         for sink in self._sinks.values():

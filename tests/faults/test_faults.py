@@ -85,6 +85,22 @@ def _case_specific(case: str, r, logs: str) -> None:
     elif case == "rogue_publisher":
         # Every message of the unregistered peer was counted and ignored (the index stayed exact).
         assert n["unknown_peer_messages"] == n["rogue_messages"], n
+    elif case == "router_stall":
+        # Every long request ended with all its tokens or an explicit error; none is short, none hangs.
+        long = n["long_requests"]
+        assert n["streaming_at_stall"] >= 1 and not {"missing_tokens", "extra_tokens", "unanswered"} & set(long), n
+        assert sum(long.values()) == CFG.stall_requests and n["worker_links_replaced"] >= CFG.workers, n
+    elif case in ("impostor_hello", "impostor_hello_curve"):
+        # Refused every time (by the link token, or by the CURVE key binding): never welcomed, never
+        # dispatched to; worker-0 kept its registration.
+        assert n["impostor_dispatches"] == 0 and n["impostor_welcomed"] == 0 and n["workers"] == CFG.workers, n
+        counter = "rejected_hello_key_mismatch" if case == "impostor_hello_curve" else "rejected_hello_duplicate_id"
+        assert n[counter] >= 1 and n["impostor_received"].get(f"Refused:{counter.removeprefix('rejected_hello_')}"), n
+    elif case == "duplicate_worker":
+        # The second `kvr worker --id worker-0` exits non-zero with one line; the live one never flapped.
+        assert n["duplicate_exit_code"] != 0 and n["duplicate_last_line"].startswith("router refused this worker:"), n
+        assert n["rejected_hello_duplicate_id"] >= 1 and n["worker_links_replaced"] == 0, n
+        assert n["workers"] == CFG.workers, n
     elif case == "slow_subscriber":
         # It was connected, and its queue at the publisher overflowed: most of the burst never
         # reached it (the router's subscription on the same PUB lost nothing, see above).
