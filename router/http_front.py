@@ -1,11 +1,10 @@
 """The router's OpenAI-compatible HTTP front: one more client of the router's client channel.
 
-Served (stdlib ``ThreadingHTTPServer``, HTTP/1.1):
+Served (aiohttp, through ``bus/http_server.py``; bodies, errors and SSE per ``bus/openai_http.py``):
 
-* ``POST /v1/completions`` and ``/v1/chat/completions``: streaming (SSE, chunked) or not; a
-  prompt is a string or a list of token ids; ``usage.prompt_tokens_details.cached_tokens`` is the
-  engine's prefix hit; a ``kvr`` object (and ``x-kvr-worker`` header) says where it ran and
-  what the router predicted;
+* ``POST /v1/completions`` and ``/v1/chat/completions``: streaming (SSE) or not; a prompt is a
+  string or a list of token ids; ``usage.prompt_tokens_details.cached_tokens`` is the engine's prefix
+  hit; a ``kvr`` object (and ``x-kvr-worker`` header) says where it ran and what the router predicted;
 * ``GET /v1/models``: the model names the registered workers serve (their ``Hello``; the same
   names an unknown model's error lists), then the front's alias if it has one (``--model-name``:
   accepted for any served model);
@@ -14,151 +13,61 @@ Served (stdlib ``ThreadingHTTPServer``, HTTP/1.1):
 
 A known path asked with another method is answered 405 with an ``Allow`` header (404: unknown path).
 
-HTTP handler threads never touch the router's sockets: a bridge thread owns one DEALER to the
-router's client ROUTER and hands replies to each handler's queue (woken through a socket pair).
-Errors map to HTTP statuses (bad request 400, prompt too long or body over 64 MiB 413, unknown
-model 404, overloaded 429, no workers 503, timeout 504...) with OpenAI-style JSON whose ``type`` is
-the stable ``ErrorCode`` value. Bodies are decoded by :func:`parse_completion_body`, the HTTP
-edge's one decoder: anything it accepts crosses the bridge (encodes, decodes at the router).
+One asyncio loop (the HTTP server's thread) serves every connection and owns one ``zmq.asyncio``
+DEALER to the router's client ROUTER; replies are handed to each request's queue by request id.
+Errors map to HTTP statuses (``STATUS_FOR_CODE``: bad request 400, prompt too long or body over
+64 MiB 413, unknown model 404, overloaded 429, no workers 503, timeout 504...; 429 and 503 with
+``Retry-After``) with OpenAI-style JSON whose ``type`` is the stable ``ErrorCode`` value.
+
+Invariants:
+* a request the router has not ended (no ``Completion``/``ErrorReply`` yet) whose HTTP exchange
+  ends anyway (the client left, the front timed out, the stream could not go on) is cancelled at
+  the router with ``CancelRequest``;
+* one HTTP response per request: a second ``Routed`` (the router re-routed it before any token)
+  continues the same response; one after tokens were sent ends the stream with an SSE error event
+  (the new worker would repeat them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-import json
 import logging
-import queue
-import socket
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import zmq
+import zmq.asyncio
+from aiohttp import web
 
 from bus.codec import DecodeError, encode, reply_decoder
+from bus.http_server import MAX_IN_FLIGHT, HttpServer, json_response, read_body
+from bus.openai_http import (
+    SSE_CONTENT_TYPE,
+    SSE_DONE,
+    STATUS_FOR_CODE,
+    CompletionBody,
+    HttpError,
+    bad_request,
+    decode_json_body,
+    no_route,
+    parse_completion_body as parse_openai_body,
+    sse_error,
+    sse_event,
+    usage_body,
+)
 from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, Routed, TokenChunk
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_socket
-from core.tokenizer import apply_chat_template
+from core.admission import AdmissionLimits
 
 logger = logging.getLogger(__name__)
 
-_MAX_BODY_BYTES = 64 * 1024 * 1024
-_MAX_TOKEN_ID = 2**32  # kvr hashes token ids as uint32 (core/hashing.py); the router says the same
-_MAX_WIRE_INT = 2**63  # what msgpack carries as a signed int; bigger is refused here, not in the bridge
 _GET_PATHS = frozenset({"/health", "/v1/models", "/metrics"})
 _POST_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-_STATUS = {
-    ErrorCode.BAD_REQUEST: 400, ErrorCode.PROMPT_TOO_LONG: 413, ErrorCode.UNKNOWN_MODEL: 404,
-    ErrorCode.NO_WORKERS: 503, ErrorCode.OVERLOADED: 429, ErrorCode.TIMEOUT: 504, ErrorCode.CANCELLED: 499,
-    ErrorCode.WORKER_DIED: 502, ErrorCode.WORKER_ERROR: 502, ErrorCode.ROUTER_RESTARTED: 503,
-}  # fmt: skip
-
-
-class _Bridge:
-    """Owns the DEALER to the router; handler threads submit through a queue."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str, curve: Curve | None = None,
-                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
-        self._ctx, self._endpoint, self._curve = ctx, endpoint, curve
-        self._max_request_bytes = max_request_bytes
-        self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self._inboxes: dict[str, queue.SimpleQueue] = {}
-        self._lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kvr-http-bridge", daemon=True)
-        self._thread.start()
-
-    def submit(self, request: GenerateRequest) -> queue.SimpleQueue:
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
-        with self._lock:
-            self._inboxes[request.request_id] = inbox
-        self._send(request)
-        return inbox
-
-    def cancel(self, request_id: str) -> None:
-        self._send(CancelRequest(request_id))
-
-    def _send(self, msg) -> None:
-        self._out.put(msg)
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-
-    def _run(self) -> None:
-        sock = make_socket(self._ctx, zmq.DEALER, max_msg_size=MAX_REQUEST_BYTES,
-                           setup=None if self._curve is None else self._curve.dial)
-        sock.connect(self._endpoint)
-        decoder = reply_decoder()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                poller.poll(100)
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
-                while True:
-                    try:
-                        msg = self._out.get_nowait()
-                    except queue.Empty:
-                        break
-                    try:
-                        data = encode(msg)
-                    except (OverflowError, TypeError, ValueError) as exc:  # parse_completion_body should stop these
-                        logger.warning("request %s does not encode: %s", msg.request_id, exc)
-                        self._fail(msg.request_id, ErrorReply(msg.request_id, ErrorCode.BAD_REQUEST, f"unencodable: {exc}"))
-                        continue
-                    if len(data) > self._max_request_bytes:
-                        # The router would cut this DEALER's connection (ZMQ_MAXMSGSIZE) and with it
-                        # the replies of every other HTTP request in flight: refuse this one here.
-                        self._fail(msg.request_id, ErrorReply(
-                            msg.request_id, ErrorCode.PROMPT_TOO_LONG,
-                            f"request of {len(data)} bytes is over the router's {self._max_request_bytes}-byte limit"))
-                        continue
-                    sock.send(data)
-                while sock.poll(0):
-                    try:
-                        reply = decoder.decode(sock.recv())
-                    except DecodeError as exc:
-                        logger.warning("undecodable reply from the router: %s", exc)
-                        continue
-                    with self._lock:
-                        inbox = self._inboxes.get(reply.request_id)
-                        if isinstance(reply, (Completion, ErrorReply)):
-                            self._inboxes.pop(reply.request_id, None)
-                    if inbox is not None:
-                        inbox.put(reply)
-        finally:
-            sock.close(linger=0)
-            with self._lock:
-                for inbox in self._inboxes.values():
-                    inbox.put(None)
-                self._inboxes.clear()
-
-    def _fail(self, request_id: str, reply: ErrorReply) -> None:
-        with self._lock:
-            inbox = self._inboxes.pop(request_id, None)
-        if inbox is not None:
-            inbox.put(reply)
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-        self._thread.join(5)
-        self._wake_r.close()
-        self._wake_w.close()
+#: What a chat without ``max_tokens`` asks the router for: the client channel has no "no cap", so
+#: the router's largest; the engine stops at its ``max_model_len`` (vLLM: the remaining context).
+UNCAPPED_MAX_TOKENS = AdmissionLimits().max_output_tokens
 
 
 class RouterHttpFront:
@@ -167,28 +76,38 @@ class RouterHttpFront:
     def __init__(self, *, client_endpoint: str, host: str = "127.0.0.1", port: int = 0, model: str | None = None,
                  stats: Callable[[], dict] | None = None, ctx: zmq.Context | None = None,
                  request_timeout_s: float = 600.0, curve: Curve | None = None,
-                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES, max_in_flight: int = MAX_IN_FLIGHT,
+                 uncapped_max_tokens: int = UNCAPPED_MAX_TOKENS) -> None:
         """``model``: an alias accepted for any served model, listed after the served names.
         ``stats``: the router's snapshot (``RouterService.stats``); its ``models`` are the served names.
-        ``curve``: the bridge dials the router's client port as a CURVE client (bus/security.py).
-        ``max_request_bytes``: the router's limit; bigger requests are refused here (PROMPT_TOO_LONG)."""
+        ``curve``: the DEALER dials the router's client port as a CURVE client (bus/security.py).
+        ``max_request_bytes``: the router's limit; bigger requests are refused here (PROMPT_TOO_LONG).
+        ``max_in_flight``: completions handled at once; the next is answered 429.
+        ``uncapped_max_tokens``: the router's ``max_output_tokens`` (see :data:`UNCAPPED_MAX_TOKENS`)."""
         self.model = model
         self.stats = stats or (lambda: {})
         self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
         self._ids = itertools.count(1)
+        self._endpoint, self._curve = client_endpoint, curve
+        self._max_request_bytes = max_request_bytes
+        self._uncapped_max_tokens = uncapped_max_tokens
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        self.bridge = _Bridge(self._ctx, client_endpoint, curve, max_request_bytes)
-        handler = type("Handler", (_Handler,), {"front": self})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._inboxes: dict[str, asyncio.Queue] = {}  # request id → its replies (None: the front closes)
+        try:
+            self.server = HttpServer(handle=self._handle, host=host, port=port, name="kvr-router-http",
+                                     max_in_flight=max_in_flight, on_start=self._open, on_stop=self._shut)
+        except OSError:
+            if self._own_ctx:
+                self._ctx.term()
+            raise
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self.server.url
 
     def model_names(self) -> list[str]:
         """What ``/v1/models`` lists: the served names the workers registered, then the alias."""
@@ -204,269 +123,195 @@ class RouterHttpFront:
         return f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids)}-{self.created}"
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.server.serve_forever, name="kvr-router-http", daemon=True)
-        self._thread.start()
+        self.server.start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.bridge.close()
+        self.server.close()
         if self._own_ctx:
             self._ctx.term()
 
+    # ------------------------------------------------------------------ the router link (on the loop)
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
+    async def _open(self) -> None:
+        actx = zmq.asyncio.Context.shadow(self._ctx.underlying)
+        self._sock = make_socket(actx, zmq.DEALER, max_msg_size=MAX_REQUEST_BYTES,
+                                 setup=None if self._curve is None else self._curve.dial)
+        self._sock.connect(self._endpoint)
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    front: RouterHttpFront
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        logger.debug("http %s " + fmt, self.address_string(), *args)
-
-    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(body).encode(), "application/json", headers)
-
-    def _error(self, status: int, message: str, kind: str) -> None:
-        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": status}})
-
-    def _sse(self, obj: Any) -> None:
-        data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
-        self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        f = self.front
-        path = self.path.split("?", 1)[0]
-        try:
-            if path == "/health":
-                workers = f.stats().get("workers", 0)
-                self._send(200 if workers else 503, f"{workers} worker(s)\n".encode(), "text/plain")
-            elif path == "/v1/models":
-                cards = [{"id": name, "object": "model", "created": f.created, "owned_by": "kvr"}
-                         for name in f.model_names()]
-                self._json(200, {"object": "list", "data": cards})
-            elif path == "/metrics":
-                self._send(200, render_metrics(f.stats()).encode(), "text/plain; version=0.0.4; charset=utf-8")
-            else:
-                self._no_route(path)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def _other_method(self) -> None:
-        self.close_connection = True  # a body it may carry is not read
-        self._no_route(self.path.split("?", 1)[0])
-
-    do_PUT = do_DELETE = do_PATCH = _other_method  # noqa: N815 (http.server's naming)
-
-    def _no_route(self, path: str) -> None:
-        """405 with ``Allow`` for a path served under another method, else 404."""
-        allowed = [m for m, paths in (("GET", _GET_PATHS), ("POST", _POST_PATHS)) if path in paths]
-        if allowed:
-            self._json(405, {"error": {"message": f"method {self.command} not allowed on {path}",
-                                       "type": "MethodNotAllowedError", "param": None, "code": 405}},
-                       {"Allow": ", ".join(allowed)})
-        else:
-            self._error(404, f"no route {path}", "NotFoundError")
-
-    def do_POST(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0]
-        try:
-            try:
-                length = _content_length(self.headers.get("Content-Length"))
-            except HttpError:
-                self.close_connection = True  # where the body ends is unknown: nothing after it can be read
-                raise
-            if length > _MAX_BODY_BYTES:
-                self.close_connection = True  # the unread body must not be taken for the next request
-                raise HttpError(413, f"request body of {length} bytes is over the {_MAX_BODY_BYTES}-byte limit",
-                                ErrorCode.PROMPT_TOO_LONG.value)
-            raw = self.rfile.read(length) if length else b""
-            if path in ("/v1/completions", "/v1/chat/completions"):
-                chat = path.endswith("chat/completions")
-                self._completions(raw, chat=chat)
-            else:
-                self._no_route(path)
-        except HttpError as exc:
-            self._error(exc.status, str(exc), exc.kind)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception:  # a bug must not drop the connection without an answer
-            logger.exception("POST %s failed", path)
-            self.close_connection = True
-            try:
-                self._error(500, "internal error", ErrorCode.INTERNAL.value)
-            except OSError:
-                pass
-
-    # ------------------------------------------------------------------ generation
-
-    def _completions(self, raw: bytes, *, chat: bool) -> None:
-        f = self.front
-        rid = f.next_id(chat)
-        req, body = parse_completion(raw, chat=chat, request_id=rid, alias=f.model)
-        inbox = f.bridge.submit(req)
-        routed: Routed | None = None
-        model = body.get("model") or f.default_model()
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": model}
-        streaming = False
-        texts: list[str] = []
-        tokens: list[int] = []
+    async def _read_replies(self) -> None:
+        decoder = reply_decoder()
         while True:
             try:
-                msg = inbox.get(timeout=f.request_timeout_s)
-            except queue.Empty:
-                f.bridge.cancel(rid)
-                msg = ErrorReply(rid, ErrorCode.TIMEOUT, "no reply from the router in time")
+                reply = decoder.decode(await self._sock.recv())
+            except DecodeError as exc:
+                logger.warning("undecodable reply from the router: %s", exc)
+                continue
+            if isinstance(reply, (Completion, ErrorReply)):
+                inbox = self._inboxes.pop(reply.request_id, None)
+            else:
+                inbox = self._inboxes.get(reply.request_id)
+            if inbox is not None:  # None: a request that ended here already (cancelled)
+                inbox.put_nowait(reply)
+
+    async def _shut(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, zmq.ZMQError):
+                pass
+        for inbox in self._inboxes.values():
+            inbox.put_nowait(None)
+        self._inboxes.clear()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _send(self, data: bytes) -> None:
+        """Queue a frame to the router without waiting (also from a cancelled request)."""
+        if self._sock is None:
+            return
+        fut = self._sock.send(data)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # a closed socket: nothing to tell
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if request.method == "GET":
+            if path == "/health":
+                workers = self.stats().get("workers", 0)
+                return web.Response(status=200 if workers else 503, text=f"{workers} worker(s)\n",
+                                    content_type="text/plain")
+            if path == "/v1/models":
+                cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "kvr"}
+                         for name in self.model_names()]
+                return json_response(200, {"object": "list", "data": cards})
+            if path == "/metrics":
+                return web.Response(body=render_metrics(self.stats()).encode(),
+                                    headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        elif request.method == "POST" and path in _POST_PATHS:
+            return await self._completions(request, chat=path == "/v1/chat/completions")
+        raise no_route(request.method, path, get_paths=_GET_PATHS, post_paths=_POST_PATHS)
+
+    async def _completions(self, request: web.BaseRequest, *, chat: bool) -> web.StreamResponse:
+        rid = self.next_id(chat)
+        body = decode_json_body(await read_body(request))
+        parsed = parse_openai_body(body, chat=chat)
+        req = generate_request(parsed, request_id=rid, alias=self.model, uncapped_max_tokens=self._uncapped_max_tokens)
+        data = encode(req)
+        if len(data) > self._max_request_bytes:
+            # The router would cut this DEALER's connection (ZMQ_MAXMSGSIZE) and with it the replies
+            # of every other HTTP request in flight on it: refuse this one here.
+            raise HttpError(413, f"request of {len(data)} bytes is over the router's {self._max_request_bytes}-byte "
+                                 "limit", ErrorCode.PROMPT_TOO_LONG.value)
+        if self._sock is None:
+            raise HttpError(503, "the HTTP front is shutting down", ErrorCode.ROUTER_RESTARTED.value)
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._inboxes[rid] = inbox
+        self._send(data)
+        try:
+            return await _Exchange(self, request, rid, chat, parsed, body).run(inbox)
+        finally:
+            if self._inboxes.pop(rid, None) is not None:  # not ended by the router: end it there
+                self._send(encode(CancelRequest(rid)))
+
+
+class _Exchange:
+    """One request's replies from the router, relayed as one HTTP response (JSON or SSE)."""
+
+    def __init__(self, front: RouterHttpFront, request: web.BaseRequest, rid: str, chat: bool,
+                 parsed: CompletionBody, body: dict) -> None:
+        self.front, self.request, self.rid, self.chat, self.parsed = front, request, rid, chat, parsed
+        self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": body.get("model") or front.default_model()}
+        self.response: web.StreamResponse | None = None  # the SSE stream, once its 200 is sent
+
+    async def run(self, inbox: asyncio.Queue) -> web.StreamResponse:
+        routed: Routed | None = None
+        texts: list[str] = []
+        while True:
+            try:
+                msg = await asyncio.wait_for(inbox.get(), self.front.request_timeout_s)
+            except TimeoutError:
+                msg = ErrorReply(self.rid, ErrorCode.TIMEOUT, "no reply from the router in time")
             if msg is None:
-                msg = ErrorReply(rid, ErrorCode.ROUTER_RESTARTED, "the HTTP front is shutting down")
+                msg = ErrorReply(self.rid, ErrorCode.ROUTER_RESTARTED, "the HTTP front is shutting down")
             if isinstance(msg, Routed):
-                routed = msg
-                if req.stream:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Cache-Control", "no-cache")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.send_header("x-kvr-worker", msg.worker_id)
-                    self.end_headers()
-                    streaming = True
-                    if chat:
-                        self._sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                        "finish_reason": None}]})
-            elif isinstance(msg, TokenChunk):
+                if routed is not None and texts:
+                    # Re-routed after tokens: the new worker would start over. The router does not
+                    # do this (it retries only before the first token); if it did, stop here.
+                    msg = ErrorReply(self.rid, ErrorCode.WORKER_DIED,
+                                     f"re-routed to {msg.worker_id} after tokens were sent")
+                else:
+                    first, routed = routed is None, msg
+                    if first and self.parsed.stream:
+                        await self._open_stream(msg)
+                    continue  # a retry before any token: the same response goes on
+            if isinstance(msg, TokenChunk):
                 texts.append(msg.text)
-                tokens.extend(msg.token_ids)
-                if streaming:
-                    try:
-                        self._sse({**head, "choices": [_choice(chat, msg.text, None, stream=True)]})
-                    except (BrokenPipeError, ConnectionResetError):
-                        f.bridge.cancel(rid)  # the client went away: abort, as vLLM does
-                        raise
+                if self.response is not None:
+                    await self._write(sse_event({**self.head, "choices": [_choice(self.chat, msg.text, None, stream=True)]}))
             elif isinstance(msg, ErrorReply):
-                if streaming:
-                    self._sse({"error": {"message": msg.message, "type": msg.code.value, "code": 500}})
-                    self._sse(b"[DONE]")
-                    self.wfile.write(b"0\r\n\r\n")
-                    return
-                raise HttpError(_STATUS.get(msg.code, 500), msg.message, msg.code.value)
+                if self.response is None:
+                    raise HttpError(STATUS_FOR_CODE.get(msg.code, 500), msg.message, msg.code.value)
+                await self._write(sse_error(msg.message, msg.code.value))
+                return await self._end()
             elif isinstance(msg, Completion):
-                usage = {"prompt_tokens": msg.prompt_tokens, "completion_tokens": msg.output_tokens,
-                         "total_tokens": msg.prompt_tokens + msg.output_tokens,
-                         "prompt_tokens_details": {"cached_tokens": msg.cached_tokens}}
-                kvr = {"worker_id": msg.worker_id, "dp_rank": msg.dp_rank, "retries": msg.retries,
-                       "predicted_cached_tokens": msg.predicted_cached_tokens,
-                       "policy": routed.policy if routed else None}
-                if streaming:
-                    self._sse({**head, "choices": [_choice(chat, "", msg.finish_reason, stream=True)]})
-                    if (body.get("stream_options") or {}).get("include_usage"):  # a dict or null (parsed)
-                        self._sse({**head, "choices": [], "usage": usage, "kvr": kvr})
-                    self._sse(b"[DONE]")
-                    self.wfile.write(b"0\r\n\r\n")
-                    return
-                obj = "chat.completion" if chat else "text_completion"
-                self._json(200, {**head, "object": obj, "choices": [_choice(chat, "".join(texts), msg.finish_reason)],
-                                 "usage": usage, "kvr": kvr}, {"x-kvr-worker": msg.worker_id})
-                return
+                return await self._complete(msg, routed, "".join(texts))
+
+    async def _open_stream(self, routed: Routed) -> None:
+        # No length: aiohttp frames it chunked for HTTP/1.1 and close-delimited for HTTP/1.0.
+        resp = web.StreamResponse(status=200, headers={"Content-Type": SSE_CONTENT_TYPE, "Cache-Control": "no-cache",
+                                                       "x-kvr-worker": routed.worker_id})
+        await resp.prepare(self.request)
+        self.response = resp
+        if self.chat:
+            await self._write(sse_event({**self.head, "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+
+    async def _write(self, data: bytes) -> None:
+        await self.response.write(data)  # a client that left: ConnectionError, and the request is cancelled
+
+    async def _end(self) -> web.StreamResponse:
+        await self._write(SSE_DONE)
+        await self.response.write_eof()
+        return self.response
+
+    async def _complete(self, msg: Completion, routed: Routed | None, text: str) -> web.StreamResponse:
+        usage = usage_body(prompt_tokens=msg.prompt_tokens, completion_tokens=msg.output_tokens,
+                           cached_tokens=msg.cached_tokens)
+        kvr = {"worker_id": msg.worker_id, "dp_rank": msg.dp_rank, "retries": msg.retries,
+               "predicted_cached_tokens": msg.predicted_cached_tokens, "policy": routed.policy if routed else None}
+        if self.response is not None:
+            await self._write(sse_event({**self.head, "choices": [_choice(self.chat, "", msg.finish_reason, stream=True)]}))
+            if self.parsed.include_usage:
+                await self._write(sse_event({**self.head, "choices": [], "usage": usage, "kvr": kvr}))
+            return await self._end()
+        obj = "chat.completion" if self.chat else "text_completion"
+        return json_response(200, {**self.head, "object": obj, "choices": [_choice(self.chat, text, msg.finish_reason)],
+                                   "usage": usage, "kvr": kvr}, {"x-kvr-worker": msg.worker_id})
 
 
-def _content_length(value: str | None) -> int:
-    if value is None or value == "":
-        return 0
+def generate_request(parsed: CompletionBody, *, request_id: str, alias: str | None,
+                     uncapped_max_tokens: int = UNCAPPED_MAX_TOKENS) -> GenerateRequest:
+    """The ``GenerateRequest`` the front sends for a parsed body. ``alias`` means any model."""
+    max_tokens = uncapped_max_tokens if parsed.max_tokens is None else parsed.max_tokens
+    req = GenerateRequest(request_id, prompt=parsed.prompt, token_ids=parsed.token_ids, max_tokens=max_tokens,
+                          model=None if parsed.model == alias else parsed.model, cache_salt=parsed.cache_salt,
+                          stream=parsed.stream)
     try:
-        length = int(value.strip())
-    except ValueError:
-        raise HttpError(400, f"invalid Content-Length {value[:40]!r}", ErrorCode.BAD_REQUEST.value) from None
-    if length < 0:
-        raise HttpError(400, f"invalid Content-Length {length}", ErrorCode.BAD_REQUEST.value)
-    return length
-
-
-def _bad(message: str) -> HttpError:
-    return HttpError(400, message, ErrorCode.BAD_REQUEST.value)
-
-
-def parse_completion_body(raw: bytes, *, chat: bool, request_id: str, alias: str | None = None,
-                          _body_out: dict | None = None) -> GenerateRequest:
-    """The HTTP edge's decoder: a completions body → a ``GenerateRequest`` the client channel
-    carries, or ``HttpError`` (400, type ``bad_request``) saying what is wrong; nothing else.
-
-    Only what the router cannot judge is checked here: JSON shape and types, and numbers too big
-    for msgpack (which would fail in the bridge, not in this request). Limits (``max_tokens``,
-    prompt length, vocabulary, models) are the router's, so ZMQ and HTTP clients get the same
-    answers. ``alias`` is the model name the front lists (``/v1/models``): it means any model.
-    """
-    try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise _bad(f"invalid JSON: {str(exc)[:200]}") from None
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    if _body_out is not None:
-        _body_out["body"] = body
-    prompt, token_ids = None, None
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or not messages:
-            raise _bad("'messages' must be a non-empty list of objects")
-        prompt = apply_chat_template(messages, add_generation_prompt=True)
-    else:
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]  # a batch of one
-        if isinstance(p, str):
-            prompt = p
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            bad = next((t for t in p if not 0 <= t < _MAX_TOKEN_ID), None)
-            if bad is not None:
-                raise _bad(f"token id {bad} is outside [0, {_MAX_TOKEN_ID})")
-            token_ids = p  # empty: the router's "token_ids is empty"
-        else:
-            raise _bad("'prompt' must be a string or a list of token ids (batches are not supported)")
-    if body.get("n", 1) != 1:
-        raise _bad("only n=1 is supported")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise _bad("'max_tokens' must be a positive integer")
-    if max_tokens >= _MAX_WIRE_INT:
-        raise _bad(f"'max_tokens' {max_tokens} is too large")
-    salt = body.get("cache_salt")
-    if salt is not None and not isinstance(salt, str):
-        raise _bad("'cache_salt' must be a string")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("'model' must be a string")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object")
-    req = GenerateRequest(request_id, prompt=prompt, token_ids=token_ids, max_tokens=max_tokens,
-                          model=None if model == alias else model, cache_salt=salt, stream=bool(body.get("stream")))
-    try:
-        encode(req)  # JSON's "\ud800" is a lone surrogate: no UTF-8, so no msgpack (the bridge would fail)
-    except (UnicodeEncodeError, OverflowError) as exc:
-        raise _bad(f"the request does not encode: {str(exc)[:200]}") from None
+        encode(req)
+    except (OverflowError, TypeError, ValueError) as exc:  # parse_openai_body should stop these
+        raise bad_request(f"the request does not encode: {str(exc)[:200]}") from None
     return req
 
 
-def parse_completion(raw: bytes, *, chat: bool, request_id: str, alias: str | None = None
-                     ) -> tuple[GenerateRequest, dict]:
-    """:func:`parse_completion_body` and the JSON object it read (for the response's options)."""
-    box: dict = {}
-    req = parse_completion_body(raw, chat=chat, request_id=request_id, alias=alias, _body_out=box)
-    return req, box["body"]
+def parse_completion_body(raw: bytes, *, chat: bool, request_id: str, alias: str | None = None) -> GenerateRequest:
+    """The front's decoder: a completions body → the ``GenerateRequest`` it sends, or ``HttpError``
+    (400, type ``bad_request``) saying what is wrong; nothing else (``bench/fuzz.py`` checks that)."""
+    return generate_request(parse_openai_body(decode_json_body(raw), chat=chat), request_id=request_id, alias=alias)
 
 
 def _choice(chat: bool, text: str, finish_reason: str | None, *, stream: bool = False) -> dict:

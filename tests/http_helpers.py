@@ -9,10 +9,13 @@ from contextlib import contextmanager
 
 
 def raw_http(address: tuple[str, int], data: bytes) -> bytes:
-    """Send ``data`` as is (malformed requests included), half-close, and read until the server closes."""
+    """Send ``data`` as is (malformed requests included) and read until the server closes.
+
+    No half-close: aiohttp (like uvicorn) takes a client's EOF for its leaving, and drops what it
+    would have answered. ``data`` must make the server close: malformed HTTP does, a request
+    with ``Connection: close`` or in HTTP/1.0 too (an idle keep-alive one only after its timeout)."""
     with socket.create_connection(address[:2], timeout=10) as s:
         s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
