@@ -44,7 +44,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +70,8 @@ from router.mirror import MirrorUnavailable, RedisMirror
 
 logger = logging.getLogger(__name__)
 
+#: Replies waiting for one client's full queue; beyond that they are dropped (``reply_drops``).
+MAX_CLIENT_BACKLOG = 1_000_000
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: zmq's enum flags cost an enum operation per send
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -170,6 +172,8 @@ class RouterService:
             self._metrics = make_socket(self._ctx, zmq.PUB, max_msg_size=MAX_CONTROL_BYTES)
             self._metrics.bind(config.bind_metrics)
             self.metrics_endpoint = self._metrics.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full client queue raises, not drops (_reply)
+        self._client_backlog: dict[bytes, deque[bytes]] = {}
         self._poller = zmq.Poller()
         self._poller.register(self._clients, zmq.POLLIN)
         self._poller.register(self._workers_sock, zmq.POLLIN)
@@ -226,6 +230,8 @@ class RouterService:
                 except Exception:  # a bug on one batch must not take routing down; the stream gap-checks on
                     self.counters["ingest_errors"] += 1
                     logger.exception("error ingesting KV events")
+        if self._client_backlog:
+            self._flush_client_backlog()
         now = self._clock()
         if now >= self._next_housekeeping_s:
             # O(workers + pending) upkeep, paced so a busy loop does not pay it per message.
@@ -678,12 +684,39 @@ class RouterService:
     # ------------------------------------------------------------------ output
 
     def _reply(self, client: bytes, msg) -> None:
+        """Replies reach a client in order and none is dropped for a full queue (a worker's stream
+        resent after a stall comes in a burst that a client reads slower): what its queue does not
+        take waits in ``_client_backlog``. The client socket is ROUTER_MANDATORY, so a full queue
+        says so instead of dropping silently; only a client that is gone loses its replies."""
+        frame = encode(msg)
+        waiting = self._client_backlog.get(client)
+        if waiting is not None:
+            if len(waiting) >= MAX_CLIENT_BACKLOG:
+                self.counters["reply_drops"] += 1  # a client that stopped reading: bounded memory
+                return
+            waiting.append(frame)
+        elif not self._send_client(client, frame):
+            self._client_backlog[client] = deque([frame])
+
+    def _send_client(self, client: bytes, frame: bytes) -> bool:
+        """False: the client's queue is full (try again later)."""
         try:
             self._clients.send(client, _SNDMORE_NOBLOCK)
-            self._clients.send(encode(msg), _NOBLOCK)
-        except zmq.ZMQError as exc:  # client gone or its queue full: the reply is lost, count it
+            self._clients.send(frame, _NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:  # the client is gone: nobody to tell
             self.counters["reply_drops"] += 1
             logger.debug("reply to %s dropped: %s", client.hex(), exc)
+        return True
+
+    def _flush_client_backlog(self) -> None:
+        for client in list(self._client_backlog):
+            waiting = self._client_backlog[client]
+            while waiting and self._send_client(client, waiting[0]):
+                waiting.popleft()
+            if not waiting:
+                del self._client_backlog[client]
 
     def _send_worker(self, identity: bytes, msg) -> None:
         try:

@@ -551,3 +551,22 @@ def test_with_curve_a_worker_id_is_bound_to_the_key_that_first_registered_it(ctx
         thief.sock.close(linger=0)
         a.pub.close()
         b.close()
+
+
+def test_a_client_that_reads_slower_than_a_burst_still_gets_every_chunk(ctx, router):
+    """Its queue fills (high-water marks): the router keeps the rest, in order, rather than drop it."""
+    w = FakeWorker(ctx, router.workers_endpoint, "a", mode="hang")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        res, key = _one_request(ctx, router, w, client)
+        n = 5000  # beyond the router's send and the client's receive high-water marks (1000 each)
+        for i in range(n):
+            w.send(TokenChunk(key, [i], seq=i))
+        w.send(Completion(key, "a", 40, 0, n, chunks=n))
+        wait_for(lambda: router.counters["completed"] == 1, [w])  # all relayed while the client did not read
+        wait_for(lambda: res.done, [w], client)
+        assert res.completion is not None and res.token_ids == list(range(n))
+        assert router.counters["reply_drops"] == 0
+    finally:
+        client.close()
+        w.close()
