@@ -130,13 +130,9 @@ class CompletionBody:
     return_token_ids: bool
 
 
-def parse_completion_body(body: dict[str, Any], *, chat: bool) -> CompletionBody:
-    """A decoded completions body → :class:`CompletionBody`, or a 400 saying what is wrong.
-
-    Only what no engine or router needs to judge is checked: shapes and types, token ids in
-    uint32, numbers msgpack carries, text that is valid Unicode. Limits (prompt length, the largest
-    ``max_tokens``, the served models) are the router's or the engine's.
-    """
+def parse_prompt(body: dict[str, Any], *, chat: bool) -> tuple[str | None, list[int] | None]:
+    """``(text, token ids)`` of a body's prompt, one of them ``None``: a chat's ``messages`` with the
+    chat template applied, or ``prompt`` (a string, token ids, or a batch of one); else a 400."""
     prompt, token_ids = None, None
     if chat:
         messages = body.get("messages")
@@ -156,6 +152,22 @@ def parse_completion_body(body: dict[str, Any], *, chat: bool) -> CompletionBody
             token_ids = p  # empty: the router's or the engine's "empty prompt" answer
         else:
             raise bad_request("'prompt' must be a string or a list of token ids (batches are not supported)")
+    if prompt is not None:
+        try:
+            prompt.encode("utf-8")  # JSON's "\ud800" is a lone surrogate: no UTF-8, no tokenizer, no msgpack
+        except UnicodeEncodeError as exc:
+            raise bad_request(f"the request does not encode: {str(exc)[:200]}") from None
+    return prompt, token_ids
+
+
+def parse_completion_body(body: dict[str, Any], *, chat: bool) -> CompletionBody:
+    """A decoded completions body → :class:`CompletionBody`, or a 400 saying what is wrong.
+
+    Only what no engine or router needs to judge is checked: shapes and types, token ids in
+    uint32, numbers msgpack carries, text that is valid Unicode. Limits (prompt length, the largest
+    ``max_tokens``, the served models) are the router's or the engine's.
+    """
+    prompt, token_ids = parse_prompt(body, chat=chat)
     if body.get("n", 1) != 1:
         raise bad_request("only n=1 is supported")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -174,10 +186,10 @@ def parse_completion_body(body: dict[str, Any], *, chat: bool) -> CompletionBody
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object")
-    for text in (prompt, salt, model):
+    for text in (salt, model):
         try:
             if text is not None:
-                text.encode("utf-8")  # JSON's "\ud800" is a lone surrogate: no UTF-8, no tokenizer, no msgpack
+                text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise bad_request(f"the request does not encode: {str(exc)[:200]}") from None
     return CompletionBody(prompt=prompt, token_ids=token_ids, max_tokens=max_tokens, model=model, cache_salt=salt,
