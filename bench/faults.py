@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 CASES = ("worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down", "drop", "dup_reorder",
          "slow_subscriber", "client_disconnect", "worker_stall", "rogue_publisher", "router_stall", "impostor_hello",
          "impostor_hello_curve", "duplicate_worker")
+#: Cases allowed longer than ``exact_within_s`` to an exact index: after a 5 s router stall the router
+#: reads 5 s of KV events, requests and resent streams at once (1.2-1.3 s seen on two shared cores).
+EXACT_WITHIN_S = {"router_stall": 3.0}
 #: Cases whose cluster runs with CURVE on (keys in RUN_DIR/keys, one extra authorised worker key).
 CURVE_CASES = ("impostor_hello_curve",)
 IMPOSTOR_KEY = "worker-impostor"

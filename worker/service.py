@@ -14,7 +14,7 @@ One loop thread owns every socket (zmq sockets are not thread-safe):
   queued (a stalled router read nothing for seconds), so the worker keeps each router request's
   stream: every ``TokenChunk`` numbered (``seq``) and the terminal reply (``Completion.chunks`` =
   the chunks before it), from the ``Dispatch`` until the router has surely read the end (it spoke
-  a heartbeat interval after the terminal went out; at most ``MAX_FINISHED_STREAMS`` are kept).
+  a liveness timeout after the terminal went out; at most ``MAX_FINISHED_STREAMS`` are kept).
   Replies are sent only on a welcomed link; the ``Hello`` on a new link carries the secret
   ``link_token`` of this incarnation and the kept request ids (``in_flight``); after the
   ``Welcome`` of the same router incarnation every kept stream is sent again from its start (the
@@ -373,8 +373,9 @@ class WorkerService:
         self._finished.clear()
 
     def _prune_streams(self) -> None:
-        """Forget finished streams the router has surely read: it spoke an interval after they went out."""
-        cutoff = self._last_recv - self.heartbeat_interval_s
+        """Forget finished streams the router has surely read: it spoke a whole liveness timeout
+        after they went out (a heuristic: one it missed after all ends explicitly at the router)."""
+        cutoff = self._last_recv - self.heartbeat_interval_s * self.liveness
         finished = self._finished
         while finished:
             key = finished[0]

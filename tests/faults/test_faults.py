@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults import ALLOWED_ERRORS, CASES, FaultsConfig, run_case
+from bench.faults import ALLOWED_ERRORS, CASES, EXACT_WITHIN_S, FaultsConfig, run_case
 
 pytestmark = [
     pytest.mark.faults,
@@ -44,7 +44,8 @@ def test_fault(case: str, fault_rows: list) -> None:
 
 
 def _on_time(r) -> bool:
-    return r.index_exact_s is not None and r.index_exact_s <= CFG.exact_within_s + CFG.sample_s
+    within_s = EXACT_WITHIN_S.get(r.case, CFG.exact_within_s)
+    return r.index_exact_s is not None and r.index_exact_s <= within_s + CFG.sample_s
 
 
 def _run_and_check(case: str, fault_rows: list):
