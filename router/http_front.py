@@ -41,7 +41,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from bus.codec import DecodeError, encode, reply_decoder
-from bus.http_server import MAX_IN_FLIGHT, HttpServer, json_response, read_body
+from bus.http_server import KEEPALIVE_TIMEOUT_S, MAX_IN_FLIGHT, HttpServer, json_response, read_body
 from bus.openai_http import (
     SSE_CONTENT_TYPE,
     SSE_DONE,
@@ -77,13 +77,15 @@ class RouterHttpFront:
                  stats: Callable[[], dict] | None = None, ctx: zmq.Context | None = None,
                  request_timeout_s: float = 600.0, curve: Curve | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES, max_in_flight: int = MAX_IN_FLIGHT,
-                 uncapped_max_tokens: int = UNCAPPED_MAX_TOKENS) -> None:
+                 uncapped_max_tokens: int = UNCAPPED_MAX_TOKENS,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
         """``model``: an alias accepted for any served model, listed after the served names.
         ``stats``: the router's snapshot (``RouterService.stats``); its ``models`` are the served names.
         ``curve``: the DEALER dials the router's client port as a CURVE client (bus/security.py).
         ``max_request_bytes``: the router's limit; bigger requests are refused here (PROMPT_TOO_LONG).
         ``max_in_flight``: completions handled at once; the next is answered 429.
-        ``uncapped_max_tokens``: the router's ``max_output_tokens`` (see :data:`UNCAPPED_MAX_TOKENS`)."""
+        ``uncapped_max_tokens``: the router's ``max_output_tokens`` (see :data:`UNCAPPED_MAX_TOKENS`).
+        ``keepalive_timeout_s``: an idle connection is closed after this long."""
         self.model = model
         self.stats = stats or (lambda: {})
         self.request_timeout_s = request_timeout_s
@@ -99,7 +101,8 @@ class RouterHttpFront:
         self._inboxes: dict[str, asyncio.Queue] = {}  # request id → its replies (None: the front closes)
         try:
             self.server = HttpServer(handle=self._handle, host=host, port=port, name="kvr-router-http",
-                                     max_in_flight=max_in_flight, on_start=self._open, on_stop=self._shut)
+                                     max_in_flight=max_in_flight, keepalive_timeout_s=keepalive_timeout_s,
+                                     on_start=self._open, on_stop=self._shut)
         except OSError:
             if self._own_ctx:
                 self._ctx.term()
