@@ -178,6 +178,8 @@ class WorkerService:
         fut: Future = Future()
 
         def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return  # the caller gave up on it (a timed-out HTTP request): nobody wants the result
             try:
                 fut.set_result(fn())
             except BaseException as exc:  # handed to the caller

@@ -347,3 +347,15 @@ def test_stream_chunks_are_numbered_and_the_completion_counts_them(router, start
         if isinstance(msg, TokenChunk):
             chunks.append(msg)
     assert [c.seq for c in chunks] == [0, 1, 2, 3, 4] and msg.chunks == 5
+
+
+def test_a_call_its_caller_cancelled_is_skipped_and_the_loop_keeps_serving(router, start_worker) -> None:
+    svc = start_worker()
+    register(router)
+    ran: list[int] = []
+    blocker = threading.Event()
+    svc.call(blocker.wait)  # holds the loop while the next call is cancelled
+    fut = svc.call(lambda: ran.append(1))
+    assert fut.cancel()
+    blocker.set()
+    assert svc.call(lambda: 2).result(timeout=5) == 2 and ran == []
