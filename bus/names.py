@@ -17,6 +17,12 @@ are readable with ``redis-cli``::
     kvr:{ns}:target:{wid}:{rank}:blocks    HASH   field = external block hash (decimal uint64),
                                                   value = kvr block hash (decimal uint64): the prefix-index
                                                   mirror; HLEN = blocks the target holds
+    kvr:{ns}:hash-scheme                   STRING the definition of the kvr block hashes stored in the
+                                                  blocks hashes (core.hashing.HASH_SCHEME); a router whose
+                                                  scheme differs (or finds blocks without it: scheme 1)
+                                                  deletes every target's blocks and stream instead of
+                                                  loading them, then writes its own (routers of different
+                                                  schemes must not share a namespace)
     kvr:{ns}:routers                       HASH   router id → last seen (wall s), refreshed every second
     kvr:{ns}:generation                    STRING a random token set (NX) by the first router to see
                                                   this Redis data set; a router that finds it missing
@@ -99,6 +105,10 @@ def parse_target_key(namespace: str, key: str | bytes) -> tuple[str, int]:
     target, _, _suffix = body.rpartition(":")
     worker_id, _, rank = target.rpartition(":")
     return worker_id, int(rank)
+
+
+def hash_scheme_key(namespace: str) -> str:
+    return f"{_base(namespace)}:hash-scheme"
 
 
 def routers_key(namespace: str) -> str:

@@ -17,6 +17,7 @@ import redis
 
 from bus import names
 from bus.schema import Hello, WorkerLoad
+from core.hashing import HASH_SCHEME
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ class RedisMirror:
         self.namespace = namespace
         self.failures = 0
         self.round_trips = 0
+        # Every write of own hashes also stamps their scheme (bus/names.py): a constant command.
+        self._scheme_key = names.hash_scheme_key(namespace).encode()
 
     # ------------------------------------------------------------------ registry
 
@@ -234,6 +237,7 @@ class RedisMirror:
         pairs = list(stored.items() if isinstance(stored, Mapping) else stored)
         if pairs:
             pipe.command(b"HSET", blocks_key, pairs=_int_pairs(pairs))
+            pipe.command(b"SET", self._scheme_key, HASH_SCHEME.encode())
         pipe.command(b"HSET", stream_key, b"seq", b"%d" % seq, b"epoch", b"%d" % epoch, b"updated_s", repr(now_s).encode())
         pipe.command(b"HINCRBY", stream_key, b"batches", b"1")
         if num_events:
@@ -265,19 +269,37 @@ class RedisMirror:
             names.target_stream_key(ns, snapshot.worker_id, snapshot.dp_rank),
             mapping={"seq": snapshot.seq, "epoch": snapshot.epoch},
         )
+        pipe.set(self._scheme_key, HASH_SCHEME)
         pipe.execute()
         self.round_trips += 1
 
     @_wrap
     def load_snapshot(self) -> dict[tuple[str, int], TargetSnapshot]:
-        """Every target's mirrored blocks and stream position (for a warm start)."""
+        """Every target's mirrored blocks and stream position (for a warm start).
+
+        Blocks hashed under another scheme than this router's (``core.hashing.HASH_SCHEME``; none
+        recorded means the first scheme) are never loaded: their own hashes would never equal
+        a request's, and later events would chain from them. Every target's blocks and stream
+        position are deleted instead (nothing is resumed: the stored positions described those
+        blocks), and this router's scheme is recorded.
+        """
         ns = self.namespace
+        block_keys = list(self._r.scan_iter(match=names.target_pattern(ns, "blocks"), count=1000))
+        scheme = self._r.get(self._scheme_key)
+        scheme = scheme.decode() if isinstance(scheme, bytes) else scheme
+        if block_keys and scheme != HASH_SCHEME:
+            stream_keys = list(self._r.scan_iter(match=names.target_pattern(ns, "stream"), count=1000))
+            self._r.delete(*block_keys, *stream_keys)
+            logger.warning("Redis mirror holds block hashes of scheme %s, this router uses %s: %d targets' "
+                           "mirrors deleted, not loaded", scheme or "1 (unrecorded)", HASH_SCHEME, len(block_keys))
+            block_keys = []
+        self._r.set(self._scheme_key, HASH_SCHEME)
         out: dict[tuple[str, int], TargetSnapshot] = {}
         for key in self._r.scan_iter(match=names.target_pattern(ns, "stream"), count=1000):
             wid, rank = names.parse_target_key(ns, key)
             raw = self._r.hgetall(key)
             out[(wid, rank)] = TargetSnapshot(wid, rank, int(raw.get(b"seq", -1)), int(raw.get(b"epoch", 0)))
-        for key in self._r.scan_iter(match=names.target_pattern(ns, "blocks"), count=1000):
+        for key in block_keys:
             wid, rank = names.parse_target_key(ns, key)
             snap = out.setdefault((wid, rank), TargetSnapshot(wid, rank))
             for ext, own in self._r.hscan_iter(key, count=10_000):

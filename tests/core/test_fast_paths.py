@@ -17,7 +17,7 @@ from core.events import BlockRemoved, BlockStored
 from core.hashing import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, hash_block
 from core.policies import KvrPolicy, RouteRequest, WorkerLoad, WorkerState
 from core.policies.base import LazyScores
-from core.prefix_index import Confidence, PrefixIndex, WorkerKey
+from core.prefix_index import Confidence, PrefixIndex, SnapshotBlocks, WorkerKey
 from core.profiles import get_profile
 from core.tentative import TentativeEntries
 
@@ -229,3 +229,42 @@ def test_removals_equal_a_naive_model(ops):
             if k:
                 want[t] = k
         assert idx.overlap(chain) == want
+
+
+# ------------------------------------------------------------------ overlap walk (chunked, in C)
+
+LONG = [10_000 + 7 * i for i in range(300)]  # own hashes of a 300-block prompt
+# Depths around the walk's chunk edges (blocks 1-16, 17-48, 49-112, 113-240, 241-)
+DEPTHS = [0, 1, 2, 16, 17, 18, 48, 49, 112, 113, 240, 241, 299, 300]
+
+
+@settings(max_examples=200, deadline=None)
+@given(real=st.lists(st.tuples(st.sampled_from(DEPTHS), st.lists(st.integers(0, 299), max_size=4)),
+                     min_size=1, max_size=6),
+       tentative=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(DEPTHS), st.integers(0, 299)), max_size=4),
+       length=st.sampled_from([1, 2, 16, 17, 49, 113, 241, 300]))
+def test_overlap_equals_a_per_block_walk(real, tentative, length):
+    idx = PrefixIndex(block_size=BS)
+    keys = [WorkerKey(f"w{i}", 0) for i in range(len(real))]
+    present: dict[WorkerKey, set[int]] = {}
+    for key, (depth, extra) in zip(keys, real):
+        # blocks [0, depth) plus a few held past a gap (they must not count)
+        owns = sorted(set(LONG[:depth]) | {LONG[i] for i in extra})
+        idx.apply_events(key, [SnapshotBlocks(block_hashes=[o + 1 for o in owns], own_hashes=owns)], now=0.0)
+        present[key] = set(owns)
+    for t, depth, start in tentative:
+        if t < len(keys):
+            idx.add_tentative(keys[t], LONG[start:start + depth], 10.0)
+            present[keys[t]] |= set(LONG[start:start + depth])
+    chain = LONG[:length]
+    want = {}
+    for key in keys:
+        k = 0
+        while k < len(chain) and chain[k] in present[key]:
+            k += 1
+        if k:
+            want[key] = k
+    assert idx.overlap(chain) == want
+    assert idx.overlap(chain, now=11.0) == {k: v for k, v in (
+        (key, next((i for i, h in enumerate(chain) if h not in set(LONG[:d]) | {LONG[i] for i in e}), len(chain)))
+        for key, (d, e) in zip(keys, real)) if v}

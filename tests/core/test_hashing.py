@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import struct
 import subprocess
 import sys
 
@@ -9,12 +11,73 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.hashing import ROOT_PARENT_HASH, block_hashes, external_hash_key, hash_block
+import xxhash
+
+from core.block_keys import request_block_hashes
+from core.hashing import HASH_SEED, ROOT_PARENT_HASH, block_hashes, external_hash_key, extra_key_bytes, hash_block
 
 # Golden vectors: these values are part of kvr's contract (Redis mirrors and
-# replicas of different versions must agree). Changing them is a breaking change.
+# replicas of different versions must agree). Changing them is a breaking change (bump
+# core.hashing.HASH_SCHEME). Derived from the definition with xxhash alone:
+# root = xxh3_64(b"kvr-root-block", seed=0x6B7672); h0 = xxh3_64(pack("<16I", 0..15), seed=root);
+# h1 = xxh3_64(pack("<16I", 16..31), seed=h0) (test_golden_vectors_follow_the_definition).
 GOLDEN_ROOT = 11110158557218007092
-GOLDEN_0_40 = [16650640885666927897, 15252673793655536888]
+GOLDEN_0_40 = [656807252370501743, 11930174801633836052]
+
+
+def _by_definition(tokens: list[int], block_size: int, extra: bytes = b"") -> list[int]:
+    """The module docstring's definition, written with xxhash and struct only."""
+    parent = xxhash.xxh3_64_intdigest(b"kvr-root-block", seed=0x6B7672)
+    out = []
+    for i in range(len(tokens) // block_size):
+        block = tokens[i * block_size:(i + 1) * block_size]
+        parent = xxhash.xxh3_64_intdigest(struct.pack(f"<{block_size}I", *block) + extra, seed=parent)
+        out.append(parent)
+    return out
+
+
+def test_golden_vectors_follow_the_definition() -> None:
+    assert HASH_SEED == 0x6B7672
+    assert _by_definition(list(range(40)), 16) == GOLDEN_0_40
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=70), st.integers(1, 17), st.sampled_from([None, ["lora"], ["a", 3]]))
+def test_block_hashes_follow_the_definition(tokens: list[int], block_size: int, extra) -> None:
+    assert block_hashes(tokens, block_size=block_size, extra_keys=extra) == _by_definition(
+        tokens, block_size, extra_key_bytes(extra))
+
+
+def test_no_collisions_among_many_random_blocks_and_prefixes() -> None:
+    # 2**18 random one-block prompts and as many two-block prompts sharing one first block:
+    # every hash distinct (a 64-bit hash collides here with probability ~2**-28).
+    rng = random.Random(5)
+    firsts = [block_hashes([rng.getrandbits(32) for _ in range(16)], block_size=16)[0] for _ in range(2**18)]
+    shared = [rng.getrandbits(32) for _ in range(16)]
+    seconds = [block_hashes(shared + [rng.getrandbits(17) for _ in range(16)], block_size=16)[1]
+               for _ in range(2**18)]
+    assert len(set(firsts)) == len(firsts) and len(set(seconds)) == len(seconds)
+    assert not set(firsts) & set(seconds)
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=16, max_size=64), st.data())
+def test_one_token_changed_changes_its_block_and_every_later_one(tokens: list[int], data) -> None:
+    i = data.draw(st.integers(0, len(tokens) - 1))
+    other = list(tokens)
+    other[i] = data.draw(st.integers(0, 2**32 - 1).filter(lambda t: t != tokens[i]))
+    a, b = block_hashes(tokens, block_size=16), block_hashes(other, block_size=16)
+    k = i // 16
+    assert a[:k] == b[:k]
+    assert all(x != y for x, y in zip(a[k:], b[k:]))
+
+
+def test_request_hashes_with_a_salt_follow_the_definition() -> None:
+    # The salt is an extra key of block 0 only, the LoRA name of every block (vLLM's per-block lists).
+    tokens = list(range(48))
+    root = xxhash.xxh3_64_intdigest(b"kvr-root-block", seed=0x6B7672)
+    h0 = xxhash.xxh3_64_intdigest(struct.pack("<16I", *tokens[:16]) + extra_key_bytes(["l", "s"]), seed=root)
+    h1 = xxhash.xxh3_64_intdigest(struct.pack("<16I", *tokens[16:32]) + extra_key_bytes(["l"]), seed=h0)
+    h2 = xxhash.xxh3_64_intdigest(struct.pack("<16I", *tokens[32:48]) + extra_key_bytes(["l"]), seed=h1)
+    assert request_block_hashes(tokens, block_size=16, lora_name="l", cache_salt="s") == [h0, h1, h2]
 
 
 def test_root_parent_hash_is_pinned() -> None:

@@ -110,3 +110,26 @@ def test_an_error_reply_inside_a_batch_is_one_exception_and_the_connection_stays
     redis_client.delete(names.target_blocks_key("t3", "w1", 0))
     mirror.write_batch("w1", 0, seq=1, epoch=1, stored={2**63: 2**64 - 1}, removed=[5])
     assert mirror.load_snapshot()[("w1", 0)] == TargetSnapshot("w1", 0, 1, 1, {2**63: 2**64 - 1})
+
+
+def test_blocks_of_another_hash_scheme_are_deleted_not_loaded(fake_redis) -> None:
+    from core.hashing import HASH_SCHEME
+
+    mirror = RedisMirror(client=fake_redis, namespace="hs")
+    # Given a mirror written before schemes were recorded (scheme 1): blocks and a stream, no scheme key
+    fake_redis.hset(names.target_blocks_key("hs", "w1", 0), mapping={5: 11})
+    fake_redis.hset(names.target_stream_key("hs", "w1", 0), mapping={"seq": 4, "epoch": 7})
+    # Then a warm start loads nothing, deletes both, and records this router's scheme
+    assert mirror.load_snapshot() == {}
+    assert not fake_redis.exists(names.target_blocks_key("hs", "w1", 0), names.target_stream_key("hs", "w1", 0))
+    assert fake_redis.get(names.hash_scheme_key("hs")) == HASH_SCHEME.encode()
+    # Given blocks written by this router (every write stamps the scheme), they load
+    fake_redis.delete(names.hash_scheme_key("hs"))
+    mirror.write_batch("w1", 0, seq=5, epoch=7, stored={6: 12})
+    assert fake_redis.get(names.hash_scheme_key("hs")) == HASH_SCHEME.encode()
+    assert mirror.load_snapshot() == {("w1", 0): TargetSnapshot("w1", 0, 5, 7, {6: 12})}
+    # Given another scheme recorded, the blocks go again
+    fake_redis.set(names.hash_scheme_key("hs"), "some-other-scheme")
+    assert mirror.load_snapshot() == {}
+    mirror.replace_target(TargetSnapshot("w1", 0, seq=9, epoch=7, blocks={1: 2}))
+    assert fake_redis.get(names.hash_scheme_key("hs")) == HASH_SCHEME.encode()
