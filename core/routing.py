@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -83,7 +84,8 @@ class _TargetState:
     requests: dict[str, InFlight] = field(default_factory=dict)
     pending_prefill_tokens: int = 0
     active_blocks: int = 0  # distinct block hashes of the requests in flight
-    active_hashes: dict = field(default_factory=dict)  # own hash -> in-flight requests using it
+    # own hash -> in-flight requests using it (a Counter: ``update`` counts a prompt's hashes in C)
+    active_hashes: Counter = field(default_factory=Counter)
     decode_blocks: int = 0  # output blocks the requests in flight will fill
     cached_load: WorkerLoad | None = None  # rebuilt only after a change
 
@@ -257,9 +259,7 @@ class RouterCore:
         state.requests[rec.request_id] = rec
         state.pending_prefill_tokens += rec.pending_prefill_tokens
         active = state.active_hashes
-        get = active.get
-        for h in hashes:
-            active[h] = get(h, 0) + 1
+        active.update(hashes)
         state.active_blocks = len(active)
         self._requests[rec.request_id] = rec
         self.routed_total += 1
