@@ -268,3 +268,39 @@ def test_overlap_equals_a_per_block_walk(real, tentative, length):
     assert idx.overlap(chain, now=11.0) == {k: v for k, v in (
         (key, next((i for i, h in enumerate(chain) if h not in set(LONG[:d]) | {LONG[i] for i in e}), len(chain)))
         for key, (d, e) in zip(keys, real)) if v}
+
+
+def test_overlap_names_the_target_that_holds_a_reused_slot():
+    # overlap remembers which targets a slot mask means; a slot freed and taken by another
+    # target must name the new one.
+    idx = PrefixIndex(block_size=BS)
+    a, b, c = WorkerKey("a", 0), WorkerKey("b", 0), WorkerKey("c", 0)
+    for t in (a, b):
+        idx.apply_events(t, [SnapshotBlocks(block_hashes=[1, 2], own_hashes=LONG[:2])], now=0.0)
+    assert idx.overlap(LONG[:2]) == {a: 2, b: 2}
+    idx.remove_target(a)
+    idx.apply_events(c, [SnapshotBlocks(block_hashes=[1, 2], own_hashes=LONG[:2])], now=0.0)  # takes a's slot
+    assert idx.overlap(LONG[:2]) == {b: 2, c: 2}
+    assert idx.overlap(LONG[:1]) == {b: 1, c: 1}
+
+
+@settings(max_examples=30, deadline=None)
+@given(depths=st.lists(st.sampled_from([0, 1, 2, 3]), min_size=17, max_size=70),
+       gone=st.lists(st.integers(0, 69), max_size=5))
+def test_overlap_of_many_targets_equals_a_per_target_walk(depths, gone):
+    # Many targets per mask (more than the bit-by-bit decoding handles), slots freed and reused.
+    idx = PrefixIndex(block_size=BS)
+    keys = [WorkerKey(f"w{i}", 0) for i in range(len(depths))]
+    held = {}
+    for key, d in zip(keys, depths):
+        idx.apply_events(key, [SnapshotBlocks(block_hashes=list(range(1, d + 1)), own_hashes=LONG[:d])], now=0.0)
+        held[key] = d
+    idx.overlap(LONG[:3])
+    for g in sorted(set(g for g in gone if g < len(keys))):
+        idx.remove_target(keys[g])
+        del held[keys[g]]
+        new = WorkerKey(f"new{g}", 0)
+        idx.apply_events(new, [SnapshotBlocks(block_hashes=[1, 2, 3], own_hashes=LONG[:3])], now=0.0)
+        held[new] = 3
+    for n in (1, 2, 3):
+        assert idx.overlap(LONG[:n]) == {k: min(d, n) for k, d in held.items() if d}
