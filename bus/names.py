@@ -24,6 +24,9 @@ are readable with ``redis-cli``::
                                                   loading them, then writes its own (routers of different
                                                   schemes must not share a namespace)
     kvr:{ns}:routers                       HASH   router id → last seen (wall s), refreshed every second
+    kvr:{ns}:mirror-health                 HASH   router id → JSON of its mirror health (state, cause,
+                                                  since_s, failed_writes, t_s: router/mirror_health.py),
+                                                  refreshed every second while Redis takes writes
     kvr:{ns}:generation                    STRING a random token set (NX) by the first router to see
                                                   this Redis data set; a router that finds it missing
                                                   or changed knows Redis restarted empty or was
@@ -113,6 +116,10 @@ def hash_scheme_key(namespace: str) -> str:
 
 def routers_key(namespace: str) -> str:
     return f"{_base(namespace)}:routers"
+
+
+def mirror_health_key(namespace: str) -> str:
+    return f"{_base(namespace)}:mirror-health"
 
 
 def generation_key(namespace: str) -> str:

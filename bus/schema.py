@@ -275,6 +275,15 @@ class RequestRecord(msgspec.Struct, tag="request", frozen=True):
     stats: RequestStats = RequestStats()
 
 
+class MirrorStatus(msgspec.Struct, frozen=True):
+    """The router's Redis mirror health (``router/mirror_health.py`` defines states and causes)."""
+
+    state: str = "ok"  # "ok" | "degraded"
+    cause: str | None = None  # while degraded: unreachable, out_of_memory, auth, other
+    since_s: float | None = None  # wall time the state began
+    failed_writes: int = 0  # Redis writes that failed since the degradation began
+
+
 class WorkerSample(msgspec.Struct, tag="worker", frozen=True):
     """A worker's state at one time (from its heartbeat and the router's index)."""
 
@@ -289,6 +298,7 @@ class WorkerSample(msgspec.Struct, tag="worker", frozen=True):
     replays: int = 0
     resets: int = 0
     evictions: int = 0
+    mirror: MirrorStatus | None = None  # the publishing router's Redis mirror (None: it has none)
 
 
 MetricsRecord = RequestRecord | WorkerSample

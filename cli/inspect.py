@@ -31,6 +31,7 @@ def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as
     from bus.redis_url import redact_url
     from cli.user_state import require_cluster
     from router.mirror import make_redis_client
+    from router.mirror_health import Cause, cause_of
 
     if not redis_url:
         cluster = require_cluster(instead="--redis-url URL (or KVR_REDIS_URL)")
@@ -41,7 +42,9 @@ def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as
     try:
         state = inspect_state(client, namespace=namespace, now_s=time.time(), top=top)
     except (redis.RedisError, OSError) as exc:
-        raise click.ClickException(f"cannot read {redact_url(redis_url)}: {exc}") from None
+        why = {Cause.UNREACHABLE: "Redis unreachable", Cause.AUTH: "Redis refused the credentials"}.get(
+            cause_of(exc), "Redis error")
+        raise click.ClickException(f"cannot read {redact_url(redis_url)}: {why} ({exc})") from None
     finally:
         client.close()
     if as_json:
@@ -56,9 +59,12 @@ def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as
     t = Table(title=f"workers (namespace {namespace})")
     for col in ("worker", "alive", "epoch", "model", "blocks", "engine", "running", "waiting", "kv usage", "registered"):
         t.add_column(col)
+    mirror = state["mirror"]
     for w in state["workers"]:
         load = w["load"]
-        t.add_row(w["worker_id"], "yes" if w["alive"] else "[red]no[/red]", str(w["epoch"]), w["model"],
+        alive = "yes" if w["alive"] else f"[yellow]unknown ({mirror['cause']})[/yellow]" if w.get(
+            "alive_unknown") else "[red]no[/red]"
+        t.add_row(w["worker_id"], alive, str(w["epoch"]), w["model"],
                   str(w["num_gpu_blocks"]), w["engine"], str(int(load.get("running") or 0)),
                   str(int(load.get("waiting") or 0)),
                   f"{100 * load['kv_usage']:.0f}%" if load.get("kv_usage") is not None else "–", age(w["registered_age_s"]))
@@ -73,6 +79,12 @@ def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as
     routers = ", ".join(f"{k} (seen {age(v['last_seen_age_s'])} ago)" for k, v in state["routers"].items()) or "–"
     console.print(f"indexed blocks {state['indexed_blocks']}, distinct kvr block hashes {state['distinct_blocks']}; "
                   f"routers: {routers}")
+    if mirror["state"] == "ok":
+        console.print("mirror: ok" + (f" ({mirror['detail']})" if mirror["detail"] else ""), markup=False)
+    else:
+        # Routing is unaffected (routers route from memory); what is shown here is stale or incomplete.
+        console.print(f"[red]mirror: {mirror['state']} ({mirror['cause']})[/red]: {mirror['detail']}; worker "
+                      "liveness and block counts above are stale or incomplete until the routers rewrite it")
     t = Table(title="hottest prefixes (kvr block hashes held by the most targets)")
     t.add_column("block hash")
     t.add_column("targets", justify="right")

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from monitor.dump import normalize_dump
+from router.mirror_health import describe as describe_mirror
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -111,6 +112,9 @@ def _header(d: dict[str, Any], *, wide: bool) -> Panel:
                 f"replays {s.get('event_replays', 0)}", style="grey50")
     if wide:
         more.append(f"   span {up:.0f} s   records {d.get('records', 0)}   bad frames {d.get('decode_errors', 0)}")
+    if d.get("mirror") is not None:  # the router's Redis mirror (router/mirror_health.py)
+        more.append(Text(f"   mirror {describe_mirror(d['mirror'])}",
+                         style="grey50" if d["mirror"]["state"] == "ok" else "red bold"))
     series = d.get("series", [])
     hits = [p.get("window_hit_rate") for p in series]
     lines = [figures, more, Text("hit rate  ", style="grey50") + Text(sparkline(hits, 60), style="cyan")]

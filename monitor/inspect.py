@@ -3,16 +3,23 @@
 Reads only the schema of ``bus/names.py`` through ``router/mirror.py``'s
 conventions; writes nothing. The *hottest prefixes* are the kvr block hashes
 held by the most targets (a shared system prompt shows up on every worker).
+
+What Redis holds is only as good as the routers' mirror: the ``mirror`` part says whether it is
+degraded (``router/mirror_health.py``), from Redis's own memory figures (at ``maxmemory`` with
+``noeviction`` every write is refused: liveness keys expire and blocks go missing while the
+routers route on from memory) and from each router's last health report.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
 import redis
 
 from bus import names
+from router.mirror_health import DEGRADED, OK, Cause
 
 
 def _s(v: bytes | str | None) -> str:
@@ -75,6 +82,10 @@ def inspect_state(client: redis.Redis, *, namespace: str, now_s: float, top: int
             "updated_age_s": (now_s - updated) if updated else None,
         })
     routers = {_s(k): now_s - float(_s(v)) for k, v in client.hgetall(names.routers_key(ns)).items()}
+    mirror = mirror_state(client, namespace=ns, now_s=now_s)
+    if mirror["state"] != OK:
+        for w in workers:  # an expired liveness key says nothing while the routers cannot write it
+            w["alive_unknown"] = not w["alive"]
     hottest = sorted(holders.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     return {
         "namespace": ns,
@@ -84,4 +95,40 @@ def inspect_state(client: redis.Redis, *, namespace: str, now_s: float, top: int
         "distinct_blocks": len(holders),
         "indexed_blocks": sum(t["blocks"] for t in targets),
         "hottest_prefixes": [{"block_hash": f"{h:016x}", "targets": n} for h, n in hottest],
+        "mirror": mirror,
     }
+
+
+def mirror_state(client: redis.Redis, *, namespace: str, now_s: float) -> dict[str, Any]:
+    """``state`` (ok / degraded), ``cause``, ``detail``; Redis's ``memory`` figures and each router's
+    last report (``routers``: its health and ``age_s``). Redis at its memory limit wins over the
+    routers' reports: they cannot write them then."""
+    routers = {}
+    for k, v in client.hgetall(names.mirror_health_key(namespace)).items():
+        try:
+            report = json.loads(_s(v))
+        except ValueError:
+            continue
+        routers[_s(k)] = {**report, "age_s": now_s - report["t_s"] if report.get("t_s") else None}
+    memory = {}
+    try:
+        info = {**client.info("memory"), **client.info("stats")}
+    except redis.ResponseError:  # INFO not allowed to this ACL user: the routers' reports only
+        info = {}
+    for key in ("used_memory", "maxmemory", "maxmemory_policy", "evicted_keys"):
+        if key in info:
+            memory[key] = _s(info[key]) if isinstance(info[key], bytes) else info[key]
+    out = {"state": OK, "cause": None, "detail": "", "memory": memory, "routers": dict(sorted(routers.items()))}
+    maxmemory = int(memory.get("maxmemory") or 0)
+    if maxmemory and memory.get("maxmemory_policy") == "noeviction" and int(memory.get("used_memory", 0)) >= maxmemory:
+        out.update(state=DEGRADED, cause=Cause.OUT_OF_MEMORY.value,
+                   detail=f"Redis uses {memory['used_memory']} of maxmemory {maxmemory} bytes (noeviction): "
+                          "it refuses writes")
+        return out
+    if maxmemory and int(memory.get("evicted_keys") or 0):
+        out["detail"] = f"Redis evicted {memory['evicted_keys']} keys (maxmemory-policy {memory.get('maxmemory_policy')})"
+    degraded = sorted((rid, r) for rid, r in routers.items() if r.get("state") == DEGRADED)
+    if degraded:
+        rid, r = degraded[0]
+        out.update(state=DEGRADED, cause=r.get("cause"), detail=f"router {rid} reports it")
+    return out

@@ -11,7 +11,8 @@ and a fold has no notion of:
   worker KV usage and indexed blocks) — the hit-rate and recovery plots;
 * an **incident log** (gaps, replays, resets, confidence changes, worker
   arrivals and departures, request errors) — the recovery timeline;
-* the most recent requests and error counts by code.
+* the most recent requests and error counts by code;
+* the router's Redis mirror health (``WorkerSample.mirror``, latest; changes are incidents).
 
 Worker samples carry *cumulative* counters; the state folds their increments.
 A counter that goes down means its publisher restarted: the new value is taken
@@ -153,6 +154,7 @@ class MonitorState:
         self.max_series = max_series
         self.series: list[dict[str, Any]] = []
         self.workers: dict[str, dict[str, Any]] = {}  # latest sample per worker, JSON-ready
+        self.mirror: dict[str, Any] | None = None  # the router's mirror health, latest (None: not told)
         self.errors_by_code: dict[str, int] = {}
         self.records = 0
         self.decode_errors = 0
@@ -220,6 +222,7 @@ class MonitorState:
         )
         if s.event_lag_s > 0 or s.events_applied:
             self.fold.observe_event_lag(s.event_lag_s)
+        self._observe_mirror(s)
         deltas = self._counter_deltas(wid, s)
         if deltas["gaps"]:
             self.fold.count_gap(deltas["gaps"])
@@ -248,6 +251,21 @@ class MonitorState:
             "event_lag_s": s.event_lag_s,
             **{k: self._counters[wid][k] for k in _EVENT_COUNTERS},
         }
+
+    def _observe_mirror(self, s: WorkerSample) -> None:
+        if s.mirror is None:
+            return
+        mirror = {"state": s.mirror.state, "cause": s.mirror.cause, "since_s": s.mirror.since_s,
+                  "failed_writes": s.mirror.failed_writes, "t_s": s.t_s}
+        was = self.mirror
+        # Samples arrive per target and can interleave across a change: only a newer one counts.
+        if was is not None and s.t_s < was["t_s"]:
+            return
+        before = was or {"state": "ok", "cause": None}  # no report yet: assumed ok (not an incident)
+        if (before["state"], before["cause"]) != (mirror["state"], mirror["cause"]):
+            detail = "ok" if mirror["cause"] is None else f"{mirror['state']} ({mirror['cause']})"
+            self._incident(s.t_s, "", "mirror", detail)
+        self.mirror = mirror
 
     def mark_worker_gone(self, worker_id: str, t_s: float) -> None:
         """The worker stopped sending samples (the service decides after how long)."""
@@ -357,6 +375,7 @@ class MonitorState:
             "timeline": self.fold.timeline_series(),
             "errors_by_code": dict(sorted(self.errors_by_code.items())),
             "workers": {k: self.workers[k] for k in sorted(self.workers)},
+            "mirror": self.mirror,
             "series": series[-light_series:] if light else series,
             "incidents": list(self.incidents),
             "incidents_dropped": self.incidents_dropped,

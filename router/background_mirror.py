@@ -17,6 +17,10 @@ keeps ``RedisMirror``'s interface, so ``EventIngest`` and ``RouterService`` use 
   every target as soon as a check succeeds — a target that never writes again is repaired too;
 * ``router_heartbeat`` answers from the last completed check and queues the next (the first
   call waits for its answer); reads (``load_snapshot``, ``alive_workers`` …) stay synchronous;
+* ``request_verification`` reads the mirror back *after* every write queued before it (a queued
+  rewrite is not a done one); ``take_verification`` gives its answer once it ran;
+* failures keep the exception they came from (``MirrorUnavailable`` from redis-py's), so the
+  router can tell their cause (``router/mirror_health.py``);
 * the queue is bounded: when Redis cannot keep up, writes are dropped and counted, and the
   targets they belonged to are rewritten later, exactly as after a failure.
 
@@ -49,9 +53,13 @@ class BackgroundMirror:
         self._max_queue = max_queue
         self._queue: deque[tuple[tuple, Callable[[], object]]] = deque()
         self._cond = threading.Condition()
-        self._failed: dict[tuple, str] = {}  # target or registry key -> why its last write failed
-        self._failed_since_check: str | None = None
-        self._heartbeat: tuple[str | None, str | None] | None = None  # (generation, error) of the last check
+        self._failed: dict[tuple, MirrorUnavailable] = {}  # target or registry key -> why its last write failed
+        self._failed_since_check: MirrorUnavailable | None = None
+        self._last_error: MirrorUnavailable | None = None  # of the last write, until one succeeds
+        # (generation, error) of the last check
+        self._heartbeat: tuple[str | None, MirrorUnavailable | None] | None = None
+        self._verification: str | None = None  # the latest read-back's answer, until taken
+        self._verifications_asked = 0
         self._heartbeat_pending = False
         self._busy = False
         self._closed = False
@@ -107,10 +115,36 @@ class BackgroundMirror:
             raise MirrorUnavailable("redis: no answer to the mirror check yet")
         generation, error = result
         if error is not None:
-            raise MirrorUnavailable(error)
+            raise MirrorUnavailable(str(error)) from error.__cause__
         return generation
 
-    def take_write_failures(self) -> str | None:
+    def record_health(self, router_id: str, status_json: str) -> None:
+        self._submit(("health",), lambda: self._mirror.record_health(router_id, status_json))
+
+    def request_verification(self, *, blocks, workers) -> None:
+        """Queue a read-back of the mirror behind every write queued so far (``RedisMirror.verify``)."""
+        blocks, workers = dict(blocks), set(workers)
+
+        def verify(asked: int) -> None:
+            answer = self._mirror.verify(blocks, workers)
+            with self._cond:
+                if asked == self._verifications_asked:  # an older read-back answers nothing now
+                    self._verification = answer
+
+        with self._cond:
+            self._verifications_asked += 1
+            self._verification = None
+            asked = self._verifications_asked
+            if not self._enqueue(("verify",), lambda: verify(asked)):
+                self._verification = "the write queue was full"
+
+    def take_verification(self) -> str | None:
+        """The verification's answer once it ran (``""``: Redis matched), else None; resets."""
+        with self._cond:
+            answer, self._verification = self._verification, None
+        return answer
+
+    def take_write_failures(self) -> MirrorUnavailable | None:
         """Why a write failed since the last call (None: none did); resets."""
         with self._cond:
             failed, self._failed_since_check = self._failed_since_check, None
@@ -144,7 +178,7 @@ class BackgroundMirror:
         with self._cond:
             why = self._failed.pop(key, None)
             if why is not None and not whole:
-                raise MirrorUnavailable(f"an earlier write failed: {why}")
+                raise MirrorUnavailable(f"an earlier write failed: {why}") from why.__cause__
             self._enqueue(key, write)
 
     def _enqueue(self, key: tuple, write: Callable[[], object]) -> bool:
@@ -152,16 +186,19 @@ class BackgroundMirror:
         # Called with the lock held.
         if len(self._queue) >= self._max_queue:
             self.dropped += 1
-            self._record_failure(key, f"queue full ({self._max_queue} writes waiting)")
+            full = MirrorUnavailable(f"queue full ({self._max_queue} writes waiting)")
+            # Redis not keeping up is usually Redis failing: the last write's error says why.
+            full.__cause__ = None if self._last_error is None else self._last_error.__cause__
+            self._record_failure(key, full)
             return False
         self._queue.append((key, write))
         self.queued += 1
         self._cond.notify_all()
         return True
 
-    def _record_failure(self, key: tuple, why: str) -> None:
+    def _record_failure(self, key: tuple, why: MirrorUnavailable) -> None:
         # Called with the lock held.
-        if key != ("heartbeat",):
+        if key not in (("heartbeat",), ("verify",)):
             self._failed[key] = why
         self._failed_since_check = why
 
@@ -169,7 +206,7 @@ class BackgroundMirror:
         try:
             generation = self._mirror.router_heartbeat(router_id, now_s=now_s, token=token)
         except MirrorUnavailable as exc:
-            result = (None, str(exc))
+            result = (None, exc)
         else:
             result = (generation, None)
         with self._cond:
@@ -191,12 +228,16 @@ class BackgroundMirror:
             except MirrorUnavailable as exc:
                 with self._cond:
                     self.async_failures += 1
-                    self._record_failure(key, str(exc))
+                    self._last_error = exc
+                    self._record_failure(key, exc)
                 logger.debug("background mirror write failed: %s", exc)
             except Exception:  # a bug in one write must not kill the writer
                 logger.exception("background mirror write crashed")
                 with self._cond:
-                    self._record_failure(key, "internal error")
+                    self._record_failure(key, MirrorUnavailable("internal error"))
+            else:
+                if key != ("verify",):
+                    self._last_error = None
             finally:
                 with self._cond:
                     self._busy = False

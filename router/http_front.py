@@ -8,8 +8,10 @@ Served (aiohttp, through ``bus/http_server.py``; bodies, errors and SSE per ``bu
 * ``GET /v1/models``: the model names the registered workers serve (their ``Hello``; the same
   names an unknown model's error lists), then the front's alias if it has one (``--model-name``:
   accepted for any served model);
-* ``GET /health`` (200 while a worker is registered, else 503), ``/metrics`` (Prometheus text:
-  router counters and per-target index and load gauges).
+* ``GET /health`` (200 while a worker is registered, else 503; the body names the workers and the
+  Redis mirror's health: ``mirror: degraded (out_of_memory since ...)`` stays 200, since routing
+  never depends on Redis and a load balancer must not pull a router that routes), ``/metrics``
+  (Prometheus text: router counters, per-target index and load gauges, ``kvr_router_mirror_degraded``).
 
 A known path asked with another method is answered 405 with an ``Allow`` header (404: unknown path).
 
@@ -60,6 +62,7 @@ from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, Generat
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_socket
 from core.admission import AdmissionLimits
+from router.mirror_health import Cause, describe as describe_mirror
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +187,12 @@ class RouterHttpFront:
         path = request.path
         if request.method == "GET":
             if path == "/health":
-                workers = self.stats().get("workers", 0)
-                return web.Response(status=200 if workers else 503, text=f"{workers} worker(s)\n",
-                                    content_type="text/plain")
+                stats = self.stats()
+                workers = stats.get("workers", 0)
+                text = f"{workers} worker(s)\n"
+                if stats.get("mirror") is not None:
+                    text += f"mirror: {describe_mirror(stats['mirror'])}\n"
+                return web.Response(status=200 if workers else 503, text=text, content_type="text/plain")
             if path == "/v1/models":
                 cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "kvr"}
                          for name in self.model_names()]
@@ -342,4 +348,11 @@ def render_metrics(stats: dict) -> str:
         for name, t in sorted(targets.items()):
             wid, _, rank = name.rpartition("/")
             lines.append(f'{metric}{{worker="{wid}",dp_rank="{rank}",confidence="{t["confidence"]}"}} {t[field]}')
+    mirror = stats.get("mirror")
+    if mirror is not None:
+        # One series per cause, 1 for the current one: alert on max(kvr_router_mirror_degraded) == 1.
+        lines += ["# TYPE kvr_router_mirror_degraded gauge"]
+        lines += [f'kvr_router_mirror_degraded{{cause="{c.value}"}} {int(mirror["cause"] == c.value)}' for c in Cause]
+        lines += ["# TYPE kvr_router_mirror_failed_writes gauge",
+                  f"kvr_router_mirror_failed_writes {mirror['failed_writes']}"]
     return "\n".join(lines) + "\n"

@@ -303,9 +303,9 @@ class EventIngest:
             self.mirror_failures += 1
             self._mirror_retry_at = self._clock() + MIRROR_RETRY_S
             if stream is not None:
-                if not stream.mirror_dirty:
-                    logger.warning("%s: Redis write failed (%s); will rewrite the target when it is back",
-                                   stream.target, exc)
+                if not stream.mirror_dirty:  # the service logs the degradation once (router/mirror_health.py)
+                    logger.debug("%s: Redis write failed (%s); will rewrite the target when it is back",
+                                 stream.target, exc)
                 stream.mirror_dirty = True
 
     def _resync_mirror(self, stream: TargetStream) -> None:
@@ -317,4 +317,6 @@ class EventIngest:
             self._mirror_retry_at = self._clock() + MIRROR_RETRY_S
             return
         stream.mirror_dirty = False
-        logger.info("%s: Redis mirror rewritten (%d blocks)", t, len(snap.blocks))
+        # Sent, not landed (a background writer may still fail it): the service reads the mirror
+        # back and logs success only then.
+        logger.debug("%s: Redis mirror rewrite sent (%d blocks)", t, len(snap.blocks))

@@ -123,6 +123,7 @@ class RedisMirror:
         self.namespace = namespace
         self.failures = 0
         self.round_trips = 0
+        self._verification: str | None = None  # request_verification's answer until taken
         # Every write of own hashes also stamps their scheme (bus/names.py): a constant command.
         self._scheme_key = names.hash_scheme_key(namespace).encode()
 
@@ -338,12 +339,43 @@ class RedisMirror:
         self.round_trips += 1
         return generation.decode() if isinstance(generation, bytes) else str(generation)
 
-    def take_write_failures(self) -> str | None:
+    def take_write_failures(self) -> MirrorUnavailable | None:
         """Writes that failed without their caller hearing of it: never here (every method raises).
 
         ``BackgroundMirror`` overrides it; the service asks both kinds with each mirror check.
         """
         return None
+
+    @_wrap
+    def record_health(self, router_id: str, status_json: str) -> None:
+        """Store this router's mirror health for ``kvr inspect`` (``names.mirror_health_key``)."""
+        self._r.hset(names.mirror_health_key(self.namespace), router_id, status_json)
+        self.round_trips += 1
+
+    def request_verification(self, *, blocks: Mapping[tuple[str, int], int], workers: Iterable[str]) -> None:
+        """Compare what Redis holds with ``blocks`` (per target) and ``workers`` (alive); the answer
+        is kept for :meth:`take_verification`. Synchronous here; ``BackgroundMirror`` queues it
+        after every write made before it."""
+        self._verification = self.verify(blocks, set(workers))
+
+    def take_verification(self) -> str | None:
+        """The last verification's answer, once: ``""`` Redis matched, else what did not;
+        ``None``: no answer yet."""
+        result, self._verification = self._verification, None
+        return result
+
+    def verify(self, blocks: Mapping[tuple[str, int], int], workers: set[str]) -> str:
+        """What Redis holds that differs from the router's view (``""``: nothing): a rewrite is
+        only known to have landed once read back (a queued write may still fail)."""
+        try:
+            counts = self.target_block_counts()
+            alive = self.alive_workers()
+        except MirrorUnavailable as exc:
+            return f"could not read it back: {exc}"
+        wrong = sorted(f"{names.target_name(*t)} holds {counts.get(t, 0)} blocks, not {n}"
+                       for t, n in blocks.items() if counts.get(t, 0) != n)
+        wrong += [f"worker {w} not registered alive" for w in sorted(workers - set(alive))]
+        return "; ".join(wrong[:3]) + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else "")
 
     @_wrap
     def ping(self) -> bool:

@@ -41,6 +41,7 @@ Guarantees:
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 import uuid
@@ -67,9 +68,12 @@ from core.routing import NoTargetsError, RouterCore, RoutingInput
 from core.tokenizer import BuiltinTokenizer
 from router.ingest import EventIngest
 from router.mirror import MirrorUnavailable, RedisMirror
+from router.mirror_health import Cause, MirrorHealth, as_dict, cause_of, describe
 
 logger = logging.getLogger(__name__)
 
+#: A rewrite's read-back not answered within this is asked again (the writer may have dropped it).
+_VERIFY_TIMEOUT_S = 10.0
 #: Replies waiting for one client's full queue; beyond that they are dropped (``reply_drops``).
 MAX_CLIENT_BACKLOG = 1_000_000
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: zmq's enum flags cost an enum operation per send
@@ -197,6 +201,10 @@ class RouterService:
         self._next_mirror_check_s = clock()
         self._mirror_generation: str | None = None  # Redis data set last seen (RedisMirror.router_heartbeat)
         self._mirror_down = False
+        #: ok / degraded with a cause (router/mirror_health.py); ok again only once a rewrite verified.
+        self.mirror_health = MirrorHealth()
+        self._mirror_failures_seen = 0  # the mirror's failure counters at the last look
+        self._verify_asked_s: float | None = None  # clock time a rewrite's read-back was asked; None: none
         self._next_housekeeping_s = clock()
         self._stopped = False
         #: A snapshot for other threads (the HTTP front): replaced, never mutated.
@@ -321,6 +329,9 @@ class RouterService:
             self._next_stats_s = now + self.config.stats_interval_s
             self._publish_samples()
             self._refresh_stats()
+            if self.mirror is not None:  # for `kvr inspect` (fails, and is skipped, while Redis does)
+                health = json.dumps({**as_dict(self.mirror_health.status()), "t_s": self._wall()})
+                self._mirror_call(lambda: self.mirror.record_health(self.config.router_id, health), refresh=True)
 
     # ------------------------------------------------------------------ clients
 
@@ -740,7 +751,26 @@ class RouterService:
         except MirrorUnavailable as exc:
             self.counters["mirror_failures"] += 1
             self._mirror_down = True  # the next successful check rewrites what this write missed
+            self._mirror_failed(exc)
             logger.debug("redis write failed: %s", exc)
+
+    def _new_mirror_failures(self) -> int:
+        """Redis calls that failed since the last look (the mirror's counters; a write dropped from a
+        full queue counts as one)."""
+        total = 0
+        for name in ("failures", "dropped"):
+            n = getattr(self.mirror, name, 0)
+            total += n if isinstance(n, int) else 0
+        new, self._mirror_failures_seen = max(0, total - self._mirror_failures_seen), total
+        return new
+
+    def _mirror_failed(self, exc: BaseException | None, *, cause: Cause | None = None) -> None:
+        """Degraded (or still): logged once per state or cause change, never per failed write."""
+        cause = cause or cause_of(exc)
+        if self.mirror_health.fail(cause, now_s=self._wall(), failed_writes=self._new_mirror_failures()):
+            logger.warning("Redis mirror degraded: %s (%s); routing goes on from memory, the mirror is "
+                           "rewritten once Redis takes writes again", cause.value, exc)
+        self._verify_asked_s = None  # a read-back in flight is moot: the next check rewrites again
 
     def _check_mirror(self) -> None:
         """Notice Redis going away, coming back, or coming back empty; resync the mirror then.
@@ -756,23 +786,61 @@ class RouterService:
                                                       token=uuid.uuid4().hex)
         except MirrorUnavailable as exc:
             self.counters["mirror_failures"] += 1
-            if not self._mirror_down:
-                logger.warning("Redis unavailable (%s): routing from memory, mirror resync when it is back", exc)
             self._mirror_down = True
+            self._mirror_failed(exc)
             return
         lost = self._mirror_generation is not None and generation != self._mirror_generation
         failed = self.mirror.take_write_failures()  # writes made off the routing thread that failed
+        if failed is not None:
+            self._mirror_failed(failed)
+        elif self.mirror_health.state != "ok":
+            self.mirror_health.fail(self.mirror_health.cause, now_s=self._wall(),
+                                    failed_writes=self._new_mirror_failures())
         was_down, self._mirror_down = self._mirror_down or failed is not None, False
         self._mirror_generation = generation
-        if lost or was_down:
-            why = "came back empty (restarted or flushed)" if lost else "is back"
-            logger.warning("Redis %s: rewriting the registry and %d targets from memory", why, len(self.ingest.streams))
+        if lost or was_down or (self.mirror_health.state != "ok" and self._verify_asked_s is None):
+            if lost:
+                logger.warning("Redis came back empty (restarted or flushed): rewriting the registry and %d "
+                               "targets from memory", len(self.ingest.streams))
+            else:
+                logger.debug("Redis answers: rewriting the registry and %d targets", len(self.ingest.streams))
             self.counters["mirror_resyncs"] += 1
             self.ingest.mark_mirror_lost()
             ttl_s = self.config.heartbeat.timeout_s
             for worker in self.workers.values():
                 self._mirror_call(lambda w=worker: self.mirror.register_worker(w.hello, now_s=self._wall(), ttl_s=ttl_s))
             self.ingest.tick()  # the rewrite itself (dirty targets); one that fails stays dirty
+            # Queued writes are not landed ones: read the mirror back behind them before saying so.
+            self.mirror.request_verification(
+                blocks={(t.worker_id, t.dp_rank): len(self.index.snapshot(t)) for t in self.ingest.streams},
+                workers=list(self.workers))
+            self._verify_asked_s = self._clock()
+            return
+        if self._verify_asked_s is not None:
+            self._check_rewrite()
+
+    def _check_rewrite(self) -> None:
+        """The read-back of a rewrite: ok again once it matched; a mismatch is logged and rewritten."""
+        answer = self.mirror.take_verification()
+        if answer is None:
+            if self._clock() - self._verify_asked_s > _VERIFY_TIMEOUT_S:  # lost (e.g. dropped from a full queue)
+                self._verify_asked_s = None  # the next check rewrites and asks again
+            return
+        self._verify_asked_s = None
+        if answer:
+            self.counters["mirror_unverified"] += 1
+            if self.mirror_health.state == "ok":
+                self._mirror_failed(None, cause=Cause.OTHER)
+            logger.warning("Redis mirror rewrite did not verify (%s): rewriting again", answer)
+            return
+        blocks = sum(self.index.num_blocks(t) for t in self.ingest.streams)
+        was = describe(self.mirror_health.status())
+        if self.mirror_health.recover(now_s=self._wall()):
+            logger.info("Redis mirror ok again (was %s): rewritten and verified, %d targets, %d blocks, %d workers",
+                        was, len(self.ingest.streams), blocks, len(self.workers))
+        else:
+            logger.info("Redis mirror rewritten and verified: %d targets, %d blocks, %d workers",
+                        len(self.ingest.streams), blocks, len(self.workers))
 
     def _publish_request(self, p: _Pending, terminal: Completion | ErrorReply) -> None:
         if self._metrics is None:
@@ -805,6 +873,7 @@ class RouterService:
             counters.update({f"auth_denied_{d.removeprefix('kvr-')}": n for d, n in self._zap.denied.items()})
         self.stats = {"counters": counters, "workers": len(self.workers), "pending": len(self.pending),
                       "indexed_blocks": self.index.total_blocks(), "targets": targets,
+                      "mirror": None if self.mirror is None else as_dict(self.mirror_health.status()),
                       "models": sorted(self._models_served)}  # what /v1/models lists (the Hellos' names)
 
     def _publish_samples(self) -> None:
@@ -812,6 +881,7 @@ class RouterService:
             return
         t = self._wall()
         live = set(self.core.targets())
+        mirror = None if self.mirror is None else self.mirror_health.status()
         for target, stream in self.ingest.streams.items():
             if target not in live:
                 continue
@@ -822,7 +892,8 @@ class RouterService:
                               queued_prefill_tokens=load.queued_prefill_tokens, kv_usage=load.kv_usage),
                 indexed_blocks=self.index.num_blocks(target), confidence=self.index.confidence(target).value,
                 events_applied=stream.events_applied, event_lag_s=stream.event_lag_s, gaps=stream.gaps,
-                replays=stream.subscriber.counters.replays, resets=stream.resets, evictions=stream.removed_blocks))
+                replays=stream.subscriber.counters.replays, resets=stream.resets, evictions=stream.removed_blocks,
+                mirror=mirror))
 
     def _publish(self, topic: bytes, record) -> None:
         try:
