@@ -48,7 +48,8 @@ from bench.stale import SteadyLoad, StaleConfig, _get_json, _post
 
 logger = logging.getLogger(__name__)
 
-CASES = ("worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down", "drop", "dup_reorder",
+CASES = ("worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down", "redis_oom", "drop",
+         "dup_reorder",
          "slow_subscriber", "client_disconnect", "worker_stall", "rogue_publisher", "router_stall", "impostor_hello",
          "impostor_hello_curve", "duplicate_worker")
 #: Cases allowed longer than ``exact_within_s`` to an exact index: after a 5 s router stall the router
@@ -230,6 +231,42 @@ def _wait(pred, timeout_s: float, what: str, poll_s: float = 0.05) -> float:
     raise TimeoutError(f"{what} not within {timeout_s:g} s")
 
 
+def _router_mirror(port: int) -> str:
+    """The router's Redis mirror health as its ``/health`` says it (``ok``, ``degraded (cause since ...)``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as resp:
+        lines = resp.read().decode().splitlines()
+    return next((line.removeprefix("mirror: ") for line in lines if line.startswith("mirror: ")), "")
+
+
+def _redis_oom(truth: Truth, cfg: FaultsConfig, notes: dict, http_port: int) -> float:
+    """Redis at its memory limit (noeviction): every write the mirror makes is refused for ``fault_s``.
+
+    The limit is set just under what Redis uses, so the refusal starts at once (deterministic, however
+    much the mirror holds); the router must route on from memory, report ``out_of_memory`` while it
+    lasts, and be ``ok`` again (its mirror rewritten and read back) once the limit is lifted.
+    """
+    r = truth.redis
+    before = r.config_get("maxmemory*")
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", max(1, int(r.info("memory")["used_memory"]) - 1024))
+    try:
+        _wait(lambda: _router_mirror(http_port).startswith("degraded"), cfg.fault_s + 5,
+              "the router to report its mirror degraded")
+        notes["health_during"] = _router_mirror(http_port)
+        time.sleep(cfg.fault_s)
+    finally:
+        r.config_set("maxmemory", before.get("maxmemory", "0"))
+        r.config_set("maxmemory-policy", before.get("maxmemory-policy", "noeviction"))
+    end = time.monotonic()
+    try:
+        notes["health_ok_after_s"] = round(_wait(lambda: _router_mirror(http_port) == "ok", 10,
+                                                 "the router to report its mirror ok") - end, 2)
+    except TimeoutError:
+        notes["health_ok_after_s"] = None
+    notes["health_after"] = _router_mirror(http_port)
+    return end
+
+
 def _router_serves_all(port: int, n: int) -> bool:
     return _router_metrics(port).get("kvr_router_workers") == n
 
@@ -274,6 +311,8 @@ def inject(case: str, cluster, cfg: FaultsConfig, truth: Truth, sampler: Sampler
         time.sleep(cfg.redis_down_s)
         sup.signal("redis", signal.SIGCONT)
         return time.monotonic(), notes
+    if case == "redis_oom":
+        return _redis_oom(truth, cfg, notes, http_port), notes
     if case in ("drop", "dup_reorder"):
         plan = ({"drop_rate": cfg.drop_rate} if case == "drop"
                 else {"duplicate_rate": cfg.duplicate_rate, "reorder_rate": cfg.reorder_rate})
