@@ -68,6 +68,8 @@ PLANS: dict[str, Plan] = {
     "kvr sim --trace traces/mooncake_fast25_conversation_trace.jsonl --policy kvr,round_robin,sglang --json":
         Plan("run", ("--trace-limit", "1500")),
     "kvr sim --workload gsp --policy kvr,sglang --rate-sweep 2,4,8,16": Plan("run", _SMALL_GSP),
+    "kvr sim --workload gsp --profile h100-8b --num-gpu-blocks 1000 --policy kvr,dynamo,round_robin "
+    "--goodput --slo-ttft-p99 0.5 --plots goodput/": Plan("run", _SMALL_GSP),
     "python -m pytest -q": Plan("skip", why="the test suite itself"),
     'python -m pytest -q -m "not integration and not faults"': Plan("skip", why="a subset of the test suite"),
     "python -m pytest -q -m faults": Plan("skip", why="a subset of the test suite"),
@@ -132,7 +134,7 @@ STANDALONE = [c for c in readme_commands() if (_plan(c) or Plan("skip")).kind ==
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("command", STANDALONE)
+@pytest.mark.parametrize("command", STANDALONE, ids=lambda c: c.split("&&")[-1].strip().replace("/", "_")[:70])
 def test_standalone_readme_command_runs(command, tmp_path):
     plan = _plan(command)
     line = command.split("&&")[plan.run_part].strip() if plan.run_part is not None else command
@@ -187,7 +189,7 @@ def _substitute(command: str, info: dict) -> str:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("command", CLUSTER)
+@pytest.mark.parametrize("command", CLUSTER, ids=lambda c: c.replace("/", "_")[:70])
 def test_cluster_readme_command_runs(command, readme_cluster):
     home, env, info = readme_cluster
     plan = _plan(command)
