@@ -113,7 +113,7 @@ def mirror_state(client: redis.Redis, *, namespace: str, now_s: float) -> dict[s
     memory = {}
     try:
         info = {**client.info("memory"), **client.info("stats")}
-    except redis.ResponseError:  # INFO not allowed to this ACL user: the routers' reports only
+    except redis.ResponseError:  # INFO refused (an ACL user without it, a Redis-like server): reports only
         info = {}
     for key in ("used_memory", "maxmemory", "maxmemory_policy", "evicted_keys"):
         if key in info:

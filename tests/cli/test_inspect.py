@@ -73,3 +73,46 @@ def test_kvr_inspect_reads_the_running_clusters_redis_and_namespace(redis_client
     res = runner.invoke(main, ["inspect"], env={"KVR_REDIS_URL": dead})
     assert res.exit_code == 1 and res.output.startswith(f"Error: cannot read {dead.replace('s3cret', '***')}: ")
     assert "s3cret" not in res.output
+
+
+@pytest.mark.integration
+def test_kvr_inspect_says_the_mirror_is_out_of_memory_instead_of_plain_dead_workers(redis_client, redis_server):
+    _populate(redis_client)
+    before = redis_client.config_get("maxmemory*")
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", max(1, int(redis_client.info("memory")["used_memory"]) - 1024))
+    try:
+        runner = CliRunner()
+        res = runner.invoke(main, ["inspect", "--redis-url", redis_server, "--namespace", "t", "--json"])
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.stdout)
+        assert (data["mirror"]["state"], data["mirror"]["cause"]) == ("degraded", "out_of_memory")
+        # w1's liveness key is gone: with the routers unable to write, that says nothing about w1.
+        assert [(w["worker_id"], w["alive"], w.get("alive_unknown")) for w in data["workers"]] == [
+            ("w0", True, False), ("w1", False, True)]
+        res = runner.invoke(main, ["inspect", "--redis-url", redis_server, "--namespace", "t"])
+        assert res.exit_code == 0, res.output
+        assert "unknown (out_of_memory)" in res.stdout and "mirror: degraded (out_of_memory)" in res.stdout
+    finally:
+        redis_client.config_set("maxmemory", before["maxmemory"])
+        redis_client.config_set("maxmemory-policy", before["maxmemory-policy"])
+    data = json.loads(CliRunner().invoke(main, ["inspect", "--redis-url", redis_server, "--namespace", "t",
+                                                "--json"]).stdout)
+    assert data["mirror"]["state"] == "ok" and "alive_unknown" not in data["workers"][1]
+
+
+def test_inspect_reports_the_routers_own_health_report(fake_redis):
+    _populate(fake_redis)
+    fake_redis.hset(names.mirror_health_key("t"), "router-1", json.dumps(
+        {"state": "degraded", "cause": "auth", "since_s": 100.0, "failed_writes": 3, "t_s": 109.0}))
+    s = inspect_state(fake_redis, namespace="t", now_s=110.0)
+    assert (s["mirror"]["state"], s["mirror"]["cause"]) == ("degraded", "auth")
+    assert s["mirror"]["routers"]["router-1"]["age_s"] == 1.0
+    assert [w.get("alive_unknown") for w in s["workers"]] == [False, True]
+
+
+def test_kvr_inspect_names_why_redis_cannot_be_read():
+    from tests.conftest import free_port
+
+    res = CliRunner().invoke(main, ["inspect", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"])
+    assert res.exit_code == 1 and ": Redis unreachable (" in res.output and "Traceback" not in res.output

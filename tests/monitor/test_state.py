@@ -167,3 +167,35 @@ def test_light_dump_leaves_out_the_fold_and_old_series_points():
     assert [p["t_s"] for p in light["series"]] == [7.0, 8.0, 9.0]
     assert light["summary"] == st.dump(now_s=20.0)["summary"]
     assert normalize_dump(light)["label"] == "live"
+
+
+def test_the_routers_mirror_health_is_kept_and_its_changes_are_incidents():
+    import msgspec
+
+    from bus.schema import MirrorStatus
+    from monitor.dashboard import render_dashboard
+
+    def with_mirror(t: float, status: MirrorStatus | None, worker: str = "w0"):
+        return msgspec.structs.replace(sample(worker, t=t), mirror=status)
+
+    st = MonitorState(block_size=16)
+    st.add(with_mirror(100.0, None))
+    assert st.mirror is None and st.dump(now_s=100.0, light=True)["mirror"] is None
+    st.add(with_mirror(101.0, MirrorStatus()))  # ok from the first report: no incident
+    st.add(with_mirror(102.0, MirrorStatus("degraded", "out_of_memory", 101.5, 3)))
+    st.add(with_mirror(102.0, MirrorStatus("degraded", "out_of_memory", 101.5, 3), worker="w1"))  # same news
+    st.add(with_mirror(101.9, MirrorStatus()))  # an older sample arriving late changes nothing
+    st.add(with_mirror(103.0, MirrorStatus("degraded", "out_of_memory", 101.5, 9)))
+    assert st.mirror == {"state": "degraded", "cause": "out_of_memory", "since_s": 101.5, "failed_writes": 9,
+                         "t_s": 103.0}
+    st.add(with_mirror(104.0, MirrorStatus("ok", None, 104.0, 0)))
+    assert [(i["t_s"], i["detail"]) for i in st.incidents if i["kind"] == "mirror"] == [
+        (102.0, "degraded (out_of_memory)"), (104.0, "ok")]
+    st.add(with_mirror(105.0, MirrorStatus("degraded", "unreachable", 105.0, 1)))
+    d = st.dump(now_s=106.0, light=True)
+    assert d["mirror"]["cause"] == "unreachable"
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render_dashboard(normalize_dump(d), width=200, height=60))
+    assert "mirror degraded (unreachable since 1970-01-01 00:01:45 UTC, 1 failed writes)" in console.export_text()
