@@ -353,11 +353,3 @@ class EventPublisher:
         self.counters.replayed_batches += sent
         logger.debug("replayed %d batches from seq %d", sent, start)
 
-
-def __getattr__(name: str):
-    # ``PublisherThread`` moved to bus/publisher_thread.py; old imports keep working.
-    if name == "PublisherThread":
-        from bus.publisher_thread import PublisherThread
-
-        return PublisherThread
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ import zmq
 
 from bus.client import RouterClient
 from bus.codec import encode, router_decoder
-from bus.publisher import PublisherThread
+from bus.publisher_thread import PublisherThread
 from bus.schema import (
     REFUSED_DUPLICATE_ID, REFUSED_KEY_MISMATCH, Cancel, Completion, Dispatch, ErrorCode, GenerateRequest, Goodbye, Heartbeat, Hello, Refused, TokenChunk, Welcome,
     WorkerLoad,
