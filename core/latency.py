@@ -4,10 +4,11 @@ Every model answers three questions (the ``LatencyModel`` protocol), used by the
 engine (``step_s``), by the router's predicted-TTFT policy (``prefill_s``) and by the
 simulator:
 
-* ``step_s(prefill_tokens, decode_seqs, kv_tokens)``: one forward pass that computes
-  ``prefill_tokens`` new prompt tokens (summed over the batch's prefill chunks),
-  advances ``decode_seqs`` sequences by one token, and reads ``kv_tokens`` tokens of
-  KV cache (the context of every scheduled sequence).
+* ``step_s(prefill_tokens, decode_seqs, kv_tokens, attention_token_pairs)``: one
+  forward pass that computes ``prefill_tokens`` new prompt tokens (summed over the
+  batch's prefill chunks), advances ``decode_seqs`` sequences by one token, reads
+  ``kv_tokens`` tokens of KV cache (the context of every scheduled sequence), and
+  attends ``attention_token_pairs`` = Σ new × context over the prefill chunks.
 * ``prefill_s(new_tokens, cached_tokens)``: ``new_tokens`` prefilled alone after a
   prefix hit of ``cached_tokens``.
 * ``decode_token_s(batch_size, kv_tokens)``: one decode step of ``batch_size``
@@ -44,7 +45,9 @@ class LatencyModel(Protocol):
         """Time to prefill ``new_tokens`` alone after ``cached_tokens`` of prefix hit."""
         ...
 
-    def step_s(self, *, prefill_tokens: int, decode_seqs: int, kv_tokens: int) -> float:
+    def step_s(
+        self, *, prefill_tokens: int, decode_seqs: int, kv_tokens: int, attention_token_pairs: int = 0
+    ) -> float:
         """Time of one continuous-batching step."""
         ...
 
@@ -75,7 +78,10 @@ class SimpleLatencyModel:
     def decode_token_s(self, *, batch_size: int, kv_tokens: int = 0) -> float:
         return self.decode_per_token_s if batch_size > 0 else 0.0
 
-    def step_s(self, *, prefill_tokens: int, decode_seqs: int, kv_tokens: int = 0, **_: Any) -> float:
+    def step_s(
+        self, *, prefill_tokens: int, decode_seqs: int, kv_tokens: int = 0, attention_token_pairs: int = 0
+    ) -> float:
+        # The seed's model has no attention term: attention_token_pairs is accepted and unused.
         return self.prefill_s(new_tokens=prefill_tokens) + self.decode_token_s(batch_size=decode_seqs, kv_tokens=kv_tokens)
 
     def constants(self) -> dict[str, Any]:

@@ -268,8 +268,8 @@ class MetricsFold:
         for s in CACHE_STATUSES:
             self.ttft_by_status[s].merge(other.ttft_by_status[s])
             self.e2e_by_status[s].merge(other.e2e_by_status[s])
-        for k, v in other.match_blocks_hist.items():
-            self.match_blocks_hist[k] = self.match_blocks_hist.get(k, 0) + v
+        for blocks, n in other.match_blocks_hist.items():
+            self.match_blocks_hist[blocks] = self.match_blocks_hist.get(blocks, 0) + n
         for k, v in other.counters.items():
             self.counters[k] += v
         self.first_arrival_s = min(self.first_arrival_s, other.first_arrival_s)

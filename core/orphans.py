@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(eq=False)
@@ -21,7 +22,7 @@ class ParkedChain:
     parent_key: int
     external_keys: list[int]
     token_ids: list[int]
-    extra_keys: list | None
+    extra_keys: list[Any] | None
     arrived_at: float
     removed: set[int] = field(default_factory=set)
     alive: bool = True

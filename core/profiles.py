@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from core.latency import LatencyModel, SimpleLatencyModel, StepLatencyModel, kv_read_per_token_s
@@ -128,9 +129,9 @@ _A100_40GB_13B = CapacityInputs(
     non_kv_gib=0.22,
 )  # fmt: skip
 # Llama-3-8B: 32 layers, 8 KV heads (GQA), head dim 128, bf16, 14.96 GiB of weights (§4).
-_LLAMA3_8B = dict(weights_gib=14.96, layers=32, kv_heads=8, head_dim=128, dtype_bytes=2)
-_A100_80GB_8B = CapacityInputs(gpu_mem_gib=79.15, utilization=0.9, non_kv_gib=1.5, **_LLAMA3_8B)
-_H100_8B = CapacityInputs(gpu_mem_gib=79.19, utilization=0.9, non_kv_gib=1.5, **_LLAMA3_8B)
+_LLAMA3_8B = partial(CapacityInputs, weights_gib=14.96, layers=32, kv_heads=8, head_dim=128, dtype_bytes=2)
+_A100_80GB_8B = _LLAMA3_8B(gpu_mem_gib=79.15, utilization=0.9, non_kv_gib=1.5)
+_H100_8B = _LLAMA3_8B(gpu_mem_gib=79.19, utilization=0.9, non_kv_gib=1.5)
 
 _SERVE_DEFAULTS = (
     "batch limits: vLLM v1 `vllm serve` defaults (2048 batched tokens / 256 seqs below 70 GiB-class "

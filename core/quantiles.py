@@ -59,13 +59,13 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
 
 
-class ExactSamples(list):
+class ExactSamples(list[float]):
     """Every value, in arrival order (a plain ``list`` to code that wants one)."""
 
     def add(self, value: float) -> None:
         self.append(value)
 
-    def merge(self, other: ExactSamples) -> None:
+    def merge(self, other: Samples) -> None:
         if not isinstance(other, ExactSamples):
             raise TypeError("an exact fold merges only exact samples")
         self.extend(other)
@@ -135,7 +135,7 @@ class SketchSamples:
         if value > self._max:
             self._max = value
 
-    def merge(self, other: SketchSamples) -> None:
+    def merge(self, other: Samples) -> None:
         if not isinstance(other, SketchSamples) or other.relative_accuracy != self.relative_accuracy:
             raise TypeError("a sketch merges only sketches of the same relative accuracy")
         self._sketch.merge(other._sketch)
@@ -168,7 +168,10 @@ class SketchSamples:
             return self._min
         if q >= 100:
             return self._max
-        return min(self._max, max(self._min, float(self._sketch.get_quantile_value(q / 100.0))))
+        value = self._sketch.get_quantile_value(q / 100.0)
+        if value is None:  # ddsketch's answer for an empty sketch; _count > 0 rules it out
+            return math.nan
+        return min(self._max, max(self._min, float(value)))
 
     def weighted(self) -> tuple[list[float], list[int]]:
         """Each non-empty bin's representative value and count, ascending."""

@@ -209,7 +209,7 @@ class HFTokenizer:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        return str(self._tok.decode(list(ids), skip_special_tokens=False))  # untyped optional package
 
     def output_vocab(self) -> tuple[int, ...]:
         ids: list[int] = []
