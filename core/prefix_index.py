@@ -541,19 +541,30 @@ class PrefixIndex:
 
         ``now`` first expires tentative entries (pass it on the routing path).
         """
+        out: dict[WorkerKey, int] = {}
+        for mask, blocks in self.overlap_masks(own_hashes, now=now):
+            self._record(out, mask, blocks)
+        return out
+
+    def overlap_masks(self, own_hashes: Sequence[int], *, now: float | None = None) -> list[tuple[int, int]]:
+        """``overlap`` as ``(slot mask, blocks)`` pairs: the targets of each mask hold ``blocks``.
+
+        Masks are disjoint and ``blocks`` > 0; ``slot_of`` and ``mask_slots`` read them. (The
+        router turns them into a column of its candidates without a step per target.)
+        """
         if now is not None:
             due = self._tentative.next_expiry()
             if due is not None and due <= now:
                 self._tentative.expire(now)
         if not own_hashes:
-            return {}
+            return []
         get = self._holders.get
         tentative = self._tentative.masks
         first = own_hashes[0]
         active = get(first, 0) | tentative.get(first, 0) if tentative else get(first, 0)
         if not active:
-            return {}
-        out: dict[WorkerKey, int] = {}
+            return []
+        out: list[tuple[int, int]] = []
         n = len(own_hashes)
         if tentative:
             tget = tentative.get
@@ -561,7 +572,7 @@ class PrefixIndex:
                 h = own_hashes[i]
                 nxt = active & (get(h, 0) | tget(h, 0))
                 if nxt != active:
-                    self._record(out, active & ~nxt, i)
+                    out.append((active & ~nxt, i))
                     active = nxt
                     if not active:
                         return out
@@ -569,12 +580,30 @@ class PrefixIndex:
             for i in range(1, n):
                 nxt = active & get(own_hashes[i], 0)
                 if nxt != active:
-                    self._record(out, active & ~nxt, i)
+                    out.append((active & ~nxt, i))
                     active = nxt
                     if not active:
                         return out
-        self._record(out, active, n)
+        out.append((active, n))
         return out
+
+    def slot_of(self, target: WorkerKey) -> int:
+        """The bit position of a target in ``overlap_masks``'s masks (registers unknown targets)."""
+        return self._target(target).slot
+
+    def mask_slots(self, mask: int) -> list[int]:
+        """The slots (bit positions) of a mask, ascending."""
+        if mask.bit_count() <= _BITWISE_DECODE_MAX:
+            found = []
+            while mask:
+                low = mask & -mask
+                found.append(low.bit_length() - 1)
+                mask ^= low
+            return found
+        # Many targets (a fleet sharing a system prompt): the set bits found in C, not one by one.
+        bits = np.unpackbits(np.frombuffer(mask.to_bytes((mask.bit_length() + 7) // 8, "little"), dtype=np.uint8),
+                             bitorder="little")
+        return np.flatnonzero(bits).tolist()
 
     def _record(self, out: dict[WorkerKey, int], mask: int, blocks: int) -> None:
         """``out[target] = blocks`` for every target of ``mask``."""
@@ -590,18 +619,8 @@ class PrefixIndex:
 
     def _keys_of_mask(self, mask: int) -> tuple[WorkerKey, ...]:
         """The targets of a slot mask, in slot order."""
-        slots = self._slots
-        if mask.bit_count() <= _BITWISE_DECODE_MAX:
-            found = []
-            while mask:
-                low = mask & -mask
-                found.append(slots[low.bit_length() - 1].key)
-                mask ^= low
-            return tuple(found)
-        # Many targets (a fleet sharing a system prompt): the set bits found in C, not one by one.
-        bits = np.unpackbits(np.frombuffer(mask.to_bytes((mask.bit_length() + 7) // 8, "little"), dtype=np.uint8),
-                             bitorder="little")
-        return itemgetter(*np.flatnonzero(bits).tolist())(self._slot_keys)
+        slots = self.mask_slots(mask)
+        return (self._slot_keys[slots[0]],) if len(slots) == 1 else itemgetter(*slots)(self._slot_keys)
 
     def _mask_targets(self, mask: int) -> list[WorkerKey]:
         out = []

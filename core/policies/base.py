@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
+import numpy as np
+
 from core.prefix_index import Confidence, WorkerKey
 
 
@@ -97,6 +99,45 @@ class WorkerState(NamedTuple):
     load: WorkerLoad = _IDLE
     confidence: Confidence = Confidence.FRESH
     capacity_blocks: int = 0
+
+
+#: Row codes of ``FleetColumns.confidence`` (the order of ``Confidence``).
+CONFIDENCE_CODES: tuple[Confidence, ...] = tuple(Confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetColumns:
+    """The candidates of one request as numpy columns: row ``i`` is ``states[i]`` with ``overlap[i]``.
+
+    ``states`` are the candidates with overlap 0 (sorted by target, as ``choose``'s); the other
+    columns repeat their numbers (``WorkerLoad`` fields, capacity, confidence as an index into
+    ``CONFIDENCE_CODES``) so that a policy can score a large fleet without a Python step per
+    candidate (``KvrPolicy.choose_columns``). Columns are int64 and must not be written.
+    """
+
+    states: Sequence[WorkerState]
+    overlap: np.ndarray
+    in_flight: np.ndarray
+    queued_prefill_tokens: np.ndarray
+    active_blocks: np.ndarray
+    decode_blocks: np.ndarray
+    capacity_blocks: np.ndarray
+    confidence: np.ndarray
+
+    def state(self, i: int) -> WorkerState:
+        """Candidate ``i`` as ``choose`` would see it (with its overlap)."""
+        b = self.states[i]
+        return WorkerState(b[0], int(self.overlap[i]), b[2], b[3], b[4])
+
+    @classmethod
+    def of(cls, candidates: Sequence[WorkerState]) -> FleetColumns:
+        """Columns of a candidate list (tests; the router keeps its columns up to date itself)."""
+        col = lambda values: np.fromiter(values, dtype=np.int64, count=len(candidates))  # noqa: E731
+        codes = {c: i for i, c in enumerate(CONFIDENCE_CODES)}
+        return cls([WorkerState(w[0], 0, w[2], w[3], w[4]) for w in candidates],
+                   col(w[1] for w in candidates), col(w[2][0] for w in candidates), col(w[2][3] for w in candidates),
+                   col(w[2][4] for w in candidates), col(w[2][6] for w in candidates), col(w[4] for w in candidates),
+                   col(codes[w[3]] for w in candidates))
 
 
 class LazyScores(Mapping):

@@ -53,8 +53,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from core.policies.base import (
-    Decision, LatencyModel, LazyScores, LinearPrefillModel, RouteRequest, WorkerState, decode_blocks_estimate,
+    CONFIDENCE_CODES, Decision, FleetColumns, LatencyModel, LazyScores, LinearPrefillModel, RouteRequest,
+    WorkerState, decode_blocks_estimate,
 )  # fmt: skip
 from core.prefix_index import Confidence, WorkerKey
 
@@ -210,6 +213,91 @@ class KvrPolicy:
             reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
         unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
         scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(candidates, raw)})
+        return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
+
+    def choose_columns(self, request: RouteRequest, cols: FleetColumns, *, now: float, rng) -> Decision:
+        """``choose`` on the candidates as columns (``RouterCore`` passes them): the same decision.
+
+        Same target, reason, scores (as floats) and random draws as ``choose`` on
+        ``[cols.state(i) ...]`` (``tests/core/test_fast_paths.py`` pins it), with numpy doing the
+        per-candidate arithmetic: the same IEEE operations on the same values in the same order per
+        candidate, and the latency model called once per distinct (cached, queued) and per
+        distinct KV overflow, as ``choose``'s memos do. Worth it from tens of candidates on.
+        """
+        bs = self.block_size
+        prompt = request.prompt_tokens
+        max_blocks = max(prompt - 1, 0) // bs  # the last token is always computed
+        prefill = self.latency.prefill_s
+        miss_weight = self.miss_weight
+        kv_weight = self.kv_weight
+        n = len(cols.states)
+        overlap = cols.overlap
+        if overlap.any():
+            weights = np.array([self.confidence_weights[c] for c in CONFIDENCE_CODES], dtype=np.float64)
+            if weights.min() < 0:  # a negative weight (nonsense, but allowed): the plain loop
+                return self.choose(request, [cols.state(i) for i in range(n)], now=now, rng=rng)
+            usable = (overlap * weights[cols.confidence]).astype(np.int64)  # int(): truncation, as choose
+            cached = np.where(overlap > 0, np.minimum(usable, max_blocks) * bs, 0)
+        else:
+            cached = np.zeros(n, dtype=np.int64)
+        # Candidates with no queued prefill (most of a fleet): their score depends on the cached
+        # blocks alone, one latency-model call per distinct value, looked up by index.
+        cached_blocks = cached // bs
+        table = np.zeros(max_blocks + 1, dtype=np.float64)
+        for c_blocks in np.flatnonzero(np.bincount(cached_blocks, minlength=1)).tolist():
+            c = c_blocks * bs
+            alone_s = prefill(new_tokens=prompt - c, cached_tokens=c)
+            table[c_blocks] = alone_s + miss_weight * alone_s
+        score = table[cached_blocks]
+        # The rest (queued > 0: this router's requests before their first token, engines' reports).
+        busy = np.flatnonzero(cols.queued_prefill_tokens > 0)
+        if len(busy):
+            memo: dict[tuple[int, int], float] = {}
+            values = []
+            for c, q in zip(cached[busy].tolist(), cols.queued_prefill_tokens[busy].tolist()):
+                value = memo.get((c, q))
+                if value is None:
+                    new = prompt - c
+                    alone_s = prefill(new_tokens=new, cached_tokens=c)
+                    value = memo[(c, q)] = prefill(new_tokens=q + new, cached_tokens=c) + miss_weight * alone_s
+                values.append(value)
+            score[busy] = values
+        if kv_weight:
+            capacity = cols.capacity_blocks
+            need0 = -(-prompt // bs) + decode_blocks_estimate(request.max_tokens, bs)
+            overflow = cols.active_blocks + cols.decode_blocks + need0 - cached // bs - capacity
+            hit = (capacity > 0) & (overflow > 0)
+            if hit.any():
+                values, which = np.unique(overflow[hit], return_inverse=True)
+                charges = np.array([kv_weight * prefill(new_tokens=v * bs) for v in values.tolist()], dtype=np.float64)
+                score[hit] += charges[which.reshape(-1)]
+        in_flight = cols.in_flight
+        at_best = score == score.min()
+        best_if = int(in_flight[at_best].min())
+        tied = np.flatnonzero(at_best & (in_flight == best_if)).tolist()
+        mean = (int(in_flight.sum()) + 1) / n
+        bound = max(self.load_factor * mean, mean + self.min_slack)
+        over: list[int] = []
+        if best_if + 1 > bound:  # the best is over the bound: the best of the others instead (as choose)
+            flights = in_flight.tolist()
+            raw = score.tolist()
+            over = [i for i in range(n) if flights[i] + 1 > bound]
+            excluded = set(over)
+            allowed = [i for i in range(n) if i not in excluded] or list(range(n))
+            keyed = [(raw[i] * 1e3, flights[i], i) for i in allowed]
+            best = min(k[:2] for k in keyed)
+            tied = [i for s_, f_, i in keyed if (s_, f_) == best]
+        pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
+        chosen = cols.state(pick)
+        ttft_s, queue_s, cached_tokens, _ = self.predict(request, chosen)
+        reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
+                  f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached_tokens}/{request.prompt_tokens} tokens, "
+                  f"{chosen.confidence.value})")
+        if over:
+            reason += f"; over the load bound {bound:.1f}: {', '.join(str(cols.states[i].target) for i in over)}"
+        unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
+        states = cols.states
+        scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(states, score.tolist())})
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
 
     def forget(self, target: WorkerKey) -> None:

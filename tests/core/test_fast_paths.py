@@ -8,6 +8,7 @@ same floats, same random draws.
 from __future__ import annotations
 
 import random
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +17,7 @@ from core.block_keys import own_hashes_of_event
 from core.events import BlockRemoved, BlockStored
 from core.hashing import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, hash_block
 from core.policies import KvrPolicy, RouteRequest, WorkerLoad, WorkerState
-from core.policies.base import LazyScores
+from core.policies.base import FleetColumns, LazyScores
 from core.prefix_index import Confidence, PrefixIndex, SnapshotBlocks, WorkerKey
 from core.profiles import get_profile
 from core.tentative import TentativeEntries
@@ -83,6 +84,30 @@ def test_kvr_choose_equals_one_predict_per_candidate(cands, prompt, max_tokens, 
     assert (d.target, d.reason) == (target, reason)
     assert dict(d.scores) == scores  # exact floats
     assert rng_fast.getstate() == rng_ref.getstate()  # the same draws
+
+
+@settings(max_examples=300, deadline=None)
+@given(cands=st.lists(candidate, min_size=1, max_size=12), prompt=st.integers(1, 700),
+       max_tokens=st.sampled_from([1, 16, 256, 4000]), seed=st.integers(0, 3),
+       latency=st.sampled_from([None, "simple", "a100-80gb-8b"]), kv_weight=st.sampled_from([0.0, 3.0]),
+       miss_weight=st.sampled_from([0.0, 10.0]), resyncing_weight=st.sampled_from([0.5, 0.3, 1.7]))
+def test_kvr_choose_columns_equals_choose(cands, prompt, max_tokens, seed, latency, kv_weight, miss_weight,
+                                          resyncing_weight):
+    model = get_profile(latency).latency if latency else None
+    policy = KvrPolicy(block_size=BS, latency=model, kv_weight=kv_weight, miss_weight=miss_weight,
+                       confidence_weights={Confidence.RESYNCING: resyncing_weight})
+    candidates = [WorkerState(KEYS[i], ov, WorkerLoad(in_flight=f, queued_prefill_tokens=q, active_blocks=a,
+                                                      decode_blocks=d), conf, cap)
+                  for i, (ov, conf, f, q, a, d, cap) in enumerate(cands)]
+    request = RouteRequest("r", prompt, [], (), None, max_tokens)
+    rng_cols, rng_list = random.Random(seed), random.Random(seed)
+    got = policy.choose_columns(request, FleetColumns.of(candidates), now=0.0, rng=rng_cols)
+    want = policy.choose(request, candidates, now=0.0, rng=rng_list)
+    assert (got.target, got.reason, got.overlap_blocks, got.score_unit) == (
+        want.target, want.reason, want.overlap_blocks, want.score_unit)
+    assert dict(got.scores) == dict(want.scores)  # exact floats
+    assert all(type(v) is float for v in got.scores.values())
+    assert rng_cols.getstate() == rng_list.getstate()  # the same draws
 
 
 def test_kvr_scores_differ_by_capacity_even_when_load_is_equal():
@@ -304,3 +329,110 @@ def test_overlap_of_many_targets_equals_a_per_target_walk(depths, gone):
         held[new] = 3
     for n in (1, 2, 3):
         assert idx.overlap(LONG[:n]) == {k: min(d, n) for k, d in held.items() if d}
+
+
+# ------------------------------------------------------------------ RouterCore: columns or list
+
+
+class _ListOnly:
+    """kvr without ``choose_columns``: RouterCore then builds the candidate list."""
+
+    def __init__(self, policy: KvrPolicy) -> None:
+        self._policy = policy
+        self.name = policy.name
+
+    def choose(self, request, candidates, *, now, rng):
+        return self._policy.choose(request, candidates, now=now, rng=rng)
+
+    def forget(self, target):
+        pass
+
+
+PROMPTS = [list(range(p * 1000, p * 1000 + n)) for p, n in ((0, 70), (0, 40), (1, 100), (2, 17), (3, 5))]
+router_op = st.one_of(
+    st.tuples(st.just("route"), st.integers(0, len(PROMPTS) - 1), st.sampled_from([1, 16, 600])),
+    st.tuples(st.just("first"), st.integers(0, 30)),
+    st.tuples(st.just("finish"), st.integers(0, 30)),
+    st.tuples(st.just("load"), st.integers(0, 9), st.sampled_from([0, 50, 3000])),
+    st.tuples(st.just("store"), st.integers(0, 9), st.integers(0, len(PROMPTS) - 1), st.integers(0, 6)),
+    st.tuples(st.just("confidence"), st.integers(0, 9), st.sampled_from(list(Confidence))),
+    st.tuples(st.just("capacity"), st.integers(0, 9), st.sampled_from([0, 8, 500])),
+    st.tuples(st.just("leave"), st.integers(0, 9)),
+    st.tuples(st.just("foreign"), st.integers(0, len(PROMPTS) - 1)),  # a target the router does not know
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(n_targets=st.integers(1, 10), ops=st.lists(router_op, max_size=40), seed=st.integers(0, 3))
+def test_router_decisions_equal_with_columns_and_with_the_list(n_targets, ops, seed):
+    with patch("core.routing.COLUMNS_MIN_TARGETS", 1):  # columns from one target on
+        _compare_columns_and_list(n_targets, ops, seed)
+
+
+def _compare_columns_and_list(n_targets, ops, seed):
+    from core.routing import RouterCore, RoutingInput
+
+    cores = []
+    for policy in (KvrPolicy(block_size=BS), _ListOnly(KvrPolicy(block_size=BS))):
+        core = RouterCore(policy=policy, index=PrefixIndex(block_size=BS), block_size=BS, rng=random.Random(seed))
+        for i in range(n_targets):
+            core.register(KEYS[i], capacity_blocks=0)
+        cores.append(core)
+    routed = []
+    for step, op in enumerate(ops):
+        results = []
+        for core in cores:
+            targets = core.targets()
+            if op[0] == "route":
+                if not targets:
+                    continue
+                r = core.route(RoutingInput(f"r{step}", PROMPTS[op[1]], max_tokens=op[2]), now=step * 0.5)
+                d = r.decision
+                results.append((d.target, d.reason, dict(d.scores), d.overlap_blocks,
+                                r.in_flight.predicted_cached_tokens, core.index.num_tentative()))
+            elif op[0] in ("first", "finish") and routed:
+                rid = routed[op[1] % len(routed)]
+                core.on_first_token(rid, now=step * 0.5) if op[0] == "first" else core.on_finish(rid)
+            elif op[0] == "load" and op[1] < n_targets:
+                core.update_load(KEYS[op[1]], running=1, queued_prefill_tokens=op[2])
+            elif op[0] == "store" and op[1] < n_targets:
+                owns = block_hashes(PROMPTS[op[2]], block_size=BS)[:op[3]]
+                core.index.apply_events(KEYS[op[1]], [SnapshotBlocks(block_hashes=[o ^ 1 for o in owns],
+                                                                     own_hashes=owns)], now=0.0)
+            elif op[0] == "confidence" and op[1] < n_targets and KEYS[op[1]] in targets:
+                core.index.set_confidence(KEYS[op[1]], op[2])
+            elif op[0] == "capacity" and op[1] < n_targets:
+                core.register(KEYS[op[1]], capacity_blocks=op[2])
+            elif op[0] == "leave" and op[1] < n_targets:
+                core.unregister(KEYS[op[1]])
+            elif op[0] == "foreign":
+                owns = block_hashes(PROMPTS[op[1]], block_size=BS)
+                core.index.apply_events(WorkerKey("foreign", 0), [SnapshotBlocks(block_hashes=owns, own_hashes=owns)],
+                                        now=0.0)
+        if op[0] == "route" and results:
+            assert results[0] == results[1]
+            routed.append(f"r{step}")
+
+
+def test_router_passes_columns_from_columns_min_targets_on():
+    from core.routing import COLUMNS_MIN_TARGETS, RouterCore, RoutingInput
+
+    calls = []
+
+    class Spy(KvrPolicy):
+        def choose(self, *a, **k):
+            calls.append("list")
+            return super().choose(*a, **k)
+
+        def choose_columns(self, *a, **k):
+            calls.append("columns")
+            return super().choose_columns(*a, **k)
+
+    core = RouterCore(policy=Spy(block_size=BS), index=PrefixIndex(block_size=BS), block_size=BS)
+    for i in range(COLUMNS_MIN_TARGETS):
+        core.register(WorkerKey(f"t{i:04d}", 0))
+        if i >= COLUMNS_MIN_TARGETS - 2:
+            core.route(RoutingInput(f"r{i}", list(range(40))), now=0.0)
+    core.route(RoutingInput("excluding", list(range(40))), now=0.0, exclude=[WorkerKey("t0000", 0)])
+    core.route(RoutingInput("pinned", list(range(40)), pinned_worker_id="t0001"), now=0.0)
+    assert calls == ["list", "columns", "list"]  # the pinned request asks no policy
