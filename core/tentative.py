@@ -66,12 +66,24 @@ class TentativeEntries:
 
     def expire(self, now: float) -> None:
         heap = self._heap
+        table, masks = self.slots, self.masks
+        table_get = table.get
         while heap and heap[0][0] <= now:
             _, _, slot, owns = heapq.heappop(heap)
+            keep = ~(1 << slot)
+            # ``drop`` inline: this runs on the routing path, once per block of a request routed
+            # ``tentative_window_s`` ago.
             for own in owns:
-                entry = self.slots.get(own)
-                if entry is not None and entry.get(slot, now + 1) <= now:
-                    self.drop(own, slot)
+                entry = table_get(own)
+                if entry is not None:
+                    expires_at = entry.get(slot)
+                    if expires_at is not None and expires_at <= now:
+                        del entry[slot]
+                        if entry:
+                            masks[own] &= keep
+                        else:
+                            del table[own]
+                            del masks[own]
 
     def drop(self, own: int, slot: int) -> None:
         """Settle one entry (a real event arrived, or it expired)."""

@@ -436,3 +436,35 @@ def test_router_passes_columns_from_columns_min_targets_on():
     core.route(RoutingInput("excluding", list(range(40))), now=0.0, exclude=[WorkerKey("t0000", 0)])
     core.route(RoutingInput("pinned", list(range(40)), pinned_worker_id="t0001"), now=0.0)
     assert calls == ["list", "columns", "list"]  # the pinned request asks no policy
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(0, 3), st.lists(st.integers(0, 9), max_size=6), st.integers(1, 9)),
+    st.tuples(st.just("expire"), st.integers(0, 10)),
+    st.tuples(st.just("drop"), st.integers(0, 9), st.integers(0, 3)),
+    st.tuples(st.just("drop_slot"), st.integers(0, 3)),
+), max_size=30))
+def test_tentative_entries_equal_a_naive_model(ops):
+    t = TentativeEntries()
+    model: dict[tuple[int, int], float] = {}  # (own, slot) -> expiry
+    for op in ops:
+        if op[0] == "add":
+            _, slot, owns, expires = op
+            t.add(slot, owns, float(expires))
+            for own in owns:
+                model[(own, slot)] = max(model.get((own, slot), 0.0), float(expires))
+        elif op[0] == "expire":
+            t.expire(float(op[1]))
+            model = {k: v for k, v in model.items() if v > op[1]}
+        elif op[0] == "drop":
+            t.drop(op[1], op[2])
+            model.pop((op[1], op[2]), None)
+        else:
+            t.drop_slot(op[1])
+            model = {k: v for k, v in model.items() if k[1] != op[1]}
+        assert {(o, s): e for o, entry in t.slots.items() for s, e in entry.items()} == model
+        masks = {}
+        for o, s in model:
+            masks[o] = masks.get(o, 0) | 1 << s
+        assert t.masks == masks and len(t) == len(model)
