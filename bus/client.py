@@ -77,11 +77,11 @@ class NoRouterReply(TimeoutError):
 class RouterClient:
     """Send requests to a kvr router and collect their replies."""
 
-    def __init__(self, *, endpoint: str, ctx: zmq.Context | None = None, identity: bytes | None = None,
+    def __init__(self, *, endpoint: str, ctx: zmq.SyncContext | None = None, identity: bytes | None = None,
                  curve: Curve | None = None, max_msg_size: int = MAX_REQUEST_BYTES) -> None:
         """``curve``: dial the router as a CURVE client (bus/security.py); without an authorised
         key the router never sees a request and the client gets no reply."""
-        self._ctx = ctx or zmq.Context.instance()
+        self._ctx: zmq.SyncContext = ctx or zmq.Context.instance()
         self._sock = make_socket(self._ctx, zmq.DEALER, max_msg_size=max_msg_size,
                                  setup=None if curve is None else curve.dial)
         if identity:
@@ -235,5 +235,5 @@ class RouterClient:
     def __enter__(self) -> RouterClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

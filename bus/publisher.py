@@ -34,11 +34,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
 from bus.security import EVENTS_DOMAIN, Curve
-from bus.sockets import MAX_CONTROL_BYTES, DEFAULT_HWM, make_pub, make_router, offset_endpoint_for_dp_rank, vllm_binds
+from bus.sockets import MAX_CONTROL_BYTES, DEFAULT_HWM, SocketSetup, make_pub, make_router, offset_endpoint_for_dp_rank, vllm_binds
 from bus.vllm_codec import encode_batch
 from core.events import KVEvent, KVEventBatch
 
@@ -113,7 +114,7 @@ class EventPublisher:
         hwm: int = DEFAULT_HWM,
         dp_rank: int = 0,
         reply_format: str = "0.33",
-        ctx: zmq.Context | None = None,
+        ctx: zmq.SyncContext | None = None,
         bind: bool | None = None,
         faults: FaultPlan | None = None,
         rng: random.Random | None = None,
@@ -154,32 +155,35 @@ class EventPublisher:
         self._clock = clock
         self.curve = curve
         self._own_ctx = ctx is None
-        self._ctx = ctx if ctx is not None else zmq.Context()
+        self._ctx: zmq.SyncContext = ctx if ctx is not None else zmq.Context()
         self._base_endpoint = offset_endpoint_for_dp_rank(endpoint, dp_rank)
         self._base_replay = None if replay_endpoint is None else offset_endpoint_for_dp_rank(replay_endpoint, dp_rank)
         self._ring: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
-        # Held live messages (faults): [release_due_s, release_after_next_send, frames]
-        self._held: list[list] = []
-        self._pub: zmq.Socket | None = None
-        self._router: zmq.Socket | None = None
+        # Held live messages (faults): (release_due_s, release_after_next_send, frames)
+        self._held: list[tuple[float, bool, list[bytes]]] = []
+        # None only while closed (between close() or a failed open and the next open).
+        self._pub: zmq.SyncSocket | None = None
+        self._router: zmq.SyncSocket | None = None
         self._seq = 0
         self._open_sockets(self._base_endpoint, self._base_replay)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _open_sockets(self, endpoint: str, replay_endpoint: str | None) -> None:
-        setup = None
+        setup: SocketSetup | None = None
         if self.curve is not None:
             curve = self.curve
 
-            def setup(sock: zmq.Socket) -> None:
+            def serve(sock: zmq.Socket[Any]) -> None:
                 curve.serve(sock, domain=EVENTS_DOMAIN, allow=(curve.router_public,))
+            setup = serve
         pub_setup = setup
         if self._sndbuf:
-            def pub_setup(sock: zmq.Socket, _then=setup) -> None:  # before bind: connections inherit it
-                sock.setsockopt(zmq.SNDBUF, self._sndbuf)
+            def with_sndbuf(sock: zmq.Socket[Any], _then: SocketSetup | None = setup) -> None:
+                sock.setsockopt(zmq.SNDBUF, self._sndbuf)  # before bind: connections inherit it
                 if _then is not None:
                     _then(sock)
+            pub_setup = with_sndbuf
         self._pub, self.endpoint = make_pub(self._ctx, endpoint, hwm=self._hwm, bind=self._bind, setup=pub_setup)
         self.replay_endpoint: str | None = None
         if replay_endpoint is not None:
@@ -224,7 +228,7 @@ class EventPublisher:
     def __enter__(self) -> EventPublisher:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- publishing --------------------------------------------------------------------------
@@ -255,10 +259,17 @@ class EventPublisher:
 
     def publish_frames(self, frames: Sequence[bytes]) -> None:
         """Send raw frames on the PUB (no seq, no ring): malformed-message injection."""
+        assert self._pub is not None, "publisher is closed"
         self._pub.send_multipart(list(frames))
 
     def _send_live(self, frames: list[bytes]) -> None:
-        fault = self.faults.draw(self._rng) if self.faults is not None else None
+        faults = self.faults
+        fault = None
+        if faults is not None:
+            # faults may be switched on after construction (set_faults), so check the rng here too.
+            if self._rng is None:
+                raise ValueError("a FaultPlan needs an injected rng")
+            fault = faults.draw(self._rng)
         if fault == "drop":
             self.counters.dropped += 1
         elif fault == "duplicate":
@@ -270,14 +281,16 @@ class EventPublisher:
                 self.counters.reordered += 1
             else:
                 self.counters.delayed += 1
-            due = self._clock() + self.faults.delay_ms / 1000.0
-            self._held.append([due, fault == "reorder", frames])
+            assert faults is not None  # the fault was drawn from it
+            due = self._clock() + faults.delay_ms / 1000.0
+            self._held.append((due, fault == "reorder", frames))
             return  # a held batch does not release others: it is "in flight"
         else:
             self._send(frames)
         self._release_held(after_send=fault != "drop")
 
     def _send(self, frames: list[bytes]) -> None:
+        assert self._pub is not None, "publisher is closed"
         self._pub.send_multipart(frames)  # copying beats zero-copy for messages this small
         self.counters.sent += 1
 
@@ -313,18 +326,21 @@ class EventPublisher:
         Also releases delayed batches that are due, so a worker loop only needs this call.
         """
         self._release_held()
-        if self._router is None:
+        router = self._router
+        if router is None:
             return 0
         served = 0
         wait = timeout_ms
-        while self._router.poll(wait, zmq.POLLIN):
-            self._serve(self._router.recv_multipart())
+        while router.poll(wait, zmq.POLLIN):
+            self._serve(router.recv_multipart())
             served += 1
             wait = 0
         self._release_held()
         return served
 
     def _serve(self, frames: list[bytes]) -> None:
+        router = self._router
+        assert router is not None  # poll_replay serves only while a replay socket is open
         # vLLM answers only [identity, b"", start_seq]; anything else is ignored, no reply.
         if len(frames) != 3:
             self.counters.bad_replay_requests += 1
@@ -344,12 +360,12 @@ class EventPublisher:
             offset = min(max(0, start - self._ring[0][0]), len(self._ring))
             for seq, payload in itertools.islice(self._ring, offset, None):
                 if self.reply_format == "0.33":
-                    self._router.send_multipart([identity, b"", self.topic, seq_bytes(seq), payload])
+                    router.send_multipart([identity, b"", self.topic, seq_bytes(seq), payload])
                 else:
-                    self._router.send_multipart([identity, b"", seq_bytes(seq), payload])
+                    router.send_multipart([identity, b"", seq_bytes(seq), payload])
                 sent += 1
         end = [identity, b"", b"", END_SEQ, b""] if self.reply_format == "0.33" else [identity, b"", END_SEQ, b""]
-        self._router.send_multipart(end)
+        router.send_multipart(end)
         self.counters.replayed_batches += sent
         logger.debug("replayed %d batches from seq %d", sent, start)
 

@@ -12,11 +12,19 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any, Literal
 
 from bus.publisher import EventPublisher, FaultPlan
 from core.events import KVEvent
 
 logger = logging.getLogger(__name__)
+
+#: What the queue carries to the publisher thread, in order.
+_Command = (
+    tuple[Literal["events"], list[KVEvent], float]
+    | tuple[Literal["restart"], None, None]
+    | tuple[Literal["faults"], FaultPlan | None, None]
+)
 
 
 class PublisherThread:
@@ -28,8 +36,8 @@ class PublisherThread:
     the queue for up to ``drain_s`` seconds, then closes the sockets.
     """
 
-    def __init__(self, *, max_queue_size: int = 100_000, drain_s: float = 1.0, **publisher_kwargs) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue_size)
+    def __init__(self, *, max_queue_size: int = 100_000, drain_s: float = 1.0, **publisher_kwargs: Any) -> None:
+        self._queue: queue.Queue[_Command] = queue.Queue(maxsize=max_queue_size)
         self._drain_s = drain_s
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -44,11 +52,15 @@ class PublisherThread:
 
     @property
     def endpoint(self) -> str:
-        return self.publisher.endpoint
+        return self._started().endpoint
 
     @property
     def replay_endpoint(self) -> str | None:
-        return self.publisher.replay_endpoint
+        return self._started().replay_endpoint
+
+    def _started(self) -> EventPublisher:
+        assert self.publisher is not None  # set before __init__ returns (or __init__ raised)
+        return self.publisher
 
     def publish(self, events: Sequence[KVEvent], ts: float) -> None:
         """Queue one batch for the publisher thread."""
@@ -62,7 +74,7 @@ class PublisherThread:
         """Queue a new fault plan (held batches are flushed first), in order with batches."""
         self._queue.put(("faults", faults, None))
 
-    def _run(self, kwargs: dict) -> None:
+    def _run(self, kwargs: dict[str, Any]) -> None:
         try:
             self.publisher = EventPublisher(**kwargs)
         except BaseException as exc:  # reported to the constructor's thread
@@ -74,26 +86,26 @@ class PublisherThread:
         try:
             while not self._stop.is_set():
                 try:
-                    kind, events, ts = self._queue.get(timeout=0.01)
+                    command = self._queue.get(timeout=0.01)
                 except queue.Empty:
                     pub.poll_replay(0)
                     continue
-                if kind == "restart":
+                if command[0] == "restart":
                     pub.restart()
-                elif kind == "faults":
+                elif command[0] == "faults":
                     pub.flush_held()
-                    pub.faults = events
+                    pub.faults = command[1]
                 else:
-                    pub.publish(events, ts)
+                    pub.publish(command[1], command[2])
                 pub.poll_replay(0)
             deadline = time.monotonic() + self._drain_s
             while time.monotonic() < deadline:
                 try:
-                    kind, events, ts = self._queue.get_nowait()
+                    command = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if kind == "events":
-                    pub.publish(events, ts)
+                if command[0] == "events":
+                    pub.publish(command[1], command[2])
             pub.flush_held()
         finally:
             pub.close()

@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -138,14 +139,14 @@ def is_public_key(text: str) -> bool:
         return False
 
 
-def make_server(sock: zmq.Socket, keys: KeyPair) -> None:
+def make_server(sock: zmq.Socket[Any], keys: KeyPair) -> None:
     """Make ``sock`` a CURVE server (call before bind/connect)."""
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_server = True
 
 
-def make_client(sock: zmq.Socket, keys: KeyPair, server_public: bytes) -> None:
+def make_client(sock: zmq.Socket[Any], keys: KeyPair, server_public: bytes) -> None:
     """Make ``sock`` a CURVE client of the server with ``server_public`` (before connect)."""
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
@@ -163,17 +164,17 @@ class ZapHandler:
     """
 
     _lock = threading.Lock()
-    _by_context: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _by_context: weakref.WeakKeyDictionary[zmq.Context[Any], ZapHandler] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def for_context(cls, ctx: zmq.Context) -> ZapHandler:
+    def for_context(cls, ctx: zmq.Context[Any]) -> ZapHandler:
         with cls._lock:
             handler = cls._by_context.get(ctx)
             if handler is None:
                 handler = cls._by_context[ctx] = cls(ctx=ctx)
             return handler
 
-    def __init__(self, *, ctx: zmq.Context) -> None:
+    def __init__(self, *, ctx: zmq.Context[Any]) -> None:
         self._keys: dict[str, set[bytes]] = {}
         self._keys_lock = threading.Lock()
         self.denied: Counter[str] = Counter()
@@ -239,13 +240,13 @@ class Curve:
     def public_z85(self) -> str:
         return self.keys.public.decode("ascii")
 
-    def serve(self, sock: zmq.Socket, *, domain: str, allow: Iterable[bytes]) -> None:
+    def serve(self, sock: zmq.Socket[Any], *, domain: str, allow: Iterable[bytes]) -> None:
         """Make ``sock`` a CURVE server admitting only ``allow`` (before bind/connect)."""
         ZapHandler.for_context(sock.context).allow(domain, allow)
         sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
         make_server(sock, self.keys)
 
-    def dial(self, sock: zmq.Socket, server_public: bytes | str | None = None) -> None:
+    def dial(self, sock: zmq.Socket[Any], server_public: bytes | str | None = None) -> None:
         """Make ``sock`` a CURVE client of ``server_public`` (default: the router) before connecting."""
         server = self.router_public if server_public is None else server_public
         make_client(sock, self.keys, server.encode("ascii") if isinstance(server, str) else server)
@@ -277,7 +278,7 @@ class Authenticator:
     One per context; must be started before any CURVE server socket binds.
     """
 
-    def __init__(self, *, ctx: zmq.Context, directory: str | Path) -> None:
+    def __init__(self, *, ctx: zmq.Context[Any], directory: str | Path) -> None:
         self._auth = ThreadAuthenticator(ctx)
         self._directory = str(directory)
 
@@ -293,5 +294,5 @@ class Authenticator:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -26,10 +26,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import zmq
 
 logger = logging.getLogger(__name__)
+
+#: The socket class a context makes: ``zmq.Socket[bytes]`` for a plain context, the asyncio
+#: socket for a ``zmq.asyncio.Context`` (the HTTP front); the helpers hand back that class.
+_SocketT = TypeVar("_SocketT", bound=zmq.Socket[Any])
+#: ``setup``: options applied to a new socket before it binds or connects (CURVE).
+SocketSetup = Callable[[zmq.Socket[Any]], None]
 
 #: vLLM's default PUB high-water mark (``KVEventsConfig.hwm``).
 DEFAULT_HWM = 100_000
@@ -77,9 +84,9 @@ def connectable(endpoint: str) -> str:
     return endpoint
 
 
-def make_socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None, sndhwm: int | None = None,
+def make_socket(ctx: zmq.Context[_SocketT], kind: int, *, hwm: int | None = None, sndhwm: int | None = None,
                 rcvhwm: int | None = None, max_msg_size: int | None = None,
-                setup: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+                setup: SocketSetup | None = None) -> _SocketT:
     """A socket with linger 0, the given high-water marks (``hwm`` sets both), an inbound frame
     limit and ``setup`` applied (CURVE)."""
     sock = ctx.socket(kind)
@@ -101,7 +108,7 @@ def make_socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None, sndhwm: 
     return sock
 
 
-def attach(sock: zmq.Socket, endpoint: str, *, bind: bool) -> str:
+def attach(sock: zmq.Socket[Any], endpoint: str, *, bind: bool) -> str:
     """Bind or connect; returns the resolved endpoint (the real port for ``:0``).
 
     A bind retries for a short while on EADDRINUSE: a socket closed a moment
@@ -123,7 +130,7 @@ def attach(sock: zmq.Socket, endpoint: str, *, bind: bool) -> str:
     return last.decode() if isinstance(last, bytes) and last else endpoint
 
 
-def _attached(sock: zmq.Socket, endpoint: str, *, bind: bool) -> tuple[zmq.Socket, str]:
+def _attached(sock: _SocketT, endpoint: str, *, bind: bool) -> tuple[_SocketT, str]:
     try:
         return sock, attach(sock, endpoint, bind=bind)
     except zmq.ZMQError:
@@ -131,9 +138,9 @@ def _attached(sock: zmq.Socket, endpoint: str, *, bind: bool) -> tuple[zmq.Socke
         raise
 
 
-def make_pub(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM, bind: bool | None = None,
+def make_pub(ctx: zmq.Context[_SocketT], endpoint: str, *, hwm: int = DEFAULT_HWM, bind: bool | None = None,
              max_msg_size: int | None = MAX_CONTROL_BYTES,
-             setup: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, str]:
+             setup: SocketSetup | None = None) -> tuple[_SocketT, str]:
     """A PUB socket; ``bind=None`` applies vLLM's rule. Returns (socket, resolved endpoint).
 
     A PUB receives only subscriptions, hence the small default inbound limit."""
@@ -141,26 +148,26 @@ def make_pub(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM, bind: b
     return _attached(sock, endpoint, bind=vllm_binds(endpoint) if bind is None else bind)
 
 
-def make_sub(ctx: zmq.Context, endpoint: str, *, topic: bytes = b"", bind: bool = False,
+def make_sub(ctx: zmq.Context[_SocketT], endpoint: str, *, topic: bytes = b"", bind: bool = False,
              hwm: int = DEFAULT_HWM, max_msg_size: int | None = MAX_EVENT_BYTES,
-             setup: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, str]:
+             setup: SocketSetup | None = None) -> tuple[_SocketT, str]:
     """A SUB socket subscribed to the byte prefix ``topic``; connects unless ``bind``."""
     sock = make_socket(ctx, zmq.SUB, hwm=hwm, max_msg_size=max_msg_size, setup=setup)
     sock.setsockopt(zmq.SUBSCRIBE, topic)
     return _attached(sock, endpoint, bind=bind)
 
 
-def make_router(ctx: zmq.Context, endpoint: str, *, sndhwm: int | None = None,
+def make_router(ctx: zmq.Context[_SocketT], endpoint: str, *, sndhwm: int | None = None,
                 max_msg_size: int | None = MAX_REQUEST_BYTES,
-                setup: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, str]:
+                setup: SocketSetup | None = None) -> tuple[_SocketT, str]:
     """A bound ROUTER (vLLM's replay socket always binds). Returns (socket, resolved endpoint)."""
     sock = make_socket(ctx, zmq.ROUTER, sndhwm=sndhwm, max_msg_size=max_msg_size, setup=setup)
     return _attached(sock, endpoint, bind=True)
 
 
-def make_dealer(ctx: zmq.Context, endpoint: str, *, hwm: int | None = None,
+def make_dealer(ctx: zmq.Context[_SocketT], endpoint: str, *, hwm: int | None = None,
                 max_msg_size: int | None = MAX_REQUEST_BYTES,
-                setup: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+                setup: SocketSetup | None = None) -> _SocketT:
     """A DEALER connected to ``endpoint`` (requests queue until the peer is up)."""
     sock = make_socket(ctx, zmq.DEALER, hwm=hwm, max_msg_size=max_msg_size, setup=setup)
     sock.connect(endpoint)

@@ -68,7 +68,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus.event_stream import EventStream
 from bus.security import Curve
-from bus.sockets import DEFAULT_HWM, MAX_EVENT_BYTES, attach, make_dealer, make_socket
+from bus.sockets import DEFAULT_HWM, MAX_EVENT_BYTES, SocketSetup, attach, make_dealer, make_socket
 from bus.stream_items import AppliedBatch, BadBatch, GapLost, StreamItem, StreamReset, SubscriberCounters
 from bus.vllm_codec import VllmEventDecoder
 
@@ -99,7 +99,7 @@ class EventSubscriber(EventStream):
         replay_endpoint: str | None = None,
         topic: str | bytes = b"",
         bind: bool = False,
-        ctx: zmq.Context | None = None,
+        ctx: zmq.SyncContext | None = None,
         expected_seq: int | None = None,
         replay_timeout_ms: int = 1000,
         max_replay_attempts: int = 3,
@@ -125,12 +125,12 @@ class EventSubscriber(EventStream):
                          max_pending=max_pending, digest_window=digest_window, decoder=decoder, clock=clock,
                          quiet_probe_s=quiet_probe_s)
         self._own_ctx = ctx is None
-        self._ctx = ctx if ctx is not None else zmq.Context()
+        self._ctx: zmq.SyncContext = ctx if ctx is not None else zmq.Context()
         self._topic = topic.encode() if isinstance(topic, str) else bytes(topic)
         self._replay_endpoint = replay_endpoint
         self._pollers: list[zmq.Poller] = []
         self._max_msg_size = max_msg_size
-        self._setup = None
+        self._setup: SocketSetup | None = None
         if curve is not None and server_key is not None:
             self._setup = lambda sock: curve.dial(sock, server_key)
         self._sub = make_socket(self._ctx, zmq.SUB, hwm=hwm, max_msg_size=max_msg_size, setup=self._setup)
@@ -148,17 +148,18 @@ class EventSubscriber(EventStream):
             if self._own_ctx:
                 self._ctx.term()
             raise
-        self._dealer: zmq.Socket | None = None
+        self._dealer: zmq.SyncSocket | None = None
         if replay_endpoint is not None:
             self._dealer = self._make_dealer()
         self.start()
 
     # -- sockets -------------------------------------------------------------------------------
 
-    def _make_dealer(self) -> zmq.Socket:
+    def _make_dealer(self) -> zmq.SyncSocket:
+        assert self._replay_endpoint is not None  # only a stream with a replay endpoint has a DEALER
         return make_dealer(self._ctx, self._replay_endpoint, max_msg_size=self._max_msg_size, setup=self._setup)
 
-    def sockets(self) -> list[zmq.Socket]:
+    def sockets(self) -> list[zmq.SyncSocket]:
         """Sockets to poll for POLLIN (SUB, its connection monitor, the replay DEALER)."""
         return [s for s in (self._sub, self._monitor, self._dealer) if s is not None]
 
@@ -173,7 +174,7 @@ class EventSubscriber(EventStream):
         for sock in self.sockets():
             poller.unregister(sock)
 
-    def handle_readable(self, sock: zmq.Socket) -> list[StreamItem]:
+    def handle_readable(self, sock: zmq.SyncSocket) -> list[StreamItem]:
         """Drain one readable socket of this subscriber; returns the items now ready."""
         if sock is self._sub:
             received = 0
@@ -305,6 +306,7 @@ class EventSubscriber(EventStream):
     # -- hooks of EventStream --------------------------------------------------------------
 
     def _send_replay_request(self, start: int) -> None:
+        assert self._dealer is not None  # EventStream asks for replays only when it has a replay endpoint
         self._dealer.send_multipart([b"", start.to_bytes(8, "big")])
 
     def _abandon_replay_channel(self) -> None:
