@@ -34,7 +34,9 @@ class ChannelDecoder(Generic[T]):
     """Decode frames of one channel into its union type, counting failures."""
 
     def __init__(self, message_type: type[T] | object, *, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self._decoder = msgspec.msgpack.Decoder(message_type)
+        # A union alias is not a type[T], so msgspec's stubs make this a Decoder[Any]; the
+        # annotation records what it decodes.
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)
         self._max_bytes = max_bytes
         self.errors = 0
 
@@ -77,25 +79,25 @@ def salvage_request_id(frame: bytes, *, max_chars: int = 256) -> str | None:
     return env.request_id
 
 
-def client_decoder() -> ChannelDecoder:
+def client_decoder() -> ChannelDecoder[ClientMessage]:
     """Router side of the client channel."""
     return ChannelDecoder(ClientMessage)
 
 
-def reply_decoder() -> ChannelDecoder:
+def reply_decoder() -> ChannelDecoder[ReplyMessage]:
     """Client side of the client channel."""
     return ChannelDecoder(ReplyMessage)
 
 
-def worker_decoder() -> ChannelDecoder:
+def worker_decoder() -> ChannelDecoder[WorkerMessage]:
     """Router side of the worker channel."""
     return ChannelDecoder(WorkerMessage)
 
 
-def router_decoder() -> ChannelDecoder:
+def router_decoder() -> ChannelDecoder[RouterMessage]:
     """Worker side of the worker channel."""
     return ChannelDecoder(RouterMessage)
 
 
-def metrics_decoder() -> ChannelDecoder:
+def metrics_decoder() -> ChannelDecoder[MetricsRecord]:
     return ChannelDecoder(MetricsRecord)

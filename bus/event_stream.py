@@ -137,8 +137,8 @@ class EventStream:
                 self._replay = None
                 self._abandon_replay_channel()
             self._pending.clear()
-            self._request_replay_from_anchor()
-            self._replay.verify = self._replay.anchor
+            replay = self._request_replay_from_anchor()
+            replay.verify = replay.anchor
 
     def on_replayed(self, seq: int, topic: bytes, payload: bytes) -> None:
         replay = self._replay
@@ -168,8 +168,7 @@ class EventStream:
             if self._probe_due is not None and self._clock() >= self._probe_due:
                 self._probe_due = None
                 self.counters.quiet_probes += 1
-                self._request_replay_from_anchor(count=False)
-                self._replay.probe = True
+                self._request_replay_from_anchor(count=False).probe = True
             return
         if self._clock() < replay.deadline_s:
             return
@@ -182,9 +181,9 @@ class EventStream:
         if replay.attempts < self._max_attempts:
             logger.warning("%s: replay from %d timed out, retrying", self.name, replay.start)
             # Ask afresh from where the stream stands now (part of the old answer may have come).
-            self._request_replay_from_anchor(retry=True)
-            self._replay.attempts = replay.attempts + 1
-            self._replay.verify = replay.verify and self._replay.anchor
+            retried = self._request_replay_from_anchor(retry=True)
+            retried.attempts = replay.attempts + 1
+            retried.verify = replay.verify and retried.anchor
         else:
             logger.warning("%s: replay from %d unanswered after %d attempts", self.name, replay.start,
                            replay.attempts)
@@ -226,6 +225,8 @@ class EventStream:
             return
         if seq == self._expected and (replayed or not self._awaiting_anchor()):
             if replayed:
+                # Replayed batches come only through on_replayed, while a replay is open.
+                assert self._replay is not None
                 self.counters.replayed_batches += 1
                 self._replay.progressed = True
             self._apply(seq, topic, payload, replayed)
@@ -262,7 +263,7 @@ class EventStream:
         self.counters.events += len(batch.events)
         blocks = 0
         for event in batch.events:
-            if event.__class__ is not AllBlocksCleared:
+            if not isinstance(event, AllBlocksCleared):
                 blocks += len(event.block_hashes)
         self.counters.block_events += blocks
         self._out.append(AppliedBatch(seq, batch, replayed, topic))
@@ -319,18 +320,19 @@ class EventStream:
         while len(self._digests) > self._window:
             self._digests.popitem(last=False)
 
-    def _request_replay_from_anchor(self, *, retry: bool = False, count: bool = True) -> None:
+    def _request_replay_from_anchor(self, *, retry: bool = False, count: bool = True) -> _Replay:
         anchor = self._expected - 1
         if anchor >= 0 and anchor in self._digests and self._digests[anchor] != _LOST:
-            self._request_replay(anchor, anchor=True, retry=retry, count=count)
-        else:
-            self._request_replay(self._expected, anchor=False, retry=retry, count=count)
+            return self._request_replay(anchor, anchor=True, retry=retry, count=count)
+        return self._request_replay(self._expected, anchor=False, retry=retry, count=count)
 
-    def _request_replay(self, start: int, *, anchor: bool, retry: bool = False, count: bool = True) -> None:
+    def _request_replay(self, start: int, *, anchor: bool, retry: bool = False, count: bool = True) -> _Replay:
+        """Open a replay (now ``self._replay``) and send its request; returns it."""
         if not retry and count:
             self.counters.replays += 1
-        self._replay = _Replay(start, anchor, self._clock() + self._replay_timeout_s)
+        replay = self._replay = _Replay(start, anchor, self._clock() + self._replay_timeout_s)
         self._send_replay_request(start)
+        return replay
 
     def _end_replay(self, replay: _Replay) -> None:
         self._replay = None

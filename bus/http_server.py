@@ -99,7 +99,7 @@ class _JsonErrorHandler(RequestHandler):
     """aiohttp's connection handler, answering malformed HTTP with the error JSON (not text/plain)
     and without a traceback in the log (a client's mistake is not the server's error)."""
 
-    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if status == 500:
             return super().handle_error(request, status, exc, message)

@@ -26,8 +26,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+if TYPE_CHECKING:  # fakeredis is imported only when a fake server is made
+    from fakeredis import TcpFakeServer
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def free_loopback_port() -> int:
     """A TCP port nothing listens on right now on 127.0.0.1 (racy by nature: bind soon)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def resolve_kind(kind: str = "auto") -> str:
@@ -83,7 +87,7 @@ class EmbeddedRedis:
         self.port = port or free_loopback_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._start_timeout_s = start_timeout_s
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._workdir: str | None = None
 
     def start(self) -> EmbeddedRedis:
@@ -122,7 +126,7 @@ class EmbeddedRedis:
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -133,7 +137,7 @@ def _python_path() -> str:
     return root if not existing else f"{root}{os.pathsep}{existing}"
 
 
-def make_fakeredis_server(host: str, port: int):
+def make_fakeredis_server(host: str, port: int) -> TcpFakeServer:
     """fakeredis's TCP server, with ``TCP_NODELAY`` on every accepted connection.
 
     fakeredis writes each reply of a pipeline separately; with Nagle on, every reply after the
@@ -144,7 +148,7 @@ def make_fakeredis_server(host: str, port: int):
     from fakeredis import TcpFakeServer
 
     class NoDelayServer(TcpFakeServer):
-        def get_request(self):
+        def get_request(self) -> tuple[socket.socket, Any]:
             conn, addr = super().get_request()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return conn, addr
