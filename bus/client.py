@@ -26,7 +26,16 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bus.codec import DecodeError, encode, reply_decoder
-from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, ReplyMessage, Routed, TokenChunk
+from bus.schema import (
+    CancelRequest,
+    Completion,
+    ErrorCode,
+    ErrorReply,
+    GenerateRequest,
+    ReplyMessage,
+    Routed,
+    TokenChunk,
+)
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_socket
 
@@ -220,9 +229,11 @@ class RouterClient:
                 if self._session_up:
                     why = "it accepted the connection but has not answered"
                 else:
-                    why = "nothing accepted the connection (no router listening there, or it refused this client's CURVE key)"
-                raise NoRouterReply(f"no reply from a router at {self.endpoint} within {first_reply_timeout_s:g} s: {why}",
-                                    connected=self._session_up)
+                    why = ("nothing accepted the connection (no router listening there, "
+                           "or it refused this client's CURVE key)")
+                raise NoRouterReply(
+                    f"no reply from a router at {self.endpoint} within {first_reply_timeout_s:g} s: {why}",
+                    connected=self._session_up)
         self.pending.pop(request.request_id, None)
         raise TimeoutError(f"no terminal reply for {request.request_id} within {timeout_s} s")
 

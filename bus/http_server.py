@@ -121,8 +121,8 @@ class HttpServer:
     """Serve ``handle`` on ``host:port``; :meth:`start` runs the loop in a daemon thread.
 
     ``on_start`` runs on the loop before serving; ``on_stop`` when closing, before the connections
-    are shut (the router front closes its ZMQ socket there and answers what still waits on it). ``loop`` is the server's event loop, for
-    ``call_soon_threadsafe`` from other threads.
+    are shut (the router front closes its ZMQ socket there and answers what still waits on it).
+    ``loop`` is the server's event loop, for ``call_soon_threadsafe`` from other threads.
     """
 
     def __init__(self, *, handle: Handler, host: str = "127.0.0.1", port: int = 0, name: str = "kvr-http",

@@ -138,7 +138,8 @@ def parse_prompt(body: dict[str, Any], *, chat: bool) -> tuple[str | None, list[
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise bad_request("'messages' must be a non-empty list of objects")
-        prompt = apply_chat_template(messages, add_generation_prompt=body.get("add_generation_prompt", True) is not False)
+        add_generation_prompt = body.get("add_generation_prompt", True) is not False
+        prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     else:
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):

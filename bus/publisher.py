@@ -39,7 +39,15 @@ from typing import Any
 import zmq
 
 from bus.security import EVENTS_DOMAIN, Curve
-from bus.sockets import MAX_CONTROL_BYTES, DEFAULT_HWM, SocketSetup, make_pub, make_router, offset_endpoint_for_dp_rank, vllm_binds
+from bus.sockets import (
+    DEFAULT_HWM,
+    MAX_CONTROL_BYTES,
+    SocketSetup,
+    make_pub,
+    make_router,
+    offset_endpoint_for_dp_rank,
+    vllm_binds,
+)
 from bus.vllm_codec import encode_batch
 from core.events import KVEvent, KVEventBatch
 

@@ -42,8 +42,8 @@ from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.utils import z85
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 logger = logging.getLogger(__name__)
 

@@ -82,7 +82,8 @@ class SimpleLatencyModel:
         self, *, prefill_tokens: int, decode_seqs: int, kv_tokens: int = 0, attention_token_pairs: int = 0
     ) -> float:
         # The seed's model has no attention term: attention_token_pairs is accepted and unused.
-        return self.prefill_s(new_tokens=prefill_tokens) + self.decode_token_s(batch_size=decode_seqs, kv_tokens=kv_tokens)
+        prefill_s = self.prefill_s(new_tokens=prefill_tokens)
+        return prefill_s + self.decode_token_s(batch_size=decode_seqs, kv_tokens=kv_tokens)
 
     def constants(self) -> dict[str, Any]:
         return {"kind": "simple", **asdict(self)}

@@ -137,7 +137,8 @@ class MetricsFold:
         self.counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
         self.first_arrival_s = math.inf
         self.last_finish_s = -math.inf
-        # bucket index -> {"prompt_tokens", "cached_tokens", "requests", "per_worker": {w: [n_req, kv_usage_sum, n_samples, queued_prefill_sum]}}
+        # bucket index -> {"prompt_tokens", "cached_tokens", "requests",
+        #                  "per_worker": {w: [n_req, kv_usage_sum, n_samples, queued_prefill_sum]}}
         self.timeline: dict[int, dict[str, Any]] = {}
 
     # ---- inputs -------------------------------------------------------
@@ -370,7 +371,8 @@ class MetricsFold:
             "prefill_tokens_computed": int(c["prompt_tokens"] - c["cached_tokens"]),
             "output_tokens": int(c["output_tokens"]),
         }
-        for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("e2e", self.e2e_s), ("queue", self.queue_s)):
+        distributions = (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("e2e", self.e2e_s), ("queue", self.queue_s))
+        for name, values in distributions:
             out[f"{name}_mean_s"] = values.mean()
             for q in PERCENTILES:
                 out[f"{name}_p{q}_s"] = values.quantile(q)
@@ -394,7 +396,8 @@ class MetricsFold:
         req_counts = [self.workers[n]["requests"] for n in names]
         out["load_cv"] = _cv(req_counts)
         out["prefill_load_cv"] = _cv([self.workers[n]["prefill_tokens_computed"] for n in names])
-        out["max_over_mean_load"] = _ratio(max(req_counts), sum(req_counts) / len(req_counts)) if req_counts else math.nan
+        mean_load = sum(req_counts) / len(req_counts) if req_counts else math.nan
+        out["max_over_mean_load"] = _ratio(max(req_counts), mean_load) if req_counts else math.nan
         samples = sum(self.workers[n]["load_samples"] for n in names)
         out["kv_usage_mean"] = _ratio(sum(self.workers[n]["kv_usage_sum"] for n in names), samples)
         out["kv_usage_max"] = max((self.workers[n]["kv_usage_max"] for n in names), default=math.nan)
@@ -547,7 +550,8 @@ def dense_timeline(timeline: dict[str, Any], bucket_s: float) -> dict[str, Any]:
     n = round(ts[-1] / bucket_s) - first + 1
 
     def fill(values: list[Any], missing: float) -> list[float]:
-        return [(math.nan if values[pos[i]] is None else float(values[pos[i]])) if i in pos else missing for i in range(n)]
+        return [(math.nan if values[pos[i]] is None else float(values[pos[i]])) if i in pos else missing
+                for i in range(n)]
 
     return {
         "t_s": [(first + i) * bucket_s for i in range(n)],

@@ -73,7 +73,8 @@ class CapacityInputs:
 
     def kv_bytes_per_token(self) -> int:
         return kv_block_bytes(
-            layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes, block_size=1
+            layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes,
+            block_size=1,
         )
 
 
