@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import msgspec
 import numpy as np
@@ -620,7 +620,8 @@ class PrefixIndex:
     def _keys_of_mask(self, mask: int) -> tuple[WorkerKey, ...]:
         """The targets of a slot mask, in slot order."""
         slots = self.mask_slots(mask)
-        return (self._slot_keys[slots[0]],) if len(slots) == 1 else itemgetter(*slots)(self._slot_keys)
+        keys = (self._slot_keys[slots[0]],) if len(slots) == 1 else itemgetter(*slots)(self._slot_keys)
+        return cast("tuple[WorkerKey, ...]", keys)  # a mask's slots are all held
 
     def _mask_targets(self, mask: int) -> list[WorkerKey]:
         out = []

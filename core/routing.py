@@ -92,7 +92,7 @@ class _TargetState:
     pending_prefill_tokens: int = 0
     active_blocks: int = 0  # distinct block hashes of the requests in flight
     # own hash -> in-flight requests using it (a Counter: ``update`` counts a prompt's hashes in C)
-    active_hashes: Counter = field(default_factory=Counter)
+    active_hashes: Counter[int] = field(default_factory=Counter)
     decode_blocks: int = 0  # output blocks the requests in flight will fill
     cached_load: WorkerLoad | None = None  # rebuilt only after a change
 
@@ -293,9 +293,9 @@ class RouterCore:
             self._cols = cols = tuple(np.zeros(n, dtype=np.int64) for _ in range(6))
             for i, w in enumerate(base):
                 _write_row(cols, i, w)
-            slots = [self.index.slot_of(w[0]) for w in base]
-            self._slot_pos = np.full(max(slots) + 1, -1, dtype=np.int64)
-            self._slot_pos[slots] = np.arange(n, dtype=np.int64)
+            target_slots = [self.index.slot_of(w[0]) for w in base]
+            self._slot_pos = np.full(max(target_slots) + 1, -1, dtype=np.int64)
+            self._slot_pos[target_slots] = np.arange(n, dtype=np.int64)
         overlap = np.zeros(len(base), dtype=np.int64)
         if masks:
             # One numpy assignment for all masks: a long conversation can end at a different depth

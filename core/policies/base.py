@@ -12,7 +12,7 @@ is one line a person can read in a DEBUG log.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -132,7 +132,9 @@ class FleetColumns:
     @classmethod
     def of(cls, candidates: Sequence[WorkerState]) -> FleetColumns:
         """Columns of a candidate list (tests; the router keeps its columns up to date itself)."""
-        col = lambda values: np.fromiter(values, dtype=np.int64, count=len(candidates))  # noqa: E731
+        def col(values: Iterable[int]) -> np.ndarray:
+            return np.fromiter(values, dtype=np.int64, count=len(candidates))
+
         codes = {c: i for i, c in enumerate(CONFIDENCE_CODES)}
         return cls([WorkerState(w[0], 0, w[2], w[3], w[4]) for w in candidates],
                    col(w[1] for w in candidates), col(w[2][0] for w in candidates), col(w[2][3] for w in candidates),

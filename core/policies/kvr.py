@@ -51,6 +51,7 @@ Ties (equal predicted TTFT) go to fewer in flight, then uniformly at random.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -215,7 +216,8 @@ class KvrPolicy:
         scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(candidates, raw)})
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
 
-    def choose_columns(self, request: RouteRequest, cols: FleetColumns, *, now: float, rng) -> Decision:
+    def choose_columns(self, request: RouteRequest, cols: FleetColumns, *, now: float,
+                       rng: random.Random) -> Decision:
         """``choose`` on the candidates as columns (``RouterCore`` passes them): the same decision.
 
         Same target, reason, scores (as floats) and random draws as ``choose`` on
@@ -254,7 +256,7 @@ class KvrPolicy:
         if len(busy):
             memo: dict[tuple[int, int], float] = {}
             values = []
-            for c, q in zip(cached[busy].tolist(), cols.queued_prefill_tokens[busy].tolist()):
+            for c, q in zip(cached[busy].tolist(), cols.queued_prefill_tokens[busy].tolist(), strict=True):
                 value = memo.get((c, q))
                 if value is None:
                     new = prompt - c
@@ -268,8 +270,9 @@ class KvrPolicy:
             overflow = cols.active_blocks + cols.decode_blocks + need0 - cached // bs - capacity
             hit = (capacity > 0) & (overflow > 0)
             if hit.any():
-                values, which = np.unique(overflow[hit], return_inverse=True)
-                charges = np.array([kv_weight * prefill(new_tokens=v * bs) for v in values.tolist()], dtype=np.float64)
+                overflows, which = np.unique(overflow[hit], return_inverse=True)
+                charges = np.array([kv_weight * prefill(new_tokens=v * bs) for v in overflows.tolist()],
+                                   dtype=np.float64)
                 score[hit] += charges[which.reshape(-1)]
         in_flight = cols.in_flight
         at_best = score == score.min()
@@ -297,7 +300,7 @@ class KvrPolicy:
             reason += f"; over the load bound {bound:.1f}: {', '.join(str(cols.states[i].target) for i in over)}"
         unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
         states = cols.states
-        scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(states, score.tolist())})
+        scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(states, score.tolist(), strict=True)})
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
 
     def forget(self, target: WorkerKey) -> None:

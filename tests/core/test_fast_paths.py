@@ -272,7 +272,7 @@ def test_overlap_equals_a_per_block_walk(real, tentative, length):
     idx = PrefixIndex(block_size=BS)
     keys = [WorkerKey(f"w{i}", 0) for i in range(len(real))]
     present: dict[WorkerKey, set[int]] = {}
-    for key, (depth, extra) in zip(keys, real):
+    for key, (depth, extra) in zip(keys, real, strict=True):
         # blocks [0, depth) plus a few held past a gap (they must not count)
         owns = sorted(set(LONG[:depth]) | {LONG[i] for i in extra})
         idx.apply_events(key, [SnapshotBlocks(block_hashes=[o + 1 for o in owns], own_hashes=owns)], now=0.0)
@@ -292,7 +292,7 @@ def test_overlap_equals_a_per_block_walk(real, tentative, length):
     assert idx.overlap(chain) == want
     assert idx.overlap(chain, now=11.0) == {k: v for k, v in (
         (key, next((i for i, h in enumerate(chain) if h not in set(LONG[:d]) | {LONG[i] for i in e}), len(chain)))
-        for key, (d, e) in zip(keys, real)) if v}
+        for key, (d, e) in zip(keys, real, strict=True)) if v}
 
 
 def test_overlap_names_the_target_that_holds_a_reused_slot():
@@ -317,7 +317,7 @@ def test_overlap_of_many_targets_equals_a_per_target_walk(depths, gone):
     idx = PrefixIndex(block_size=BS)
     keys = [WorkerKey(f"w{i}", 0) for i in range(len(depths))]
     held = {}
-    for key, d in zip(keys, depths):
+    for key, d in zip(keys, depths, strict=True):
         idx.apply_events(key, [SnapshotBlocks(block_hashes=list(range(1, d + 1)), own_hashes=LONG[:d])], now=0.0)
         held[key] = d
     idx.overlap(LONG[:3])

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
-
-import xxhash
 
 from core.block_keys import request_block_hashes
 from core.hashing import HASH_SEED, ROOT_PARENT_HASH, block_hashes, external_hash_key, extra_key_bytes, hash_block
@@ -41,7 +40,8 @@ def test_golden_vectors_follow_the_definition() -> None:
     assert _by_definition(list(range(40)), 16) == GOLDEN_0_40
 
 
-@given(st.lists(st.integers(0, 2**32 - 1), max_size=70), st.integers(1, 17), st.sampled_from([None, ["lora"], ["a", 3]]))
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=70), st.integers(1, 17),
+       st.sampled_from([None, ["lora"], ["a", 3]]))
 def test_block_hashes_follow_the_definition(tokens: list[int], block_size: int, extra) -> None:
     assert block_hashes(tokens, block_size=block_size, extra_keys=extra) == _by_definition(
         tokens, block_size, extra_key_bytes(extra))
@@ -67,7 +67,7 @@ def test_one_token_changed_changes_its_block_and_every_later_one(tokens: list[in
     a, b = block_hashes(tokens, block_size=16), block_hashes(other, block_size=16)
     k = i // 16
     assert a[:k] == b[:k]
-    assert all(x != y for x, y in zip(a[k:], b[k:]))
+    assert all(x != y for x, y in zip(a[k:], b[k:], strict=True))
 
 
 def test_request_hashes_with_a_salt_follow_the_definition() -> None:
