@@ -111,8 +111,10 @@ def display_tables(result: SuiteResult) -> dict[str, list[dict]]:
         rows.append({"policy": r["policy"], "runs": r["runs"], "hit rate": fmt_spread(r["hit_rate"], 3),
                      "predicted hit": fmt_spread(r["predicted_hit_rate"], 3),
                      "TTFT p50 ms": fmt_spread(r["ttft_p50_ms"]), "TTFT p99 ms": fmt_spread(r["ttft_p99_ms"]),
-                     "TTFT hit ms": fmt_spread(r["ttft_hit_mean_ms"]), "TTFT miss ms": fmt_spread(r["ttft_miss_mean_ms"]),
-                     "req/s": fmt_spread(r["throughput_rps"], 2), "p99 vs RR": f"{r.get('ttft_p99_vs_round_robin', 0):.2f}",
+                     "TTFT hit ms": fmt_spread(r["ttft_hit_mean_ms"]),
+                     "TTFT miss ms": fmt_spread(r["ttft_miss_mean_ms"]),
+                     "req/s": fmt_spread(r["throughput_rps"], 2),
+                     "p99 vs RR": f"{r.get('ttft_p99_vs_round_robin', 0):.2f}",
                      "router CPU ms/req": fmt_spread(r["router_cpu_ms_per_request"], 2),
                      "Redis cmds/req": fmt_spread(r["redis_commands_per_request"], 1),
                      "errors": fmt_spread(r["errors"], 0)})

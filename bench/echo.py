@@ -273,10 +273,10 @@ def router_vs_echo(cfg: EchoConfig | None = None, progress=None) -> list[dict]:
     for name, reps in samples.items():
         rows.append({"arm": name, "requests": cfg.requests, "prompt_tokens": cfg.prompt_tokens,
                      "rtt_p50_us": spread(r[0] for r in reps), "rtt_p99_us": spread(r[1] for r in reps),
-                     "ratio_p50": spread(r[0] / b[0] for r, b in zip(reps, relay)),
-                     "ratio_p99": spread(r[1] / b[1] for r, b in zip(reps, relay)),
-                     "ratio_p50_vs_1hop": spread(r[0] / b[0] for r, b in zip(reps, echo)),
-                     "added_p50_us": spread(r[0] - b[0] for r, b in zip(reps, relay)),
+                     "ratio_p50": spread(r[0] / b[0] for r, b in zip(reps, relay, strict=True)),
+                     "ratio_p99": spread(r[1] / b[1] for r, b in zip(reps, relay, strict=True)),
+                     "ratio_p50_vs_1hop": spread(r[0] / b[0] for r, b in zip(reps, echo, strict=True)),
+                     "added_p50_us": spread(r[0] - b[0] for r, b in zip(reps, relay, strict=True)),
                      "middle_cpu_us_per_request": spread(cpu_us[name])})
     # The kvr row last: the overhead suite's goal reads it.
     return rows[1:] + rows[:1]

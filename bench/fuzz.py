@@ -171,8 +171,9 @@ def mutate_bytes(rng: random.Random, data: bytes, other: bytes) -> bytes:
         return bytes(b)
     if op == 3:
         i = rng.randrange(len(b) + 1)
-        return bytes(b[:i] + rng.choice((b"\xc1", b"\xdd\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff", b"\xcf" + b"\xff" * 8,
-                                        b"\xd3\x80" + b"\x00" * 7, rng.randbytes(rng.randrange(1, 9)))) + b[i:])
+        return bytes(b[:i] + rng.choice((b"\xc1", b"\xdd\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff",
+                                         b"\xcf" + b"\xff" * 8, b"\xd3\x80" + b"\x00" * 7,
+                                         rng.randbytes(rng.randrange(1, 9)))) + b[i:])
     if op == 4:
         i, j = rng.randrange(len(b) + 1), rng.randrange(len(other) + 1)
         return bytes(b[:i]) + other[j:]  # spliced with another message
@@ -246,7 +247,8 @@ def _vllm_seeds(rng: random.Random) -> list[bytes]:
     for i in range(24):
         n = rng.randrange(1, 4)
         hashes: list = [rng.getrandbits(64) for _ in range(n)] if i % 4 else [rng.randbytes(32) for _ in range(n)]
-        events = [BlockStored(hashes, None if i % 2 else rng.getrandbits(64), list(range(16 * n)), 16, None, "GPU", None),
+        parent = None if i % 2 else rng.getrandbits(64)
+        events = [BlockStored(hashes, parent, list(range(16 * n)), 16, None, "GPU", None),
                   BlockRemoved(hashes[:1], "GPU"), AllBlocksCleared()]
         batch = KVEventBatch(rng.random() * 1e9, events[: rng.randrange(1, 4)], rng.choice((None, 0, 1)))
         out.append(encode_batch(batch, legacy=i % 3 == 0))
@@ -280,7 +282,8 @@ def _worker_seeds(rng: random.Random) -> list[bytes]:
     load, stats = _load()
     return [encode(m) for m in (
         Hello(worker_id="w1", epoch=3, model="m", block_size=16, num_gpu_blocks=1000, events_endpoint="tcp://h:1",
-              replay_endpoint="tcp://h:2", topic="kv", dp_size=2, http_url="http://h:3", profile="p", max_model_len=4096),
+              replay_endpoint="tcp://h:2", topic="kv", dp_size=2, http_url="http://h:3", profile="p",
+              max_model_len=4096),
         Heartbeat("w1", 3, load, 1), Heartbeat("w1"), Goodbye("w1", 3), TokenChunk("r-1", [1, 2], "ab"),
         Completion("r-1", "w1", 10, 8, 2, "stop", stats, -1, 0, 0),
         ErrorReply("r-1", ErrorCode.PROMPT_TOO_LONG, "too long", "w1"),
@@ -325,7 +328,8 @@ def _http_seeds(rng: random.Random) -> list[bytes]:
         {"model": "m", "prompt": "hello world", "max_tokens": 8},
         {"prompt": [1, 2, 3, 4], "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}},
         {"prompt": ["a batch of one"], "max_completion_tokens": 3, "cache_salt": "s", "n": 1},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "x"}]}],
+        {"messages": [{"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": [{"type": "text", "text": "x"}]}],
          "max_tokens": 2, "chat": True},
     )]
 
@@ -405,7 +409,8 @@ def _http_worker_run() -> Callable[[bytes], Any]:
     from core.tokenizer import BuiltinTokenizer
     from worker.http_api import completion_params, decode_json_body
 
-    engine, tokenizer = EmulatedEngine(profile_or_config=get_profile("simple"), rng=random.Random(0)), BuiltinTokenizer()
+    engine = EmulatedEngine(profile_or_config=get_profile("simple"), rng=random.Random(0))
+    tokenizer = BuiltinTokenizer()
 
     def run(raw: bytes) -> Any:
         chat = b'"messages"' in raw[:4096]
@@ -539,7 +544,8 @@ def targets() -> dict[str, Target]:
             "worker_decoder", ("Hello", "Heartbeat", "Goodbye", "TokenChunk", "Completion", "ErrorReply")),
             (DecodeError,), _worker_seeds),
         Target("router", "worker DEALER ← router ROUTER", _channel(
-            "router_decoder", ("Welcome", "Refused", "Heartbeat", "Dispatch", "Cancel")), (DecodeError,), _router_seeds),
+            "router_decoder", ("Welcome", "Refused", "Heartbeat", "Dispatch", "Cancel")),
+            (DecodeError,), _router_seeds),
         Target("reply", "client DEALER ← router ROUTER", _channel(
             "reply_decoder", ("Routed", "TokenChunk", "Completion", "ErrorReply")), (DecodeError,), _reply_seeds),
         Target("metrics", "monitor SUB ← router / worker PUB", _channel(

@@ -111,7 +111,8 @@ def ingestion(cfg, redis_client, progress=None) -> list[dict]:
             progress.step(f"ingest: {name}")
     rows = []
     for name, mirror, _ in arms:
-        rows.append({"path": name, "mirror": mirror is not None, "batches": len(payloads), "stored_blocks": stored, "removed_blocks": removed,
+        rows.append({"path": name, "mirror": mirror is not None, "batches": len(payloads), "stored_blocks": stored,
+                     "removed_blocks": removed,
                      "stored_blocks_per_s": spread(stored / s for s in secs[name]),
                      "all_blocks_per_s": spread((stored + removed) / s for s in secs[name]),
                      "redis_round_trips_per_batch": trips[name] / len(payloads) if mirror is not None else 0.0})

@@ -302,8 +302,8 @@ def _goals(result: SuiteResult, per_arm: dict[str, list[dict]]) -> None:
     kvr, peer = per_arm.get("kvr"), per_arm.get("sglang:cache_aware")
     if not kvr or not peer:
         return
-    ratios = [k["ttft_p99_ms"] / p["ttft_p99_ms"] for k, p in zip(kvr, peer) if p["ttft_p99_ms"]]
-    points = [k["hit_rate"] - p["hit_rate"] for k, p in zip(kvr, peer)]
+    ratios = [k["ttft_p99_ms"] / p["ttft_p99_ms"] for k, p in zip(kvr, peer, strict=True) if p["ttft_p99_ms"]]
+    points = [k["hit_rate"] - p["hit_rate"] for k, p in zip(kvr, peer, strict=True)]
     r, d = spread(ratios), spread(points)
     result.goals.append(Goal("TTFT p99 kvr / sglang-router cache_aware", r["median"], TTFT_GOAL_RATIO, "×", False,
                              f"per repetition, range {r['min']:.2f}–{r['max']:.2f}"))

@@ -100,7 +100,7 @@ def spread_bars(rows: list[dict], *, name_key: str, panels: Sequence[tuple[str, 
 
     names = [r[name_key] for r in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(width_in, 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
         med = [r[key]["median"] for r in rows]
         err = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
         ax.bar(names, med, yerr=err, capsize=3, color=["tab:orange" if n == highlight else "tab:blue" for n in names])

@@ -126,7 +126,8 @@ def plot(result: SuiteResult, out_dir: Path) -> list[Path]:
         axes[0].plot(xs, [r["throughput_rps"] for r in pts], marker="o", label=f"{per:g} req/s per worker")
         axes[1].plot(xs, [r["ttft_p99_ms"] for r in pts], marker="o", label=f"{per:g} req/s per worker")
         axes[2].plot(xs, [r["router_cpu_ms_per_request"] for r in pts], marker="o", label=f"{per:g} req/s per worker")
-    for ax, label in zip(axes, ("throughput (req/s, wall)", "TTFT p99 (ms, wall)", "router CPU per request (ms)")):
+    for ax, label in zip(axes, ("throughput (req/s, wall)", "TTFT p99 (ms, wall)", "router CPU per request (ms)"),
+                         strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("workers")
         ax.set_title(label)

@@ -321,7 +321,8 @@ def run(cfg: StaleConfig, *, command: str = "kvr bench stale", progress=None) ->
     for fault in cfg.faults:
         rs = [r for r in runs if r["fault"] == fault]
         rows.append({"fault": fault, "runs": len(rs),
-                     "index_recovered_s": spread(r["index_recovered_s"] for r in rs if r["index_recovered_s"] is not None),
+                     "index_recovered_s": spread(r["index_recovered_s"] for r in rs
+                                                 if r["index_recovered_s"] is not None),
                      "index_never_recovered": sum(1 for r in rs if r["index_recovered_s"] is None),
                      "peak_divergence": spread(r["peak_divergence"] for r in rs if r["peak_divergence"] is not None),
                      "pre_hit_rate": spread(r["pre_hit_rate"] for r in rs if r["pre_hit_rate"] is not None),
@@ -367,9 +368,10 @@ def plot(result: SuiteResult, out_dir: Path) -> list[Path]:
 
     runs = [r for r in result.tables["runs"] if r.get("rep", 0) == 0]
     fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.4 * len(runs)), squeeze=False, sharex=True)
-    for ax, r in zip(axes[:, 0], runs):
+    for ax, r in zip(axes[:, 0], runs, strict=True):
         xs = [t for t, d in r["divergence_timeline"] if d is not None]
-        ax.plot(xs, [d for t, d in r["divergence_timeline"] if d is not None], color="tab:red", label="index divergence")
+        ax.plot(xs, [d for t, d in r["divergence_timeline"] if d is not None], color="tab:red",
+                label="index divergence")
         ax.set_ylabel("divergence", color="tab:red")
         ax.set_ylim(bottom=0)
         ax2 = ax.twinx()

@@ -10,8 +10,8 @@ from cli.main import main
 
 
 def test_fuzz_command_writes_its_table_and_json(tmp_path):
-    res = CliRunner().invoke(main, ["bench", "fuzz", "--cases", "200", "--target", "client", "--target", "http_completions",
-                                    "--json", "--out", str(tmp_path)])
+    res = CliRunner().invoke(main, ["bench", "fuzz", "--cases", "200", "--target", "client",
+                                    "--target", "http_completions", "--json", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "fuzz.json").read_text())
     rows = {r["decoder"]: r for r in data["tables"]["fuzz"]}

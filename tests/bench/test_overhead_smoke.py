@@ -29,11 +29,12 @@ def test_fleet_events_fill_exactly_what_they_report_and_requests_hit_the_index()
     follow_ups = fleet.requests(50, seed=2, follow_up_share=1.0)
     overlaps = [index.overlap(request_block_hashes(p, block_size=16)) for p in follow_ups]
     # A follow-up's whole conversation so far is cached on the worker that served it.
-    tails = [(len(p) // 16) - max(o.values()) for p, o in zip(follow_ups, overlaps)]
+    tails = [(len(p) // 16) - max(o.values()) for p, o in zip(follow_ups, overlaps, strict=True)]
     assert all(1 <= t <= 16 for t in tails)
     again = FleetEvents(n_workers=3, seed=5, events_per_batch=2)
     first = next(iter(again.batches_until(1)))
-    assert first[1].events[0].block_hashes == next(iter(FleetEvents(n_workers=3, seed=5).batches_until(1)))[1].events[0].block_hashes
+    same_seed = next(iter(FleetEvents(n_workers=3, seed=5).batches_until(1)))
+    assert first[1].events[0].block_hashes == same_seed[1].events[0].block_hashes
 
 
 def test_percentile_interpolates_and_spread_summarises() -> None:
@@ -52,7 +53,8 @@ def test_overhead_suite_runs_end_to_end_with_tiny_parameters(tmp_path) -> None:
                          ingest_blocks=600, memory_blocks=600, compare_policies=True)
     result = run(cfg)
     rows = result.tables["decision latency"]
-    assert [(r["workers"], r["index_blocks"] >= size) for r, size in zip(rows, [400, 1200, 400, 1200])] == [
+    assert [(r["workers"], r["index_blocks"] >= size)
+            for r, size in zip(rows, [400, 1200, 400, 1200], strict=True)] == [
         (2, True), (2, True), (4, True), (4, True)]
     assert all(r["p99_us"]["n"] == 2 and r["p99_us"]["median"] >= r["p50_us"]["median"] > 0 for r in rows)
     from core.policies import POLICY_NAMES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from itertools import pairwise
 
 import pytest
 
@@ -13,7 +14,7 @@ def test_text_workload_is_seeded_shared_prefix_and_poisson() -> None:
     cfg = PeerConfig(groups=3, prompts_per_group=4, system_words=20, question_words=5, rate_per_s=10.0)
     a, b = text_workload(cfg, 7), text_workload(cfg, 7)
     assert a == b and a != text_workload(cfg, 8)
-    assert len(a) == 12 and all(t1 < t2 for (t1, _), (t2, _) in zip(a, a[1:]))
+    assert len(a) == 12 and all(t1 < t2 for (t1, _), (t2, _) in pairwise(a))
     groups = sorted({p.split("\n")[0] for _, p in a})
     assert len(groups) == 3 and all(g.startswith(f"[group {i}] ") for i, g in enumerate(groups))
 

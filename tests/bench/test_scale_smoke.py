@@ -25,7 +25,8 @@ def test_scale_suite_measures_a_load_point(tmp_path) -> None:
     cfg.out_dir = str(tmp_path / "runs")
     result = run(cfg)
     (row,) = result.tables["scale"]
-    assert (row["workers"], row["offered_rps_workload"], row["sent"], row["errors"], row["timed_out"]) == (1, 4.0, 8, 0, 0)
+    assert (row["workers"], row["offered_rps_workload"], row["sent"], row["errors"], row["timed_out"]) == (
+        1, 4.0, 8, 0, 0)
     assert row["completed"] == 7  # 8 sent, 1 warm-up left out
     assert row["router_cpu_ms_per_request"] >= 0.0 and row["throughput_rps"] > 0
     paths = write_result(result, tmp_path, plot=plot)
