@@ -85,7 +85,8 @@ def overhead(out_dir, as_json, quick, repeats, seed, workers, index_blocks, requ
               help="Poisson arrivals per second of workload time.")
 @click.option("--warmup", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests left out of the metrics at the start of each run.")
-@click.option("--param", "params", multiple=True, help="gsp workload parameter KEY=VALUE (repeatable), e.g. num_groups=32.")
+@click.option("--param", "params", multiple=True,
+              help="gsp workload parameter KEY=VALUE (repeatable), e.g. num_groups=32.")
 def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, rate_per_s, warmup, params) -> None:
     """Every policy on a live cluster, same request sequence: hit rate, TTFT (hits vs misses), throughput."""
     from bench.basic import BasicConfig, display_tables, plot, run
@@ -182,7 +183,8 @@ def scale(out_dir, as_json, quick, repeats, seed, workers, rates_per_worker, dur
               help="Faults to inject (repeatable; default: all five).")
 @click.option("--workers", type=click.IntRange(1, 16), default=3, show_default=True)
 @click.option("--speedup", type=float, default=4.0, show_default=True, help="Emulated engine speed-up.")
-@click.option("--pre", "pre_s", type=float, default=12.0, show_default=True, help="Wall seconds of load before the fault.")
+@click.option("--pre", "pre_s", type=float, default=12.0, show_default=True,
+              help="Wall seconds of load before the fault.")
 @click.option("--post", "post_s", type=float, default=15.0, show_default=True, help="Wall seconds observed after it.")
 def stale(out_dir, as_json, quick, repeats, seed, faults, workers, speedup, pre_s, post_s) -> None:
     """Recovery after each event-plane fault: time until index = truth and until hit rate is back."""
@@ -229,10 +231,11 @@ def fuzz(out_dir, as_json, quick, seed, cases, target_names) -> None:
 
 @click.command("faults")
 @_with_common
-@click.option("--case", "cases", multiple=True, type=click.Choice(["worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down", "redis_oom",
-                                 "drop", "dup_reorder", "slow_subscriber", "client_disconnect", "worker_stall",
-                                 "rogue_publisher", "router_stall", "impostor_hello", "impostor_hello_curve",
-                                 "duplicate_worker"]),
+@click.option("--case", "cases", multiple=True,
+              type=click.Choice(["worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down",
+                                 "redis_oom", "drop", "dup_reorder", "slow_subscriber", "client_disconnect",
+                                 "worker_stall", "rogue_publisher", "router_stall", "impostor_hello",
+                                 "impostor_hello_curve", "duplicate_worker"]),
               help="Fault cases to run (repeatable; default: all sixteen).")
 @click.option("--workers", type=click.IntRange(2, 16), default=2, show_default=True)
 @click.option("--speedup", type=float, default=20.0, show_default=True, help="Emulated engine speed-up.")

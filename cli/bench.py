@@ -63,7 +63,8 @@ def _realistic_batches(n: int, seed: int, *, block_size: int = 16) -> tuple[list
             lora_id=None, medium="GPU", lora_name=None, extra_keys=[None] * n_blocks, group_idx=0,
             kv_cache_spec_kind="full_attention")]
         n_removed = rng.randint(0, 3)
-        events += [BlockRemoved(block_hashes=[rng.getrandbits(64)], medium="GPU", group_idx=0) for _ in range(n_removed)]
+        events += [BlockRemoved(block_hashes=[rng.getrandbits(64)], medium="GPU", group_idx=0)
+                   for _ in range(n_removed)]
         block_events += n_blocks + n_removed
         batches.append(KVEventBatch(1.7e9 + i, events, 0))
     return batches, block_events
@@ -178,7 +179,7 @@ def suite_events(*, batches: int = 5000, repeats: int = 7, seed: int = 1, loopba
     }
     rates = _interleaved_rates(variants, block_events, repeats)
     for name, (cpu, wall) in rates.items():
-        ratios = [r / b for r, b in zip(cpu, rates[baseline][0])]
+        ratios = [r / b for r, b in zip(cpu, rates[baseline][0], strict=True)]
         per_cpu = statistics.median(cpu)
         table.rows.append([name, f"{per_cpu:,.0f}", f"{per_cpu * batches / block_events:,.0f}",
                            f"{statistics.median(wall):,.0f}", f"{statistics.median(ratios):.2f}x"])
@@ -192,7 +193,8 @@ def suite_events(*, batches: int = 5000, repeats: int = 7, seed: int = 1, loopba
         f"{batches} batches, {n_events} events, {block_events} block events (hashes stored + removed), "
         f"{mean_bytes:.0f} B/payload mean; decode is single-threaded: per CPU second = per core; "
         f"medians of {repeats} interleaved passes; 'vs generic' = median per-pass ratio of CPU rates.",
-        f"loopback: {result['applied']}/{loopback_batches} batches applied, {result['gaps']} gaps, {result['replayed']} batches replayed; "
+        f"loopback: {result['applied']}/{loopback_batches} batches applied, {result['gaps']} gaps, "
+        f"{result['replayed']} batches replayed; "
         f"{result['elapsed_s']:.2f} s wall ({result['batches_s']:,.0f} batches/s end to end), "
         f"{result['cpu_s']:.2f} s subscriber CPU.",
         f"python {platform.python_version()}, msgspec {msgspec.__version__}, {platform.machine()}",
@@ -206,7 +208,8 @@ def bench() -> None:
 
 
 @bench.command("events")
-@click.option("--batches", type=click.IntRange(min=10), default=5000, show_default=True, help="Batches decoded per pass.")
+@click.option("--batches", type=click.IntRange(min=10), default=5000, show_default=True,
+              help="Batches decoded per pass.")
 @click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
 @click.option("--loopback-batches", type=click.IntRange(min=10), default=20000, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)

@@ -46,7 +46,8 @@ def bench_engine_cmd(profile: str, batches: str, prompt_tokens: int, output_toke
         click.echo(f"  CPU: router {r['router_cpu_cores']:.2f} cores, workers "
                    + ", ".join(f"{c:.2f}" for c in r["worker_cpu_cores"]) + " cores")
         click.echo("  workers' step wake-up lag mean/max (ms): "
-                   + ", ".join(f"{a:.2f}/{b:.1f}" for a, b in zip(r["worker_lag_mean_ms"], r["worker_lag_max_ms"]))
+                   + ", ".join(f"{a:.2f}/{b:.1f}"
+                               for a, b in zip(r["worker_lag_mean_ms"], r["worker_lag_max_ms"], strict=True))
                    + "; resyncs: " + ", ".join(str(x) for x in r["worker_resyncs"]))
         return
 
@@ -58,7 +59,8 @@ def bench_engine_cmd(profile: str, batches: str, prompt_tokens: int, output_toke
             click.echo(json.dumps(r))
         return
     click.echo(f"engine, profile {profile}, prompt {prompt_tokens}, output {output_tokens}")
-    click.echo(f"{'batch':>6} {'emulated tok/s':>15} {'decode tok/s':>13} {'us/step':>9} {f'CPU share @x{speedup:g}':>16}")
+    click.echo(f"{'batch':>6} {'emulated tok/s':>15} {'decode tok/s':>13} {'us/step':>9} "
+               f"{f'CPU share @x{speedup:g}':>16}")
     for r in results:
         click.echo(f"{r['batch']:>6} {r['emulated_tokens_per_s']:>15,.0f} {r['decode_tokens_per_s']:>13,.0f} "
                    f"{r['wall_us_per_step']:>9,.0f} {r['cpu_share_at_speedup']:>16.3f}")

@@ -85,15 +85,17 @@ def _wait_for_monitor(url: str, expected: int, timeout_s: float) -> dict:
 @click.option("--run-timeout", "run_timeout_s", type=float, default=240.0, show_default=True,
               help="Give up on a run after this many wall-clock seconds.")
 @click.pass_context
-def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float, workload: str, params: tuple[str, ...],
-             policies: tuple[str, ...], profile: str, seed: int, out_dir: str | None, redis_url: str,
-             crash_at: float | None, worker_args: tuple[str, ...], plots: bool, run_timeout_s: float) -> None:
+def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float, workload: str,
+             params: tuple[str, ...], policies: tuple[str, ...], profile: str, seed: int, out_dir: str | None,
+             redis_url: str, crash_at: float | None, worker_args: tuple[str, ...], plots: bool,
+             run_timeout_s: float) -> None:
     """Bring up a local cluster per policy, drive one workload, print the comparison and write the report."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from bus.client import RouterClient
+    from cli.user_state import new_run_dir
     from monitor.cluster import ClusterConfig, LocalCluster
     from monitor.dump import write_dump
     from monitor.loadgen import drive_workload
@@ -102,8 +104,6 @@ def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float
     from monitor.supervisor import ComponentFailed
     from sim.workload import Poisson, assign_arrivals
     from sim.workloads import make_workload
-
-    from cli.user_state import new_run_dir
 
     console = Console(stderr=True)
     wl_params = {**(DEFAULT_PARAMS if workload == DEFAULT_WORKLOAD else {}), **_parse_params(params)}
@@ -139,7 +139,8 @@ def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float
             ))
             crashed = []
 
-            def on_progress(done: int, known: int, t=task, c=cluster) -> None:
+            # The defaults bind this iteration's values, not the loop variables'.
+            def on_progress(done: int, known: int, t=task, c=cluster, crashed=crashed, policy=policy) -> None:
                 progress.update(t, completed=done, total=known)
                 if crash_at is not None and not crashed and done >= crash_at * known:
                     crashed.append(done)
@@ -177,7 +178,8 @@ def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float
     for row in rows:
         table.add_row(*row)
     Console().print(table)
-    Console().print(f"latencies are wall clock at speedup {speedup:g}× (the emulated GPU's time is {speedup:g}× longer); "
+    Console().print(f"latencies are wall clock at speedup {speedup:g}× "
+                    f"(the emulated GPU's time is {speedup:g}× longer); "
                     f"hits = requests with any cached prompt token")
     notes = (f"Workload `{workload}` {json.dumps(wl_params)}, seed {seed}, Poisson {rate_per_s:g} req/s of workload "
              f"time; {workers} emulated workers at speedup {speedup:g}; a fresh cluster per policy. Latencies are "

@@ -91,7 +91,8 @@ def events() -> None:
 @events.command("listen")
 @click.argument("endpoint")
 @click.option("--bind", is_flag=True, help="Bind the SUB (vLLM's connect mode: its endpoint is tcp://host:port).")
-@click.option("--replay-endpoint", default=None, help="vLLM's replay ROUTER, to repair gaps (and replay from 0 on join).")
+@click.option("--replay-endpoint", default=None,
+              help="vLLM's replay ROUTER, to repair gaps (and replay from 0 on join).")
 @click.option("--topic", default="", help="Subscription prefix, as on a ZMQ SUB socket.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per batch (hashes: ints exact, bytes as hex).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Exit after N batches.")
@@ -101,7 +102,6 @@ def listen(endpoint: str, bind: bool, replay_endpoint: str | None, topic: str, a
            timeout_s: float | None) -> None:
     """Print every KV-event batch published on ENDPOINT (e.g. tcp://vllm-host:5557)."""
     from bus.subscriber import AppliedBatch, EventSubscriber
-
     from cli._events_demo import quiet_subscriber_log
 
     quiet_subscriber_log()

@@ -24,12 +24,17 @@ DEFAULT_HTTP_PORT = 9470
 )
 @click.option("--dump", "dump_path", type=click.Path(dir_okay=False), default="kvr-monitor.json", show_default=True,
               help="JSON dump file (written on an interval, on SIGUSR1 and at exit); '' disables.")
-@click.option("--dump-interval", "dump_interval_s", type=float, default=5.0, show_default=True, help="Seconds between dumps.")
+@click.option("--dump-interval", "dump_interval_s", type=float, default=5.0, show_default=True,
+              help="Seconds between dumps.")
 @bind_host_option
-@click.option("--http-host", default=None, show_default="<bind-host>", help="Address of the HTTP face (/metrics, /json).")
-@click.option("--http-port", type=int, default=DEFAULT_HTTP_PORT, show_default=True, help="HTTP port; -1 disables, 0 picks one.")
-@click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block (cache status, match length).")
-@click.option("--bucket", "bucket_s", type=float, default=5.0, show_default=True, help="Width of timeline buckets, seconds.")
+@click.option("--http-host", default=None, show_default="<bind-host>",
+              help="Address of the HTTP face (/metrics, /json).")
+@click.option("--http-port", type=int, default=DEFAULT_HTTP_PORT, show_default=True,
+              help="HTTP port; -1 disables, 0 picks one.")
+@click.option("--block-size", type=int, default=16, show_default=True,
+              help="Tokens per KV block (cache status, match length).")
+@click.option("--bucket", "bucket_s", type=float, default=5.0, show_default=True,
+              help="Width of timeline buckets, seconds.")
 @click.option("--sample-interval", "sample_interval_s", type=float, default=1.0, show_default=True,
               help="Seconds between series points (hit rate over time, load).")
 @click.option("--label", default="", help="Name of this run in reports.")

@@ -28,7 +28,8 @@ def redis_url_option(func):
         envvar="KVR_REDIS_URL",
         default="",
         show_default=False,
-        help="Redis URL (redis://, rediss://, with AUTH in the URL). Default: embedded (redis-server if on PATH, else fakeredis).",
+        help="Redis URL (redis://, rediss://, with AUTH in the URL). "
+             "Default: embedded (redis-server if on PATH, else fakeredis).",
     )(func)
 
 

@@ -30,7 +30,8 @@ def plot_cmd(dump: str | None, out_dir: str | None) -> None:
     from monitor.plots import plot_run
 
     if dump is None:
-        dump = require_cluster(instead=f"DUMP (a stopped `kvr up` keeps RUN_DIR/monitor.json under {runs_dir()})").get("dump")
+        instead = f"DUMP (a stopped `kvr up` keeps RUN_DIR/monitor.json under {runs_dir()})"
+        dump = require_cluster(instead=instead).get("dump")
         if not dump:
             raise NoClusterError("the running `kvr up` has no monitor (--no-monitor), so no dump; pass DUMP")
     (data,) = _load([dump])
@@ -54,7 +55,7 @@ def report_cmd(dumps: tuple[str, ...], out_dir: str, title: str, labels: tuple[s
     if labels:
         if len(labels) != len(data):
             raise click.UsageError(f"{len(labels)} --label for {len(data)} dumps")
-        data = [{**d, "label": label} for d, label in zip(data, labels)]
+        data = [{**d, "label": label} for d, label in zip(data, labels, strict=True)]
     path = write_report(data, out_dir, title=title)
     click.echo(markdown_table(*table_rows([run_results(d) for d in data])))
     click.echo(f"\nreport: {path}")

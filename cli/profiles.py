@@ -20,7 +20,8 @@ def profiles_cmd(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(described, indent=2))
         return
-    header = f"{'profile':<15} {'blocks':>7} {'tokens':>9} {'seqs':>5} {'batch':>6} {'prefill 512':>12} {'prefill 2k':>11} {'decode b1':>10} {'decode b32':>11}"
+    header = (f"{'profile':<15} {'blocks':>7} {'tokens':>9} {'seqs':>5} {'batch':>6} "
+              f"{'prefill 512':>12} {'prefill 2k':>11} {'decode b1':>10} {'decode b32':>11}")
     click.echo(header)
     click.echo("-" * len(header))
     for d in described:

@@ -68,7 +68,8 @@ logger = logging.getLogger(__name__)
 @namespace_option
 def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | None, bind_metrics: str | None,
                policy: str, block_size: int, heartbeat_interval_s: float, heartbeat_liveness: int,
-               request_timeout_s: float, max_pending: int, max_retries: int, tentative_window_s: float, router_id: str, http_host: str | None, http_port: int,
+               request_timeout_s: float, max_pending: int, max_retries: int, tentative_window_s: float, router_id: str,
+               http_host: str | None, http_port: int,
                model_name: str | None, no_redis: bool, redis_url: str, namespace: str, tokenizer: str | None = None,
                curve_dir: str | None = None, max_request_bytes: int | None = None,
                max_event_bytes: int | None = None, ready_file: str | None = None) -> None:

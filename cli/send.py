@@ -26,9 +26,11 @@ def describe(result) -> str:
         return f"error {result.error.code.value}: {result.error.message}"
     c = result.completion
     r = result.routed
-    parts = [f"worker {c.worker_id}" + (f" (policy {r.policy}, {r.reason})" if r and r.reason else f" (policy {r.policy})" if r else "")]
+    policy = f" (policy {r.policy}, {r.reason})" if r and r.reason else f" (policy {r.policy})" if r else ""
+    parts = [f"worker {c.worker_id}{policy}"]
     predicted = r.predicted_cached_tokens if r else c.predicted_cached_tokens
-    parts.append(f"cached {c.cached_tokens}/{c.prompt_tokens} tokens" + (f" (predicted {predicted})" if predicted >= 0 else ""))
+    parts.append(f"cached {c.cached_tokens}/{c.prompt_tokens} tokens"
+                 + (f" (predicted {predicted})" if predicted >= 0 else ""))
     ttft = result.ttft_s
     parts.append(f"TTFT {1000 * ttft:.1f} ms" if ttft is not None else "TTFT –")
     parts.append(f"e2e {1000 * result.e2e_s:.1f} ms" if result.e2e_s is not None else "e2e –")
@@ -56,7 +58,8 @@ def _parse_tokens(text: str) -> list[int]:
 @click.option("--repeat", type=int, default=1, show_default=True, help="Send the same request this many times.")
 @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True,
               help="Seconds for a whole request (a long generation included).")
-@click.option("--connect-timeout", "connect_timeout_s", type=float, default=DEFAULT_CONNECT_TIMEOUT_S, show_default=True,
+@click.option("--connect-timeout", "connect_timeout_s", type=float, default=DEFAULT_CONNECT_TIMEOUT_S,
+              show_default=True,
               help="Seconds to wait for the router's first reply; none by then = no router there: exit 1.")
 @click.option("-i", "--interactive", is_flag=True, help="Read prompts from stdin, one per line.")
 @click.option("--chat/--no-chat", default=True, show_default=True,
@@ -121,7 +124,8 @@ def send_cmd(prompt: str | None, endpoint: str | None, tokens: str | None, max_t
                 raise SystemExit(1)
             return
         history = ""
-        click.echo(f"kvr interactive client → {endpoint} ({'chat: history is resent' if chat else 'independent prompts'}); "
+        click.echo(f"kvr interactive client → {endpoint} "
+                   f"({'chat: history is resent' if chat else 'independent prompts'}); "
                    "empty line or Ctrl-D quits, /reset clears the history", err=True)
         while True:
             try:

@@ -31,7 +31,8 @@ def _gsp_options(func):
     for name, typ in reversed(_GSP_FLAGS):
         func = click.option(f"--gsp-{name.replace('_', '-')}", f"gsp_{name}", type=typ, default=None,
                             help=f"SGLang gsp: {name} (workload gsp).")(func)
-    func = click.option("--gsp-ordered", "gsp_ordered", is_flag=True, default=None, help="SGLang gsp: keep group order.")(func)
+    func = click.option("--gsp-ordered", "gsp_ordered", is_flag=True, default=None,
+                        help="SGLang gsp: keep group order.")(func)
     func = click.option("--gsp-group-distribution", "gsp_group_distribution", type=click.Choice(["uniform", "zipf"]),
                         default=None, help="SGLang gsp: group popularity.")(func)
     return func
@@ -79,7 +80,8 @@ def _check_goodput_flags(*, goodput, slo_ttft_p99, slo_tpot_p99, tolerance, star
     if slo_ttft_p99 is None:
         raise click.UsageError("--goodput needs --slo-ttft-p99")
     if rate is not None or rate_sweep or speedup_given:
-        raise click.UsageError("--goodput searches the rate (or trace speed-up) itself: drop --rate/--rate-sweep/--speedup")
+        raise click.UsageError("--goodput searches the rate (or trace speed-up) itself: drop "
+                               "--rate/--rate-sweep/--speedup")
     if concurrency is not None:
         # A client-side cap hides overload in the client's queue, which the SLO cannot see.
         raise click.UsageError("--goodput needs open-loop arrivals: drop --concurrency")
@@ -92,7 +94,8 @@ def _check_goodput_flags(*, goodput, slo_ttft_p99, slo_tpot_p99, tolerance, star
 
 @click.command("sim")
 @click.option("--workload", "workload_name", default=None, help="Synthetic workload (see --list-workloads).")
-@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Mooncake JSONL trace.")
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Mooncake JSONL trace.")
 @click.option("--trace-block-tokens", type=int, default=512, show_default=True, help="Tokens per trace hash id.")
 @click.option("--trace-mapping", type=click.Choice(["compressed", "faithful"]), default="compressed", show_default=True,
               help="compressed: one id -> one block; faithful: each id expands to its tokens.")
@@ -101,32 +104,48 @@ def _check_goodput_flags(*, goodput, slo_ttft_p99, slo_tpot_p99, tolerance, star
 @_gsp_options
 @click.option("--policy", "policy_arg", default="all", show_default=True, help="P[,P...] or 'all'.")
 @click.option("--workers", type=int, default=8, show_default=True)
-@click.option("--profile", default=None, help="Engine profile (kvr profiles), or one per worker comma-separated; default: the engine's default.")
-@click.option("--num-gpu-blocks", type=int, default=None, help="Override the profile's KV capacity per worker (blocks).")
-@click.option("--max-model-len", type=int, default=None, help="Max model length (tokens). Default: the profile's, raised to fit the workload's longest request, at most a 128k-token model's.")
-@click.option("--rate", type=float, default=None, help="Poisson (or bursty) request rate, roots/s. Default: all at once (synthetic) or trace timestamps.")
+@click.option("--profile", default=None,
+              help="Engine profile (kvr profiles), or one per worker comma-separated; default: the engine's default.")
+@click.option("--num-gpu-blocks", type=int, default=None,
+              help="Override the profile's KV capacity per worker (blocks).")
+@click.option("--max-model-len", type=int, default=None,
+              help="Max model length (tokens). Default: the profile's, raised to fit the workload's longest request, "
+                   "at most a 128k-token model's.")
+@click.option("--rate", type=float, default=None,
+              help="Poisson (or bursty) request rate, roots/s. Default: all at once (synthetic) or trace timestamps.")
 @click.option("--rate-sweep", default=None, help="Comma-separated rates: one comparison per rate.")
-@click.option("--burstiness", type=float, default=None, help="Gamma arrivals with this shape (1 = Poisson, < 1 burstier).")
+@click.option("--burstiness", type=float, default=None,
+              help="Gamma arrivals with this shape (1 = Poisson, < 1 burstier).")
 @click.option("--speedup", type=float, default=1.0, show_default=True, help="Trace timestamps divided by this.")
 @click.option("--concurrency", type=int, default=None, help="Cap on requests in flight (closed loop when no rate).")
-@click.option("--event-delay-ms", type=float, default=0.0, show_default=True, help="KV events reach the router this late.")
-@click.option("--heartbeat-ms", type=float, default=1000.0, show_default=True, help="Load heartbeat interval (0: always fresh).")
-@click.option("--tentative-s", type=float, default=None, help="Predict-on-route window of the router (default: the router's).")
+@click.option("--event-delay-ms", type=float, default=0.0, show_default=True,
+              help="KV events reach the router this late.")
+@click.option("--heartbeat-ms", type=float, default=1000.0, show_default=True,
+              help="Load heartbeat interval (0: always fresh).")
+@click.option("--tentative-s", type=float, default=None,
+              help="Predict-on-route window of the router (default: the router's).")
 @click.option("--network-ms", type=float, default=0.0, show_default=True, help="One-way router<->worker latency.")
-@click.option("--goodput", is_flag=True, help="Search each policy's highest rate (or trace speed-up) that meets the SLO.")
-@click.option("--slo-ttft-p99", type=float, default=None, help="Goodput SLO: TTFT p99 bound, seconds (required with --goodput).")
+@click.option("--goodput", is_flag=True,
+              help="Search each policy's highest rate (or trace speed-up) that meets the SLO.")
+@click.option("--slo-ttft-p99", type=float, default=None,
+              help="Goodput SLO: TTFT p99 bound, seconds (required with --goodput).")
 @click.option("--slo-tpot-p99", type=float, default=None, help="Goodput SLO: also a TPOT p99 bound, seconds.")
-@click.option("--goodput-tolerance", type=float, default=None, help="Goodput: relative tolerance of the bisection [default: 0.05].")
-@click.option("--goodput-start", type=float, default=1.0, show_default=True, help="Goodput: first rate (or speed-up) probed.")
+@click.option("--goodput-tolerance", type=float, default=None,
+              help="Goodput: relative tolerance of the bisection [default: 0.05].")
+@click.option("--goodput-start", type=float, default=1.0, show_default=True,
+              help="Goodput: first rate (or speed-up) probed.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON report here.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None, help="Write PNG plots here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--list-workloads", is_flag=True, help="List workloads and their parameters, then exit.")
 def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, trace_limit, params, policy_arg, workers,
-                profile, num_gpu_blocks, max_model_len, rate, rate_sweep, burstiness, speedup, concurrency, event_delay_ms, heartbeat_ms, tentative_s, network_ms,
-                goodput, slo_ttft_p99, slo_tpot_p99, goodput_tolerance, goodput_start, seed, as_json, out_path, plots_dir, no_progress, list_workloads, **gsp):
+                profile, num_gpu_blocks, max_model_len, rate, rate_sweep, burstiness, speedup, concurrency,
+                event_delay_ms, heartbeat_ms, tentative_s, network_ms,
+                goodput, slo_ttft_p99, slo_tpot_p99, goodput_tolerance, goodput_start, seed, as_json, out_path,
+                plots_dir, no_progress, list_workloads, **gsp):
     """Compare routing policies on a workload or trace with the live engine and router cores."""
     import random
     from pathlib import Path
@@ -149,21 +168,25 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
     from sim.workload import AllAtOnce, Bursty, Poisson, TraceTimes
     if (workload_name is None) == (trace_path is None):
         raise click.UsageError("give exactly one of --workload or --trace")
-    _check_goodput_flags(goodput=goodput, slo_ttft_p99=slo_ttft_p99, slo_tpot_p99=slo_tpot_p99, tolerance=goodput_tolerance,
+    _check_goodput_flags(goodput=goodput, slo_ttft_p99=slo_ttft_p99, slo_tpot_p99=slo_tpot_p99,
+                         tolerance=goodput_tolerance,
                          start=goodput_start, rate=rate, rate_sweep=rate_sweep, concurrency=concurrency,
                          speedup_given=speedup != 1.0)
     policies = list(POLICY_NAMES) if policy_arg == "all" else [p.strip() for p in policy_arg.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
-        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(POLICY_NAMES)} or all", param_hint="--policy")
+        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(POLICY_NAMES)} or all",
+                                 param_hint="--policy")
     profile = profile or DEFAULT_PROFILE
     names = [p.strip() for p in profile.split(",")]
     for name in names:
         if name not in PROFILES:
             raise click.BadParameter(f"unknown profile {name!r}; known: {', '.join(PROFILES)}", param_hint="--profile")
     if len(names) > 1 and len(names) != workers:
-        raise click.BadParameter(f"{len(names)} profiles for {workers} workers: give one, or one per worker", param_hint="--profile")
-    config = ClusterConfig(num_workers=workers, profile=names if len(names) > 1 else names[0], event_delay_s=event_delay_ms / 1e3,
+        raise click.BadParameter(f"{len(names)} profiles for {workers} workers: give one, or one per worker",
+                                 param_hint="--profile")
+    config = ClusterConfig(num_workers=workers, profile=names if len(names) > 1 else names[0],
+                           event_delay_s=event_delay_ms / 1e3,
                            heartbeat_interval_s=heartbeat_ms / 1e3, network_latency_s=network_ms / 1e3)
     if num_gpu_blocks is not None:
         config.engine_overrides["num_gpu_blocks"] = num_gpu_blocks
@@ -248,11 +271,13 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
 
             searches[name] = gp.find_goodput(probe, slo=slo, start=goodput_start, tolerance=tolerance)
         load_kind = gp.LOAD_SPEEDUP if trace_path is not None else gp.LOAD_RATE
-        report = gp.goodput_report(searches, load=load_kind, slo=slo, start=goodput_start, tolerance=tolerance, seed=seed)
+        report = gp.goodput_report(searches, load=load_kind, slo=slo, start=goodput_start, tolerance=tolerance,
+                                   seed=seed)
         folds = {}
         if not as_json:
             tpot = f", TPOT p99 ≤ {slo_tpot_p99:g} s" if slo_tpot_p99 is not None else ""
-            click.echo(f"## {title}: goodput at TTFT p99 ≤ {slo_ttft_p99:g} s{tpot}, {workers} workers, profile {profile}\n\n"
+            click.echo(f"## {title}: goodput at TTFT p99 ≤ {slo_ttft_p99:g} s{tpot}, "
+                       f"{workers} workers, profile {profile}\n\n"
                        f"{gp.goodput_table(report)}")
         for line in gp.summary_lines(report):
             click.echo(f"note: {line}", err=True)
@@ -264,7 +289,8 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
         sweep, bound, last, warnings = [], float("nan"), None, {}
         for r in rates:
             results = run_policies(make_workload=make_wl, make_arrivals=arrivals_for(r), policies=policies,
-                                   config=config, seed=seed, progress=lambda n, d, t, _r=r: progress(f"{n}@{_r:g}", d, t))
+                                   config=config, seed=seed,
+                                   progress=lambda n, d, t, _r=r: progress(f"{n}@{_r:g}", d, t))
             msg = check_rejections(results, f" at {r:g} req/s")
             if msg is not None:
                 warnings.setdefault(msg, []).append(f"{r:g}")
@@ -302,10 +328,12 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
         out = Path(plots_dir)
         out.mkdir(parents=True, exist_ok=True)
         if goodput:
-            plots.goodput(report, title=f"{title}: goodput at TTFT p99 ≤ {slo_ttft_p99:g} s").savefig(out / "goodput.png", dpi=120)
+            fig = plots.goodput(report, title=f"{title}: goodput at TTFT p99 ≤ {slo_ttft_p99:g} s")
+            fig.savefig(out / "goodput.png", dpi=120)
         else:
             plots.ttft_cdf(folds, title=f"TTFT CDF: {title}").savefig(out / "ttft_cdf.png", dpi=120)
-            plots.over_time(folds, kv_policy=policies[0], title=f"{title}: hit rate and load over time").savefig(out / "over_time.png", dpi=120)
+            fig = plots.over_time(folds, kv_policy=policies[0], title=f"{title}: hit rate and load over time")
+            fig.savefig(out / "over_time.png", dpi=120)
         if rate_sweep:
             plots.rate_sweep(report["sweep"], title=f"{title}: TTFT vs rate").savefig(out / "rate_sweep.png", dpi=120)
         click.echo(f"plots written to {out}/", err=True)

@@ -25,20 +25,26 @@ DEFAULT_MONITOR_PORT = 9470
 @click.command("up")
 @click.option("--workers", "-n", type=click.IntRange(1, 64), default=3, show_default=True, help="Emulated workers.")
 @redis_url_option
-@click.option("--redis-kind", type=click.Choice(["auto", "redis-server", "fakeredis"]), default="auto", show_default=True,
+@click.option("--redis-kind", type=click.Choice(["auto", "redis-server", "fakeredis"]), default="auto",
+              show_default=True,
               help="Embedded Redis when no --redis-url: redis-server if on PATH (auto), else fakeredis.")
 @namespace_option
 @click.option("--policy", default="kvr", show_default=True, help="Routing policy of the router.")
 @click.option("--profile", default="", help="Latency profile of the workers (default: the worker's).")
-@click.option("--speedup", type=float, default=1.0, show_default=True, help="Run the emulated engines this much faster.")
+@click.option("--speedup", type=float, default=1.0, show_default=True,
+              help="Run the emulated engines this much faster.")
 @click.option("--block-size", type=int, default=16, show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help=f"Logs, monitor.json and cluster.json (default: a new STATE/runs/up-<time>-<pid>, kept after "
                    f"the stop; older ones are pruned, the newest {KEEP_RUNS} kept).")
-@click.option("--client-port", type=int, default=DEFAULT_CLIENT_PORT, show_default=True, help="Router client port (0: any).")
-@click.option("--worker-port", type=int, default=DEFAULT_WORKER_PORT, show_default=True, help="Router worker port (0: any).")
-@click.option("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, show_default=True, help="Router metrics PUB port (0: any).")
-@click.option("--monitor-port", type=int, default=DEFAULT_MONITOR_PORT, show_default=True, help="Monitor HTTP port (0: any).")
+@click.option("--client-port", type=int, default=DEFAULT_CLIENT_PORT, show_default=True,
+              help="Router client port (0: any).")
+@click.option("--worker-port", type=int, default=DEFAULT_WORKER_PORT, show_default=True,
+              help="Router worker port (0: any).")
+@click.option("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, show_default=True,
+              help="Router metrics PUB port (0: any).")
+@click.option("--monitor-port", type=int, default=DEFAULT_MONITOR_PORT, show_default=True,
+              help="Monitor HTTP port (0: any).")
 @click.option("--no-monitor", is_flag=True, help="Do not start the monitor.")
 @click.option("--ready-timeout", "ready_timeout_s", type=float, default=60.0, show_default=True)
 @click.option("--router-arg", "router_args", multiple=True, help="Extra argument for `kvr router` (repeatable).")
@@ -62,8 +68,8 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
     Exit code: 0 after a clean stop; 10 Redis, 11 router, 12 a worker, 13 the monitor failed
     (its log's last lines are printed).
     """
-    from cli import user_state
     from bus.redis_url import redact_url
+    from cli import user_state
     from monitor.cluster import ClusterConfig, LocalCluster
     from monitor.supervisor import ComponentFailed
 
@@ -122,7 +128,8 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         # cluster.json and current.json hold the Redis URL (maybe with its password): 0600 both.
         user_state.write_private_json(Path(info["cluster_json"]), info)
         state_path = user_state.publish(info)
-        click.echo(ready_message(info, workers=workers, state_path=state_path, masked_redis=redact_url(cluster.redis_url),
+        click.echo(ready_message(info, workers=workers, state_path=state_path,
+                                 masked_redis=redact_url(cluster.redis_url),
                                  previous_pid=previous["pid"] if previous else None))
         code = 0
         while not stop.wait(0.5):

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 @click.option("--id", "worker_id", required=True, envvar="KVR_WORKER_ID", help="Worker id (unique in the fleet).")
 @click.option("--router", "router_endpoint", default=f"tcp://127.0.0.1:{names.ROUTER_WORKERS_PORT}", show_default=True,
               envvar="KVR_ROUTER",
-              help="The router's worker endpoint (kvr router --bind-workers). 'none' runs without a router (HTTP only).")
+              help="The router's worker endpoint (kvr router --bind-workers). "
+                   "'none' runs without a router (HTTP only).")
 @bind_host_option
 @click.option("--events-endpoint", default=None, show_default="tcp://<bind-host>:0",
               help="KV-event PUB endpoint (bound; port 0 picks one). With --events-dial the worker dials out "
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
               help="Host the router dials to reach this worker's bound sockets.")
 @click.option("--profile", default="simple", show_default=True, help="Engine profile (see `kvr profiles`).")
 @click.option("--model", default="kvr-emulated", show_default=True, help="Served model name.")
-@click.option("--speedup", default=1.0, show_default=True, type=float, help="Run engine time this many times faster than wall time.")
+@click.option("--speedup", default=1.0, show_default=True, type=float,
+              help="Run engine time this many times faster than wall time.")
 @click.option("--seed", default=None, type=int, help="Engine rng seed (output tokens, drawn lengths, faults).")
 @click.option("--tokenizer", default=None, help="A tokenizer.json (needs the 'tokenizers' package); default: built-in.")
 @click.option("--num-gpu-blocks", default=None, type=int, help="Override the profile's KV capacity (blocks).")
@@ -47,13 +49,18 @@ logger = logging.getLogger(__name__)
 @click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(1),
               help="Tokens per streamed chunk after the first (vLLM's --stream-interval); more = fewer messages.")
 @click.option("--hash-algo", default=None, type=click.Choice(["vllm-sha256", "vllm-sha256-cbor", "xxh3_128", "sha256"]),
-              help="Engine block hash: vLLM's sha256 (default) or sha256_cbor (its --prefix-caching-hash-algo), or a seeded one.")
-@click.option("--lora-modules", default=None, help="Comma-separated LoRA adapter names served over HTTP (model = adapter).")
+              help="Engine block hash: vLLM's sha256 (default) or sha256_cbor "
+                   "(its --prefix-caching-hash-algo), or a seeded one.")
+@click.option("--lora-modules", default=None,
+              help="Comma-separated LoRA adapter names served over HTTP (model = adapter).")
 @click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching (no hits, no events).")
-@click.option("--http-port", default=None, type=int, help="Serve vLLM's OpenAI-compatible HTTP API on this port (0 = pick).")
+@click.option("--http-port", default=None, type=int,
+              help="Serve vLLM's OpenAI-compatible HTTP API on this port (0 = pick).")
 @click.option("--http-host", default=None, show_default="<bind-host>", help="HTTP bind address.")
-@click.option("--heartbeat-interval", default=1.0, show_default=True, type=float, help="Seconds between heartbeats (until the router's Welcome says otherwise).")
-@click.option("--fault-drop", default=0.0, type=float, help="Fraction of KV-event batches not sent live (still replayable).")
+@click.option("--heartbeat-interval", default=1.0, show_default=True, type=float,
+              help="Seconds between heartbeats (until the router's Welcome says otherwise).")
+@click.option("--fault-drop", default=0.0, type=float,
+              help="Fraction of KV-event batches not sent live (still replayable).")
 @click.option("--fault-duplicate", default=0.0, type=float, help="Fraction of batches sent twice.")
 @click.option("--fault-reorder", default=0.0, type=float, help="Fraction of batches sent after the next one.")
 @click.option("--fault-delay", default=0.0, type=float, help="Fraction of batches held back --fault-delay-ms.")
@@ -64,14 +71,16 @@ logger = logging.getLogger(__name__)
 @click.option("--events-sndbuf", default=0, show_default=True, type=click.IntRange(0),
               help="KV-event PUB kernel send buffer per subscriber, bytes (0: the OS's). With a small "
                    "--events-hwm, a subscriber that stops reading overflows within seconds (fault tests).")
-@click.option("--restart-publisher-every", default=0.0, type=float, help="Restart the KV-event publisher (seq back to 0) every N wall seconds.")
+@click.option("--restart-publisher-every", default=0.0, type=float,
+              help="Restart the KV-event publisher (seq back to 0) every N wall seconds.")
 @click.option("--curve-dir", default=None, envvar="KVR_CURVE_DIR", type=click.Path(file_okay=False),
               help="CURVE keys (kvr keys): authenticate and encrypt the router link and the KV-event sockets "
                    "(docs/security.md). Needs NAME.key_secret and router.key there.")
 @click.option("--curve-key", default="worker", show_default=True, envvar="KVR_CURVE_KEY",
               help="Name of this worker's key pair in --curve-dir.")
 @ready_file_option
-@click.option("--clear-cache-every", default=0.0, type=float, help="Reset the prefix cache (AllBlocksCleared; running requests are preempted) every N wall seconds.")
+@click.option("--clear-cache-every", default=0.0, type=float,
+              help="Reset the prefix cache (AllBlocksCleared; running requests are preempted) every N wall seconds.")
 def worker_cmd(**opts) -> None:
     """Run one emulated vLLM worker: registers with the router, runs requests, publishes KV events."""
     from worker.runner import WorkerOptions, WorkerRunner

@@ -56,7 +56,8 @@ def test_every_kvr_command_parses(compose):
         ctx = dry_parse(cmd[1:])
         assert ctx.info_name == _role(name)
     ctx = dry_parse(compose["services"]["worker-1"]["command"][1:])
-    assert (ctx.params["worker_id"], ctx.params["advertise_host"], ctx.params["router_endpoint"]) == ("worker-1", "worker-1", "tcp://router:5556")
+    assert (ctx.params["worker_id"], ctx.params["advertise_host"], ctx.params["router_endpoint"]) == (
+        "worker-1", "worker-1", "tcp://router:5556")
     with pytest.raises(click.UsageError):
         dry_parse(["worker", "--id=w", "--no-such-option"])
 

@@ -49,7 +49,9 @@ def test_dash_once_from_a_live_monitor_over_http():
 
         light = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{svc.http_port}/json?light=1", timeout=5).read())
         assert light["light"] is True and "fold" not in light and light["summary"]["requests"] == 1
-        res = CliRunner().invoke(main, ["dash", "--source", f"http://127.0.0.1:{svc.http_port}/json?light=1", "--once", "--width", "160"])
+        res = CliRunner().invoke(main,
+                                 ["dash", "--source", f"http://127.0.0.1:{svc.http_port}/json?light=1", "--once",
+                                  "--width", "160"])
         assert res.exit_code == 0, res.output
         assert "req-xyz" in res.stdout and "gpu-7" in res.stdout and "stale" in res.stdout
         assert "─ live · kvr monitor ─" in res.stdout and _headline(res.stdout.splitlines())[-1] == "1"
@@ -61,8 +63,12 @@ def test_dash_once_from_a_live_monitor_over_http():
 
 
 def _headline(lines: list[str]) -> list[str]:
-    """The headline's figures (the row under its labels), split on blanks: rate, hit, p50, ms, p99, ms, errors, requests."""
-    labels = next(k for k, ln in enumerate(lines) if "req/s   token hit   TTFT p50   TTFT p99   errors   requests" in ln)
+    """The headline's figures (the row under its labels), split on blanks.
+
+    In order: rate, hit, p50, ms, p99, ms, errors, requests.
+    """
+    header = "req/s   token hit   TTFT p50   TTFT p99   errors   requests"
+    labels = next(k for k, ln in enumerate(lines) if header in ln)
     return lines[labels + 1].strip("│ ").split()
 
 
@@ -90,7 +96,8 @@ def test_an_80x24_frame_fits_and_leads_with_the_headline_then_the_workers():
     rows = [ln.split() for ln in lines[workers + 3: workers + 6]]
     assert [r[0] for r in rows] == ["w0", "w1", "w2"] and all(r[5] == "fresh" for r in rows)
     per = d["summary"]["per_worker"]
-    assert [r[-2:] for r in rows] == [[str(per[w]["requests"]), f"{100 * per[w]['token_hit_rate']:.1f}%"] for w in ("w0", "w1", "w2")]
+    assert [r[-2:] for r in rows] == [[str(per[w]["requests"]), f"{100 * per[w]['token_hit_rate']:.1f}%"]
+                                      for w in ("w0", "w1", "w2")]
     assert lines[-1].rstrip() == "more on a larger terminal: incidents, recent requests"
     assert not any("recent requests" == ln.strip() for ln in lines)
 

@@ -24,7 +24,8 @@ def test_profiles_json_lists_every_profile_with_capacity_and_constants() -> None
 def test_profiles_table_has_a_row_per_profile() -> None:
     result = CliRunner().invoke(main, ["profiles"])
     assert result.exit_code == 0, result.output
-    rows = [line.split()[0] for line in result.output.splitlines()[2:] if line.strip() and not line.startswith("latency")]
+    rows = [line.split()[0] for line in result.output.splitlines()[2:]
+            if line.strip() and not line.startswith("latency")]
     assert rows == list(PROFILES)
 
 

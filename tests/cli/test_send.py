@@ -45,7 +45,8 @@ def test_send_one_prompt_and_token_ids(router):
 
 
 def test_interactive_chat_resends_the_history(router):
-    res = CliRunner().invoke(main, ["send", "--router", router.endpoint, "-i"], input="first\nsecond\n/reset\nthird\n\n")
+    res = CliRunner().invoke(main, ["send", "--router", router.endpoint, "-i"],
+                             input="first\nsecond\n/reset\nthird\n\n")
     assert res.exit_code == 0, res.output
     prompts = [r.prompt for r in router.requests]
     assert prompts == ["\nUser: first\nAssistant:", "\nUser: first\nAssistant: hi\nUser: second\nAssistant:",
@@ -81,7 +82,8 @@ def test_a_routed_request_that_does_not_finish_ends_at_the_total_timeout():
     thread.start()
     try:
         # The first reply came, so the connect timeout (shorter) does not end it: the total one does.
-        res = CliRunner().invoke(main, ["send", "--router", endpoint, "x", "--timeout", "1", "--connect-timeout", "0.2"])
+        res = CliRunner().invoke(main,
+                                 ["send", "--router", endpoint, "x", "--timeout", "1", "--connect-timeout", "0.2"])
     finally:
         stop.set()
         thread.join(timeout=5)
@@ -124,7 +126,8 @@ def test_send_to_a_silent_listener_says_it_accepted_but_did_not_answer():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     sock.bind(endpoint)
     try:
-        res = CliRunner().invoke(main, ["send", "--router", endpoint, "x", "--timeout", "60", "--connect-timeout", "0.5"])
+        res = CliRunner().invoke(main,
+                                 ["send", "--router", endpoint, "x", "--timeout", "60", "--connect-timeout", "0.5"])
     finally:
         sock.close()
         ctx.term()

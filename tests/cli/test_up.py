@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
-
-import stat
 from pathlib import Path
 
 import pytest
@@ -60,7 +59,10 @@ def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(re
         assert results[0].completion.cached_tokens == 0
         assert {r.completion.worker_id for r in results[1:]} == {results[0].completion.worker_id}
         assert all(r.completion.cached_tokens > 0 for r in results[1:])
-        assert _until(lambda: fetch_dump(f"{cluster.monitor_url}/json")["summary"]["requests"] == 4, 10), fetch_dump(f"{cluster.monitor_url}/json")["summary"]
+        def summary() -> dict:
+            return fetch_dump(f"{cluster.monitor_url}/json")["summary"]
+
+        assert _until(lambda: summary()["requests"] == 4, 10), summary()
         # A crashed worker comes back as a new incarnation (epoch) and registers again.
         epoch = cluster.alive_workers()["worker-1"]
         old_pid = cluster.supervisor.pid("worker-1")
@@ -69,7 +71,8 @@ def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(re
         pids.append(cluster.supervisor.pid("worker-1"))
     assert all(_dead(p) for p in pids)
     assert cluster.supervisor.names == []
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["monitor.log", "router.log", "worker-0.log", "worker-1.log"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["monitor.log", "router.log", "worker-0.log",
+                                                                     "worker-1.log"]
     # The monitor's final dump at exit has every request.
     assert json.loads((tmp_path / "monitor.json").read_text())["summary"]["requests"] == 4
 
