@@ -222,7 +222,8 @@ class LocalCluster:
                 sup.start(redis_spec)
                 sup.wait_ready("redis", timeout_s=c.ready_timeout_s)
             elif not ping(self.redis_url, timeout_s=2.0):
-                raise ComponentFailed(ComponentSpec("redis", "redis", []), f"at {redact_url(self.redis_url)} does not answer PING",
+                raise ComponentFailed(ComponentSpec("redis", "redis", []),
+                                      f"at {redact_url(self.redis_url)} does not answer PING",
                                       returncode=None)
             if c.monitor:
                 # First, so it sees the router's first records.
@@ -290,7 +291,8 @@ class LocalCluster:
                 logger.debug("monitor not receiving yet: %r", exc)
             time.sleep(0.1)
         raise ComponentFailed(ComponentSpec("monitor", "monitor", []),
-                              f"received no metrics from the router at {self.metrics_endpoint} within {timeout_s:.0f} s",
+                              f"received no metrics from the router at {self.metrics_endpoint} "
+                              f"within {timeout_s:.0f} s",
                               returncode=None, log_tail=tail(self.supervisor.log_path("monitor")))
 
     def _safe_alive(self) -> dict[str, int]:

@@ -79,8 +79,9 @@ def _hit_rate_series(dump: dict[str, Any]) -> tuple[list[float], list[float], li
     if any(p.get("window_requests") for p in series):
         idle = [not p.get("window_requests") for p in series]
         return ([p["t_s"] - t0 for p in series],
-                [math.nan if i else _nan(p["window_hit_rate"]) for p, i in zip(series, idle)],
-                [math.nan if i else _nan(p.get("window_predicted_hit_rate")) for p, i in zip(series, idle)])
+                [math.nan if i else _nan(p["window_hit_rate"]) for p, i in zip(series, idle, strict=True)],
+                [math.nan if i else _nan(p.get("window_predicted_hit_rate"))
+                 for p, i in zip(series, idle, strict=True)])
     tl = dense_timeline(dump.get("timeline") or {}, _bucket_s(dump))
     return [v - t0 for v in tl["t_s"]], tl["token_hit_rate"], [math.nan] * len(tl["t_s"])
 
@@ -315,7 +316,7 @@ def latency_by_cache_status_figure(dump: dict[str, Any]):
     if data:
         box = ax.bxp([_box_stats(d) for _, d in data], patch_artist=True, showfliers=False)
         ax.set_xticks(range(1, len(data) + 1), [f"{st}\n(n={len(d)})" for st, d in data])
-        for patch, (st, _) in zip(box["boxes"], data):
+        for patch, (st, _) in zip(box["boxes"], data, strict=True):
             patch.set_facecolor(STATUS_COLOURS[st])
         for k, (_, d) in enumerate(data, start=1):
             ax.scatter([k], [d.mean() * 1000], color="black", marker="D", s=18, zorder=3)
@@ -352,7 +353,9 @@ def worker_load_grid(dump: dict[str, Any]) -> tuple[list[float], list[str], list
     last = tl["t_s"][-1] + width
     edges.append((min(last, end) if end > tl["t_s"][-1] else last) - t0)
     workers = sorted(tl["requests"])
-    grid = [[n / max(hi - lo, 1e-9) for n, lo, hi in zip(tl["requests"][w], edges, edges[1:])] for w in workers]
+    # Bin k spans edges[k]..edges[k + 1]: one more edge than bins.
+    grid = [[n / max(hi - lo, 1e-9) for n, lo, hi in zip(tl["requests"][w], edges[:-1], edges[1:], strict=True)]
+            for w in workers]
     return edges, workers, grid
 
 
@@ -450,7 +453,7 @@ def plot_comparison(dumps: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     _legend_above(ax1)
     means = [1000 * _zero(r.ttft_mean_s) for r in results]
     bars = ax2.bar(list(xs), means, color=[RUN_COLOURS[k % len(RUN_COLOURS)] for k in xs])
-    for bar, r in zip(bars, results):
+    for bar, r in zip(bars, results, strict=True):
         ax2.annotate(f"{100 * _zero(r.token_hit_rate):.0f}% hit", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                      ha="center", va="bottom", fontsize=9)
     ax2.set_xticks(list(xs), labels)

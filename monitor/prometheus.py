@@ -90,13 +90,17 @@ def render(state: MonitorState) -> str:
         [({"code": code}, n) for code, n in sorted(state.errors_by_code.items())],
     )
     w.family("kvr_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", [({}, c["prompt_tokens"])])
-    w.family("kvr_cached_tokens_total", "counter", "Prompt tokens served from the KV cache.", [({}, c["cached_tokens"])])
+    w.family("kvr_cached_tokens_total", "counter", "Prompt tokens served from the KV cache.",
+             [({}, c["cached_tokens"])])
     w.family("kvr_output_tokens_total", "counter", "Generated tokens.", [({}, c["output_tokens"])])
     hit = c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else math.nan
-    predicted = c["predicted_cached_tokens"] / c["predicted_prompt_tokens"] if c["predicted_prompt_tokens"] else math.nan
-    w.family("kvr_token_hit_rate", "gauge", "Cached prompt tokens / prompt tokens since the monitor started.", [({}, hit)])
+    predicted = (c["predicted_cached_tokens"] / c["predicted_prompt_tokens"] if c["predicted_prompt_tokens"]
+                 else math.nan)
+    w.family("kvr_token_hit_rate", "gauge", "Cached prompt tokens / prompt tokens since the monitor started.",
+             [({}, hit)])
     w.family(
-        "kvr_predicted_token_hit_rate", "gauge", "The router's predicted cached tokens / prompt tokens.", [({}, predicted)]
+        "kvr_predicted_token_hit_rate", "gauge", "The router's predicted cached tokens / prompt tokens.",
+        [({}, predicted)]
     )
     w.histogram("kvr_ttft_seconds", "Time to first token.", {"": fold.ttft_s}, "cache_status")
     w.histogram(

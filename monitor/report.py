@@ -64,7 +64,8 @@ def write_report(dumps: Sequence[dict[str, Any]], out_dir: str | Path, *, title:
     if len(dumps) > 1 and plots:
         lines += ["## All runs", ""]
         for name, path in plot_comparison(dumps, out_dir / "plots").items():
-            lines += [f"### {PLOT_TITLES[name]}", "", f"![{PLOT_TITLES[name]}]({path.relative_to(out_dir).as_posix()})", ""]
+            lines += [f"### {PLOT_TITLES[name]}", "",
+                      f"![{PLOT_TITLES[name]}]({path.relative_to(out_dir).as_posix()})", ""]
     for d in dumps:
         paths = plot_run(d, out_dir / "plots" / _slug(d["label"])) if plots else {}
         lines += [f"## Run: {d['label']}", ""]

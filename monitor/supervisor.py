@@ -77,7 +77,8 @@ def tail(path: Path, lines: int = 15) -> str:
 class Supervisor:
     """Children of this process with logs under ``log_dir``."""
 
-    def __init__(self, *, log_dir: str | Path, stop_timeout_s: float = 10.0, base_env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, *, log_dir: str | Path, stop_timeout_s: float = 10.0,
+                 base_env: Mapping[str, str] | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.stop_timeout_s = stop_timeout_s

@@ -39,13 +39,16 @@ class ScriptedRouter:
             self.received_s.append(time.monotonic())
             prompt = req.prompt or " ".join(map(str, req.token_ids))
             if prompt == "fail":
-                self.sock.send_multipart([ident, encode(ErrorReply(req.request_id, ErrorCode.NO_WORKERS, "no workers alive"))])
+                self.sock.send_multipart([ident,
+                                          encode(ErrorReply(req.request_id, ErrorCode.NO_WORKERS, "no workers alive"))])
                 continue
             cached = len(prev) if prompt.startswith(prev) and prev else 0
             prev = prompt
-            self.sock.send_multipart([ident, encode(Routed(req.request_id, "w1", 0, cached // 16, cached, "kvr", "best overlap"))])
+            routed = Routed(req.request_id, "w1", 0, cached // 16, cached, "kvr", "best overlap")
+            self.sock.send_multipart([ident, encode(routed)])
             self.sock.send_multipart([ident, encode(TokenChunk(req.request_id, [1, 2], " hi"))])
-            self.sock.send_multipart([ident, encode(Completion(req.request_id, "w1", len(prompt), cached, 2, "length"))])
+            self.sock.send_multipart([ident,
+                                      encode(Completion(req.request_id, "w1", len(prompt), cached, 2, "length"))])
 
     def close(self) -> None:
         self.stop.set()

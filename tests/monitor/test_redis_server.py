@@ -24,7 +24,8 @@ def test_kind_resolution_and_argv(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/redis-server")
     kind, argv = embedded_redis_argv(7002, workdir="/tmp/x")
     assert kind == "redis-server"
-    assert argv == ["/usr/bin/redis-server", "--port", "7002", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", "/tmp/x"]
+    assert argv == ["/usr/bin/redis-server", "--port", "7002", "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                    "no", "--dir", "/tmp/x"]
     with pytest.raises(ValueError):
         resolve_kind("memcached")
 

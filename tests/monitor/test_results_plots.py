@@ -139,7 +139,8 @@ def test_heatmap_bins_start_at_the_first_record_and_end_at_the_last():
     fig = worker_load_heatmap_figure(d)
     assert fig.axes[0].get_xlim() == pytest.approx((0.0, 18.7))
     synthetic = synthetic_dump("s", aware=True)
-    assert worker_load_grid(synthetic)[0][0] == 0.0 and worker_load_heatmap_figure(synthetic).axes[0].get_xlim()[0] == 0.0
+    assert worker_load_grid(synthetic)[0][0] == 0.0
+    assert worker_load_heatmap_figure(synthetic).axes[0].get_xlim()[0] == 0.0
 
 
 def test_block_panels_say_in_use_vs_cached_in_one_unit():
@@ -154,9 +155,11 @@ def test_block_panels_say_in_use_vs_cached_in_one_unit():
             assert u["cached"][w][k] == pytest.approx(100 * point["indexed_blocks"][w] / u["capacity_blocks"][w])
     fig = block_utilisation_figure(d)
     in_use, cached = fig.axes[:2]
-    assert in_use.get_title() == "in use by running requests" and cached.get_title().startswith("cached: in use or idle")
+    assert in_use.get_title() == "in use by running requests"
+    assert cached.get_title().startswith("cached: in use or idle")
     assert in_use.get_ylabel() == cached.get_ylabel().replace("cached", "in use")  # the same unit
-    assert [t.get_text() for t in cached.get_legend().get_texts()] == ["w0 (100 blocks)", "w1 (200 blocks)", "w2 (100 blocks)"]
+    assert [t.get_text() for t in cached.get_legend().get_texts()] == [
+        "w0 (100 blocks)", "w1 (200 blocks)", "w2 (100 blocks)"]
     d["workers"]["w1"]["num_gpu_blocks"] = 0  # a router that does not report capacity: counts, said so
     u = block_utilisation_series(d)
     assert u["cached_unit"] == "blocks" and _none_for_nan(u["cached"]["w1"]) == [
@@ -179,7 +182,8 @@ def _data_points_under_legends(fig) -> list[tuple[str, float, float]]:
             offsets = coll.get_offsets()
             if len(offsets):
                 points += [(coll.get_label(), *p) for p in coll.get_offset_transform().transform(offsets)]
-    return [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2]) and any(b.contains(p[1], p[2]) for b in boxes)]
+    return [p for p in points
+            if math.isfinite(p[1]) and math.isfinite(p[2]) and any(b.contains(p[1], p[2]) for b in boxes)]
 
 
 @pytest.mark.parametrize("name", RUN_PLOTS)

@@ -72,7 +72,8 @@ def test_records_over_zmq_reach_the_fold_metrics_json_and_the_dump(pub, tmp_path
         sock.send_multipart([names.WORKER_METRICS_TOPIC, encode(recs[2])])
         sock.send_multipart([names.REQUEST_METRICS_TOPIC, b"\xc1garbage"])
         base = svc.state.records
-        assert _until(lambda: svc.state.decode_errors == 1 and svc.state.records == base + 2, step=lambda: svc.poll_once(20))
+        assert _until(lambda: svc.state.decode_errors == 1 and svc.state.records == base + 2,
+                      step=lambda: svc.poll_once(20))
         status, text = _get(f"http://127.0.0.1:{svc.http_port}/metrics")
         assert status == 200
         assert 'kvr_requests_total{cache_status="miss"} 1' in text
@@ -121,7 +122,8 @@ def test_the_monitor_process_dumps_on_sigusr1_and_at_exit(pub, tmp_path):
             except Exception:
                 return False
 
-        assert _until(dumped_one, timeout_s=15, step=send_and_signal), proc.stderr.read1().decode() if proc.poll() is not None else ""
+        assert _until(dumped_one, timeout_s=15, step=send_and_signal), (
+            proc.stderr.read1().decode() if proc.poll() is not None else "")
         n = load_dump(dump)["summary"]["requests"]
         sock.send_multipart([names.REQUEST_METRICS_TOPIC, encode(request("z", cached=0))])
         time.sleep(0.3)

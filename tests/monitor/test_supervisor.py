@@ -75,12 +75,14 @@ def test_sigterm_ignorers_are_killed_within_the_timeout(tmp_path):
 
 def test_early_exit_and_readiness_timeout_are_reported_with_the_log_tail(tmp_path):
     sup = Supervisor(log_dir=tmp_path, stop_timeout_s=1.0)
-    sup.start(ComponentSpec("crash", "worker", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], ready=lambda: False))
+    sup.start(ComponentSpec("crash", "worker", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
+                            ready=lambda: False))
     with pytest.raises(ComponentFailed) as err:
         sup.wait_ready("crash", timeout_s=10)
     assert err.value.returncode == 3 and err.value.spec.role == "worker"
     assert "exited with code 3 before it was ready" in str(err.value) and "boom" in err.value.log_tail
-    sup.start(ComponentSpec("slow", "monitor", [sys.executable, "-c", "import time; time.sleep(30)"], ready=lambda: False))
+    sup.start(ComponentSpec("slow", "monitor", [sys.executable, "-c", "import time; time.sleep(30)"],
+                            ready=lambda: False))
     with pytest.raises(ComponentFailed, match="not ready after 0.3 s") as err:
         sup.wait_ready("slow", timeout_s=0.3)
     assert err.value.returncode is None
@@ -95,7 +97,8 @@ def test_restart_crashes_and_starts_a_new_process_appending_to_the_log(tmp_path)
     sup = Supervisor(log_dir=tmp_path, stop_timeout_s=1.0)
     script = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(60)"
     log = tmp_path / "w.log"
-    sup.start(ComponentSpec("w", "worker", [sys.executable, "-c", script], ready=lambda: log.read_text().count("pid") == 1))
+    sup.start(ComponentSpec("w", "worker", [sys.executable, "-c", script],
+                            ready=lambda: log.read_text().count("pid") == 1))
     sup.wait_ready("w", timeout_s=10)
     old = sup.pid("w")
     assert sup.restart("w") == -9
