@@ -135,12 +135,13 @@ class SimCluster:
         self._target_index = {t: i for i, t in enumerate(self.targets)}
         self.engines = [
             EmulatedEngine(profile_or_config=p, rng=random.Random(s), **config.engine_overrides)
-            for p, s in zip(profiles, engine_seeds)
+            for p, s in zip(profiles, engine_seeds, strict=True)
         ]
         self.index = PrefixIndex(block_size=self.block_size)
         pol = get_policy(policy, block_size=self.block_size, latency=profiles[0].latency)
-        self.router = RouterCore(policy=pol, index=self.index, block_size=self.block_size, rng=router_rng, **config.router_options)
-        for target, eng in zip(self.targets, self.engines):
+        self.router = RouterCore(policy=pol, index=self.index, block_size=self.block_size, rng=router_rng,
+                                 **config.router_options)
+        for target, eng in zip(self.targets, self.engines, strict=True):
             self.router.register(target, capacity_blocks=eng.config.num_gpu_blocks)
         self.fold = MetricsFold(block_size=self.block_size, timeline_bucket_s=config.timeline_bucket_s)
         for n in self.names:
@@ -269,7 +270,8 @@ class SimCluster:
             # The engine cached the answer's full blocks too (all but the last sampled
             # token were computed); a later turn can reuse them, so the bound must see them.
             computed = fl.req.token_ids + fl.output[:-1]
-            self._bound_stream.append((request_block_hashes(computed, block_size=self.block_size, lora_name=fl.req.lora_name), 0))
+            self._bound_stream.append((request_block_hashes(computed, block_size=self.block_size,
+                                                            lora_name=fl.req.lora_name), 0))
             for nxt in self.workload.follow_ups(fl.req, fl.output):
                 self.q.schedule(now + nxt.delay_s, "send", nxt)
                 self._pending_sends += 1
@@ -382,6 +384,7 @@ class SimCluster:
             load = eng.load()
             if self.config.heartbeat_interval_s > 0:
                 self._heartbeat(w, load)
-            self.fold.observe_load(self.names[w], now, kv_usage=load.kv_usage, queued_prefill_tokens=load.queued_prefill_tokens)
+            self.fold.observe_load(self.names[w], now, kv_usage=load.kv_usage,
+                                   queued_prefill_tokens=load.queued_prefill_tokens)
         if self._busy():
             self.q.schedule(now + self._hb_interval, "heartbeat")

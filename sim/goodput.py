@@ -313,7 +313,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for name, row in report["policies"].items():
         if row["non_monotone"]:
             loads = ", ".join(f"{x:.3g}" for x in row["non_monotone"])
-            out.append(f"{name}: not monotone: the SLO was met at {loads} {unit}, above the goodput {row['goodput']:.3g}")
+            out.append(f"{name}: not monotone: the SLO was met at {loads} {unit}, above the goodput "
+                       f"{row['goodput']:.3g}")
         if not row["bracketed"]:
             out.append(f"{name}: the SLO was still met at {row['goodput']:.3g} {unit}, the search's ceiling")
     none = [n for n, row in report["policies"].items() if row["goodput"] is None]

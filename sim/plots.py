@@ -62,7 +62,7 @@ def over_time(folds: dict[str, MetricsFold], *, kv_policy: str | None = None, ti
         # Idle buckets are NaN (no requests: no hit rate, no load CV), so lines break there.
         ts = dense_timeline(fold.timeline_series(), fold.timeline_bucket_s)
         axes[0].plot(ts["t_s"], ts["token_hit_rate"], label=name)
-        per_bucket = list(zip(*ts["requests"].values())) if ts["requests"] else []
+        per_bucket = list(zip(*ts["requests"].values(), strict=True)) if ts["requests"] else []
         axes[1].plot(ts["t_s"][: len(per_bucket)], [_cv(list(b)) for b in per_bucket], label=name)
     axes[0].set_ylabel("token hit rate")
     axes[0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over the data
@@ -115,7 +115,8 @@ def goodput(report: dict[str, Any], *, title: str = "") -> Figure:
         probes = sorted((p for p in row["probes"] if p["ttft_p99_s"] is not None), key=lambda p: p["load"])
         if not probes:
             continue
-        ax.plot([p["load"] for p in probes], [p["ttft_p99_s"] for p in probes], "-", color=colour, alpha=0.5, linewidth=1)
+        ax.plot([p["load"] for p in probes], [p["ttft_p99_s"] for p in probes], "-", color=colour, alpha=0.5,
+                linewidth=1)
         met = [p for p in probes if p["met"]]
         failed = [p for p in probes if not p["met"]]
         ax.plot([p["load"] for p in met], [p["ttft_p99_s"] for p in met], "o", color=colour, markersize=4)
@@ -138,10 +139,12 @@ def goodput(report: dict[str, Any], *, title: str = "") -> Figure:
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     from sim.goodput import LOAD_RATE, load_unit
 
-    ax.set_xlabel(f"{'request rate' if search['load'] == LOAD_RATE else 'trace speed-up'} ({load_unit(search['load'])})")
+    what = "request rate" if search["load"] == LOAD_RATE else "trace speed-up"
+    ax.set_xlabel(f"{what} ({load_unit(search['load'])})")
     ax.set_ylabel("TTFT p99 (s)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), title="goodput")  # outside: never over the data
+    # outside: never over the data
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), title="goodput")
     ax.set_title(title or "goodput: TTFT p99 vs load")
     fig.tight_layout()
     return fig

@@ -48,7 +48,8 @@ class Rejections:
     def total(self) -> int:
         return sum(t.count for t in self.by_cause.values())
 
-    def add(self, *, prompt_tokens: int, engine_max_model_len: int, configured_max_model_len: int | None, message: str) -> None:
+    def add(self, *, prompt_tokens: int, engine_max_model_len: int, configured_max_model_len: int | None,
+            message: str) -> None:
         """Count one rejection. The engine's effective ``max_model_len`` is the configured one
         capped at its KV capacity (None configured: the capacity alone)."""
         if prompt_tokens >= engine_max_model_len:
@@ -77,11 +78,12 @@ def _limits(t: CauseTally) -> str:
 def cause_text(cause: str, tally: CauseTally) -> str:
     """What went wrong for one cause and the flag that fixes it."""
     if cause == CONTEXT:
-        return (f"prompt too long for max_model_len {_limits(tally)} tokens (longest prompt {tally.longest_prompt_tokens} "
-                f"tokens); raise it with --max-model-len")
+        return (f"prompt too long for max_model_len {_limits(tally)} tokens "
+                f"(longest prompt {tally.longest_prompt_tokens} tokens); raise it with --max-model-len")
     if cause == CAPACITY:
-        return (f"prompt too long for one worker's KV cache of {_limits(tally)} tokens (longest prompt "
-                f"{tally.longest_prompt_tokens} tokens); raise it with --num-gpu-blocks or a --profile with more memory")
+        return (f"prompt too long for one worker's KV cache of {_limits(tally)} tokens "
+                f"(longest prompt {tally.longest_prompt_tokens} tokens); "
+                "raise it with --num-gpu-blocks or a --profile with more memory")
     return f"refused by the engine ({tally.example})"
 
 

@@ -75,7 +75,8 @@ def run_policies(
     out: dict[str, RunResult] = {}
     for name in policies:
         cb = (lambda done, total, _n=name: progress(_n, done, total)) if progress else None
-        cluster = SimCluster(workload=make_workload(), arrivals=make_arrivals(), policy=name, config=config, seed=seed, progress=cb)
+        cluster = SimCluster(workload=make_workload(), arrivals=make_arrivals(), policy=name, config=config, seed=seed,
+                             progress=cb)
         out[name] = cluster.run()
         logger.info("policy %s: %d requests", name, out[name].requests)
     return out
@@ -148,7 +149,8 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def markdown_table(report: dict[str, Any]) -> str:
     """The table as GitHub markdown (for docs/benchmarks.md)."""
     header, rows = table_rows(report)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 

@@ -52,7 +52,8 @@ def read_mooncake(path: str | Path) -> tuple[list[TraceRow], int]:
                 continue
             try:
                 d = json.loads(line)
-                row = TraceRow(float(d["timestamp"]), int(d["input_length"]), int(d["output_length"]), tuple(int(h) for h in d["hash_ids"]))
+                row = TraceRow(float(d["timestamp"]), int(d["input_length"]), int(d["output_length"]),
+                               tuple(int(h) for h in d["hash_ids"]))
                 if row.input_length <= 0 or row.output_length < 0 or not row.hash_ids or min(row.hash_ids) < 0:
                     raise ValueError("non-positive length, empty or negative hash_ids")
             except (ValueError, KeyError, TypeError) as exc:
@@ -176,10 +177,12 @@ class TraceWorkload(Workload):
             yield hashes, self.prompt_tokens(row)
 
 
-def load_trace(path: str | Path, *, mapping: str = "compressed", trace_block_tokens: int = 512, block_size: int = 16, limit: int | None = None) -> TraceWorkload:
+def load_trace(path: str | Path, *, mapping: str = "compressed", trace_block_tokens: int = 512, block_size: int = 16,
+               limit: int | None = None) -> TraceWorkload:
     """Read ``path`` and wrap it as a workload named after the file."""
     rows, bad = read_mooncake(path)
     if bad:
         logger.warning("%s: %d malformed rows skipped", path, bad)
     name = Path(path).stem.replace("_trace", "")
-    return TraceWorkload(rows, mapping=mapping, trace_block_tokens=trace_block_tokens, block_size=block_size, name=name, limit=limit)
+    return TraceWorkload(rows, mapping=mapping, trace_block_tokens=trace_block_tokens, block_size=block_size, name=name,
+                         limit=limit)

@@ -87,7 +87,8 @@ class Workload:
 
     def longest_root_tokens(self) -> int:
         """The most tokens one root request needs in the engine (prompt + output); 0 without roots."""
-        return max((len(q.token_ids) + q.max_tokens for i in range(self.num_roots()) for q in self.root_requests(i)), default=0)
+        return max((len(q.token_ids) + q.max_tokens for i in range(self.num_roots()) for q in self.root_requests(i)),
+                   default=0)
 
     def engine_tokens(self, model_tokens: int) -> int:
         """``model_tokens`` of a real model's context in this workload's engine tokens (the

@@ -50,7 +50,8 @@ class TreeOfThought(Workload):
         self.roots = []
         for q in range(c.num_questions):
             prompt = instruction + random_tokens(gen, c.question_len) + self.step_tokens[1]
-            kids = [SimRequest(f"tot-{q}/{b}", list(prompt), c.output_len, group=q, meta={"level": 1}) for b in range(c.branches)]
+            kids = [SimRequest(f"tot-{q}/{b}", list(prompt), c.output_len, group=q, meta={"level": 1})
+                    for b in range(c.branches)]
             self.roots.append(Root(kids))
 
     def longest_request_tokens(self) -> int:
@@ -65,7 +66,8 @@ class TreeOfThought(Workload):
             return []
         prompt = request.token_ids + list(output_token_ids) + self.step_tokens[level + 1]
         return [
-            SimRequest(f"{request.request_id}.{b}", list(prompt), c.output_len, group=request.group, meta={"level": level + 1})
+            SimRequest(f"{request.request_id}.{b}", list(prompt), c.output_len, group=request.group,
+                       meta={"level": level + 1})
             for b in range(c.branches)
         ]
 
@@ -97,7 +99,8 @@ class FanOut(Workload):
         for q in range(c.num_questions):
             prompt = instruction + random_tokens(gen, c.question_len)
             self._questions[q] = prompt
-            chains = [SimRequest(f"fanout-{q}/chain{k}", list(prompt), c.output_len, group=q, meta={"chain": k}) for k in range(c.num_chains)]
+            chains = [SimRequest(f"fanout-{q}/chain{k}", list(prompt), c.output_len, group=q, meta={"chain": k})
+                      for k in range(c.num_chains)]
             self.roots.append(Root(chains))
 
     def longest_request_tokens(self) -> int:
@@ -105,7 +108,8 @@ class FanOut(Workload):
         c = self.config
         if not self.roots:
             return 0
-        judge = max(map(len, self._questions.values())) + c.num_chains * c.output_len + len(self._judge_tokens) + c.judge_output_len
+        judge = (max(map(len, self._questions.values())) + c.num_chains * c.output_len + len(self._judge_tokens)
+                 + c.judge_output_len)
         return max(self.longest_root_tokens(), judge)
 
     def follow_ups(self, request: SimRequest, output_token_ids: Sequence[int]) -> list[SimRequest]:
@@ -120,7 +124,8 @@ class FanOut(Workload):
             prompt += got[k]
         prompt += self._judge_tokens
         del self._answers[request.group]
-        return [SimRequest(f"fanout-{request.group}/judge", prompt, self.config.judge_output_len, group=request.group, meta={})]
+        return [SimRequest(f"fanout-{request.group}/judge", prompt, self.config.judge_output_len, group=request.group,
+                           meta={})]
 
 
 @dataclass
@@ -145,7 +150,8 @@ class ReAct(Workload):
         self._gen = gen = numpy_rng(rng)
         instruction = random_tokens(gen, c.instruction_len)
         self.roots = [
-            Root([SimRequest(f"react-{t}/s1", instruction + random_tokens(gen, c.task_len), c.output_len, group=t, meta={"step": 1})])
+            Root([SimRequest(f"react-{t}/s1", instruction + random_tokens(gen, c.task_len), c.output_len, group=t,
+                             meta={"step": 1})])
             for t in range(c.num_tasks)
         ]
 
@@ -160,4 +166,5 @@ class ReAct(Workload):
         if step >= c.num_steps:
             return []
         prompt = request.token_ids + list(output_token_ids) + random_tokens(self._gen, c.observation_len)
-        return [SimRequest(f"react-{request.group}/s{step + 1}", prompt, c.output_len, group=request.group, delay_s=c.think_time_s, meta={"step": step + 1})]
+        return [SimRequest(f"react-{request.group}/s{step + 1}", prompt, c.output_len, group=request.group,
+                           delay_s=c.think_time_s, meta={"step": step + 1})]

@@ -41,6 +41,7 @@ class FewShot(Workload):
         for s in range(c.num_subjects):
             shots = random_tokens(gen, c.num_shots * c.shot_len)
             for q in range(c.questions_per_subject):
-                reqs.append(SimRequest(f"fewshot-{s}-{q}", shots + random_tokens(gen, c.question_len), c.output_len, group=s))
+                reqs.append(SimRequest(f"fewshot-{s}-{q}", shots + random_tokens(gen, c.question_len), c.output_len,
+                                       group=s))
         rng.shuffle(reqs)
         self.roots = [Root([r]) for r in reqs]

@@ -59,7 +59,7 @@ class GeneratedSharedPrefix(Workload):
         q_lens = random_lens(rng, c.question_len, c.range_ratio, n)
         o_lens = random_lens(rng, c.output_len, c.range_ratio, n)
         reqs = []
-        for i, (g, q, o) in enumerate(zip(groups, q_lens, o_lens)):
+        for i, (g, q, o) in enumerate(zip(groups, q_lens, o_lens, strict=True)):
             prompt = self.system_prompts[g] + SEPARATOR_TOKENS + random_tokens(self._gen, q)
             reqs.append(SimRequest(f"gsp-{i}", prompt, o, group=g, meta={"turn": 1}))
         if not c.ordered:

@@ -43,7 +43,8 @@ class MultiTurnChat(Workload):
         self._gen = numpy_rng(rng)
         system = random_tokens(self._gen, c.system_prompt_length)
         self.roots = [
-            Root([SimRequest(f"chat-{i}/r1", system + random_tokens(self._gen, c.request_length), c.output_length, group=i, meta={"round": 1})])
+            Root([SimRequest(f"chat-{i}/r1", system + random_tokens(self._gen, c.request_length), c.output_length,
+                             group=i, meta={"round": 1})])
             for i in range(c.num_clients)
         ]
 
@@ -61,4 +62,5 @@ class MultiTurnChat(Workload):
         q = c.sub_question_length if c.sub_question_length is not None else c.request_length
         prompt = request.token_ids + list(output_token_ids) + random_tokens(self._gen, q)
         rid = f"chat-{request.group}/r{rnd + 1}"
-        return [SimRequest(rid, prompt, c.output_length, group=request.group, delay_s=c.think_time_s, meta={"round": rnd + 1})]
+        return [SimRequest(rid, prompt, c.output_length, group=request.group, delay_s=c.think_time_s,
+                           meta={"round": rnd + 1})]

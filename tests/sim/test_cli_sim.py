@@ -25,7 +25,9 @@ def test_json_shape_and_determinism():
 
 
 def test_table_sweep_and_plots(tmp_path):
-    res = CliRunner().invoke(main, ["sim", *SMALL, "--policy", "all", "--rate-sweep", "5,50", "--plots", str(tmp_path), "--out", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(main,
+                             ["sim", *SMALL, "--policy", "all", "--rate-sweep", "5,50", "--plots", str(tmp_path),
+                              "--out", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert "| kvr |" in res.stdout and "| dynamo |" in res.stdout and "upper bound" in res.stdout
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["over_time.png", "rate_sweep.png", "ttft_cdf.png"]
@@ -36,9 +38,12 @@ def test_table_sweep_and_plots(tmp_path):
 
 def test_trace_input(tmp_path):
     trace = tmp_path / "t.jsonl"
-    rows = [{"timestamp": 100 * i, "input_length": 1000, "output_length": 64, "hash_ids": [0, 1 + i % 2]} for i in range(6)]
+    rows = [{"timestamp": 100 * i, "input_length": 1000, "output_length": 64, "hash_ids": [0, 1 + i % 2]}
+            for i in range(6)]
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = CliRunner().invoke(main, ["sim", "--trace", str(trace), "--policy", "kvr", "--workers", "2", "--profile", "h100-8b", "--json", "--no-progress"])
+    res = CliRunner().invoke(main,
+                             ["sim", "--trace", str(trace), "--policy", "kvr", "--workers", "2", "--profile", "h100-8b",
+                              "--json", "--no-progress"])
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout)["policies"]["kvr"]
     assert row["requests"] == 6 and row["unfinished"] == 0
@@ -61,7 +66,8 @@ def test_same_bytes_across_processes_with_different_hash_seeds():
 
     code = "import sys; from cli.main import main; main(sys.argv[1:])"
     args = ["sim", "--workload", "multiturn", "-p", "num_clients=6", "-p", "num_rounds=2", "-p", "request_length=64",
-            "--workers", "2", "--profile", "h100-8b", "--num-gpu-blocks", "40", "--rate", "4", "--policy", "kvr,random", "--json", "--no-progress"]
+            "--workers", "2", "--profile", "h100-8b", "--num-gpu-blocks", "40", "--rate", "4", "--policy", "kvr,random",
+            "--json", "--no-progress"]
     outs = []
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

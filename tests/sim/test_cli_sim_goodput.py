@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from cli.main import main
 
 # 96 requests on 2 workers; 4-token answers keep the drain short against the arrival span.
-SMALL = ["--workload", "gsp", "--gsp-num-groups", "6", "--gsp-prompts-per-group", "16", "--gsp-system-prompt-len", "512",
-         "--gsp-question-len", "32", "--gsp-output-len", "4", "--workers", "2", "--profile", "h100-8b",
+SMALL = ["--workload", "gsp", "--gsp-num-groups", "6", "--gsp-prompts-per-group", "16", "--gsp-system-prompt-len",
+         "512", "--gsp-question-len", "32", "--gsp-output-len", "4", "--workers", "2", "--profile", "h100-8b",
          "--num-gpu-blocks", "200", "--no-progress", "--goodput", "--goodput-start", "8"]
 
 
@@ -25,7 +25,8 @@ def test_table_with_data_and_plot(tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0] == "## gsp: goodput at TTFT p99 ≤ 0.05 s, 2 workers, profile h100-8b"
-    assert lines[2] == "| policy | goodput (roots/s) | served req/s | TTFT p99 s | TPOT p99 ms | hit | probes | vs kvr |"
+    assert lines[2] == ("| policy | goodput (roots/s) | served req/s | TTFT p99 s "
+                        "| TPOT p99 ms | hit | probes | vs kvr |")
     rows = {ln.split(" | ")[0][2:]: ln.split(" | ")[1:] for ln in lines[4:6]}
     assert list(rows) == ["kvr", "round_robin"]
     for cells in rows.values():
@@ -41,13 +42,15 @@ def test_json_has_every_probe_and_same_seed_same_bytes():
     assert r1.exit_code == 0, r1.output
     assert r1.stdout == r2.stdout
     rep = json.loads(r1.stdout)
-    assert rep["search"] == {"load": "rate_per_s", "slo": {"ttft_p99_s": 0.05, "tpot_p99_s": 0.02, "min_throughput_fraction": 0.95},
+    assert rep["search"] == {"load": "rate_per_s",
+                             "slo": {"ttft_p99_s": 0.05, "tpot_p99_s": 0.02, "min_throughput_fraction": 0.95},
                              "start": 8.0, "tolerance": 0.05, "seed": 0}
     row = rep["policies"]["round_robin"]
     probes = row["probes"]
     assert row["probes_count"] == len(probes) and probes[0]["load"] == 8.0
     assert set(probes[0]) == {"load", "met", "failed", "ttft_p99_s", "tpot_p99_s", "token_hit_rate", "throughput_rps",
-                              "sustained_fraction", "requests", "rejected", "unfinished", "arrival_span_s", "completion_span_s"}
+                              "sustained_fraction", "requests", "rejected", "unfinished", "arrival_span_s",
+                              "completion_span_s"}
     met = [p["load"] for p in probes if p["met"]]
     assert row["goodput"] == max(met) and row["at_goodput"]["load"] == row["goodput"]
     assert all(p["met"] == (not p["failed"]) for p in probes)
@@ -61,8 +64,8 @@ def test_impossible_slo_says_none_in_one_line_and_exits_0():
     assert res.exit_code == 0, res.output
     assert "| kvr | none | - | - | - | - | 7 | - |" in res.stdout
     assert "| round_robin | none | - | - | - | - | 7 | - |" in res.stdout
-    assert res.stderr.splitlines() == ["note: no load meets the SLO for kvr, round_robin (lowest probed: 0.125 roots/s)",
-                                       res.stderr.splitlines()[-1]]
+    note = "note: no load meets the SLO for kvr, round_robin (lowest probed: 0.125 roots/s)"
+    assert res.stderr.splitlines() == [note, res.stderr.splitlines()[-1]]
     assert res.stderr.splitlines()[-1].startswith("simulated in ")
     rep = json.loads(_sim(*SMALL, "--policy", "kvr", "--slo-ttft-p99", "1e-6", "--json").stdout)
     assert rep["policies"]["kvr"]["goodput"] is None and rep["policies"]["kvr"]["at_goodput"] is None
@@ -70,7 +73,8 @@ def test_impossible_slo_says_none_in_one_line_and_exits_0():
 
 def test_trace_searches_the_speedup(tmp_path):
     trace = tmp_path / "t.jsonl"
-    rows = [{"timestamp": 1000 * i, "input_length": 1000, "output_length": 64, "hash_ids": [0, 1 + i % 3]} for i in range(40)]
+    rows = [{"timestamp": 1000 * i, "input_length": 1000, "output_length": 64, "hash_ids": [0, 1 + i % 3]}
+            for i in range(40)]
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = _sim("--trace", str(trace), "--policy", "kvr", "--workers", "2", "--profile", "h100-8b", "--no-progress",
                "--goodput", "--slo-ttft-p99", "0.05", "--json")

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from cli.main import main
 
 # Six rows whose compressed prompts are 16, 32 and 48 tokens (one 16-token block per hash id).
-_ROWS = [{"timestamp": 100 * i, "input_length": 512 * n, "output_length": 64, "hash_ids": list(range(10 * i, 10 * i + n))}
+_ROWS = [{"timestamp": 100 * i, "input_length": 512 * n, "output_length": 64,
+          "hash_ids": list(range(10 * i, 10 * i + n))}
          for i, n in enumerate([1, 2, 3, 1, 2, 3])]  # fmt: skip
 _COMMON = ["--policy", "kvr,round_robin", "--workers", "2", "--profile", "h100-8b", "--no-progress"]
 
@@ -85,7 +86,8 @@ def test_sweep_warns_once_when_every_rate_rejects_the_same(tmp_path):
 def test_gsp_with_default_flags_runs_every_request():
     # SGLang's gsp lengths (2048-token system prompt + 2 + 128, 256 out) on the default profile
     # (context 2048): the context grows to 2178 + 256 tokens and nothing is rejected.
-    args = ["--workload", "gsp", "--gsp-num-groups", "2", "--gsp-prompts-per-group", "2", "--policy", "kvr", "--json", "--no-progress"]
+    args = ["--workload", "gsp", "--gsp-num-groups", "2", "--gsp-prompts-per-group", "2", "--policy", "kvr", "--json",
+            "--no-progress"]
     res = _sim(*args)
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout)["policies"]["kvr"]

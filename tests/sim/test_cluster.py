@@ -34,7 +34,8 @@ def test_same_seed_same_bytes_other_seed_differs():
     assert to_json(a) != to_json(c)
     assert set(a) == {"upper_bound", "policies"}
     row = a["policies"]["kvr"]
-    for key in ("token_hit_rate", "predicted_hit_rate", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "throughput_rps", "load_cv", "evictions", "preemptions"):
+    for key in ("token_hit_rate", "predicted_hit_rate", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "throughput_rps",
+                "load_cv", "evictions", "preemptions"):
         assert key in row
     assert row["requests"] == 48 and row["unfinished"] == 0 and row["rejected"] == 0
 
@@ -102,14 +103,17 @@ def test_closed_loop_multiturn_caps_concurrency_and_runs_every_round():
     ("workload", "params", "arrivals"),
     [
         ("gsp", GSP_SMALL, lambda: Poisson(rate_per_s=20.0)),
-        ("multiturn", {"num_clients": 8, "num_rounds": 3, "request_length": 64, "output_length": 12}, lambda: AllAtOnce(max_concurrency=3)),
+        ("multiturn", {"num_clients": 8, "num_rounds": 3, "request_length": 64, "output_length": 12},
+         lambda: AllAtOnce(max_concurrency=3)),
         ("tot", {"num_questions": 2, "output_len": 10, "depth": 3}, lambda: Poisson(rate_per_s=2.0)),
     ],
 )
 def test_decode_fast_path_changes_nothing_but_speed(workload, params, arrivals):
     def run(fast: bool):
-        cfg = ClusterConfig(num_workers=3, profile="h100-8b", engine_overrides={"num_gpu_blocks": 200}, decode_fast_path=fast)
-        res = run_policies(make_workload=lambda: make_workload(workload, random.Random(3), params), make_arrivals=arrivals,
+        cfg = ClusterConfig(num_workers=3, profile="h100-8b", engine_overrides={"num_gpu_blocks": 200},
+                            decode_fast_path=fast)
+        res = run_policies(make_workload=lambda: make_workload(workload, random.Random(3), params),
+                           make_arrivals=arrivals,
                            policies=["kvr", "least_loaded"], config=cfg, seed=3)
         return res, comparison_report(res)
 

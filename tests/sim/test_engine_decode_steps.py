@@ -82,7 +82,8 @@ def test_decode_steps_equals_single_steps(seed: int, blocks: int) -> None:
     assert fast[4] > 0  # the fast path was taken
     for rid, s in slow[1].items():
         f = fast[1][rid]
-        assert (f.num_cached_tokens, f.num_output_tokens, f.preemptions) == (s.num_cached_tokens, s.num_output_tokens, s.preemptions)
+        assert (f.num_cached_tokens, f.num_output_tokens, f.preemptions) == (
+            s.num_cached_tokens, s.num_output_tokens, s.preemptions)
         assert f.ttft_s == pytest.approx(s.ttft_s, abs=1e-9) and f.e2e_s == pytest.approx(s.e2e_s, abs=1e-9)
     assert fast[3] == pytest.approx(slow[3], abs=1e-9)
     assert _event_summary(fast[2]) == _event_summary(slow[2])
@@ -101,5 +102,6 @@ def test_decode_steps_declines_when_a_step_is_not_pure_decode() -> None:
     e.step(now)
     res = e.decode_steps(now + 1.0, until_s=100.0)
     # "a" has 3 tokens left, "b" 4: the window stops where "a" finishes
-    assert res is not None and [(o.request_id, len(o.new_token_ids), o.finished) for o in res.outputs] == [("a", 3, True), ("b", 3, False)]
+    assert res is not None
+    assert [(o.request_id, len(o.new_token_ids), o.finished) for o in res.outputs] == [("a", 3, True), ("b", 3, False)]
     assert e.decode_steps(now + 2.0, until_s=100.0) is None  # "b" has 1 token left: k < 2

@@ -50,7 +50,8 @@ def test_different_counts_are_listed_per_run_and_limits_merged():
 def test_several_causes_each_with_its_count_and_fix():
     r = Rejections()
     r.add(prompt_tokens=100, engine_max_model_len=64, configured_max_model_len=64, message="x")
-    r.add(prompt_tokens=5, engine_max_model_len=64, configured_max_model_len=64, message="max_tokens must be >= 1, got 0")
+    r.add(prompt_tokens=5, engine_max_model_len=64, configured_max_model_len=64,
+          message="max_tokens must be >= 1, got 0")
     assert rejection_message({"kvr": (2, r), "random": (2, r)}) == (
         "2 of 2 requests rejected under every policy: 1 prompt too long for max_model_len 64 tokens (longest prompt "
         "100 tokens); raise it with --max-model-len; 1 refused by the engine (max_tokens must be >= 1, got 0)"
@@ -59,11 +60,14 @@ def test_several_causes_each_with_its_count_and_fix():
 
 
 def test_fitted_max_model_len():
-    assert fitted_max_model_len(longest_tokens=2434, cap_tokens=LONG_CONTEXT_TOKENS, profile_max_model_lens=[2048]) == 2434
-    assert fitted_max_model_len(longest_tokens=2048, cap_tokens=LONG_CONTEXT_TOKENS, profile_max_model_lens=[2048]) is None
+    assert fitted_max_model_len(longest_tokens=2434, cap_tokens=LONG_CONTEXT_TOKENS,
+                                profile_max_model_lens=[2048]) == 2434
+    assert fitted_max_model_len(longest_tokens=2048, cap_tokens=LONG_CONTEXT_TOKENS,
+                                profile_max_model_lens=[2048]) is None
     assert fitted_max_model_len(longest_tokens=9000, cap_tokens=4096, profile_max_model_lens=[2048]) == 4096
     # one override for every worker: never below the largest profile's own context
-    assert fitted_max_model_len(longest_tokens=3000, cap_tokens=LONG_CONTEXT_TOKENS, profile_max_model_lens=[2048, 8192]) == 8192
+    assert fitted_max_model_len(longest_tokens=3000, cap_tokens=LONG_CONTEXT_TOKENS,
+                                profile_max_model_lens=[2048, 8192]) == 8192
     assert fitted_max_model_len(longest_tokens=3000, cap_tokens=2048, profile_max_model_lens=[2048, 8192]) is None
 
 

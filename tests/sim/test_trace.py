@@ -83,7 +83,8 @@ def test_compressed_tokens_and_output_scaling():
 def test_malformed_rows_are_counted_and_skipped(tmp_path):
     p = tmp_path / "t.jsonl"
     good = {"timestamp": 5, "input_length": 20, "output_length": 3, "hash_ids": [1]}
-    p.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"timestamp": 1}), json.dumps({**good, "hash_ids": []}), ""]) + "\n")
+    p.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"timestamp": 1}),
+                            json.dumps({**good, "hash_ids": []}), ""]) + "\n")
     rows, bad = read_mooncake(p)
     assert bad == 3 and rows == [TraceRow(5.0, 20, 3, (1,))]
     wl = load_trace(p, mapping="faithful")
