@@ -75,7 +75,8 @@ def bench_block_pool(*, requests: int = 20_000, prompt_tokens: int = 512, num_bl
             old = live.pop(0)
             ops += len(old.blocks)
             pool.free(old)
-            new = pool.allocate_slots(seq, seq.num_tokens - n_hit, num_new_computed_tokens=n_hit, new_computed_blocks=hits)
+            new = pool.allocate_slots(seq, seq.num_tokens - n_hit, num_new_computed_tokens=n_hit,
+                                      new_computed_blocks=hits)
         ops += len(new) + len(hits)
         live.append(seq)
         if len(live) > 4:

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 class EmulatedDPBackend:
     """``dp_size`` :class:`EmulatedBackend` ranks as one backend (same interface)."""
 
-    def __init__(self, *, config: EmulatedWorkerConfig, dp_size: int, ctx: zmq.Context | None = None, **kw: Any) -> None:
+    def __init__(self, *, config: EmulatedWorkerConfig, dp_size: int, ctx: zmq.Context | None = None,
+                 **kw: Any) -> None:
         if dp_size < 1:
             raise ValueError("dp_size must be >= 1")
         for name, ep in (("events", config.events_endpoint), ("replay", config.replay_endpoint)):

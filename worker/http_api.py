@@ -20,10 +20,10 @@ Served (aiohttp through ``bus/http_server.py``, loopback by default; bodies, err
 A known path asked with another method is answered 405 with an ``Allow`` header (404: unknown path).
 
 Requests run on the same engine as the router's, through ``WorkerService.submit_local``;
-the HTTP loop never touches the engine (``on_loop`` runs a call on the worker's loop thread). A model name that is one of the worker's LoRA
-adapters (``--lora-modules``) runs as that adapter (its blocks hash and report the
-adapter, as vLLM's do); any other name is served by the base model. A client that disconnects
-(streaming or not) aborts its request, as vLLM does.
+the HTTP loop never touches the engine (``on_loop`` runs a call on the worker's loop thread).
+A model name that is one of the worker's LoRA adapters (``--lora-modules``) runs as that
+adapter (its blocks hash and report the adapter, as vLLM's do); any other name is served by
+the base model. A client that disconnects (streaming or not) aborts its request, as vLLM does.
 """
 
 from __future__ import annotations

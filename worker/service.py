@@ -55,9 +55,19 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus.codec import DecodeError, encode, router_decoder
 from bus.schema import (
-    REFUSED_DUPLICATE_ID, Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, Refused,
-    TokenChunk, Welcome,
-)  # fmt: skip
+    REFUSED_DUPLICATE_ID,
+    Cancel,
+    Completion,
+    Dispatch,
+    ErrorCode,
+    ErrorReply,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Refused,
+    TokenChunk,
+    Welcome,
+)
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_dealer
 

@@ -140,7 +140,8 @@ def _render_one(s: EngineSnapshot, rank: int) -> dict[str, list[str]]:
     ):
         family(name, "histogram", help_)
         cumulative = 0
-        for le, count in zip(h.buckets, h.counts):
+        # counts[-1] is the +Inf bucket, rendered below from n.
+        for le, count in zip(h.buckets, h.counts[:-1], strict=True):
             cumulative += count
             out.append(f'{name}_bucket{{{base},le="{le}"}} {_fmt(cumulative)}')
         out.append(f'{name}_bucket{{{base},le="+Inf"}} {_fmt(h.n)}')

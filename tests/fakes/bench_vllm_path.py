@@ -49,7 +49,8 @@ def bench_direct(fake: FakeVllm, prompts, max_tokens: int) -> list[float]:
     out = []
     for p in prompts:
         t0 = time.perf_counter()
-        stream = client.stream_completion(CompletionRequest(model=fake.model, prompt_token_ids=p, max_tokens=max_tokens))
+        stream = client.stream_completion(CompletionRequest(model=fake.model, prompt_token_ids=p,
+                                                            max_tokens=max_tokens))
         for _ in stream:
             pass
         out.append(time.perf_counter() - t0)
@@ -155,7 +156,8 @@ def main() -> None:
                 run = bench_router(fake, prompts, args.max_tokens, (f"tcp://*:{p}", f"tcp://*:{r}"))
             results.setdefault(name, []).extend(run[args.requests // 10:])  # the first tenth warms up
     base50, base99 = _pct(results["direct"], 50), _pct(results["direct"], 99)
-    print(f"{args.requests} sequential requests, 300-token prompts, {args.max_tokens} output tokens, fake vLLM on loopback")
+    print(f"{args.requests} sequential requests, 300-token prompts, {args.max_tokens} output tokens, "
+          "fake vLLM on loopback")
     print(f"{'path':<8} {'p50 ms':>8} {'p99 ms':>8} {'p50 x direct':>13} {'p99 x direct':>13}")
     for name, values in results.items():
         p50, p99 = _pct(values, 50), _pct(values, 99)

@@ -24,8 +24,8 @@ def test_block_pool_bench_hits_the_shared_half_and_evicts() -> None:
 
 
 def test_cli_prints_one_json_object_per_suite_run() -> None:
-    out = CliRunner().invoke(main, ["bench", "engine", "--batches", "1,2", "--prompt-tokens", "32", "--output-tokens", "4",
-                                    "--pool-requests", "50", "--json"])
+    out = CliRunner().invoke(main, ["bench", "engine", "--batches", "1,2", "--prompt-tokens", "32",
+                                    "--output-tokens", "4", "--pool-requests", "50", "--json"])
     assert out.exit_code == 0, out.output
     suites = [json.loads(line)["suite"] for line in out.output.splitlines()]
     assert suites == ["engine", "engine", "block_pool"]

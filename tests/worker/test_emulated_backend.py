@@ -59,7 +59,8 @@ def test_hello_advertises_loopback_endpoints_and_the_profile(ctx) -> None:
     b = backend(ctx, clock)
     try:
         h = b.hello(epoch=5)
-        assert (h.worker_id, h.epoch, h.model, h.engine, h.profile, h.dp_size) == ("w1", 5, "kvr-emulated", "emulated", "simple", 1)
+        assert (h.worker_id, h.epoch, h.model, h.engine, h.profile, h.dp_size) == (
+            "w1", 5, "kvr-emulated", "emulated", "simple", 1)
         assert (h.block_size, h.num_gpu_blocks) == (16, 924)
         assert h.events_endpoint.startswith("tcp://127.0.0.1:") and not h.events_endpoint.endswith(":0")
         assert h.replay_endpoint.startswith("tcp://127.0.0.1:") and h.topic == ""  # vLLM's default topic
@@ -139,7 +140,8 @@ def test_rejected_requests_get_a_clear_error(ctx) -> None:
         b.submit(Dispatch(request_id="rank", token_ids=[1, 2], max_tokens=1, dp_rank=1))
         b.submit(Dispatch(request_id="empty", token_ids=[], max_tokens=1))
         codes = [(m.request_id, m.code) for m in b.drain()]
-        assert codes == [("long", ErrorCode.PROMPT_TOO_LONG), ("rank", ErrorCode.BAD_REQUEST), ("empty", ErrorCode.BAD_REQUEST)]
+        assert codes == [("long", ErrorCode.PROMPT_TOO_LONG), ("rank", ErrorCode.BAD_REQUEST),
+                         ("empty", ErrorCode.BAD_REQUEST)]
         assert b.advance(clock.t) is None
     finally:
         b.close()
@@ -172,7 +174,8 @@ def test_close_answers_everything_in_flight(ctx) -> None:
     b.advance(clock.t)
     b.close()
     terminal = [m for m in b.drain() if isinstance(m, (Completion, ErrorReply))]
-    assert sorted((m.request_id, m.code) for m in terminal) == [("a", ErrorCode.WORKER_ERROR), ("b", ErrorCode.WORKER_ERROR)]
+    assert sorted((m.request_id, m.code) for m in terminal) == [("a", ErrorCode.WORKER_ERROR),
+                                                                ("b", ErrorCode.WORKER_ERROR)]
 
 
 def test_stream_interval_sends_the_first_token_alone_then_batches(ctx) -> None:

@@ -11,9 +11,19 @@ import zmq
 
 from bus.codec import encode, worker_decoder
 from bus.schema import (
-    REFUSED_DUPLICATE_ID, Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, Refused,
-    TokenChunk, Welcome,
-)  # fmt: skip
+    REFUSED_DUPLICATE_ID,
+    Cancel,
+    Completion,
+    Dispatch,
+    ErrorCode,
+    ErrorReply,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Refused,
+    TokenChunk,
+    Welcome,
+)
 from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
 from worker.service import WorkerService
 
@@ -31,7 +41,8 @@ class RawRouter:
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
-            assert left > 0 and self.sock.poll(int(left * 1000) + 1), f"no {kind.__name__ if kind else 'message'} in time"
+            what = kind.__name__ if kind else "message"
+            assert left > 0 and self.sock.poll(int(left * 1000) + 1), f"no {what} in time"
             self.identity, frame = self.sock.recv_multipart()
             msg = self.decoder.decode(frame)
             if kind is None or isinstance(msg, kind):

@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from core.tokenizer import BuiltinTokenizer
-from worker.openai_client import CompletionRequest, OpenAIClient
 from tests.http_helpers import http_only_worker
+from worker.openai_client import CompletionRequest, OpenAIClient
 from worker.runner import WorkerOptions, WorkerRunner
 from worker.vllm_checks import check_server
 from worker.vllm_metrics import cache_config, engine_stats, parse_prometheus_text
@@ -71,7 +71,8 @@ def test_the_vllm_adapter_accepts_the_emulated_server(worker) -> None:
     info = check_server(client, model=None, block_size=16, startup_timeout_s=5)
     assert (info.model, info.num_gpu_blocks, info.reports_cached_tokens, info.returns_token_ids) == (
         "kvr-emulated", 924, True, True)
-    stream = client.stream_completion(CompletionRequest(model="kvr-emulated", prompt_token_ids=list(range(40)), max_tokens=3))
+    stream = client.stream_completion(CompletionRequest(model="kvr-emulated", prompt_token_ids=list(range(40)),
+                                                        max_tokens=3))
     ids = [t for d in stream for t in d.token_ids]
     assert len(ids) == 3 and stream.usage.prompt_tokens == 40
 
@@ -142,7 +143,8 @@ def test_lora_adapters_are_listed_and_cache_apart_from_the_base_model() -> None:
             _, text, _ = call(runner, "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1})
             return json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"]
 
-        assert [cached("kvr-emulated"), cached("ad1"), cached("ad1"), cached("ad2"), cached("other")] == [0, 0, 32, 0, 32]
+        assert [cached("kvr-emulated"), cached("ad1"), cached("ad1"), cached("ad2"), cached("other")] == [
+            0, 0, 32, 0, 32]
     finally:
         runner.stop()
         th.join(timeout=5)

@@ -138,7 +138,8 @@ def test_load_comes_from_metrics_plus_queued_prefill():
             while backend.load(0).running != 1:  # the metrics thread sees the running request
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            assert backend.load(0).num_free_blocks == 100 - 4  # 101 blocks less the null block; 50 prompt + 1 output tokens = 4 blocks
+            # 101 blocks less the null block; 50 prompt + 1 output tokens = 4 blocks
+            assert backend.load(0).num_free_blocks == 100 - 4
             wait_terminal(backend)
             backend.refresh_load()
             assert backend.loads() == {0: WorkerLoad(running=0, waiting=0, queued_prefill_tokens=0, kv_usage=0.0,

@@ -71,7 +71,8 @@ def test_models_tokenize_health(fake, client):
     cards = client.models()
     assert [(c.id, c.parent) for c in cards] == [(fake.model, None), ("sql-lora", fake.model)]
     assert client.tokenize("hello big world", model=fake.model) == fake_tokenize("hello big world")
-    assert client.tokenize("hi", model=fake.model, add_special_tokens=False) == fake_tokenize("hi", add_special_tokens=False)
+    assert client.tokenize("hi", model=fake.model, add_special_tokens=False) == fake_tokenize(
+        "hi", add_special_tokens=False)
     assert client.health()
     dead = OpenAIClient(base_url=f"http://127.0.0.1:{free_port()}", connect_timeout_s=0.5)
     assert not dead.health()

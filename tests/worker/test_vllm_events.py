@@ -16,9 +16,9 @@ import pytest
 import zmq
 
 from bus.publisher import END_SEQ, seq_bytes
+from bus.schema import Completion, Dispatch
 from bus.subscriber import AppliedBatch, EventSubscriber
 from bus.vllm_codec import VllmEventDecoder
-from bus.schema import Completion, Dispatch
 from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 from tests.conftest import FIXTURES
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig

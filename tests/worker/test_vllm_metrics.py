@@ -29,7 +29,7 @@ vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="Qwen/Q
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="Qwen/Qwen3-8B"} 12.0
 # TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="27000",prefix_caching_hash_algo="sha256"} 1.0
-"""
+"""  # noqa: E501 - a Prometheus sample is one line, and vLLM's cache_config_info is this long
 
 
 def test_engine_stats_per_rank():

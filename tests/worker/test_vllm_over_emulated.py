@@ -42,7 +42,8 @@ def test_adapter_over_the_emulated_http_api_closes_the_loop(emulated):
         replay_endpoint=emulated.backend.replay_endpoint, topic=emulated.backend.topic, block_size=BS,
         startup_timeout_s=5, watch_block_size=False))
     info = backend.start()
-    assert (info.model, info.block_size, info.num_gpu_blocks, info.reports_cached_tokens) == ("kvr-emulated", BS, 48, True)
+    assert (info.model, info.block_size, info.num_gpu_blocks, info.reports_cached_tokens) == (
+        "kvr-emulated", BS, 48, True)
     assert info.lora_adapters == ("sql-lora",)
     hello = backend.hello(epoch=1)
     assert hello.events_endpoint == emulated.backend.events_endpoint  # the router dials the engine's PUB
@@ -79,4 +80,5 @@ def test_adapter_over_the_emulated_http_api_closes_the_loop(emulated):
         backend.close()
     assert [p for p, _ in pairs] == [a for _, a in pairs]
     assert sum(a for _, a in pairs) > 0
-    assert any(a for (_, a), lora in zip(pairs, loras) if lora) and any(a for (_, a), lora in zip(pairs, loras) if not lora)
+    by_lora = list(zip(pairs, loras, strict=True))
+    assert any(a for (_, a), lora in by_lora if lora) and any(a for (_, a), lora in by_lora if not lora)

@@ -60,7 +60,7 @@ def test_router_predictions_equal_vllm_reported_cached_tokens():
             threads.append(threading.Thread(target=runner.run, name=f"worker-{wid}", daemon=True))
             threads[-1].start()
         _until(lambda: set(router.workers) == set(WORKERS), 5, "both workers to register", router)
-        streams = {WorkerKey(w, 0): f for w, f in zip(WORKERS, fakes)}
+        streams = {WorkerKey(w, 0): f for w, f in zip(WORKERS, fakes, strict=True)}
         _until(lambda: all(k in router.ingest.streams for k in streams), 5, "the router to subscribe", router)
 
         rng = random.Random(5)

@@ -16,7 +16,18 @@ import pytest
 import zmq
 
 from bus.codec import encode, worker_decoder
-from bus.schema import Cancel, Completion, Dispatch, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, TokenChunk, Welcome
+from bus.schema import (
+    Cancel,
+    Completion,
+    Dispatch,
+    ErrorCode,
+    ErrorReply,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    TokenChunk,
+    Welcome,
+)
 from tests.conftest import free_port
 from tests.fakes.fake_vllm import FakeVllm, fake_output_token
 from worker.vllm_checks import StartupError
@@ -78,7 +89,8 @@ def test_registers_heartbeats_and_serves_dispatches(router):
                 "tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558", "kv@vllm-a@m", fake.url)
             router.send(Welcome(router_id="raw", heartbeat_interval_s=0.05, heartbeat_liveness=100))
             beat = router.recv(Heartbeat)
-            assert (beat.sender_id, beat.epoch, beat.dp_rank, beat.load.num_gpu_blocks) == ("vllm-a", hello.epoch, 0, 51)
+            assert (beat.sender_id, beat.epoch, beat.dp_rank, beat.load.num_gpu_blocks) == (
+                "vllm-a", hello.epoch, 0, 51)
             for rid, cached in (("r1", 0), ("r2", 32)):
                 router.send(Dispatch(rid, PROMPT, max_tokens=2))
                 chunks = [router.recv(TokenChunk), router.recv(TokenChunk)]
