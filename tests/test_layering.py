@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN_MODULES = {"zmq", "redis", "asyncio", "socket", "time", "bus", "router", "worker", "monitor", "cli", "fakeredis", "threading", "subprocess"}
+FORBIDDEN_MODULES = {"zmq", "redis", "asyncio", "socket", "time", "bus", "router", "worker", "monitor", "cli",
+                     "fakeredis", "threading", "subprocess"}
 # Clock reads that must not appear even through another name.
 FORBIDDEN_CALLS = {("datetime", "now"), ("datetime", "utcnow"), ("date", "today"), ("os", "urandom")}
 

@@ -60,7 +60,8 @@ CHANNELS = {
     ),
     "router": (
         router_decoder,
-        [Welcome("router", 1.0, 3), Refused("bad block size"), Heartbeat("router"), Dispatch("r1", [1, 2], 3), Cancel("r1")],
+        [Welcome("router", 1.0, 3), Refused("bad block size"), Heartbeat("router"), Dispatch("r1", [1, 2], 3),
+         Cancel("r1")],
     ),
     "metrics": (
         metrics_decoder,
@@ -103,7 +104,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 _DECODERS = [client_decoder, reply_decoder, worker_decoder, router_decoder, metrics_decoder]
 _msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -122,7 +124,8 @@ def test_fuzz_random_bytes_raise_only_decode_error(data: bytes) -> None:
 @settings(max_examples=300)
 @given(
     st.sampled_from(["generate", "cancel", "routed", "tokens", "done", "error", "hello", "heartbeat", "dispatch", "x"]),
-    st.dictionaries(st.sampled_from(["request_id", "token_ids", "max_tokens", "prompt", "worker_id", "epoch", "load"]), _msgpack_values, max_size=5),
+    st.dictionaries(st.sampled_from(["request_id", "token_ids", "max_tokens", "prompt", "worker_id", "epoch", "load"]),
+                    _msgpack_values, max_size=5),
 )
 def test_fuzz_well_formed_maps_with_wrong_fields_raise_only_decode_error(tag: str, fields: dict) -> None:
     data = msgspec.msgpack.encode({"type": tag, **fields})

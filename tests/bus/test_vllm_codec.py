@@ -74,7 +74,8 @@ def test_legacy_fixture_reencodes_byte_for_byte(path: Path) -> None:
 
 @pytest.mark.parametrize("n_fields", range(6, 13))
 def test_legacy_arrays_of_every_shipped_length(n_fields: int) -> None:
-    full = ["BlockStored", [2**64 - 1], None, list(range(16)), 16, None, "GPU", "lora-a", [None], 0, "full_attention", None]
+    full = ["BlockStored", [2**64 - 1], None, list(range(16)), 16, None, "GPU", "lora-a", [None], 0, "full_attention",
+            None]
     payload = msgspec.msgpack.encode([1.5, [full[:n_fields]], 0])
     (event,) = decode_batch(payload).events
     assert event.block_hashes == [2**64 - 1]
@@ -168,7 +169,7 @@ def test_round_trip_map_form(batch: KVEventBatch) -> None:
 def test_round_trip_legacy_form_keeps_legacy_fields(batch: KVEventBatch) -> None:
     decoded = decode_batch(encode_batch(batch, legacy=True))
     assert [type(e) for e in decoded.events] == [type(e) for e in batch.events]
-    for got, want in zip(decoded.events, batch.events):
+    for got, want in zip(decoded.events, batch.events, strict=True):
         if isinstance(want, BlockStored):
             assert (got.block_hashes, got.parent_block_hash, got.token_ids, got.medium, got.group_idx) == (
                 want.block_hashes, want.parent_block_hash, want.token_ids, want.medium, want.group_idx)

@@ -44,7 +44,7 @@ def _router_cmd(kind: str, port: int, metrics_port: int, urls: list[str], events
     if kind == "vllm":
         return [*cmd, "--policy", "cache_aware"]
     # kv_aware: vllm-router subscribes to each worker's vLLM KV events itself (topic "").
-    sources = [arg for url, ep in zip(urls, events) for arg in ("--kv-event-source", f"{url}={ep}")]
+    sources = [arg for url, ep in zip(urls, events, strict=True) for arg in ("--kv-event-source", f"{url}={ep}")]
     return [*cmd, "--policy", "kv_aware", *sources, "--kv-event-block-size", "16", "--kv-event-model", "kvr-emulated"]
 
 

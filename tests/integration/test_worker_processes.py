@@ -84,7 +84,8 @@ def test_router_and_worker_processes_serve_zmq_and_http_with_prefix_hits() -> No
             for i in range(2):
                 deadline = time.monotonic() + 15
                 while True:  # the worker may still be registering with the router
-                    res = client.generate(GenerateRequest(request_id=f"z{i}", prompt=PROMPT, max_tokens=4), timeout_s=10)
+                    res = client.generate(GenerateRequest(request_id=f"z{i}", prompt=PROMPT, max_tokens=4),
+                                          timeout_s=10)
                     if res.completion is not None or time.monotonic() > deadline:
                         break
                     time.sleep(0.2)
