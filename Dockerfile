@@ -14,6 +14,7 @@ COPY bus ./bus
 COPY router ./router
 COPY worker ./worker
 COPY monitor ./monitor
+COPY cluster ./cluster
 COPY sim ./sim
 COPY cli ./cli
 COPY bench ./bench

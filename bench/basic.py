@@ -51,7 +51,7 @@ class BasicConfig:
 
 def run(cfg: BasicConfig, *, command: str = "kvr bench basic", progress=None) -> SuiteResult:
     from core.policies import POLICY_NAMES
-    from monitor.cluster import LocalCluster
+    from cluster.local import LocalCluster
 
     progress = progress or NullProgress()
     policies = list(cfg.policies or POLICY_NAMES)

@@ -215,7 +215,7 @@ def router_vs_echo(cfg: EchoConfig | None = None, progress=None) -> list[dict]:
 
     from bus.redis_server import EmbeddedRedis, free_loopback_port
     from bus.sockets import free_tcp_endpoint
-    from monitor.cluster import kvr_argv
+    from cluster.local import kvr_argv
 
     cfg = cfg or EchoConfig()
     mp = multiprocessing.get_context("spawn")

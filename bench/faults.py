@@ -1,6 +1,6 @@
 """The fault suite (``pytest -m faults``, ``kvr bench faults``): every fault a kvr cluster meets, counted.
 
-Each case runs a fresh supervised :class:`monitor.cluster.LocalCluster` (real ``redis-server``,
+Each case runs a fresh supervised :class:`cluster.local.LocalCluster` (real ``redis-server``,
 router and ``workers`` emulated workers as processes, loopback only) under the steady Poisson
 workload of ``bench/stale.py`` (:class:`bench.stale.SteadyLoad`), injects one fault ``pre_s``
 after the load starts, keeps the load on for ``post_s`` after the fault has *ended*, then stops
@@ -681,8 +681,8 @@ def _hit_rate(records, lo: float, hi: float) -> float | None:
 
 def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
     from bus.redis_server import free_loopback_port
-    from monitor.cluster import LocalCluster
-    from monitor.supervisor import ComponentFailed
+    from cluster.local import LocalCluster
+    from cluster.supervisor import ComponentFailed
 
     ns = run_dir.name
     http_port = free_loopback_port()

@@ -1,8 +1,8 @@
 """Shared machinery of the live suites: one supervised local cluster per run, one workload drive.
 
-A run is: a fresh :class:`monitor.cluster.LocalCluster` (fresh Redis, cold caches), the same
+A run is: a fresh :class:`cluster.local.LocalCluster` (fresh Redis, cold caches), the same
 seeded simulator workload and arrivals for every arm, driven through a real ``RouterClient``
-(``monitor.loadgen.drive_workload``), and the router process's CPU time read from
+(``cluster.loadgen.drive_workload``), and the router process's CPU time read from
 ``/proc/<pid>/stat`` before and after the drive. Every metric comes from the client's side
 (:func:`request_metrics`): the engine's own ``cached_tokens`` for hit rate, the client's wall
 clock for TTFT and end-to-end latency, so every policy and every router is measured alike.
@@ -65,7 +65,7 @@ def drive_cluster(cluster, spec: WorkloadSpec, seed: int, *, speedup: float, tim
                   max_in_flight: int | None = None) -> DriveOutcome:
     """Drive ``spec`` (seeded) through a started cluster's router; router CPU measured around it."""
     from bus.client import RouterClient
-    from monitor.loadgen import drive_workload
+    from cluster.loadgen import drive_workload
 
     wl, arrivals = spec.build(seed)
     pid = cluster.supervisor.pid("router")
@@ -135,7 +135,7 @@ def request_metrics(results: list, *, warmup: int = 0) -> dict:
 
 def cluster_config(*, workers: int, policy: str, speedup: float, run_dir: Path, namespace: str, seed: int,
                    worker_args: list[str] | None = None, router_args: list[str] | None = None, profile: str = ""):
-    from monitor.cluster import ClusterConfig
+    from cluster.local import ClusterConfig
 
     return ClusterConfig(workers=workers, policy=policy, speedup=speedup, run_dir=run_dir, namespace=namespace,
                          monitor=False, redis_kind="redis-server", profile=profile, log_level="WARNING",

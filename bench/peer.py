@@ -178,7 +178,7 @@ def _sglang_workers_ready(url: str, n: int) -> bool:
 def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str = "kvr") -> list[dict]:
     from bench.live import cluster_config
     from bus.redis_server import free_loopback_port
-    from monitor.cluster import LocalCluster
+    from cluster.local import LocalCluster
 
     port = free_loopback_port()
     ccfg = cluster_config(workers=cfg.workers, policy=policy, speedup=cfg.speedup, run_dir=run_dir,
@@ -197,8 +197,8 @@ def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str
 def _http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
     """Start ``cfg.workers`` emulated workers serving only vLLM's HTTP API (no kvr router); their URLs."""
     from bus.redis_server import free_loopback_port
-    from monitor.cluster import kvr_argv
-    from monitor.supervisor import ComponentSpec
+    from cluster.local import kvr_argv
+    from cluster.supervisor import ComponentSpec
 
     urls = []
     for i in range(cfg.workers):
@@ -216,7 +216,7 @@ def _http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
 
 def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> list[dict]:
     from bus.redis_server import free_loopback_port
-    from monitor.supervisor import ComponentSpec, Supervisor
+    from cluster.supervisor import ComponentSpec, Supervisor
 
     sup = Supervisor(log_dir=run_dir / "logs")
     try:
@@ -239,7 +239,7 @@ def run_vllm_router_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, s
     import shutil
 
     from bus.redis_server import free_loopback_port
-    from monitor.supervisor import ComponentSpec, Supervisor
+    from cluster.supervisor import ComponentSpec, Supervisor
 
     binary = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
     sup = Supervisor(log_dir=run_dir / "logs")

@@ -60,7 +60,7 @@ def _spec(cfg: ScaleConfig, rate: float) -> WorkloadSpec:
 def run(cfg: ScaleConfig, *, command: str = "kvr bench scale", progress=None) -> SuiteResult:
     import time
 
-    from monitor.cluster import LocalCluster
+    from cluster.local import LocalCluster
 
     progress = progress or NullProgress()
     root = Path(cfg.out_dir or tempfile.mkdtemp(prefix="kvr-bench-scale-"))

@@ -235,7 +235,7 @@ def _post(url: str, body: dict) -> bool:
 
 
 def run_fault(cfg: StaleConfig, fault: str, run_dir: Path, seed: int) -> dict:
-    from monitor.cluster import LocalCluster
+    from cluster.local import LocalCluster
     from router.mirror import make_redis_client
 
     ns = run_dir.name

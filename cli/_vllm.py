@@ -69,7 +69,7 @@ def _given(name: str) -> bool:
 
 def make_vllm_runner(opts: dict[str, Any], own: dict[str, Any]):
     """The runner of ``kvr worker --engine vllm`` (raises ``click.UsageError`` / ``StartupError``)."""
-    from worker.vllm_runner import VllmWorkerOptions, VllmWorkerRunner
+    from worker.vllm.runner import VllmWorkerOptions, VllmWorkerRunner
 
     if not own.get("vllm_url") or not own.get("kv_events_endpoint"):
         raise click.UsageError("--engine vllm needs --vllm-url and --kv-events-endpoint")

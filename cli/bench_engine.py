@@ -1,4 +1,4 @@
-"""``kvr bench engine``: emulated engine and block-pool speed (``worker/bench.py``).
+"""``kvr bench engine``: emulated engine and block-pool speed (``bench/engine.py``).
 
 Registered under the ``kvr bench`` group by ``cli/bench.py``; not a top-level command.
 """
@@ -29,10 +29,10 @@ def bench_engine_cmd(profile: str, batches: str, prompt_tokens: int, output_toke
                      pool_requests: int, live: float, workers: int, concurrency: int, stream_interval: int,
                      as_json: bool) -> None:
     """Emulated tokens per wall second at each batch size, and block-pool operations per second."""
-    from worker.bench import bench_block_pool, bench_engine
+    from bench.engine import bench_block_pool, bench_engine
 
     if live > 0:
-        from worker.bench_live import bench_live
+        from bench.engine_live import bench_live
 
         r = bench_live(workers=workers, concurrency=concurrency, duration_s=live, speedup=speedup, profile=profile,
                        stream_interval=stream_interval)

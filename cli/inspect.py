@@ -27,11 +27,12 @@ def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as
     from rich.console import Console
     from rich.table import Table
 
-    from monitor.inspect import inspect_state
+    from bus.mirror_status import Cause
     from bus.redis_url import redact_url
     from cli.user_state import require_cluster
+    from monitor.inspect import inspect_state
     from router.mirror import make_redis_client
-    from router.mirror_health import Cause, cause_of
+    from router.mirror_health import cause_of
 
     if not redis_url:
         cluster = require_cluster(instead="--redis-url URL (or KVR_REDIS_URL)")

@@ -118,7 +118,7 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
         # Writes on their own thread: a slow or hung Redis never stalls routing or heartbeats.
         mirror = BackgroundMirror(mirror=RedisMirror(client=client, namespace=namespace))
     try:
-        from worker.remote_tokenizer import load_router_tokenizer
+        from worker.vllm.remote_tokenizer import load_router_tokenizer
 
         service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer), curve=curve)
     except Exception as exc:

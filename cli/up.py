@@ -70,8 +70,8 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
     """
     from bus.redis_url import redact_url
     from cli import user_state
-    from monitor.cluster import ClusterConfig, LocalCluster
-    from monitor.supervisor import ComponentFailed
+    from cluster.local import ClusterConfig, LocalCluster
+    from cluster.supervisor import ComponentFailed
 
     run_dir = run_dir or str(user_state.new_run_dir("up"))
     keys_dir = None

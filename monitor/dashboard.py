@@ -20,8 +20,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from bus.mirror_status import describe as describe_mirror
 from monitor.dump import normalize_dump
-from router.mirror_health import describe as describe_mirror
 
 SPARK = "▁▂▃▄▅▆▇█"
 

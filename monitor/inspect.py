@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from bus import names
-from router.mirror_health import DEGRADED, OK, Cause
+from bus.mirror_status import DEGRADED, OK, Cause
 
 
 def _s(v: bytes | str | None) -> str:

@@ -44,6 +44,8 @@ from aiohttp import web
 
 from bus.codec import DecodeError, encode, reply_decoder
 from bus.http_server import KEEPALIVE_TIMEOUT_S, MAX_IN_FLIGHT, HttpServer, json_response, read_body
+from bus.mirror_status import Cause
+from bus.mirror_status import describe as describe_mirror
 from bus.openai_http import (
     SSE_CONTENT_TYPE,
     SSE_DONE,
@@ -53,16 +55,17 @@ from bus.openai_http import (
     bad_request,
     decode_json_body,
     no_route,
-    parse_completion_body as parse_openai_body,
     sse_error,
     sse_event,
     usage_body,
+)
+from bus.openai_http import (
+    parse_completion_body as parse_openai_body,
 )
 from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, Routed, TokenChunk
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_socket
 from core.admission import AdmissionLimits
-from router.mirror_health import Cause, describe as describe_mirror
 
 logger = logging.getLogger(__name__)
 

@@ -168,7 +168,7 @@ class EventIngest:
                 self._mirror(lambda: self.mirror.clear_target(hello.worker_id, rank, epoch=hello.epoch))
             self.index.set_confidence(target, Confidence.FRESH if expected is None else Confidence.RESYNCING)
             endpoint = offset_endpoint_for_dp_rank(hello.events_endpoint, rank)
-            # Hello advertises where *the router* subscribes (worker/vllm_checks.py): a host means
+            # Hello advertises where *the router* subscribes (worker/vllm/checks.py): a host means
             # the publisher binds there and we connect; a wildcard means the publisher dials us.
             bind = vllm_binds(endpoint)
             replay = hello.replay_endpoint

@@ -24,23 +24,10 @@ the return value of ``fail``/``recover``, so the router logs it once, not per fa
 
 from __future__ import annotations
 
-import enum
-import time
-
 import redis
 
+from bus.mirror_status import DEGRADED, OK, Cause
 from bus.schema import MirrorStatus
-
-OK = "ok"
-DEGRADED = "degraded"
-
-
-class Cause(str, enum.Enum):
-    UNREACHABLE = "unreachable"
-    OUT_OF_MEMORY = "out_of_memory"
-    AUTH = "auth"
-    OTHER = "other"
-
 
 #: Redis's protocol error code for a write refused at maxmemory (the reply's first word).
 _OOM_CODE = "OOM"
@@ -96,21 +83,3 @@ class MirrorHealth:
     def status(self) -> MirrorStatus:
         return MirrorStatus(state=self.state, cause=None if self.cause is None else self.cause.value,
                             since_s=self.since_s, failed_writes=self.failed_writes)
-
-
-def describe(status: MirrorStatus | dict | None) -> str:
-    """One line for people: ``ok``, or ``degraded (out_of_memory since 2024-05-01 12:00:03 UTC, 12 failed writes)``."""
-    if status is None:
-        return "unknown"
-    if isinstance(status, dict):  # a stats snapshot, a dump or Redis's JSON (may hold more keys)
-        status = MirrorStatus(**{k: status[k] for k in MirrorStatus.__struct_fields__ if k in status})
-    if status.state == OK:
-        return OK
-    since = "" if status.since_s is None else " since " + time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                        time.gmtime(status.since_s))
-    return f"{status.state} ({status.cause}{since}, {status.failed_writes} failed writes)"
-
-
-def as_dict(status: MirrorStatus) -> dict:
-    return {"state": status.state, "cause": status.cause, "since_s": status.since_s,
-            "failed_writes": status.failed_writes}

@@ -54,11 +54,32 @@ import zmq
 
 from bus import names
 from bus.codec import DecodeError, client_decoder, encode, salvage_request_id, worker_decoder
+from bus.mirror_status import Cause, as_dict, describe
 from bus.schema import (
-    PROTOCOL_VERSION, REFUSED_DUPLICATE_ID, REFUSED_KEY_MISMATCH, Cancel, CancelRequest, Completion, Dispatch,
-    ErrorCode, ErrorReply, GenerateRequest, Goodbye, Heartbeat, Hello, Refused, RequestRecord, RequestStats, Routed,
-    TokenChunk, Welcome, WorkerLoad as WireLoad, WorkerSample,
+    PROTOCOL_VERSION,
+    REFUSED_DUPLICATE_ID,
+    REFUSED_KEY_MISMATCH,
+    Cancel,
+    CancelRequest,
+    Completion,
+    Dispatch,
+    ErrorCode,
+    ErrorReply,
+    GenerateRequest,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Refused,
+    RequestRecord,
+    RequestStats,
+    Routed,
+    TokenChunk,
+    Welcome,
+    WorkerSample,
 )  # fmt: skip
+from bus.schema import (
+    WorkerLoad as WireLoad,
+)
 from bus.security import CLIENTS_DOMAIN, WORKERS_DOMAIN, Curve, ZapHandler, is_public_key
 from bus.sockets import MAX_CONTROL_BYTES, MAX_EVENT_BYTES, MAX_REQUEST_BYTES, make_router, make_socket
 from core.admission import AdmissionLimits, check_prompt_length, check_request
@@ -68,7 +89,7 @@ from core.routing import NoTargetsError, RouterCore, RoutingInput
 from core.tokenizer import BuiltinTokenizer
 from router.ingest import EventIngest
 from router.mirror import MirrorUnavailable, RedisMirror
-from router.mirror_health import Cause, MirrorHealth, as_dict, cause_of, describe
+from router.mirror_health import MirrorHealth, cause_of
 
 logger = logging.getLogger(__name__)
 

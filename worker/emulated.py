@@ -1,6 +1,6 @@
 """The emulated engine as a worker backend: the engine on a (sped-up) wall clock + vLLM's publisher.
 
-Same duck-typed interface as ``worker/vllm_backend.VllmBackend`` (``hello``, ``submit``,
+Same duck-typed interface as ``worker/vllm/backend.VllmBackend`` (``hello``, ``submit``,
 ``cancel``, ``drain``, ``loads``, ``close``), so ``worker/service.py`` runs either. The
 emulated engine is pure; this class gives it time:
 
@@ -39,7 +39,7 @@ from core.engine import EmulatedEngine, EngineRequest, RequestOutput, RequestRej
 from core.hashing import external_hash_key
 from core.profiles import get_profile
 from core.tokenizer import Tokenizer, load_tokenizer
-from worker.vllm_exporter import EngineSnapshot, RequestMetrics
+from worker.vllm.exporter import EngineSnapshot, RequestMetrics
 
 logger = logging.getLogger(__name__)
 

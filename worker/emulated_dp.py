@@ -20,7 +20,7 @@ import zmq
 
 from bus.schema import Dispatch, ErrorCode, Hello, WorkerLoad
 from worker.emulated import BackendMessage, EmulatedBackend, EmulatedWorkerConfig
-from worker.vllm_exporter import EngineSnapshot
+from worker.vllm.exporter import EngineSnapshot
 
 logger = logging.getLogger(__name__)
 

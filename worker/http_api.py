@@ -54,7 +54,7 @@ from bus.openai_http import (
     usage_body,
 )
 from bus.schema import Completion, Dispatch, ErrorReply, TokenChunk
-from worker.vllm_exporter import render
+from worker.vllm.exporter import render
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 
 from bus import names
 from cli.bind import tcp_endpoint
-from monitor.cluster import ClusterConfig, LocalCluster
+from cluster.local import ClusterConfig, LocalCluster
 from tests.cli.parse import dry_parse
 
 yaml = pytest.importorskip("yaml")  # in the test extra; skip only where it is not installed

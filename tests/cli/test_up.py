@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from bus.client import RouterClient
 from bus.schema import GenerateRequest
 from cli.main import main
-from monitor.cluster import ClusterConfig, LocalCluster, kvr_argv
+from cluster.local import ClusterConfig, LocalCluster, kvr_argv
 from monitor.dashboard import fetch_dump
-from monitor.supervisor import ComponentSpec, Supervisor
+from cluster.supervisor import ComponentSpec, Supervisor
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

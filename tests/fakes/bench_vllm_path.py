@@ -29,9 +29,9 @@ from core.liveness import HeartbeatConfig
 from core.quantiles import percentile
 from router.service import RouterConfig, RouterService
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
-from worker.openai_client import CompletionRequest, OpenAIClient
-from worker.vllm_backend import VllmBackend, VllmBackendConfig
-from worker.vllm_runner import VllmWorkerOptions, VllmWorkerRunner
+from worker.vllm.openai_client import CompletionRequest, OpenAIClient
+from worker.vllm.backend import VllmBackend, VllmBackendConfig
+from worker.vllm.runner import VllmWorkerOptions, VllmWorkerRunner
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -8,10 +8,11 @@ import threading
 import pytest
 
 from bus import names
+from bus.mirror_status import Cause
 from bus.schema import Hello
 from router.background_mirror import BackgroundMirror
 from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot, make_redis_client
-from router.mirror_health import Cause, cause_of
+from router.mirror_health import cause_of
 
 HELLO = Hello(worker_id="w1", epoch=7, model="m", block_size=16, num_gpu_blocks=924,
               events_endpoint="tcp://127.0.0.1:5557")

@@ -13,11 +13,12 @@ import pytest
 import redis
 
 from bus import names
+from bus.mirror_status import Cause, describe
 from bus.schema import MirrorStatus
 from router.background_mirror import BackgroundMirror
 from router.http_front import render_metrics
 from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot
-from router.mirror_health import Cause, MirrorHealth, cause_of, describe
+from router.mirror_health import MirrorHealth, cause_of
 from router.service import RouterConfig, RouterService
 
 OOM = redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")

@@ -17,11 +17,12 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from bus.mirror_status import Cause
+from bus.redis_url import redact_url
 from bus.schema import Hello
 from cli.main import main
-from bus.redis_url import redact_url
 from router.mirror import MirrorUnavailable, RedisMirror, make_redis_client
-from router.mirror_health import Cause, cause_of
+from router.mirror_health import cause_of
 from tests.conftest import _need_real_service, free_port
 
 pytestmark = pytest.mark.timeout(60)

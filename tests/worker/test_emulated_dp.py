@@ -11,8 +11,8 @@ from bus.schema import Completion, Dispatch, ErrorCode, ErrorReply
 from bus.vllm_codec import decode_batch
 from worker.emulated import EmulatedWorkerConfig
 from worker.emulated_dp import EmulatedDPBackend
-from worker.vllm_exporter import render
-from worker.vllm_metrics import engine_stats, parse_prometheus_text
+from worker.vllm.exporter import render
+from worker.vllm.metrics import engine_stats, parse_prometheus_text
 
 
 def two_free_ports() -> int:

@@ -1,4 +1,4 @@
-"""worker/vllm_backend.py + vllm_checks.py end to end against the fake vLLM server (127.0.0.1 only)."""
+"""worker/vllm/backend.py + vllm_checks.py end to end against the fake vLLM server (127.0.0.1 only)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from bus.schema import Completion, Dispatch, ErrorCode, ErrorReply, Hello, TokenChunk, WorkerLoad
 from tests.conftest import free_port
 from tests.fakes.fake_vllm import FakeVllm, fake_output_token
-from worker.vllm_backend import VllmBackend, VllmBackendConfig
-from worker.vllm_checks import StartupError, router_endpoints
+from worker.vllm.backend import VllmBackend, VllmBackendConfig
+from worker.vllm.checks import StartupError, router_endpoints
 
 PROMPT = list(range(200, 250))  # 50 tokens: 3 full blocks of 16
 

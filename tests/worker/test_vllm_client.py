@@ -1,4 +1,4 @@
-"""worker/openai_client.py against the fake vLLM server and canned SSE replies (127.0.0.1 only)."""
+"""worker/vllm/openai_client.py against the fake vLLM server and canned SSE replies (127.0.0.1 only)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.fakes.fake_vllm import FakeVllm, fake_output_token, fake_tokenize
-from worker.openai_client import CompletionRequest, OpenAIClient, Usage, VllmHTTPError
+from worker.vllm.openai_client import CompletionRequest, OpenAIClient, Usage, VllmHTTPError
 
 PROMPT = list(range(100, 140))  # 40 tokens: 2 full blocks of 16
 

@@ -22,8 +22,8 @@ from bus.vllm_codec import VllmEventDecoder
 from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 from tests.conftest import FIXTURES
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
-from worker.vllm_backend import VllmBackend, VllmBackendConfig
-from worker.vllm_checks import BlockSizeWatch
+from worker.vllm.backend import VllmBackend, VllmBackendConfig
+from worker.vllm.checks import BlockSizeWatch
 
 TOPIC = "kv@vllm-pod-0@fake/model-1b"
 FIXTURE_NAMES = ["01_stored_one_block", "02_stored_chain_3", "03_stored_multi_block", "05_removed_per_block",

@@ -19,7 +19,7 @@ from bus.schema import Completion, Dispatch
 from bus.subscriber import AppliedBatch, EventSubscriber
 from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 from worker.runner import WorkerOptions, WorkerRunner
-from worker.vllm_backend import VllmBackend, VllmBackendConfig
+from worker.vllm.backend import VllmBackend, VllmBackendConfig
 
 BS = 16
 

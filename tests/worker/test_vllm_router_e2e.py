@@ -22,8 +22,8 @@ from core.prefix_index import WorkerKey
 from router.service import RouterConfig, RouterService
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig, fake_tokenize
 from tests.worker.test_vllm_events import free_port_pair
-from worker.remote_tokenizer import load_router_tokenizer
-from worker.vllm_runner import VllmWorkerOptions, VllmWorkerRunner
+from worker.vllm.remote_tokenizer import load_router_tokenizer
+from worker.vllm.runner import VllmWorkerOptions, VllmWorkerRunner
 
 pytestmark = pytest.mark.timeout(90)
 BS = 16

@@ -1,4 +1,4 @@
-"""worker/remote_tokenizer.py: /tokenize with an LRU cache, and the start-up agreement check."""
+"""worker/vllm/remote_tokenizer.py: /tokenize with an LRU cache, and the start-up agreement check."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 from core.tokenizer import BuiltinTokenizer, Tokenizer
 from tests.fakes.fake_vllm import FakeVllm, fake_tokenize
-from worker.openai_client import OpenAIClient
-from worker.remote_tokenizer import (
+from worker.vllm.openai_client import OpenAIClient
+from worker.vllm.remote_tokenizer import (
     PROBE_TEXTS,
     RemoteTokenizer,
     TokenizerMismatchError,

@@ -30,8 +30,8 @@ from bus.schema import (
 )
 from tests.conftest import free_port
 from tests.fakes.fake_vllm import FakeVllm, fake_output_token
-from worker.vllm_checks import StartupError
-from worker.vllm_runner import VllmWorkerOptions, VllmWorkerRunner
+from worker.vllm.checks import StartupError
+from worker.vllm.runner import VllmWorkerOptions, VllmWorkerRunner
 
 PROMPT = list(range(300, 340))
 

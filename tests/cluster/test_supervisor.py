@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.supervisor import ComponentFailed, ComponentSpec, Supervisor
+from cluster.supervisor import ComponentFailed, ComponentSpec, Supervisor
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,7 @@ def test_children_die_when_the_supervisor_is_killed_hard(tmp_path):
     parent = f"""
 import sys, time, pathlib
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-from monitor.supervisor import ComponentSpec, Supervisor
+from cluster.supervisor import ComponentSpec, Supervisor
 sup = Supervisor(log_dir={str(tmp_path)!r})
 sup.start(ComponentSpec("c", "worker", [sys.executable, "-c", "import time; time.sleep(60)"]))
 pathlib.Path({str(pid_file)!r}).write_text(str(sup.pid("c")))

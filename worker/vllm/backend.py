@@ -5,7 +5,7 @@ router link (``Hello`` / heartbeats / ``Dispatch`` / ``Cancel``). This backend:
 
 * **registers** with a ``Hello`` built from the server (model, block size, GPU blocks)
   and vLLM's own KV-event endpoints (``engine="vllm"``): the router subscribes to vLLM's
-  PUB directly, so the adapter never touches an event (see ``worker/vllm_checks.py`` for
+  PUB directly, so the adapter never touches an event (see ``worker/vllm/checks.py`` for
   the endpoint convention, bind/connect and DP port offsets);
 * **runs** each ``Dispatch`` as a streamed ``/v1/completions`` on token ids (the router
   already tokenized), ``model`` = the LoRA adapter name when the request names one,
@@ -47,9 +47,9 @@ from bus.schema import (
     TokenChunk,
     WorkerLoad,
 )
-from worker.openai_client import CompletionRequest, OpenAIClient, VllmHTTPError
-from worker.remote_tokenizer import TokenizerMismatchError, verify_router_tokenizer
-from worker.vllm_checks import (
+from worker.vllm.openai_client import CompletionRequest, OpenAIClient, VllmHTTPError
+from worker.vllm.remote_tokenizer import TokenizerMismatchError, verify_router_tokenizer
+from worker.vllm.checks import (
     BlockSizeWatch,
     ServerInfo,
     StartupError,
@@ -57,7 +57,7 @@ from worker.vllm_checks import (
     host_of_url,
     router_endpoints,
 )
-from worker.vllm_metrics import EngineStats, engine_stats, parse_prometheus_text
+from worker.vllm.metrics import EngineStats, engine_stats, parse_prometheus_text
 
 logger = logging.getLogger(__name__)
 

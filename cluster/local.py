@@ -12,7 +12,7 @@ in ``<run_dir>/logs/<name>.log``. :meth:`LocalCluster.start` returns once the
 cluster is ready: Redis answers PING, the router has N live workers registered
 in Redis, the monitor answers ``/healthz`` and has received the router's first
 metrics record (so no request sent after readiness is missing from its dump). A failure at any step stops
-everything already started and raises :class:`~monitor.supervisor.ComponentFailed`.
+everything already started and raises :class:`~cluster.supervisor.ComponentFailed`.
 
 Ports are picked free on 127.0.0.1 unless given. Endpoints bind on the side
 that is stable (router, worker event PUBs) and connect from the volatile side.
@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from bus.redis_server import embedded_redis_argv, free_loopback_port, ping
 from bus.redis_url import redact_url
-from monitor.supervisor import ComponentFailed, ComponentSpec, Supervisor, tail
+from cluster.supervisor import ComponentFailed, ComponentSpec, Supervisor, tail
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ClusterConfig:
 def kvr_argv(*args: str, log_level: str = "INFO") -> list[str]:
     """``kvr <args>`` run by this interpreter (works from a venv, a checkout or a container).
 
-    Run by :class:`~monitor.supervisor.Supervisor`, which keeps the current directory off the
+    Run by :class:`~cluster.supervisor.Supervisor`, which keeps the current directory off the
     child's ``sys.path`` (a user's ``cli/`` or ``core/`` folder cannot shadow kvr's)."""
     return [sys.executable, "-m", "cli.main", "--log-level", log_level, *args]
 

@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from bus.client import RouterClient
-from monitor.loadgen import drive_workload
+from cluster.loadgen import drive_workload
 from sim.workloads import make_workload
 from tests.monitor.fake_router import ScriptedRouter
 

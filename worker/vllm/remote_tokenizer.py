@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from worker.openai_client import OpenAIClient
+from worker.vllm.openai_client import OpenAIClient
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """vLLM's Prometheus metrics for the emulated worker's ``/metrics`` (vLLM V1 names and labels).
 
 Every series carries ``model_name`` and ``engine="0"`` as vLLM V1's do, so tools that
-scrape vLLM (``worker/vllm_metrics.py``, Grafana dashboards, vllm-router) read an
+scrape vLLM (``worker/vllm/metrics.py``, Grafana dashboards, vllm-router) read an
 emulated worker unchanged. Counters are cumulative since start; histograms use
 vLLM's buckets for TTFT and request latency.
 """

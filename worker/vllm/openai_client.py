@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from worker.openai_stream import (
+from worker.vllm.openai_stream import (
     CompletionDelta,
     CompletionStream,
     Usage,

@@ -1,7 +1,7 @@
 """Assemble ``kvr worker --engine vllm``: the vLLM backend on the worker service's router link.
 
 The same :class:`worker.service.WorkerService` that runs the emulated engine runs
-:class:`worker.vllm_backend.VllmBackend`; only the backend differs. Start-up checks run in
+:class:`worker.vllm.backend.VllmBackend`; only the backend differs. Start-up checks run in
 the constructor, so a misconfigured server fails before anything registers with the router.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from bus import names
 from worker.service import WorkerService
-from worker.vllm_backend import VllmBackend, VllmBackendConfig
+from worker.vllm.backend import VllmBackend, VllmBackendConfig
 
 logger = logging.getLogger(__name__)
 

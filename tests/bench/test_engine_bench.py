@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from worker.bench import bench_block_pool, bench_engine
+from bench.engine import bench_block_pool, bench_engine
 
 
 def test_engine_bench_counts_every_token() -> None:
@@ -33,7 +33,7 @@ def test_cli_prints_one_json_object_per_suite_run() -> None:
 
 @pytest.mark.integration
 def test_live_bench_runs_router_and_worker_processes() -> None:
-    from worker.bench_live import bench_live
+    from bench.engine_live import bench_live
 
     r = bench_live(workers=1, concurrency=4, duration_s=1.0, speedup=20.0, profile="h100-8b")
     assert r["errors"] == 0 and r["requests_per_s"] > 0 and r["output_tokens_per_s"] > 0
