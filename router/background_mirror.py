@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_QUEUE = 10_000
 _REGISTRY = ("registry",)
 
+#: A mirror check's outcome: the generation token Redis holds, or why there is none.
+_CheckResult = tuple[str, None] | tuple[None, MirrorUnavailable]
+
 
 class BackgroundMirror:
     """``RedisMirror`` with its writes moved to a background thread (see the module docstring)."""
@@ -56,8 +59,8 @@ class BackgroundMirror:
         self._failed: dict[tuple, MirrorUnavailable] = {}  # target or registry key -> why its last write failed
         self._failed_since_check: MirrorUnavailable | None = None
         self._last_error: MirrorUnavailable | None = None  # of the last write, until one succeeds
-        # (generation, error) of the last check
-        self._heartbeat: tuple[str | None, MirrorUnavailable | None] | None = None
+        # (generation, None) or (None, error) of the last check
+        self._heartbeat: _CheckResult | None = None
         self._verification: str | None = None  # the latest read-back's answer, until taken
         self._verifications_asked = 0
         self._heartbeat_pending = False
@@ -116,6 +119,7 @@ class BackgroundMirror:
         generation, error = result
         if error is not None:
             raise MirrorUnavailable(str(error)) from error.__cause__
+        assert generation is not None  # a check answers a generation or fails
         return generation
 
     def record_health(self, router_id: str, status_json: str) -> None:
@@ -203,6 +207,7 @@ class BackgroundMirror:
         self._failed_since_check = why
 
     def _check(self, router_id: str, now_s: float, token: str) -> None:
+        result: _CheckResult
         try:
             generation = self._mirror.router_heartbeat(router_id, now_s=now_s, token=token)
         except MirrorUnavailable as exc:

@@ -125,7 +125,7 @@ class RouterHttpFront:
 
     def default_model(self) -> str:
         """The ``model`` of a response whose request named none: the one served model, else the alias."""
-        served = self.stats().get("models") or ()
+        served = list(self.stats().get("models") or ())
         return served[0] if len(served) == 1 else (self.model or "")
 
     def next_id(self, chat: bool) -> str:
@@ -146,13 +146,13 @@ class RouterHttpFront:
         self._sock = make_socket(actx, zmq.DEALER, max_msg_size=MAX_REQUEST_BYTES,
                                  setup=None if self._curve is None else self._curve.dial)
         self._sock.connect(self._endpoint)
-        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies(self._sock))
 
-    async def _read_replies(self) -> None:
+    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
         decoder = reply_decoder()
         while True:
             try:
-                reply = decoder.decode(await self._sock.recv())
+                reply = decoder.decode(await sock.recv())
             except DecodeError as exc:
                 logger.warning("undecodable reply from the router: %s", exc)
                 continue
@@ -182,7 +182,9 @@ class RouterHttpFront:
         if self._sock is None:
             return
         fut = self._sock.send(data)
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # a closed socket: nothing to tell
+        # A closed socket: nothing to tell. (pyzmq types the asyncio socket's send as an Awaitable;
+        # it returns an asyncio Future.)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ HTTP
 
@@ -264,12 +266,13 @@ class _Exchange:
             if isinstance(msg, TokenChunk):
                 texts.append(msg.text)
                 if self.response is not None:
-                    await self._write(sse_event({**self.head, "choices": [_choice(self.chat, msg.text, None, stream=True)]}))
+                    chunk = {**self.head, "choices": [_choice(self.chat, msg.text, None, stream=True)]}
+                    await _write(self.response, sse_event(chunk))
             elif isinstance(msg, ErrorReply):
                 if self.response is None:
                     raise HttpError(STATUS_FOR_CODE.get(msg.code, 500), msg.message, msg.code.value)
-                await self._write(sse_error(msg.message, msg.code.value))
-                return await self._end()
+                await _write(self.response, sse_error(msg.message, msg.code.value))
+                return await _end(self.response)
             elif isinstance(msg, Completion):
                 return await self._complete(msg, routed, "".join(texts))
 
@@ -280,16 +283,8 @@ class _Exchange:
         await resp.prepare(self.request)
         self.response = resp
         if self.chat:
-            await self._write(sse_event({**self.head, "choices": [
+            await _write(resp, sse_event({**self.head, "choices": [
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
-
-    async def _write(self, data: bytes) -> None:
-        await self.response.write(data)  # a client that left: ConnectionError, and the request is cancelled
-
-    async def _end(self) -> web.StreamResponse:
-        await self._write(SSE_DONE)
-        await self.response.write_eof()
-        return self.response
 
     async def _complete(self, msg: Completion, routed: Routed | None, text: str) -> web.StreamResponse:
         usage = usage_body(prompt_tokens=msg.prompt_tokens, completion_tokens=msg.output_tokens,
@@ -297,13 +292,24 @@ class _Exchange:
         kvr = {"worker_id": msg.worker_id, "dp_rank": msg.dp_rank, "retries": msg.retries,
                "predicted_cached_tokens": msg.predicted_cached_tokens, "policy": routed.policy if routed else None}
         if self.response is not None:
-            await self._write(sse_event({**self.head, "choices": [_choice(self.chat, "", msg.finish_reason, stream=True)]}))
+            last = {**self.head, "choices": [_choice(self.chat, "", msg.finish_reason, stream=True)]}
+            await _write(self.response, sse_event(last))
             if self.parsed.include_usage:
-                await self._write(sse_event({**self.head, "choices": [], "usage": usage, "kvr": kvr}))
-            return await self._end()
+                await _write(self.response, sse_event({**self.head, "choices": [], "usage": usage, "kvr": kvr}))
+            return await _end(self.response)
         obj = "chat.completion" if self.chat else "text_completion"
         return json_response(200, {**self.head, "object": obj, "choices": [_choice(self.chat, text, msg.finish_reason)],
                                    "usage": usage, "kvr": kvr}, {"x-kvr-worker": msg.worker_id})
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    await response.write(data)  # a client that left: ConnectionError, and the request is cancelled
+
+
+async def _end(response: web.StreamResponse) -> web.StreamResponse:
+    await _write(response, SSE_DONE)
+    await response.write_eof()
+    return response
 
 
 def generate_request(parsed: CompletionBody, *, request_id: str, alias: str | None,

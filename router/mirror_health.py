@@ -36,7 +36,7 @@ _OOM_CODE = "OOM"
 def cause_of(exc: BaseException | None) -> Cause:
     """The cause of one failure: ``exc`` or, first, what it was raised from (``MirrorUnavailable``
     wraps redis-py's exception)."""
-    chain = []
+    chain: list[BaseException] = []
     while exc is not None and exc not in chain and len(chain) < 8:
         chain.append(exc)
         exc = exc.__cause__

@@ -191,12 +191,12 @@ class RouterService:
         self._workers_sock, self.workers_endpoint = make_router(
             self._ctx, config.bind_workers, max_msg_size=config.max_request_bytes,
             setup=None if curve is None else lambda s: curve.serve(s, domain=WORKERS_DOMAIN, allow=curve.workers))
-        self._metrics = None
+        self._metrics: zmq.Socket[bytes] | None = None
         self.metrics_endpoint = None
         if config.bind_metrics:
             self._metrics = make_socket(self._ctx, zmq.PUB, max_msg_size=MAX_CONTROL_BYTES)
             self._metrics.bind(config.bind_metrics)
-            self.metrics_endpoint = self._metrics.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.metrics_endpoint = self._metrics.getsockopt_string(zmq.LAST_ENDPOINT)
         self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full client queue raises, not drops (_reply)
         self._client_backlog: dict[bytes, deque[bytes]] = {}
         self._poller = zmq.Poller()
@@ -352,7 +352,7 @@ class RouterService:
             self._refresh_stats()
             if self.mirror is not None:  # for `kvr inspect` (fails, and is skipped, while Redis does)
                 health = json.dumps({**as_dict(self.mirror_health.status()), "t_s": self._wall()})
-                self._mirror_call(lambda: self.mirror.record_health(self.config.router_id, health), refresh=True)
+                self._mirror_call(lambda m: m.record_health(self.config.router_id, health), refresh=True)
 
     # ------------------------------------------------------------------ clients
 
@@ -385,7 +385,11 @@ class RouterService:
             self._reply(client, ErrorReply(req.request_id, ErrorCode.OVERLOADED,
                                            f"{len(self.pending)} requests in flight (limit {self.config.max_pending})"))
             return
-        tokens = req.token_ids if req.token_ids is not None else self.tokenizer.encode(req.prompt)
+        if req.token_ids is not None:
+            tokens = req.token_ids
+        else:
+            assert req.prompt is not None  # check_request: exactly one of prompt / token_ids
+            tokens = self.tokenizer.encode(req.prompt)
         if req.token_ids is None:
             rejection = check_prompt_length(len(tokens), self.config.limits)
             if rejection is not None:
@@ -494,12 +498,11 @@ class RouterService:
         self.liveness.seen(wid, now)
         if isinstance(msg, Heartbeat):
             if msg.load is not None:
-                l = msg.load
-                self.core.update_load(WorkerKey(wid, msg.dp_rank), running=l.running, waiting=l.waiting,
-                                      queued_prefill_tokens=l.queued_prefill_tokens, kv_usage=l.kv_usage)
-            self._mirror_call(lambda: self.mirror.touch_worker(wid, epoch=worker.hello.epoch, load=msg.load,
-                                                               now_s=self._wall(),
-                                                               ttl_s=self.config.heartbeat.timeout_s),
+                load = msg.load
+                self.core.update_load(WorkerKey(wid, msg.dp_rank), running=load.running, waiting=load.waiting,
+                                      queued_prefill_tokens=load.queued_prefill_tokens, kv_usage=load.kv_usage)
+            self._mirror_call(lambda m: m.touch_worker(wid, epoch=worker.hello.epoch, load=msg.load,
+                                                       now_s=self._wall(), ttl_s=self.config.heartbeat.timeout_s),
                               refresh=True)
         elif isinstance(msg, Goodbye):
             self._worker_gone(wid, ErrorCode.WORKER_DIED, "worker left")
@@ -509,7 +512,8 @@ class RouterService:
     def _on_hello(self, identity: bytes, hello: Hello, now: float, *, peer_key: str | None = None) -> None:
         cfg = self.config
         if hello.protocol_version != PROTOCOL_VERSION or hello.block_size != cfg.block_size:
-            reason = (f"protocol {hello.protocol_version} != {PROTOCOL_VERSION}" if hello.protocol_version != PROTOCOL_VERSION
+            reason = (f"protocol {hello.protocol_version} != {PROTOCOL_VERSION}"
+                      if hello.protocol_version != PROTOCOL_VERSION
                       else f"block_size {hello.block_size} != the router's {cfg.block_size}")
             logger.warning("refusing worker %s: %s", hello.worker_id, reason)
             self._send_worker(identity, Refused(reason))
@@ -561,7 +565,7 @@ class RouterService:
         self.liveness.sent(wid, now)
         # After the Welcome: a request re-routed here must reach the worker after it.
         self._take_over(wid, hello, replaced=old is not None and replaced, now=now)
-        self._mirror_call(lambda: self.mirror.register_worker(hello, now_s=self._wall(), ttl_s=cfg.heartbeat.timeout_s))
+        self._mirror_call(lambda m: m.register_worker(hello, now_s=self._wall(), ttl_s=cfg.heartbeat.timeout_s))
 
     def _claim_refusal(self, identity: bytes, hello: Hello, now: float, peer_key: str | None) -> Refused | None:
         """Why this Hello may not have its worker id, or None. The id belongs to one live connection:
@@ -591,7 +595,8 @@ class RouterService:
         worker will resend its whole stream after the Welcome) or ends now, re-routed if its client
         saw nothing yet, else with ``WORKER_DIED``. Only on a *replaced* link: on the same
         connection, Dispatches sent after the worker's Hello are still on their way to it."""
-        held = set(hello.in_flight) if hello.router_epoch == self.epoch else set()  # keys of another router are not ours
+        # Keys another router handed out are not ours.
+        held = set(hello.in_flight) if hello.router_epoch == self.epoch else set()
         mine: set[str] = set()
         if replaced:
             lost = [p for p in self.pending.values() if p.target is not None and p.target.worker_id == wid
@@ -686,7 +691,8 @@ class RouterService:
                 return
             if p.first_token_s is None:
                 p.first_token_s = now
-            self._finish(p, msgspec.structs.replace(msg, request_id=rid, predicted_cached_tokens=p.predicted_cached_tokens,
+            self._finish(p, msgspec.structs.replace(msg, request_id=rid,
+                                                    predicted_cached_tokens=p.predicted_cached_tokens,
                                                     retries=p.retries, dp_rank=p.target.dp_rank))
         else:
             self._finish(p, msgspec.structs.replace(msg, request_id=rid, worker_id=wid))
@@ -702,7 +708,7 @@ class RouterService:
         self._refresh_stats()
         now = self._clock()
         lost = [rec for t in worker.targets for rec in self.core.unregister(t)]
-        self._mirror_call(lambda: self.mirror.unregister_worker(wid, dp_ranks=[t.dp_rank for t in worker.targets]))
+        self._mirror_call(lambda m: m.unregister_worker(wid, dp_ranks=[t.dp_rank for t in worker.targets]))
         for rec in lost:
             p = self.pending.get(rec.request_id)
             if p is None:
@@ -758,7 +764,7 @@ class RouterService:
             self.counters["worker_send_drops"] += 1
             logger.debug("message to worker %s dropped: %s", identity.hex(), exc)
 
-    def _mirror_call(self, write: Callable[[], None], *, refresh: bool = False) -> None:
+    def _mirror_call(self, write: Callable[[RedisMirror], None], *, refresh: bool = False) -> None:
         """A Redis write that must not stop routing. ``refresh`` (a heartbeat's liveness touch) is
         skipped while Redis is known down: against a Redis that hangs rather than refuses, each
         try would stall the loop for the socket timeout, and the resync rewrites it anyway."""
@@ -768,7 +774,7 @@ class RouterService:
             self.counters["mirror_skipped"] += 1
             return
         try:
-            write()
+            write(self.mirror)
         except MirrorUnavailable as exc:
             self.counters["mirror_failures"] += 1
             self._mirror_down = True  # the next successful check rewrites what this write missed
@@ -802,19 +808,22 @@ class RouterService:
         any such transition the registry and every target are rewritten from memory; routing
         never waited on Redis in the meantime.
         """
+        mirror = self.mirror
+        if mirror is None:
+            return
         try:
-            generation = self.mirror.router_heartbeat(self.config.router_id, now_s=self._wall(),
-                                                      token=uuid.uuid4().hex)
+            generation = mirror.router_heartbeat(self.config.router_id, now_s=self._wall(),
+                                                 token=uuid.uuid4().hex)
         except MirrorUnavailable as exc:
             self.counters["mirror_failures"] += 1
             self._mirror_down = True
             self._mirror_failed(exc)
             return
         lost = self._mirror_generation is not None and generation != self._mirror_generation
-        failed = self.mirror.take_write_failures()  # writes made off the routing thread that failed
+        failed = mirror.take_write_failures()  # writes made off the routing thread that failed
         if failed is not None:
             self._mirror_failed(failed)
-        elif self.mirror_health.state != "ok":
+        elif self.mirror_health.cause is not None:  # degraded (a cause is set exactly while it is)
             self.mirror_health.fail(self.mirror_health.cause, now_s=self._wall(),
                                     failed_writes=self._new_mirror_failures())
         was_down, self._mirror_down = self._mirror_down or failed is not None, False
@@ -829,22 +838,23 @@ class RouterService:
             self.ingest.mark_mirror_lost()
             ttl_s = self.config.heartbeat.timeout_s
             for worker in self.workers.values():
-                self._mirror_call(lambda w=worker: self.mirror.register_worker(w.hello, now_s=self._wall(), ttl_s=ttl_s))
+                self._mirror_call(_register(worker.hello, now_s=self._wall(), ttl_s=ttl_s))
             self.ingest.tick()  # the rewrite itself (dirty targets); one that fails stays dirty
             # Queued writes are not landed ones: read the mirror back behind them before saying so.
-            self.mirror.request_verification(
+            mirror.request_verification(
                 blocks={(t.worker_id, t.dp_rank): len(self.index.snapshot(t)) for t in self.ingest.streams},
                 workers=list(self.workers))
             self._verify_asked_s = self._clock()
             return
         if self._verify_asked_s is not None:
-            self._check_rewrite()
+            self._check_rewrite(mirror, asked_s=self._verify_asked_s)
 
-    def _check_rewrite(self) -> None:
-        """The read-back of a rewrite: ok again once it matched; a mismatch is logged and rewritten."""
-        answer = self.mirror.take_verification()
+    def _check_rewrite(self, mirror: RedisMirror, *, asked_s: float) -> None:
+        """The read-back of a rewrite asked for at ``asked_s``: ok again once it matched; a mismatch is
+        logged and rewritten."""
+        answer = mirror.take_verification()
         if answer is None:
-            if self._clock() - self._verify_asked_s > _VERIFY_TIMEOUT_S:  # lost (e.g. dropped from a full queue)
+            if self._clock() - asked_s > _VERIFY_TIMEOUT_S:  # lost (e.g. dropped from a full queue)
                 self._verify_asked_s = None  # the next check rewrites and asks again
             return
         self._verify_asked_s = None
@@ -867,15 +877,18 @@ class RouterService:
         if self._metrics is None:
             return
         now = self._clock()
-        ok = isinstance(terminal, Completion)
+        if isinstance(terminal, Completion):
+            cached, output, error, stats = terminal.cached_tokens, terminal.output_tokens, None, terminal.stats
+        else:
+            cached, output, error, stats = 0, 0, terminal.code, RequestStats()
         first = p.first_token_s if p.first_token_s is not None else now
         rec = RequestRecord(
             request_id=p.request.request_id, worker_id=_wid(p.target), arrival_s=p.accepted_wall_s,
             finish_s=p.accepted_wall_s + (now - p.accepted_s), prompt_tokens=len(p.token_ids),
-            cached_tokens=terminal.cached_tokens if ok else 0, predicted_cached_tokens=p.predicted_cached_tokens,
-            output_tokens=terminal.output_tokens if ok else 0, ttft_s=first - p.accepted_s, e2e_s=now - p.accepted_s,
-            policy=self.config.policy, error=None if ok else terminal.code, stats=terminal.stats if ok else RequestStats())
-        self._publish(names.REQUEST_METRICS_TOPIC, rec)
+            cached_tokens=cached, predicted_cached_tokens=p.predicted_cached_tokens,
+            output_tokens=output, ttft_s=first - p.accepted_s, e2e_s=now - p.accepted_s,
+            policy=self.config.policy, error=error, stats=stats)
+        self._publish(self._metrics, names.REQUEST_METRICS_TOPIC, rec)
 
     def _refresh_stats(self) -> None:
         targets = {}
@@ -907,7 +920,7 @@ class RouterService:
             if target not in live:
                 continue
             load = self.core.load(target)
-            self._publish(names.WORKER_METRICS_TOPIC, WorkerSample(
+            self._publish(self._metrics, names.WORKER_METRICS_TOPIC, WorkerSample(
                 worker_id=str(target), t_s=t,
                 load=WireLoad(running=load.running, waiting=load.waiting,
                               queued_prefill_tokens=load.queued_prefill_tokens, kv_usage=load.kv_usage),
@@ -916,9 +929,9 @@ class RouterService:
                 replays=stream.subscriber.counters.replays, resets=stream.resets, evictions=stream.removed_blocks,
                 mirror=mirror))
 
-    def _publish(self, topic: bytes, record) -> None:
+    def _publish(self, metrics: zmq.Socket[bytes], topic: bytes, record: RequestRecord | WorkerSample) -> None:
         try:
-            self._metrics.send_multipart([topic, encode(record)], zmq.NOBLOCK)
+            metrics.send_multipart([topic, encode(record)], zmq.NOBLOCK)
         except zmq.ZMQError:
             self.counters["metrics_drops"] += 1
 
@@ -933,6 +946,12 @@ class RouterService:
                 sock.close(linger=0)
         if self._own_ctx and not self._ctx.closed:
             self._ctx.term()
+
+
+def _register(hello: Hello, *, now_s: float, ttl_s: float) -> Callable[[RedisMirror], None]:
+    """The registry write for one worker, as ``RouterService._mirror_call`` takes it (a closure
+    over its own arguments, so one made in a loop does not see the loop's later values)."""
+    return lambda m: m.register_worker(hello, now_s=now_s, ttl_s=ttl_s)
 
 
 def _wid(target: WorkerKey | None) -> str | None:

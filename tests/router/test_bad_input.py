@@ -44,7 +44,8 @@ class Stack:
                            request_timeout_s=10.0)
         self.running = RunningRouter(cfg)
         self.router = self.running.service
-        self.worker = WorkerRunner(WorkerOptions(worker_id="w1", router_endpoint=connectable(self.router.workers_endpoint),
+        self.worker = WorkerRunner(WorkerOptions(worker_id="w1",
+                                                 router_endpoint=connectable(self.router.workers_endpoint),
                                                  model="m", speedup=50.0, seed=1, num_gpu_blocks=BLOCKS,
                                                  heartbeat_interval=0.2))
         self.worker_thread = threading.Thread(target=self.worker.run, daemon=True)
@@ -178,12 +179,16 @@ def _generate_frame(**fields) -> bytes:
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"request_id": "t1", "token_ids": [1, "2"]}, "malformed request: Expected `int`, got `str` - at `$.token_ids[1]`"),
-    ({"request_id": "t2", "token_ids": [1, 2.5]}, "malformed request: Expected `int`, got `float` - at `$.token_ids[1]`"),
-    ({"request_id": "t3", "token_ids": 7}, "malformed request: Expected `array | null`, got `int` - at `$.token_ids`"),
+    ({"request_id": "t1", "token_ids": [1, "2"]},
+     "malformed request: Expected `int`, got `str` - at `$.token_ids[1]`"),
+    ({"request_id": "t2", "token_ids": [1, 2.5]},
+     "malformed request: Expected `int`, got `float` - at `$.token_ids[1]`"),
+    ({"request_id": "t3", "token_ids": 7},
+     "malformed request: Expected `array | null`, got `int` - at `$.token_ids`"),
     ({"request_id": "t4", "prompt": "hi", "max_tokens": "8"},
      "malformed request: Expected `int`, got `str` - at `$.max_tokens`"),
-    ({"request_id": "t5", "prompt": "hi", "model": 3}, "malformed request: Expected `str | null`, got `int` - at `$.model`"),
+    ({"request_id": "t5", "prompt": "hi", "model": 3},
+     "malformed request: Expected `str | null`, got `int` - at `$.model`"),
 ])
 def test_wrong_field_types_get_a_bad_request_reply_naming_the_field(stack, fields, message):
     """The typed decoder refuses the frame; the router still finds its id and answers it."""
@@ -211,7 +216,8 @@ def test_malformed_worker_messages_and_unknown_peers_keep_the_router_serving(sta
     with _raw_dealer(stack, stack.router.workers_endpoint) as raw:
         bad_before = stack.router.counters["bad_messages"]
         unknown_before = stack.router.counters["unknown_peer_messages"]
-        frames = [b"\xc1", b'\x81\xa4type\xa5hello', b'\x83\xa4type\xa9heartbeat\xa9sender_id\xa3\xff\xfe\xfd\xa5epoch\x01',
+        frames = [b"\xc1", b'\x81\xa4type\xa5hello',
+                  b'\x83\xa4type\xa9heartbeat\xa9sender_id\xa3\xff\xfe\xfd\xa5epoch\x01',
                   b"\xdd\xff\xff\xff\xff", b"\x81\xa1a" * 100_000 + b"\xc0"]
         for f in frames:
             raw.send(f)
@@ -265,7 +271,8 @@ def test_each_bad_request_gets_an_openai_error_over_http(stack, body, status, ki
 
 def test_the_front_model_alias_and_the_worker_model_are_both_served(stack):
     for model in ("kvr", "m", None):
-        status, body = stack.post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1, "model": model}).encode())
+        body_in = json.dumps({"prompt": "hi", "max_tokens": 1, "model": model}).encode()
+        status, body = stack.post("/v1/completions", body_in)
         assert status == 200 and body["usage"]["completion_tokens"] == 1
 
 
@@ -312,7 +319,8 @@ def _raw_http(stack: Stack, data: bytes) -> bytes:
     (str(65 * 1024 * 1024), 413, "is over the 67108864-byte limit"),
 ])
 def test_bad_content_length_headers(stack, length, status, message):
-    reply = _raw_http(stack, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{}}".encode())
+    head_in = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+    reply = _raw_http(stack, (head_in + "{}").encode())
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.split(b" ")[1] == str(status).encode()
     assert message in json.loads(body)["error"]["message"]

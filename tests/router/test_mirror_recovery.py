@@ -19,7 +19,7 @@ from bus.schema import GenerateRequest, Welcome
 from core.prefix_index import WorkerKey
 from router.mirror import RedisMirror, make_redis_client
 from tests.conftest import _need_real_service, free_port
-from tests.router.test_service import BS, FakeWorker, RunningRouter, _config, ctx, wait_for  # noqa: F401 (ctx: fixture)
+from tests.router.test_service import BS, FakeWorker, RunningRouter, _config, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -16,9 +16,21 @@ from bus.client import RouterClient
 from bus.codec import encode, router_decoder
 from bus.publisher_thread import PublisherThread
 from bus.schema import (
-    REFUSED_DUPLICATE_ID, REFUSED_KEY_MISMATCH, Cancel, Completion, Dispatch, ErrorCode, GenerateRequest, Goodbye, Heartbeat, Hello, Refused, TokenChunk, Welcome,
+    REFUSED_DUPLICATE_ID,
+    REFUSED_KEY_MISMATCH,
+    Cancel,
+    Completion,
+    Dispatch,
+    ErrorCode,
+    GenerateRequest,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Refused,
+    TokenChunk,
+    Welcome,
     WorkerLoad,
-)  # fmt: skip
+)
 from bus.sockets import free_tcp_endpoint
 from core.events import BlockStored
 from core.liveness import HeartbeatConfig
@@ -100,13 +112,6 @@ class FakeWorker:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.pub.close()
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.term()
 
 
 def _config(**kw) -> RouterConfig:
