@@ -103,10 +103,10 @@ class SketchSamples:
     """A bounded distribution: DDSketch bins with a relative-error guarantee.
 
     Memory is at most :data:`SKETCH_BIN_LIMIT` counters per sign whatever the
-    number of values. ``quantile(q)`` is the sketch's value at rank
-    ``q / 100 * (n - 1)`` rounded down: within ``relative_accuracy`` of that
-    order statistic, so within ``relative_accuracy`` of the linear-interpolated
-    :func:`percentile` plus the gap between the two closest order statistics.
+    number of values. ``quantile(q)`` interpolates linearly between the sketch's
+    two order statistics around rank ``q / 100 * (n - 1)``, as :func:`percentile`
+    does between the true ones: each is within ``relative_accuracy`` of the true
+    value, so the answer is within ``relative_accuracy`` of :func:`percentile`.
     Count, sum, min and max are exact (and so are the 0th and 100th percentiles).
     """
 
@@ -161,14 +161,33 @@ class SketchSamples:
         return self._max if self._count else math.nan
 
     def quantile(self, q: float) -> float:
+        """The linear-interpolated percentile (:func:`percentile`'s definition) between the
+        sketch's two order statistics around rank ``q / 100 * (n - 1)``: each within
+        ``relative_accuracy`` of the true one, so the answer is too. (ddsketch's own quantile
+        takes the lower order statistic: with three values its p99 would be the median.)"""
         if not self._count:
             return math.nan
-        # The extremes are known exactly; elsewhere a bin's representative, clamped to them.
         if q <= 0:
             return self._min
         if q >= 100:
             return self._max
-        value = self._sketch.get_quantile_value(q / 100.0)
+        rank = q / 100.0 * (self._count - 1)
+        lo = math.floor(rank)
+        v_lo = self._order_statistic(lo)
+        if rank == lo:
+            return v_lo
+        v_hi = self._order_statistic(lo + 1)
+        return v_lo + (rank - lo) * (v_hi - v_lo)
+
+    def _order_statistic(self, k: int) -> float:
+        """The sketch's value of the ``k``-th smallest value (0-based), clamped to the exact extremes."""
+        if k <= 0:
+            return self._min
+        if k >= self._count - 1:
+            return self._max
+        # ddsketch answers the value at rank floor(q * (n - 1)); half a rank above k keeps
+        # floating-point rounding from landing on k - 1.
+        value = self._sketch.get_quantile_value(min(1.0, (k + 0.5) / (self._count - 1)))
         if value is None:  # ddsketch's answer for an empty sketch; _count > 0 rules it out
             return math.nan
         return min(self._max, max(self._min, float(value)))
