@@ -50,8 +50,8 @@ class BasicConfig:
 
 
 def run(cfg: BasicConfig, *, command: str = "kvr bench basic", progress=None) -> SuiteResult:
-    from core.policies import POLICY_NAMES
     from cluster.local import LocalCluster
+    from core.policies import POLICY_NAMES
 
     progress = progress or NullProgress()
     policies = list(cfg.policies or POLICY_NAMES)

@@ -96,12 +96,12 @@ def demo_cmd(ctx: click.Context, workers: int, speedup: float, rate_per_s: float
 
     from bus.client import RouterClient
     from cli.user_state import new_run_dir
-    from cluster.local import ClusterConfig, LocalCluster
-    from monitor.dump import write_dump
     from cluster.loadgen import drive_workload
+    from cluster.local import ClusterConfig, LocalCluster
+    from cluster.supervisor import ComponentFailed
+    from monitor.dump import write_dump
     from monitor.report import write_report
     from monitor.results import run_results, table_rows
-    from cluster.supervisor import ComponentFailed
     from sim.workload import Poisson, assign_arrivals
     from sim.workloads import make_workload
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
 from bench.engine import bench_block_pool, bench_engine
+from cli.main import main
 
 
 def test_engine_bench_counts_every_token() -> None:

@@ -18,8 +18,8 @@ from bus.client import RouterClient
 from bus.schema import GenerateRequest
 from cli.main import main
 from cluster.local import ClusterConfig, LocalCluster, kvr_argv
-from monitor.dashboard import fetch_dump
 from cluster.supervisor import ComponentSpec, Supervisor
+from monitor.dashboard import fetch_dump
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

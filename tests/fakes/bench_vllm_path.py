@@ -29,8 +29,8 @@ from core.liveness import HeartbeatConfig
 from core.quantiles import percentile
 from router.service import RouterConfig, RouterService
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
-from worker.vllm.openai_client import CompletionRequest, OpenAIClient
 from worker.vllm.backend import VllmBackend, VllmBackendConfig
+from worker.vllm.openai_client import CompletionRequest, OpenAIClient
 from worker.vllm.runner import VllmWorkerOptions, VllmWorkerRunner
 
 

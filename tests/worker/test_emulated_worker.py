@@ -9,7 +9,6 @@ import msgspec
 import pytest
 import zmq
 
-from bus.codec import encode, worker_decoder
 from bus.schema import (
     REFUSED_DUPLICATE_ID,
     Cancel,
@@ -26,41 +25,6 @@ from bus.schema import (
 )
 from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
 from worker.service import WorkerService
-
-
-class RawRouter:
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
-        self.decoder = worker_decoder()
-        self.identity: bytes | None = None
-
-    def recv(self, kind=None, timeout_s: float = 5.0):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            what = kind.__name__ if kind else "message"
-            assert left > 0 and self.sock.poll(int(left * 1000) + 1), f"no {what} in time"
-            self.identity, frame = self.sock.recv_multipart()
-            msg = self.decoder.decode(frame)
-            if kind is None or isinstance(msg, kind):
-                return msg
-
-    def send(self, msg) -> None:
-        self.sock.send_multipart([self.identity, encode(msg)])
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
-
-
-@pytest.fixture
-def router():
-    r = RawRouter()
-    yield r
-    r.close()
 
 
 @pytest.fixture

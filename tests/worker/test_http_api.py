@@ -10,10 +10,10 @@ import pytest
 
 from core.tokenizer import BuiltinTokenizer
 from tests.http_helpers import http_only_worker
-from worker.vllm.openai_client import CompletionRequest, OpenAIClient
 from worker.runner import WorkerOptions, WorkerRunner
 from worker.vllm.checks import check_server
 from worker.vllm.metrics import cache_config, engine_stats, parse_prometheus_text
+from worker.vllm.openai_client import CompletionRequest, OpenAIClient
 
 PROSE = (
     "The quick brown fox jumps over the lazy dog and keeps running through the forest until night falls on "

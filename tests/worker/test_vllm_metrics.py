@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from bus.schema import WorkerLoad
 from tests.fakes.fake_vllm import FakeVllm
-from worker.vllm.openai_client import CompletionRequest, OpenAIClient
 from worker.vllm.metrics import CacheConfig, EngineStats, cache_config, engine_stats, parse_prometheus_text
+from worker.vllm.openai_client import CompletionRequest, OpenAIClient
 
 # Shaped like vLLM 0.33 with two DP engines (histograms, info gauge, HELP/TYPE lines).
 V1_TEXT = """\

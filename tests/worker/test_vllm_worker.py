@@ -10,12 +10,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-import zmq
 
-from bus.codec import encode, worker_decoder
 from bus.schema import (
     Cancel,
     Completion,
@@ -34,43 +31,6 @@ from worker.vllm.checks import StartupError
 from worker.vllm.runner import VllmWorkerOptions, VllmWorkerRunner
 
 PROMPT = list(range(300, 340))
-
-
-class RawRouter:
-    """A bound ROUTER that decodes worker messages; every receive is bounded."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.decoder = worker_decoder()
-        self.identity = None
-
-    def recv(self, kind=None, timeout_s: float = 10.0):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            assert remaining_ms > 0 and self.sock.poll(remaining_ms), f"no {kind} within {timeout_s} s"
-            self.identity, frame = self.sock.recv_multipart()
-            msg = self.decoder.decode(frame)
-            if kind is None or isinstance(msg, kind):
-                return msg
-
-    def send(self, msg) -> None:
-        self.sock.send_multipart([self.identity, encode(msg)])
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
-
-
-@pytest.fixture
-def router():
-    r = RawRouter()
-    yield r
-    r.close()
 
 
 def test_registers_heartbeats_and_serves_dispatches(router):

@@ -47,8 +47,6 @@ from bus.schema import (
     TokenChunk,
     WorkerLoad,
 )
-from worker.vllm.openai_client import CompletionRequest, OpenAIClient, VllmHTTPError
-from worker.vllm.remote_tokenizer import TokenizerMismatchError, verify_router_tokenizer
 from worker.vllm.checks import (
     BlockSizeWatch,
     ServerInfo,
@@ -58,6 +56,8 @@ from worker.vllm.checks import (
     router_endpoints,
 )
 from worker.vllm.metrics import EngineStats, engine_stats, parse_prometheus_text
+from worker.vllm.openai_client import CompletionRequest, OpenAIClient, VllmHTTPError
+from worker.vllm.remote_tokenizer import TokenizerMismatchError, verify_router_tokenizer
 
 logger = logging.getLogger(__name__)
 

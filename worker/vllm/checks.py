@@ -39,8 +39,8 @@ import zmq
 from bus.sockets import make_sub, vllm_binds
 from bus.vllm_codec import DecodeError, VllmEventDecoder
 from core.events import MEDIUM_GPU, BlockStored
-from worker.vllm.openai_client import CompletionRequest, ModelCard, OpenAIClient, VllmHTTPError
 from worker.vllm.metrics import cache_config, parse_prometheus_text
+from worker.vllm.openai_client import CompletionRequest, ModelCard, OpenAIClient, VllmHTTPError
 
 logger = logging.getLogger(__name__)
 
