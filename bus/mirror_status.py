@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from bus.schema import MirrorStatus
 
@@ -24,7 +25,7 @@ class Cause(enum.StrEnum):
     OTHER = "other"
 
 
-def describe(status: MirrorStatus | dict | None) -> str:
+def describe(status: MirrorStatus | dict[str, Any] | None) -> str:
     """One line for people: ``ok``, or ``degraded (out_of_memory since 2024-05-01 12:00:03 UTC, 12 failed writes)``."""
     if status is None:
         return "unknown"
@@ -37,6 +38,6 @@ def describe(status: MirrorStatus | dict | None) -> str:
     return f"{status.state} ({status.cause}{since}, {status.failed_writes} failed writes)"
 
 
-def as_dict(status: MirrorStatus) -> dict:
+def as_dict(status: MirrorStatus) -> dict[str, Any]:
     return {"state": status.state, "cause": status.cause, "since_s": status.since_s,
             "failed_writes": status.failed_writes}

@@ -33,7 +33,9 @@ import msgspec
 PROTOCOL_VERSION = 2
 
 
-class ErrorCode(str, enum.Enum):
+# Not enum.StrEnum: that changes str()/format() of a member from "ErrorCode.TIMEOUT" to "timeout",
+# and codes reach logs and messages through many variables (bench/echo.py formats msg.code).
+class ErrorCode(str, enum.Enum):  # noqa: UP042
     """Why a request ended without a result."""
 
     BAD_REQUEST = "bad_request"  # malformed or invalid fields (the message says which)

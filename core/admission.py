@@ -47,7 +47,8 @@ def check_request(
     if max_tokens > limits.max_output_tokens:
         return Rejection("bad_request", f"max_tokens {max_tokens} exceeds the limit of {limits.max_output_tokens}")
     if limits.models and model is not None and model not in limits.models:
-        return Rejection("unknown_model", f"model {model!r} is not served here (served: {', '.join(sorted(limits.models))})")
+        served = ", ".join(sorted(limits.models))
+        return Rejection("unknown_model", f"model {model!r} is not served here (served: {served})")
     if prompt is not None:
         if not prompt:
             return Rejection("bad_request", "prompt is empty")
@@ -62,8 +63,8 @@ def check_request(
     # Fast path in C (this runs per request): all plain ints, within range.
     if set(map(type, token_ids)) == {int} and min(token_ids) >= 0 and max(token_ids) < limits.vocab_size:
         return None
-    bad = next((t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < limits.vocab_size),
-               None)
+    bad = next((t for t in token_ids
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < limits.vocab_size), None)
     if bad is not None:
         return Rejection("bad_request", f"token id {bad!r} is outside [0, {limits.vocab_size})")
     return None

@@ -193,7 +193,8 @@ class BlockPool:
         self.stats.hits_tokens += num_hit_tokens
         return hits, num_hit_tokens
 
-    def num_blocks_to_allocate(self, seq: KVSequence, num_tokens: int, new_computed_blocks: Sequence[KVCacheBlock]) -> int:
+    def num_blocks_to_allocate(self, seq: KVSequence, num_tokens: int,
+                               new_computed_blocks: Sequence[KVCacheBlock]) -> int:
         """Free blocks that slots for ``num_tokens`` would consume (hit blocks now free count too)."""
         required = -(-num_tokens // self.block_size)
         new = max(0, required - len(new_computed_blocks) - len(seq.blocks))
@@ -218,7 +219,8 @@ class BlockPool:
         if num_new_tokens <= 0:
             raise ValueError("num_new_tokens must be positive")
         bs = self.block_size
-        if not new_computed_blocks and seq.num_computed_tokens + num_new_tokens + num_lookahead_tokens <= len(seq.blocks) * bs:
+        if not new_computed_blocks and (seq.num_computed_tokens + num_new_tokens + num_lookahead_tokens
+                                        <= len(seq.blocks) * bs):
             # Fast path (most decode steps): the slots exist already; only caching may be due.
             num_to_cache = min(seq.num_computed_tokens + num_new_tokens, len(seq.token_ids))
             if self.enable_caching and num_to_cache // bs > seq.num_cached_blocks:
@@ -332,7 +334,8 @@ class BlockPool:
             del self._cached[digest]
         self.stats.evicted_blocks += 1
         if self.enable_events:
-            self._events.append(BlockRemoved(block_hashes=[self.hasher.external(digest)], medium=MEDIUM_GPU, group_idx=0))
+            self._events.append(BlockRemoved(block_hashes=[self.hasher.external(digest)], medium=MEDIUM_GPU,
+                                             group_idx=0))
 
     def _lora_id(self, lora_name: str) -> int:
         # vLLM reports the adapter's integer id; the emulator numbers names as it meets them.

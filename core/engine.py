@@ -35,8 +35,15 @@ from typing import Any
 from core.block_hash import BlockHasher
 from core.block_pool import BlockPool, KVSequence
 from core.engine_types import (
-    FINISH_ABORT, FINISH_LENGTH, EngineConfig, EngineLoad, EngineRequest, RequestOutput, RequestRejected,
-    RequestStats, StepResult,
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    EngineConfig,
+    EngineLoad,
+    EngineRequest,
+    RequestOutput,
+    RequestRejected,
+    RequestStats,
+    StepResult,
 )  # fmt: skip
 from core.events import KVEvent
 from core.profiles import Profile
@@ -148,7 +155,8 @@ class EmulatedEngine:
         if max_tokens is None:
             max_tokens = max(1, round(self.rng.expovariate(1.0 / self.config.mean_output_tokens)))
         try:
-            seq = self.pool.new_sequence(req.request_id, req.token_ids, lora_name=req.lora_name, cache_salt=req.cache_salt)
+            seq = self.pool.new_sequence(req.request_id, req.token_ids, lora_name=req.lora_name,
+                                         cache_salt=req.cache_salt)
         except (OverflowError, TypeError) as exc:
             raise RequestRejected("token ids must be integers in [0, 2**32)") from exc
         r = _Request(req.request_id, seq, now, max_tokens)
@@ -293,7 +301,7 @@ class EmulatedEngine:
         # One draw per scheduled request, in batch order (prefill chunks waste theirs).
         draws = self.rng.choices(self._vocab, k=len(scheduled))
         pool = self.pool
-        for (r, n), token in zip(scheduled, draws):
+        for (r, n), token in zip(scheduled, draws, strict=True):
             seq = r.seq
             seq.num_computed_tokens += n
             if seq.num_computed_tokens < len(seq.token_ids):
@@ -355,14 +363,16 @@ class EmulatedEngine:
         durations: list[float] = []
         t = now
         while len(durations) < k and t < until_s:
-            d = step_s(prefill_tokens=0, decode_seqs=n, kv_tokens=kv0 + n * len(durations), attention_token_pairs=0)
+            d = step_s(prefill_tokens=0, decode_seqs=n, kv_tokens=kv0 + n * len(durations),
+                       attention_token_pairs=0)
             durations.append(d)
             t += d
         k = len(durations)
         pool = self.pool
         bs = cfg.block_size
         free = pool.num_free_blocks
-        while k >= 2 and sum(max(0, -(-(r.seq.num_computed_tokens + k) // bs) - len(r.seq.blocks)) for r in running) > free:
+        while k >= 2 and free < sum(max(0, -(-(r.seq.num_computed_tokens + k) // bs) - len(r.seq.blocks))
+                                    for r in running):
             k -= 1
         if k < 2:
             return None

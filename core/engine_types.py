@@ -33,7 +33,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
     latency: LatencyModel = field(
-        default_factory=lambda: SimpleLatencyModel(prefill_base_s=15e-3, prefill_per_block_s=2e-3, decode_per_token_s=20e-3)
+        default_factory=lambda: SimpleLatencyModel(prefill_base_s=15e-3, prefill_per_block_s=2e-3,
+                                                   decode_per_token_s=20e-3)
     )
     mean_output_tokens: int = 128  # for requests that give no max_tokens (exponential draw)
     output_vocab: tuple[int, ...] | None = None  # None: the built-in tokenizer's words

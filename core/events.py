@@ -13,12 +13,12 @@ Hashes are *external* block hashes: whatever the engine uses (a uint64, often
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
 # An engine's block id on the wire: uint64 (default) or 32-byte digest.
-ExternalBlockHash = Union[int, bytes]
+ExternalBlockHash = int | bytes
 
 #: ``medium`` of blocks held in the GPU block pool (offload tiers say CPU/STORAGE).
 MEDIUM_GPU = "GPU"
@@ -59,7 +59,7 @@ class AllBlocksCleared(msgspec.Struct, tag=True, omit_defaults=True):
     """The engine's whole GPU prefix cache was reset."""
 
 
-KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class KVEventBatch(msgspec.Struct, array_like=True):
