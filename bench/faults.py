@@ -44,7 +44,7 @@ from pathlib import Path
 from bench.live import cluster_config
 from bench.progress import NullProgress
 from bench.results import SuiteResult
-from bench.stale import SteadyLoad, StaleConfig, _get_json, _post
+from bench.stale import StaleConfig, SteadyLoad, _get_json, _post
 
 logger = logging.getLogger(__name__)
 

@@ -58,7 +58,8 @@ def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as
         return "–" if v is None else f"{v:.1f} s"
 
     t = Table(title=f"workers (namespace {namespace})")
-    for col in ("worker", "alive", "epoch", "model", "blocks", "engine", "running", "waiting", "kv usage", "registered"):
+    for col in ("worker", "alive", "epoch", "model", "blocks", "engine", "running", "waiting", "kv usage",
+                "registered"):
         t.add_column(col)
     mirror = state["mirror"]
     for w in state["workers"]:
@@ -68,7 +69,8 @@ def inspect_cmd(ctx: click.Context, redis_url: str, namespace: str, top: int, as
         t.add_row(w["worker_id"], alive, str(w["epoch"]), w["model"],
                   str(w["num_gpu_blocks"]), w["engine"], str(int(load.get("running") or 0)),
                   str(int(load.get("waiting") or 0)),
-                  f"{100 * load['kv_usage']:.0f}%" if load.get("kv_usage") is not None else "–", age(w["registered_age_s"]))
+                  f"{100 * load['kv_usage']:.0f}%" if load.get("kv_usage") is not None else "–",
+                  age(w["registered_age_s"]))
     console.print(t)
     t = Table(title="targets (index mirror)")
     for col in ("target", "seq", "epoch", "batches", "events", "blocks", "last update"):

@@ -131,9 +131,11 @@ def _latency(d: dict[str, Any], *, wide: bool) -> Table:
     for col in ("", "mean", "p50", "p90", "p99"):
         t.add_column(col, justify="right" if col else "left")
     for name in ("ttft", "tpot", "e2e", "queue"):
-        t.add_row(name.upper() if name != "queue" else "queue", *(_ms(s.get(f"{name}_{k}_s")) for k in ("mean", "p50", "p90", "p99")))
+        t.add_row(name.upper() if name != "queue" else "queue",
+                  *(_ms(s.get(f"{name}_{k}_s")) for k in ("mean", "p50", "p90", "p99")))
     for st, v in s.get("by_cache_status", {}).items():
-        t.add_row(Text(f"TTFT {st} (n={v['requests']})", style={"hit": "green", "partial": "yellow", "miss": "red"}[st]),
+        st_style = {"hit": "green", "partial": "yellow", "miss": "red"}[st]
+        t.add_row(Text(f"TTFT {st} (n={v['requests']})", style=st_style),
                   "", _ms(v.get("ttft_p50_s")), "", _ms(v.get("ttft_p99_s")))
     return t
 
@@ -200,7 +202,8 @@ def _recent(d: dict[str, Any], n: int, *, wide: bool) -> Table:
         style = "red" if r.get("error") else "green" if cached else ""
         result = Text(r.get("error") or "ok", style=style)
         if wide:
-            t.add_row(r["request_id"], r.get("worker_id") or "–", str(r["prompt_tokens"]), Text(str(cached), style=style),
+            t.add_row(r["request_id"], r.get("worker_id") or "–", str(r["prompt_tokens"]),
+                      Text(str(cached), style=style),
                       str(r["predicted_cached_tokens"]) if r["predicted_cached_tokens"] >= 0 else "–",
                       _ms(r["ttft_s"]), _ms(r["e2e_s"]), result)
         else:

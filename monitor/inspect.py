@@ -61,8 +61,10 @@ def inspect_state(client: redis.Redis, *, namespace: str, now_s: float, top: int
         })
     targets = []
     holders: Counter[int] = Counter()
-    streams = {names.parse_target_key(ns, k): k for k in client.scan_iter(match=names.target_pattern(ns, "stream"), count=1000)}
-    blocks = {names.parse_target_key(ns, k): k for k in client.scan_iter(match=names.target_pattern(ns, "blocks"), count=1000)}
+    streams = {names.parse_target_key(ns, k): k
+               for k in client.scan_iter(match=names.target_pattern(ns, "stream"), count=1000)}
+    blocks = {names.parse_target_key(ns, k): k
+              for k in client.scan_iter(match=names.target_pattern(ns, "blocks"), count=1000)}
     for target in sorted(set(streams) | set(blocks)):
         raw = {_s(k): v for k, v in client.hgetall(streams[target]).items()} if target in streams else {}
         n_blocks = client.hlen(blocks[target]) if target in blocks else 0
@@ -126,7 +128,8 @@ def mirror_state(client: redis.Redis, *, namespace: str, now_s: float) -> dict[s
                           "it refuses writes")
         return out
     if maxmemory and int(memory.get("evicted_keys") or 0):
-        out["detail"] = f"Redis evicted {memory['evicted_keys']} keys (maxmemory-policy {memory.get('maxmemory_policy')})"
+        out["detail"] = (f"Redis evicted {memory['evicted_keys']} keys "
+                         f"(maxmemory-policy {memory.get('maxmemory_policy')})")
     degraded = sorted((rid, r) for rid, r in routers.items() if r.get("state") == DEGRADED)
     if degraded:
         rid, r = degraded[0]

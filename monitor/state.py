@@ -49,8 +49,8 @@ from typing import Any
 from bus.schema import RequestRecord, WorkerSample
 from core.events import BlockRemoved
 from core.metrics import MetricsFold
-from core.quantiles import DEFAULT_RELATIVE_ACCURACY, ExactSamples
 from core.metrics import RequestRecord as FoldRecord
+from core.quantiles import DEFAULT_RELATIVE_ACCURACY, ExactSamples
 
 logger = logging.getLogger(__name__)
 

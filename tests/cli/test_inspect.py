@@ -30,9 +30,10 @@ def test_inspect_state_reads_the_schema(fake_redis):
     s = inspect_state(fake_redis, namespace="t", now_s=110.0, top=2)
     assert [(w["worker_id"], w["alive"], w["epoch"]) for w in s["workers"]] == [("w0", True, 7), ("w1", False, 8)]
     assert s["workers"][0]["load"]["running"] == 2.0 and s["workers"][0]["registered_age_s"] == 10.0
-    assert [(t["target"], t["seq"], t["epoch"], t["blocks"], t["events"], t["updated_age_s"]) for t in s["targets"]] == [
-        ("w0:0", 4, 7, 2, 2, 2.0), ("w1:0", 9, 8, 3, 3, 1.0)]
-    assert s["hottest_prefixes"] == [{"block_hash": f"{0xAA:016x}", "targets": 2}, {"block_hash": f"{0xBB:016x}", "targets": 1}]
+    assert [(t["target"], t["seq"], t["epoch"], t["blocks"], t["events"], t["updated_age_s"])
+            for t in s["targets"]] == [("w0:0", 4, 7, 2, 2, 2.0), ("w1:0", 9, 8, 3, 3, 1.0)]
+    assert s["hottest_prefixes"] == [{"block_hash": f"{0xAA:016x}", "targets": 2},
+                                     {"block_hash": f"{0xBB:016x}", "targets": 1}]
     assert (s["indexed_blocks"], s["distinct_blocks"]) == (5, 3)
     assert s["routers"] == {"router-1": {"last_seen_age_s": 0.5}}
 
