@@ -14,6 +14,10 @@ Load seen by the policy (``WorkerLoad``): ``in_flight`` and ``active_blocks`` ar
 own; ``queued_prefill_tokens`` is the larger of the engine's last report and this router's
 not-yet-prefilled tokens (prompt − predicted cached, until the first token), so the decision
 reacts at once to what this router just sent, and still sees load from other routers.
+
+Trust (``set_trust``, from ``core/trust.py``'s closed-loop evidence): a target whose reports fell
+short of its index's claims has its overlap scaled before any policy sees it; the prediction
+recorded per request stays the unscaled claim, which is what the closed loop judges.
 """
 
 from __future__ import annotations
@@ -145,6 +149,10 @@ class RouterCore:
         self._slot_pos = np.empty(0, dtype=np.int64)
         self.routed_total = 0
         self.predicted_cached_tokens_total = 0
+        #: Targets trusted less than fully (``core/trust.py``) -> weight in [0, 1): their overlap is
+        #: scaled by it before the policy sees it. Empty in a fleet that agrees with its index, and
+        #: then nothing is scaled (decisions exactly as without trust).
+        self._trust: dict[WorkerKey, float] = {}
 
     # ------------------------------------------------------------------ fleet
 
@@ -162,6 +170,7 @@ class RouterCore:
     def unregister(self, target: WorkerKey) -> list[InFlight]:
         """Remove a target (dead or gone) and its index entries; returns its in-flight requests."""
         state = self._targets.pop(target, None)
+        self._trust.pop(target, None)
         self._base_version = -1
         self.index.remove_target(target)
         self.policy.forget(target)
@@ -174,6 +183,23 @@ class RouterCore:
 
     def targets(self) -> list[WorkerKey]:
         return sorted(self._targets)
+
+    def set_trust(self, target: WorkerKey, weight: float) -> None:
+        """How far ``target``'s index entries are trusted (``core/trust.py``): its overlap counts
+        ``int(overlap × weight)`` blocks in every decision, for every policy, on top of the policy's
+        own confidence weights (kvr: ``confidence_weights``), so the two multiply. 1 (the default)
+        leaves it untouched. The prediction recorded for the closed loop stays the index's unscaled
+        claim (``InFlight.predicted_cached_tokens``): trust is judged on what the entries claim, not
+        on what routing made of them."""
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"trust weight {weight} is not in [0, 1]")
+        if weight >= 1.0:
+            self._trust.pop(target, None)
+        else:
+            self._trust[target] = weight
+
+    def trust(self, target: WorkerKey) -> float:
+        return self._trust.get(target, 1.0)
 
     def update_load(self, target: WorkerKey, *, running: int = 0, waiting: int = 0,
                     queued_prefill_tokens: int = 0, kv_usage: float = 0.0) -> None:
@@ -230,8 +256,9 @@ class RouterCore:
                 raise NoTargetsError("no worker can take the request")
             route_request = RouteRequest(request.request_id, len(request.token_ids), hashes, request.token_ids,
                                          request.lora_name, request.max_tokens)
-            decision = choose_columns(route_request, self._columns(masks), now=now, rng=self.rng)
-            chosen_overlap = decision.overlap_blocks
+            raw_overlap: dict[WorkerKey, int] = {}
+            decision = choose_columns(route_request, self._columns(masks, raw_overlap), now=now, rng=self.rng)
+            chosen_overlap = raw_overlap.get(decision.target, decision.overlap_blocks)
         else:
             decision, chosen_overlap = self._choose(request, hashes, excluded, now)
         if logger.isEnabledFor(logging.DEBUG):
@@ -285,8 +312,9 @@ class RouterCore:
                         _write_row(cols, i, w)
             self._dirty.clear()
 
-    def _columns(self, masks: list[tuple[int, int]]) -> FleetColumns:
-        """``_base`` as columns with this request's overlap (``masks``: ``PrefixIndex.overlap_masks``)."""
+    def _columns(self, masks: list[tuple[int, int]], raw_overlap: dict[WorkerKey, int]) -> FleetColumns:
+        """``_base`` as columns with this request's overlap (``masks``: ``PrefixIndex.overlap_masks``),
+        scaled by trust; ``raw_overlap`` gets the unscaled overlap of each target it scaled."""
         base = self._base
         if self._cols is None:
             n = len(base)
@@ -313,6 +341,11 @@ class RouterCore:
             rows = slot_pos[slots]
             known = rows >= 0
             overlap[rows[known]] = np.asarray(depths, dtype=np.int64)[known]
+            for k, weight in self._trust.items():
+                row = self._base_pos.get(k)
+                if row is not None and overlap[row]:
+                    raw_overlap[k] = blocks = int(overlap[row])
+                    overlap[row] = int(blocks * weight)
         return FleetColumns(base, overlap, *self._cols)
 
     def _candidates(self, overlap: dict[WorkerKey, int]) -> list[WorkerState]:
@@ -321,9 +354,12 @@ class RouterCore:
         candidates = list(self._base)
         pos = self._base_pos
         new = tuple.__new__  # NamedTuple._replace is several times slower
+        trust = self._trust
         for k, n in overlap.items():
             i = pos.get(k)
             if i is not None:
+                if trust and k in trust:
+                    n = int(n * trust[k])
                 b = candidates[i]
                 candidates[i] = new(WorkerState, (k, n, b[2], b[3], b[4]))
         return candidates

@@ -22,15 +22,21 @@ ignored; a report above the prediction (an index that misses blocks) is no short
 Transitions (hysteresis, and never on fewer than ``min_samples`` requests since the last one, so
 one request cannot trip it and a fresh index is judged on fresh evidence):
 
-* trusted (weight 1) → distrusted (``distrusted_weight``, 0.25) once ``shortfall ≥ distrust_at``
+* trusted (weight 1) → distrusted (``distrusted_weight``, 0) once ``shortfall ≥ distrust_at``
   (0.5: over the window, at least half the predicted cached tokens were not there);
 * distrusted → trusted once ``shortfall ≤ trust_at`` (0.2), no sooner than ``min_distrusted_s``
   after the drop (the resync window: the index is being re-learned meanwhile).
 
 An honest worker misses now and then (a block evicted before the request arrived, a sibling's
 prefill not finished yet): a few full misses among agreeing requests keep the ratio well under
-0.5. 0.25 rather than 0: the target still wins requests its overlap makes far cheaper there, so
-evidence keeps coming and an honest target can recover; a liar's overlap is worth a quarter.
+0.5 (``tests/core/test_trust.py``).
+
+Why 0 and not, say, 0.25: entries proven wrong are worth what a ``stale`` target's are in kvr's
+confidence weights (nothing: a wrong "hit" costs a full prefill on a worker picked for nothing).
+Any weight above 0 lets a liar keep every prefix it alone claims: a quarter of a long claimed
+prefix still beats the honest workers' nothing, so they never learn it. At 0 the target competes
+on load alone; it still gets its share of requests, whose predictions (the unscaled index claim)
+keep the evidence coming, so an honest target whose index was repaired recovers.
 
 Each transition is returned once as a ``TrustChange`` (the caller logs, counts, resyncs the
 target's stream and applies the weight to routing). Pure: no clock (``now`` is an argument), no I/O.
@@ -46,7 +52,7 @@ DEFAULT_WINDOW_REQUESTS = 16
 DEFAULT_MIN_SAMPLES = 8
 DEFAULT_DISTRUST_AT = 0.5
 DEFAULT_TRUST_AT = 0.2
-DEFAULT_DISTRUSTED_WEIGHT = 0.25
+DEFAULT_DISTRUSTED_WEIGHT = 0.0
 #: As ``router/ingest.py``'s ``DEFAULT_RESYNC_S``: the drop resyncs the target, which re-learns meanwhile.
 DEFAULT_MIN_DISTRUSTED_S = 10.0
 

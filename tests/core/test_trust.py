@@ -27,10 +27,10 @@ def test_a_liar_drops_after_min_samples_not_before() -> None:
     assert tracker.weight(W) == 1.0
     assert tracker.shortfall(W) == 1.0
     [change] = feed(tracker, [(1024, 0)], now=3.0)
-    assert (change.target, change.weight, change.shortfall, change.samples, change.at_s) == (W, 0.25, 1.0, 8, 3.0)
+    assert (change.target, change.weight, change.shortfall, change.samples, change.at_s) == (W, 0.0, 1.0, 8, 3.0)
     assert change.downgrade
-    assert tracker.weight(W) == 0.25
-    assert tracker.distrusted() == {W: 0.25}
+    assert tracker.weight(W) == 0.0
+    assert tracker.distrusted() == {W: 0.0}
     assert tracker.weight(OTHER) == 1.0  # per target
 
 
@@ -66,9 +66,9 @@ def test_requests_predicted_to_miss_and_reports_above_the_prediction_are_no_shor
 
 
 def test_recovery_needs_agreement_fresh_samples_and_the_hold() -> None:
-    cfg = TrustConfig(min_samples=4, min_distrusted_s=10.0)
+    cfg = TrustConfig(min_samples=4, min_distrusted_s=10.0, distrusted_weight=0.25)
     tracker = TrustTracker(config=cfg)
-    assert len(feed(tracker, [(1024, 0)] * 4, now=100.0)) == 1
+    assert [c.weight for c in feed(tracker, [(1024, 0)] * 4, now=100.0)] == [0.25]
     # Agreement before the hold is over: still distrusted.
     assert feed(tracker, [(1024, 1024)] * 20, now=105.0) == []
     assert tracker.weight(W) == 0.25
@@ -84,14 +84,14 @@ def test_a_liar_that_keeps_lying_stays_distrusted_without_repeating_the_change()
     tracker = TrustTracker(config=TrustConfig(min_samples=4, min_distrusted_s=0.0))
     assert len(feed(tracker, [(1024, 0)] * 4)) == 1
     assert feed(tracker, [(1024, 0)] * 100, now=1000.0) == []
-    assert tracker.weight(W) == 0.25
+    assert tracker.weight(W) == 0.0
 
 
 def test_recovery_sits_between_the_two_thresholds() -> None:
     tracker = TrustTracker(config=TrustConfig(window_requests=1, min_samples=1, min_distrusted_s=0.0))
     assert len(feed(tracker, [(1000, 0)])) == 1
     assert feed(tracker, [(1000, 700)]) == []  # 30 % short: above trust_at 0.2, below distrust_at
-    assert tracker.weight(W) == 0.25
+    assert tracker.weight(W) == 0.0
     assert len(feed(tracker, [(1000, 800)])) == 1  # 20 % short: trusted again
     assert tracker.weight(W) == 1.0
 
