@@ -246,7 +246,8 @@ def test_vllm_hash_algorithms_match_vllm_033s_vectors(fixtures_dir, algo, key) -
 def test_cbor_hash_covers_extra_keys_and_rejects_odd_types() -> None:
     h = BlockHasher(algo="vllm-sha256-cbor")
     plain = h.hash_block(None, [1, 2])
-    assert h.hash_block(None, [1, 2], (("lora", "a", "a"),)) != plain != h.hash_block(None, [1, 2], (("cache_salt", "s"),))
+    with_lora = h.hash_block(None, [1, 2], (("lora", "a", "a"),))
+    assert with_lora != plain != h.hash_block(None, [1, 2], (("cache_salt", "s"),))
     assert h.hash_block(None, [1, 2**40]) != h.hash_block(None, [1, 2**40 + 1])
     with pytest.raises(TypeError):
         h.hash_block(None, [1], ({"a": 1},))
@@ -288,7 +289,8 @@ def test_external_hash_is_stable_across_processes() -> None:
     )
     outs = {
         subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": seed, "PATH": ""}
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
         ).stdout.strip()
         for seed in ("1", "2")
     }

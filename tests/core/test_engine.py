@@ -51,7 +51,8 @@ def test_one_request_prefills_then_decodes_with_exact_timing_and_tokens() -> Non
     draw = random.Random(1)
     assert tokens == {"a": [draw.choices(default_output_vocab(), k=1)[0] for _ in range(3)]}  # one draw per step
     s = stats["a"]
-    assert (s.queue_s, s.num_prompt_tokens, s.num_cached_tokens, s.num_output_tokens, s.preemptions) == (1.0, 10, 0, 3, 0)
+    assert (s.queue_s, s.num_prompt_tokens, s.num_cached_tokens, s.num_output_tokens, s.preemptions) == (
+        1.0, 10, 0, 3, 0)
     assert s.prefill_s == pytest.approx(0.013) and s.ttft_s == pytest.approx(1.013)
     assert s.decode_s == pytest.approx(0.010) and s.e2e_s == pytest.approx(1.023) and end == pytest.approx(2.023)
     assert e.load().kv_usage == 0.0 and not e.has_work()
@@ -116,7 +117,8 @@ def test_preemption_recomputes_the_newest_request_and_keeps_its_output() -> None
     e.add_request(EngineRequest("a", list(range(7)), max_tokens=6), now=0.0)
     e.add_request(EngineRequest("b", list(range(100, 107)), max_tokens=6), now=0.0)
     trace, stats, tokens, _ = run(e)
-    steps = [(r.num_scheduled, r.prefill_tokens, r.decode_seqs, r.preempted, [o.request_id for o in r.outputs]) for _, r in trace]
+    steps = [(r.num_scheduled, r.prefill_tokens, r.decode_seqs, r.preempted, [o.request_id for o in r.outputs])
+             for _, r in trace]
     assert steps == [
         (2, 14, 0, 0, ["a", "b"]),
         (2, 0, 2, 0, ["a", "b"]),
@@ -204,7 +206,8 @@ def test_profiles_build_engines() -> None:
 @settings(max_examples=40)
 @given(
     st.lists(
-        st.tuples(st.integers(0, 2), st.integers(1, 40), st.integers(1, 12), st.floats(0, 0.05)), min_size=1, max_size=25
+        st.tuples(st.integers(0, 2), st.integers(1, 40), st.integers(1, 12), st.floats(0, 0.05)),
+        min_size=1, max_size=25,
     ),
     st.integers(6, 40),
     st.integers(1, 5),

@@ -18,7 +18,8 @@ from core.metrics import (
 )
 
 
-def rec(i: int, worker: str, *, arrival: float, ttft: float, e2e: float, prompt: int, cached: int, out: int, pred=None, pre=0):
+def rec(i: int, worker: str, *, arrival: float, ttft: float, e2e: float, prompt: int, cached: int, out: int,
+        pred=None, pre=0):
     return RequestRecord(
         request_id=f"r{i}",
         worker=worker,
@@ -97,7 +98,8 @@ def test_load_samples_events_and_lag():
     f.observe_load("w0", 1.0, kv_usage=0.2, queued_prefill_tokens=100)
     f.observe_load("w0", 2.0, kv_usage=0.6)
     f.observe_load("w1", 15.0, kv_usage=1.0)
-    stored = BlockStored(block_hashes=[1, 2, 3], parent_block_hash=None, token_ids=[0] * 48, block_size=16, lora_id=None, medium="GPU", lora_name=None)
+    stored = BlockStored(block_hashes=[1, 2, 3], parent_block_hash=None, token_ids=[0] * 48, block_size=16,
+                         lora_id=None, medium="GPU", lora_name=None)
     f.observe_kv_events("w0", [stored, BlockRemoved(block_hashes=[1, 2], medium="GPU"), AllBlocksCleared()])
     for lag in (0.01, 0.02, 0.5):
         f.observe_event_lag(lag)
@@ -213,7 +215,8 @@ def test_merge_coarsens_the_finer_timeline():
     fine = MetricsFold(timeline_bucket_s=1.0)
     wide = MetricsFold(timeline_bucket_s=4.0)
     for i in range(6):
-        (fine if i % 2 else wide).add_request(rec(i, "w0", arrival=float(i), ttft=0.1, e2e=0.2, prompt=10, cached=0, out=1))
+        fold = fine if i % 2 else wide
+        fold.add_request(rec(i, "w0", arrival=float(i), ttft=0.1, e2e=0.2, prompt=10, cached=0, out=1))
     merged = MetricsFold.from_dict(fine.to_dict()).merge(wide)
     assert merged.timeline_bucket_s == 4.0 and {k: b["requests"] for k, b in merged.timeline.items()} == {0: 4, 1: 2}
     assert MetricsFold.from_dict(wide.to_dict()).merge(fine).timeline == merged.timeline

@@ -75,7 +75,8 @@ def test_least_loaded_prefers_fewer_in_flight_then_less_prefill():
     rnd = random.Random(0)
     assert p.choose(req(PROMPT), [ws(0, in_flight=2), ws(1, in_flight=1, queued_prefill_tokens=5000)],
                     now=0, rng=rnd).target == T[1]
-    assert p.choose(req(PROMPT), [ws(0, in_flight=1, queued_prefill_tokens=10), ws(1, in_flight=1, queued_prefill_tokens=9)],
+    assert p.choose(req(PROMPT),
+                    [ws(0, in_flight=1, queued_prefill_tokens=10), ws(1, in_flight=1, queued_prefill_tokens=9)],
                     now=0, rng=rnd).target == T[1]
     picks = Counter(p.choose(req(PROMPT), [ws(0), ws(1)], now=0, rng=rnd).target for _ in range(200))
     assert set(picks) == {T[0], T[1]}  # exact ties are broken at random
@@ -214,7 +215,8 @@ def test_kvr_load_bound_spills_a_hot_prefix_and_ties_prefer_fewer_in_flight():
     assert d.target != T[0] and "over the load bound 4.5: w0/0" in d.reason
     d = p.choose(r, [ws(0, in_flight=2), ws(1, in_flight=1), ws(2, in_flight=1)], now=0, rng=random.Random(0))
     assert d.target in (T[1], T[2])
-    picks = {p.choose(r, [ws(0, in_flight=2), ws(1, in_flight=1), ws(2, in_flight=1)], now=0, rng=random.Random(s)).target
+    picks = {p.choose(r, [ws(0, in_flight=2), ws(1, in_flight=1), ws(2, in_flight=1)], now=0,
+                      rng=random.Random(s)).target
              for s in range(30)}
     assert picks == {T[1], T[2]}
 

@@ -279,10 +279,12 @@ def test_vllm_fixtures_land_in_the_index(fixtures_dir):
 
 PROMPTS = [[p * 1000 + t for t in range(6 * BS)] for p in range(3)]
 # Prompts 3 and 4 share prompt 0's first two blocks.
-PROMPTS += [PROMPTS[0][: 2 * BS] + [7000 + t for t in range(4 * BS)], PROMPTS[0][: 2 * BS] + [8000 + t for t in range(4 * BS)]]
+PROMPTS += [PROMPTS[0][: 2 * BS] + [7000 + t for t in range(4 * BS)],
+            PROMPTS[0][: 2 * BS] + [8000 + t for t in range(4 * BS)]]
 
 op = st.one_of(
-    st.tuples(st.just("store"), st.integers(0, 2), st.integers(0, len(PROMPTS) - 1), st.integers(0, 5), st.integers(1, 3)),
+    st.tuples(st.just("store"), st.integers(0, 2), st.integers(0, len(PROMPTS) - 1), st.integers(0, 5),
+              st.integers(1, 3)),
     st.tuples(st.just("remove"), st.integers(0, 2), st.integers(0, len(PROMPTS) - 1), st.integers(0, 5)),
     st.tuples(st.just("clear"), st.integers(0, 2)),
 )

@@ -43,7 +43,8 @@ def test_routes_to_the_worker_holding_the_prefix_and_accounts_load():
     load = core.load(W[2])
     assert (load.in_flight, load.queued_prefill_tokens, load.active_blocks) == (1, 20, 6)
     assert load.decode_blocks == 1  # max_tokens 16: one block of output
-    core.route(RoutingInput("r0", prompt[:48], max_tokens=33), now=1.0, exclude=[W[0], W[1]])  # its 3 blocks are r1's too
+    # Its 3 blocks are r1's too.
+    core.route(RoutingInput("r0", prompt[:48], max_tokens=33), now=1.0, exclude=[W[0], W[1]])
     assert core.load(W[2]).active_blocks == 6  # distinct blocks: a shared prefix counts once
     assert core.load(W[2]).decode_blocks == 1 + 3  # output blocks are each request's own
     core.on_finish("r0")

@@ -11,7 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.tokenizer import (
-    BUILTIN_VOCAB_SIZE, BuiltinTokenizer, apply_chat_template, default_output_vocab, load_tokenizer,
+    BUILTIN_VOCAB_SIZE,
+    BuiltinTokenizer,
+    apply_chat_template,
+    default_output_vocab,
+    load_tokenizer,
 )
 
 TOK = BuiltinTokenizer()
@@ -95,7 +99,8 @@ def test_extending_a_text_keeps_all_but_the_last_piece() -> None:
 def test_stable_across_processes() -> None:
     code = "from core.tokenizer import BuiltinTokenizer as T; print(T().encode('Stable ids, naïve café 123456.'))"
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": s, "PATH": ""}).stdout
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONHASHSEED": s, "PATH": ""}).stdout
         for s in ("1", "2")
     }
     assert outs == {str(TOK.encode("Stable ids, naïve café 123456.")) + "\n"}
@@ -105,7 +110,8 @@ def test_chat_template_turns_extend_the_previous_prompt_and_answer() -> None:
     turn1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     p1 = apply_chat_template(turn1)
     answer = TOK.decode(default_output_vocab()[:5])
-    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": [{"type": "text", "text": "More"}]}]
+    turn2 = turn1 + [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": [{"type": "text", "text": "More"}]}]
     p2 = apply_chat_template(turn2)
     assert p1 == "<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\n"
     assert p2.startswith(p1 + answer)
