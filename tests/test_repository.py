@@ -111,6 +111,7 @@ def _packages() -> list[str]:
 def test_package_discovery_maps_kvr_packages_only():
     include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     found = {p for p in _packages() if any(fnmatch.fnmatchcase(p, pattern) for pattern in include)}
-    assert {p.split(".")[0] for p in found} == {"core", "bus", "router", "worker", "monitor", "cluster", "sim", "cli", "bench"}
+    assert {p.split(".")[0] for p in found} == {"core", "bus", "router", "worker", "monitor", "cluster", "sim", "cli",
+                                                "bench"}
     # A pattern such as "bench*" would also match a folder named bench-results or bench_old.
     assert all(pattern.split(".")[0].isidentifier() and "*" not in pattern.split(".")[0] for pattern in include)
