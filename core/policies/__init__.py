@@ -7,6 +7,7 @@ are ignored, so a caller can pass the same common options (``block_size``, ``lat
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from core.policies.base import (
@@ -24,7 +25,7 @@ from core.policies.kvr import KvrPolicy
 from core.policies.sglang import SglangCacheAwarePolicy
 from core.policies.simple import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
 
-_REGISTRY: dict[str, type] = {
+_REGISTRY: dict[str, Callable[..., RoutingPolicy]] = {
     "kvr": KvrPolicy,
     "round_robin": RoundRobinPolicy,
     "random": RandomPolicy,
@@ -45,7 +46,7 @@ def get_policy(name: str, **config: Any) -> RoutingPolicy:
         cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}") from None
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = inspect.signature(cls).parameters  # the constructor's, less self
     return cls(**{k: v for k, v in config.items() if k in accepted})
 
 

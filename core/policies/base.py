@@ -12,6 +12,7 @@ is one line a person can read in a DEBUG log.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -73,8 +74,9 @@ class WorkerLoad(NamedTuple):
     """A target's load: the engine's last heartbeat merged with the router's own accounting.
 
     ``in_flight`` and ``active_blocks`` are this router's (requests dispatched and not finished,
-    and the distinct prompt blocks they use, shared prefixes counted once, as Dynamo does); ``queued_prefill_tokens`` is the larger of the engine's report
-    and the router's not-yet-started prefill work, so a second router's load still shows.
+    and the distinct prompt blocks they use, shared prefixes counted once, as Dynamo does);
+    ``queued_prefill_tokens`` is the larger of the engine's report and the router's
+    not-yet-started prefill work, so a second router's load still shows.
     (A NamedTuple, as ``WorkerState``: one is built per candidate per request, and tuples
     build several times faster than frozen dataclasses.)
     """
@@ -142,7 +144,7 @@ class FleetColumns:
                    col(codes[w[3]] for w in candidates))
 
 
-class LazyScores(Mapping):
+class LazyScores(Mapping[WorkerKey, float]):
     """A decision's per-candidate scores, built on first read.
 
     A policy has its scores at hand in its own form (a list beside the candidates); turning them
@@ -158,6 +160,7 @@ class LazyScores(Mapping):
 
     def _scores(self) -> dict[WorkerKey, float]:
         if self._dict is None:
+            assert self._build is not None  # set until the one build
             self._dict = self._build()
             self._build = None  # release the candidates it holds
         return self._dict
@@ -197,7 +200,8 @@ class RoutingPolicy(Protocol):
 
     name: str
 
-    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float,
+               rng: random.Random) -> Decision:
         ...
 
     def forget(self, target: WorkerKey) -> None:
@@ -205,7 +209,7 @@ class RoutingPolicy(Protocol):
         ...
 
 
-def pick_min(scores: Sequence[tuple[float, WorkerState]], rng) -> WorkerState:
+def pick_min(scores: Sequence[tuple[float, WorkerState]], rng: random.Random) -> WorkerState:
     """The candidate with the lowest score; ties broken uniformly at random with ``rng``."""
     best = min(s for s, _ in scores)
     tied = [w for s, w in scores if s == best]

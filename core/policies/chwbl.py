@@ -14,6 +14,7 @@ were already placed: ``in_flight + 1 ≤ factor × (total_in_flight + 1) / n``.
 from __future__ import annotations
 
 import bisect
+import random
 from array import array
 from collections.abc import Sequence
 
@@ -57,7 +58,8 @@ class ChwblPolicy:
         head = array("I", request.token_ids[: self.prefix_tokens]).tobytes()
         return _point(head + b"\0" + (request.lora_name or "").encode())
 
-    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float,
+               rng: random.Random) -> Decision:
         by_target = {w.target: w for w in candidates}
         self._ring(tuple(by_target))
         total = sum(w.load.in_flight for w in candidates)

@@ -22,6 +22,7 @@ is (Dynamo does not discount it by confidence).
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 from core.policies.base import Decision, RouteRequest, WorkerState, pick_min
@@ -75,16 +76,17 @@ class DynamoPolicy:
         new_blocks = max(len(request.block_hashes) - w.overlap_blocks, 0)
         return self.prefill_load_scale * max(raw_prefill - credit, 0.0) + w.load.active_blocks + new_blocks
 
-    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float,
+               rng: random.Random) -> Decision:
         floor = min(w.load.queued_prefill_tokens for w in candidates)
         costs = [self.cost(request, w, floor) for w in candidates]
         if self.temperature == 0:
-            chosen = pick_min(list(zip(costs, candidates)), rng)
+            chosen = pick_min(list(zip(costs, candidates, strict=True)), rng)
             reason = f"min cost {min(costs):.2f} blocks (overlap {chosen.overlap_blocks})"
         else:
             chosen = candidates[softmax_pick(costs, self.temperature, rng.random())]
             reason = f"softmax T={self.temperature} drew cost {costs[candidates.index(chosen)]:.2f}"
-        scores = {w.target: c for w, c in zip(candidates, costs)}
+        scores = {w.target: c for w, c in zip(candidates, costs, strict=True)}
         return Decision(chosen.target, scores, reason, self.name, "cost (blocks)", chosen.overlap_blocks)
 
     def forget(self, target: WorkerKey) -> None:

@@ -57,8 +57,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from core.policies.base import (
-    CONFIDENCE_CODES, Decision, FleetColumns, LatencyModel, LazyScores, LinearPrefillModel, RouteRequest,
-    WorkerState, decode_blocks_estimate,
+    CONFIDENCE_CODES,
+    Decision,
+    FleetColumns,
+    LatencyModel,
+    LazyScores,
+    LinearPrefillModel,
+    RouteRequest,
+    WorkerState,
+    decode_blocks_estimate,
 )  # fmt: skip
 from core.prefix_index import Confidence, WorkerKey
 
@@ -129,7 +136,8 @@ class KvrPolicy:
         mean = (sum(w.load.in_flight for w in candidates) + 1) / len(candidates)
         return max(self.load_factor * mean, mean + self.min_slack)
 
-    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float,
+               rng: random.Random) -> Decision:
         # One pass over the fleet, tuple indexing only: this loop is the cost of a 512-worker
         # decision. It computes exactly ``predict(...)[3]`` per candidate (same operations, same
         # order, so the same floats; ``tests/core/test_policy_equivalence.py`` pins it against
@@ -151,13 +159,14 @@ class KvrPolicy:
         kv_weight = self.kv_weight
         # Blocks the request needs on a target, less its cached ones: need0 - cached // bs.
         need0 = -(-prompt // bs) + decode_blocks_estimate(request.max_tokens, bs)
-        cached_of: dict[tuple, int] = {}
+        cached_of: dict[tuple[int, Confidence], int] = {}
         memo: dict[tuple[int, int], float] = {}
         kv_charge: dict[int, float] = {}
         raw: list[float] = []
         append = raw.append
         total = 0
-        best_s = best_if = None
+        best_s: float | None = None
+        best_if = 0  # in flight on the best so far (read only once best_s is set)
         tied: list[int] = []
         for i, w in enumerate(candidates):
             load = w[2]
@@ -209,11 +218,12 @@ class KvrPolicy:
         chosen = candidates[pick]
         ttft_s, queue_s, cached, _ = self.predict(request, chosen)
         reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
-                  f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, {chosen.confidence.value})")
+                  f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, "
+                  f"{chosen.confidence.value})")
         if over:
             reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
         unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
-        scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(candidates, raw)})
+        scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(candidates, raw, strict=True)})
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
 
     def choose_columns(self, request: RouteRequest, cols: FleetColumns, *, now: float,

@@ -23,6 +23,7 @@ one).
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Sequence
 
 from core.policies.base import Decision, RouteRequest, WorkerState
@@ -111,7 +112,8 @@ class SglangCacheAwarePolicy:
 
     # ------------------------------------------------------------------ the rule
 
-    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float,
+               rng: random.Random) -> Decision:
         if self._next_eviction_s is None:
             self._next_eviction_s = now + self.eviction_interval_s
         elif now >= self._next_eviction_s:

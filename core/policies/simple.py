@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from core.policies.base import Decision, RouteRequest, WorkerState, pick_min
@@ -16,7 +17,8 @@ class RoundRobinPolicy:
     def __init__(self) -> None:
         self._counter = 0
 
-    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float,
+               rng: random.Random) -> Decision:
         i = self._counter % len(candidates)
         self._counter += 1
         chosen = candidates[i]
@@ -33,7 +35,8 @@ class RandomPolicy:
 
     name = "random"
 
-    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float,
+               rng: random.Random) -> Decision:
         chosen = candidates[rng.randrange(len(candidates))]
         scores = {w.target: 1.0 / len(candidates) for w in candidates}
         return Decision(chosen.target, scores, "uniform draw", self.name, "probability", chosen.overlap_blocks)
@@ -47,7 +50,8 @@ class LeastLoadedPolicy:
 
     name = "least_loaded"
 
-    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float, rng) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[WorkerState], *, now: float,
+               rng: random.Random) -> Decision:
         # One scalar that orders by in-flight first: prefill tokens only break ties.
         keyed = [(w.load.in_flight + w.load.queued_prefill_tokens / (w.load.queued_prefill_tokens + 1.0), w)
                  for w in candidates]
