@@ -351,7 +351,7 @@ def render_metrics(stats: dict) -> str:
         lines += [f"# TYPE {metric} gauge", f"{metric} {stats.get(key, 0)}"]
     targets = stats.get("targets") or {}
     for field in ("indexed_blocks", "in_flight", "queued_prefill_tokens", "events_applied", "gaps", "resets",
-                  "replays", "event_lag_s"):
+                  "replays", "event_lag_s", "trust"):
         metric = f"kvr_router_target_{field}"
         lines.append(f"# TYPE {metric} gauge")
         for name, t in sorted(targets.items()):

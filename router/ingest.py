@@ -276,14 +276,33 @@ class EventIngest:
             stream.gaps += 1
             logger.warning("%s: event batches %d..%d lost for good: index cleared, resyncing", target,
                            item.from_seq, item.to_seq)
-            self.index.clear_target(target)
-            stream.resync_until_s = now + self.resync_s
-            self._mirror(lambda: self.mirror.clear_target(target.worker_id, target.dp_rank, epoch=stream.epoch,
-                                                          seq=stream.last_seq), stream)
+            self._clear_and_resync(stream, now)
         elif isinstance(item, BadBatch):
             stream.bad_batches += 1
             logger.warning("%s: undecodable event batch seq %d: %s", target, item.seq, item.reason)
         self._update_confidence(stream, now)
+
+    def resync_target(self, target: WorkerKey) -> bool:
+        """Entries of ``target`` proven wrong (``core/trust.py``: its reports fall short of them):
+        cleared and re-learned as after a lost gap, ``resyncing`` for ``resync_s``. False: not ours."""
+        stream = self.streams.get(target)
+        if stream is None:
+            return False
+        now = self._clock()
+        self._clear_and_resync(stream, now)
+        self._update_confidence(stream, now)
+        return True
+
+    def _clear_and_resync(self, stream: TargetStream, now: float) -> None:
+        """The index can never produce a false hit from what was cleared; the target re-learns
+        from its next events while ``resyncing``."""
+        target = stream.target
+        self.index.clear_target(target)
+        stream.resync_until_s = now + self.resync_s
+        mirror = self.mirror
+        if mirror is not None:
+            self._mirror(lambda: mirror.clear_target(target.worker_id, target.dp_rank, epoch=stream.epoch,
+                                                     seq=stream.last_seq), stream)
 
     def _update_confidence(self, stream: TargetStream, now: float) -> None:
         resyncing = stream.subscriber.replay_in_flight or now < stream.resync_until_s

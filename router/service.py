@@ -31,6 +31,12 @@ Guarantees:
   takes over only once the holder is silent for the heartbeat timeout. With CURVE an id is bound
   to the public key that first registered it: another key is refused for good
   (``REFUSED_KEY_MISMATCH``, ``rejected_hello_key_mismatch``).
+* **Index claims are checked against results** (``core/trust.py``): a target whose reported cached
+  tokens keep falling short of what its published blocks predicted (a worker claiming blocks it
+  does not hold, lost ``BlockRemoved`` events) has its overlap count for nothing and its entries
+  resynced (cleared, ``resyncing``) until its reports agree again; one WARNING per change,
+  ``trust_downgrades`` / ``trust_recoveries``. ``RouterConfig.trust = None`` turns it off (an
+  engine that reports no cached tokens would read as a liar).
 * **Bad input never crashes the loop**: undecodable frames and messages from unknown peers are
   counted and logged. Peers that are not registered get no heartbeats, so a worker that outlived
   a router restart times out and says ``Hello`` again.
@@ -87,6 +93,7 @@ from core.liveness import HeartbeatConfig, LivenessTracker
 from core.prefix_index import Confidence, PrefixIndex, WorkerKey
 from core.routing import NoTargetsError, RouterCore, RoutingInput
 from core.tokenizer import BuiltinTokenizer
+from core.trust import TrustChange, TrustConfig, TrustTracker
 from router.ingest import EventIngest
 from router.mirror import MirrorUnavailable, RedisMirror
 from router.mirror_health import MirrorHealth, cause_of
@@ -123,6 +130,9 @@ class RouterConfig:
     # Inbound frame limits (bus/sockets.py): a bigger frame drops its sender's connection.
     max_request_bytes: int = MAX_REQUEST_BYTES  # client requests and worker messages
     max_event_bytes: int = MAX_EVENT_BYTES  # KV-event batches, live and replayed
+    # Closed-loop trust (core/trust.py); None: off (workers whose engine reports no cached tokens
+    # would otherwise read as liars: every prediction falls short of their 0).
+    trust: TrustConfig | None = field(default_factory=TrustConfig)
 
 
 @dataclass
@@ -180,6 +190,7 @@ class RouterService:
         policy = get_policy(config.policy, block_size=config.block_size, latency=latency, **config.policy_options)
         self.core = RouterCore(policy=policy, index=self.index, block_size=config.block_size,
                                tentative_window_s=config.tentative_window_s)
+        self.trust = None if config.trust is None else TrustTracker(config=config.trust)
         self.mirror = mirror
         self.liveness = LivenessTracker(config.heartbeat)
         self.counters: Counter[str] = Counter()
@@ -471,8 +482,27 @@ class RouterService:
             self.counters["closed_loop_abs_gap_tokens"] += abs(gap)
             self.counters["predicted_cached_tokens"] += p.predicted_cached_tokens
             self.counters["actual_cached_tokens"] += terminal.cached_tokens
+            if self.trust is not None and p.target is not None:
+                change = self.trust.observe(p.target, predicted_tokens=p.predicted_cached_tokens,
+                                            reported_tokens=terminal.cached_tokens, now=self._clock())
+                if change is not None:
+                    self._apply_trust(change)
         self._reply(p.client, terminal)
         self._publish_request(p, terminal)
+
+    def _apply_trust(self, change: TrustChange) -> None:
+        """A target's trust changed (core/trust.py): weight its overlap, and on a drop resync its
+        entries (cleared and re-learned, ``resyncing``, as after a lost gap). Logged once per change."""
+        self.core.set_trust(change.target, change.weight)
+        if change.downgrade:
+            self.counters["trust_downgrades"] += 1
+            self.ingest.resync_target(change.target)
+            logger.warning("%s: trust %.2f: %s; its overlap counts %.0f%% and its index entries are resynced",
+                           change.target, change.weight, change.reason, change.weight * 100)
+        else:
+            self.counters["trust_recoveries"] += 1
+            logger.warning("%s: trust restored: %s", change.target, change.reason)
+        self._refresh_stats()
 
     # ------------------------------------------------------------------ workers
 
@@ -708,6 +738,9 @@ class RouterService:
         self._refresh_stats()
         now = self._clock()
         lost = [rec for t in worker.targets for rec in self.core.unregister(t)]
+        if self.trust is not None:
+            for t in worker.targets:
+                self.trust.forget(t)
         self._mirror_call(lambda m: m.unregister_worker(wid, dp_ranks=[t.dp_rank for t in worker.targets]))
         for rec in lost:
             p = self.pending.get(rec.request_id)
@@ -900,6 +933,7 @@ class RouterService:
             targets[str(target)] = {
                 "indexed_blocks": self.index.num_blocks(target), "confidence": self.index.confidence(target).value,
                 "in_flight": load.in_flight, "queued_prefill_tokens": load.queued_prefill_tokens,
+                "trust": self.core.trust(target),
                 "events_applied": stream.events_applied, "gaps": stream.gaps, "resets": stream.resets,
                 "replays": stream.subscriber.counters.replays, "event_lag_s": round(stream.event_lag_s, 6)}
         counters = dict(self.counters)
