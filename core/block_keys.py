@@ -10,11 +10,13 @@ request from its LoRA name and cache salt.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from core.hashing import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, hash_block
 
 
-def own_hashes_of_event(token_ids: Sequence[int], extra_keys: list | None, block_size: int, parent_own: int) -> list[int]:
+def own_hashes_of_event(token_ids: Sequence[int], extra_keys: list[Any] | None, block_size: int,
+                        parent_own: int) -> list[int]:
     """Own hashes of an event's blocks; ``extra_keys`` is vLLM's per-block list (or None)."""
     if extra_keys is None:
         return block_hashes(token_ids, block_size=block_size, parent_hash=parent_own)

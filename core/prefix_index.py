@@ -53,8 +53,9 @@ from typing import NamedTuple, cast
 import msgspec
 import numpy as np
 
-from core.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from core.block_keys import own_hashes_of_event, request_block_hashes  # noqa: F401 (re-exported)
+from core.block_keys import own_hashes_of_event
+from core.block_keys import request_block_hashes as request_block_hashes  # re-exported
+from core.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEventBatch
 from core.hashing import ROOT_PARENT_HASH, external_hash_key
 from core.orphans import ParkedChain, ParkedChains
 from core.tentative import TentativeEntries
@@ -81,7 +82,9 @@ class WorkerKey(NamedTuple):
         return f"{self.worker_id}/{self.dp_rank}"
 
 
-class Confidence(str, enum.Enum):
+# Not enum.StrEnum: that changes str()/format() of a member from "Confidence.STALE" to "stale",
+# which every log line and message formatting one would then print differently.
+class Confidence(str, enum.Enum):  # noqa: UP042
     """How far the router trusts a target's index entries (ordered by severity)."""
 
     FRESH = "fresh"
@@ -264,11 +267,10 @@ class PrefixIndex:
     def _apply(self, state: _Target, event: object, now: float, delta: IndexDelta | None) -> None:
         if state.parked.fifo:
             self._expire_orphans(state, now)
-        kind = type(event)
         # Exact types first (the decoder's structs); isinstance keeps subclasses working.
-        if kind is BlockRemoved:  # the commonest: vLLM evicts one hash per event
+        if type(event) is BlockRemoved:  # the commonest: vLLM evicts one hash per event
             self._on_removed(state, event, delta)
-        elif kind is BlockStored:
+        elif type(event) is BlockStored:
             self._on_stored(state, event, now, delta)
         elif isinstance(event, BlockStored):
             self._on_stored(state, event, now, delta)
@@ -283,7 +285,7 @@ class PrefixIndex:
                 logger.warning("%s: snapshot with %d external and %d own hashes ignored", state.key,
                                len(event.block_hashes), len(event.own_hashes))
                 return
-            for ext, own in zip(event.block_hashes, event.own_hashes):
+            for ext, own in zip(event.block_hashes, event.own_hashes, strict=True):  # lengths checked above
                 self._insert(state, ext, own, delta, now)
         else:
             self.counters["unknown_event"] += 1
@@ -321,18 +323,20 @@ class PrefixIndex:
         if parent_key is None:
             parent_own = ROOT_PARENT_HASH
         else:
-            parent_own = state.external_to_own.get(parent_key)
-            if parent_own is None:
+            known = state.external_to_own.get(parent_key)
+            if known is None:
                 self._park(state, parent_key, externals, ev, now)
                 return
+            parent_own = known
         try:
             owns = own_hashes_of_event(ev.token_ids, ev.extra_keys, self.block_size, parent_own)
         except ValueError:
             self.counters["malformed"] += 1
             logger.warning("%s: BlockStored with invalid token ids ignored", state.key)
             return
+        # One own hash per block: ``owns`` and ``externals`` have the n checked above.
         if state.parked.by_parent:
-            for ext, own in zip(externals, owns):
+            for ext, own in zip(externals, owns, strict=True):
                 self._insert(state, ext, own, delta, now)
             return
         # Fast path of _insert (no parked orphans can be waiting): same effects, fewer calls.
@@ -340,7 +344,7 @@ class PrefixIndex:
         tentative = self._tentative
         tslots = tentative.slots
         added = duplicates = 0
-        for ext, own in zip(externals, owns):
+        for ext, own in zip(externals, owns, strict=True):
             previous = ext_map.get(ext)
             if previous == own:
                 duplicates += 1
@@ -497,7 +501,7 @@ class PrefixIndex:
             self.counters["malformed"] += 1
             return
         linked = 0
-        for ext, own in zip(chain.external_keys, owns):
+        for ext, own in zip(chain.external_keys, owns, strict=True):  # parked only once checked
             if ext in chain.removed:
                 continue
             linked += 1
@@ -627,7 +631,7 @@ class PrefixIndex:
         out = []
         while mask:
             low = mask & -mask
-            out.append(self._slots[low.bit_length() - 1].key)
+            out.append(cast("_Target", self._slots[low.bit_length() - 1]).key)  # a mask's slots are all held
             mask ^= low
         return sorted(out)
 
@@ -662,7 +666,7 @@ class PrefixIndex:
             # A parked block removed before its parent arrived stays in the chain (the hashes
             # after it need its tokens) and its removal is re-sent right after.
             events.append(_orphan_event(orphan, self.block_size))
-            removed = [e for e in orphan.external_keys if e in orphan.removed]
+            removed: list[ExternalBlockHash] = [e for e in orphan.external_keys if e in orphan.removed]
             if removed:
                 events.append(BlockRemoved(block_hashes=removed, medium=MEDIUM_GPU))
         return events
