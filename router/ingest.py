@@ -63,6 +63,12 @@ class TargetStream:
     mirror_dirty: bool = False
 
 
+def _clear_target(target: WorkerKey, *, epoch: int) -> Callable[[RedisMirror], None]:
+    """The mirror write that empties one target, as ``EventIngest._mirror`` takes it (a closure
+    over its own arguments, so one made in a loop does not see the loop's later values)."""
+    return lambda m: m.clear_target(target.worker_id, target.dp_rank, epoch=epoch)
+
+
 def net_change(index: PrefixIndex, target: WorkerKey, delta: IndexDelta) -> tuple[dict[int, int], set[int], bool]:
     """A batch's net change on one target: ``(stored ext → own, removed exts, cleared)``.
 
@@ -165,7 +171,7 @@ class EventIngest:
                 expected = snap.seq + 1
             else:
                 self.index.clear_target(target)
-                self._mirror(lambda: self.mirror.clear_target(hello.worker_id, rank, epoch=hello.epoch))
+                self._mirror(_clear_target(target, epoch=hello.epoch))
             self.index.set_confidence(target, Confidence.FRESH if expected is None else Confidence.RESYNCING)
             endpoint = offset_endpoint_for_dp_rank(hello.events_endpoint, rank)
             # Hello advertises where *the router* subscribes (worker/vllm/checks.py): a host means
@@ -261,7 +267,7 @@ class EventIngest:
             stream.last_batch_ts = item.batch.ts
             stream.event_lag_s = max(0.0, self._wall() - item.batch.ts)
             if not stream.mirror_dirty:
-                self._mirror(lambda: self.mirror.write_batch(
+                self._mirror(lambda m: m.write_batch(
                     target.worker_id, target.dp_rank, seq=item.seq, epoch=stream.epoch, stored=net_stored,
                     removed=net_removed, cleared=cleared, num_events=len(item.batch.events), now_s=self._wall()),
                     stream)
@@ -271,7 +277,7 @@ class EventIngest:
             logger.warning("%s: event stream restarted (seq %s after %s): index cleared", target, item.new_seq,
                            item.old_seq)
             self.index.clear_target(target)
-            self._mirror(lambda: self.mirror.clear_target(target.worker_id, target.dp_rank, epoch=stream.epoch), stream)
+            self._mirror(lambda m: m.clear_target(target.worker_id, target.dp_rank, epoch=stream.epoch), stream)
         elif isinstance(item, GapLost):
             stream.gaps += 1
             logger.warning("%s: event batches %d..%d lost for good: index cleared, resyncing", target,
@@ -299,10 +305,8 @@ class EventIngest:
         target = stream.target
         self.index.clear_target(target)
         stream.resync_until_s = now + self.resync_s
-        mirror = self.mirror
-        if mirror is not None:
-            self._mirror(lambda: mirror.clear_target(target.worker_id, target.dp_rank, epoch=stream.epoch,
-                                                     seq=stream.last_seq), stream)
+        self._mirror(lambda m: m.clear_target(target.worker_id, target.dp_rank, epoch=stream.epoch,
+                                              seq=stream.last_seq), stream)
 
     def _update_confidence(self, stream: TargetStream, now: float) -> None:
         resyncing = stream.subscriber.replay_in_flight or now < stream.resync_until_s
@@ -313,11 +317,12 @@ class EventIngest:
 
     # ------------------------------------------------------------------ mirror
 
-    def _mirror(self, write: Callable[[], None], stream: TargetStream | None = None) -> None:
+    def _mirror(self, write: Callable[[RedisMirror], None], stream: TargetStream | None = None) -> None:
+        """``write`` to the mirror, if there is one; a failure marks ``stream`` dirty (rewritten later)."""
         if self.mirror is None:
             return
         try:
-            write()
+            write(self.mirror)
         except MirrorUnavailable as exc:
             self.mirror_failures += 1
             self._mirror_retry_at = self._clock() + MIRROR_RETRY_S
@@ -328,6 +333,8 @@ class EventIngest:
                 stream.mirror_dirty = True
 
     def _resync_mirror(self, stream: TargetStream) -> None:
+        if self.mirror is None:
+            return
         t = stream.target
         snap = TargetSnapshot(t.worker_id, t.dp_rank, stream.last_seq, stream.epoch, dict(self.index.snapshot(t)))
         try:

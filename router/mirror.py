@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from bus import names
 from bus.schema import Hello, WorkerLoad
@@ -35,6 +36,11 @@ def make_redis_client(url: str, *, timeout_s: float = 0.5) -> redis.Redis:
     return redis.Redis.from_url(
         url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
     )
+
+
+def _text(value: bytes | str) -> str:
+    """A reply as text (the client does not decode responses; redis-py types them either way)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _bulk(value: bytes) -> bytes:
@@ -132,7 +138,7 @@ class RedisMirror:
     @_wrap
     def register_worker(self, hello: Hello, *, now_s: float, ttl_s: float) -> None:
         ns, wid = self.namespace, hello.worker_id
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "model": hello.model,
             "block_size": hello.block_size,
             "num_gpu_blocks": hello.num_gpu_blocks,
@@ -181,7 +187,8 @@ class RedisMirror:
         ns = self.namespace
         pipe = self._r.pipeline(transaction=False)
         pipe.srem(names.workers_key(ns), worker_id)
-        pipe.delete(names.worker_key(ns, worker_id), names.worker_alive_key(ns, worker_id), names.worker_load_key(ns, worker_id))
+        pipe.delete(names.worker_key(ns, worker_id), names.worker_alive_key(ns, worker_id),
+                    names.worker_load_key(ns, worker_id))
         for rank in dp_ranks:
             pipe.delete(names.target_blocks_key(ns, worker_id, rank), names.target_stream_key(ns, worker_id, rank))
         pipe.execute()
@@ -191,18 +198,18 @@ class RedisMirror:
     def alive_workers(self) -> dict[str, int]:
         """Registered workers whose liveness key has not expired → epoch."""
         ns = self.namespace
-        ids = sorted(w.decode() for w in self._r.smembers(names.workers_key(ns)))
+        ids = sorted(_text(w) for w in self._r.smembers(names.workers_key(ns)))
         if not ids:
             return {}
         epochs = self._r.mget([names.worker_alive_key(ns, w) for w in ids])
         self.round_trips += 2
-        return {w: int(e) for w, e in zip(ids, epochs) if e is not None}
+        return {w: int(e) for w, e in zip(ids, epochs, strict=True) if e is not None}  # MGET: one per key
 
     @_wrap
     def worker_info(self, worker_id: str) -> dict[str, str]:
         raw = self._r.hgetall(names.worker_key(self.namespace, worker_id))
         self.round_trips += 1
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     # ------------------------------------------------------------------ index
 
@@ -232,14 +239,15 @@ class RedisMirror:
         pipe = _PackedPipeline(self._r)
         if cleared:
             pipe.command(b"DEL", blocks_key)
-        removed = [b"%d" % ext for ext in removed]
-        if removed:
-            pipe.command(b"HDEL", blocks_key, *removed)
+        removed_fields = [b"%d" % ext for ext in removed]
+        if removed_fields:
+            pipe.command(b"HDEL", blocks_key, *removed_fields)
         pairs = list(stored.items() if isinstance(stored, Mapping) else stored)
         if pairs:
             pipe.command(b"HSET", blocks_key, pairs=_int_pairs(pairs))
             pipe.command(b"SET", self._scheme_key, HASH_SCHEME.encode())
-        pipe.command(b"HSET", stream_key, b"seq", b"%d" % seq, b"epoch", b"%d" % epoch, b"updated_s", repr(now_s).encode())
+        pipe.command(b"HSET", stream_key, b"seq", b"%d" % seq, b"epoch", b"%d" % epoch,
+                     b"updated_s", repr(now_s).encode())
         pipe.command(b"HINCRBY", stream_key, b"batches", b"1")
         if num_events:
             pipe.command(b"HINCRBY", stream_key, b"events", b"%d" % num_events)
@@ -316,18 +324,19 @@ class RedisMirror:
         for key in keys:
             pipe.hlen(key)
         counts = pipe.execute()
-        return {names.parse_target_key(ns, k): n for k, n in zip(keys, counts)}
+        # One HLEN reply per key.
+        return {names.parse_target_key(ns, k): n for k, n in zip(keys, counts, strict=True)}
 
     @_wrap
     def router_heartbeat(self, router_id: str, *, now_s: float, token: str) -> str:
         """Record this router as alive and return the generation of the Redis data set.
 
         ``token`` must be new on every call (a router re-setting its own old token after a
-        restart would miss the change). The generation is a token stored once per data set (``SET NX``): the first router to
-        write it wins and every router reads the same value back. It disappears when Redis
-        restarts without persistence or is flushed, so a router seeing a *different* value
-        than last time knows everything it mirrored is gone and must be rewritten, even though
-        no write ever failed (redis-py reconnects silently).
+        restart would miss the change). The generation is a token stored once per data set
+        (``SET NX``): the first router to write it wins and every router reads the same value
+        back. It disappears when Redis restarts without persistence or is flushed, so a router
+        seeing a *different* value than last time knows everything it mirrored is gone and must
+        be rewritten, even though no write ever failed (redis-py reconnects silently).
         """
         ns = self.namespace
         key = names.generation_key(ns)
