@@ -180,7 +180,8 @@ def decision_latency(cfg: OverheadConfig, progress=None) -> tuple[list[dict], li
             rows.append({
                 "workers": n_workers, "index_blocks": index.total_blocks(), "unique_blocks": index.num_unique_blocks(),
                 "policy": cfg.policy, "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts)),
-                "p50_us": p50, "p99_us": p99, "cpu_p50_us": cpu_p50, "cpu_p99_us": cpu_p99, "hash_p50_us": hash_us, "overlap_p50_us": overlap_us,
+                "p50_us": p50, "p99_us": p99, "cpu_p50_us": cpu_p50, "cpu_p99_us": cpu_p99,
+                "hash_p50_us": hash_us, "overlap_p50_us": overlap_us,
                 "rest_p50_us": max(0.0, p50["median"] - hash_us - overlap_us),
                 "fill_blocks_per_s": index.total_blocks() / fill_s if fill_s else 0.0,
             })
@@ -221,7 +222,8 @@ def run(cfg: OverheadConfig, *, command: str = "kvr bench overhead", progress=No
     from bus.redis_server import EmbeddedRedis
 
     progress = progress or NullProgress()
-    n_steps = len(cfg.workers) * len(cfg.index_blocks) + cfg.repeats * (3 if cfg.redis else 2) + 1 + (1 if cfg.echo else 0)
+    n_steps = (len(cfg.workers) * len(cfg.index_blocks) + cfg.repeats * (3 if cfg.redis else 2) + 1
+               + (1 if cfg.echo else 0))
     progress.start(n_steps, "starting")
     result = SuiteResult("overhead", command, _config_dict(cfg))
     decision_rows, policy_rows = decision_latency(cfg, progress)
@@ -309,7 +311,8 @@ def plot(result: SuiteResult, out_dir: Path) -> list[Path]:
     rows = result.tables["decision latency"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     # p99 in thread CPU time: wall-clock p99 on a shared 2-core machine measures the scheduler.
-    for ax, key, label in zip(axes, ("p50_us", "cpu_p99_us"), ("decision p50, wall (µs)", "decision p99, thread CPU (µs)")):
+    for ax, key, label in zip(axes, ("p50_us", "cpu_p99_us"),
+                              ("decision p50, wall (µs)", "decision p99, thread CPU (µs)"), strict=True):
         for w in sorted({r["workers"] for r in rows}):
             pts = sorted((r["index_blocks"], r[key]) for r in rows if r["workers"] == w)
             xs = [p[0] for p in pts]

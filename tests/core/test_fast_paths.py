@@ -36,7 +36,7 @@ def reference_choose(policy: KvrPolicy, request: RouteRequest, candidates, rng):
     in_flight = [w.load.in_flight for w in candidates]
     mean = (sum(in_flight) + 1) / len(candidates)
     bound = max(policy.load_factor * mean, mean + policy.min_slack)
-    best = min(zip(scores, in_flight))
+    best = min(zip(scores, in_flight, strict=True))
     tied = [i for i in range(len(candidates)) if (scores[i], in_flight[i]) == best]
     over = []
     if best[1] + 1 > bound:
@@ -48,10 +48,11 @@ def reference_choose(policy: KvrPolicy, request: RouteRequest, candidates, rng):
     ttft_s, queue_s, cached, _ = preds[pick]
     chosen = candidates[pick]
     reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
-              f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, {chosen.confidence.value})")
+              f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, "
+              f"{chosen.confidence.value})")
     if over:
         reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
-    return chosen.target, reason, {w.target: s * 1e3 for w, s in zip(candidates, scores)}
+    return chosen.target, reason, {w.target: s * 1e3 for w, s in zip(candidates, scores, strict=True)}
 
 
 # Small value ranges on purpose: they force equal keys, equal scores (ties) and the load bound.
@@ -114,7 +115,8 @@ def test_kvr_scores_differ_by_capacity_even_when_load_is_equal():
     # Two workers alike in everything but capacity: only the small one pays the KV charge.
     policy = KvrPolicy(block_size=BS)
     load = WorkerLoad(active_blocks=90)
-    small, large = WorkerState(KEYS[0], 0, load, Confidence.FRESH, 100), WorkerState(KEYS[1], 0, load, Confidence.FRESH, 1000)
+    small = WorkerState(KEYS[0], 0, load, Confidence.FRESH, 100)
+    large = WorkerState(KEYS[1], 0, load, Confidence.FRESH, 1000)
     d = policy.choose(RouteRequest("r", 320, [], (), None, 16), [small, large], now=0.0, rng=random.Random(0))
     assert d.target == KEYS[1] and d.scores[KEYS[0]] > d.scores[KEYS[1]]
     assert d.scores[KEYS[1]] == policy.predict(RouteRequest("r", 320, [], (), None, 16), large)[3] * 1e3
@@ -200,8 +202,8 @@ index_op = st.one_of(
     # store blocks 0..n-1 of CHAIN under external hashes base+i (base 1 or 2: two externals per own hash)
     st.tuples(st.just("store"), st.integers(0, 2), st.integers(1, 5), st.sampled_from([100, 200])),
     st.tuples(st.just("store_alt"), st.integers(0, 2), st.integers(1, 5)),
-    st.tuples(st.just("remove"), st.integers(0, 2), st.lists(st.sampled_from([100, 101, 102, 200, 201, 204, 300, 301, 999, -1]),
-                                                             max_size=4)),
+    st.tuples(st.just("remove"), st.integers(0, 2),
+              st.lists(st.sampled_from([100, 101, 102, 200, 201, 204, 300, 301, 999, -1]), max_size=4)),
     st.tuples(st.just("tentative"), st.integers(0, 2), st.integers(1, 5)),
 )
 

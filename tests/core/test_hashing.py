@@ -92,7 +92,8 @@ def test_golden_vectors_for_tokens_0_to_39() -> None:
 def test_same_value_in_a_fresh_process_with_another_hash_seed() -> None:
     code = "from core.hashing import block_hashes; print(block_hashes(list(range(40)), block_size=16))"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "987", "PATH": ""}
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={"PYTHONHASHSEED": "987", "PATH": ""},
     ).stdout
     assert out.strip() == str(GOLDEN_0_40)
 
@@ -109,7 +110,7 @@ def test_extra_keys_change_every_block() -> None:
     tokens = list(range(32))
     plain = block_hashes(tokens, block_size=16)
     lora = block_hashes(tokens, block_size=16, extra_keys=["sql-lora"])
-    assert len(lora) == 2 and all(a != b for a, b in zip(plain, lora))
+    assert len(lora) == 2 and all(a != b for a, b in zip(plain, lora, strict=True))
     assert block_hashes(tokens, block_size=16, extra_keys=["sql-lora"]) == lora
 
 
