@@ -110,3 +110,36 @@ def test_forget_starts_a_target_afresh() -> None:
 def test_config_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         TrustConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_fleet_short_alike_is_an_overloaded_fleet_and_nobody_is_distrusted() -> None:
+    tracker = TrustTracker(config=TrustConfig(min_samples=4))
+    fleet = [WorkerKey(f"w{i}", 0) for i in range(4)]
+    for _ in range(20):
+        for t in fleet:  # every worker reuses 1 in 10 predicted tokens (evicted while queued)
+            assert feed(tracker, [(1000, 100)], target=t) == []
+    assert tracker.reference(fleet[0]) == pytest.approx(0.9)
+    assert tracker.distrusted() == {}
+
+
+def test_a_liar_stands_out_from_the_fleets_median_and_recovers_to_it() -> None:
+    tracker = TrustTracker(config=TrustConfig(min_samples=4, min_distrusted_s=0.0))
+    fleet = [WorkerKey(f"w{i}", 0) for i in range(3)]
+    for t in fleet:  # the honest fleet misses 40 %: a liar at 100 % still stands out by more than 0.3
+        feed(tracker, [(1000, 600)] * 8, target=t)
+    assert feed(tracker, [(1000, 0)] * 3) == []
+    [change] = feed(tracker, [(1000, 0)])
+    assert change.weight == 0.0 and tracker.reference(W) == pytest.approx(0.4)
+    assert change.reason.endswith("the fleet's median 40%)")
+    # Its misses fall to the fleet's (within trust_at of its median): trusted again.
+    assert feed(tracker, [(1000, 300)] * 4) == []  # 70 %: 0.3 over the median
+    assert tracker.weight(W) == 0.0
+    [change] = feed(tracker, [(1000, 500)] * 20)
+    assert change.weight == 1.0 and change.shortfall <= 0.6
+
+
+def test_the_reference_leaves_out_distrusted_targets_and_those_without_evidence() -> None:
+    tracker = TrustTracker(config=TrustConfig(min_samples=4))
+    feed(tracker, [(1000, 0)] * 4, target=OTHER)  # distrusted: not part of the fleet's norm
+    feed(tracker, [(0, 0)] * 9, target=WorkerKey("new", 0))  # no request with a prediction yet
+    assert tracker.weight(OTHER) == 0.0 and tracker.reference(W) == 0.0
