@@ -6,9 +6,6 @@ only after the mirror was rewritten and read back.
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
-import tempfile
 import time
 
 import pytest
@@ -22,48 +19,16 @@ from monitor.inspect import inspect_state
 from router.background_mirror import BackgroundMirror
 from router.http_front import RouterHttpFront
 from router.mirror import RedisMirror, make_redis_client
-from tests.conftest import _need_real_service, free_port
 from tests.router.test_http_front import _get
-from tests.router.test_mirror_recovery import _mirror_exact, _route
+from tests.router.test_mirror_recovery import RedisProcess, _mirror_exact, _route
 from tests.router.test_service import BS, FakeWorker, RunningRouter, _config, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 
-class Redis:
-    """A redis-server on its own port, started (and restarted) by the test with extra arguments."""
-
-    def __init__(self) -> None:
-        self.binary = shutil.which("redis-server") or _need_real_service("redis-server")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="kvr-redis-health-")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, *args: str, password: str | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis_py.Redis(host="127.0.0.1", port=self.port, password=password)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis_py.ConnectionError:
-                assert time.monotonic() < deadline and self.proc.poll() is None, "redis-server did not start"
-                time.sleep(0.02)
-        client.close()
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def redis_proc():
-    proc = Redis()
+    proc = RedisProcess()
     yield proc
     proc.close()
 

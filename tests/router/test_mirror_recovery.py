@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 class RedisProcess:
-    """A redis-server without persistence that the test can stop and start on the same port."""
+    """A redis-server without persistence that the test can stop and start on the same port,
+    with extra ``redis-server`` arguments (``--maxmemory``, ``--requirepass``...)."""
 
     def __init__(self) -> None:
         self.binary = shutil.which("redis-server")
@@ -36,11 +37,11 @@ class RedisProcess:
         self.proc: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *args: str, password: str | None = None) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis_py.Redis(host="127.0.0.1", port=self.port)
+             "--dir", self.dir, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis_py.Redis(host="127.0.0.1", port=self.port, password=password)
         deadline = time.monotonic() + 10
         while True:
             try:
