@@ -20,6 +20,7 @@ that is stable (router, worker event PUBs) and connect from the volatile side.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -90,11 +91,12 @@ class LocalCluster:
                                      base_env={**os.environ, "PYTHONPATH": _python_path()})
         self.redis_url = c.redis_url
         self.redis_kind = "external" if c.redis_url else ""
-        pick = free_loopback_port
-        self.client_port = c.client_port or pick()
-        self.worker_port = c.worker_port or pick()
-        self.metrics_port = c.metrics_port or pick()
-        self.monitor_http_port = c.monitor_http_port or pick()
+        # 0 = the component binds any free port and its ready file says which (no window between
+        # picking a free port here and the child binding it, in which another process can take it).
+        self.client_port = c.client_port
+        self.worker_port = c.worker_port
+        self.metrics_port = c.metrics_port
+        self.monitor_http_port = c.monitor_http_port
         self.worker_ids = [f"worker-{i}" for i in range(c.workers)]
         self.failure: ComponentFailed | None = None
         self._started = False
@@ -151,6 +153,7 @@ class LocalCluster:
             "--block-size", str(c.block_size),
             *([] if secret else ["--redis-url", self.redis_url]),
             "--namespace", c.namespace,
+            "--ready-file", str(self._ready_file("router")),
             *c.router_args,
             log_level=c.log_level,
         )
@@ -188,10 +191,48 @@ class LocalCluster:
             "--http-port", str(self.monitor_http_port),
             "--block-size", str(c.block_size),
             *(["--label", c.label] if c.label else []),
+            "--ready-file", str(self._ready_file("monitor")),
             log_level=c.log_level,
         )
-        url = f"{self.monitor_url}/healthz"
-        return ComponentSpec("monitor", "monitor", argv, ready=lambda: _http_ok(url))
+        return ComponentSpec("monitor", "monitor", argv, ready=self._monitor_ready, stop_last=True)
+
+    def _ready_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.ready.json"
+
+    def _read_ready(self, name: str) -> dict[str, str] | None:
+        """The endpoints ``name`` wrote to its ready file once listening (None before that)."""
+        try:
+            record = json.loads(self._ready_file(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return record.get("endpoints") or {}
+
+    def _monitor_ready(self) -> bool:
+        endpoints = self._read_ready("monitor")
+        if endpoints is None or "http" not in endpoints:
+            return False
+        if not self.monitor_http_port:
+            self.monitor_http_port = urlsplit(endpoints["http"]).port or 0
+            self.supervisor.respec("monitor", self.monitor_spec())  # a restart keeps the port
+        return _http_ok(f"{self.monitor_url}/healthz")
+
+    def _wait_router_bound(self, timeout_s: float) -> None:
+        """The router's ready file: every port it bound, those asked as 0 resolved."""
+        deadline = time.monotonic() + timeout_s
+        while (endpoints := self._read_ready("router")) is None:
+            dead = self.supervisor.failed()
+            if dead:
+                raise dead[0]
+            if time.monotonic() > deadline:
+                raise ComponentFailed(ComponentSpec("router", "router", []),
+                                      f"did not report its endpoints within {timeout_s:.0f} s", returncode=None,
+                                      log_tail=tail(self.supervisor.log_path("router")))
+            time.sleep(0.05)
+        self.client_port = urlsplit(endpoints["clients"]).port or self.client_port
+        self.worker_port = urlsplit(endpoints["workers"]).port or self.worker_port
+        if endpoints.get("metrics"):
+            self.metrics_port = urlsplit(endpoints["metrics"]).port or self.metrics_port
+        self.supervisor.respec("router", self.router_spec())  # a restarted router keeps these ports
 
     # ------------------------------------------------------------------ readiness
 
@@ -225,13 +266,18 @@ class LocalCluster:
                 raise ComponentFailed(ComponentSpec("redis", "redis", []),
                                       f"at {redact_url(self.redis_url)} does not answer PING",
                                       returncode=None)
-            if c.monitor:
-                # First, so it sees the router's first records.
-                sup.start(self.monitor_spec())
+            remaining = lambda: max(1.0, c.ready_timeout_s - (time.monotonic() - t0))  # noqa: E731
+            # The router first: the monitor and the workers dial the ports it reports. Records
+            # published before the monitor subscribes are none (no request is sent before
+            # _wait_metrics_flowing), so starting the monitor second loses nothing.
+            self._ready_file("router").unlink(missing_ok=True)
             sup.start(self.router_spec())
+            self._wait_router_bound(remaining())
+            if c.monitor:
+                self._ready_file("monitor").unlink(missing_ok=True)
+                sup.start(self.monitor_spec())
             for w in self.worker_ids:
                 sup.start(self.worker_spec(w))
-            remaining = lambda: max(1.0, c.ready_timeout_s - (time.monotonic() - t0))  # noqa: E731
             if c.monitor:
                 sup.wait_ready("monitor", timeout_s=remaining())
             self._wait_workers(remaining())

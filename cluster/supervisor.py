@@ -34,6 +34,8 @@ class ComponentSpec:
     """One child process: its ``name`` (unique, names the log file), ``role`` and command line.
 
     ``ready`` is polled after start until it returns True (no readiness check when ``None``).
+    ``stop_last``: stopped after every other component, whatever the start order (the monitor,
+    so it records what the router reports while the rest shut down).
     """
 
     name: str
@@ -41,6 +43,7 @@ class ComponentSpec:
     argv: list[str]
     env: Mapping[str, str] = field(default_factory=dict)
     ready: Callable[[], bool] | None = None
+    stop_last: bool = False
 
 
 class ComponentFailed(RuntimeError):
@@ -160,6 +163,13 @@ class Supervisor:
         self._children.remove(child)
         return codes[name]
 
+    def respec(self, name: str, spec: ComponentSpec) -> None:
+        """What a later :meth:`restart` of ``name`` runs: a component that bound port 0 comes back
+        on the ports it resolved (its peers dial those)."""
+        if spec.name != name:
+            raise ValueError(f"spec {spec.name!r} is not for {name!r}")
+        self._child(name).spec = spec
+
     def restart(self, name: str, *, sig: int | None = None, timeout_s: float = 10.0) -> int | None:
         """Send ``sig`` (default SIGKILL: a crash) to a component's group, reap it and start it again.
 
@@ -179,8 +189,11 @@ class Supervisor:
         return code
 
     def stop(self) -> dict[str, int | None]:
-        """Stop everything, newest first; returns each component's exit code."""
-        codes = self._stop(list(reversed(self._children)), self.stop_timeout_s)
+        """Stop everything, newest first (``stop_last`` components after the rest); returns each
+        component's exit code."""
+        newest_first = list(reversed(self._children))
+        order = [c for c in newest_first if not c.spec.stop_last] + [c for c in newest_first if c.spec.stop_last]
+        codes = self._stop(order, self.stop_timeout_s)
         self._children.clear()
         return codes
 

@@ -64,8 +64,9 @@ def test_every_kvr_command_parses(compose):
 
 # What the containers add to `kvr up`'s commands, and what they leave to --bind-host's defaults.
 COMPOSE_ONLY = {"router": {"--bind-host", "--http-port"}, "worker": {"--bind-host"}, "monitor": {"--bind-host"}}
-UP_ONLY = {"router": {"--bind-clients", "--bind-workers", "--bind-metrics"}, "worker": {"--http-host"},
-           "monitor": {"--http-host"}}
+# --ready-file: kvr up learns the ports its children bound from it (compose uses healthchecks).
+UP_ONLY = {"router": {"--bind-clients", "--bind-workers", "--bind-metrics", "--ready-file"}, "worker": {"--http-host"},
+           "monitor": {"--http-host", "--ready-file"}}
 
 
 def _router_endpoint(params: dict, name: str, port: int) -> str:

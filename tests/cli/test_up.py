@@ -49,7 +49,8 @@ def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(re
                                          namespace="t-up", ready_timeout_s=30, dump_interval_s=0.5))
     with cluster:
         pids = [cluster.supervisor.pid(n) for n in cluster.supervisor.names]
-        assert cluster.supervisor.names == ["monitor", "router", "worker-0", "worker-1"]
+        # The router first (the others dial the ports it reports), the monitor stopped last.
+        assert cluster.supervisor.names == ["router", "monitor", "worker-0", "worker-1"]
         assert sorted(cluster.alive_workers()) == ["worker-0", "worker-1"]
         with RouterClient(endpoint=cluster.client_endpoint) as client:
             results = [client.generate(GenerateRequest(request_id=f"r{i}", prompt=PROMPT, max_tokens=3), timeout_s=10)

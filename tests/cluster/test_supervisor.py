@@ -110,6 +110,53 @@ def test_restart_crashes_and_starts_a_new_process_appending_to_the_log(tmp_path)
     assert sup.stop() == {"w": -15}
 
 
+# A child that writes "<name> <unix time ns>" to a shared file when SIGTERM arrives, then exits.
+RECORDER = """
+import signal, sys, time
+def bye(*_):
+    with open(sys.argv[1], "a") as fh:
+        fh.write(f"{sys.argv[2]} {time.time_ns()}\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_goes_newest_first_with_stop_last_components_after_the_rest(tmp_path):
+    order = tmp_path / "order.txt"
+    sup = Supervisor(log_dir=tmp_path, stop_timeout_s=5.0)
+    for name, last in (("router", False), ("monitor", True), ("w0", False), ("w1", False)):
+        log = tmp_path / f"{name}.log"
+        sup.start(ComponentSpec(name, name, [sys.executable, "-c", RECORDER, str(order), name], stop_last=last,
+                                ready=lambda log=log: "up" in log.read_text()))
+        sup.wait_ready(name, timeout_s=10)
+    assert sup.stop() == {"w1": 0, "w0": 0, "router": 0, "monitor": 0}
+    stopped = [line.split()[0] for line in sorted(order.read_text().splitlines(), key=lambda ln: int(ln.split()[1]))]
+    assert stopped == ["w1", "w0", "router", "monitor"]
+
+
+def test_respec_changes_what_a_restart_runs(tmp_path):
+    sup = Supervisor(log_dir=tmp_path, stop_timeout_s=1.0)
+    log = tmp_path / "r.log"
+    def says(word: str) -> ComponentSpec:
+        script = f"import time; print({word!r}, flush=True); time.sleep(60)"
+        return ComponentSpec("r", "router", [sys.executable, "-c", script])
+
+    sup.start(says("first"))
+    sup.respec("r", says("second"))
+    with pytest.raises(ValueError):
+        sup.respec("r", ComponentSpec("other", "router", []))
+    deadline = time.monotonic() + 10
+    while "first" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sup.restart("r")
+    while "second" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert log.read_text().split() == ["first", "second"]
+    sup.stop()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_children_die_when_the_supervisor_is_killed_hard(tmp_path):
     import subprocess
