@@ -85,7 +85,9 @@ class GenerateRequest(msgspec.Struct, tag="generate", frozen=True):
     request_id: str
     prompt: str | None = None
     token_ids: list[int] | None = None
-    max_tokens: int = 16
+    # None: no cap, the engine stops at end of sequence or its context (vLLM's chat default);
+    # dispatched to a worker as 0, the worker protocol's "no cap".
+    max_tokens: int | None = 16
     model: str | None = None
     lora_name: str | None = None
     cache_salt: str | None = None
@@ -237,12 +239,17 @@ class Refused(msgspec.Struct, tag="refused", frozen=True):
     retry_after_s: float = 0.0
 
 
+#: ``Dispatch.max_tokens`` of a request without a cap: the engine stops at end of sequence or at
+#: its context (the emulated engine draws a natural length; vLLM is sent no ``max_tokens``).
+NO_CAP = 0
+
+
 class Dispatch(msgspec.Struct, tag="dispatch", frozen=True):
     """Run this request. Token ids are already tokenized by the router."""
 
     request_id: str
     token_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # >= 1, or NO_CAP
     dp_rank: int = 0
     lora_name: str | None = None
     cache_salt: str | None = None

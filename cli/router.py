@@ -136,8 +136,7 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
             front = RouterHttpFront(client_endpoint=connectable(service.clients_endpoint), host=http_host,
                                     port=http_port, model=model_name, stats=lambda: service.stats,
                                     request_timeout_s=request_timeout_s + 5, curve=curve,
-                                    max_request_bytes=config.max_request_bytes,
-                                    uncapped_max_tokens=config.limits.max_output_tokens)
+                                    max_request_bytes=config.max_request_bytes)
         except OSError as exc:
             service.close()
             if embedded is not None:

@@ -33,7 +33,7 @@ def check_request(
     request_id: str,
     prompt: str | None,
     token_ids: Sequence[int] | None,
-    max_tokens: int,
+    max_tokens: int | None,
     model: str | None,
     limits: AdmissionLimits,
 ) -> Rejection | None:
@@ -42,9 +42,10 @@ def check_request(
         return Rejection("bad_request", f"request_id must be 1..{limits.max_id_chars} characters")
     if (prompt is None) == (token_ids is None):
         return Rejection("bad_request", "give exactly one of prompt or token_ids")
-    if isinstance(max_tokens, bool) or max_tokens < 1:
+    # None: no cap (the engine stops at end of sequence or at its context).
+    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
         return Rejection("bad_request", f"max_tokens must be >= 1, got {max_tokens}")
-    if max_tokens > limits.max_output_tokens:
+    if max_tokens is not None and max_tokens > limits.max_output_tokens:
         return Rejection("bad_request", f"max_tokens {max_tokens} exceeds the limit of {limits.max_output_tokens}")
     if limits.models and model is not None and model not in limits.models:
         served = ", ".join(sorted(limits.models))

@@ -65,15 +65,11 @@ from bus.openai_http import (
 from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, Routed, TokenChunk
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_socket
-from core.admission import AdmissionLimits
 
 logger = logging.getLogger(__name__)
 
 _GET_PATHS = frozenset({"/health", "/v1/models", "/metrics"})
 _POST_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-#: What a chat without ``max_tokens`` asks the router for: the client channel has no "no cap", so
-#: the router's largest; the engine stops at its ``max_model_len`` (vLLM: the remaining context).
-UNCAPPED_MAX_TOKENS = AdmissionLimits().max_output_tokens
 
 
 class RouterHttpFront:
@@ -83,14 +79,12 @@ class RouterHttpFront:
                  stats: Callable[[], dict] | None = None, ctx: zmq.Context | None = None,
                  request_timeout_s: float = 600.0, curve: Curve | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES, max_in_flight: int = MAX_IN_FLIGHT,
-                 uncapped_max_tokens: int = UNCAPPED_MAX_TOKENS,
                  keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
         """``model``: an alias accepted for any served model, listed after the served names.
         ``stats``: the router's snapshot (``RouterService.stats``); its ``models`` are the served names.
         ``curve``: the DEALER dials the router's client port as a CURVE client (bus/security.py).
         ``max_request_bytes``: the router's limit; bigger requests are refused here (PROMPT_TOO_LONG).
         ``max_in_flight``: completions handled at once; the next is answered 429.
-        ``uncapped_max_tokens``: the router's ``max_output_tokens`` (see :data:`UNCAPPED_MAX_TOKENS`).
         ``keepalive_timeout_s``: an idle connection is closed after this long."""
         self.model = model
         self.stats = stats or (lambda: {})
@@ -99,7 +93,6 @@ class RouterHttpFront:
         self._ids = itertools.count(1)
         self._endpoint, self._curve = client_endpoint, curve
         self._max_request_bytes = max_request_bytes
-        self._uncapped_max_tokens = uncapped_max_tokens
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
         self._sock: zmq.asyncio.Socket | None = None
@@ -213,7 +206,7 @@ class RouterHttpFront:
         rid = self.next_id(chat)
         body = decode_json_body(await read_body(request))
         parsed = parse_openai_body(body, chat=chat)
-        req = generate_request(parsed, request_id=rid, alias=self.model, uncapped_max_tokens=self._uncapped_max_tokens)
+        req = generate_request(parsed, request_id=rid, alias=self.model)
         data = encode(req)
         if len(data) > self._max_request_bytes:
             # The router would cut this DEALER's connection (ZMQ_MAXMSGSIZE) and with it the replies
@@ -312,11 +305,10 @@ async def _end(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-def generate_request(parsed: CompletionBody, *, request_id: str, alias: str | None,
-                     uncapped_max_tokens: int = UNCAPPED_MAX_TOKENS) -> GenerateRequest:
-    """The ``GenerateRequest`` the front sends for a parsed body. ``alias`` means any model."""
-    max_tokens = uncapped_max_tokens if parsed.max_tokens is None else parsed.max_tokens
-    req = GenerateRequest(request_id, prompt=parsed.prompt, token_ids=parsed.token_ids, max_tokens=max_tokens,
+def generate_request(parsed: CompletionBody, *, request_id: str, alias: str | None) -> GenerateRequest:
+    """The ``GenerateRequest`` the front sends for a parsed body. ``alias`` means any model; a chat
+    without ``max_tokens`` stays uncapped (None), as vLLM's chat endpoint is."""
+    req = GenerateRequest(request_id, prompt=parsed.prompt, token_ids=parsed.token_ids, max_tokens=parsed.max_tokens,
                           model=None if parsed.model == alias else parsed.model, cache_salt=parsed.cache_salt,
                           stream=parsed.stream)
     try:

@@ -62,6 +62,7 @@ from bus import names
 from bus.codec import DecodeError, client_decoder, encode, salvage_request_id, worker_decoder
 from bus.mirror_status import Cause, as_dict, describe
 from bus.schema import (
+    NO_CAP,
     PROTOCOL_VERSION,
     REFUSED_DUPLICATE_ID,
     REFUSED_KEY_MISMATCH,
@@ -457,7 +458,9 @@ class RouterService:
         """Route (again) and send; a request nothing can take ends with ``NO_WORKERS``."""
         req = p.request
         try:
-            res = self.core.route(RoutingInput(p.key, p.token_ids, req.max_tokens, req.lora_name, req.cache_salt,
+            # An uncapped request's output is estimated as the longest allowed (the estimate caps it).
+            max_tokens = self.config.limits.max_output_tokens if req.max_tokens is None else req.max_tokens
+            res = self.core.route(RoutingInput(p.key, p.token_ids, max_tokens, req.lora_name, req.cache_salt,
                                                req.worker_id), now=now, exclude=p.tried)
         except NoTargetsError as exc:
             self._finish(p, ErrorReply(req.request_id, ErrorCode.NO_WORKERS, str(exc)))
@@ -469,7 +472,8 @@ class RouterService:
         self._reply(p.client, Routed(req.request_id, d.target.worker_id, d.target.dp_rank, d.overlap_blocks,
                                      p.predicted_cached_tokens, d.policy, d.reason))
         self._send_worker(self.workers[d.target.worker_id].identity,
-                          Dispatch(p.key, p.token_ids, req.max_tokens, d.target.dp_rank, req.lora_name, req.cache_salt))
+                          Dispatch(p.key, p.token_ids, req.max_tokens or NO_CAP, d.target.dp_rank, req.lora_name,
+                                   req.cache_salt))
 
     def _finish(self, p: _Pending, terminal: Completion | ErrorReply) -> None:
         """The only way out of the pending table: exactly one terminal reply."""

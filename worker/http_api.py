@@ -53,7 +53,7 @@ from bus.openai_http import (
     sse_event,
     usage_body,
 )
-from bus.schema import Completion, Dispatch, ErrorReply, TokenChunk
+from bus.schema import NO_CAP, Completion, Dispatch, ErrorReply, TokenChunk
 from worker.vllm.exporter import render
 
 logger = logging.getLogger(__name__)
@@ -61,11 +61,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_COMPLETION_MAX_TOKENS", "HttpError", "HttpFront", "completion_params", "decode_json_body",
            "prompt_ids"]
 VERSION = "0.33.0+kvr.emulated"
-#: ``Dispatch.max_tokens`` of a chat without ``max_tokens`` (vLLM: no cap): the emulated engine draws
-#: a length, its stand-in for the model's end of sequence, within ``max_model_len``.
-_ENGINE_DRAWS = 0
-
-
 def prompt_ids(body: dict[str, Any], *, chat: bool, tokenizer: Any) -> list[int]:
     """The prompt of a (chat) completions or tokenize body as token ids, or a 400."""
     text, ids = parse_prompt(body, chat=chat)
@@ -81,7 +76,9 @@ def completion_params(body: dict[str, Any], *, chat: bool, tokenizer: Any) -> tu
 
 def _dispatch_fields(parsed: CompletionBody, tokenizer: Any) -> tuple[list[int], int, str | None]:
     ids = list(parsed.token_ids) if parsed.token_ids is not None else tokenizer.encode(parsed.prompt)
-    return ids, _ENGINE_DRAWS if parsed.max_tokens is None else parsed.max_tokens, parsed.cache_salt
+    # A chat without max_tokens (vLLM: no cap): the emulated engine draws a length, its stand-in
+    # for the model's end of sequence, within max_model_len.
+    return ids, NO_CAP if parsed.max_tokens is None else parsed.max_tokens, parsed.cache_salt
 
 
 _GET_PATHS = frozenset({

@@ -19,6 +19,7 @@ def _check(**overrides):
 def test_good_requests_pass() -> None:
     assert _check() is None
     assert _check(prompt="hi", token_ids=None, model=None) is None
+    assert _check(max_tokens=None) is None  # no cap (a chat without max_tokens)
 
 
 @pytest.mark.parametrize(

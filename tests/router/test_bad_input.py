@@ -178,27 +178,25 @@ def _generate_frame(**fields) -> bytes:
     return msgspec.msgpack.encode({"type": "generate", **fields})
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"request_id": "t1", "token_ids": [1, "2"]},
-     "malformed request: Expected `int`, got `str` - at `$.token_ids[1]`"),
-    ({"request_id": "t2", "token_ids": [1, 2.5]},
-     "malformed request: Expected `int`, got `float` - at `$.token_ids[1]`"),
-    ({"request_id": "t3", "token_ids": 7},
-     "malformed request: Expected `array | null`, got `int` - at `$.token_ids`"),
-    ({"request_id": "t4", "prompt": "hi", "max_tokens": "8"},
-     "malformed request: Expected `int`, got `str` - at `$.max_tokens`"),
-    ({"request_id": "t5", "prompt": "hi", "model": 3},
-     "malformed request: Expected `str | null`, got `int` - at `$.model`"),
+@pytest.mark.parametrize("fields,path", [
+    ({"request_id": "t1", "token_ids": [1, "2"]}, "$.token_ids[1]"),
+    ({"request_id": "t2", "token_ids": [1, 2.5]}, "$.token_ids[1]"),
+    ({"request_id": "t3", "token_ids": 7}, "$.token_ids"),
+    ({"request_id": "t4", "prompt": "hi", "max_tokens": "8"}, "$.max_tokens"),
+    ({"request_id": "t5", "prompt": "hi", "model": 3}, "$.model"),
 ])
-def test_wrong_field_types_get_a_bad_request_reply_naming_the_field(stack, fields, message):
-    """The typed decoder refuses the frame; the router still finds its id and answers it."""
+def test_wrong_field_types_get_a_bad_request_reply_naming_the_field(stack, fields, path):
+    """The typed decoder refuses the frame; the router still finds its id and answers it. The reply
+    is ours ("malformed request: ") and names the field; the words between are msgspec's, which
+    change between releases, so they are not pinned."""
     from bus.codec import reply_decoder
 
     with _raw_dealer(stack, stack.router.clients_endpoint) as raw:
         raw.send(_generate_frame(**fields))
         assert raw.poll(5000), "no reply"
         reply = reply_decoder().decode(raw.recv())
-        assert (reply.request_id, reply.code, reply.message) == (fields["request_id"], ErrorCode.BAD_REQUEST, message)
+        assert (reply.request_id, reply.code) == (fields["request_id"], ErrorCode.BAD_REQUEST)
+        assert reply.message.startswith("malformed request: ") and path in reply.message
 
 
 def test_frames_without_a_usable_id_get_no_reply(stack):

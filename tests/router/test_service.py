@@ -16,6 +16,7 @@ from bus.client import RouterClient
 from bus.codec import encode, router_decoder
 from bus.publisher_thread import PublisherThread
 from bus.schema import (
+    NO_CAP,
     REFUSED_DUPLICATE_ID,
     REFUSED_KEY_MISMATCH,
     Cancel,
@@ -190,6 +191,23 @@ def test_registers_ingests_events_and_routes_to_the_cached_worker(ctx, router):
         client.close()
         w1.close()
         w2.close()
+
+
+def test_an_uncapped_request_is_dispatched_no_cap(ctx, router):
+    """max_tokens None (a chat without max_tokens through the HTTP front) crosses to the worker as
+    NO_CAP: the engine decides where the output ends, as vLLM's chat endpoint does."""
+    w = FakeWorker(ctx, router.workers_endpoint, "w1")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        w.hello()
+        wait_for(lambda: any(isinstance(m, Welcome) for m in w.received), [w])
+        res = client.send(GenerateRequest("req-nocap", token_ids=list(range(40)), max_tokens=None))
+        wait_for(lambda: res.done, [w], client)
+        [d] = w.dispatches()
+        assert d.max_tokens == NO_CAP and res.completion is not None
+    finally:
+        client.close()
+        w.close()
 
 
 def test_refuses_a_block_size_mismatch(ctx, router):

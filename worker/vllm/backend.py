@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bus.schema import (
+    NO_CAP,
     Completion,
     Dispatch,
     ErrorCode,
@@ -249,10 +250,21 @@ class VllmBackend:
             self._in_flight.pop(request_id, None)
         self._emit(message)
 
+    def _max_tokens(self, d: Dispatch) -> int | None:
+        """``NO_CAP``: what vLLM's chat endpoint does without ``max_tokens`` (the rest of the
+        context). Its completions endpoint would default to 16, so the cap is spelled out when the
+        server's ``max_model_len`` is known; otherwise none is sent."""
+        if d.max_tokens != NO_CAP:
+            return d.max_tokens
+        if self.info.max_model_len:
+            return max(1, self.info.max_model_len - len(d.token_ids))
+        return None
+
     def _request(self, d: Dispatch) -> CompletionRequest:
         model = d.lora_name if d.lora_name is not None else self.info.model
         return CompletionRequest(
-            model=model, prompt_token_ids=d.token_ids, max_tokens=d.max_tokens, cache_salt=d.cache_salt,
+            model=model, prompt_token_ids=d.token_ids, cache_salt=d.cache_salt,
+            max_tokens=self._max_tokens(d),
             ignore_eos=self.config.ignore_eos,
             data_parallel_rank=d.dp_rank if self.config.dp_size > 1 else None)
 

@@ -67,7 +67,7 @@ class CompletionRequest:
 
     model: str
     prompt_token_ids: Sequence[int]
-    max_tokens: int
+    max_tokens: int | None  # None: not sent (vLLM's default for the endpoint applies)
     cache_salt: str | None = None
     ignore_eos: bool = False
     temperature: float | None = None
@@ -83,10 +83,11 @@ class CompletionRequest:
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": list(self.prompt_token_ids),
-            "max_tokens": self.max_tokens,
             "stream": stream,
             "return_token_ids": True,
         }
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         if stream:
             body["stream_options"] = {"include_usage": True}
         if self.cache_salt is not None:
