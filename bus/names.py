@@ -18,7 +18,7 @@ are readable with ``redis-cli``::
                                                   value = kvr block hash (decimal uint64): the prefix-index
                                                   mirror; HLEN = blocks the target holds
     kvr:{ns}:hash-scheme                   STRING the definition of the kvr block hashes stored in the
-                                                  blocks hashes (core.hashing.HASH_SCHEME); a router whose
+                                                  blocks hashes (core.own_block_hash.HASH_SCHEME); a router whose
                                                   scheme differs (or finds blocks without it: scheme 1)
                                                   deletes every target's blocks and stream instead of
                                                   loading them, then writes its own (routers of different

@@ -28,7 +28,7 @@ from core.tokenizer import apply_chat_template
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 #: Largest request body either server reads; a bigger one is answered 413 without being read.
 MAX_BODY_BYTES = 64 * 1024 * 1024
-#: kvr hashes token ids as uint32 (core/hashing.py); the router and the engine refuse the rest too.
+#: kvr hashes token ids as uint32 (core/own_block_hash.py); the router and the engine refuse the rest too.
 MAX_TOKEN_ID = 2**32
 #: What msgpack carries as a signed int: a bigger ``max_tokens`` could not cross the client channel.
 MAX_WIRE_INT = 2**63

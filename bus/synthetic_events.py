@@ -23,7 +23,7 @@ import random
 from collections import OrderedDict
 
 from core.events import AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
-from core.hashing import block_hashes
+from core.own_block_hash import block_hashes
 
 #: Qwen3's vocabulary size: token ids are drawn below it.
 VOCAB_SIZE = 151_936

@@ -26,7 +26,7 @@ the single-group ``KVCacheManager`` do, as far as a router can observe it:
 Block identity on the wire is the engine's *external* hash: xxh3-128 (or SHA-256)
 chained over (parent digest, tokens, extra keys) with an engine seed, sent as the
 low 64 bits (an unsigned int, often >= 2**63) like vLLM's default, or as the raw
-digest. It deliberately differs from kvr's own router hash (``core/hashing.py``).
+digest. It deliberately differs from kvr's own router hash (``core/own_block_hash.py``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from core.block_hash import ENGINE_HASH_SEED, HASH_ALGOS, BlockHasher
 from core.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from core.external_block_hash import ENGINE_HASH_SEED, HASH_ALGOS, BlockHasher
 from core.free_block_queue import FreeBlockQueue, KVCacheBlock
 
 __all__ = [

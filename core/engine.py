@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from core.block_hash import BlockHasher
 from core.block_pool import BlockPool, KVSequence
 from core.engine_types import (
     FINISH_ABORT,
@@ -46,6 +45,7 @@ from core.engine_types import (
     StepResult,
 )  # fmt: skip
 from core.events import KVEvent
+from core.external_block_hash import BlockHasher
 from core.profiles import Profile
 from core.tokenizer import default_output_vocab
 

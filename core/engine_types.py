@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from core.block_hash import DEFAULT_HASH_ALGO, ENGINE_HASH_SEED
+from core.external_block_hash import DEFAULT_HASH_ALGO, ENGINE_HASH_SEED
 from core.latency import LatencyModel, SimpleLatencyModel
 from core.profiles import Profile
 
@@ -39,7 +39,7 @@ class EngineConfig:
     mean_output_tokens: int = 128  # for requests that give no max_tokens (exponential draw)
     output_vocab: tuple[int, ...] | None = None  # None: the built-in tokenizer's words
     hash_seed: int = ENGINE_HASH_SEED
-    hash_algo: str = DEFAULT_HASH_ALGO  # vLLM 0.33's own block hash (core/block_hash.py)
+    hash_algo: str = DEFAULT_HASH_ALGO  # vLLM 0.33's own block hash (core/external_block_hash.py)
     int_block_hashes: bool = True
     enable_kv_events: bool = True
 

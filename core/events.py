@@ -8,7 +8,7 @@ the legacy array form.
 
 Hashes are *external* block hashes: whatever the engine uses (a uint64, often
 >= 2**63, or 32 raw bytes). The router keys its index by its own block hash
-(``core/hashing.py``) and keeps the external one only to apply removals.
+(``core/own_block_hash.py``) and keeps the external one only to apply removals.
 """
 
 from __future__ import annotations

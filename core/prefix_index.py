@@ -1,7 +1,7 @@
 """The router's exact knowledge of every worker's GPU prefix cache, built from KV events.
 
 Targets are ``WorkerKey(worker_id, dp_rank)``: one routable engine each. The index is keyed by
-kvr's **own** block hash (``core/hashing.py``), computed from each ``BlockStored``'s
+kvr's **own** block hash (``core/own_block_hash.py``), computed from each ``BlockStored``'s
 ``token_ids`` chained from the parent's own hash; the engine's *external* hash is kept only in a
 per-target ``external → own`` map, to apply ``BlockRemoved`` and to find a later event's parent.
 
@@ -53,11 +53,10 @@ from typing import NamedTuple, cast
 import msgspec
 import numpy as np
 
-from core.block_keys import own_hashes_of_event
-from core.block_keys import request_block_hashes as request_block_hashes  # re-exported
 from core.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEventBatch
-from core.hashing import ROOT_PARENT_HASH, external_hash_key
 from core.orphans import ParkedChain, ParkedChains
+from core.own_block_hash import ROOT_PARENT_HASH, external_hash_key, own_hashes_of_event
+from core.own_block_hash import request_block_hashes as request_block_hashes  # re-exported
 from core.tentative import TentativeEntries
 
 logger = logging.getLogger(__name__)

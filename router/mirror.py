@@ -18,7 +18,7 @@ from redis.typing import EncodableT, FieldT
 
 from bus import names
 from bus.schema import Hello, WorkerLoad
-from core.hashing import HASH_SCHEME
+from core.own_block_hash import HASH_SCHEME
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class RedisMirror:
     def load_snapshot(self) -> dict[tuple[str, int], TargetSnapshot]:
         """Every target's mirrored blocks and stream position (for a warm start).
 
-        Blocks hashed under another scheme than this router's (``core.hashing.HASH_SCHEME``; none
+        Blocks hashed under another scheme than this router's (``core.own_block_hash.HASH_SCHEME``; none
         recorded means the first scheme) are never loaded: their own hashes would never equal
         a request's, and later events would chain from them. Every target's blocks and stream
         position are deleted instead (nothing is resumed: the stored positions described those

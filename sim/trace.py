@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.hashing import ROOT_PARENT_HASH, block_hashes, hash_block
+from core.own_block_hash import ROOT_PARENT_HASH, block_hashes, hash_block
 from sim.workload import SimRequest, Workload
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from bus.publisher import EventPublisher, FaultPlan
 from bus.schema import Completion, Dispatch, ErrorCode, ErrorReply, Hello, RequestStats, TokenChunk, WorkerLoad
 from bus.security import Curve
 from core.engine import EmulatedEngine, EngineRequest, RequestOutput, RequestRejected
-from core.hashing import external_hash_key
+from core.own_block_hash import external_hash_key
 from core.profiles import get_profile
 from core.tokenizer import Tokenizer, load_tokenizer
 from worker.vllm.exporter import EngineSnapshot, RequestMetrics

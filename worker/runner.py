@@ -49,7 +49,7 @@ class WorkerOptions:
     events_sndbuf: int = 0  # KV-event PUB kernel send buffer, bytes (0: the OS's)
     lora_modules: str | None = None  # comma-separated adapter names
     stream_interval: int = 1
-    hash_algo: str | None = None  # None: vLLM's default sha256 (core/block_hash.py)
+    hash_algo: str | None = None  # None: vLLM's default sha256 (core/external_block_hash.py)
     restart_publisher_every: float = 0.0
     clear_cache_every: float = 0.0
     curve_dir: str | None = None  # CURVE keys (bus/security.py): router link and event sockets authenticated

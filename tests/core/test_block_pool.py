@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bus.vllm_codec import encode_batch
 from core.block_pool import BlockHasher, BlockPool, KVSequence
 from core.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from core.hashing import block_hashes as kvr_block_hashes
+from core.own_block_hash import block_hashes as kvr_block_hashes
 
 BS = 4
 

@@ -13,9 +13,8 @@ from unittest.mock import patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.block_keys import own_hashes_of_event
 from core.events import BlockRemoved, BlockStored
-from core.hashing import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, hash_block
+from core.own_block_hash import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, hash_block, own_hashes_of_event
 from core.policies import KvrPolicy, RouteRequest, WorkerLoad, WorkerState
 from core.policies.base import FleetColumns, LazyScores
 from core.prefix_index import Confidence, PrefixIndex, SnapshotBlocks, WorkerKey

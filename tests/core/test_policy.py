@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from core.hashing import block_hashes
+from core.own_block_hash import block_hashes
 from core.policies import (
     POLICY_NAMES,
     ChwblPolicy,

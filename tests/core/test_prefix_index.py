@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bus.vllm_codec import VllmEventDecoder
 from core.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from core.hashing import block_hashes
+from core.own_block_hash import block_hashes
 from core.prefix_index import (
     Confidence,
     IndexDelta,

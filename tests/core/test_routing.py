@@ -8,7 +8,7 @@ from collections import OrderedDict
 import pytest
 
 from core.events import BlockRemoved, BlockStored
-from core.hashing import block_hashes
+from core.own_block_hash import block_hashes
 from core.policies import get_policy
 from core.prefix_index import Confidence, PrefixIndex, WorkerKey
 from core.routing import NoTargetsError, RouterCore, RoutingInput

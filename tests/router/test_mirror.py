@@ -113,7 +113,7 @@ def test_an_error_reply_inside_a_batch_is_one_exception_and_the_connection_stays
 
 
 def test_blocks_of_another_hash_scheme_are_deleted_not_loaded(fake_redis) -> None:
-    from core.hashing import HASH_SCHEME
+    from core.own_block_hash import HASH_SCHEME
 
     mirror = RedisMirror(client=fake_redis, namespace="hs")
     # Given a mirror written before schemes were recorded (scheme 1): blocks and a stream, no scheme key

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from core.hashing import block_hashes
 from core.metrics import infinite_cache_upper_bound
+from core.own_block_hash import block_hashes
 from sim.trace import TraceRow, TraceWorkload, load_trace, read_mooncake
 from sim.workload import TraceTimes, assign_arrivals
 

@@ -8,8 +8,8 @@ from itertools import pairwise
 
 import pytest
 
-from core.hashing import block_hashes
 from core.metrics import infinite_cache_upper_bound
+from core.own_block_hash import block_hashes
 from sim.workload import AllAtOnce, Bursty, Poisson, TraceTimes, assign_arrivals, pick_groups
 from sim.workloads import WORKLOADS, config_fields, make_workload
 from sim.workloads.gsp import SEPARATOR_TOKENS

@@ -16,7 +16,7 @@ A chained hash over (parent digest, block tokens, extra keys), as vLLM's
 
 On the wire a digest is the low 64 bits (last 8 bytes, big-endian) as an unsigned int,
 as vLLM's default int mode sends, or the raw digest. Every algorithm differs from kvr's
-router hash (``core/hashing.py``): the router maps external to its own hashes from
+router hash (``core/own_block_hash.py``): the router maps external to its own hashes from
 ``BlockStored`` token ids, as it must for a real vLLM.
 """
 

@@ -12,12 +12,19 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.block_keys import request_block_hashes
-from core.hashing import HASH_SEED, ROOT_PARENT_HASH, block_hashes, external_hash_key, extra_key_bytes, hash_block
+from core.own_block_hash import (
+    HASH_SEED,
+    ROOT_PARENT_HASH,
+    block_hashes,
+    external_hash_key,
+    extra_key_bytes,
+    hash_block,
+    request_block_hashes,
+)
 
 # Golden vectors: these values are part of kvr's contract (Redis mirrors and
 # replicas of different versions must agree). Changing them is a breaking change (bump
-# core.hashing.HASH_SCHEME). Derived from the definition with xxhash alone:
+# core.own_block_hash.HASH_SCHEME). Derived from the definition with xxhash alone:
 # root = xxh3_64(b"kvr-root-block", seed=0x6B7672); h0 = xxh3_64(pack("<16I", 0..15), seed=root);
 # h1 = xxh3_64(pack("<16I", 16..31), seed=h0) (test_golden_vectors_follow_the_definition).
 GOLDEN_ROOT = 11110158557218007092
@@ -90,7 +97,7 @@ def test_golden_vectors_for_tokens_0_to_39() -> None:
 
 
 def test_same_value_in_a_fresh_process_with_another_hash_seed() -> None:
-    code = "from core.hashing import block_hashes; print(block_hashes(list(range(40)), block_size=16))"
+    code = "from core.own_block_hash import block_hashes; print(block_hashes(list(range(40)), block_size=16))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
         env={"PYTHONHASHSEED": "987", "PATH": ""},
