@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
                    "[default: 16 MiB].")
 @click.option("--max-event-bytes", type=click.IntRange(1024), default=None, envvar="KVR_MAX_EVENT_BYTES",
               help="Largest KV-event batch accepted (live or replayed) [default: 64 MiB].")
+@click.option("--no-trust", is_flag=True, envvar="KVR_NO_TRUST",
+              help="Never down-weight a worker whose reported cached tokens fall short of the prediction "
+                   "(closed-loop trust, on by default). For engines that do not report cached tokens "
+                   "(usage.prompt_tokens_details), which would all look like liars.")
 @ready_file_option
 @redis_url_option
 @namespace_option
@@ -72,7 +76,7 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
                http_host: str | None, http_port: int,
                model_name: str | None, no_redis: bool, redis_url: str, namespace: str, tokenizer: str | None = None,
                curve_dir: str | None = None, max_request_bytes: int | None = None,
-               max_event_bytes: int | None = None, ready_file: str | None = None) -> None:
+               max_event_bytes: int | None = None, no_trust: bool = False, ready_file: str | None = None) -> None:
     """Route requests to the worker whose KV cache already holds their prefix."""
     from core.liveness import HeartbeatConfig
     from router.service import RouterConfig, RouterService
@@ -90,6 +94,8 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
         config.max_request_bytes = max_request_bytes
     if max_event_bytes is not None:
         config.max_event_bytes = max_event_bytes
+    if no_trust:
+        config.trust = None  # RouterService then builds no TrustTracker: every claim counts in full
     curve = None
     if curve_dir:
         from bus.security import SecurityError, load_curve
