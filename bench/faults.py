@@ -51,13 +51,19 @@ logger = logging.getLogger(__name__)
 CASES = ("worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down", "redis_oom", "drop",
          "dup_reorder",
          "slow_subscriber", "client_disconnect", "worker_stall", "rogue_publisher", "router_stall", "impostor_hello",
-         "impostor_hello_curve", "duplicate_worker")
+         "impostor_hello_curve", "duplicate_worker", "lying_worker",
+         "worker_stall_http", "client_disconnect_http")
 #: Cases allowed longer than ``exact_within_s`` to an exact index: after a 5 s router stall the router
 #: reads 5 s of KV events, requests and resent streams at once (1.2-1.3 s seen on two shared cores).
-EXACT_WITHIN_S = {"router_stall": 3.0}
+EXACT_WITHIN_S = {"router_stall": 3.0,
+                  # 16 streams of 1500 tokens decode on past the fault's end, storing a block every 16
+                  # tokens each: most samples straddle a step (inconclusive) until they finish (1.66 s seen).
+                  "worker_stall_http": 3.0}
 #: Cases whose cluster runs with CURVE on (keys in RUN_DIR/keys, one extra authorised worker key).
 CURVE_CASES = ("impostor_hello_curve",)
 IMPOSTOR_KEY = "worker-impostor"
+#: The extra worker of the ``lying_worker`` case (bench/liar.py), beside the cluster's honest ones.
+LIAR_ID = "liar"
 
 #: Error codes each case may end requests with (anything else fails the case); the rest: none.
 ALLOWED_ERRORS = {
@@ -67,6 +73,7 @@ ALLOWED_ERRORS = {
     "router_restart": {"router_restarted", "no_workers"},
     # A stream truly lost on a replaced link would end explicitly so; none is expected (resent).
     "router_stall": {"worker_died"},
+    "worker_stall_http": {"worker_died"},
 }
 
 
@@ -88,6 +95,11 @@ class FaultsConfig:
     router_stall_s: float = 5.0  # SIGSTOP of the router: past the workers' 1.5 s timeout, they reconnect
     stall_requests: int = 20  # long requests streaming across the router stall
     stall_max_tokens: int = 3000  # ~6 s of decoding for 20 of them at speedup 20: before, during and after
+    lie_before_s: float = 2.0  # lying_worker: the liar's share while it still tells the truth, over this long
+    lie_after_s: float = 3.0  # and after the router distrusted it, over this long
+    lie_detect_s: float = 10.0  # the downgrade must come within this long of the first lie
+    http_requests: int = 8  # worker_stall_http: streamed HTTP requests per wave (two waves); client_disconnect_http
+    http_max_tokens: int = 1500  # ~3 s of decoding at speedup 20: still streaming when the fault hits
     slow_hwm: int = 8  # the workers' KV-event PUB high-water mark in the slow_subscriber case
     slow_sndbuf: int = 65_536  # and kernel send buffer (the OS's default holds MBs on loopback)
     drop_rate: float = 0.05
@@ -340,6 +352,12 @@ def inject(case: str, cluster, cfg: FaultsConfig, truth: Truth, sampler: Sampler
         return _impostor(cluster, cfg, truth, notes, http_port, curve=case in CURVE_CASES), notes
     if case == "duplicate_worker":
         return _duplicate_worker(cluster, cfg, notes, http_port), notes
+    if case == "lying_worker":
+        return _lying_worker(cluster, cfg, truth, notes, http_port), notes
+    if case == "worker_stall_http":
+        return _worker_stall_http(cluster, cfg, notes, http_port), notes
+    if case == "client_disconnect_http":
+        return _client_disconnect_http(cluster, cfg, truth, notes, http_port), notes
     raise ValueError(f"unknown fault case {case!r}; known: {', '.join(CASES)}")
 
 
@@ -670,6 +688,336 @@ def _duplicate_worker(cluster, cfg: FaultsConfig, notes: dict, http_port: int) -
     return time.monotonic()
 
 
+def _load_prompts(cfg: FaultsConfig) -> list[list[int]]:
+    """The prompts the steady load sends (bench/stale.py's ``SteadyLoad``: the same workload and seed)."""
+    from bench.live import WorkloadSpec
+
+    lc = cfg.load_config()
+    spec = WorkloadSpec("gsp", {"num_groups": lc.groups, "prompts_per_group": 64,
+                                "system_prompt_len": lc.system_prompt_len, "question_len": lc.question_len,
+                                "output_len": lc.output_len}, lc.rate_per_s)
+    wl, _ = spec.build(cfg.seed)
+    return [list(r.token_ids) for i in range(wl.num_roots()) for r in wl.root_requests(i)]
+
+
+def _liar_claims(cluster) -> Path:
+    return Path(cluster.run_dir) / "liar-claims.json"
+
+
+def _start_liar(cluster, http_port: int, n_honest: int) -> None:
+    """One more worker, ``LIAR_ID``: ``kvr worker`` run by bench/liar.py (honest until its claims file appears)."""
+    import sys
+
+    from cluster.supervisor import ComponentSpec
+
+    spec = cluster.worker_spec(LIAR_ID)
+    if spec.argv[1:3] != ["-m", "cli.main"]:
+        raise RuntimeError(f"unexpected worker command line {spec.argv[:3]}")
+    argv = [sys.executable, "-m", "bench.liar", str(_liar_claims(cluster)), *spec.argv[3:]]
+    cluster.supervisor.start(ComponentSpec(LIAR_ID, "worker", argv))
+    _wait(lambda: _router_serves_all(http_port, n_honest + 1), 30, "the router to register the liar")
+
+
+def _served(truth: Truth, wids: list[str]) -> dict[str, float]:
+    """Requests each worker finished so far (its vLLM-style ``/metrics``: ``vllm:request_success_total``)."""
+    out = {}
+    for wid in wids:
+        with urllib.request.urlopen(f"{_worker_url(truth, wid)}/metrics", timeout=1.0) as resp:
+            text = resp.read().decode()
+        out[wid] = sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                       if line.startswith("vllm:request_success_total{"))
+    return out
+
+
+def _share(before: dict[str, float], after: dict[str, float], wid: str) -> tuple[float | None, int]:
+    """``wid``'s share of the requests finished between two ``_served`` readings, and their number."""
+    total = sum(after[w] - before[w] for w in after)
+    return (None if total <= 0 else round((after[wid] - before[wid]) / total, 3)), int(total)
+
+
+def _target_trust(port: int) -> dict[str, float]:
+    """``kvr_router_target_trust`` per worker id (rank 0), from the router's ``/metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("kvr_router_target_trust{"):
+            labels, _, value = line.rpartition(" ")
+            wid = labels.split('worker="', 1)[1].split('"', 1)[0]
+            out[wid] = float(value)
+    return out
+
+
+def _lying_worker(cluster, cfg: FaultsConfig, truth: Truth, notes: dict, http_port: int) -> float:
+    """The liar (registered since the cluster started, honest so far) starts claiming every prompt of
+    the load while caching nothing (bench/liar.py). The router must distrust it within seconds, from
+    the closed loop alone, after which it draws no more than its fair share.
+
+    Shares are of requests *finished* by each worker (its ``vllm:request_success_total``): honest
+    (``lie_before_s`` before the lie), lying while trusted (the lie → the downgrade seen on
+    ``/metrics``), distrusted (the ``lie_after_s`` after it). Ends at the downgrade (the fault is
+    contained then, though the liar goes on lying to the end of the case)."""
+    wids = [*cluster.worker_ids, LIAR_ID]
+    fair = 1 / len(wids)
+    m0 = _router_metrics(http_port)
+    c0 = _served(truth, wids)
+    time.sleep(cfg.lie_before_s)
+    c1 = _served(truth, wids)
+    _liar_claims(cluster).write_text(json.dumps(_load_prompts(cfg)))
+    lie_at = time.monotonic()
+    try:
+        end = _wait(lambda: _router_metrics(http_port).get("kvr_router_trust_downgrades_total", 0.0)
+                    > m0.get("kvr_router_trust_downgrades_total", 0.0), cfg.lie_detect_s,
+                    "the router to distrust the liar")
+        notes["downgraded_after_s"] = round(end - lie_at, 2)
+    except TimeoutError:
+        end = time.monotonic()
+        notes["downgraded_after_s"] = None
+    c2 = _served(truth, wids)
+    notes["trust_after_downgrade"] = _target_trust(http_port)
+    time.sleep(cfg.lie_after_s)
+    c3 = _served(truth, wids)
+    notes["fair_share"] = round(fair, 3)
+    for phase, (a, b) in {"honest": (c0, c1), "lying_trusted": (c1, c2), "distrusted": (c2, c3)}.items():
+        share, total = _share(a, b, LIAR_ID)
+        notes[f"liar_share_{phase}"] = share
+        notes[f"requests_{phase}"] = total
+    m1 = _router_metrics(http_port)
+    for name in ("trust_downgrades", "trust_recoveries"):
+        key = f"kvr_router_{name}_total"
+        notes[name] = m1.get(key, 0.0) - m0.get(key, 0.0)
+    notes["trust_at_end"] = _target_trust(http_port)
+    return end
+
+
+class RawHttp(threading.Thread):
+    """One ``POST`` on a raw socket, read to the end as bytes (``Connection: close``): what a client
+    gets on the wire, before any HTTP library would mend or refuse it. :meth:`outcome` judges it."""
+
+    def __init__(self, port: int, path: str, body: dict, *, timeout_s: float) -> None:
+        super().__init__(daemon=True, name="faults-raw-http")
+        self.port, self.path, self.body, self.timeout_s = port, path, body, timeout_s
+        self.buf = bytearray()
+        self.error: str | None = None
+        self.closed_by_us = False
+        self._sock = None
+
+    def run(self) -> None:
+        import socket
+
+        data = json.dumps(self.body).encode()
+        head = (f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout_s) as sock:
+                self._sock = sock
+                sock.sendall(head + data)
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    self.buf += chunk
+        except OSError as exc:
+            if not self.closed_by_us:
+                self.error = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        """The client leaves: its socket closes mid-request."""
+        import socket
+
+        self.closed_by_us = True
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def header(self, name: str) -> str | None:
+        head = bytes(self.buf).split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        for line in head.split("\r\n")[1:]:
+            key, _, value = line.partition(":")
+            if key.strip().lower() == name.lower():
+                return value.strip()
+        return None
+
+    def events(self) -> int:
+        return bytes(self.buf).count(b"data: ")
+
+    def outcome(self) -> str:
+        """``complete``, ``error:<type>`` (an explicit error: a status or an SSE error event), or
+        ``malformed:<why>`` / ``unanswered``: one status line, a strictly valid chunked body, and a
+        stream that ends with ``[DONE]`` after its usage (or after an error event)."""
+        raw = bytes(self.buf)
+        if not raw:
+            return "unanswered" if self.error is None else f"malformed:{self.error}"
+        if raw.count(b"HTTP/1.") != 1:
+            return "malformed:second_status_line"
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].split(b" ")
+        if not sep or len(status) < 2 or not status[1].isdigit():
+            return "malformed:status_line"
+        if (self.header("Transfer-Encoding") or "").lower() == "chunked":
+            decoded = _dechunk(body)
+            if decoded is None:
+                return "malformed:chunked_encoding"
+            body = decoded
+        if status[1] != b"200":
+            try:
+                return f"error:{json.loads(body)['error']['type']}"
+            except (ValueError, KeyError, TypeError):
+                return f"malformed:status_{status[1].decode()}_body"
+        if not self.body.get("stream"):
+            try:
+                return "complete" if json.loads(body)["usage"]["completion_tokens"] > 0 else "malformed:no_tokens"
+            except (ValueError, KeyError, TypeError):
+                return "malformed:json_body"
+        events = [e for e in body.split(b"\n\n") if e.strip()]
+        if not events or events[-1] != b"data: [DONE]":
+            return "malformed:no_done"
+        try:
+            items = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+        except ValueError:
+            return "malformed:sse_event"
+        if items and "error" in items[-1]:
+            return f"error:{items[-1]['error'].get('type')}"
+        if len(items) < 2 or "usage" not in items[-1] or items[-2]["choices"][0]["finish_reason"] is None:
+            return "malformed:no_finish"
+        return "complete"
+
+
+def _dechunk(body: bytes) -> bytes | None:
+    """A chunked body decoded strictly (None: not valid chunked encoding, or cut before its last chunk)."""
+    out = bytearray()
+    i = 0
+    while True:
+        j = body.find(b"\r\n", i)
+        if j < 0:
+            return None
+        try:
+            size = int(body[i:j].split(b";", 1)[0], 16)
+        except ValueError:
+            return None
+        i = j + 2
+        if size == 0:
+            return bytes(out) if body[i:].startswith(b"\r\n") or body[i:] == b"" else None
+        if body[i + size:i + size + 2] != b"\r\n":
+            return None
+        out += body[i:i + size]
+        i += size + 2
+
+
+def _http_body(cfg: FaultsConfig, i: int, *, stream: bool) -> dict:
+    body = {"prompt": [13 + i] * 48 + [i], "max_tokens": cfg.http_max_tokens, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _worker_stall_http(cluster, cfg: FaultsConfig, notes: dict, http_port: int) -> float:
+    """SIGSTOP the worker streaming the most HTTP responses (streamed through the router's HTTP front),
+    past the heartbeat timeout; a second wave is sent at the stop, so some requests wait on the
+    stopped worker without a token and are retried elsewhere (a second ``Routed``). Every HTTP
+    response must be one well-formed response: complete, or ended by an SSE error event."""
+    n = len(cluster.worker_ids)
+    before = _router_metrics(http_port)
+    clients = [RawHttp(http_port, "/v1/completions", _http_body(cfg, i, stream=True), timeout_s=60)
+               for i in range(cfg.http_requests)]
+    for c in clients:
+        c.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(c.events() >= 2 for c in clients):
+        time.sleep(0.01)
+    streaming: dict[str, int] = {}
+    for c in clients:
+        if c.events() >= 2:
+            wid = c.header("x-kvr-worker") or "?"
+            streaming[wid] = streaming.get(wid, 0) + 1
+    if not streaming:
+        raise RuntimeError("no HTTP response streaming within 5 s")
+    victim = max(streaming, key=lambda w: streaming[w])
+    cluster.supervisor.signal(victim, signal.SIGSTOP)
+    notes["victim"], notes["streaming_on_victim_at_stop"] = victim, streaming[victim]
+    second = [RawHttp(http_port, "/v1/completions", _http_body(cfg, 100 + i, stream=True), timeout_s=60)
+              for i in range(cfg.http_requests)]
+    for c in second:
+        c.start()
+    try:
+        _wait(lambda: _router_metrics(http_port).get("kvr_router_workers") == n - 1, cfg.heartbeat_s * 3 + 5,
+              "the router to declare the stalled worker dead")
+    finally:
+        cluster.supervisor.signal(victim, signal.SIGCONT)
+    end = _wait(lambda: _router_serves_all(http_port, n), 15, "the stalled worker to register again")
+    for c in clients + second:
+        c.join(timeout=30)
+    outcomes: dict[str, int] = {}
+    for c in clients + second:
+        key = "unanswered" if c.is_alive() else c.outcome()
+        outcomes[key] = outcomes.get(key, 0) + 1
+    notes["http_responses"] = outcomes
+    after = _router_metrics(http_port)
+    for name in ("retries", "incomplete_completions", "reply_stream_gaps"):
+        key = f"kvr_router_{name}_total"
+        notes[name] = after.get(key, 0.0) - before.get(key, 0.0)
+    return end
+
+
+def _engines_busy(truth: Truth, wids: list[str]) -> float:
+    """Requests running or waiting in the engines, summed (their ``/metrics`` gauges)."""
+    total = 0.0
+    for wid in wids:
+        with urllib.request.urlopen(f"{_worker_url(truth, wid)}/metrics", timeout=1.0) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+                    total += float(line.rpartition(" ")[2])
+    return total
+
+
+def _client_disconnect_http(cluster, cfg: FaultsConfig, truth: Truth, notes: dict, http_port: int) -> float:
+    """Non-streamed HTTP requests with long outputs (``http_max_tokens``) whose clients close their
+    connections while the engines run them. The front must cancel each at the router, the router
+    at its worker: measured as how long the engines' running + waiting requests stay above what the
+    steady load alone keeps there (sampled every 20 ms) after the clients left."""
+    wids = list(cluster.worker_ids)
+    cancelled_before = _router_metrics(http_port).get("kvr_router_error_cancelled_total", 0.0)
+    baseline = 0.0
+    until = time.monotonic() + 0.5
+    while time.monotonic() < until:  # the steady load's own requests in the engines
+        baseline = max(baseline, _engines_busy(truth, wids))
+        time.sleep(0.02)
+    clients = [RawHttp(http_port, "/v1/completions", _http_body(cfg, 200 + i, stream=False), timeout_s=60)
+               for i in range(cfg.http_requests)]
+    for c in clients:
+        c.start()
+    _wait(lambda: _engines_busy(truth, wids) >= baseline + len(clients), 5,
+          "the engines to run the long HTTP requests", poll_s=0.02)
+    time.sleep(0.2)  # mid-decode
+    notes["engines_busy_before_leaving"] = _engines_busy(truth, wids)
+    gone = time.monotonic()
+    for c in clients:
+        c.close()
+    try:  # the cancel path works: the first abandoned request is gone (little of the steady load's noise in it)
+        first = _wait(lambda: _engines_busy(truth, wids) <= baseline + len(clients) - 1, 30,
+                      "the engines to stop an abandoned request", poll_s=0.02)
+        notes["first_abandoned_stopped_s"] = round(first - gone, 3)
+    except TimeoutError:
+        notes["first_abandoned_stopped_s"] = None
+    try:  # all of them: an upper bound (the steady load's own requests come and go meanwhile)
+        stopped = _wait(lambda: _engines_busy(truth, wids) <= baseline, 30,
+                        "the engines to stop the abandoned requests", poll_s=0.02)
+        notes["engines_ran_after_clients_left_s"] = round(stopped - gone, 3)
+    except TimeoutError:
+        notes["engines_ran_after_clients_left_s"] = None
+    notes["steady_baseline_busy"] = baseline
+    notes["abandoned_requests"] = len(clients)
+    notes["abandoned_with_a_reply"] = sum(1 for c in clients if c.buf)
+    for c in clients:
+        c.join(timeout=5)
+    time.sleep(1.1)  # the stats snapshot behind /metrics
+    cancelled = _router_metrics(http_port).get("kvr_router_error_cancelled_total", 0.0)
+    notes["cancelled_at_router"] = cancelled - cancelled_before
+    return time.monotonic()
+
+
 # ---------------------------------------------------------------------------- one case
 
 
@@ -715,6 +1063,8 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
             router_args[1] = str(http_port)
     out = CaseResult(case)
     try:
+        if case == "lying_worker":
+            _start_liar(cluster, http_port, len(cluster.worker_ids))
         truth = Truth(cluster, ns)
         load = SteadyLoad(cluster.client_endpoint, cfg.load_config(), cfg.seed, curve=_client_curve(cluster))
         sampler = Sampler(truth, cfg)
@@ -740,7 +1090,7 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
             out.exact_after_drain = True
         except TimeoutError:
             out.exact_after_drain = False
-        if case == "client_disconnect":
+        if case in ("client_disconnect", "client_disconnect_http"):
             # The router ends the abandoned requests too (its pending table drains).
             try:
                 _wait(lambda: _router_metrics(http_port).get("kvr_router_pending_requests") == 0, 5,
@@ -756,6 +1106,9 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
         metrics = _safe_metrics(http_port)
         out.notes["router_counters"] = {k.removeprefix("kvr_router_").removesuffix("_total"): v
                                         for k, v in metrics.items() if k.endswith("_total")}
+        # A fault must never make the router log a traceback (e.g. BrokenPipe writing to a client gone).
+        log = cluster.supervisor.log_path("router")
+        out.notes["router_log_tracebacks"] = log.read_text(errors="replace").count("Traceback") if log.exists() else 0
         out.notes["stream_gaps"] = metrics.get("kvr_router_target_gaps", 0.0)  # summed over live targets
         out.notes["stream_resets"] = metrics.get("kvr_router_target_resets", 0.0)
         # Replays since just before the fault (every subscription starts with one: the slow joiner's).

@@ -235,8 +235,9 @@ def fuzz(out_dir, as_json, quick, seed, cases, target_names) -> None:
               type=click.Choice(["worker_kill", "worker_restart", "router_restart", "redis_restart", "redis_down",
                                  "redis_oom", "drop", "dup_reorder", "slow_subscriber", "client_disconnect",
                                  "worker_stall", "rogue_publisher", "router_stall", "impostor_hello",
-                                 "impostor_hello_curve", "duplicate_worker"]),
-              help="Fault cases to run (repeatable; default: all sixteen).")
+                                 "impostor_hello_curve", "duplicate_worker", "lying_worker", "worker_stall_http",
+                                 "client_disconnect_http"]),
+              help="Fault cases to run (repeatable; default: all nineteen).")
 @click.option("--workers", type=click.IntRange(2, 16), default=2, show_default=True)
 @click.option("--speedup", type=float, default=20.0, show_default=True, help="Emulated engine speed-up.")
 @click.option("--redis-down", "redis_down_s", type=float, default=3.0, show_default=True,

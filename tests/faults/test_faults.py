@@ -108,6 +108,30 @@ def _case_specific(case: str, r, logs: str) -> None:
         assert n["duplicate_exit_code"] != 0 and n["duplicate_last_line"].startswith("router refused this worker:"), n
         assert n["rejected_hello_duplicate_id"] >= 1 and n["worker_links_replaced"] == 0, n
         assert n["workers"] == CFG.workers, n
+    elif case == "lying_worker":
+        # The liar (claims every prompt of the load, caches nothing) is distrusted from the closed loop
+        # alone, within seconds, and the honest workers are not; distrusted, it draws at most its fair
+        # share. Nothing short: every answer carried as many tokens as its completion says.
+        assert n["trust_downgrades"] == 1 and n["trust_recoveries"] == 0, n
+        assert n["downgraded_after_s"] is not None and n["downgraded_after_s"] <= CFG.lie_detect_s, n
+        assert n["trust_after_downgrade"] == {"liar": 0.0, "worker-0": 1.0, "worker-1": 1.0}, n
+        assert n["requests_distrusted"] > 10 and n["liar_share_distrusted"] <= n["fair_share"], n
+        assert n["router_counters"].get("incomplete_completions", 0) == 0, n
+    elif case == "worker_stall_http":
+        # Every streamed HTTP response is one well-formed response: complete, or ended with an SSE
+        # error event (never a second status line inside the body, never cut short).
+        outcomes = n["http_responses"]
+        assert n["streaming_on_victim_at_stop"] >= 1 and sum(outcomes.values()) == 2 * CFG.http_requests, n
+        assert set(outcomes) <= {"complete", "error:worker_died"}, n
+        assert n["incomplete_completions"] == 0 and n["router_log_tracebacks"] == 0, n
+    elif case == "client_disconnect_http":
+        # The abandoned non-streamed requests stop in the engines once their clients leave (they had
+        # seconds of decoding left), and the router's pending table drains; no traceback logged.
+        assert n["engines_busy_before_leaving"] >= n["steady_baseline_busy"] + 1, n
+        assert n["cancelled_at_router"] == n["abandoned_requests"] == CFG.http_requests, n
+        assert n["abandoned_with_a_reply"] == 0, n
+        assert n["first_abandoned_stopped_s"] is not None and n["engines_ran_after_clients_left_s"] is not None, n
+        assert n["router_pending_drained"] and n["router_log_tracebacks"] == 0, n
     elif case == "slow_subscriber":
         # It was connected, and its queue at the publisher overflowed: most of the burst never
         # reached it (the router's subscription on the same PUB lost nothing, see above).
