@@ -178,6 +178,9 @@ def _workers(d: dict[str, Any], *, wide: bool, max_rows: int | None = None) -> T
             continue
         conf = w.get("confidence", "")
         conf_text = Text(conf, style="green" if conf == "fresh" else "yellow")
+        trust = w.get("trust")
+        if trust is not None and trust < 1.0:  # the router distrusts its claims (core/trust.py)
+            conf_text = Text(f"{conf} trust {trust:.2f}", style="bold red")
         if wide:
             t.add_row(wid, f"{w['running']}/{w['waiting']}", str(w["queued_prefill_tokens"]), _bar(w.get("kv_usage")),
                       str(w["indexed_blocks"]), conf_text, _ms(w.get("event_lag_s")),

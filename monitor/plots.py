@@ -27,6 +27,7 @@ STATUS_COLOURS = {"hit": "#2a9d8f", "partial": "#e9c46a", "miss": "#e76f51"}
 INCIDENT_COLOURS = {
     "gap": "#e76f51", "replay": "#f4a261", "reset": "#9b2226", "confidence": "#457b9d",
     "worker_seen": "#2a9d8f", "worker_gone": "#6c757d", "error": "#d00000", "stream_restart": "#7b2cbf",
+    "trust": "#ff006e", "mirror": "#8d99ae",
 }
 RUN_COLOURS = ("#e76f51", "#2a9d8f", "#264653", "#e9c46a", "#8338ec", "#3a86ff")
 
@@ -221,7 +222,7 @@ def recovery_timeline_figure(dump: dict[str, Any]):
     else:
         _no_data(ax2, "incidents")
     ax2.set_xlabel("time (s)")
-    ax2.set_title("incidents: errors, gaps, replays, resets, restarts, confidence changes", fontsize=9)
+    ax2.set_title("incidents: errors, gaps, replays, resets, restarts, confidence and trust changes", fontsize=9)
     fig.suptitle(f"{dump['label']}: recovery timeline")
     fig.tight_layout()
     return fig

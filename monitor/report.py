@@ -78,6 +78,11 @@ def write_report(dumps: Sequence[dict[str, Any]], out_dir: str | Path, *, title:
             kinds[inc["kind"]] = kinds.get(inc["kind"], 0) + 1
         if kinds:
             lines += ["Incidents: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())), ""]
+        trust = [i for i in incidents if i["kind"] == "trust"]  # rare and telling: each one listed
+        if trust:
+            t0 = d.get("started_s") or trust[0]["t_s"]
+            lines += ["Trust changes (closed loop, core/trust.py):", ""]
+            lines += [f"- t = {i['t_s'] - t0:.1f} s, `{i['worker_id']}`: {i['detail']}" for i in trust] + [""]
         for name in RUN_PLOTS if plots else ():
             rel = paths[name].relative_to(out_dir).as_posix()
             lines += [f"### {PLOT_TITLES[name]}", "", f"![{d['label']}: {PLOT_TITLES[name]}]({rel})", ""]

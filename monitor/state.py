@@ -12,7 +12,10 @@ and a fold has no notion of:
 * an **incident log** (gaps, replays, resets, confidence changes, worker
   arrivals and departures, request errors) — the recovery timeline;
 * the most recent requests and error counts by code;
-* the router's Redis mirror health (``WorkerSample.mirror``, latest; changes are incidents).
+* the router's Redis mirror health (``WorkerSample.mirror``, latest; changes are incidents);
+* each target's closed-loop trust weight (core/trust.py), read off the router's ``/metrics`` by
+  ``monitor/router_trust.py`` (the metrics stream does not carry it): a drop or a recovery is an
+  incident, the latest weight shows with the worker.
 
 Worker samples carry *cumulative* counters; the state folds their increments.
 A counter that goes down means its publisher restarted: the new value is taken
@@ -155,6 +158,7 @@ class MonitorState:
         self.series: list[dict[str, Any]] = []
         self.workers: dict[str, dict[str, Any]] = {}  # latest sample per worker, JSON-ready
         self.mirror: dict[str, Any] | None = None  # the router's mirror health, latest (None: not told)
+        self.trust: dict[str, float] = {}  # target → the router's trust weight, latest (none: not told)
         self.errors_by_code: dict[str, int] = {}
         self.records = 0
         self.decode_errors = 0
@@ -249,6 +253,7 @@ class MonitorState:
             "indexed_blocks": s.indexed_blocks,
             "confidence": s.confidence,
             "event_lag_s": s.event_lag_s,
+            "trust": self.trust.get(wid),
             **{k: self._counters[wid][k] for k in _EVENT_COUNTERS},
         }
 
@@ -267,8 +272,26 @@ class MonitorState:
             self._incident(s.t_s, "", "mirror", detail)
         self.mirror = mirror
 
+    def observe_trust(self, target: str, weight: float, t_s: float) -> None:
+        """The router's trust weight of ``target`` (1: trusted; less: its overlap counts that much).
+
+        A change is an incident (``trust``); so is a first report below 1 (the monitor started
+        after the drop). A first report of full trust is the normal case, not an incident.
+        """
+        self._seen(t_s)
+        before = self.trust.get(target, 1.0)
+        self.trust[target] = weight
+        if target in self.workers:
+            self.workers[target]["trust"] = weight
+        if weight < before:
+            self._incident(t_s, target, "trust", f"distrusted: weight {before:.2f} -> {weight:.2f} "
+                                                 "(reported cached tokens fell short; index resynced)")
+        elif weight > before:
+            self._incident(t_s, target, "trust", f"trusted again: weight {before:.2f} -> {weight:.2f}")
+
     def mark_worker_gone(self, worker_id: str, t_s: float) -> None:
         """The worker stopped sending samples (the service decides after how long)."""
+        self.trust.pop(worker_id, None)  # a new incarnation starts trusted (the router forgets it too)
         if self.workers.pop(worker_id, None) is not None:
             self._incident(t_s, worker_id, "worker_gone", "no samples")
 
@@ -351,6 +374,7 @@ class MonitorState:
             "window_ttft": len(self._window.ttft_s),
             "live_workers": len(self.workers),
             "worker_counters": len(self._counters),
+            "trust": len(self.trust),
             "error_codes": len(self.errors_by_code),
         }
 
@@ -376,6 +400,7 @@ class MonitorState:
             "errors_by_code": dict(sorted(self.errors_by_code.items())),
             "workers": {k: self.workers[k] for k in sorted(self.workers)},
             "mirror": self.mirror,
+            "trust": dict(sorted(self.trust.items())),
             "series": series[-light_series:] if light else series,
             "incidents": list(self.incidents),
             "incidents_dropped": self.incidents_dropped,
