@@ -79,7 +79,8 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
                max_event_bytes: int | None = None, no_trust: bool = False, ready_file: str | None = None) -> None:
     """Route requests to the worker whose KV cache already holds their prefix."""
     from core.liveness import HeartbeatConfig
-    from router.service import RouterConfig, RouterService
+    from router.config import RouterConfig
+    from router.service import RouterService
 
     clear_ready_file(ready_file)
     bind_clients, bind_workers, bind_metrics, http_host = bind_addresses(

@@ -108,8 +108,12 @@ class EventIngest:
         replay_timeout_ms: int = 1000,
         curve: Curve | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        on_mirror_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """``on_mirror_failure``: told of every failed mirror write (the service's ``MirrorSync``
+        degrades the mirror's health by it; the target itself is rewritten here, later)."""
         self.index = index
+        self._on_mirror_failure = on_mirror_failure
         self._curve = curve
         self._max_event_bytes = max_event_bytes
         self.mirror = mirror
@@ -326,6 +330,8 @@ class EventIngest:
         except MirrorUnavailable as exc:
             self.mirror_failures += 1
             self._mirror_retry_at = self._clock() + MIRROR_RETRY_S
+            if self._on_mirror_failure is not None:
+                self._on_mirror_failure(exc)
             if stream is not None:
                 if not stream.mirror_dirty:  # the service logs the degradation once (router/mirror_health.py)
                     logger.debug("%s: Redis write failed (%s); will rewrite the target when it is back",
@@ -339,8 +345,10 @@ class EventIngest:
         snap = TargetSnapshot(t.worker_id, t.dp_rank, stream.last_seq, stream.epoch, dict(self.index.snapshot(t)))
         try:
             self.mirror.replace_target(snap)
-        except MirrorUnavailable:
+        except MirrorUnavailable as exc:
             self._mirror_retry_at = self._clock() + MIRROR_RETRY_S
+            if self._on_mirror_failure is not None:
+                self._on_mirror_failure(exc)
             return
         stream.mirror_dirty = False
         # Sent, not landed (a background writer may still fail it): the service reads the mirror

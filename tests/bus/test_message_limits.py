@@ -63,7 +63,7 @@ def test_every_receiving_socket_has_a_frame_limit() -> None:
         (stream,) = router.ingest.streams.values()
         sub = stream.subscriber
         assert _limit(router._clients) == _limit(router._workers_sock) == MAX_REQUEST_BYTES
-        assert _limit(router._metrics) == MAX_CONTROL_BYTES
+        assert router._metrics is not None and _limit(router._metrics.sock) == MAX_CONTROL_BYTES
         assert _limit(sub._sub) == _limit(sub._dealer) == MAX_EVENT_BYTES
         assert _limit(pub._pub) == _limit(pub._router) == MAX_CONTROL_BYTES
         assert _limit(client._sock) == MAX_REQUEST_BYTES

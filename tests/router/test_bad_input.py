@@ -24,8 +24,8 @@ from bus.codec import encode
 from bus.schema import ErrorCode, GenerateRequest, Heartbeat
 from bus.sockets import connectable, free_tcp_endpoint
 from core.liveness import HeartbeatConfig
+from router.config import RouterConfig
 from router.http_front import RouterHttpFront
-from router.service import RouterConfig
 from tests.http_helpers import raw_http
 from tests.router.test_service import RunningRouter
 from worker.runner import WorkerOptions, WorkerRunner

@@ -39,11 +39,11 @@ def test_beats_that_arrived_during_a_stall_keep_the_worker_alive() -> None:
         worker.send(encode(Heartbeat(sender_id="w1", epoch=1)))
         assert svc._workers_sock.poll(2000)
         clock.t += 10.0
-        svc._tick(clock())
+        svc.tick(clock())
         assert "w1" in svc.workers and svc.counters["error_worker_died"] == 0
         # A worker that really is silent still dies.
         clock.t += 10.0
-        svc._tick(clock())
+        svc.tick(clock())
         assert "w1" not in svc.workers
     finally:
         worker.close()

@@ -82,11 +82,11 @@ def test_heartbeat_refreshes_are_skipped_while_redis_is_down() -> None:
                         mirror=mirror)
     mirror.calls = 0  # the warm start tried once
     try:
-        svc._mirror_call(lambda m: m.touch_worker("w"), refresh=True)
-        assert mirror.calls == 1 and svc._mirror_down  # Redis up as far as we knew: tried, failed
-        svc._mirror_call(lambda m: m.touch_worker("w"), refresh=True)
+        svc.mirror_sync.write(lambda m: m.touch_worker("w"), refresh=True)
+        assert mirror.calls == 1 and svc.mirror_sync.down  # Redis up as far as we knew: tried, failed
+        svc.mirror_sync.write(lambda m: m.touch_worker("w"), refresh=True)
         assert mirror.calls == 1 and svc.counters["mirror_skipped"] == 1
-        svc._mirror_call(lambda m: m.unregister_worker("w"))  # not a refresh: always tried
+        svc.mirror_sync.write(lambda m: m.unregister_worker("w"))  # not a refresh: always tried
         assert mirror.calls == 2
     finally:
         svc.close()

@@ -94,7 +94,7 @@ def test_the_service_degrades_with_the_cause_and_recovers_once_the_rewrite_verif
     svc = _service(mirror)
 
     def check() -> None:
-        svc._check_mirror()
+        svc.check_mirror()
         if kind == "background":  # the check answered from the last completed one: let the next complete
             assert mirror.flush(5.0)
 
@@ -102,7 +102,7 @@ def test_the_service_degrades_with_the_cause_and_recovers_once_the_rewrite_verif
         check()
         check()
         assert svc.mirror_health.state == "ok"
-        caplog.set_level(logging.INFO, logger="router.service")
+        caplog.set_level(logging.INFO, logger="router.mirror_sync")
         switch.error = exc
         for _ in range(3):
             check()
@@ -111,7 +111,7 @@ def test_the_service_degrades_with_the_cause_and_recovers_once_the_rewrite_verif
         assert health.failed_writes >= 2
         degraded_logs = [m for lvl, m in _mirror_log(caplog) if lvl == logging.WARNING]
         assert len(degraded_logs) == 1 and f"degraded: {cause}" in degraded_logs[0]  # once, not per failure
-        svc._refresh_stats()
+        svc.refresh_stats()
         assert svc.stats["mirror"]["state"] == "degraded" and svc.stats["mirror"]["cause"] == cause
         metrics = render_metrics(svc.stats)
         assert f'kvr_router_mirror_degraded{{cause="{cause}"}} 1' in metrics
@@ -124,7 +124,7 @@ def test_the_service_degrades_with_the_cause_and_recovers_once_the_rewrite_verif
         info = [m for lvl, m in _mirror_log(caplog) if lvl == logging.INFO]
         assert len(info) == 1 and info[0].startswith(f"Redis mirror ok again (was degraded ({cause} since")
         assert svc.counters["mirror_resyncs"] >= 1
-        svc._refresh_stats()
+        svc.refresh_stats()
         assert 'kvr_router_mirror_degraded{cause="' + cause + '"} 0' in render_metrics(svc.stats)
     finally:
         svc.close()
@@ -140,20 +140,20 @@ def test_a_rewrite_that_does_not_read_back_is_logged_and_redone(fake_redis, capl
     real_verify = mirror.verify
     monkeypatch.setattr(mirror, "verify", lambda blocks, workers: next(wrong, None) or real_verify(blocks, workers))
     try:
-        svc._check_mirror()
+        svc.check_mirror()
         switch.error = OOM
-        svc._check_mirror()
+        svc.check_mirror()
         switch.error = None
-        caplog.set_level(logging.INFO, logger="router.service")
+        caplog.set_level(logging.INFO, logger="router.mirror_sync")
         caplog.clear()
-        svc._check_mirror()  # rewrite; its read-back says it did not land
-        svc._check_mirror()
+        svc.check_mirror()  # rewrite; its read-back says it did not land
+        svc.check_mirror()
         assert svc.counters["mirror_unverified"] == 1 and svc.mirror_health.state == "degraded"
         assert [m for lvl, m in _mirror_log(caplog) if lvl == logging.WARNING] == [
             "Redis mirror rewrite did not verify (w1:0 holds 0 blocks, not 3): rewriting again"]
         resyncs = svc.counters["mirror_resyncs"]
-        svc._check_mirror()  # rewritten again
-        svc._check_mirror()  # read back: exact
+        svc.check_mirror()  # rewritten again
+        svc.check_mirror()  # read back: exact
         assert svc.counters["mirror_resyncs"] == resyncs + 1 and svc.mirror_health.state == "ok"
     finally:
         svc.close()

@@ -51,7 +51,7 @@ def _stack(ctx, url: str):
 
 
 def test_out_of_memory_is_reported_routing_goes_on_and_the_mirror_comes_back_verified(zctx, redis_proc, caplog):
-    caplog.set_level(logging.INFO, logger="router.service")
+    caplog.set_level(logging.INFO, logger="router.mirror_sync")
     redis_proc.start()
     url = f"redis://127.0.0.1:{redis_proc.port}/0"
     running, svc, front, mirror = _stack(zctx, url)
@@ -96,7 +96,7 @@ def test_out_of_memory_is_reported_routing_goes_on_and_the_mirror_comes_back_ver
         status, body = _get(front, "/health")
         assert status == 200 and "mirror: ok" in body.decode()
         assert 'kvr_router_mirror_degraded{cause="out_of_memory"} 0' in _get(front, "/metrics")[1].decode()
-        logs = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "router.service"]
+        logs = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "router.mirror_sync"]
         assert [m for lvl, m in logs if lvl == logging.WARNING and "mirror degraded" in m][0].startswith(
             "Redis mirror degraded: out_of_memory")
         assert len([m for lvl, m in logs if "mirror degraded" in m]) == 1

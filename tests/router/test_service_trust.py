@@ -84,7 +84,7 @@ def test_a_liar_loses_its_overlap_is_resynced_and_recovers_once_its_reports_agre
         assert len(trust_logs) == 2
         assert trust_logs[0].startswith("liar/0: trust 0.00: reported cached tokens fell 100% short")
         assert trust_logs[1].startswith("liar/0: trust restored")
-        router._refresh_stats()
+        router.refresh_stats()
         text = render_metrics(router.stats)
         assert "kvr_router_trust_downgrades_total 1" in text and "kvr_router_trust_recoveries_total 1" in text
         assert router.stats["targets"]["liar/0"]["trust"] == 1.0

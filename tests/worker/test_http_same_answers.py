@@ -16,8 +16,8 @@ import zmq
 from bus.openai_http import DEFAULT_COMPLETION_MAX_TOKENS
 from bus.sockets import connectable, free_tcp_endpoint
 from core.liveness import HeartbeatConfig
+from router.config import RouterConfig
 from router.http_front import RouterHttpFront
-from router.service import RouterConfig
 from tests.router.test_service import RunningRouter
 from worker.runner import WorkerOptions, WorkerRunner
 
