@@ -99,7 +99,8 @@ class FaultsConfig:
     lie_after_s: float = 3.0  # and after the router distrusted it, over this long
     lie_detect_s: float = 10.0  # the downgrade must come within this long of the first lie
     http_requests: int = 8  # worker_stall_http: streamed HTTP requests per wave (two waves); client_disconnect_http
-    http_max_tokens: int = 1500  # ~3 s of decoding at speedup 20: still streaming when the fault hits
+    http_max_tokens: int = 1500  # seconds of decoding at speedup 20: still streaming when the worker stops
+    disconnect_max_tokens: int = 8000  # client_disconnect_http: far more than the clients wait for
     slow_hwm: int = 8  # the workers' KV-event PUB high-water mark in the slow_subscriber case
     slow_sndbuf: int = 65_536  # and kernel send buffer (the OS's default holds MBs on loopback)
     drop_rate: float = 0.05
@@ -906,8 +907,8 @@ def _dechunk(body: bytes) -> bytes | None:
         i += size + 2
 
 
-def _http_body(cfg: FaultsConfig, i: int, *, stream: bool) -> dict:
-    body = {"prompt": [13 + i] * 48 + [i], "max_tokens": cfg.http_max_tokens, "stream": stream}
+def _http_body(cfg: FaultsConfig, i: int, *, stream: bool, max_tokens: int | None = None) -> dict:
+    body = {"prompt": [13 + i] * 48 + [i], "max_tokens": max_tokens or cfg.http_max_tokens, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body
@@ -973,7 +974,7 @@ def _engines_busy(truth: Truth, wids: list[str]) -> float:
 
 
 def _client_disconnect_http(cluster, cfg: FaultsConfig, truth: Truth, notes: dict, http_port: int) -> float:
-    """Non-streamed HTTP requests with long outputs (``http_max_tokens``) whose clients close their
+    """Non-streamed HTTP requests with long outputs (``disconnect_max_tokens``) whose clients close their
     connections while the engines run them. The front must cancel each at the router, the router
     at its worker: measured as how long the engines' running + waiting requests stay above what the
     steady load alone keeps there (sampled every 20 ms) after the clients left."""
@@ -984,7 +985,8 @@ def _client_disconnect_http(cluster, cfg: FaultsConfig, truth: Truth, notes: dic
     while time.monotonic() < until:  # the steady load's own requests in the engines
         baseline = max(baseline, _engines_busy(truth, wids))
         time.sleep(0.02)
-    clients = [RawHttp(http_port, "/v1/completions", _http_body(cfg, 200 + i, stream=False), timeout_s=60)
+    clients = [RawHttp(http_port, "/v1/completions",
+                       _http_body(cfg, 200 + i, stream=False, max_tokens=cfg.disconnect_max_tokens), timeout_s=60)
                for i in range(cfg.http_requests)]
     for c in clients:
         c.start()
@@ -1012,9 +1014,15 @@ def _client_disconnect_http(cluster, cfg: FaultsConfig, truth: Truth, notes: dic
     notes["abandoned_with_a_reply"] = sum(1 for c in clients if c.buf)
     for c in clients:
         c.join(timeout=5)
-    time.sleep(1.1)  # the stats snapshot behind /metrics
-    cancelled = _router_metrics(http_port).get("kvr_router_error_cancelled_total", 0.0)
-    notes["cancelled_at_router"] = cancelled - cancelled_before
+
+    def cancelled() -> float:
+        return _router_metrics(http_port).get("kvr_router_error_cancelled_total", 0.0) - cancelled_before
+
+    try:  # the stats snapshot behind /metrics is refreshed about once a second (later on a busy loop)
+        _wait(lambda: cancelled() >= len(clients), 3.0, "the router to count every cancel")
+    except TimeoutError:
+        pass
+    notes["cancelled_at_router"] = cancelled()
     return time.monotonic()
 
 
