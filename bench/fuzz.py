@@ -317,8 +317,12 @@ def _metrics_seeds(rng: random.Random) -> list[bytes]:
 
     load, stats = _load()
     return [encode(m) for m in (
-        RequestRecord("r1", "w1", 1.0, 2.0, 10, 8, 8, 2, 0.1, 1.0, "kvr", None, stats),
-        RequestRecord("r2", None, 1.0, 2.0, 10, 0, 0, 0, 0.0, 1.0, "kvr", ErrorCode.TIMEOUT),
+        RequestRecord(request_id="r1", worker_id="w1", arrival_s=1.0, ttft_s=0.1, e2e_s=1.0, prompt_tokens=10,
+                      cached_tokens=8, output_tokens=2, predicted_cached_tokens=8, policy="kvr",
+                      queue_s=stats.queue_s, prefill_s=stats.prefill_s, preemptions=stats.preemptions),
+        RequestRecord(request_id="r2", worker_id=None, arrival_s=1.0, ttft_s=0.0, e2e_s=1.0, prompt_tokens=10,
+                      cached_tokens=0, output_tokens=0, predicted_cached_tokens=0, policy="kvr",
+                      error=ErrorCode.TIMEOUT.value),
         WorkerSample("w1/0", 1.0, load, 10, "fresh", 3, 0.01, 1, 1, 0, 2),
     )]
 

@@ -26,6 +26,8 @@ import enum
 
 import msgspec
 
+from core.metrics import RequestRecord as RequestRecord  # the one record of a request; on the wire here
+
 #: Bump when a change is not backwards compatible; peers with another version are refused.
 #: 2: numbered reply streams (``TokenChunk.seq``, ``Completion.chunks``) and worker links that prove
 #: their incarnation (``Hello.link_token``); a version-1 worker would be refused as a duplicate on
@@ -264,24 +266,6 @@ RouterMessage = Welcome | Refused | Heartbeat | Dispatch | Cancel
 
 
 # ----------------------------------------------------------------------------- metrics stream
-
-
-class RequestRecord(msgspec.Struct, tag="request", frozen=True):
-    """One finished (or failed) request, published by the router for the monitor."""
-
-    request_id: str
-    worker_id: str | None
-    arrival_s: float  # router wall-clock time the request was accepted
-    finish_s: float
-    prompt_tokens: int
-    cached_tokens: int
-    predicted_cached_tokens: int
-    output_tokens: int
-    ttft_s: float
-    e2e_s: float
-    policy: str
-    error: ErrorCode | None = None
-    stats: RequestStats = RequestStats()
 
 
 class MirrorStatus(msgspec.Struct, frozen=True):

@@ -50,25 +50,36 @@ CACHE_STATUSES = ("hit", "partial", "miss")
 PERCENTILES = (50, 90, 99)
 
 
-class RequestRecord(msgspec.Struct, kw_only=True, frozen=True):
-    """One finished request, as the router or simulator saw it.
+class RequestRecord(msgspec.Struct, tag="request", kw_only=True, frozen=True):
+    """One finished (or failed) request, as the router or the simulator saw it: the one record of a
+    request, folded by ``MetricsFold`` and, published by the router, carried on the metrics PUB
+    (``bus/schema.py``'s ``MetricsRecord``) to the monitor.
 
-    ``arrival_s`` is when the client sent it (any clock, seconds); the other
-    times are durations from arrival.
+    ``arrival_s`` is when the request was accepted (any clock, seconds: the router's wall clock,
+    the simulator's virtual one); the other times are durations from arrival. ``queue_s``,
+    ``prefill_s`` and ``preemptions`` are the engine's own measurements. A failed request has
+    ``error`` (an ``ErrorCode`` value, ``bus/schema.py``) and, if it failed before any worker took
+    it, no ``worker_id``; the fold takes successful ones only.
     """
 
     request_id: str
-    worker: str
+    worker_id: str | None
     arrival_s: float
     ttft_s: float
     e2e_s: float
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-    predicted_cached_tokens: int | None = None
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    predicted_cached_tokens: int | None = None  # None: the policy made no prediction
     queue_s: float = 0.0
     prefill_s: float = 0.0
     preemptions: int = 0
+    policy: str = ""
+    error: str | None = None
+
+    @property
+    def finish_s(self) -> float:
+        return self.arrival_s + self.e2e_s
 
 
 def cache_status(num_prompt_tokens: int, num_cached_tokens: int, block_size: int) -> str:
@@ -163,41 +174,45 @@ class MetricsFold:
         self.timeline_bucket_s *= 2
 
     def add_request(self, rec: RequestRecord) -> None:
-        """Fold one finished request."""
-        self.register_worker(rec.worker)
-        w = self.workers[rec.worker]
+        """Fold one successful request (one with an ``error`` or no worker is refused: the fold's
+        figures are of served requests; callers count failures themselves)."""
+        worker = rec.worker_id
+        if rec.error is not None or worker is None:
+            raise ValueError(f"request {rec.request_id!r} failed ({rec.error}): the fold takes served requests only")
+        self.register_worker(worker)
+        w = self.workers[worker]
         w["requests"] += 1
-        w["prompt_tokens"] += rec.num_prompt_tokens
-        w["cached_tokens"] += rec.num_cached_tokens
-        w["prefill_tokens_computed"] += rec.num_prompt_tokens - rec.num_cached_tokens
+        w["prompt_tokens"] += rec.prompt_tokens
+        w["cached_tokens"] += rec.cached_tokens
+        w["prefill_tokens_computed"] += rec.prompt_tokens - rec.cached_tokens
         c = self.counters
         c["requests"] += 1
-        c["prompt_tokens"] += rec.num_prompt_tokens
-        c["cached_tokens"] += rec.num_cached_tokens
-        c["output_tokens"] += rec.num_output_tokens
+        c["prompt_tokens"] += rec.prompt_tokens
+        c["cached_tokens"] += rec.cached_tokens
+        c["output_tokens"] += rec.output_tokens
         c["preemptions"] += rec.preemptions
         if rec.predicted_cached_tokens is not None:
             c["predicted_requests"] += 1
-            c["predicted_prompt_tokens"] += rec.num_prompt_tokens
+            c["predicted_prompt_tokens"] += rec.prompt_tokens
             c["predicted_cached_tokens"] += rec.predicted_cached_tokens
-            c["predicted_engine_cached_tokens"] += rec.num_cached_tokens
+            c["predicted_engine_cached_tokens"] += rec.cached_tokens
         self.ttft_s.add(rec.ttft_s)
         self.e2e_s.add(rec.e2e_s)
         self.queue_s.add(rec.queue_s)
-        if rec.num_output_tokens >= 2:
-            self.tpot_s.add((rec.e2e_s - rec.ttft_s) / (rec.num_output_tokens - 1))
-        status = cache_status(rec.num_prompt_tokens, rec.num_cached_tokens, self.block_size)
+        if rec.output_tokens >= 2:
+            self.tpot_s.add((rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1))
+        status = cache_status(rec.prompt_tokens, rec.cached_tokens, self.block_size)
         self.ttft_by_status[status].add(rec.ttft_s)
         self.e2e_by_status[status].add(rec.e2e_s)
-        bucket = _match_bucket(rec.num_cached_tokens // self.block_size)
+        bucket = _match_bucket(rec.cached_tokens // self.block_size)
         self.match_blocks_hist[bucket] = self.match_blocks_hist.get(bucket, 0) + 1
         self.first_arrival_s = min(self.first_arrival_s, rec.arrival_s)
         self.last_finish_s = max(self.last_finish_s, rec.arrival_s + rec.e2e_s)
         b = self._bucket(rec.arrival_s)
-        b["prompt_tokens"] += rec.num_prompt_tokens
-        b["cached_tokens"] += rec.num_cached_tokens
+        b["prompt_tokens"] += rec.prompt_tokens
+        b["cached_tokens"] += rec.cached_tokens
         b["requests"] += 1
-        pw = b["per_worker"].setdefault(rec.worker, [0, 0.0, 0, 0])
+        pw = b["per_worker"].setdefault(worker, [0, 0.0, 0, 0])
         pw[0] += 1
 
     def observe_load(self, worker: str, now: float, *, kv_usage: float, queued_prefill_tokens: int = 0) -> None:

@@ -207,7 +207,7 @@ def _recent(d: dict[str, Any], n: int, *, wide: bool) -> Table:
         if wide:
             t.add_row(r["request_id"], r.get("worker_id") or "–", str(r["prompt_tokens"]),
                       Text(str(cached), style=style),
-                      str(r["predicted_cached_tokens"]) if r["predicted_cached_tokens"] >= 0 else "–",
+                      "–" if r["predicted_cached_tokens"] is None else str(r["predicted_cached_tokens"]),
                       _ms(r["ttft_s"]), _ms(r["e2e_s"]), result)
         else:
             t.add_row(r["request_id"], r.get("worker_id") or "–", Text(f"{cached}/{r['prompt_tokens']}", style=style),

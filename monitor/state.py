@@ -52,7 +52,6 @@ from typing import Any
 from bus.schema import RequestRecord, WorkerSample
 from core.events import BlockRemoved
 from core.metrics import MetricsFold
-from core.metrics import RequestRecord as FoldRecord
 from core.quantiles import DEFAULT_RELATIVE_ACCURACY, ExactSamples
 
 logger = logging.getLogger(__name__)
@@ -60,26 +59,6 @@ logger = logging.getLogger(__name__)
 DUMP_VERSION = 1
 DUMP_KIND = "kvr.monitor.dump"
 _EVENT_COUNTERS = ("gaps", "replays", "resets", "evictions", "events_applied")
-
-
-def to_fold_record(rec: RequestRecord) -> FoldRecord | None:
-    """The fold's view of a successful request record (``None`` for failed ones)."""
-    if rec.error is not None or rec.worker_id is None:
-        return None
-    return FoldRecord(
-        request_id=rec.request_id,
-        worker=rec.worker_id,
-        arrival_s=rec.arrival_s,
-        ttft_s=rec.ttft_s,
-        e2e_s=rec.e2e_s,
-        num_prompt_tokens=rec.prompt_tokens,
-        num_cached_tokens=rec.cached_tokens,
-        num_output_tokens=rec.output_tokens,
-        predicted_cached_tokens=rec.predicted_cached_tokens if rec.predicted_cached_tokens >= 0 else None,
-        queue_s=rec.stats.queue_s,
-        prefill_s=rec.stats.prefill_s,
-        preemptions=rec.stats.preemptions,
-    )
 
 
 def split_target(name: str) -> tuple[str, int]:
@@ -182,18 +161,17 @@ class MonitorState:
         self._seen(rec.finish_s)
         w = self._window
         if rec.error is not None:
-            code = rec.error.value
+            code = rec.error
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
             w.errors += 1
             self._incident(rec.finish_s, rec.worker_id or "", "error", f"{code} {rec.request_id}")
-        fold_rec = to_fold_record(rec)
-        if fold_rec is not None:
-            self.fold.add_request(fold_rec)
+        if rec.error is None and rec.worker_id is not None:
+            self.fold.add_request(rec)
             w.requests += 1
             w.prompt_tokens += rec.prompt_tokens
             w.cached_tokens += rec.cached_tokens
             w.ttft_s.append(rec.ttft_s)
-            if rec.predicted_cached_tokens >= 0:
+            if rec.predicted_cached_tokens is not None:
                 w.predicted_prompt_tokens += rec.prompt_tokens
                 w.predicted_cached_tokens += rec.predicted_cached_tokens
         self.recent.append(
@@ -208,7 +186,7 @@ class MonitorState:
                 "ttft_s": rec.ttft_s,
                 "e2e_s": rec.e2e_s,
                 "policy": rec.policy,
-                "error": rec.error.value if rec.error is not None else None,
+                "error": rec.error,
             }
         )
 

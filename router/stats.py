@@ -19,7 +19,7 @@ import zmq
 from bus import names
 from bus.codec import encode
 from bus.mirror_status import as_dict
-from bus.schema import Completion, ErrorReply, MirrorStatus, RequestRecord, RequestStats, WorkerSample
+from bus.schema import Completion, ErrorReply, MirrorStatus, RequestRecord, WorkerSample
 from bus.schema import WorkerLoad as WireLoad
 from core.prefix_index import PrefixIndex, WorkerKey
 from core.routing import RouterCore
@@ -51,17 +51,17 @@ def stats_snapshot(*, core: RouterCore, index: PrefixIndex, streams: Mapping[Wor
 def request_record(p: PendingRequest, terminal: Completion | ErrorReply, *, now: float, policy: str) -> RequestRecord:
     """The monitor's record of a request that just ended (times from the router's clock, anchored
     at the wall time it was accepted)."""
-    if isinstance(terminal, Completion):
-        cached, output, error, stats = terminal.cached_tokens, terminal.output_tokens, None, terminal.stats
-    else:
-        cached, output, error, stats = 0, 0, terminal.code, RequestStats()
     first = p.first_token_s if p.first_token_s is not None else now
+    error = terminal.code.value if isinstance(terminal, ErrorReply) else None
+    done = terminal if isinstance(terminal, Completion) else None
     return RequestRecord(
         request_id=p.request.request_id, worker_id=p.worker_id, arrival_s=p.accepted_wall_s,
-        finish_s=p.accepted_wall_s + (now - p.accepted_s), prompt_tokens=len(p.token_ids),
-        cached_tokens=cached, predicted_cached_tokens=p.predicted_cached_tokens,
-        output_tokens=output, ttft_s=first - p.accepted_s, e2e_s=now - p.accepted_s,
-        policy=policy, error=error, stats=stats)
+        ttft_s=first - p.accepted_s, e2e_s=now - p.accepted_s, prompt_tokens=len(p.token_ids),
+        cached_tokens=0 if done is None else done.cached_tokens,
+        output_tokens=0 if done is None else done.output_tokens,
+        predicted_cached_tokens=p.predicted_cached_tokens,
+        queue_s=0.0 if done is None else done.stats.queue_s, prefill_s=0.0 if done is None else done.stats.prefill_s,
+        preemptions=0 if done is None else done.stats.preemptions, policy=policy, error=error)
 
 
 def worker_samples(*, core: RouterCore, index: PrefixIndex, streams: Mapping[WorkerKey, TargetStream], t_s: float,

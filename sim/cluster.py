@@ -253,13 +253,13 @@ class SimCluster:
         self.fold.add_request(
             RequestRecord(
                 request_id=rid,
-                worker=self.names[fl.worker],
+                worker_id=self.names[fl.worker],
                 arrival_s=fl.arrival_s,
                 ttft_s=fl.first_token_s - fl.arrival_s,
                 e2e_s=now - fl.arrival_s,
-                num_prompt_tokens=stats.num_prompt_tokens,
-                num_cached_tokens=stats.num_cached_tokens,
-                num_output_tokens=stats.num_output_tokens,
+                prompt_tokens=stats.num_prompt_tokens,
+                cached_tokens=stats.num_cached_tokens,
+                output_tokens=stats.num_output_tokens,
                 predicted_cached_tokens=fl.predicted_cached_tokens,
                 queue_s=stats.queue_s,
                 prefill_s=stats.prefill_s,

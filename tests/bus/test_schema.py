@@ -66,7 +66,8 @@ CHANNELS = {
     "metrics": (
         metrics_decoder,
         [
-            RequestRecord("r1", "w1", 1.0, 2.0, 100, 48, 48, 4, 0.1, 1.0, "kvr"),
+            RequestRecord(request_id="r1", worker_id="w1", arrival_s=1.0, ttft_s=0.1, e2e_s=1.0, prompt_tokens=100,
+                          cached_tokens=48, output_tokens=4, predicted_cached_tokens=48, policy="kvr"),
             WorkerSample("w1", 1.0, WorkerLoad()),
         ],
     ),

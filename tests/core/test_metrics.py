@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -22,13 +23,13 @@ def rec(i: int, worker: str, *, arrival: float, ttft: float, e2e: float, prompt:
         pred=None, pre=0):
     return RequestRecord(
         request_id=f"r{i}",
-        worker=worker,
+        worker_id=worker,
         arrival_s=arrival,
         ttft_s=ttft,
         e2e_s=e2e,
-        num_prompt_tokens=prompt,
-        num_cached_tokens=cached,
-        num_output_tokens=out,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        output_tokens=out,
         predicted_cached_tokens=pred,
         preemptions=pre,
     )
@@ -224,3 +225,14 @@ def test_merge_coarsens_the_finer_timeline():
         fine.merge(MetricsFold(timeline_bucket_s=3.0))
     with pytest.raises(ValueError):
         fine.merge(MetricsFold(timeline_bucket_s=1.0, relative_accuracy=0.01))
+
+
+def test_the_fold_refuses_a_failed_request():
+    """One record for served and failed requests; the fold's figures are of served ones only."""
+    fold = MetricsFold(block_size=16)
+    failed = msgspec.structs.replace(RECORDS[0], error="timeout")
+    no_worker = msgspec.structs.replace(RECORDS[0], worker_id=None)
+    for bad in (failed, no_worker):
+        with pytest.raises(ValueError):
+            fold.add_request(bad)
+    assert fold.counters["requests"] == 0 and RECORDS[0].finish_s == RECORDS[0].arrival_s + RECORDS[0].e2e_s

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from bus.schema import ErrorCode, RequestRecord, RequestStats, WorkerLoad, WorkerSample
+from bus.schema import ErrorCode, RequestRecord, WorkerLoad, WorkerSample
 
 
 def request(
     rid: str, *, worker: str | None = "w0", t: float = 100.0, prompt: int = 64, cached: int = 0,
-    predicted: int = -1, ttft: float = 0.1, e2e: float = 0.5, output: int = 5, error: ErrorCode | None = None,
+    predicted: int | None = None, ttft: float = 0.1, e2e: float = 0.5, output: int = 5, error: ErrorCode | None = None,
 ) -> RequestRecord:
     return RequestRecord(
-        request_id=rid, worker_id=worker, arrival_s=t, finish_s=t + e2e, prompt_tokens=prompt,
-        cached_tokens=cached, predicted_cached_tokens=predicted, output_tokens=output, ttft_s=ttft,
-        e2e_s=e2e, policy="kvr", error=error, stats=RequestStats(queue_s=0.01),
+        request_id=rid, worker_id=worker, arrival_s=t, prompt_tokens=prompt, cached_tokens=cached,
+        predicted_cached_tokens=predicted, output_tokens=output, ttft_s=ttft, e2e_s=e2e, policy="kvr",
+        error=None if error is None else error.value, queue_s=0.01,
     )
 
 

@@ -211,14 +211,13 @@ def test_time_series_legends_sit_above_or_beside_their_axes():
 
 
 def test_sim_over_time_breaks_lines_over_idle_buckets():
-    from core.metrics import MetricsFold
-    from core.metrics import RequestRecord as FoldRecord
+    from core.metrics import MetricsFold, RequestRecord
     from sim.plots import over_time
 
     fold = MetricsFold(block_size=16, timeline_bucket_s=5.0)
     for k, t in enumerate((1.0, 2.0, 21.0)):
-        fold.add_request(FoldRecord(request_id=f"r{k}", worker="w0", arrival_s=t, ttft_s=0.1, e2e_s=0.2,
-                                    num_prompt_tokens=64, num_cached_tokens=32, num_output_tokens=4))
+        fold.add_request(RequestRecord(request_id=f"r{k}", worker_id="w0", arrival_s=t, ttft_s=0.1, e2e_s=0.2,
+                                       prompt_tokens=64, cached_tokens=32, output_tokens=4))
     fig = over_time({"kvr": fold})
     (hit,) = fig.axes[0].lines
     assert list(hit.get_xdata()) == [0.0, 5.0, 10.0, 15.0, 20.0]

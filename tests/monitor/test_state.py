@@ -5,7 +5,7 @@ import math
 
 from bus.schema import ErrorCode
 from monitor.dump import dump_fold, load_dump, normalize_dump, write_dump
-from monitor.state import MonitorState, to_fold_record
+from monitor.state import MonitorState
 from tests.monitor.records import request, sample
 
 
@@ -26,11 +26,9 @@ def test_requests_fold_by_cache_status_and_errors_stay_out_of_latency():
 
 
 def test_unknown_prediction_is_not_counted_as_zero():
-    assert to_fold_record(request("a", predicted=-1)).predicted_cached_tokens is None
-    assert to_fold_record(request("a", predicted=0)).predicted_cached_tokens == 0
     st = MonitorState(block_size=16)
     st.add(request("a", cached=48, predicted=32))
-    st.add(request("b", cached=48, predicted=-1))
+    st.add(request("b", cached=48, predicted=None))
     s = st.fold.summary()
     assert s["predicted_hit_rate"] == 32 / 64
     assert s["token_hit_rate"] == 96 / 128
