@@ -6,7 +6,10 @@ on a loopback port, so a supervisor handles them like any other component:
 * :func:`embedded_redis_argv` — the command line for a port (``redis-server``
   with persistence off, or ``python -m bus.redis_server --port N``);
 * :class:`EmbeddedRedis` — a context manager that starts one, waits until it
-  answers PING and stops it (its own process group: nothing is left behind).
+  answers PING and stops it (its own process group: nothing is left behind);
+* :class:`LocalRedisCluster` — M ``redis-server`` masters on loopback made into a Redis Cluster
+  (``redis-cli --cluster create``), for tests and ``kvr up --redis-cluster M``; a master can be
+  killed and restarted on its port with its ``nodes.conf`` (its data is lost: no persistence).
 
 fakeredis speaks the protocol but is single-process Python: fine for a demo
 and a laptop, not for throughput numbers (benchmarks should name the kind).
@@ -30,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from bus.redis_url import cluster_url, make_client
+
 if TYPE_CHECKING:  # fakeredis is imported only when a fake server is made
     from fakeredis import TcpFakeServer
 
@@ -43,6 +48,21 @@ def free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_node_port() -> int:
+    """A free loopback port for a Redis Cluster node: its cluster bus listens on port + 10000,
+    which must be a valid port and free too (an ephemeral port above 55535 makes redis-server exit)."""
+    while True:
+        port = free_loopback_port()
+        if port + 10_000 > 65_535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
 
 
 def resolve_kind(kind: str = "auto") -> str:
@@ -69,8 +89,11 @@ def embedded_redis_argv(port: int, *, kind: str = "auto", workdir: str | Path | 
 
 
 def ping(url: str, *, timeout_s: float = 0.5) -> bool:
-    """True when a Redis at ``url`` answers PING."""
-    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    """True when a Redis (or every master of a Redis Cluster URL) at ``url`` answers PING."""
+    try:
+        client = make_client(url, timeout_s=timeout_s)
+    except (redis.RedisError, OSError):
+        return False
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -128,6 +151,126 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalRedisCluster:
+    """``masters`` redis-server processes on loopback, without persistence, made one Redis Cluster
+    with no replicas: ``with LocalRedisCluster(masters=3) as c: c.url``.
+
+    Each master runs in its own directory (its ``nodes.conf``), in the process group of the
+    cluster's first start, so :meth:`stop` leaves nothing behind. :meth:`kill_master` and
+    :meth:`start_master` restart one master on its port: it rejoins with its slots (``nodes.conf``)
+    but its keys are gone. ``node_timeout_ms`` is the cluster's ``cluster-node-timeout``.
+    """
+
+    def __init__(self, *, masters: int = 3, ports: list[int] | None = None, node_timeout_ms: int = 5000,
+                 start_timeout_s: float = 20.0) -> None:
+        if masters < 3:
+            raise ValueError(f"a Redis Cluster needs at least 3 masters, got {masters}")
+        self.binary = shutil.which("redis-server")
+        self.cli = shutil.which("redis-cli")
+        if self.binary is None or self.cli is None:
+            raise FileNotFoundError("redis-server and redis-cli must be on PATH for a Redis Cluster")
+        self.ports = list(ports) if ports is not None else _distinct_ports(masters)
+        if len(self.ports) != masters:
+            raise ValueError(f"{masters} masters need {masters} ports, got {len(self.ports)}")
+        self.url = cluster_url("127.0.0.1", self.ports[0])
+        self._node_timeout_ms = node_timeout_ms
+        self._start_timeout_s = start_timeout_s
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._workdir: str | None = None
+
+    def argv(self, port: int) -> list[str]:
+        assert self.binary is not None and self._workdir is not None
+        node_dir = Path(self._workdir) / str(port)
+        node_dir.mkdir(exist_ok=True)
+        return [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(node_dir), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self._node_timeout_ms)]
+
+    def start(self) -> LocalRedisCluster:
+        self._workdir = tempfile.mkdtemp(prefix="kvr-redis-cluster-")
+        try:
+            for port in self.ports:
+                self.start_master(port, wait_ok=False)
+            assert self.cli is not None
+            subprocess.run([self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                            "--cluster-replicas", "0", "--cluster-yes"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=self._start_timeout_s)
+            for port in self.ports:
+                self.wait_ok(port)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("local Redis Cluster of %d masters at %s", len(self.ports), self.url)
+        return self
+
+    def start_master(self, port: int, *, wait_ok: bool = True) -> None:
+        """Start (or restart, after :meth:`kill_master`) the master on ``port``."""
+        self._procs[port] = subprocess.Popen(self.argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             start_new_session=True)
+        deadline = time.monotonic() + self._start_timeout_s
+        while not ping(f"redis://127.0.0.1:{port}/0"):
+            if self._procs[port].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server (cluster node) on port {port} did not start")
+            time.sleep(0.02)
+        if wait_ok:
+            self.wait_ok(port)
+
+    def kill_master(self, port: int) -> None:
+        """SIGKILL the master on ``port`` (its keys die with it)."""
+        proc = self._procs.pop(port)
+        proc.kill()
+        proc.wait(10)
+
+    def cluster_ok(self, port: int) -> bool:
+        """The node on ``port`` says ``cluster_state:ok`` (it serves its slots)."""
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            info = client.cluster("INFO")
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+        if isinstance(info, dict):  # redis-py parses the reply into its fields
+            return info.get("cluster_state") == "ok"
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return "cluster_state:ok" in text
+
+    def wait_ok(self, port: int) -> None:
+        deadline = time.monotonic() + self._start_timeout_s
+        while not self.cluster_ok(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster node on port {port} did not reach cluster_state:ok")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        for port in list(self._procs):
+            proc = self._procs.pop(port)
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # no persistence: nothing to flush
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> LocalRedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _distinct_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_cluster_node_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _python_path() -> str:

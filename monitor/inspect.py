@@ -114,10 +114,10 @@ def mirror_state(client: redis.Redis, *, namespace: str, now_s: float) -> dict[s
         routers[_s(k)] = {**report, "age_s": now_s - report["t_s"] if report.get("t_s") else None}
     memory = {}
     try:
-        info = {**client.info("memory"), **client.info("stats")}
+        info = _memory_info(client)
     except redis.ResponseError:  # INFO refused (an ACL user without it, a Redis-like server): reports only
         info = {}
-    for key in ("used_memory", "maxmemory", "maxmemory_policy", "evicted_keys"):
+    for key in ("used_memory", "maxmemory", "maxmemory_policy", "evicted_keys", "node"):
         if key in info:
             memory[key] = _s(info[key]) if isinstance(info[key], bytes) else info[key]
     out = {"state": OK, "cause": None, "detail": "", "memory": memory, "routers": dict(sorted(routers.items()))}
@@ -135,3 +135,24 @@ def mirror_state(client: redis.Redis, *, namespace: str, now_s: float) -> dict[s
         rid, r = degraded[0]
         out.update(state=DEGRADED, cause=r.get("cause"), detail=f"router {rid} reports it")
     return out
+
+
+def _memory_info(client: redis.Redis) -> dict[str, Any]:
+    """INFO memory and stats; on a Redis Cluster those of the fullest master (the first to refuse
+    writes), with ``node`` naming it and ``evicted_keys`` summed over every master."""
+    from bus.redis_url import is_cluster
+
+    if not is_cluster(client):
+        return {**client.info("memory"), **client.info("stats")}
+    cluster: Any = client
+    primaries = cluster.get_primaries()
+    memory = cluster.info("memory", target_nodes=primaries)
+    stats = cluster.info("stats", target_nodes=primaries)
+
+    def fullness(node: str) -> float:
+        used, limit = int(memory[node].get("used_memory", 0)), int(memory[node].get("maxmemory", 0) or 0)
+        return used / limit if limit else 0.0
+
+    node = max(sorted(memory), key=fullness)
+    return {**memory[node], "node": node,
+            "evicted_keys": sum(int(s.get("evicted_keys", 0)) for s in stats.values())}

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 from redis.typing import EncodableT, FieldT
 
 from bus import names
+from bus.redis_url import is_cluster, make_client
 from bus.schema import Hello, WorkerLoad
 from core.own_block_hash import HASH_SCHEME
 
@@ -24,18 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 def make_redis_client(url: str, *, timeout_s: float = 0.5) -> redis.Redis:
-    """A client that fails fast: the router must never stall on Redis.
+    """A client that fails fast: the router must never stall on Redis. A Redis Cluster URL
+    (``redis+cluster://host:port``, ``bus/redis_url.py``) makes a cluster client.
 
     redis-py retries with backoff by default, which would hold the routing loop
     for seconds while Redis restarts; the mirror instead reports the failure and
     resynchronises later.
     """
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    return redis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-    )
+    return make_client(url, timeout_s=timeout_s)
 
 
 def _text(value: bytes | str) -> str:
@@ -63,10 +62,15 @@ class _PackedPipeline:
     (thousands of ``field value`` pairs per second of decimal uint64 hashes) that packing cost
     more than applying the batch to the index. This packs the integer pairs with one ``%``
     format each. Same connection pool, same timeouts; a connection that fails is dropped.
+
+    On a Redis Cluster every command must be on ``slot_key``'s slot (one target's keys: their
+    hash tag, ``bus/names.py``); the pipeline goes to the master serving it. A ``MOVED``/``ASK``
+    reply (slots resharded) makes the next pipeline refresh the cluster's slot map first.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, slot_key: bytes) -> None:
         self._client = client
+        self._slot_key = slot_key
         self._parts: list[bytes] = []
         self._count = 0
 
@@ -76,8 +80,18 @@ class _PackedPipeline:
                            + b"".join(_bulk(a) for a in args) + packed_pairs)
         self._count += 1
 
+    def _pool(self) -> redis.ConnectionPool:
+        if not is_cluster(self._client):
+            return self._client.connection_pool
+        cluster: Any = self._client  # bus.redis_url.LazyRedisCluster
+        if getattr(cluster, "kvr_refresh_slots", False):
+            cluster.nodes_manager.initialize()
+            cluster.kvr_refresh_slots = False
+        node = cluster.get_node_from_key(self._slot_key)
+        return cluster.get_redis_connection(node).connection_pool
+
     def execute(self) -> list:
-        pool = self._client.connection_pool
+        pool = self._pool()
         conn = pool.get_connection()
         try:
             conn.send_packed_command([b"".join(self._parts)])
@@ -88,6 +102,8 @@ class _PackedPipeline:
         finally:
             pool.release(conn)
         for reply in replies:
+            if isinstance(reply, redis.exceptions.AskError):  # MovedError is one too
+                self._client.kvr_refresh_slots = True  # type: ignore[attr-defined]
             if isinstance(reply, redis.ResponseError):
                 raise reply
         return replies
@@ -112,7 +128,7 @@ def _wrap(func):
     def inner(self, *args, **kwargs):
         try:
             return func(self, *args, **kwargs)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, RedisClusterException) as exc:  # the last is no RedisError
             self.failures += 1
             raise MirrorUnavailable(f"redis: {exc}") from exc
 
@@ -130,8 +146,7 @@ class RedisMirror:
         self.failures = 0
         self.round_trips = 0
         self._verification: str | None = None  # request_verification's answer until taken
-        # Every write of own hashes also stamps their scheme (bus/names.py): a constant command.
-        self._scheme_key = names.hash_scheme_key(namespace).encode()
+        self._scheme = HASH_SCHEME.encode()  # stamped on every target's stream (bus/names.py)
 
     # ------------------------------------------------------------------ registry
 
@@ -187,10 +202,13 @@ class RedisMirror:
         ns = self.namespace
         pipe = self._r.pipeline(transaction=False)
         pipe.srem(names.workers_key(ns), worker_id)
-        pipe.delete(names.worker_key(ns, worker_id), names.worker_alive_key(ns, worker_id),
-                    names.worker_load_key(ns, worker_id))
+        # One key per DEL: a cluster pipeline takes no multi-key DEL (the target's keys are on another slot).
+        for key in (names.worker_key(ns, worker_id), names.worker_alive_key(ns, worker_id),
+                    names.worker_load_key(ns, worker_id)):
+            pipe.delete(key)
         for rank in dp_ranks:
-            pipe.delete(names.target_blocks_key(ns, worker_id, rank), names.target_stream_key(ns, worker_id, rank))
+            pipe.delete(names.target_blocks_key(ns, worker_id, rank))
+            pipe.delete(names.target_stream_key(ns, worker_id, rank))
         pipe.execute()
         self.round_trips += 1
 
@@ -236,7 +254,7 @@ class RedisMirror:
         ns = self.namespace
         blocks_key = names.target_blocks_key(ns, worker_id, dp_rank).encode()
         stream_key = names.target_stream_key(ns, worker_id, dp_rank).encode()
-        pipe = _PackedPipeline(self._r)
+        pipe = _PackedPipeline(self._r, slot_key=blocks_key)
         if cleared:
             pipe.command(b"DEL", blocks_key)
         removed_fields = [b"%d" % ext for ext in removed]
@@ -245,9 +263,8 @@ class RedisMirror:
         pairs = list(stored.items() if isinstance(stored, Mapping) else stored)
         if pairs:
             pipe.command(b"HSET", blocks_key, pairs=_int_pairs(pairs))
-            pipe.command(b"SET", self._scheme_key, HASH_SCHEME.encode())
         pipe.command(b"HSET", stream_key, b"seq", b"%d" % seq, b"epoch", b"%d" % epoch,
-                     b"updated_s", repr(now_s).encode())
+                     b"scheme", self._scheme, b"updated_s", repr(now_s).encode())
         pipe.command(b"HINCRBY", stream_key, b"batches", b"1")
         if num_events:
             pipe.command(b"HINCRBY", stream_key, b"events", b"%d" % num_events)
@@ -260,13 +277,18 @@ class RedisMirror:
         ns = self.namespace
         pipe = self._r.pipeline(transaction=False)
         pipe.delete(names.target_blocks_key(ns, worker_id, dp_rank))
-        pipe.hset(names.target_stream_key(ns, worker_id, dp_rank), mapping={"seq": seq, "epoch": epoch})
+        pipe.hset(names.target_stream_key(ns, worker_id, dp_rank),
+                  mapping={"seq": seq, "epoch": epoch, "scheme": self._scheme})
         pipe.execute()
         self.round_trips += 1
 
     @_wrap
     def replace_target(self, snapshot: TargetSnapshot) -> None:
         """Overwrite a target's mirror with the router's exact view (resync after Redis was away)."""
+        self._replace_target(snapshot)
+
+    def _replace_target(self, snapshot: TargetSnapshot) -> None:
+        # One MULTI: the target's two keys share a slot (bus/names.py), so a cluster takes it too.
         ns = self.namespace
         blocks_key = names.target_blocks_key(ns, snapshot.worker_id, snapshot.dp_rank)
         pipe = self._r.pipeline(transaction=True)
@@ -276,9 +298,8 @@ class RedisMirror:
             pipe.hset(blocks_key, mapping=dict(items[start : start + 10_000]))
         pipe.hset(
             names.target_stream_key(ns, snapshot.worker_id, snapshot.dp_rank),
-            mapping={"seq": snapshot.seq, "epoch": snapshot.epoch},
+            mapping={"seq": snapshot.seq, "epoch": snapshot.epoch, "scheme": self._scheme},
         )
-        pipe.set(self._scheme_key, HASH_SCHEME)
         pipe.execute()
         self.round_trips += 1
 
@@ -286,35 +307,72 @@ class RedisMirror:
     def load_snapshot(self) -> dict[tuple[str, int], TargetSnapshot]:
         """Every target's mirrored blocks and stream position (for a warm start).
 
-        Blocks hashed under another scheme than this router's (``core.own_block_hash.HASH_SCHEME``; none
-        recorded means the first scheme) are never loaded: their own hashes would never equal
-        a request's, and later events would chain from them. Every target's blocks and stream
-        position are deleted instead (nothing is resumed: the stored positions described those
-        blocks), and this router's scheme is recorded.
+        SCAN finds the targets (on a Redis Cluster, redis-py scans every master). Blocks hashed
+        under another scheme than this router's (``core.own_block_hash.HASH_SCHEME``, recorded in
+        each target's stream; none recorded counts as another) are never loaded: their own
+        hashes would never equal a request's, and later events would chain from them. Such a
+        target's blocks and stream position are deleted instead (the position described those
+        blocks). A mirror of key layout 1 is migrated first (``bus/names.py``).
         """
         ns = self.namespace
-        block_keys = list(self._r.scan_iter(match=names.target_pattern(ns, "blocks"), count=1000))
-        scheme = self._r.get(self._scheme_key)
-        scheme = scheme.decode() if isinstance(scheme, bytes) else scheme
-        if block_keys and scheme != HASH_SCHEME:
-            stream_keys = list(self._r.scan_iter(match=names.target_pattern(ns, "stream"), count=1000))
-            self._r.delete(*block_keys, *stream_keys)
-            logger.warning("Redis mirror holds block hashes of scheme %s, this router uses %s: %d targets' "
-                           "mirrors deleted, not loaded", scheme or "1 (unrecorded)", HASH_SCHEME, len(block_keys))
-            block_keys = []
-        self._r.set(self._scheme_key, HASH_SCHEME)
+        self._migrate_layout_1()
         out: dict[tuple[str, int], TargetSnapshot] = {}
-        for key in self._r.scan_iter(match=names.target_pattern(ns, "stream"), count=1000):
+        stale: set[tuple[str, int]] = set()
+        for key in list(self._r.scan_iter(match=names.target_pattern(ns, "stream"), count=1000)):
             wid, rank = names.parse_target_key(ns, key)
             raw = self._r.hgetall(key)
+            if raw.get(b"scheme") != self._scheme:
+                stale.add((wid, rank))
+                continue
             out[(wid, rank)] = TargetSnapshot(wid, rank, int(raw.get(b"seq", -1)), int(raw.get(b"epoch", 0)))
-        for key in block_keys:
+        for key in list(self._r.scan_iter(match=names.target_pattern(ns, "blocks"), count=1000)):
             wid, rank = names.parse_target_key(ns, key)
-            snap = out.setdefault((wid, rank), TargetSnapshot(wid, rank))
+            snap = out.get((wid, rank))
+            if snap is None:  # no position of this scheme: nothing says what these blocks are
+                stale.add((wid, rank))
+                continue
             for ext, own in self._r.hscan_iter(key, count=10_000):
                 snap.blocks[int(ext)] = int(own)
+        if stale:
+            keys = [k for t in sorted(stale)
+                    for k in (names.target_blocks_key(ns, *t), names.target_stream_key(ns, *t))]
+            for start in range(0, len(keys), 1000):
+                self._r.delete(*keys[start : start + 1000])  # a cluster client splits it per slot
+            logger.warning("Redis mirror holds %d targets of another block-hash scheme than this router's (%s) or "
+                           "none: deleted, not loaded", len(stale), HASH_SCHEME)
         self.round_trips += 1
         return out
+
+    def _migrate_layout_1(self) -> None:
+        """Rewrite a key-layout-1 mirror of this namespace in layout 2, then delete its keys
+        (``bus/names.py``). Targets of another hash scheme are not rewritten."""
+        ns = self.namespace
+        legacy = list(self._r.scan_iter(match=names.legacy_namespace_pattern(ns), count=1000))
+        if not legacy:
+            return
+        scheme = self._r.get(names.legacy_hash_scheme_key(ns))
+        snaps: dict[tuple[str, int], TargetSnapshot] = {}
+        if scheme == self._scheme:
+            target_prefix = names.legacy_target_prefix(ns)
+            for key in legacy:
+                text = _text(key)
+                if not text.startswith(target_prefix) or not text.endswith((":stream", ":blocks")):
+                    continue
+                wid, rank = names.legacy_parse_target_key(ns, text)
+                snap = snaps.setdefault((wid, rank), TargetSnapshot(wid, rank))
+                if text.endswith(":stream"):
+                    raw = self._r.hgetall(key)
+                    snap.seq, snap.epoch = int(raw.get(b"seq", -1)), int(raw.get(b"epoch", 0))
+                else:
+                    snap.blocks.update((int(e), int(o)) for e, o in self._r.hscan_iter(key, count=10_000))
+            for snap in snaps.values():
+                self._replace_target(snap)
+        for start in range(0, len(legacy), 1000):
+            self._r.delete(*legacy[start : start + 1000])
+        logger.warning("Redis mirror of key layout 1 in namespace %s: %d targets rewritten in layout %d, "
+                       "%d layout-1 keys deleted%s", ns, len(snaps), names.KEY_LAYOUT, len(legacy),
+                       "" if scheme == self._scheme else f" (block-hash scheme {_text(scheme) if scheme else '1'}, "
+                       f"not {HASH_SCHEME}: not rewritten)")
 
     @_wrap
     def target_block_counts(self) -> dict[tuple[str, int], int]:
@@ -337,16 +395,37 @@ class RedisMirror:
         back. It disappears when Redis restarts without persistence or is flushed, so a router
         seeing a *different* value than last time knows everything it mirrored is gone and must
         be rewritten, even though no write ever failed (redis-py reconnects silently).
+
+        On a Redis Cluster one master can restart empty while the others keep their keys, so the
+        token is stored once per master (``names.shard_generation_key``) and the generation is
+        all of them, in slot order: any master losing its data set changes it.
         """
         ns = self.namespace
-        key = names.generation_key(ns)
+        keys = self._shard_generation_keys() if is_cluster(self._r) else [names.generation_key(ns)]
         pipe = self._r.pipeline(transaction=False)
-        pipe.set(key, token, nx=True)
-        pipe.get(key)
+        for key in keys:
+            pipe.set(key, token, nx=True)
+            pipe.get(key)
         pipe.hset(names.routers_key(ns), router_id, now_s)
-        _, generation, _ = pipe.execute()
+        replies = pipe.execute()
         self.round_trips += 1
-        return generation.decode() if isinstance(generation, bytes) else str(generation)
+        return ",".join(_text(g) if g is not None else "" for g in replies[1:-1:2])  # each key's GET
+
+    def _shard_generation_keys(self) -> list[str]:
+        """One generation key per master serving slots, each on that master (by the client's slot
+        map), in the order of the masters' first slots."""
+        cluster: Any = self._r
+        owners = {slot: nodes[0].name for slot, nodes in cluster.nodes_manager.slots_cache.items() if nodes}
+        order: dict[str, int] = {}  # master → its first slot
+        for slot in sorted(owners):
+            order.setdefault(owners[slot], slot)
+        keys: dict[str, str] = {}
+        n = 0
+        while len(keys) < len(order) and n < 100 * 16384:
+            key = names.shard_generation_key(self.namespace, n)
+            keys.setdefault(owners.get(cluster.keyslot(key), ""), key)
+            n += 1
+        return [keys[name] for name in sorted(order, key=order.__getitem__) if name in keys]
 
     def take_write_failures(self) -> MirrorUnavailable | None:
         """Writes that failed without their caller hearing of it: never here (every method raises).

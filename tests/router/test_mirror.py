@@ -78,9 +78,10 @@ def test_unreachable_redis_raises_one_exception_type() -> None:
 
 
 def test_namespace_is_validated() -> None:
-    with pytest.raises(ValueError):
-        names.workers_key("a:b")
-    assert names.parse_target_key("ns", "kvr:ns:target:w:x:3:blocks") == ("w:x", 3)
+    for bad in ("a:b", "a{b", "a}b", "a*", ""):
+        with pytest.raises(ValueError):
+            names.workers_key(bad)
+    assert names.parse_target_key("ns", "kvr:{ns:w:x:3}:blocks") == ("w:x", 3)
 
 
 def test_generation_is_shared_by_routers_and_changes_when_the_data_set_is_lost(fake_redis) -> None:
@@ -112,24 +113,81 @@ def test_an_error_reply_inside_a_batch_is_one_exception_and_the_connection_stays
     assert mirror.load_snapshot()[("w1", 0)] == TargetSnapshot("w1", 0, 1, 1, {2**63: 2**64 - 1})
 
 
-def test_blocks_of_another_hash_scheme_are_deleted_not_loaded(fake_redis) -> None:
+def test_targets_of_another_hash_scheme_are_deleted_not_loaded(fake_redis) -> None:
     from core.own_block_hash import HASH_SCHEME
 
     mirror = RedisMirror(client=fake_redis, namespace="hs")
-    # Given a mirror written before schemes were recorded (scheme 1): blocks and a stream, no scheme key
+    # Given a target whose stream records no scheme, one of another scheme, and blocks without a stream
     fake_redis.hset(names.target_blocks_key("hs", "w1", 0), mapping={5: 11})
     fake_redis.hset(names.target_stream_key("hs", "w1", 0), mapping={"seq": 4, "epoch": 7})
-    # Then a warm start loads nothing, deletes both, and records this router's scheme
-    assert mirror.load_snapshot() == {}
-    assert not fake_redis.exists(names.target_blocks_key("hs", "w1", 0), names.target_stream_key("hs", "w1", 0))
-    assert fake_redis.get(names.hash_scheme_key("hs")) == HASH_SCHEME.encode()
-    # Given blocks written by this router (every write stamps the scheme), they load
-    fake_redis.delete(names.hash_scheme_key("hs"))
-    mirror.write_batch("w1", 0, seq=5, epoch=7, stored={6: 12})
-    assert fake_redis.get(names.hash_scheme_key("hs")) == HASH_SCHEME.encode()
-    assert mirror.load_snapshot() == {("w1", 0): TargetSnapshot("w1", 0, 5, 7, {6: 12})}
-    # Given another scheme recorded, the blocks go again
-    fake_redis.set(names.hash_scheme_key("hs"), "some-other-scheme")
-    assert mirror.load_snapshot() == {}
+    fake_redis.hset(names.target_blocks_key("hs", "w2", 0), mapping={6: 12})
+    fake_redis.hset(names.target_stream_key("hs", "w2", 0), mapping={"seq": 4, "epoch": 7, "scheme": "other"})
+    fake_redis.hset(names.target_blocks_key("hs", "w3", 0), mapping={7: 13})
+    # And one written by this router (every write stamps its scheme on the stream)
+    mirror.write_batch("w4", 0, seq=5, epoch=7, stored={6: 12})
+    assert fake_redis.hget(names.target_stream_key("hs", "w4", 0), "scheme") == HASH_SCHEME.encode()
+    # Then a warm start loads only the last and deletes the others' keys
+    assert mirror.load_snapshot() == {("w4", 0): TargetSnapshot("w4", 0, 5, 7, {6: 12})}
+    assert sorted(fake_redis.keys("kvr:{hs:*")) == sorted(
+        k.encode() for k in (names.target_blocks_key("hs", "w4", 0), names.target_stream_key("hs", "w4", 0)))
+    # A rewrite and a clear stamp the scheme too
     mirror.replace_target(TargetSnapshot("w1", 0, seq=9, epoch=7, blocks={1: 2}))
-    assert fake_redis.get(names.hash_scheme_key("hs")) == HASH_SCHEME.encode()
+    mirror.clear_target("w2", 0, epoch=8)
+    assert mirror.load_snapshot() == {("w1", 0): TargetSnapshot("w1", 0, 9, 7, {1: 2}),
+                                      ("w2", 0): TargetSnapshot("w2", 0, -1, 8, {}),
+                                      ("w4", 0): TargetSnapshot("w4", 0, 5, 7, {6: 12})}
+
+
+def _write_layout_1(client, ns: str, *, scheme: str | None) -> None:
+    """A mirror as a router of key layout 1 left it (no hash tags, one namespace-wide scheme)."""
+    client.sadd(f"kvr:{ns}:workers", "w1")
+    client.hset(f"kvr:{ns}:worker:w1", mapping={"model": "m"})
+    client.set(f"kvr:{ns}:generation", "old")
+    client.hset(f"kvr:{ns}:target:w1:0:blocks", mapping={5: 11, 6: 12})
+    client.hset(f"kvr:{ns}:target:w1:0:stream", mapping={"seq": 4, "epoch": 7, "batches": 5})
+    client.hset(f"kvr:{ns}:target:w:x:1:stream", mapping={"seq": 0, "epoch": 2})  # a worker id with ':'
+    if scheme is not None:
+        client.set(f"kvr:{ns}:hash-scheme", scheme)
+
+
+def test_a_layout_1_mirror_of_this_scheme_is_migrated(fake_redis) -> None:
+    from core.own_block_hash import HASH_SCHEME
+
+    # Given a layout-1 mirror of this router's scheme, and another namespace's layout-1 keys
+    _write_layout_1(fake_redis, "mig", scheme=HASH_SCHEME)
+    _write_layout_1(fake_redis, "other", scheme=HASH_SCHEME)
+    mirror = RedisMirror(client=fake_redis, namespace="mig")
+    # Then a warm start loads its targets, now stored in layout 2, and no layout-1 key of it is left
+    expected = {("w1", 0): TargetSnapshot("w1", 0, 4, 7, {5: 11, 6: 12}), ("w:x", 1): TargetSnapshot("w:x", 1, 0, 2)}
+    assert mirror.load_snapshot() == expected
+    assert fake_redis.keys("kvr:mig:*") == []
+    assert fake_redis.hget(names.target_blocks_key("mig", "w1", 0), "6") == b"12"
+    assert len(fake_redis.keys("kvr:other:*")) == 7
+    # And a second warm start reads the same from layout 2 alone
+    assert mirror.load_snapshot() == expected
+
+
+@pytest.mark.parametrize("scheme", [None, "another-scheme"])
+def test_a_layout_1_mirror_of_another_scheme_is_deleted(fake_redis, scheme) -> None:
+    _write_layout_1(fake_redis, "mig", scheme=scheme)
+    mirror = RedisMirror(client=fake_redis, namespace="mig")
+    assert mirror.load_snapshot() == {}
+    assert fake_redis.keys("*") == []
+
+
+def test_one_targets_keys_share_a_slot_and_the_registry_one_slot() -> None:
+    from redis.crc import key_slot
+
+    def slot(key: str) -> int:
+        return key_slot(key.encode())
+
+    for wid, rank in (("w1", 0), ("w:x", 3), ("w}{", 1)):
+        assert slot(names.target_blocks_key("ns", wid, rank)) == slot(names.target_stream_key("ns", wid, rank))
+    registry = {slot(k) for k in (names.workers_key("ns"), names.worker_key("ns", "w1"),
+                                  names.worker_alive_key("ns", "w2"), names.worker_load_key("ns", "w3"),
+                                  names.routers_key("ns"), names.mirror_health_key("ns"), names.generation_key("ns"))}
+    assert registry == {slot("{ns}")}
+    # Targets spread over slots (a cluster's masters): 64 targets land in more than 32 slots
+    assert len({slot(names.target_blocks_key("ns", f"w{i}", 0)) for i in range(64)}) > 32
+    # The same worker ids in two namespaces land apart
+    assert slot(names.target_blocks_key("a", "w1", 0)) != slot(names.target_blocks_key("b", "w1", 0))

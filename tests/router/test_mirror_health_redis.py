@@ -12,6 +12,7 @@ import pytest
 import redis as redis_py
 import zmq
 
+from bus import names
 from bus.client import RouterClient
 from bus.sockets import connectable
 from core.prefix_index import WorkerKey
@@ -87,11 +88,12 @@ def test_out_of_memory_is_reported_routing_goes_on_and_the_mirror_comes_back_ver
         seen = inspect_state(check, namespace="t", now_s=time.time())["mirror"]
         assert (seen["state"], seen["cause"]) == ("degraded", "out_of_memory")
         indexed = svc.index.num_blocks(WorkerKey("w1", 0))
-        assert len(check.hgetall("kvr:t:target:w1:0:blocks")) < indexed  # what the operator saw: blocks missing
+        blocks_key = names.target_blocks_key("t", "w1", 0)
+        assert len(check.hgetall(blocks_key)) < indexed  # what the operator saw: blocks missing
 
         check.config_set("maxmemory", 0)
         wait_for(lambda: svc.mirror_health.state == "ok", [w1], timeout_s=10.0)
-        assert _mirror_exact(svc, check, ["w1"]) and len(check.hgetall("kvr:t:target:w1:0:blocks")) == indexed
+        assert _mirror_exact(svc, check, ["w1"]) and len(check.hgetall(blocks_key)) == indexed
         wait_for(lambda: svc.stats["mirror"]["state"] == "ok", [w1])
         status, body = _get(front, "/health")
         assert status == 200 and "mirror: ok" in body.decode()
