@@ -21,6 +21,8 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from monitor.state import MonitorState
 
 logger = logging.getLogger(__name__)
@@ -31,26 +33,19 @@ DEFAULT_INTERVAL_S = 1.0  # the router refreshes the stats behind /metrics once 
 
 def parse_target_trust(text: str) -> dict[str, float]:
     """``{target: weight}`` from a router's Prometheus text; a target is ``worker/dp_rank``
-    (``WorkerKey``'s name, as the metrics stream names targets). Malformed lines are skipped."""
+    (``WorkerKey``'s name, as the metrics stream names targets). Read with prometheus_client's
+    parser (label order and escaping are the format's business); text that does not parse, and
+    samples without a worker label, give nothing."""
     out: dict[str, float] = {}
-    prefix = TRUST_METRIC + "{"
-    for line in text.splitlines():
-        if not line.startswith(prefix):
-            continue
-        labels, _, value = line.rpartition(" ")
-        fields = dict(_label(part) for part in labels[len(prefix):].rstrip("}").split('",') if "=" in part)
-        if "worker" not in fields:
-            continue
-        try:
-            out[f"{fields['worker']}/{fields.get('dp_rank') or '0'}"] = float(value)
-        except ValueError:
-            continue
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                worker = sample.labels.get("worker")
+                if sample.name == TRUST_METRIC and worker:
+                    out[f"{worker}/{sample.labels.get('dp_rank') or '0'}"] = float(sample.value)
+    except ValueError:  # the parser's error for malformed text
+        logger.debug("unparseable router metrics text")
     return out
-
-
-def _label(part: str) -> tuple[str, str]:
-    key, _, value = part.partition("=")
-    return key.strip(), value.strip().strip('"')
 
 
 def fetch_target_trust(url: str, *, timeout_s: float = 1.0) -> dict[str, float]:

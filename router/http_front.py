@@ -44,7 +44,6 @@ from aiohttp import web
 
 from bus.codec import DecodeError, encode, reply_decoder
 from bus.http_server import KEEPALIVE_TIMEOUT_S, MAX_IN_FLIGHT, HttpServer, json_response, read_body
-from bus.mirror_status import Cause
 from bus.mirror_status import describe as describe_mirror
 from bus.openai_http import (
     SSE_CONTENT_TYPE,
@@ -65,6 +64,7 @@ from bus.openai_http import (
 from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, Routed, TokenChunk
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_socket
+from router.prometheus import CONTENT_TYPE, render_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,7 @@ class RouterHttpFront:
                          for name in self.model_names()]
                 return json_response(200, {"object": "list", "data": cards})
             if path == "/metrics":
-                return web.Response(body=render_metrics(self.stats()).encode(),
-                                    headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+                return web.Response(body=render_metrics(self.stats()), headers={"Content-Type": CONTENT_TYPE})
         elif request.method == "POST" and path in _POST_PATHS:
             return await self._completions(request, chat=path == "/v1/chat/completions")
         raise no_route(request.method, path, get_paths=_GET_PATHS, post_paths=_POST_PATHS)
@@ -240,7 +239,11 @@ class _Exchange:
         texts: list[str] = []
         while True:
             try:
-                msg = await asyncio.wait_for(inbox.get(), self.front.request_timeout_s)
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that lands as the
+                # queue yields an item (gh-86296), so a handler whose client left (aiohttp cancels it)
+                # relayed a busy stream to its end and never cancelled the request at the router.
+                async with asyncio.timeout(self.front.request_timeout_s):
+                    msg = await inbox.get()
             except TimeoutError:
                 msg = ErrorReply(self.rid, ErrorCode.TIMEOUT, "no reply from the router in time")
             if msg is None:
@@ -330,30 +333,3 @@ def _choice(chat: bool, text: str, finish_reason: str | None, *, stream: bool = 
     if stream:
         return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
     return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-
-
-def render_metrics(stats: dict) -> str:
-    """Prometheus text exposition of the router's stats snapshot (``RouterService.stats``)."""
-    lines = []
-    for name, value in sorted((stats.get("counters") or {}).items()):
-        metric = f"kvr_router_{name}_total"
-        lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
-    for metric, key in (("kvr_router_workers", "workers"), ("kvr_router_pending_requests", "pending"),
-                        ("kvr_router_indexed_blocks", "indexed_blocks")):
-        lines += [f"# TYPE {metric} gauge", f"{metric} {stats.get(key, 0)}"]
-    targets = stats.get("targets") or {}
-    for field in ("indexed_blocks", "in_flight", "queued_prefill_tokens", "events_applied", "gaps", "resets",
-                  "replays", "event_lag_s", "trust"):
-        metric = f"kvr_router_target_{field}"
-        lines.append(f"# TYPE {metric} gauge")
-        for name, t in sorted(targets.items()):
-            wid, _, rank = name.rpartition("/")
-            lines.append(f'{metric}{{worker="{wid}",dp_rank="{rank}",confidence="{t["confidence"]}"}} {t[field]}')
-    mirror = stats.get("mirror")
-    if mirror is not None:
-        # One series per cause, 1 for the current one: alert on max(kvr_router_mirror_degraded) == 1.
-        lines += ["# TYPE kvr_router_mirror_degraded gauge"]
-        lines += [f'kvr_router_mirror_degraded{{cause="{c.value}"}} {int(mirror["cause"] == c.value)}' for c in Cause]
-        lines += ["# TYPE kvr_router_mirror_failed_writes gauge",
-                  f"kvr_router_mirror_failed_writes {mirror['failed_writes']}"]
-    return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ import pytest
 from monitor.dump import normalize_dump
 from monitor.router_trust import RouterTrustPoller, parse_target_trust
 from monitor.state import MonitorState
-from router.http_front import render_metrics
+from router.prometheus import render_metrics
 from tests.monitor.records import sample
 
 
@@ -25,7 +25,7 @@ def _stats(weights: dict[str, float]) -> dict:
 
 
 def test_the_routers_metrics_text_parses_to_a_weight_per_target() -> None:
-    text = render_metrics(_stats({"w0/0": 1.0, "liar/0": 0.0, "dp/1": 0.25}))
+    text = render_metrics(_stats({"w0/0": 1.0, "liar/0": 0.0, "dp/1": 0.25})).decode()
     assert parse_target_trust(text) == {"w0/0": 1.0, "liar/0": 0.0, "dp/1": 0.25}
     assert parse_target_trust('kvr_router_target_trust{worker="w0",dp_rank="0"} x\nkvr_router_target_trust{} 1\n'
                               "kvr_router_target_gaps{worker=\"w0\",dp_rank=\"0\"} 3\n") == {}
@@ -74,7 +74,7 @@ class _FakeRouter(BaseHTTPRequestHandler):
     weights: dict[str, float] = {}
 
     def do_GET(self) -> None:  # noqa: N802
-        body = render_metrics(_stats(self.weights)).encode()
+        body = render_metrics(_stats(self.weights))
         self.send_response(200 if self.path == "/metrics" else 404)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -11,6 +11,7 @@ import zmq
 from bus.sockets import connectable
 from core.prefix_index import WorkerKey
 from router.http_front import RouterHttpFront
+from tests.prometheus_text import metric_samples, metric_value
 from tests.router.test_service import BS, FakeWorker, RunningRouter, _config, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -114,9 +115,9 @@ def test_streaming_chat_sends_sse_chunks_then_done(stack):
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 2 and chunks[-1]["kvr"]["worker_id"] == "w1"
     status, metrics = _get(front, "/metrics")
-    text = metrics.decode()
-    assert status == 200 and "kvr_router_workers 1" in text
-    assert 'kvr_router_target_indexed_blocks{worker="w1",dp_rank="0",confidence="fresh"}' in text
+    assert status == 200 and metric_value(metrics, "kvr_router_workers") == 1
+    assert [labels for labels, _ in metric_samples(metrics, "kvr_router_target_indexed_blocks")] == [
+        {"worker": "w1", "dp_rank": "0", "confidence": "fresh"}]
 
 
 

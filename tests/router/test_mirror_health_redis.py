@@ -20,6 +20,7 @@ from monitor.inspect import inspect_state
 from router.background_mirror import BackgroundMirror
 from router.http_front import RouterHttpFront
 from router.mirror import RedisMirror, make_redis_client
+from tests.prometheus_text import metric_value
 from tests.router.test_http_front import _get
 from tests.router.test_mirror_recovery import RedisProcess, _mirror_exact, _route
 from tests.router.test_service import BS, FakeWorker, RunningRouter, _config, wait_for
@@ -82,7 +83,7 @@ def test_out_of_memory_is_reported_routing_goes_on_and_the_mirror_comes_back_ver
         status, body = _get(front, "/health")
         assert status == 200 and "mirror: degraded (out_of_memory since " in body.decode()
         status, body = _get(front, "/metrics")
-        assert 'kvr_router_mirror_degraded{cause="out_of_memory"} 1' in body.decode()
+        assert metric_value(body, "kvr_router_mirror_degraded", cause="out_of_memory") == 1
         # Routing is unaffected: the index is in memory.
         assert _route(client, [w1], "during", prompt + [1]).routed.worker_id == "w1"
         seen = inspect_state(check, namespace="t", now_s=time.time())["mirror"]
@@ -97,7 +98,7 @@ def test_out_of_memory_is_reported_routing_goes_on_and_the_mirror_comes_back_ver
         wait_for(lambda: svc.stats["mirror"]["state"] == "ok", [w1])
         status, body = _get(front, "/health")
         assert status == 200 and "mirror: ok" in body.decode()
-        assert 'kvr_router_mirror_degraded{cause="out_of_memory"} 0' in _get(front, "/metrics")[1].decode()
+        assert metric_value(_get(front, "/metrics")[1], "kvr_router_mirror_degraded", cause="out_of_memory") == 0
         logs = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "router.mirror_sync"]
         assert [m for lvl, m in logs if lvl == logging.WARNING and "mirror degraded" in m][0].startswith(
             "Redis mirror degraded: out_of_memory")
@@ -127,7 +128,7 @@ def test_a_password_protected_redis_started_later_is_an_auth_cause_and_no_output
         wait_for(lambda: svc.stats["mirror"]["cause"] == "auth", [w1])
         outputs = [_get(front, "/health")[1].decode(), _get(front, "/metrics")[1].decode(), str(svc.stats)]
         assert "mirror: degraded (auth since " in outputs[0]
-        assert 'kvr_router_mirror_degraded{cause="auth"} 1' in outputs[1]
+        assert metric_value(outputs[1], "kvr_router_mirror_degraded", cause="auth") == 1
         outputs += [r.getMessage() for r in caplog.records] + [r.exc_text or "" for r in caplog.records]
         assert not [o for o in outputs if "wrong-pw-123" in o or "right-pw-456" in o]
         assert not [r for r in caplog.records if r.getMessage().startswith("Redis mirror rewritten")]

@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from tests.prometheus_text import metric_value
 from tests.worker.test_worker_cli import http, spawn_ready, stop
 
 pytestmark = pytest.mark.timeout(90)
@@ -63,12 +64,15 @@ def _metrics_text(url: str) -> str:
 
 
 def _indexed_blocks(url: str, worker_id: str) -> int:
-    prefix = f'kvr_router_target_indexed_blocks{{worker="{worker_id}",dp_rank="0",'
-    return next(int(ln.split()[-1]) for ln in _metrics_text(url).splitlines() if ln.startswith(prefix))
+    value = metric_value(_metrics_text(url), "kvr_router_target_indexed_blocks", worker=worker_id, dp_rank="0")
+    assert value is not None, f"no indexed-blocks gauge for {worker_id}"
+    return int(value)
 
 
 def _workers(url: str) -> int:
-    return next(int(ln.split()[1]) for ln in _metrics_text(url).splitlines() if ln.startswith("kvr_router_workers "))
+    value = metric_value(_metrics_text(url), "kvr_router_workers")
+    assert value is not None, "no kvr_router_workers gauge"
+    return int(value)
 
 
 def _complete(url: str, prompt: str) -> dict:

@@ -14,8 +14,9 @@ from bus.codec import encode
 from bus.schema import Completion, Dispatch, GenerateRequest, TokenChunk, Welcome
 from core.prefix_index import Confidence, WorkerKey
 from core.trust import TrustConfig
-from router.http_front import render_metrics
+from router.prometheus import render_metrics
 from router.service import RouterService
+from tests.prometheus_text import metric_value
 from tests.router.test_service import BS, FakeWorker, RunningRouter, _config, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,7 +87,8 @@ def test_a_liar_loses_its_overlap_is_resynced_and_recovers_once_its_reports_agre
         assert trust_logs[1].startswith("liar/0: trust restored")
         router.refresh_stats()
         text = render_metrics(router.stats)
-        assert "kvr_router_trust_downgrades_total 1" in text and "kvr_router_trust_recoveries_total 1" in text
+        assert metric_value(text, "kvr_router_trust_downgrades_total") == 1
+        assert metric_value(text, "kvr_router_trust_recoveries_total") == 1
         assert router.stats["targets"]["liar/0"]["trust"] == 1.0
     finally:
         client.close()
