@@ -61,9 +61,6 @@ class LazyRedisCluster:
     use raises ``redis.ConnectionError`` (and the next use tries again).
     """
 
-    #: Set by a pipeline that met ``MOVED``/``ASK``: the next refreshes the slot map first.
-    kvr_refresh_slots = False
-
     def __init__(self, factory: Callable[[], Any], *, url: str) -> None:
         self._factory = factory
         self._url = url

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from redis.exceptions import RedisClusterException
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.typing import EncodableT, FieldT
 
 from bus import names
-from bus.redis_url import is_cluster, make_client
+from bus.redis_url import LazyRedisCluster, is_cluster, make_client
 from bus.schema import Hello, WorkerLoad
 from core.own_block_hash import HASH_SCHEME
 
@@ -63,14 +64,12 @@ class _PackedPipeline:
     more than applying the batch to the index. This packs the integer pairs with one ``%``
     format each. Same connection pool, same timeouts; a connection that fails is dropped.
 
-    On a Redis Cluster every command must be on ``slot_key``'s slot (one target's keys: their
-    hash tag, ``bus/names.py``); the pipeline goes to the master serving it. A ``MOVED``/``ASK``
-    reply (slots resharded) makes the next pipeline refresh the cluster's slot map first.
+    On a Redis Cluster ``pool`` is the master serving the slot of every key in the pipeline (one
+    target's keys: their hash tag, ``bus/names.py``).
     """
 
-    def __init__(self, client: redis.Redis, *, slot_key: bytes) -> None:
-        self._client = client
-        self._slot_key = slot_key
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
         self._parts: list[bytes] = []
         self._count = 0
 
@@ -80,18 +79,8 @@ class _PackedPipeline:
                            + b"".join(_bulk(a) for a in args) + packed_pairs)
         self._count += 1
 
-    def _pool(self) -> redis.ConnectionPool:
-        if not is_cluster(self._client):
-            return self._client.connection_pool
-        cluster: Any = self._client  # bus.redis_url.LazyRedisCluster
-        if getattr(cluster, "kvr_refresh_slots", False):
-            cluster.nodes_manager.initialize()
-            cluster.kvr_refresh_slots = False
-        node = cluster.get_node_from_key(self._slot_key)
-        return cluster.get_redis_connection(node).connection_pool
-
     def execute(self) -> list:
-        pool = self._pool()
+        pool = self._pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([b"".join(self._parts)])
@@ -102,8 +91,6 @@ class _PackedPipeline:
         finally:
             pool.release(conn)
         for reply in replies:
-            if isinstance(reply, redis.exceptions.AskError):  # MovedError is one too
-                self._client.kvr_refresh_slots = True  # type: ignore[attr-defined]
             if isinstance(reply, redis.ResponseError):
                 raise reply
         return replies
@@ -147,6 +134,9 @@ class RedisMirror:
         self.round_trips = 0
         self._verification: str | None = None  # request_verification's answer until taken
         self._scheme = HASH_SCHEME.encode()  # stamped on every target's stream (bus/names.py)
+        self._cluster = is_cluster(client)
+        self._slots: dict[bytes, int] = {}  # a key's hash slot never changes: computed once
+        self._refresh_slots = False  # a MOVED/ASK reply: refresh the slot map before the next batch
 
     # ------------------------------------------------------------------ registry
 
@@ -254,7 +244,7 @@ class RedisMirror:
         ns = self.namespace
         blocks_key = names.target_blocks_key(ns, worker_id, dp_rank).encode()
         stream_key = names.target_stream_key(ns, worker_id, dp_rank).encode()
-        pipe = _PackedPipeline(self._r, slot_key=blocks_key)
+        pipe = _PackedPipeline(self._pool_for(blocks_key))
         if cleared:
             pipe.command(b"DEL", blocks_key)
         removed_fields = [b"%d" % ext for ext in removed]
@@ -268,8 +258,30 @@ class RedisMirror:
         pipe.command(b"HINCRBY", stream_key, b"batches", b"1")
         if num_events:
             pipe.command(b"HINCRBY", stream_key, b"events", b"%d" % num_events)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.exceptions.AskError:  # MovedError is one too: the slots were resharded
+            self._refresh_slots = True
+            raise
         self.round_trips += 1
+
+    def _pool_for(self, slot_key: bytes) -> redis.ConnectionPool:
+        """The connection pool of the Redis holding ``slot_key`` (on a cluster, its slot's master)."""
+        if not self._cluster:
+            return self._r.connection_pool
+        lazy: Any = self._r
+        cluster = lazy.cluster_client() if isinstance(lazy, LazyRedisCluster) else lazy
+        if self._refresh_slots:
+            cluster.nodes_manager.initialize()
+            self._refresh_slots = False
+        slot = self._slots.get(slot_key)
+        if slot is None:
+            slot = self._slots[slot_key] = key_slot(slot_key)
+        nodes = cluster.nodes_manager.slots_cache.get(slot)
+        if not nodes:
+            raise SlotNotCoveredError(f"slot {slot} is not covered by the cluster")
+        node = nodes[0]  # the master
+        return (node.redis_connection or cluster.get_redis_connection(node)).connection_pool
 
     @_wrap
     def clear_target(self, worker_id: str, dp_rank: int, *, epoch: int, seq: int = -1) -> None:

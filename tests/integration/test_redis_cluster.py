@@ -212,3 +212,41 @@ def test_kvr_inspect_names_an_unreachable_cluster_without_its_password(redis_clu
                                     f"redis+cluster://:s3cret@127.0.0.1:{free_cluster_node_port()}"])
     assert res.exit_code == 1
     assert "Redis unreachable" in res.output and "s3cret" not in res.output and "***" in res.output
+
+
+def _move_slot(redis_cluster, slot: int, source: int, dest: int) -> None:
+    """Reshard one slot from the master on port ``source`` to the one on ``dest`` (keys included)."""
+    import redis as redis_py
+
+    src, dst = (redis_py.Redis(host="127.0.0.1", port=p) for p in (source, dest))
+    try:
+        dest_id, source_id = dst.cluster("MYID"), src.cluster("MYID")
+        dst.cluster("SETSLOT", slot, "IMPORTING", source_id)
+        src.cluster("SETSLOT", slot, "MIGRATING", dest_id)
+        while keys := src.cluster("GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", dest, "", 0, 5000, "KEYS", *keys)
+        for client in (dst, src):
+            client.cluster("SETSLOT", slot, "NODE", dest_id)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_resharded_target_fails_one_batch_then_is_written_where_its_slot_went(redis_cluster, cluster_client) -> None:
+    from redis.crc import key_slot
+
+    from router.mirror import MirrorUnavailable
+
+    mirror = RedisMirror(client=make_redis_client(redis_cluster.url), namespace="moved")
+    mirror.write_batch("w1", 0, seq=0, epoch=1, stored={1: 2})
+    key = names.target_blocks_key("moved", "w1", 0)
+    source = _master_of(cluster_client, key)
+    dest = next(p for p in redis_cluster.ports if p != source)
+    _move_slot(redis_cluster, key_slot(key.encode()), source, dest)
+    # The mirror's slot map is stale: the batch is refused (MOVED) as one failure, never half applied
+    with pytest.raises(MirrorUnavailable):
+        mirror.write_batch("w1", 0, seq=1, epoch=1, stored={3: 4})
+    # The next batch refreshes the slot map and lands on the new master
+    mirror.write_batch("w1", 0, seq=2, epoch=1, stored={5: 6})
+    assert mirror.load_snapshot() == {("w1", 0): TargetSnapshot("w1", 0, 2, 1, {1: 2, 5: 6})}
+    assert _master_of(make_redis_client(redis_cluster.url), key) == dest
