@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 
+from core.blocks import DEFAULT_BLOCK_SIZE
 from core.events import AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
 from core.own_block_hash import block_hashes
 
@@ -36,7 +37,7 @@ class SyntheticKVEvents:
         self,
         *,
         rng: random.Random,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         capacity_blocks: int = 2048,
         n_prefixes: int = 8,
         prefix_blocks: tuple[int, int] = (1, 8),

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import click
 
+from core.blocks import DEFAULT_BLOCK_SIZE
+
 
 @dataclass
 class BenchTable:
@@ -49,7 +51,7 @@ def print_table(table: BenchTable) -> None:
         console.print(note)
 
 
-def _realistic_batches(n: int, seed: int, *, block_size: int = 16) -> tuple[list, int]:
+def _realistic_batches(n: int, seed: int, *, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[list, int]:
     """n batches like the fixtures; returns (batches, block events = hashes stored + removed)."""
     from core.events import BlockRemoved, BlockStored, KVEventBatch
 

@@ -12,9 +12,14 @@ from bus.redis_url import redact_url
 from cli.bind import bind_host_option, tcp_endpoint, warn_exposed
 from cli.options import namespace_option, redis_url_option
 from cli.ready import announce_ready, clear_ready_file, ready_file_option
-from core.policies import DEFAULT_POLICY, POLICY_NAMES
+from core.liveness import DEFAULT_INTERVAL_S, DEFAULT_LIVENESS
+from core.policies import POLICY_NAMES
+from router.config import RouterConfig
 
 logger = logging.getLogger(__name__)
+
+#: The flags' defaults are the config's (one definition of each; the CLI only exposes them).
+_DEFAULTS = RouterConfig()
 
 
 @click.command("router")
@@ -25,23 +30,25 @@ logger = logging.getLogger(__name__)
               envvar="KVR_BIND_WORKERS", help="ROUTER endpoint workers register with.")
 @click.option("--bind-metrics", default=None, show_default=f"tcp://<bind-host>:{names.ROUTER_METRICS_PORT}",
               envvar="KVR_BIND_METRICS", help="PUB endpoint of the metrics stream ('' disables).")
-@click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY, show_default=True,
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=_DEFAULTS.policy, show_default=True,
               envvar="KVR_POLICY", help="Routing policy.")
-@click.option("--block-size", type=int, default=16, show_default=True, envvar="KVR_BLOCK_SIZE",
+@click.option("--block-size", type=int, default=_DEFAULTS.block_size, show_default=True, envvar="KVR_BLOCK_SIZE",
               help="Tokens per KV block; workers with another block size are refused.")
-@click.option("--heartbeat-interval", "heartbeat_interval_s", type=float, default=1.0, show_default=True,
+@click.option("--heartbeat-interval", "heartbeat_interval_s", type=float, default=DEFAULT_INTERVAL_S, show_default=True,
               help="Seconds between heartbeats.")
-@click.option("--heartbeat-liveness", type=int, default=3, show_default=True,
+@click.option("--heartbeat-liveness", type=int, default=DEFAULT_LIVENESS, show_default=True,
               help="Missed heartbeats before a worker is dead.")
-@click.option("--request-timeout", "request_timeout_s", type=float, default=300.0, show_default=True,
+@click.option("--request-timeout", "request_timeout_s", type=float, default=_DEFAULTS.request_timeout_s,
+              show_default=True,
               help="Seconds before an unfinished request ends with a timeout error.")
-@click.option("--max-pending", type=int, default=4096, show_default=True,
+@click.option("--max-pending", type=int, default=_DEFAULTS.max_pending, show_default=True,
               help="Requests in flight before new ones are refused as overloaded.")
-@click.option("--max-retries", type=int, default=2, show_default=True,
+@click.option("--max-retries", type=int, default=_DEFAULTS.max_retries, show_default=True,
               help="Re-routes of a request whose worker died before its first token.")
-@click.option("--tentative-window", "tentative_window_s", type=float, default=5.0, show_default=True,
+@click.option("--tentative-window", "tentative_window_s", type=float, default=_DEFAULTS.tentative_window_s,
+              show_default=True,
               help="Seconds a routed request's blocks count as present on its worker (0 disables).")
-@click.option("--router-id", default="router", show_default=True, envvar="KVR_ROUTER_ID",
+@click.option("--router-id", default=_DEFAULTS.router_id, show_default=True, envvar="KVR_ROUTER_ID",
               help="Name of this router (prefix of the request ids workers see).")
 @click.option("--http-host", default=None, show_default="<bind-host>", envvar="KVR_HTTP_HOST",
               help="Address of the OpenAI-compatible HTTP front.")

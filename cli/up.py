@@ -12,6 +12,8 @@ import click
 
 from cli.options import namespace_option, redis_url_option
 from cli.user_state import KEEP_RUNS
+from core.blocks import DEFAULT_BLOCK_SIZE
+from core.policies import DEFAULT_POLICY, POLICY_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +31,12 @@ DEFAULT_MONITOR_PORT = 9470
               show_default=True,
               help="Embedded Redis when no --redis-url: redis-server if on PATH (auto), else fakeredis.")
 @namespace_option
-@click.option("--policy", default="kvr", show_default=True, help="Routing policy of the router.")
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY, show_default=True,
+              help="Routing policy of the router.")
 @click.option("--profile", default="", help="Latency profile of the workers (default: the worker's).")
 @click.option("--speedup", type=float, default=1.0, show_default=True,
               help="Run the emulated engines this much faster.")
-@click.option("--block-size", type=int, default=16, show_default=True)
+@click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help=f"Logs, monitor.json and cluster.json (default: a new STATE/runs/up-<time>-<pid>, kept after "
                    f"the stop; older ones are pruned, the newest {KEEP_RUNS} kept).")

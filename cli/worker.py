@@ -12,6 +12,7 @@ from bus import names
 from cli._vllm import make_vllm_runner, split_vllm_options, vllm_options
 from cli.bind import bind_host_option, default_advertise_host, tcp_endpoint, warn_exposed
 from cli.ready import announce_ready, clear_ready_file, ready_file_option
+from core.liveness import DEFAULT_INTERVAL_S
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ logger = logging.getLogger(__name__)
 @click.option("--http-port", default=None, type=int,
               help="Serve vLLM's OpenAI-compatible HTTP API on this port (0 = pick).")
 @click.option("--http-host", default=None, show_default="<bind-host>", help="HTTP bind address.")
-@click.option("--heartbeat-interval", default=1.0, show_default=True, type=float,
+@click.option("--heartbeat-interval", default=DEFAULT_INTERVAL_S, show_default=True, type=float,
               help="Seconds between heartbeats (until the router's Welcome says otherwise).")
 @click.option("--fault-drop", default=0.0, type=float,
               help="Fraction of KV-event batches not sent live (still replayable).")

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 from bus.redis_server import embedded_redis_argv, free_loopback_port, ping
 from bus.redis_url import redact_url
 from cluster.supervisor import ComponentFailed, ComponentSpec, Supervisor, tail
+from core.blocks import DEFAULT_BLOCK_SIZE
+from core.policies import DEFAULT_POLICY
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +54,10 @@ class ClusterConfig:
     redis_url: str = ""
     redis_kind: str = "auto"
     namespace: str = "default"
-    policy: str = "kvr"
+    policy: str = DEFAULT_POLICY
     profile: str = ""
     speedup: float = 1.0
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     monitor: bool = True
     run_dir: str | Path | None = None
     host: str = "127.0.0.1"

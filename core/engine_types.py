@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from core.blocks import DEFAULT_BLOCK_SIZE
 from core.external_block_hash import DEFAULT_HASH_ALGO, ENGINE_HASH_SEED
 from core.latency import LatencyModel, SimpleLatencyModel
 from core.profiles import Profile
@@ -25,7 +26,7 @@ class EngineConfig:
     """Everything an ``EmulatedEngine`` needs; ``from_profile`` fills it from a profile."""
 
     num_gpu_blocks: int
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: what the usable blocks hold

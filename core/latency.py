@@ -34,6 +34,8 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from core.blocks import DEFAULT_BLOCK_SIZE
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,7 +69,7 @@ class SimpleLatencyModel:
     prefill_base_s: float
     prefill_per_block_s: float
     decode_per_token_s: float
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     def prefill_s(self, *, new_tokens: int, cached_tokens: int = 0) -> float:
         if new_tokens <= 0:

@@ -40,6 +40,7 @@ from typing import Any
 
 import msgspec
 
+from core.blocks import DEFAULT_BLOCK_SIZE
 from core.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from core.quantiles import Samples, new_samples, samples_from_json
 from core.quantiles import percentile as percentile  # re-exported: the one definition lives in core.quantiles
@@ -123,7 +124,7 @@ class MetricsFold:
     def __init__(
         self,
         *,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         timeline_bucket_s: float = 10.0,
         relative_accuracy: float | None = None,
         max_timeline_buckets: int | None = None,

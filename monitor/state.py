@@ -50,6 +50,7 @@ from collections import deque
 from typing import Any
 
 from bus.schema import RequestRecord, WorkerSample
+from core.blocks import DEFAULT_BLOCK_SIZE
 from core.events import BlockRemoved
 from core.metrics import MetricsFold
 from core.quantiles import DEFAULT_RELATIVE_ACCURACY, ExactSamples
@@ -110,7 +111,7 @@ class MonitorState:
     def __init__(
         self,
         *,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         bucket_s: float = 5.0,
         sample_interval_s: float = 1.0,
         label: str = "",

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from bus import names
 from bus.sockets import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from core.admission import AdmissionLimits
+from core.blocks import DEFAULT_BLOCK_SIZE
 from core.liveness import HeartbeatConfig
+from core.policies import DEFAULT_POLICY
 from core.trust import TrustConfig
 
 
@@ -20,9 +22,9 @@ class RouterConfig:
     bind_clients: str = f"tcp://127.0.0.1:{names.ROUTER_CLIENTS_PORT}"
     bind_workers: str = f"tcp://127.0.0.1:{names.ROUTER_WORKERS_PORT}"
     bind_metrics: str | None = None
-    policy: str = "kvr"
+    policy: str = DEFAULT_POLICY
     policy_options: dict = field(default_factory=dict)
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     request_timeout_s: float = 300.0
     max_pending: int = 4096

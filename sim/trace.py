@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.blocks import DEFAULT_BLOCK_SIZE
 from core.own_block_hash import ROOT_PARENT_HASH, block_hashes, hash_block
 from sim.workload import SimRequest, Workload
 
@@ -73,7 +74,7 @@ class TraceWorkload(Workload):
         *,
         mapping: str = "compressed",
         trace_block_tokens: int = 512,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         name: str = "trace",
         limit: int | None = None,
     ) -> None:
@@ -177,8 +178,8 @@ class TraceWorkload(Workload):
             yield hashes, self.prompt_tokens(row)
 
 
-def load_trace(path: str | Path, *, mapping: str = "compressed", trace_block_tokens: int = 512, block_size: int = 16,
-               limit: int | None = None) -> TraceWorkload:
+def load_trace(path: str | Path, *, mapping: str = "compressed", trace_block_tokens: int = 512,
+               block_size: int = DEFAULT_BLOCK_SIZE, limit: int | None = None) -> TraceWorkload:
     """Read ``path`` and wrap it as a workload named after the file."""
     rows, bad = read_mooncake(path)
     if bad:

@@ -48,6 +48,7 @@ from bus.schema import (
     TokenChunk,
     WorkerLoad,
 )
+from core.blocks import DEFAULT_BLOCK_SIZE
 from worker.vllm.checks import (
     BlockSizeWatch,
     ServerInfo,
@@ -76,7 +77,7 @@ class VllmBackendConfig:
     replay_endpoint: str | None = None  # vLLM's "replay_endpoint"
     topic: str = ""  # vLLM's "topic"
     dp_size: int = 1
-    block_size: int = 16  # what the router was told; checked against the server
+    block_size: int = DEFAULT_BLOCK_SIZE  # what the router was told; checked against the server
     model: str | None = None  # expected served model; None = take the server's
     num_gpu_blocks: int | None = None  # None = from vllm:cache_config_info
     advertise_host: str | None = None  # host the router dials for vLLM's sockets (default: the URL's host)

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from bus import names
+from core.blocks import DEFAULT_BLOCK_SIZE
 from worker.service import WorkerService
 from worker.vllm.backend import VllmBackend, VllmBackendConfig
 
@@ -28,7 +29,7 @@ class VllmWorkerOptions:
     replay_endpoint: str | None = None
     topic: str = ""
     dp_size: int = 1
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     model: str | None = None
     num_gpu_blocks: int | None = None
     advertise_host: str | None = None
