@@ -12,7 +12,8 @@ of that state; the router (``RouterService``) feeds it and every view renders it
 Causes are told apart by exception class, that is by Redis's protocol error codes (``OOM``,
 ``NOAUTH``/``WRONGPASS``, ``NOPERM``), never by a library's message text:
 
-* ``unreachable``: no connection, or no answer within the socket timeout;
+* ``unreachable``: no connection, or no answer within the socket timeout; on a Redis Cluster
+  also ``CLUSTERDOWN``/``MASTERDOWN`` and a slot no master serves (a master is down or restarting);
 * ``out_of_memory``: Redis refused a write at its ``maxmemory`` (policy ``noeviction``);
 * ``auth``: Redis refused the credentials or the ACL user lacks a permission;
 * ``other``: anything else (a full write queue, a rewrite that did not verify, ...).
@@ -49,7 +50,8 @@ def cause_of(exc: BaseException | None) -> Cause:
             return Cause.OUT_OF_MEMORY
         if isinstance(e, redis.ResponseError) and str(e).split(" ", 1)[0] == _OOM_CODE:
             return Cause.OUT_OF_MEMORY  # a redis-py that does not map the code to its own class
-        if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError, redis.exceptions.ClusterDownError,
+                          redis.exceptions.MasterDownError, redis.exceptions.SlotNotCoveredError)):
             return Cause.UNREACHABLE
     return Cause.OTHER
 

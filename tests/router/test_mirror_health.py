@@ -34,6 +34,10 @@ OOM = redis.exceptions.OutOfMemoryError("command not allowed when used memory > 
     (redis.AuthenticationError("wrong"), Cause.AUTH),  # a ConnectionError subclass: auth, not unreachable
     (redis.exceptions.AuthorizationError("denied"), Cause.AUTH),
     (redis.exceptions.NoPermissionError("no perm"), Cause.AUTH),
+    (redis.exceptions.ClusterDownError("The cluster is down"), Cause.UNREACHABLE),  # a master is down
+    (redis.exceptions.MasterDownError("link down"), Cause.UNREACHABLE),
+    (redis.exceptions.SlotNotCoveredError("slot 5 not covered"), Cause.UNREACHABLE),
+    (redis.exceptions.MovedError("3999 127.0.0.1:6381"), Cause.OTHER),  # resharded: the next write follows
     (redis.ResponseError("ERR unknown command"), Cause.OTHER),
     (redis.exceptions.ExecAbortError("discarded"), Cause.OTHER),
     (ValueError("bug"), Cause.OTHER),
