@@ -159,8 +159,12 @@ class KvrPolicy:
         kv_weight = self.kv_weight
         # Blocks the request needs on a target, less its cached ones: need0 - cached // bs.
         need0 = -(-prompt // bs) + decode_blocks_estimate(request.max_tokens, bs)
-        cached_of: dict[tuple[int, Confidence], int] = {}
-        memo: dict[tuple[int, int], float] = {}
+        fresh = Confidence.FRESH
+        weight_fresh = weights[fresh]
+        cached_fresh: dict[int, int] = {}  # overlap -> cached tokens, for fresh targets
+        cached_of: dict[tuple[int, Confidence], int] = {}  # the other confidences
+        idle_memo: dict[int, float] = {}  # cached tokens -> score, for targets with no queued prefill
+        memo: dict[tuple[int, int], float] = {}  # (cached tokens, queued prefill) -> score
         kv_charge: dict[int, float] = {}
         raw: list[float] = []
         append = raw.append
@@ -174,22 +178,30 @@ class KvrPolicy:
             total += in_flight
             overlap = w[1]
             if overlap:
-                ck = (overlap, w[3])
-                cached = cached_of.get(ck)
-                if cached is None:
-                    cached = cached_of[ck] = min(int(overlap * weights[w[3]]), max_blocks) * bs
+                if w[3] is fresh:  # the common confidence: keyed by the overlap alone (an int hash)
+                    cached = cached_fresh.get(overlap)
+                    if cached is None:
+                        cached = cached_fresh[overlap] = min(int(overlap * weight_fresh), max_blocks) * bs
+                else:
+                    ck = (overlap, w[3])
+                    cached = cached_of.get(ck)
+                    if cached is None:
+                        cached = cached_of[ck] = min(int(overlap * weights[w[3]]), max_blocks) * bs
             else:
                 cached = 0
             queued = load[3]
-            if queued < 0:
-                queued = 0  # predict treats every queued <= 0 alike
-            key = (cached, queued)
-            score = memo.get(key)
-            if score is None:
-                new = prompt - cached
-                alone_s = prefill(new_tokens=new, cached_tokens=cached)
-                ttft_s = alone_s if queued <= 0 else prefill(new_tokens=queued + new, cached_tokens=cached)
-                score = memo[key] = ttft_s + miss_weight * alone_s
+            if queued <= 0:  # predict treats every queued <= 0 alike: keyed by cached tokens alone
+                score = idle_memo.get(cached)
+                if score is None:
+                    alone_s = prefill(new_tokens=prompt - cached, cached_tokens=cached)
+                    score = idle_memo[cached] = alone_s + miss_weight * alone_s
+            else:
+                key = (cached, queued)
+                score = memo.get(key)
+                if score is None:
+                    new = prompt - cached
+                    alone_s = prefill(new_tokens=new, cached_tokens=cached)
+                    score = memo[key] = prefill(new_tokens=queued + new, cached_tokens=cached) + miss_weight * alone_s
             capacity = w[4]
             if kv_weight and capacity > 0:
                 overflow = load[4] + load[6] + need0 - cached // bs - capacity
