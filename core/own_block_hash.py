@@ -61,6 +61,19 @@ def _token_bytes(token_ids: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
+#: stride (bytes per block) -> ``slice(i * stride, (i + 1) * stride)`` for i = 0, 1, ...; grown on demand.
+_BLOCK_SLICES: dict[int, list[slice]] = {}
+
+
+def _block_slices(stride: int, n_blocks: int) -> list[slice]:
+    """The first ``n_blocks`` block slices of a token buffer with ``stride`` bytes per block."""
+    slices = _BLOCK_SLICES.get(stride)
+    if slices is None or len(slices) < n_blocks:
+        size = max(n_blocks, 2 * len(slices) if slices else 256)
+        slices = _BLOCK_SLICES[stride] = [slice(i * stride, (i + 1) * stride) for i in range(size)]
+    return slices[:n_blocks]
+
+
 def extra_key_bytes(extra_keys: Any) -> bytes:
     """Canonical bytes of extra hash keys (``None`` → ``b""``)."""
     if extra_keys is None:
@@ -91,29 +104,25 @@ def block_hashes(
     n_blocks = len(token_ids) // block_size
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
-    if n_blocks == 0:
+    if n_blocks <= 0:  # (a negative max_blocks: none)
         return []
     raw = _token_bytes(token_ids[: n_blocks * block_size])
     extra = extra_key_bytes(extra_keys)
-    stride = block_size * 4
     out: list[int] = []
     append = out.append
     parent = parent_hash
-    # The per-block loop is the router's cost per prompt block: locals only, a running offset,
-    # the seed passed positionally (keyword parsing costs as much as the hash of 64 bytes).
-    start = 0
+    # The per-block loop is the router's cost per prompt block: locals only, each block's bytes
+    # cut with a prebuilt slice object (no offset arithmetic, no slice built per block: ~20 % of
+    # the loop), the seed passed positionally (keyword parsing costs as much as the hash of 64 bytes).
+    slices = _block_slices(block_size * 4, n_blocks)
     if extra:
-        for _ in range(n_blocks):
-            end = start + stride
-            parent = _xxh3(raw[start:end] + extra, parent)
+        for block in slices:
+            parent = _xxh3(raw[block] + extra, parent)
             append(parent)
-            start = end
     else:
-        for _ in range(n_blocks):
-            end = start + stride
-            parent = _xxh3(raw[start:end], parent)
+        for block in slices:
+            parent = _xxh3(raw[block], parent)
             append(parent)
-            start = end
     return out
 
 
