@@ -28,7 +28,7 @@ from pathlib import Path
 
 logger = logging.getLogger("bench.liar")
 
-CLAIM_PERIOD_S = 0.5  # re-claims after the router resyncs (clears) the target
+CLAIM_PERIOD_S = 1.0  # re-claims after the router resyncs (clears) the target; each batch is ~4,600 blocks
 POLL_S = 0.05  # how often the claims file is looked for
 
 
