@@ -150,7 +150,10 @@ def own_hashes_of_event(token_ids: Sequence[int], extra_keys: list[Any] | None, 
     if extra_keys is None:
         return block_hashes(token_ids, block_size=block_size, parent_hash=parent_own)
     first = extra_keys[0]
-    if all(k == first for k in extra_keys):  # common: no extras, or a LoRA name on every block
+    # Common: no extras, or a LoRA name on every block. ``count`` is one C loop comparing with
+    # ``==`` as the per-block test would, except that an item that *is* ``first`` counts even when
+    # unequal to itself (a NaN): one object encodes to the same bytes, so the hashes are the same.
+    if extra_keys.count(first) == len(extra_keys):
         return block_hashes(token_ids, block_size=block_size, parent_hash=parent_own, extra_keys=first)
     out = []
     parent = parent_own

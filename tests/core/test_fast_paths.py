@@ -13,11 +13,11 @@ from unittest.mock import patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.events import BlockRemoved, BlockStored
+from core.events import AllBlocksCleared, BlockRemoved, BlockStored
 from core.own_block_hash import ROOT_PARENT_HASH, block_hashes, extra_key_bytes, hash_block, own_hashes_of_event
 from core.policies import KvrPolicy, RouteRequest, WorkerLoad, WorkerState
 from core.policies.base import FleetColumns, LazyScores
-from core.prefix_index import Confidence, PrefixIndex, SnapshotBlocks, WorkerKey
+from core.prefix_index import Confidence, IndexDelta, PrefixIndex, SnapshotBlocks, WorkerKey
 from core.profiles import get_profile
 from core.tentative import TentativeEntries
 
@@ -469,3 +469,62 @@ def test_tentative_entries_equal_a_naive_model(ops):
         for o, s in model:
             masks[o] = masks.get(o, 0) | 1 << s
         assert t.masks == masks and len(t) == len(model)
+
+
+# ------------------------------------------------------------------ a batch's removals applied inline
+
+# A stream over a few chains: chained and orphan stores (two external bases per block), removals
+# of one or several hashes (known, unknown, parked, of another medium or KV-cache group), clears.
+batch_event = st.one_of(
+    st.tuples(st.just("store"), st.integers(0, 4), st.integers(1, 3), st.sampled_from([100, 200]),
+              st.sampled_from([None, 0, 1])),  # start block, blocks, external base, group
+    st.tuples(st.just("remove"), st.lists(st.sampled_from([100, 101, 102, 103, 200, 202, 204, 999]),
+                                          min_size=1, max_size=3),
+              st.sampled_from([None, None, None, "CPU"]), st.sampled_from([None, None, 0, 1])),
+    st.tuples(st.just("clear")),
+)
+
+
+def _batch_events(spec) -> list[object]:
+    out: list[object] = []
+    for e in spec:
+        if e[0] == "store":
+            _, start, n, base, group = e
+            out.append(BlockStored(block_hashes=[base + start + i for i in range(n)],
+                                   parent_block_hash=None if start == 0 else base + start - 1,
+                                   token_ids=CHAIN[start * BS:(start + n) * BS], block_size=BS, lora_id=None,
+                                   medium="GPU", lora_name=None, group_idx=group))
+        elif e[0] == "remove":
+            out.append(BlockRemoved(block_hashes=list(e[1]), medium=e[2], group_idx=e[3]))
+        else:
+            out.append(AllBlocksCleared())
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches=st.lists(st.lists(batch_event, max_size=12), max_size=6), tentative=st.integers(0, 5))
+def test_apply_events_equals_one_apply_per_event(batches, tentative):
+    # ``apply_events`` applies a batch's removals inline; one ``apply`` per event is the plain path.
+    # (orphans live 30 s and batches come 20 s apart: some expire while others are parked)
+    fast, plain = PrefixIndex(block_size=BS, orphan_ttl_s=30.0), PrefixIndex(block_size=BS, orphan_ttl_s=30.0)
+    own = block_hashes(CHAIN, block_size=BS)
+    t = T3[0]
+    deltas = []
+    for idx in (fast, plain):
+        idx.add_tentative(t, own[:tentative], 10.0)
+    for i, spec in enumerate(batches):
+        events = _batch_events(spec)
+        d_fast, d_plain = IndexDelta(), IndexDelta()
+        fast.apply_events(t, events, now=1.0 + 20 * i, delta=d_fast)
+        for ev in events:
+            plain.apply(t, ev, now=1.0 + 20 * i, delta=d_plain)
+        deltas.append((d_fast, d_plain))
+    for d_fast, d_plain in deltas:
+        assert d_fast == d_plain
+    assert fast.snapshot(t) == plain.snapshot(t)
+    assert fast.num_blocks(t) == plain.num_blocks(t)
+    assert fast.orphan_blocks(t) == plain.orphan_blocks(t)
+    assert fast.counters == plain.counters
+    assert fast.num_tentative() == plain.num_tentative()
+    assert fast.overlap(own) == plain.overlap(own)
+    assert fast.dump_events(t) == plain.dump_events(t)
