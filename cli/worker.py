@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 @click.option("--id", "worker_id", required=True, envvar="KVR_WORKER_ID", help="Worker id (unique in the fleet).")
 @click.option("--router", "router_endpoint", default=f"tcp://127.0.0.1:{names.ROUTER_WORKERS_PORT}", show_default=True,
               envvar="KVR_ROUTER",
-              help="The router's worker endpoint (kvr router --bind-workers). "
+              help="The router's worker endpoint (kvr router --bind-workers); several, comma-separated, for "
+                   "router replicas sharing the fleet (each needs its own --router-id). "
                    "'none' runs without a router (HTTP only).")
 @bind_host_option
 @click.option("--events-endpoint", default=None, show_default="tcp://<bind-host>:0",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from bus import names
 from bus.publisher import FaultPlan
 from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
-from worker.service import WorkerService
+from worker.service import WorkerService, router_endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,7 @@ class WorkerRunner:
 
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
-        router = options.router_endpoint
-        if router in ("", "none"):
-            router = None
+        router = router_endpoints(options.router_endpoint)
         curve = None
         if options.curve_dir:
             from bus.security import load_curve

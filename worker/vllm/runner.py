@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from bus import names
 from core.blocks import DEFAULT_BLOCK_SIZE
-from worker.service import WorkerService
+from worker.service import WorkerService, router_endpoints
 from worker.vllm.backend import VllmBackend, VllmBackendConfig
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,7 @@ class VllmWorkerRunner:
         self.options = options
         self.backend = VllmBackend(config=options.backend_config())
         info = self.backend.start(probe=probe)  # raises StartupError with the fix in its message
-        router = options.router_endpoint
-        if router in ("", "none"):
-            router = None
+        router = router_endpoints(options.router_endpoint)
         self.service = WorkerService(backend=self.backend, router_endpoint=router, worker_id=options.worker_id,
                                      profile=options.profile, heartbeat_interval_s=options.heartbeat_interval_s)
         logger.info("worker %s: vLLM %s (%s, %d blocks x %d tokens, dp %d), router %s subscribes to %s "

@@ -1,0 +1,123 @@
+"""Router replicas sharing one fleet: a worker registers with every router it is given, each
+router subscribes to its KV events and keeps its own exact index, and either serves requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from bus.client import RouterClient
+from bus.schema import GenerateRequest
+from bus.sockets import free_tcp_endpoint
+from core.liveness import HeartbeatConfig
+from core.prefix_index import WorkerKey
+from router.config import RouterConfig
+from tests.router.test_service import RunningRouter
+from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
+from worker.service import WorkerService, router_endpoints
+
+pytestmark = pytest.mark.timeout(60)
+BS = 16
+
+
+def _router(router_id: str) -> RunningRouter:
+    return RunningRouter(RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(),
+                                      block_size=BS, router_id=router_id, request_timeout_s=10.0,
+                                      heartbeat=HeartbeatConfig(interval_s=0.2, liveness=5)))
+
+
+def _until(pred, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def _run(client: RouterClient, request: GenerateRequest, timeout_s: float = 10.0):
+    result = client.send(request)
+    deadline = time.monotonic() + timeout_s
+    while not result.done and time.monotonic() < deadline:
+        client.poll(20)
+    assert result.done, f"{request.request_id} unanswered"
+    return result
+
+
+@pytest.fixture
+def fleet():
+    """Two router replicas (r1, r2) and two workers registered with both."""
+    ctx = zmq.Context()
+    routers = [_router("r1"), _router("r2")]
+    endpoints = ",".join(r.service.workers_endpoint for r in routers)
+    services, threads = [], []
+    for wid in ("w1", "w2"):
+        backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id=wid, speedup=50.0, seed=1), ctx=ctx)
+        svc = WorkerService(backend=backend, router_endpoint=endpoints, worker_id=wid, ctx=ctx,
+                            heartbeat_interval_s=0.2, liveness=5)
+        th = threading.Thread(target=svc.run, daemon=True)
+        th.start()
+        services.append(svc)
+        threads.append(th)
+    try:
+        _until(lambda: all(s.registered for s in services) and all(len(r.service.workers) == 2 for r in routers))
+        yield ctx, routers, services
+    finally:
+        for svc in services:
+            svc.stop()
+        for th in threads:
+            th.join(5)
+        for r in routers:
+            if r.thread.is_alive():
+                r.stop()
+        ctx.term()
+
+
+def test_router_endpoints_parse_lists_and_none() -> None:
+    assert router_endpoints("tcp://a:1, tcp://b:2") == ["tcp://a:1", "tcp://b:2"]
+    assert router_endpoints(["tcp://a:1", "tcp://b:2,tcp://c:3"]) == ["tcp://a:1", "tcp://b:2", "tcp://c:3"]
+    assert router_endpoints("none") == [] and router_endpoints(None) == [] and router_endpoints("") == []
+    with pytest.raises(ValueError):
+        WorkerService(backend=None, router_endpoint="tcp://a:1,tcp://a:1", worker_id="w")
+
+
+def test_each_replica_indexes_every_workers_blocks_and_serves_requests(fleet) -> None:
+    ctx, routers, services = fleet
+    clients = [RouterClient(endpoint=r.service.clients_endpoint, ctx=ctx) for r in routers]
+    try:
+        prompt = list(range(1000, 1000 + 8 * BS))
+        first = _run(clients[0], GenerateRequest("a", token_ids=prompt, max_tokens=2))
+        assert first.completion is not None, first.error
+        holder = first.completion.worker_id
+        # Both replicas hear the holder's BlockStored events (PUB fans out): exact indexes on each.
+        target = WorkerKey(holder, 0)
+        _until(lambda: all(r.service.index.num_blocks(target) >= 8 for r in routers))
+        # The other replica routes the same prefix to the same worker, and it hits.
+        second = _run(clients[1], GenerateRequest("b", token_ids=prompt + [7] * BS, max_tokens=2))
+        assert second.completion is not None, second.error
+        assert second.routed.worker_id == holder and second.routed.overlap_blocks == 8
+        assert second.completion.cached_tokens == 8 * BS
+        # Each request went to its own router's link on the worker and came back on it.
+        assert sum(s.counters.dispatches for s in services) == 2
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_replica_dying_leaves_the_others_serving(fleet) -> None:
+    ctx, routers, services = fleet
+    routers[0].stop()  # its sockets close: the workers' links to it go silent
+    client = RouterClient(endpoint=routers[1].service.clients_endpoint, ctx=ctx)
+    try:
+        for i in range(4):
+            result = _run(client, GenerateRequest(f"after-{i}", token_ids=list(range(i * 100, i * 100 + 3 * BS)),
+                                                  max_tokens=3))
+            assert result.completion is not None and len(result.token_ids) == 3, result.error
+        # The survivor still holds both workers; each worker's link to it stays welcomed.
+        assert len(routers[1].service.workers) == 2
+        assert all(s.links[1].registered for s in services)
+    finally:
+        client.close()
