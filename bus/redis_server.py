@@ -153,12 +153,54 @@ class EmbeddedRedis:
         self.stop()
 
 
+def cluster_node_argv(port: int, *, node_dir: str | Path, node_timeout_ms: int = 5000) -> list[str]:
+    """A ``redis-server`` Redis Cluster node on ``127.0.0.1:port`` without persistence; its
+    ``nodes.conf`` (the cluster's view, kept across a restart) in ``node_dir``."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not on PATH")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(node_dir), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms)]
+
+
+def create_cluster(ports: list[int], *, timeout_s: float = 20.0) -> None:
+    """Make the fresh nodes on ``ports`` one Redis Cluster of masters (no replicas) and wait until
+    every node says ``cluster_state:ok``."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise FileNotFoundError("redis-cli is not on PATH")
+    subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+                    "--cluster-yes"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    for port in ports:
+        while not cluster_ok(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster node on port {port} did not reach cluster_state:ok")
+            time.sleep(0.02)
+
+
+def cluster_ok(port: int) -> bool:
+    """The cluster node on ``127.0.0.1:port`` says ``cluster_state:ok`` (it serves its slots)."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        info = client.cluster("INFO")
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+    if isinstance(info, dict):  # redis-py parses the reply into its fields
+        return info.get("cluster_state") == "ok"
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return "cluster_state:ok" in text
+
+
 class LocalRedisCluster:
     """``masters`` redis-server processes on loopback, without persistence, made one Redis Cluster
     with no replicas: ``with LocalRedisCluster(masters=3) as c: c.url``.
 
-    Each master runs in its own directory (its ``nodes.conf``), in the process group of the
-    cluster's first start, so :meth:`stop` leaves nothing behind. :meth:`kill_master` and
+    Each master runs in its own directory (its ``nodes.conf``) and process group, so :meth:`stop`
+    leaves nothing behind. :meth:`kill_master` and
     :meth:`start_master` restart one master on its port: it rejoins with its slots (``nodes.conf``)
     but its keys are gone. ``node_timeout_ms`` is the cluster's ``cluster-node-timeout``.
     """
@@ -167,9 +209,7 @@ class LocalRedisCluster:
                  start_timeout_s: float = 20.0) -> None:
         if masters < 3:
             raise ValueError(f"a Redis Cluster needs at least 3 masters, got {masters}")
-        self.binary = shutil.which("redis-server")
-        self.cli = shutil.which("redis-cli")
-        if self.binary is None or self.cli is None:
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
             raise FileNotFoundError("redis-server and redis-cli must be on PATH for a Redis Cluster")
         self.ports = list(ports) if ports is not None else _distinct_ports(masters)
         if len(self.ports) != masters:
@@ -181,24 +221,17 @@ class LocalRedisCluster:
         self._workdir: str | None = None
 
     def argv(self, port: int) -> list[str]:
-        assert self.binary is not None and self._workdir is not None
+        assert self._workdir is not None
         node_dir = Path(self._workdir) / str(port)
         node_dir.mkdir(exist_ok=True)
-        return [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(node_dir), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(self._node_timeout_ms)]
+        return cluster_node_argv(port, node_dir=node_dir, node_timeout_ms=self._node_timeout_ms)
 
     def start(self) -> LocalRedisCluster:
         self._workdir = tempfile.mkdtemp(prefix="kvr-redis-cluster-")
         try:
             for port in self.ports:
                 self.start_master(port, wait_ok=False)
-            assert self.cli is not None
-            subprocess.run([self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                            "--cluster-replicas", "0", "--cluster-yes"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=self._start_timeout_s)
-            for port in self.ports:
-                self.wait_ok(port)
+            create_cluster(self.ports, timeout_s=self._start_timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -224,18 +257,7 @@ class LocalRedisCluster:
         proc.wait(10)
 
     def cluster_ok(self, port: int) -> bool:
-        """The node on ``port`` says ``cluster_state:ok`` (it serves its slots)."""
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
-        try:
-            info = client.cluster("INFO")
-        except (redis.RedisError, OSError):
-            return False
-        finally:
-            client.close()
-        if isinstance(info, dict):  # redis-py parses the reply into its fields
-            return info.get("cluster_state") == "ok"
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        return "cluster_state:ok" in text
+        return cluster_ok(port)
 
     def wait_ok(self, port: int) -> None:
         deadline = time.monotonic() + self._start_timeout_s

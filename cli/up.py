@@ -30,6 +30,9 @@ DEFAULT_MONITOR_PORT = 9470
 @click.option("--redis-kind", type=click.Choice(["auto", "redis-server", "fakeredis"]), default="auto",
               show_default=True,
               help="Embedded Redis when no --redis-url: redis-server if on PATH (auto), else fakeredis.")
+@click.option("--redis-cluster", "redis_cluster_masters", type=click.IntRange(min=3), default=None,
+              help="Embedded Redis as a Redis Cluster of this many masters (redis-server and redis-cli on PATH; "
+                   "no replicas, no persistence); the router gets its redis+cluster:// URL.")
 @namespace_option
 @click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY, show_default=True,
               help="Routing policy of the router.")
@@ -60,7 +63,7 @@ DEFAULT_MONITOR_PORT = 9470
 def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, namespace: str, policy: str, profile: str,
            speedup: float, block_size: int, run_dir: str | None, client_port: int, worker_port: int, metrics_port: int,
            monitor_port: int, no_monitor: bool, ready_timeout_s: float, router_args: tuple[str, ...],
-           worker_args: tuple[str, ...], curve: bool = False) -> None:
+           worker_args: tuple[str, ...], curve: bool = False, redis_cluster_masters: int | None = None) -> None:
     """Start Redis, the router, WORKERS workers and the monitor; Ctrl-C stops them all.
 
     Once ready it records itself in STATE/current.json (mode 0600; STATE is $KVR_STATE_DIR, else
@@ -76,6 +79,13 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
     from cluster.local import ClusterConfig, LocalCluster
     from cluster.supervisor import ComponentFailed
 
+    if redis_cluster_masters:
+        import shutil
+
+        if redis_url:
+            raise click.UsageError("--redis-cluster starts its own Redis Cluster: give it or --redis-url, not both")
+        if redis_kind == "fakeredis" or not (shutil.which("redis-server") and shutil.which("redis-cli")):
+            raise click.UsageError("--redis-cluster needs redis-server and redis-cli on PATH")
     run_dir = run_dir or str(user_state.new_run_dir("up"))
     keys_dir = None
     if curve:
@@ -90,7 +100,8 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         worker_args = (*worker_args, "--curve-dir", str(keys_dir))
     log_level = logging.getLevelName(logging.getLogger().level)
     cluster = LocalCluster(ClusterConfig(
-        workers=workers, redis_url=redis_url, redis_kind=redis_kind, namespace=namespace, policy=policy,
+        workers=workers, redis_url=redis_url, redis_kind=redis_kind, redis_cluster_masters=redis_cluster_masters or 0,
+        namespace=namespace, policy=policy,
         profile=profile, speedup=speedup, block_size=block_size, monitor=not no_monitor, run_dir=run_dir,
         client_port=client_port, worker_port=worker_port, metrics_port=metrics_port, monitor_http_port=monitor_port,
         ready_timeout_s=ready_timeout_s, router_args=list(router_args), worker_args=list(worker_args),
@@ -173,7 +184,17 @@ def ready_message(info: dict, *, workers: int, state_path: Path, masked_redis: s
     if info["monitor_url"]:
         lines.append("  kvr dash                     # live dashboard")
     lines.append("  kvr inspect                  # what Redis holds: workers, index, hottest prefixes")
-    lines.append(f"  redis-cli -u {masked_redis} --scan --pattern 'kvr:{info['namespace']}:*'")
+    from urllib.parse import urlsplit
+
+    from bus import names
+    from bus.redis_url import is_cluster_url
+
+    pattern = names.namespace_pattern(info["namespace"])
+    if is_cluster_url(masked_redis):  # one node's SCAN sees its slots only: ask every master
+        seed = urlsplit(masked_redis)
+        lines.append(f"  redis-cli --cluster call {seed.hostname}:{seed.port} KEYS '{pattern}'")
+    else:
+        lines.append(f"  redis-cli -u {masked_redis} --scan --pattern '{pattern}'")
     if info["monitor_url"]:
         lines.append(f"  curl -s {info['monitor_url']}/metrics")
         lines.append(f"  kvr plot {info['dump']}")

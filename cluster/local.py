@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bus.redis_server import embedded_redis_argv, free_loopback_port, ping
-from bus.redis_url import redact_url
+from bus.redis_server import (
+    cluster_node_argv,
+    create_cluster,
+    embedded_redis_argv,
+    free_cluster_node_port,
+    free_loopback_port,
+    ping,
+)
+from bus.redis_url import cluster_url, redact_url
 from cluster.supervisor import ComponentFailed, ComponentSpec, Supervisor, tail
 from core.blocks import DEFAULT_BLOCK_SIZE
 from core.policies import DEFAULT_POLICY
@@ -53,6 +61,7 @@ class ClusterConfig:
     workers: int = 3
     redis_url: str = ""
     redis_kind: str = "auto"
+    redis_cluster_masters: int = 0  # > 0: the embedded Redis is a Redis Cluster of this many masters
     namespace: str = "default"
     policy: str = DEFAULT_POLICY
     profile: str = ""
@@ -93,6 +102,7 @@ class LocalCluster:
                                      base_env={**os.environ, "PYTHONPATH": _python_path()})
         self.redis_url = c.redis_url
         self.redis_kind = "external" if c.redis_url else ""
+        self.redis_cluster_ports: list[int] = []
         # 0 = the component binds any free port and its ready file says which (no window between
         # picking a free port here and the child binding it, in which another process can take it).
         self.client_port = c.client_port
@@ -129,6 +139,24 @@ class LocalCluster:
         return self.run_dir / "monitor.json"
 
     # ------------------------------------------------------------------ topology
+
+    def redis_cluster_specs(self) -> list[ComponentSpec]:
+        """The masters of the embedded Redis Cluster (``redis-0`` …), not yet one cluster
+        (:meth:`start` makes them one); the router's URL is ``redis+cluster://`` the first."""
+        ports = [free_cluster_node_port() for _ in range(self.config.redis_cluster_masters)]
+        while len(set(ports)) < len(ports):
+            ports = [free_cluster_node_port() for _ in range(self.config.redis_cluster_masters)]
+        self.redis_kind = f"redis-cluster of {len(ports)} masters"
+        self.redis_url = cluster_url("127.0.0.1", ports[0])
+        self.redis_cluster_ports = ports
+        specs = []
+        for i, port in enumerate(ports):
+            node_dir = self.run_dir / f"redis-{i}"
+            node_dir.mkdir(exist_ok=True)
+            url = f"redis://127.0.0.1:{port}/0"
+            specs.append(ComponentSpec(f"redis-{i}", "redis", cluster_node_argv(port, node_dir=node_dir),
+                                       ready=lambda url=url: ping(url)))
+        return specs
 
     def redis_spec(self) -> ComponentSpec | None:
         """The embedded Redis (``None`` when a URL was given)."""
@@ -260,8 +288,10 @@ class LocalCluster:
         t0 = time.monotonic()
         sup = self.supervisor
         try:
-            redis_spec = self.redis_spec()
-            if redis_spec is not None:
+            redis_spec = None if c.redis_cluster_masters else self.redis_spec()
+            if c.redis_cluster_masters:
+                self._start_redis_cluster(c.ready_timeout_s)
+            elif redis_spec is not None:
                 sup.start(redis_spec)
                 sup.wait_ready("redis", timeout_s=c.ready_timeout_s)
             elif not ping(self.redis_url, timeout_s=2.0):
@@ -377,6 +407,19 @@ class LocalCluster:
         if dead:
             self.failure = dead[0]
             raise dead[0]
+
+    def _start_redis_cluster(self, timeout_s: float) -> None:
+        specs = self.redis_cluster_specs()
+        for spec in specs:
+            self.supervisor.start(spec)
+        for spec in specs:
+            self.supervisor.wait_ready(spec.name, timeout_s=timeout_s)
+        try:
+            create_cluster(self.redis_cluster_ports, timeout_s=timeout_s)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            detail = exc.stderr.decode(errors="replace")[-500:] if isinstance(exc, subprocess.CalledProcessError) \
+                and exc.stderr else str(exc)
+            raise ComponentFailed(specs[0], f"did not form a Redis Cluster: {detail}", returncode=None) from exc
 
     def exit_code(self) -> int:
         """0, or the code of the role that failed (:data:`EXIT_CODES`)."""

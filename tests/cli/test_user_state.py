@@ -214,7 +214,7 @@ def test_ready_message_lists_the_next_commands_with_the_password_masked():
         "  kvr send -i                  # a chat: each turn reuses the conversation's prefix",
         "  kvr dash                     # live dashboard",
         "  kvr inspect                  # what Redis holds: workers, index, hottest prefixes",
-        "  redis-cli -u redis://:***@127.0.0.1:4/0 --scan --pattern 'kvr:ns:*'",
+        "  redis-cli -u redis://:***@127.0.0.1:4/0 --scan --pattern 'kvr:{ns[}:~]*'",
         "  curl -s http://127.0.0.1:9470/metrics",
         "  kvr plot /r/monitor.json",
         "logs: /r/logs    Ctrl-C stops everything",

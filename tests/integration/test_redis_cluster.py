@@ -250,3 +250,52 @@ def test_a_resharded_target_fails_one_batch_then_is_written_where_its_slot_went(
     mirror.write_batch("w1", 0, seq=2, epoch=1, stored={5: 6})
     assert mirror.load_snapshot() == {("w1", 0): TargetSnapshot("w1", 0, 2, 1, {1: 2, 5: 6})}
     assert _master_of(make_redis_client(redis_cluster.url), key) == dest
+
+
+def test_kvr_up_redis_cluster_starts_routes_mirrors_and_stops_everything(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        _need_real_service("redis-server and redis-cli")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "up", "--run-dir", str(tmp_path), "--client-port", "0", "--worker-port",
+         "0", "--metrics-port", "0", "--no-monitor", "--ready-timeout", "30", "--workers", "2", "--speedup", "50",
+         "--redis-cluster", "3", "--namespace", "up"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        lines = [proc.stdout.readline()]  # printed only once the cluster is ready
+        assert lines[0].startswith("kvr cluster ready: 2 workers, redis redis+cluster://127.0.0.1:"), \
+            proc.stderr.read()
+        assert "(redis-cluster of 3 masters)" in lines[0]
+        while not lines[-1].startswith("logs:"):
+            lines.append(proc.stdout.readline())
+        info = json.loads((tmp_path / "cluster.json").read_text())
+        assert sorted(info["pids"]) == ["redis-0", "redis-1", "redis-2", "router", "worker-0", "worker-1"]
+        port = info["redis_url"].rsplit(":", 1)[1]
+        assert f"  redis-cli --cluster call 127.0.0.1:{port} KEYS 'kvr:{{up[}}:~]*'\n" in lines
+        with RouterClient(endpoint=info["client_endpoint"]) as client:
+            r = client.generate(GenerateRequest("x", prompt="a system prompt of a few KV blocks " * 8, max_tokens=2),
+                                timeout_s=10)
+        assert r.completion is not None
+        # The router mirrors into the cluster: the worker that ran it has its blocks there
+        check = make_redis_client(info["redis_url"], timeout_s=2.0)
+        deadline = time.monotonic() + 10
+        while not check.hlen(names.target_blocks_key("up", r.completion.worker_id, 0)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert check.smembers(names.workers_key("up")) == {b"worker-0", b"worker-1"}
+        check.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        for pid in info["pids"].values():
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
