@@ -101,6 +101,7 @@ class KvrPolicy:
         self.confidence_weights = dict(DEFAULT_CONFIDENCE_WEIGHTS)
         if confidence_weights:
             self.confidence_weights.update({Confidence(k): v for k, v in confidence_weights.items()})
+        self._weights_cache: tuple[tuple[float, ...], np.ndarray, bool, bool] | None = None
 
     def cached_tokens(self, request: RouteRequest, w: WorkerState) -> int:
         """Tokens the engine would reuse, as far as the router can tell."""
@@ -257,16 +258,26 @@ class KvrPolicy:
         n = len(cols.states)
         overlap = cols.overlap
         if overlap.any():
-            weights = np.array([self.confidence_weights[c] for c in CONFIDENCE_CODES], dtype=np.float64)
-            if weights.min() < 0:  # a negative weight (nonsense, but allowed): the plain loop
+            weights, negative, finite = self._weight_column()
+            if negative:  # a negative weight (nonsense, but allowed): the plain loop
                 return self.choose(request, [cols.state(i) for i in range(n)], now=now, rng=rng)
-            usable = (overlap * weights[cols.confidence]).astype(np.int64)  # int(): truncation, as choose
-            cached = np.where(overlap > 0, np.minimum(usable, max_blocks) * bs, 0)
+            if weights[0] == 1.0 and not cols.confidence.any():
+                usable = overlap  # all fresh at weight 1: int(overlap × 1.0) is the overlap
+            else:
+                usable = (overlap * weights[cols.confidence]).astype(np.int64)  # int(): truncation, as choose
+            if finite:
+                # Weights >= 0 and finite: overlap 0 gives usable 0, so the mask of ``choose``'s
+                # ``if overlap`` changes nothing (and min(.) * bs // bs is min(.) exactly).
+                cached_blocks = np.minimum(usable, max_blocks)
+                cached = cached_blocks * bs
+            else:
+                cached = np.where(overlap > 0, np.minimum(usable, max_blocks) * bs, 0)
+                cached_blocks = cached // bs
         else:
             cached = np.zeros(n, dtype=np.int64)
+            cached_blocks = cached
         # Candidates with no queued prefill (most of a fleet): their score depends on the cached
         # blocks alone, one latency-model call per distinct value, looked up by index.
-        cached_blocks = cached // bs
         table = np.zeros(max_blocks + 1, dtype=np.float64)
         for c_blocks in np.flatnonzero(np.bincount(cached_blocks, minlength=1)).tolist():
             c = c_blocks * bs
@@ -286,10 +297,10 @@ class KvrPolicy:
                     value = memo[(c, q)] = prefill(new_tokens=q + new, cached_tokens=c) + miss_weight * alone_s
                 values.append(value)
             score[busy] = values
-        if kv_weight:
-            capacity = cols.capacity_blocks
+        capacity = cols.capacity_blocks
+        if kv_weight and capacity.max() > 0:  # (no target with a known capacity: no charge)
             need0 = -(-prompt // bs) + decode_blocks_estimate(request.max_tokens, bs)
-            overflow = cols.active_blocks + cols.decode_blocks + need0 - cached // bs - capacity
+            overflow = cols.active_blocks + cols.decode_blocks + need0 - cached_blocks - capacity
             hit = (capacity > 0) & (overflow > 0)
             if hit.any():
                 overflows, which = np.unique(overflow[hit], return_inverse=True)
@@ -324,6 +335,15 @@ class KvrPolicy:
         states = cols.states
         scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(states, score.tolist(), strict=True)})
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
+
+    def _weight_column(self) -> tuple[np.ndarray, bool, bool]:
+        """The confidence weights by ``CONFIDENCE_CODES`` row, whether one is negative, and whether
+        all are finite: rebuilt only when ``confidence_weights`` changed."""
+        values = tuple(map(self.confidence_weights.__getitem__, CONFIDENCE_CODES))
+        if self._weights_cache is None or self._weights_cache[0] != values:
+            column = np.array(values, dtype=np.float64)
+            self._weights_cache = (values, column, bool(column.min() < 0), bool(np.isfinite(column).all()))
+        return self._weights_cache[1:]
 
     def forget(self, target: WorkerKey) -> None:
         pass
