@@ -410,22 +410,27 @@ class RedisMirror:
 
         On a Redis Cluster one master can restart empty while the others keep their keys, so the
         token is stored once per master (``names.shard_generation_key``) and the generation is
-        all of them, in slot order: any master losing its data set changes it.
+        every master's address and token, in slot order: any master losing its data set changes
+        it, and so does a replica taking over a master's slots (a failover may lose the writes
+        it had not replicated yet, silently: the router rewrites everything instead).
         """
         ns = self.namespace
-        keys = self._shard_generation_keys() if is_cluster(self._r) else [names.generation_key(ns)]
+        shards = self._shard_generation_keys() if self._cluster else [("", names.generation_key(ns))]
         pipe = self._r.pipeline(transaction=False)
-        for key in keys:
+        for _, key in shards:
             pipe.set(key, token, nx=True)
             pipe.get(key)
         pipe.hset(names.routers_key(ns), router_id, now_s)
         replies = pipe.execute()
         self.round_trips += 1
-        return ",".join(_text(g) if g is not None else "" for g in replies[1:-1:2])  # each key's GET
+        tokens = [_text(g) if g is not None else "" for g in replies[1:-1:2]]  # each key's GET
+        if not self._cluster:
+            return tokens[0]
+        return ",".join(f"{master}={t}" for (master, _), t in zip(shards, tokens, strict=True))
 
-    def _shard_generation_keys(self) -> list[str]:
-        """One generation key per master serving slots, each on that master (by the client's slot
-        map), in the order of the masters' first slots."""
+    def _shard_generation_keys(self) -> list[tuple[str, str]]:
+        """``(master, key)``: one generation key per master serving slots, each on that master (by
+        the client's slot map), in the order of the masters' first slots."""
         cluster: Any = self._r
         owners = {slot: nodes[0].name for slot, nodes in cluster.nodes_manager.slots_cache.items() if nodes}
         order: dict[str, int] = {}  # master → its first slot
@@ -437,7 +442,7 @@ class RedisMirror:
             key = names.shard_generation_key(self.namespace, n)
             keys.setdefault(owners.get(cluster.keyslot(key), ""), key)
             n += 1
-        return [keys[name] for name in sorted(order, key=order.__getitem__) if name in keys]
+        return [(name, keys[name]) for name in sorted(order, key=order.__getitem__) if name in keys]
 
     def take_write_failures(self) -> MirrorUnavailable | None:
         """Writes that failed without their caller hearing of it: never here (every method raises).
