@@ -528,3 +528,12 @@ def test_apply_events_equals_one_apply_per_event(batches, tentative):
     assert fast.num_tentative() == plain.num_tentative()
     assert fast.overlap(own) == plain.overlap(own)
     assert fast.dump_events(t) == plain.dump_events(t)
+
+
+@settings(max_examples=200, deadline=None)
+@given(masks=st.lists(st.integers(0, 2**600 - 1), min_size=1, max_size=4))
+def test_mask_slots_equal_the_set_bits_also_when_remembered(masks):
+    idx = PrefixIndex(block_size=BS)
+    for _ in range(2):  # decoded, then remembered
+        for mask in masks:
+            assert list(idx.mask_slots(mask)) == [i for i in range(600) if mask >> i & 1]
