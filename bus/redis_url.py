@@ -70,7 +70,6 @@ class LazyRedisCluster:
     def cluster_client(self) -> Any:
         """The ``RedisCluster`` (made now if it was not yet)."""
         if self._client is None:
-            import redis
             from redis.exceptions import RedisClusterException
 
             with self._lock:
@@ -78,7 +77,7 @@ class LazyRedisCluster:
                     try:
                         self._client = self._factory()
                     except RedisClusterException as exc:  # not a RedisError: callers catch those
-                        raise redis.ConnectionError(f"Redis Cluster at {redact_url(self._url)}: {exc}") from exc
+                        raise _refusal_class(exc)(f"Redis Cluster at {redact_url(self._url)}: {exc}") from exc
         return self._client
 
     def __getattr__(self, name: str) -> Any:
@@ -87,6 +86,22 @@ class LazyRedisCluster:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _refusal_class(exc: BaseException) -> type[Exception]:
+    """What a failure to reach a cluster is raised as: the credentials' refusal class it came
+    from (a caller refuses to start on those: waiting will not heal them), else ConnectionError."""
+    import redis
+
+    auth = (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in seen:
+        if isinstance(cause, auth):
+            return type(cause)
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return redis.ConnectionError
 
 
 def is_cluster(client: object) -> bool:

@@ -54,3 +54,22 @@ def test_a_cluster_client_is_made_lazily_and_an_unreachable_cluster_is_a_connect
         assert "pw" not in str(exc.value)
     client.close()
     assert not is_cluster(make_client("redis://127.0.0.1:1/0"))
+
+
+def test_a_cluster_refusing_the_credentials_raises_the_refusal_not_a_plain_connection_error() -> None:
+    from redis.exceptions import RedisClusterException
+
+    def refused():
+        try:
+            raise redis.AuthenticationError("invalid username-password pair")
+        except redis.AuthenticationError as exc:
+            raise RedisClusterException("Redis Cluster cannot be connected") from exc
+
+    def down():
+        raise RedisClusterException("Redis Cluster cannot be connected")
+
+    with pytest.raises(redis.AuthenticationError):
+        LazyRedisCluster(refused, url="redis+cluster://:pw@h:7000").ping()
+    with pytest.raises(redis.ConnectionError) as exc:
+        LazyRedisCluster(down, url="redis+cluster://:pw@h:7000").ping()
+    assert type(exc.value) is redis.ConnectionError
