@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 from bus.client import RouterClient
 from bus.schema import GenerateRequest
 from bus.sockets import free_tcp_endpoint
+from cluster.processes import stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,8 @@ def _spawn(args: list[str]) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    return proc.stderr.read()
+    """SIGTERM (a worker prints its timing log on the way out); its stderr."""
+    return stop_process(proc).stderr or ""
 
 
 def bench_live(*, workers: int = 1, concurrency: int = 32, duration_s: float = 10.0, speedup: float = 10.0,

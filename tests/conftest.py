@@ -13,14 +13,17 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from cluster.processes import stop_process
+from tests.waiting import eventually
 
 # The machine is shared and noisy: hypothesis' per-example deadline would make
 # property tests flaky for timing reasons that say nothing about correctness.
@@ -92,20 +95,22 @@ def redis_server():
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def answers() -> bool:
+        assert proc.poll() is None, "redis-server exited at start"
         try:
-            client.ping()
-            break
+            return bool(client.ping())
         except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
+            return False
+
+    try:
+        eventually(answers, timeout_s=10, what="redis-server answering PING", interval_s=0.05)
+    except AssertionError:
+        stop_process(proc, sig=signal.SIGKILL)
+        raise
     client.close()
     yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_process(proc)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.processes import stop_process
 from tests.readme_commands import README, empty_tables, readme_commands
 
 REPO = README.parent
@@ -166,14 +167,10 @@ def readme_cluster(tmp_path_factory):
         pytest.fail(f"kvr up did not come up (rc {proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
     info = json.loads(current.read_text())
     yield home, env, info
-    proc.send_signal(signal.SIGINT)
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail("kvr up did not stop on Ctrl-C")
-    assert proc.returncode == 0, err[-2000:]
+    stopped = stop_process(proc, sig=signal.SIGINT, timeout_s=60)
+    out, err = stopped.stdout, stopped.stderr
+    assert not stopped.killed, "kvr up did not stop on Ctrl-C"
+    assert stopped.returncode == 0, err[-2000:]
     assert "Traceback" not in out + err
 
 

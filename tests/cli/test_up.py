@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,11 @@ from bus.client import RouterClient
 from bus.schema import GenerateRequest
 from cli.main import main
 from cluster.local import ClusterConfig, LocalCluster, kvr_argv
+from cluster.processes import stop_process
 from cluster.supervisor import ComponentSpec, Supervisor
 from monitor.dashboard import fetch_dump
 from tests.conftest import free_port
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +34,6 @@ def _dead(pid: int) -> bool:
             return fh.read().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def _until(cond, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(redis_server, tmp_path):
@@ -63,7 +55,8 @@ def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(re
         def summary() -> dict:
             return fetch_dump(f"{cluster.monitor_url}/json")["summary"]
 
-        assert _until(lambda: summary()["requests"] == 4, 10), summary()
+        eventually(lambda: summary()["requests"] == 4, timeout_s=10, what=lambda: f"4 requests in {summary()}",
+                   interval_s=0.05)
         # A crashed worker comes back as a new incarnation (epoch) and registers again.
         epoch = cluster.alive_workers()["worker-1"]
         old_pid = cluster.supervisor.pid("worker-1")
@@ -97,15 +90,10 @@ def test_kvr_up_on_embedded_fakeredis_readiness_then_clean_ctrl_c(tmp_path):
         with RouterClient(endpoint=info["client_endpoint"]) as client:
             r = client.generate(GenerateRequest(request_id="x", prompt=PROMPT, max_tokens=2), timeout_s=10)
         assert r.completion is not None and r.completion.worker_id in info["workers"]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert stop_process(proc, sig=signal.SIGINT, timeout_s=30).returncode == 0
         assert all(_dead(p) for p in info["pids"].values())
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        stop_process(proc, sig=signal.SIGKILL)  # a no-op after a clean stop; closes the pipes
 
 
 def test_kvr_up_exit_code_names_what_failed(redis_server, tmp_path):
@@ -130,11 +118,7 @@ def test_kvr_up_exits_when_a_component_dies(redis_server, tmp_path):
         assert all(_dead(p) for p in info["pids"].values())
         assert "router (router) exited with code -9" in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        stop_process(proc, sig=signal.SIGKILL)  # a no-op after a clean stop; closes the pipes
 
 
 def _shadowing_folder(path: Path) -> Path:
@@ -156,7 +140,7 @@ def test_children_are_not_shadowed_by_folders_in_the_current_directory(tmp_path,
     # ... but not the same command run by the supervisor.
     sup = Supervisor(log_dir=tmp_path / "logs")
     sup.start(ComponentSpec("kvr", "kvr", argv))
-    assert _until(lambda: sup.failed(), 30)
+    eventually(sup.failed, timeout_s=30, what="a failed component", interval_s=0.05)
     (exited,) = sup.failed()
     assert exited.returncode == 0, exited.log_tail
     assert "kvr: a KV-cache-aware router for LLM inference fleets." in (tmp_path / "logs" / "kvr.log").read_text()
@@ -188,20 +172,16 @@ def test_kvr_up_from_a_shadowing_folder_is_found_through_its_state_file(tmp_path
         res = CliRunner().invoke(main, ["inspect", "--json"])
         assert res.exit_code == 0, res.output
         assert [w["worker_id"] for w in json.loads(res.stdout)["workers"]] == ["worker-0"]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-        out = proc.stdout.read()
+        stopped = stop_process(proc, sig=signal.SIGINT, timeout_s=30)
+        assert stopped.returncode == 0
+        out = stopped.stdout
         assert '  kvr send "hello"' in out and f"logs: {run_dir / 'logs'}    Ctrl-C stops everything" in out
         assert not current.exists()  # withdrawn at the stop; the run is kept
-        assert f"; run dir kept: {run_dir}" in proc.stderr.read()
+        assert f"; run dir kept: {run_dir}" in stopped.stderr
         assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [
             "monitor.log", "redis.log", "router.log", "worker-0.log"]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        stop_process(proc, sig=signal.SIGKILL)  # a no-op after a clean stop; closes the pipes
 
 
 def test_a_redis_password_goes_to_the_routers_environment_not_its_command_line(tmp_path):

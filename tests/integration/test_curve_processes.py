@@ -19,6 +19,7 @@ from bus.client import RouterClient
 from bus.schema import GenerateRequest
 from bus.security import generate_keys
 from cli.main import main
+from cluster.processes import stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -65,12 +66,4 @@ def test_kvr_up_curve_serves_keyed_clients_only_and_keeps_strangers_out(redis_se
         if rogue is not None:
             rogue.kill()
             rogue.wait()
-        up.send_signal(signal.SIGINT)
-        try:
-            assert up.wait(timeout=30) == 0
-        finally:
-            if up.poll() is None:
-                up.kill()
-                up.wait()
-            up.stdout.close()
-            up.stderr.close()
+        assert stop_process(up, sig=signal.SIGINT, timeout_s=30).returncode == 0

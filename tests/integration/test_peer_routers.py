@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
-import time
 import urllib.request
 
 import pytest
 
+from cluster.processes import stop_process
 from tests.conftest import free_port
+from tests.waiting import eventually
 from worker.runner import WorkerOptions, WorkerRunner
 
 pytestmark = pytest.mark.integration
@@ -76,16 +76,16 @@ def test_cache_aware_peer_router_keeps_a_prefix_on_one_emulated_worker(kind: str
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, f"{kind} router exited"
             try:
                 with urllib.request.urlopen(base + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
+                    return resp.status == 200
             except OSError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, f"{kind} router never became healthy"
-            time.sleep(0.2)
+                return False
+
+        eventually(healthy, timeout_s=30, what=f"{kind} router healthy", interval_s=0.2)
         cached = [_post(base + "/v1/completions", {"model": "kvr-emulated", "prompt": f"{PREFIX} Question {i}?",
                                                    "max_tokens": 2})["usage"]["prompt_tokens_details"]["cached_tokens"]
                   for i in range(4)]
@@ -93,13 +93,7 @@ def test_cache_aware_peer_router_keeps_a_prefix_on_one_emulated_worker(kind: str
         if kind == "vllm-kv-events":  # the decisions came from the workers' KV events
             assert _kv_hits(metrics_port) >= 2
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
         for r in runners:
             r.stop()
         for t in threads:

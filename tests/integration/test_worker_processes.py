@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,9 +19,11 @@ import zmq
 from bus.client import RouterClient
 from bus.schema import GenerateRequest
 from bus.vllm_codec import decode_batch
+from cluster.processes import stop_process
 from core.events import BlockStored
 from core.tokenizer import BuiltinTokenizer
 from tests.conftest import free_port
+from tests.waiting import eventually, succeeds
 
 pytestmark = pytest.mark.integration
 
@@ -35,26 +36,12 @@ def _spawn(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, cwd=os.getcwd(), start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    return proc.stderr.read()
-
-
 def _wait_http(url: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, f"{url} never became healthy"
-            time.sleep(0.1)
+    def health() -> None:
+        with urllib.request.urlopen(url + "/health", timeout=1):
+            pass
+
+    succeeds(health, timeout_s=timeout_s, what=f"{url} healthy", interval_s=0.1)
 
 
 def _post(url: str, body: dict) -> dict:
@@ -82,15 +69,12 @@ def test_router_and_worker_processes_serve_zmq_and_http_with_prefix_hits() -> No
         with RouterClient(endpoint=f"tcp://127.0.0.1:{clients}") as client:
             results = []
             for i in range(2):
-                deadline = time.monotonic() + 15
-                while True:  # the worker may still be registering with the router
-                    res = client.generate(GenerateRequest(request_id=f"z{i}", prompt=PROMPT, max_tokens=4),
-                                          timeout_s=10)
-                    if res.completion is not None or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.2)
-                assert res.completion is not None, res.error
-                results.append(res.completion)
+                def completion(i: int = i):
+                    return client.generate(GenerateRequest(request_id=f"z{i}", prompt=PROMPT, max_tokens=4),
+                                           timeout_s=10).completion
+
+                # The worker may still be registering with the router: retry until one completes.
+                results.append(eventually(completion, timeout_s=15, what=f"a completion for z{i}", interval_s=0.2))
         n = len(BuiltinTokenizer().encode(PROMPT))
         assert [c.worker_id for c in results] == ["w1", "w1"]
         assert (results[0].cached_tokens, results[1].cached_tokens) == (0, (n - 1) // 16 * 16)
@@ -120,7 +104,7 @@ def test_router_and_worker_processes_serve_zmq_and_http_with_prefix_hits() -> No
     finally:
         sub.close()
         ctx.term()
-        werr = _stop(worker)
-        rerr = _stop(router)
+        werr = stop_process(worker).stderr
+        rerr = stop_process(router).stderr
     assert "registered with router" in werr, werr[-2000:]
     assert "Traceback" not in werr + rerr, (werr + rerr)[-3000:]

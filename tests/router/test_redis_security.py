@@ -21,6 +21,7 @@ from bus.mirror_status import Cause
 from bus.redis_url import redact_url
 from bus.schema import Hello
 from cli.main import main
+from cluster.processes import stop_process
 from router.mirror import MirrorUnavailable, RedisMirror, make_redis_client
 from router.mirror_health import cause_of
 from tests.conftest import _need_real_service, free_port
@@ -49,8 +50,7 @@ def _start_redis(args: list[str], ping) -> tuple[subprocess.Popen, str]:
 
 
 def _stop(proc: subprocess.Popen, workdir: str) -> None:
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_process(proc)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

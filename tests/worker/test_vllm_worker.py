@@ -25,6 +25,7 @@ from bus.schema import (
     TokenChunk,
     Welcome,
 )
+from cluster.processes import stop_process
 from tests.conftest import free_port
 from tests.fakes.fake_vllm import FakeVllm, fake_output_token
 from worker.vllm.checks import StartupError
@@ -89,9 +90,7 @@ def test_cli_start_up_error_is_one_clear_line_and_exit_1():
         try:
             _, err = proc.communicate(timeout=60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            stop_process(proc, sig=signal.SIGKILL)  # only if it hung
     assert proc.returncode == 1
     assert "vLLM block size is 16 (vllm:cache_config_info) but kvr was told 32" in err
 
@@ -104,13 +103,7 @@ def test_cli_registers_and_says_goodbye_on_sigterm(router):
         try:
             hello = router.recv(Hello, timeout_s=60)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.communicate()
+            stop_process(proc, timeout_s=30)
     # vLLM dials the router (central mode): the router binds; the replay socket is on vLLM's host.
     assert (hello.engine, hello.events_endpoint, hello.replay_endpoint, hello.dp_size, hello.topic) == (
         "vllm", "tcp://*:5557", "tcp://127.0.0.1:5558", 2, "kv@cli-w@m")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -17,6 +16,7 @@ import zmq
 from click.testing import CliRunner
 
 from cli.main import main
+from cluster.processes import stop_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,15 +32,9 @@ def spawn_ready(*args: str, ready_file: Path) -> tuple[subprocess.Popen, dict]:
 
 
 def stop(proc: subprocess.Popen) -> tuple[int, str]:
-    """SIGTERM, wait; ``(exit code, stderr)``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    return proc.returncode, proc.stderr.read()
+    """SIGTERM, wait (SIGKILL after 15 s); ``(exit code, stderr)``."""
+    stopped = stop_process(proc, timeout_s=15)
+    return stopped.returncode, stopped.stderr
 
 
 def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict, dict]:
