@@ -13,7 +13,8 @@ guarantees, whatever the handler does:
   ``Content-Length``, an oversized header) is answered 400 with the OpenAI error JSON and the
   connection closed, and logged at debug level without a traceback;
 * a handler whose client disconnects is cancelled (``handler_cancellation``): it sees
-  ``CancelledError`` where it waits, and can abort its work there;
+  ``CancelledError`` where it waits, and can abort its work there; one that finds out by a write
+  failing (``ConnectionError``) ends the same way, without a traceback in the log;
 * an exception a handler lets out is one 500 with the error JSON and one log line with its traceback.
 
 Streams: aiohttp frames a response without a length as chunked for HTTP/1.1 clients and by closing
@@ -201,8 +202,14 @@ class HttpServer:
             if not request.content.at_eof():
                 resp.force_close()  # the unread body (over the limit) must not be read as the next request
             return resp
-        except (asyncio.CancelledError, ConnectionError):
-            raise  # the client left: nobody to answer
+        except asyncio.CancelledError:
+            raise  # the client left while the handler waited: nobody to answer
+        except ConnectionError as exc:
+            # The client left while the handler wrote to it. Let out as is, aiohttp would log it with
+            # a traceback at ERROR ("Error handling request"); ended as a cancellation, it is what a
+            # client that leaves mid-wait already is: one debug line, the connection closed.
+            logger.debug("%s %s: the client left (%s)", request.method, request.path, exc)
+            raise asyncio.CancelledError from exc
         except Exception:  # a bug must not drop the connection without an answer
             logger.exception("%s %s failed", request.method, request.path)
             resp = error_response(HttpError(500, "internal error", "internal"))
