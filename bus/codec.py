@@ -9,12 +9,12 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from bus.schema import ClientMessage, MetricsRecord, ReplyMessage, RouterMessage, WorkerMessage
+from bus.schema import ClientMessage, MetricsRecord, PeerLoad, ReplyMessage, RouterMessage, WorkerMessage
 from bus.vllm_codec import DecodeError
 
 __all__ = [
     "DecodeError", "ChannelDecoder", "encode", "MAX_MESSAGE_BYTES",
-    "client_decoder", "reply_decoder", "worker_decoder", "router_decoder", "metrics_decoder",
+    "client_decoder", "reply_decoder", "worker_decoder", "router_decoder", "metrics_decoder", "peer_decoder",
     "salvage_request_id",
 ]
 
@@ -101,3 +101,8 @@ def router_decoder() -> ChannelDecoder[RouterMessage]:
 
 def metrics_decoder() -> ChannelDecoder[MetricsRecord]:
     return ChannelDecoder(MetricsRecord)
+
+
+def peer_decoder() -> ChannelDecoder[PeerLoad]:
+    """What a router replica reads from the others (``router/peers.py``)."""
+    return ChannelDecoder(PeerLoad)

@@ -64,6 +64,7 @@ ZMQ topics (PUB/SUB byte prefixes)::
                                            endpoint on its own socket, so topics need not differ
     kvr.metrics.request                    RequestRecord, published by the router
     kvr.metrics.worker                     WorkerSample, published by the router
+    kvr.peer.load                          PeerLoad, published by the router for its replicas
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ ROUTER_METRICS_PORT = 5557
 METRICS_TOPIC_PREFIX = b"kvr.metrics."
 REQUEST_METRICS_TOPIC = b"kvr.metrics.request"
 WORKER_METRICS_TOPIC = b"kvr.metrics.worker"
+# Router replicas' in-flight figures, on each router's metrics PUB; outside the kvr.metrics. prefix,
+# so a monitor does not receive them.
+PEER_LOAD_TOPIC = b"kvr.peer.load"
 
 
 #: The key layout this module builds (see the schema above); layout 1 keys are migrated.

@@ -295,3 +295,28 @@ class WorkerSample(msgspec.Struct, tag="worker", frozen=True):
 
 
 MetricsRecord = RequestRecord | WorkerSample
+
+
+# ----------------------------------------------------------------------------- router ⇄ router replicas
+
+
+class PeerTargetEntry(msgspec.Struct, array_like=True, frozen=True):
+    """One target's figures in a ``PeerLoad`` (array-like: a fleet's worth goes out many times a second)."""
+
+    worker_id: str
+    dp_rank: int
+    in_flight: int
+    pending_prefill_tokens: int
+    decode_blocks: int
+    active_blocks: int
+
+
+class PeerLoad(msgspec.Struct, tag="peer_load", frozen=True):
+    """What one router replica has in flight on each target, published on its metrics PUB
+    (topic ``names.PEER_LOAD_TOPIC``) for the other replicas (``router/peers.py``). Each message
+    replaces that replica's previous one; ``seq`` orders them within one ``epoch``."""
+
+    router_id: str
+    epoch: int
+    seq: int
+    targets: list[PeerTargetEntry]

@@ -74,6 +74,10 @@ _DEFAULTS = RouterConfig()
               help="Never down-weight a worker whose reported cached tokens fall short of the prediction "
                    "(closed-loop trust, on by default). For engines that do not report cached tokens "
                    "(usage.prompt_tokens_details), which would all look like liars.")
+@click.option("--peer", "peers", multiple=True, envvar="KVR_PEERS",
+              help="Metrics endpoint (--bind-metrics) of another router replica on this fleet; repeatable or "
+                   "comma-separated. Replicas count each other's requests in flight (docs/scaling.md); each "
+                   "needs its own --router-id.")
 @ready_file_option
 @redis_url_option
 @namespace_option
@@ -83,7 +87,8 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
                http_host: str | None, http_port: int,
                model_name: str | None, no_redis: bool, redis_url: str, namespace: str, tokenizer: str | None = None,
                curve_dir: str | None = None, max_request_bytes: int | None = None,
-               max_event_bytes: int | None = None, no_trust: bool = False, ready_file: str | None = None) -> None:
+               max_event_bytes: int | None = None, no_trust: bool = False, peers: tuple[str, ...] = (),
+               ready_file: str | None = None) -> None:
     """Route requests to the worker whose KV cache already holds their prefix."""
     from core.liveness import HeartbeatConfig
     from router.config import RouterConfig
@@ -104,6 +109,9 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
         config.max_event_bytes = max_event_bytes
     if no_trust:
         config.trust = None  # RouterService then builds no TrustTracker: every claim counts in full
+    config.peers = tuple(e.strip() for v in peers for e in v.split(",") if e.strip())
+    if config.peers and not config.bind_metrics:
+        raise click.ClickException("--peer needs the metrics PUB (--bind-metrics): the other replicas subscribe to it")
     curve = None
     if curve_dir:
         from bus.security import SecurityError, load_curve

@@ -27,6 +27,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -84,6 +85,15 @@ class RouteResult:
     block_hashes: list[int]
 
 
+class PeerTargetLoad(NamedTuple):
+    """What another router replica has in flight on one target (its ``RouterCore`` figures)."""
+
+    in_flight: int = 0
+    pending_prefill_tokens: int = 0
+    decode_blocks: int = 0
+    active_blocks: int = 0
+
+
 @dataclass(slots=True)
 class _TargetState:
     key: WorkerKey
@@ -98,10 +108,13 @@ class _TargetState:
     # own hash -> in-flight requests using it (a Counter: ``update`` counts a prompt's hashes in C)
     active_hashes: Counter[int] = field(default_factory=Counter)
     decode_blocks: int = 0  # output blocks the requests in flight will fill
+    # Router replicas' own accounting of this target (``set_peer_load``): peer id -> its figures.
+    peers: dict[str, PeerTargetLoad] = field(default_factory=dict)
     cached_load: WorkerLoad | None = None  # rebuilt only after a change
 
 
 _CONFIDENCE_CODE = {c: i for i, c in enumerate(CONFIDENCE_CODES)}
+_NO_PEER_LOAD = PeerTargetLoad()
 
 
 def _write_row(cols: tuple[np.ndarray, ...], i: int, w: WorkerState) -> None:
@@ -217,16 +230,50 @@ class RouterCore:
         s = self._targets[target]
         if s.cached_load is not None:
             return s.cached_load
+        in_flight, pending, decode, active = len(s.requests), s.pending_prefill_tokens, s.decode_blocks, s.active_blocks
+        for peer in s.peers.values():  # replicas' requests load the same engine (none: one router)
+            in_flight += peer.in_flight
+            pending += peer.pending_prefill_tokens
+            decode += peer.decode_blocks
+            active += peer.active_blocks
         s.cached_load = WorkerLoad(
-            in_flight=len(s.requests),
+            in_flight=in_flight,
             running=s.engine_running,
             waiting=s.engine_waiting,
-            queued_prefill_tokens=max(s.engine_queued_prefill_tokens, s.pending_prefill_tokens),
-            active_blocks=s.active_blocks,
+            queued_prefill_tokens=max(s.engine_queued_prefill_tokens, pending),
+            active_blocks=active,
             kv_usage=s.kv_usage,
-            decode_blocks=s.decode_blocks,
+            decode_blocks=decode,
         )
         return s.cached_load
+
+    # ------------------------------------------------------------------ router replicas
+
+    def own_load(self) -> dict[WorkerKey, PeerTargetLoad]:
+        """This router's own accounting per target, as a replica tells its peers (targets with
+        nothing in flight included: a peer must see a count drop to 0)."""
+        return {t: PeerTargetLoad(len(s.requests), s.pending_prefill_tokens, s.decode_blocks, s.active_blocks)
+                for t, s in self._targets.items()}
+
+    def set_peer_load(self, peer_id: str, loads: dict[WorkerKey, PeerTargetLoad]) -> None:
+        """A replica's latest figures (replacing its previous ones): from now on each target's load
+        counts that replica's requests too, as the engine will. Targets it does not list, or that
+        this router does not know, count nothing from it."""
+        for target, state in self._targets.items():
+            new = loads.get(target)
+            old = state.peers.get(peer_id)
+            if new == old or (new is None and old is None):
+                continue
+            if new is None or new == _NO_PEER_LOAD:
+                state.peers.pop(peer_id, None)
+            else:
+                state.peers[peer_id] = new
+            state.cached_load = None
+            self._dirty.add(target)
+
+    def forget_peer(self, peer_id: str) -> None:
+        """A replica that went silent (or stopped): its requests no longer count."""
+        self.set_peer_load(peer_id, {})
 
     # ------------------------------------------------------------------ requests
 

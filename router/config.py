@@ -41,3 +41,6 @@ class RouterConfig:
     # Closed-loop trust (core/trust.py); None: off (workers whose engine reports no cached tokens
     # would otherwise read as liars: every prediction falls short of their 0).
     trust: TrustConfig | None = field(default_factory=TrustConfig)
+    # Router replicas sharing this fleet (router/peers.py): their metrics endpoints. Needs
+    # bind_metrics (the replicas subscribe to it) and a router_id of its own per replica.
+    peers: tuple[str, ...] = ()

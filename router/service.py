@@ -92,6 +92,7 @@ from router.ingest import EventIngest
 from router.mirror import RedisMirror
 from router.mirror_health import MirrorHealth
 from router.mirror_sync import MirrorSync, register_write
+from router.peers import PeerSync
 from router.registry import WorkerRegistry, same_incarnation
 from router.requests import PendingRequest, RequestTable
 from router.stats import MetricsPublisher, request_record, stats_snapshot, worker_samples
@@ -153,11 +154,19 @@ class RouterService:
             sock.bind(config.bind_metrics)
             self.metrics_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._metrics = MetricsPublisher(sock=sock, counters=self.counters)
+        if config.peers and self._metrics is None:
+            raise ValueError("router replicas (peers) need bind_metrics: the other replicas subscribe to it")
+        self.peers = None if not config.peers or self._metrics is None else PeerSync(
+            core=self.core, router_id=config.router_id, epoch=int(wall() * 1e6), pub=self._metrics.sock,
+            peers=config.peers, ctx=self._ctx, counters=self.counters, clock=clock,
+            keepalive_s=config.heartbeat.interval_s, timeout_s=config.heartbeat.timeout_s)
         self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full client queue raises, not drops (ClientReplies)
         self.replies = ClientReplies(sock=self._clients, counters=self.counters)
         self._poller = zmq.Poller()
         self._poller.register(self._clients, zmq.POLLIN)
         self._poller.register(self._workers_sock, zmq.POLLIN)
+        if self.peers is not None:
+            self._poller.register(self.peers.sub, zmq.POLLIN)
         self.ingest = EventIngest(index=self.index, poller=self._poller, ctx=self._ctx, mirror=mirror, clock=clock,
                                   wall=wall, curve=curve, max_event_bytes=config.max_event_bytes,
                                   on_mirror_failure=self._on_ingest_mirror_failure)
@@ -204,6 +213,8 @@ class RouterService:
                 self._drain(self._clients, self._client_decoder, self._on_client)
             elif sock is self._workers_sock:
                 self._drain_workers()
+            elif self.peers is not None and sock is self.peers.sub:
+                self.peers.handle()
             else:
                 try:
                     self.ingest.handle(sock)
@@ -282,6 +293,8 @@ class RouterService:
             self._finish(p, ErrorReply(p.request.request_id, ErrorCode.TIMEOUT,
                                        f"no result within {self.config.request_timeout_s} s", p.worker_id))
         self.core.expire(now)
+        if self.peers is not None:
+            self.peers.tick(now)
         if self.mirror_sync is not None and now >= self._next_mirror_check_s:
             self._next_mirror_check_s = now + self.config.mirror_check_s
             self.check_mirror()
@@ -672,6 +685,8 @@ class RouterService:
             self._finish(p, ErrorReply(p.request.request_id, ErrorCode.ROUTER_RESTARTED, "router shutting down",
                                        p.worker_id))
         self.ingest.close()
+        if self.peers is not None:
+            self.peers.close()
         for sock in (self._clients, self._workers_sock, None if self._metrics is None else self._metrics.sock):
             if sock is not None and not sock.closed:
                 sock.close(linger=0)

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.timeout(60)
 BS = 16
 
 
-def _router(router_id: str) -> RunningRouter:
+def _router(router_id: str, *, metrics: str | None = None, peers: tuple[str, ...] = ()) -> RunningRouter:
     return RunningRouter(RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(),
-                                      block_size=BS, router_id=router_id, request_timeout_s=10.0,
-                                      heartbeat=HeartbeatConfig(interval_s=0.2, liveness=5)))
+                                      bind_metrics=metrics, peers=peers, block_size=BS, router_id=router_id,
+                                      request_timeout_s=10.0, heartbeat=HeartbeatConfig(interval_s=0.2, liveness=5)))
 
 
 def _until(pred, timeout_s: float = 10.0) -> None:
@@ -48,14 +48,19 @@ def _run(client: RouterClient, request: GenerateRequest, timeout_s: float = 10.0
 
 
 @pytest.fixture
-def fleet():
-    """Two router replicas (r1, r2) and two workers registered with both."""
+def fleet(request):
+    """Two router replicas (r1, r2) and two workers registered with both; with ``peers`` (a marker
+    parameter) the replicas count each other's requests in flight."""
     ctx = zmq.Context()
-    routers = [_router("r1"), _router("r2")]
+    if getattr(request, "param", None) == "peers":
+        m1, m2 = free_tcp_endpoint(), free_tcp_endpoint()
+        routers = [_router("r1", metrics=m1, peers=(m2,)), _router("r2", metrics=m2, peers=(m1,))]
+    else:
+        routers = [_router("r1"), _router("r2")]
     endpoints = ",".join(r.service.workers_endpoint for r in routers)
     services, threads = [], []
     for wid in ("w1", "w2"):
-        backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id=wid, speedup=50.0, seed=1), ctx=ctx)
+        backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id=wid, speedup=4.0, seed=1), ctx=ctx)
         svc = WorkerService(backend=backend, router_endpoint=endpoints, worker_id=wid, ctx=ctx,
                             heartbeat_interval_s=0.2, liveness=5)
         th = threading.Thread(target=svc.run, daemon=True)
@@ -64,6 +69,8 @@ def fleet():
         threads.append(th)
     try:
         _until(lambda: all(s.registered for s in services) and all(len(r.service.workers) == 2 for r in routers))
+        # Replicas hear each other once their SUBs connected (the first one dialled a port not bound yet).
+        _until(lambda: all(r.service.peers is None or r.service.peers.heard for r in routers))
         yield ctx, routers, services
     finally:
         for svc in services:
@@ -121,3 +128,38 @@ def test_a_replica_dying_leaves_the_others_serving(fleet) -> None:
         assert all(s.links[1].registered for s in services)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("fleet", ["peers"], indirect=True)
+def test_replicas_count_each_others_requests_in_flight(fleet) -> None:
+    """r1's long request shows in r2's load of that worker (within the sync), and stops counting
+    when it ends; r2 then routes its own request elsewhere rather than onto the loaded worker."""
+    ctx, routers, services = fleet
+    r1, r2 = routers[0].service, routers[1].service
+    clients = [RouterClient(endpoint=r.service.clients_endpoint, ctx=ctx) for r in routers]
+    try:
+        long = clients[0].send(GenerateRequest("long", token_ids=list(range(40 * BS)), max_tokens=2000))
+        _until(lambda: long.routed is not None or bool(clients[0].poll(10)))
+        target = WorkerKey(long.routed.worker_id, 0)
+        _until(lambda: r2.core.load(target).in_flight == 1)
+        assert r1.core.load(target).in_flight == 1  # its own, counted once (a replica never applies itself)
+        other = _run(clients[1], GenerateRequest("short", token_ids=list(range(5000, 5000 + 2 * BS)), max_tokens=1))
+        assert other.routed.worker_id != target.worker_id
+        clients[0].cancel("long")
+        _until(lambda: long.done or bool(clients[0].poll(10)))
+        _until(lambda: r2.core.load(target).in_flight == 0)
+        assert r2.counters["peer_loads_applied"] >= 1 and r1.counters["peer_loads_applied"] >= 1
+        assert r2.peers is not None and set(r2.peers.heard) == {"r1"}
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.parametrize("fleet", ["peers"], indirect=True)
+def test_a_silent_replica_is_forgotten_after_the_heartbeat_timeout(fleet) -> None:
+    ctx, routers, _ = fleet
+    r2 = routers[1].service
+    _until(lambda: r2.peers is not None and "r1" in r2.peers.heard)
+    routers[0].stop()
+    _until(lambda: r2.counters["peers_forgotten"] == 1, timeout_s=5.0)  # heartbeat timeout: 0.2 s x 5
+    assert r2.peers is not None and r2.peers.heard == {}
