@@ -978,9 +978,10 @@ def _engines_busy(truth: Truth, wids: list[str]) -> float:
 
 def _client_disconnect_http(cluster, cfg: FaultsConfig, truth: Truth, notes: dict, http_port: int) -> float:
     """Non-streamed HTTP requests with long outputs (``disconnect_max_tokens``) whose clients close their
-    connections while the engines run them. The front must cancel each at the router, the router
-    at its worker: measured as how long the engines' running + waiting requests stay above what the
-    steady load alone keeps there (sampled every 20 ms) after the clients left."""
+    connections while the engines run them, and half as many streamed ones alongside (a front that
+    finds out by a failed write must not log a traceback). The front must cancel each at the
+    router, the router at its worker: measured as how long the engines' running + waiting requests
+    stay above what the steady load alone keeps there (sampled every 20 ms) after the clients left."""
     wids = list(cluster.worker_ids)
     cancelled_before = _router_metrics(http_port).get("kvr_router_error_cancelled_total", 0.0)
     baseline = 0.0
@@ -989,8 +990,9 @@ def _client_disconnect_http(cluster, cfg: FaultsConfig, truth: Truth, notes: dic
         baseline = max(baseline, _engines_busy(truth, wids))
         time.sleep(0.02)
     clients = [RawHttp(http_port, "/v1/completions",
-                       _http_body(cfg, 200 + i, stream=False, max_tokens=cfg.disconnect_max_tokens), timeout_s=60)
-               for i in range(cfg.http_requests)]
+                       _http_body(cfg, 200 + i, stream=i >= cfg.http_requests, max_tokens=cfg.disconnect_max_tokens),
+                       timeout_s=60)
+               for i in range(cfg.http_requests + cfg.http_requests // 2)]
     for c in clients:
         c.start()
     # As many in the engines as were abandoned (not baseline + that: the steady load's share comes and goes).
@@ -1015,7 +1017,9 @@ def _client_disconnect_http(cluster, cfg: FaultsConfig, truth: Truth, notes: dic
         notes["engines_ran_after_clients_left_s"] = None
     notes["steady_baseline_busy"] = baseline
     notes["abandoned_requests"] = len(clients)
-    notes["abandoned_with_a_reply"] = sum(1 for c in clients if c.buf)
+    notes["abandoned_streamed"] = sum(1 for c in clients if c.body["stream"])
+    # A non-streamed request answers only at its end: a reply means it was not stopped.
+    notes["abandoned_with_a_reply"] = sum(1 for c in clients if c.buf and not c.body["stream"])
     for c in clients:
         c.join(timeout=5)
 
