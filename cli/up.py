@@ -26,6 +26,9 @@ DEFAULT_MONITOR_PORT = 9470
 
 @click.command("up")
 @click.option("--workers", "-n", type=click.IntRange(1, 64), default=3, show_default=True, help="Emulated workers.")
+@click.option("--routers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Router replicas sharing the fleet: every worker registers with each, each keeps its own exact "
+                   "index and counts the others' requests in flight (docs/scaling.md).")
 @redis_url_option
 @click.option("--redis-kind", type=click.Choice(["auto", "redis-server", "fakeredis"]), default="auto",
               show_default=True,
@@ -63,7 +66,8 @@ DEFAULT_MONITOR_PORT = 9470
 def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, namespace: str, policy: str, profile: str,
            speedup: float, block_size: int, run_dir: str | None, client_port: int, worker_port: int, metrics_port: int,
            monitor_port: int, no_monitor: bool, ready_timeout_s: float, router_args: tuple[str, ...],
-           worker_args: tuple[str, ...], curve: bool = False, redis_cluster_masters: int | None = None) -> None:
+           worker_args: tuple[str, ...], curve: bool = False, redis_cluster_masters: int | None = None,
+           routers: int = 1) -> None:
     """Start Redis, the router, WORKERS workers and the monitor; Ctrl-C stops them all.
 
     Once ready it records itself in STATE/current.json (mode 0600; STATE is $KVR_STATE_DIR, else
@@ -100,7 +104,8 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         worker_args = (*worker_args, "--curve-dir", str(keys_dir))
     log_level = logging.getLevelName(logging.getLogger().level)
     cluster = LocalCluster(ClusterConfig(
-        workers=workers, redis_url=redis_url, redis_kind=redis_kind, redis_cluster_masters=redis_cluster_masters or 0,
+        workers=workers, routers=routers, redis_url=redis_url, redis_kind=redis_kind,
+        redis_cluster_masters=redis_cluster_masters or 0,
         namespace=namespace, policy=policy,
         profile=profile, speedup=speedup, block_size=block_size, monitor=not no_monitor, run_dir=run_dir,
         client_port=client_port, worker_port=worker_port, metrics_port=metrics_port, monitor_http_port=monitor_port,
@@ -119,6 +124,7 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         ctx.exit(cluster.exit_code())
     info = {
         "client_endpoint": cluster.client_endpoint,
+        "client_endpoints": cluster.client_endpoints,
         "worker_endpoint": cluster.worker_endpoint,
         "metrics_endpoint": cluster.metrics_endpoint,
         "monitor_url": cluster.monitor_url if not no_monitor else None,
@@ -174,6 +180,7 @@ def ready_message(info: dict, *, workers: int, state_path: Path, masked_redis: s
     lines += [
         f"  router:   clients {info['client_endpoint']}, workers {info['worker_endpoint']}, "
         f"metrics {info['metrics_endpoint']}",
+        *(f"  replica:  clients {ep}" for ep in info.get("client_endpoints", [])[1:]),
         f"  monitor:  {info['monitor_url'] or 'off (--no-monitor)'}",
         f"  run dir:  {run_dir}  (kept after the stop)",
         f"  found by: {state_path}  (kvr send/dash/inspect/plot use it when given no endpoint)",

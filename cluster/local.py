@@ -59,6 +59,7 @@ class ClusterConfig:
     """What to run. ``redis_url`` empty = the embedded default (``redis_kind``)."""
 
     workers: int = 3
+    routers: int = 1  # router replicas sharing the fleet (each worker registers with all; router/peers.py)
     redis_url: str = ""
     redis_kind: str = "auto"
     redis_cluster_masters: int = 0  # > 0: the embedded Redis is a Redis Cluster of this many masters
@@ -110,6 +111,16 @@ class LocalCluster:
         self.metrics_port = c.metrics_port
         self.monitor_http_port = c.monitor_http_port
         self.worker_ids = [f"worker-{i}" for i in range(c.workers)]
+        if c.routers < 1:
+            raise ValueError(f"routers must be >= 1, got {c.routers}")
+        # Replicas beyond the first ("router"): their ports, 0 until their ready file says. Their
+        # metrics ports, and the first router's, are picked here when there are replicas: each
+        # replica subscribes to the others' at start (--peer), before any of them has bound.
+        self.replica_names = [f"router-{i}" for i in range(1, c.routers)]
+        self.replica_ports: dict[str, dict[str, int]] = {
+            name: {"clients": 0, "workers": 0, "metrics": free_loopback_port()} for name in self.replica_names}
+        if self.replica_names and not self.metrics_port:
+            self.metrics_port = free_loopback_port()
         self.failure: ComponentFailed | None = None
         self._started = False
 
@@ -129,6 +140,28 @@ class LocalCluster:
     @property
     def metrics_endpoint(self) -> str:
         return self._ep(self.metrics_port)
+
+    @property
+    def router_names(self) -> list[str]:
+        return ["router", *self.replica_names]
+
+    def _router_ports(self, name: str) -> dict[str, int]:
+        if name == "router":
+            return {"clients": self.client_port, "workers": self.worker_port, "metrics": self.metrics_port}
+        return self.replica_ports[name]
+
+    @property
+    def client_endpoints(self) -> list[str]:
+        """Every router's client endpoint, the first router's first."""
+        return [self._ep(self._router_ports(n)["clients"]) for n in self.router_names]
+
+    @property
+    def worker_endpoints(self) -> list[str]:
+        return [self._ep(self._router_ports(n)["workers"]) for n in self.router_names]
+
+    @property
+    def metrics_endpoints(self) -> list[str]:
+        return [self._ep(self._router_ports(n)["metrics"]) for n in self.router_names]
 
     @property
     def monitor_url(self) -> str:
@@ -169,25 +202,28 @@ class LocalCluster:
         url = self.redis_url
         return ComponentSpec("redis", "redis", argv, ready=lambda: ping(url))
 
-    def router_spec(self) -> ComponentSpec:
-        """The router; a Redis URL with a password goes in its environment, never on a command line
-        (``ps`` and the supervisor's log show command lines)."""
+    def router_spec(self, name: str = "router") -> ComponentSpec:
+        """A router (``name``: "router", or a replica "router-N"); a Redis URL with a password goes in
+        its environment, never on a command line (``ps`` and the supervisor's log show command lines)."""
         c = self.config
         secret = urlsplit(self.redis_url).password is not None
+        ports = self._router_ports(name)
+        peers = [self._ep(self._router_ports(n)["metrics"]) for n in self.router_names if n != name]
         argv = kvr_argv(
             "router",
-            "--bind-clients", self.client_endpoint,
-            "--bind-workers", self.worker_endpoint,
-            "--bind-metrics", self.metrics_endpoint,
+            "--bind-clients", self._ep(ports["clients"]),
+            "--bind-workers", self._ep(ports["workers"]),
+            "--bind-metrics", self._ep(ports["metrics"]),
             "--policy", c.policy,
             "--block-size", str(c.block_size),
             *([] if secret else ["--redis-url", self.redis_url]),
             "--namespace", c.namespace,
-            "--ready-file", str(self._ready_file("router")),
+            "--ready-file", str(self._ready_file(name)),
+            *(["--router-id", name, *(a for p in peers for a in ("--peer", p))] if peers else []),
             *c.router_args,
             log_level=c.log_level,
         )
-        return ComponentSpec("router", "router", argv, ready=self._workers_registered,
+        return ComponentSpec(name, "router", argv, ready=self._workers_registered if name == "router" else None,
                              env={"KVR_REDIS_URL": self.redis_url} if secret else {})
 
     def worker_spec(self, worker_id: str) -> ComponentSpec:
@@ -196,7 +232,7 @@ class LocalCluster:
         argv = kvr_argv(
             "worker",
             "--id", worker_id,
-            "--router", self.worker_endpoint,
+            "--router", ",".join(self.worker_endpoints),
             "--events-endpoint", f"tcp://{c.host}:0",
             "--replay-endpoint", f"tcp://{c.host}:0",
             "--advertise-host", c.host,
@@ -214,7 +250,7 @@ class LocalCluster:
         c = self.config
         argv = kvr_argv(
             "monitor",
-            "--metrics-endpoint", self.metrics_endpoint,
+            *(a for ep in self.metrics_endpoints for a in ("--metrics-endpoint", ep)),
             "--dump", str(self.dump_path),
             "--dump-interval", f"{c.dump_interval_s:g}",
             "--http-host", c.host,
@@ -246,23 +282,27 @@ class LocalCluster:
             self.supervisor.respec("monitor", self.monitor_spec())  # a restart keeps the port
         return _http_ok(f"{self.monitor_url}/healthz")
 
-    def _wait_router_bound(self, timeout_s: float) -> None:
-        """The router's ready file: every port it bound, those asked as 0 resolved."""
+    def _wait_router_bound(self, timeout_s: float, name: str = "router") -> None:
+        """A router's ready file: every port it bound, those asked as 0 resolved."""
         deadline = time.monotonic() + timeout_s
-        while (endpoints := self._read_ready("router")) is None:
+        while (endpoints := self._read_ready(name)) is None:
             dead = self.supervisor.failed()
             if dead:
                 raise dead[0]
             if time.monotonic() > deadline:
-                raise ComponentFailed(ComponentSpec("router", "router", []),
+                raise ComponentFailed(ComponentSpec(name, "router", []),
                                       f"did not report its endpoints within {timeout_s:.0f} s", returncode=None,
-                                      log_tail=tail(self.supervisor.log_path("router")))
+                                      log_tail=tail(self.supervisor.log_path(name)))
             time.sleep(0.05)
-        self.client_port = urlsplit(endpoints["clients"]).port or self.client_port
-        self.worker_port = urlsplit(endpoints["workers"]).port or self.worker_port
-        if endpoints.get("metrics"):
-            self.metrics_port = urlsplit(endpoints["metrics"]).port or self.metrics_port
-        self.supervisor.respec("router", self.router_spec())  # a restarted router keeps these ports
+        bound = {role: urlsplit(endpoints[role]).port or 0 for role in ("clients", "workers", "metrics")
+                 if endpoints.get(role)}
+        if name == "router":
+            self.client_port = bound.get("clients") or self.client_port
+            self.worker_port = bound.get("workers") or self.worker_port
+            self.metrics_port = bound.get("metrics") or self.metrics_port
+        else:
+            self.replica_ports[name].update({k: v for k, v in bound.items() if v})
+        self.supervisor.respec(name, self.router_spec(name))  # a restarted router keeps these ports
 
     # ------------------------------------------------------------------ readiness
 
@@ -302,9 +342,10 @@ class LocalCluster:
             # The router first: the monitor and the workers dial the ports it reports. Records
             # published before the monitor subscribes are none (no request is sent before
             # _wait_metrics_flowing), so starting the monitor second loses nothing.
-            self._ready_file("router").unlink(missing_ok=True)
-            sup.start(self.router_spec())
-            self._wait_router_bound(remaining())
+            for name in self.router_names:  # one after the other: each learns its ports from its ready file
+                self._ready_file(name).unlink(missing_ok=True)
+                sup.start(self.router_spec(name))
+                self._wait_router_bound(remaining(), name)
             if c.monitor:
                 self._ready_file("monitor").unlink(missing_ok=True)
                 sup.start(self.monitor_spec())

@@ -190,3 +190,35 @@ def test_a_redis_password_goes_to_the_routers_environment_not_its_command_line(t
     assert not any("s3cret" in a for a in spec.argv) and dict(spec.env) == {"KVR_REDIS_URL": secret}
     plain = LocalCluster(ClusterConfig(workers=1, redis_url="redis://127.0.0.1:6379/0", run_dir=tmp_path)).router_spec()
     assert plain.argv[plain.argv.index("--redis-url") + 1] == "redis://127.0.0.1:6379/0" and dict(plain.env) == {}
+
+
+def test_local_cluster_with_router_replicas_serves_through_each_and_survives_one(redis_server, tmp_path):
+    """kvr up --routers 2: every worker registers with both replicas; a prefix placed through one is
+    found cached through the other; the monitor hears both; one replica killed, the other serves."""
+    cluster = LocalCluster(ClusterConfig(workers=2, routers=2, redis_url=redis_server, speedup=50, run_dir=tmp_path,
+                                         namespace="t-up-replicas", ready_timeout_s=30, dump_interval_s=0.5))
+    with cluster:
+        assert cluster.supervisor.names[:2] == ["router", "router-1"]
+        assert len(set(cluster.client_endpoints)) == 2
+        first, second = cluster.client_endpoints
+        with RouterClient(endpoint=first) as client:
+            placed = client.generate(GenerateRequest(request_id="a", prompt=PROMPT, max_tokens=3), timeout_s=10)
+        assert placed.completion is not None
+        holder = placed.completion.worker_id
+        with RouterClient(endpoint=second) as client:
+            # The second replica indexed the holder's blocks from its own subscription (within a moment).
+            hits = [client.generate(GenerateRequest(request_id=f"b{i}", prompt=PROMPT, max_tokens=3), timeout_s=10)
+                    for i in range(3)]
+        assert all(r.completion is not None and r.completion.worker_id == holder for r in hits[1:])
+        assert hits[-1].completion.cached_tokens > 0
+
+        def summary() -> dict:
+            return fetch_dump(f"{cluster.monitor_url}/json")["summary"]
+
+        eventually(lambda: summary()["requests"] == 4, timeout_s=10, what=lambda: f"4 requests in {summary()}",
+                   interval_s=0.05)
+        cluster.supervisor.signal("router", signal.SIGKILL)
+        with RouterClient(endpoint=second) as client:
+            after = [client.generate(GenerateRequest(request_id=f"c{i}", prompt=PROMPT, max_tokens=2), timeout_s=10)
+                     for i in range(3)]
+        assert all(r.completion is not None for r in after)
