@@ -23,8 +23,10 @@ key's slot). All values are readable with ``redis-cli``::
                                                   flushed, and rewrites its whole mirror
     kvr:{<ns>~<n>}:generation              STRING on a Redis Cluster, the same token once per master
                                                   instead: ``<n>`` is the smallest number whose key's
-                                                  slot that master serves, so one master restarting
-                                                  empty (or flushed) changes what the router reads
+                                                  slot that master serves; the router's generation is
+                                                  every master's address and token, so one master
+                                                  restarting empty (or flushed), or another node
+                                                  taking its slots (a failover), changes it
     kvr:{<ns>:<wid>:<rank>}:stream         HASH   seq (last applied event batch), epoch (incarnation the
                                                   seq belongs to), scheme (core.own_block_hash.HASH_SCHEME
                                                   of the hashes in :blocks), updated_s, batches, events
