@@ -37,10 +37,20 @@ from core.events import BlockStored
 from core.liveness import HeartbeatConfig
 from core.prefix_index import WorkerKey
 from router.service import RouterConfig, RouterService
+from tests.fakes.clock import ManualClock
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 BS = 16
+#: How often a FakeWorker beats (each pump, at most this often).
 BEAT_S = 0.1
+#: The router's heartbeat settings: it calls a worker stale after 1.5 intervals and dead after
+#: LIVENESS of them. Both stay well above a 300 ms stall of the test thread (a busy 2-core
+#: machine) plus a beat interval, so a stall is never read as a death; tests about deaths wait
+#: TIMEOUT_S, or drive the router with a ManualClock.
+ROUTER_BEAT_S = 0.4
+LIVENESS = 3
+TIMEOUT_S = ROUTER_BEAT_S * LIVENESS
 
 
 class FakeWorker:
@@ -117,7 +127,7 @@ class FakeWorker:
 
 def _config(**kw) -> RouterConfig:
     return RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
-                        heartbeat=HeartbeatConfig(interval_s=BEAT_S, liveness=3), router_id="r1",
+                        heartbeat=HeartbeatConfig(interval_s=ROUTER_BEAT_S, liveness=LIVENESS), router_id="r1",
                         request_timeout_s=5.0, max_pending=8, **kw)
 
 
@@ -152,17 +162,15 @@ def router(ctx):
 
 
 def wait_for(pred, workers, client=None, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """:func:`eventually`, pumping the fake workers (they have no thread) and the client each try."""
+
+    def pump() -> None:
         for w in workers:
             w.pump()
         if client is not None:
             client.poll(5)
-        else:
-            time.sleep(0.005)
-        if pred():
-            return
-    raise AssertionError("condition not reached in time")
+
+    eventually(pred, timeout_s=timeout_s, pump=pump, interval_s=0 if client is not None else 0.005)
 
 
 def test_registers_ingests_events_and_routes_to_the_cached_worker(ctx, router):
@@ -342,7 +350,7 @@ def test_a_worker_restart_with_a_new_epoch_discards_its_stored_index(ctx, redis_
         # Its predecessor died a moment ago, silently: not proven gone yet, so the id stays its own.
         wait_for(lambda: any(isinstance(m, Refused) for m in w2.received), [w2])
         [refused] = [m for m in w2.received if isinstance(m, Refused)]
-        assert refused.code == REFUSED_DUPLICATE_ID and 0 < refused.retry_after_s <= 3 * BEAT_S
+        assert refused.code == REFUSED_DUPLICATE_ID and 0 < refused.retry_after_s <= TIMEOUT_S
         time.sleep(refused.retry_after_s)
         w2.hello()  # once more after the holder's timeout: it takes over
         wait_for(lambda: "w1" in svc.workers and svc.workers["w1"].hello.epoch == 2, [w2])
@@ -512,7 +520,7 @@ def test_a_hello_copying_a_live_workers_id_and_epoch_is_refused(ctx, router):
         impostor.hello()
         wait_for(lambda: impostor.refusals(), [w, impostor])
         [refused] = impostor.refusals()
-        assert refused.code == REFUSED_DUPLICATE_ID and 0 < refused.retry_after_s <= 3 * BEAT_S
+        assert refused.code == REFUSED_DUPLICATE_ID and 0 < refused.retry_after_s <= TIMEOUT_S
         assert router.counters["rejected_hello_duplicate_id"] == 1 and router.workers["a"].identity == identity
         res = client.send(GenerateRequest("x", token_ids=list(range(40))))
         wait_for(lambda: res.done, [w, impostor], client)
@@ -523,7 +531,10 @@ def test_a_hello_copying_a_live_workers_id_and_epoch_is_refused(ctx, router):
         w.close()
 
 
-def test_a_claimant_takes_an_id_over_once_its_holder_missed_the_heartbeat_timeout(ctx, router):
+def test_a_claimant_takes_an_id_over_once_its_holder_missed_the_heartbeat_timeout(ctx):
+    clock = ManualClock()  # the holder's silence is the clock's step, whatever the machine's load
+    running = RunningRouter(_config(), clock=clock)
+    router = running.service
     w = FakeWorker(ctx, router.workers_endpoint, "a", epoch=7, link_token="secret-a")
     other = FakeWorker(ctx, router.workers_endpoint, "a", epoch=8, link_token="secret-b")
     try:
@@ -532,11 +543,12 @@ def test_a_claimant_takes_an_id_over_once_its_holder_missed_the_heartbeat_timeou
         other.hello()
         wait_for(lambda: other.refusals(), [w, other])
         w.alive = False  # the holder goes silent
-        time.sleep(3 * BEAT_S)
+        clock.advance(TIMEOUT_S + ROUTER_BEAT_S)
         other.hello()
         wait_for(lambda: "a" in router.workers and router.workers["a"].hello.epoch == 8, [other])
         assert len(other.refusals()) == 1 and router.counters["rejected_hello_duplicate_id"] == 1
     finally:
+        running.stop()
         w.close()
         other.close()
 
@@ -546,7 +558,8 @@ def test_with_curve_a_worker_id_is_bound_to_the_key_that_first_registered_it(ctx
 
     generate_keys(tmp_path, ("router", "worker", "worker-b", "client"))
     curve = load_curve(tmp_path, name="router")
-    running = RunningRouter(_config(), curve=curve)
+    clock = ManualClock()
+    running = RunningRouter(_config(), curve=curve, clock=clock)
     svc = running.service
 
     def as_key(name: str):
@@ -561,7 +574,7 @@ def test_with_curve_a_worker_id_is_bound_to_the_key_that_first_registered_it(ctx
         wait_for(lambda: "a" in svc.workers, [a])
         a.alive = False
         a.sock.close(linger=0)  # gone for good: the id is free, but not for another key
-        time.sleep(3 * BEAT_S)
+        clock.advance(TIMEOUT_S + ROUTER_BEAT_S)
         thief.pub.close()
         thief.pub = a.pub
         thief.hello()  # even with the link token: the key decides

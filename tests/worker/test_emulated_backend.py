@@ -10,15 +10,8 @@ from bus.schema import Completion, Dispatch, ErrorCode, ErrorReply, TokenChunk
 from bus.vllm_codec import decode_batch
 from core.events import AllBlocksCleared, BlockStored
 from core.profiles import get_profile
+from tests.fakes.clock import ManualClock
 from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
@@ -55,7 +48,7 @@ def replay_all(b: EmulatedBackend, ctx, start: int = 0) -> list[tuple[int, bytes
 
 
 def test_hello_advertises_loopback_endpoints_and_the_profile(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock)
     try:
         h = b.hello(epoch=5)
@@ -69,7 +62,7 @@ def test_hello_advertises_loopback_endpoints_and_the_profile(ctx) -> None:
 
 
 def test_steps_take_their_duration_divided_by_speedup_and_emit_at_their_end(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock)
     lat = get_profile("simple").latency
     prefill = lat.prefill_s(new_tokens=40)  # 15 ms + 3 blocks x 2 ms
@@ -98,7 +91,7 @@ def test_steps_take_their_duration_divided_by_speedup_and_emit_at_their_end(ctx)
 
 
 def test_each_step_publishes_one_vllm_batch_that_replay_returns(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock)
     try:
         b.submit(Dispatch(request_id="q", token_ids=list(range(40)), max_tokens=1))
@@ -116,7 +109,7 @@ def test_each_step_publishes_one_vllm_batch_that_replay_returns(ctx) -> None:
 
 
 def test_cancel_ends_a_request_with_one_cancelled_error_and_drops_its_pending_tokens(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock)
     try:
         b.submit(Dispatch(request_id="q", token_ids=list(range(40)), max_tokens=100))
@@ -133,7 +126,7 @@ def test_cancel_ends_a_request_with_one_cancelled_error_and_drops_its_pending_to
 
 
 def test_rejected_requests_get_a_clear_error(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock)
     try:
         b.submit(Dispatch(request_id="long", token_ids=[1] * 5000, max_tokens=1))
@@ -148,7 +141,7 @@ def test_rejected_requests_get_a_clear_error(ctx) -> None:
 
 
 def test_dropped_batches_stay_replayable_and_a_publisher_restart_resets_seq(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock, faults=FaultPlan(drop_rate=1.0))
     try:
         for i in range(2):
@@ -167,7 +160,7 @@ def test_dropped_batches_stay_replayable_and_a_publisher_restart_resets_seq(ctx)
 
 
 def test_close_answers_everything_in_flight(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock)
     b.submit(Dispatch(request_id="a", token_ids=list(range(20)), max_tokens=50))
     b.submit(Dispatch(request_id="b", token_ids=list(range(20)), max_tokens=50))
@@ -179,7 +172,7 @@ def test_close_answers_everything_in_flight(ctx) -> None:
 
 
 def test_stream_interval_sends_the_first_token_alone_then_batches(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock, stream_interval=3)
     try:
         b.submit(Dispatch(request_id="q", token_ids=list(range(10)), max_tokens=8))
@@ -197,7 +190,7 @@ def test_stream_interval_sends_the_first_token_alone_then_batches(ctx) -> None:
 
 
 def test_small_lateness_does_not_accumulate_but_a_large_lag_resyncs(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock, speedup=10.0)
     lat = get_profile("simple").latency
     try:
@@ -216,7 +209,7 @@ def test_small_lateness_does_not_accumulate_but_a_large_lag_resyncs(ctx) -> None
 
 
 def test_a_duplicate_dispatch_is_ignored_not_answered(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock)
     try:
         b.submit(Dispatch(request_id="q", token_ids=list(range(10)), max_tokens=2))
@@ -227,7 +220,7 @@ def test_a_duplicate_dispatch_is_ignored_not_answered(ctx) -> None:
 
 
 def test_a_reset_during_a_step_is_published_after_that_steps_events(ctx) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = backend(ctx, clock)
     try:
         b.submit(Dispatch(request_id="q", token_ids=list(range(40)), max_tokens=3))
