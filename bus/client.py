@@ -113,6 +113,12 @@ class RouterClient:
         self._abandoned: OrderedDict[str, None] = OrderedDict()  # those requests' ids (bounded)
         self._ended: list[RequestResult] = []  # ended by a loss noticed in send(), for the next poll
 
+    @property
+    def session_up(self) -> bool:
+        """A router session completed its handshake and has not been lost since (as last read)."""
+        self._read_monitor(self._ended)
+        return self._session_up
+
     def send(self, request: GenerateRequest) -> RequestResult:
         # A session lost before this send must not take this request down with it: the
         # requests it did hold are ended now (returned by the next poll), this one goes out after.

@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from bus.client import RouterClient
+from bus.replica_client import ReplicaClient
 from bus.schema import GenerateRequest
 from bus.sockets import free_tcp_endpoint
 from core.liveness import HeartbeatConfig
@@ -52,6 +53,7 @@ def fleet(request):
     """Two router replicas (r1, r2) and two workers registered with both; with ``peers`` (a marker
     parameter) the replicas count each other's requests in flight."""
     ctx = zmq.Context()
+    speedup = 0.25 if getattr(request, "param", None) == "slow" else 4.0
     if getattr(request, "param", None) == "peers":
         m1, m2 = free_tcp_endpoint(), free_tcp_endpoint()
         routers = [_router("r1", metrics=m1, peers=(m2,)), _router("r2", metrics=m2, peers=(m1,))]
@@ -60,7 +62,7 @@ def fleet(request):
     endpoints = ",".join(r.service.workers_endpoint for r in routers)
     services, threads = [], []
     for wid in ("w1", "w2"):
-        backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id=wid, speedup=4.0, seed=1), ctx=ctx)
+        backend = EmulatedBackend(config=EmulatedWorkerConfig(worker_id=wid, speedup=speedup, seed=1), ctx=ctx)
         svc = WorkerService(backend=backend, router_endpoint=endpoints, worker_id=wid, ctx=ctx,
                             heartbeat_interval_s=0.2, liveness=5)
         th = threading.Thread(target=svc.run, daemon=True)
@@ -163,3 +165,39 @@ def test_a_silent_replica_is_forgotten_after_the_heartbeat_timeout(fleet) -> Non
     routers[0].stop()
     _until(lambda: r2.counters["peers_forgotten"] == 1, timeout_s=5.0)  # heartbeat timeout: 0.2 s x 5
     assert r2.peers is not None and r2.peers.heard == {}
+
+
+def _drain(client: ReplicaClient, n: int, timeout_s: float = 20.0) -> list:
+    done: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(done) < n and time.monotonic() < deadline:
+        done += client.poll(50)
+    return done
+
+
+def test_a_replica_client_spreads_requests_over_the_replicas(fleet) -> None:
+    ctx, routers, _ = fleet
+    with ReplicaClient(endpoints=[r.service.clients_endpoint for r in routers], ctx=ctx) as client:
+        for i in range(6):
+            client.send(GenerateRequest(f"s{i}", token_ids=list(range(i * 64, i * 64 + 2 * BS)), max_tokens=2))
+        done = _drain(client, 6)
+    assert sorted(r.request_id for r in done) == [f"s{i}" for i in range(6)]
+    assert all(r.completion is not None for r in done)
+    assert [r.service.counters["requests"] for r in routers] == [3, 3]
+
+
+@pytest.mark.parametrize("fleet", ["slow"], indirect=True)
+def test_requests_lost_with_a_replica_before_any_token_fail_over_to_another(fleet) -> None:
+    """Replica r1 stops while its requests are still in prefill: each is sent again to r2 under the
+    same id and completes; every request ends exactly once, none with an error."""
+    ctx, routers, _ = fleet
+    with ReplicaClient(endpoints=[r.service.clients_endpoint for r in routers], ctx=ctx) as client:
+        for i in range(4):
+            client.send(GenerateRequest(f"f{i}", token_ids=list(range(i * 1000, i * 1000 + 40 * BS)), max_tokens=2))
+        _until(lambda: routers[0].service.counters["requests"] == 2)
+        routers[0].stop()  # answers its pending requests ROUTER_RESTARTED, none had a token yet
+        done = _drain(client, 4)
+        assert client.failovers == 2 and client.pending == {}
+    assert sorted(r.request_id for r in done) == [f"f{i}" for i in range(4)]
+    assert all(r.completion is not None for r in done), [r.error for r in done]
+    assert routers[1].service.counters["requests"] == 4
