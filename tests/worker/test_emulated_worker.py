@@ -23,6 +23,7 @@ from bus.schema import (
     TokenChunk,
     Welcome,
 )
+from tests.waiting import eventually
 from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
 from worker.service import WorkerService
 
@@ -105,9 +106,11 @@ def test_a_stalled_worker_loop_reads_the_waiting_beats_before_calling_the_router
     """CPU starvation or a long piece of work on the loop: the router's beats wait unread in the
     socket meanwhile; that is not a silent router, and the worker must not drop the link."""
     svc = start_worker()
-    register(router, interval_s=0.05, liveness=3)  # silent for 0.15 s = dead
-    svc.call(lambda: time.sleep(0.6))  # the loop is stuck (an HTTP-side call, here) for 0.6 s
-    end = time.monotonic() + 1.0
+    # Silent for 0.5 s = dead: above a 300 ms stall of this test thread (the router's beats come
+    # from it), far below the 1.5 s the worker's loop is stuck.
+    register(router, interval_s=0.1, liveness=5)
+    svc.call(lambda: time.sleep(1.5))  # the loop is stuck (an HTTP-side call, here) for 1.5 s
+    end = time.monotonic() + 2.0
     while time.monotonic() < end:  # the router beats on all along
         router.send(Heartbeat(sender_id="r1"))
         time.sleep(0.02)
@@ -121,10 +124,7 @@ def test_a_replaced_link_resends_every_kept_stream_from_its_start_after_the_welc
     svc = start_worker(backoff_min_s=0.3)
     first = register(router, interval_s=0.05, liveness=2)
     router.send(Dispatch(request_id="r", token_ids=list(range(40)), max_tokens=400))
-    deadline = time.monotonic() + 5
-    while svc.counters.replies_held == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert svc.counters.replies_held > 0
+    eventually(lambda: svc.counters.replies_held > 0, what="replies held while the link is down")
     before: list[TokenChunk] = []
     while not isinstance(msg := router.recv(), Hello):  # what got out before the link dropped
         if isinstance(msg, TokenChunk):
@@ -226,13 +226,8 @@ def test_a_router_that_does_not_know_the_worker_gets_a_hello_at_once_on_the_same
 
 
 def _silence_warnings(caplog, svc, timeout_s: float = 5.0) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = [r.getMessage() for r in caplog.records if r.getMessage().startswith("router silent")]
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError("no 'router silent' warning")
+    return eventually(lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith("router silent")],
+                      timeout_s=timeout_s, what="a 'router silent' warning", interval_s=0.02)
 
 
 def test_no_router_at_all_is_said_so_not_blamed_on_curve(caplog) -> None:
@@ -275,9 +270,7 @@ def test_a_duplicate_id_refusal_is_tried_once_more_after_the_holders_timeout_the
     router.recv(Hello, timeout_s=5)
     assert time.monotonic() - refused_at >= 0.3 and svc.refused is None
     router.send(Refused(reason="worker id 'w1' is in use", code=REFUSED_DUPLICATE_ID, retry_after_s=0.3))
-    deadline = time.monotonic() + 5
-    while svc.refused is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: svc.refused is not None, what="the second refusal taken")
     assert svc.refused == "worker id 'w1' is in use"
 
 
@@ -286,10 +279,8 @@ def test_a_restarted_worker_registers_once_its_dead_predecessor_timed_out(router
     router.recv(Hello)
     router.send(Refused(reason="in use", code=REFUSED_DUPLICATE_ID, retry_after_s=0.1))
     register(router)  # the second Hello: the predecessor is gone now
-    deadline = time.monotonic() + 5
-    while not svc.registered and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert svc.registered and svc.refused is None
+    eventually(lambda: svc.registered, what="w1 registered")
+    assert svc.refused is None
 
 
 def test_a_welcome_from_a_restarted_router_cancels_and_forgets_the_old_routers_requests(router, start_worker) -> None:
@@ -302,11 +293,8 @@ def test_a_welcome_from_a_restarted_router_cancels_and_forgets_the_old_routers_r
     again = router.recv(Hello)
     assert again.in_flight == ["old"] and again.router_epoch == 5
     router.send(Welcome(router_id="r1", heartbeat_interval_s=0.2, heartbeat_liveness=50, router_epoch=9))
-    deadline = time.monotonic() + 5
-    while svc.counters.orphan_replies_dropped == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
     # The old request was cancelled and its reply not sent to a router that never asked for it.
-    assert svc.counters.orphan_replies_dropped >= 1
+    eventually(lambda: svc.counters.orphan_replies_dropped >= 1, what="the old router's reply dropped")
     assert svc.call(lambda: svc.backend.num_in_flight).result(timeout=5) == 0
     router.send(Dispatch(request_id="new", token_ids=list(range(30)), max_tokens=2))
     tokens, done = collect(router, "new")  # nothing of "old" in between
