@@ -1,4 +1,4 @@
-"""``kvr bench overhead|basic|scale|stale|peer|fuzz``: the suites of the ``bench/`` package.
+"""``kvr bench overhead|basic|scale|stale|peer|fuzz|faults|replicas``: the suites of the ``bench/`` package.
 
 Each command only parses options, runs the suite with a progress bar (stderr) and writes
 ``<suite>.json``, ``<suite>.md`` and plots into ``--out``; ``--json`` also prints the JSON on
@@ -176,6 +176,30 @@ def scale(out_dir, as_json, quick, repeats, seed, workers, rates_per_worker, dur
     finish(result, out_dir, as_json, plot=plot)
 
 
+@click.command("replicas")
+@_with_common
+@click.option("--replicas", default="1,2,4", show_default=True, help="Router replicas per point (comma-separated).")
+@click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True)
+@click.option("--rate", "rate_per_s", type=float, default=6.0, show_default=True,
+              help="Requests/s of workload time.")
+@click.option("--duration", "duration_s", type=float, default=30.0, show_default=True, help="Workload seconds.")
+@click.option("--speedup", type=float, default=4.0, show_default=True, help="Emulated engine speed-up.")
+@click.option("--no-kill", is_flag=True, help="Leave out the point that SIGKILLs one of two replicas.")
+def replicas(out_dir, as_json, quick, repeats, seed, replicas, workers, rate_per_s, duration_s, speedup,
+             no_kill) -> None:
+    """1, 2, 4 router replicas on one fleet: hit rate, TTFT, router CPU per request; one replica killed."""
+    from bench.progress import RichProgress
+    from bench.replicas import ReplicasConfig, run
+
+    cfg = ReplicasConfig.quick() if quick else ReplicasConfig(
+        replicas=_ints(replicas), workers=workers, rate_per_s=rate_per_s, duration_s=duration_s, speedup=speedup)
+    cfg.kill_case = not no_kill
+    cfg.seed = seed
+    cfg.out_dir = str(Path(out_dir) / "replicas-runs")
+    result = run(cfg, command=_command_line(), progress=RichProgress("replicas"))
+    finish(result, out_dir, as_json)
+
+
 @click.command("stale")
 @_with_common
 @click.option("--fault", "faults", multiple=True,
@@ -269,5 +293,5 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic, peer, scale, stale, fuzz, faults]
+SUITE_COMMANDS = [overhead, basic, peer, scale, stale, fuzz, faults, replicas]
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bus.client import RequestResult, RouterClient
+from bus.replica_client import ReplicaClient
 from bus.schema import GenerateRequest
 from sim.workload import SimRequest, Workload
 
@@ -45,7 +46,7 @@ class DriveResult:
 
 
 def drive_workload(
-    client: RouterClient,
+    client: RouterClient | ReplicaClient,
     workload: Workload,
     arrivals_s: Sequence[float],
     *,
