@@ -40,12 +40,14 @@ def _role(service: str) -> str:
 
 def test_services_and_healthchecks(compose):
     services = compose["services"]
-    assert sorted(services) == ["monitor", "redis", "router", "worker-0", "worker-1", "worker-2"]
+    assert sorted(services) == ["monitor", "redis", "router", "router-1", "worker-0", "worker-1", "worker-2"]
     for name, svc in services.items():
         assert "test" in svc["healthcheck"], name
     assert services["router"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["router-1"]["depends_on"]["redis"]["condition"] == "service_healthy"
     for w in ("worker-0", "worker-1", "worker-2"):
         assert services[w]["depends_on"]["router"]["condition"] == "service_healthy"
+        assert services[w]["depends_on"]["router-1"]["condition"] == "service_healthy"
 
 
 def test_every_kvr_command_parses(compose):
@@ -57,7 +59,7 @@ def test_every_kvr_command_parses(compose):
         assert ctx.info_name == _role(name)
     ctx = dry_parse(compose["services"]["worker-1"]["command"][1:])
     assert (ctx.params["worker_id"], ctx.params["advertise_host"], ctx.params["router_endpoint"]) == (
-        "worker-1", "worker-1", "tcp://router:5556")
+        "worker-1", "worker-1", "tcp://router:5556,tcp://router-1:5556")
     with pytest.raises(click.UsageError):
         dry_parse(["worker", "--id=w", "--no-such-option"])
 
@@ -75,8 +77,9 @@ def _router_endpoint(params: dict, name: str, port: int) -> str:
 
 def test_kvr_up_runs_the_same_topology(compose):
     services = compose["services"]
-    cluster = LocalCluster(ClusterConfig(workers=3, redis_url="redis://127.0.0.1:6379/0"))
-    specs = [cluster.monitor_spec(), cluster.router_spec(), *(cluster.worker_spec(w) for w in cluster.worker_ids)]
+    cluster = LocalCluster(ClusterConfig(workers=3, routers=2, redis_url="redis://127.0.0.1:6379/0"))
+    specs = [cluster.monitor_spec(), *(cluster.router_spec(r) for r in cluster.router_names),
+             *(cluster.worker_spec(w) for w in cluster.worker_ids)]
     assert sorted(s.name for s in specs) == sorted(n for n in services if n != "redis")
     for spec in specs:
         # argv = python -m cli.main --log-level L <command> ...
@@ -90,10 +93,14 @@ def test_kvr_up_runs_the_same_topology(compose):
     router = dry_parse(services["router"]["command"][1:]).params
     monitor = dry_parse(services["monitor"]["command"][1:]).params
     worker = dry_parse(services["worker-0"]["command"][1:]).params
-    assert (worker["router_endpoint"].rsplit(":", 1)[1]
-            == _router_endpoint(router, "bind_workers", names.ROUTER_WORKERS_PORT).rsplit(":", 1)[1])
-    assert (monitor["metrics_endpoints"][0].rsplit(":", 1)[1]
-            == _router_endpoint(router, "bind_metrics", names.ROUTER_METRICS_PORT).rsplit(":", 1)[1])
+    replica = dry_parse(services["router-1"]["command"][1:]).params
+    assert [e.rsplit(":", 1)[1] for e in worker["router_endpoint"].split(",")] == [
+        _router_endpoint(r, "bind_workers", names.ROUTER_WORKERS_PORT).rsplit(":", 1)[1] for r in (router, replica)]
+    assert [e.rsplit(":", 1)[1] for e in monitor["metrics_endpoints"]] == [
+        _router_endpoint(r, "bind_metrics", names.ROUTER_METRICS_PORT).rsplit(":", 1)[1] for r in (router, replica)]
+    # Each replica's --peer is the other's metrics PUB, each has its own id.
+    assert (router["peers"], replica["peers"]) == (("tcp://router-1:5557",), ("tcp://router:5557",))
+    assert router["router_id"] != replica["router_id"]
     assert router["block_size"] == worker["block_size"] == monitor["block_size"]
 
 
