@@ -245,7 +245,11 @@ class HttpFront:
 
     async def _next(self, inbox: asyncio.Queue):
         try:
-            msg = await asyncio.wait_for(inbox.get(), self.request_timeout_s)
+            # Not asyncio.wait_for: on Python 3.11 it can swallow the cancellation aiohttp sends when
+            # the client leaves, if it lands as the queue yields an item (gh-86296); the request would
+            # then run to its end instead of being aborted (router/http_front.py, the same fix).
+            async with asyncio.timeout(self.request_timeout_s):
+                msg = await inbox.get()
         except TimeoutError:
             raise HttpError(504, "request timed out", "TimeoutError") from None
         if msg is None:
