@@ -106,7 +106,18 @@ def block_hashes(
         n_blocks = min(n_blocks, max_blocks)
     if n_blocks <= 0:  # (a negative max_blocks: none)
         return []
-    raw = _token_bytes(token_ids[: n_blocks * block_size])
+    n_tokens = n_blocks * block_size
+    raw = None
+    if len(token_ids) - n_tokens < block_size:
+        # Only a partial block (or nothing) follows: pack the whole prompt rather than a copy of
+        # its full blocks (the copy is one more pass over every token object, cold on the routing
+        # path: ~7 of ~30 us for a 185-block prompt); the slices below read the full blocks only.
+        try:
+            raw = _token_bytes(token_ids)
+        except ValueError:
+            pass  # an invalid id in the partial block is not hashed: the full blocks alone decide
+    if raw is None:
+        raw = _token_bytes(token_ids[:n_tokens])
     extra = extra_key_bytes(extra_keys)
     out: list[int] = []
     append = out.append

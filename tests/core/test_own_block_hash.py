@@ -130,6 +130,18 @@ def test_bad_tokens_and_block_size_raise_value_error() -> None:
         block_hashes([1] * 16, block_size=0)
 
 
+@pytest.mark.parametrize("bad", [-1, 2**32, "7", None])
+def test_a_bad_token_counts_only_inside_a_full_block(bad) -> None:
+    # Only full blocks are hashed: a bad id in the trailing partial block is never looked at
+    # (whatever the packing path), one in a full block is a ValueError.
+    tokens = list(range(40))
+    assert block_hashes([*tokens[:32], bad, 5], block_size=16) == block_hashes(tokens[:32], block_size=16)
+    assert block_hashes([*tokens[:32], bad], block_size=16, extra_keys=["x"]) == block_hashes(
+        tokens[:32], block_size=16, extra_keys=["x"])
+    with pytest.raises(ValueError):
+        block_hashes([*tokens[:20], bad, *tokens[21:]], block_size=16)
+
+
 def test_max_blocks_truncates() -> None:
     assert block_hashes(list(range(64)), block_size=16, max_blocks=2) == block_hashes(list(range(32)), block_size=16)
 
