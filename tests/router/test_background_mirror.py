@@ -13,6 +13,7 @@ from bus.schema import Hello
 from router.background_mirror import BackgroundMirror
 from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot, make_redis_client
 from router.mirror_health import cause_of
+from tests.waiting import eventually
 
 HELLO = Hello(worker_id="w1", epoch=7, model="m", block_size=16, num_gpu_blocks=924,
               events_endpoint="tcp://127.0.0.1:5557")
@@ -43,17 +44,6 @@ def hung_server():
     for c in held:
         c.close()
     srv.close()
-
-
-def _wait(pred, timeout_s: float = 5.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def _refused_url() -> str:
@@ -113,7 +103,8 @@ def test_a_hung_redis_never_blocks_the_caller_and_the_queue_is_bounded(hung_serv
                           max_queue=3)
     try:
         bg.write_batch("w1", 0, seq=0, epoch=1, stored={0: 0})
-        assert _wait(lambda: bg._busy)  # taken by the thread, which now waits on the silent server
+        # Taken by the thread, which now waits on the silent server.
+        eventually(lambda: bg._busy, what="the mirror thread busy", interval_s=0.005)
         for seq in range(1, 5):  # three wait in the queue, the fourth is dropped
             bg.write_batch("w1", 0, seq=seq, epoch=1, stored={seq: seq})
         assert not bg.flush(0.01)  # the caller came back while the writer is still waiting on Redis

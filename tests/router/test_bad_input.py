@@ -28,6 +28,7 @@ from router.config import RouterConfig
 from router.http_front import RouterHttpFront
 from tests.http_helpers import raw_http
 from tests.router.test_service import RunningRouter
+from tests.waiting import eventually
 from worker.runner import WorkerOptions, WorkerRunner
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,17 +55,12 @@ class Stack:
                                      stats=lambda: self.router.stats, ctx=self.ctx, request_timeout_s=10)
         self.front.start()
         self.client = RouterClient(endpoint=connectable(self.router.clients_endpoint), ctx=self.ctx)
-        deadline = time.monotonic() + 10
-        while not self.router.workers and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert self.router.workers, "the emulated worker did not register"
+        eventually(lambda: self.router.workers, timeout_s=10, what="the emulated worker registered")
 
     def ask(self, req: GenerateRequest):
         res = self.client.send(req)
-        deadline = time.monotonic() + 10
-        while not res.done and time.monotonic() < deadline:
-            self.client.poll(20)
-        assert res.done, f"no terminal reply to {req.request_id}"
+        eventually(lambda: res.done, timeout_s=10, what=f"a terminal reply to {req.request_id}",
+                   pump=lambda: self.client.poll(20), interval_s=0)
         return res
 
     def post(self, path: str, raw: bytes, headers: dict | None = None) -> tuple[int, dict]:
@@ -157,9 +153,7 @@ def test_wrong_types_on_the_client_channel_are_dropped_and_counted(stack, caplog
         for f in frames:
             raw.send(f)
         raw.send_multipart([b"two", b"frames"])  # a second frame: not our framing
-        deadline = time.monotonic() + 5
-        while stack.router.counters["bad_messages"] < before + len(frames) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: stack.router.counters["bad_messages"] >= before + len(frames), what="every frame counted")
         assert stack.router.counters["bad_messages"] == before + len(frames)
         assert stack.running.thread.is_alive()
         logged = [r.getMessage() for r in caplog.records if r.name == "router.service"]
@@ -220,10 +214,9 @@ def test_malformed_worker_messages_and_unknown_peers_keep_the_router_serving(sta
         for f in frames:
             raw.send(f)
         raw.send(encode(Heartbeat("w1", 1)))  # valid, but from a peer that never said Hello: not w1's beat
-        deadline = time.monotonic() + 5
-        while (stack.router.counters["bad_messages"] < bad_before + len(frames)
-               or stack.router.counters["unknown_peer_messages"] < unknown_before + 1) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: (stack.router.counters["bad_messages"] >= bad_before + len(frames)
+                            and stack.router.counters["unknown_peer_messages"] >= unknown_before + 1),
+                   what="every frame counted")
         assert stack.router.counters["bad_messages"] == bad_before + len(frames)
         assert stack.router.counters["unknown_peer_messages"] == unknown_before + 1
         assert list(stack.router.workers) == ["w1"]

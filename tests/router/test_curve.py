@@ -23,18 +23,11 @@ from core.events import BlockStored
 from core.liveness import HeartbeatConfig
 from core.prefix_index import WorkerKey
 from router.service import RouterConfig, RouterService
+from tests.waiting import eventually
 from worker.runner import WorkerOptions, WorkerRunner
 
 pytestmark = pytest.mark.timeout(60)
 BS = 16
-
-
-def _wait(pred, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -107,7 +100,7 @@ def test_authorised_worker_registers_serves_and_indexes_over_curve(cluster, keys
     if events == "dialled":
         extra = {"events_dial": True, "events_endpoint": free_tcp_endpoint()}
     runner = cluster.worker("w-good", folder, **extra)
-    _wait(lambda: "w-good" in cluster.router.workers, what="the authorised worker to register")
+    eventually(lambda: "w-good" in cluster.router.workers, timeout_s=10, what="the authorised worker to register")
     assert cluster.router.workers["w-good"].hello.events_curve_key == load_curve(folder, name="worker").public_z85
     with RouterClient(endpoint=cluster.router.clients_endpoint, ctx=zmq.Context(),
                       curve=load_curve(folder, name="client")) as client:
@@ -116,6 +109,9 @@ def test_authorised_worker_registers_serves_and_indexes_over_curve(cluster, keys
         # The worker's KV events reach the index over its CURVE PUB: the router predicts the hit.
         # (A dialled PUB may connect after the first batch went out; the next batch's gap replays it.)
         target = WorkerKey("w-good", 0)
+        # Not eventually(): with "dialled" the range runs out before the deadline with nothing
+        # indexed (the same prompt adds no blocks, so no later batch shows the gap), and the
+        # hit below is then the router's own prediction. Left as found, and reported (issue 14).
         deadline = time.monotonic() + 10
         for i in range(10, 100):
             if cluster.router.index.num_blocks(target) > 0:
@@ -144,15 +140,17 @@ def test_workers_without_an_authorised_key_never_register(cluster, keys) -> None
     intruder.send(encode(Hello("w-client-key", 1, "m", BS, 100, "tcp://127.0.0.1:1")))
     # The control: an authorised worker registers in the same cluster meanwhile.
     cluster.worker("w-good", folder)
-    _wait(lambda: "w-good" in cluster.router.workers, what="the authorised worker to register")
-    _wait(lambda: cluster.router._zap.denied[WORKERS_DOMAIN] >= 2, what="refused handshakes to be counted")
+    eventually(lambda: "w-good" in cluster.router.workers, timeout_s=10, what="the authorised worker to register")
+    eventually(lambda: cluster.router._zap.denied[WORKERS_DOMAIN] >= 2, timeout_s=10,
+               what="refused handshakes to be counted")
     time.sleep(0.5)
     assert set(cluster.router.workers) == {"w-good"}
     # Not even as an unknown peer: the router never read a byte from them.
     assert cluster.router.counters["unknown_peer_messages"] == 0
     assert cluster.router.counters["bad_messages"] == 0
     assert not intruder.poll(200)  # no Welcome, no Refused: nothing at all
-    _wait(lambda: cluster.router.stats["counters"].get("auth_denied_workers", 0) >= 2, what="the stats counter")
+    eventually(lambda: cluster.router.stats["counters"].get("auth_denied_workers", 0) >= 2, timeout_s=10,
+               what="the stats counter")
     intruder.close()
     ctx.term()
 
@@ -161,7 +159,7 @@ def test_workers_without_an_authorised_key_never_register(cluster, keys) -> None
 def test_clients_without_an_authorised_key_get_no_service(cluster, keys, who) -> None:
     folder, stranger = keys
     cluster.worker("w-good", folder)
-    _wait(lambda: "w-good" in cluster.router.workers, what="the authorised worker to register")
+    eventually(lambda: "w-good" in cluster.router.workers, timeout_s=10, what="the authorised worker to register")
     curve = {"no key": None, "stranger key": load_curve(stranger, name="client"),
              "worker key": load_curve(folder, name="worker")}[who]
     ctx = zmq.Context()
@@ -207,7 +205,8 @@ def test_an_unauthorised_publisher_cannot_inject_blocks(cluster, keys) -> None:
             pub.publish([BlockStored([1, 2, 3, 4], None, tokens, BS, None, "GPU", None)], time.time())
             links[i].send(encode(Heartbeat(f"w{i}", 1)))  # stay registered
         time.sleep(0.05)
-    _wait(lambda: cluster.router.index.num_blocks(WorkerKey("w2", 0)) == 4, what="the genuine publisher's blocks")
+    eventually(lambda: cluster.router.index.num_blocks(WorkerKey("w2", 0)) == 4, timeout_s=10,
+               what="the genuine publisher's blocks")
     assert cluster.router.index.num_blocks(WorkerKey("w0", 0)) == 0
     assert cluster.router.index.num_blocks(WorkerKey("w1", 0)) == 0
     assert cluster.router.ingest.streams[WorkerKey("w0", 0)].events_applied == 0
@@ -229,7 +228,7 @@ def test_the_http_front_dials_its_curve_router_with_the_router_key(cluster, keys
 
     folder, _ = keys
     cluster.worker("w-good", folder)
-    _wait(lambda: "w-good" in cluster.router.workers, what="the authorised worker to register")
+    eventually(lambda: "w-good" in cluster.router.workers, timeout_s=10, what="the authorised worker to register")
     front = RouterHttpFront(client_endpoint=connectable(cluster.router.clients_endpoint), model="m",
                             stats=lambda: cluster.router.stats, request_timeout_s=10,
                             curve=load_curve(folder, name="router"))
@@ -248,7 +247,8 @@ def test_the_http_front_dials_its_curve_router_with_the_router_key(cluster, keys
         stranger = RouterClient(endpoint=cluster.router.clients_endpoint, ctx=stranger_ctx,
                                 curve=load_curve(keys[1], name="client"))
         stranger.send(_request(9))
-        _wait(lambda: cluster.router.stats["counters"].get("auth_denied_clients", 0) > 0, what="a counted refusal")
+        eventually(lambda: cluster.router.stats["counters"].get("auth_denied_clients", 0) > 0, timeout_s=10,
+                   what="a counted refusal")
         conn.request("GET", "/metrics")
         assert "kvr_router_auth_denied_clients_total" in conn.getresponse().read().decode()
         conn.close()
@@ -286,12 +286,12 @@ def test_a_refused_worker_is_told_to_check_its_key(cluster, keys, caplog) -> Non
     cluster.worker("w-stranger", stranger)
     cluster.worker("w-plain", None)
     cluster.worker("w-good", folder)
-    _wait(lambda: "w-good" in cluster.router.workers, what="the authorised worker to register")
+    eventually(lambda: "w-good" in cluster.router.workers, timeout_s=10, what="the authorised worker to register")
 
     def hints() -> set[str]:
         silent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("router silent")]
         return {m.rpartition(" (")[2] for m in silent}
 
-    _wait(lambda: len(hints()) == 2, what="both refused workers to warn")
+    eventually(lambda: len(hints()) == 2, timeout_s=10, what="both refused workers to warn")
     assert hints() == {"handshake refused: is this worker's public key in the router's workers/ key directory?)",
                        "handshake refused: a router with --curve-dir admits only workers with an authorised key)"}

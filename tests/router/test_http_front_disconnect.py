@@ -14,6 +14,7 @@ import zmq
 from bus.codec import client_decoder, encode
 from bus.schema import CancelRequest, GenerateRequest, Routed, TokenChunk
 from router.http_front import RouterHttpFront
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 CLIENTS, ROUNDS = 8, 6
@@ -73,10 +74,7 @@ def test_every_client_that_leaves_mid_stream_is_cancelled_at_the_router() -> Non
                 c.start()
             for c in clients:
                 c.join()
-            deadline = time.monotonic() + 2
-            while time.monotonic() < deadline and front._inboxes:
-                time.sleep(0.01)
-            assert front._inboxes == {}  # every handler ended
+            eventually(lambda: not front._inboxes, timeout_s=2, what=lambda: f"every handler ended ({front._inboxes})")
         sent = [m.request_id for m in router.received if isinstance(m, GenerateRequest)]
         cancelled = [m.request_id for m in router.received if isinstance(m, CancelRequest)]
         assert len(sent) == CLIENTS * ROUNDS and sorted(cancelled) == sorted(sent)

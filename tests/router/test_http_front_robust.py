@@ -10,7 +10,6 @@ import json
 import logging
 import socket
 import threading
-import time
 
 import aiohttp
 import pytest
@@ -21,6 +20,7 @@ from bus.schema import CancelRequest, Completion, GenerateRequest, Routed, Token
 from bus.sockets import free_tcp_endpoint
 from router.http_front import RouterHttpFront
 from tests.http_helpers import raw_http
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,10 +47,8 @@ class ScriptedRouter:
             timeout_s = 0
 
     def wait(self, pred, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not pred():
-            assert time.monotonic() < deadline, "condition not reached in time"
-            self.pump()
+        """Until ``pred()``, reading what the front sends meanwhile."""
+        eventually(pred, timeout_s=timeout_s, pump=self.pump, interval_s=0)
 
     def reply(self, *msgs) -> None:
         for m in msgs:

@@ -8,9 +8,9 @@ included; wrong credentials or an unverifiable certificate give one clear error:
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from cluster.processes import stop_process
 from router.mirror import MirrorUnavailable, RedisMirror, make_redis_client
 from router.mirror_health import cause_of
 from tests.conftest import _need_real_service, free_port
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 PASSWORD = "s3cret-kvr"
@@ -37,16 +38,21 @@ def _start_redis(args: list[str], ping) -> tuple[subprocess.Popen, str]:
     workdir = tempfile.mkdtemp(prefix="kvr-redis-sec-")
     proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir,
                              *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def answers() -> bool:
+        assert proc.poll() is None, f"redis-server {args} exited at start"
         try:
             ping()
-            return proc, workdir
+            return True
         except redis.RedisError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"redis-server {args} did not start")
-            time.sleep(0.05)
+            return False
+
+    try:
+        eventually(answers, timeout_s=10, what=f"redis-server {args} answering", interval_s=0.05)
+    except AssertionError:
+        stop_process(proc, sig=signal.SIGKILL)
+        raise
+    return proc, workdir
 
 
 def _stop(proc: subprocess.Popen, workdir: str) -> None:

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import pytest
 
 from tests.prometheus_text import metric_value
+from tests.waiting import eventually
 from tests.worker.test_worker_cli import http, spawn_ready, stop
 
 pytestmark = pytest.mark.timeout(90)
@@ -32,20 +32,15 @@ def test_two_workers_found_by_ready_files_share_the_empty_topic_and_are_told_apa
             workers.append(spawn_ready("worker", "--id", wid, "--router", endpoints["workers"], "--speedup", "50",
                                        "--heartbeat-interval", "0.2", ready_file=tmp_path / f"{wid}.json")[0])
         url = endpoints["http"]
-        deadline = time.monotonic() + 20
-        while _workers(url) < 2:
-            assert time.monotonic() < deadline, "the workers did not register"
-            time.sleep(0.1)
+        eventually(lambda: _workers(url) >= 2, timeout_s=20, what="both workers registered", interval_s=0.1)
         status, _, models = http("GET", url + "/v1/models")
         assert status == 200 and [m["id"] for m in models["data"]] == ["kvr-emulated"]  # what they registered
         # The same prompt twice: the second goes where the first left its blocks, predicted from
         # that worker's own event stream (each stream on its own socket, no topic needed).
         first = _complete(url, PROMPT * 3)
         ran, other = first["kvr"]["worker_id"], ({"w-a", "w-b"} - {first["kvr"]["worker_id"]}).pop()
-        deadline = time.monotonic() + 10
-        while _indexed_blocks(url, ran) == 0:  # the worker's KV events reached the router's index
-            assert time.monotonic() < deadline, "no KV events indexed"
-            time.sleep(0.1)
+        # The worker's KV events reached the router's index.
+        eventually(lambda: _indexed_blocks(url, ran) > 0, timeout_s=10, what="KV events indexed", interval_s=0.1)
         assert _indexed_blocks(url, other) == 0  # and only under the worker that published them
         second = _complete(url, PROMPT * 3)
         assert second["kvr"]["worker_id"] == ran
