@@ -174,6 +174,11 @@ class RouterService:
             mirror=mirror, ingest=self.ingest, index=self.index, router_id=config.router_id,
             worker_ttl_s=config.heartbeat.timeout_s, counters=self.counters, clock=clock, wall=wall)
         self._snapshots = self.ingest.warm_start()
+        # A restarted router that found workers in Redis expects them back within a heartbeat
+        # timeout (they time the old one out, or are told "not known", and say Hello): requests
+        # that arrive before the first one is back wait for it instead of failing NO_WORKERS.
+        self._grace_until_s: float | None = (clock() + config.heartbeat.timeout_s) if self._snapshots else None
+        self._parked: list[PendingRequest] = []
         self._client_decoder, self._worker_decoder = client_decoder(), worker_decoder()
         self.workers = WorkerRegistry(curve=curve is not None)
         self.requests = RequestTable(router_id=config.router_id)
@@ -293,6 +298,8 @@ class RouterService:
             self._finish(p, ErrorReply(p.request.request_id, ErrorCode.TIMEOUT,
                                        f"no result within {self.config.request_timeout_s} s", p.worker_id))
         self.core.expire(now)
+        if self._grace_until_s is not None and now >= self._grace_until_s:
+            self._release_parked(now, expired=True)
         if self.peers is not None:
             self.peers.tick(now)
         if self.mirror_sync is not None and now >= self._next_mirror_check_s:
@@ -384,6 +391,10 @@ class RouterService:
             res = self.core.route(RoutingInput(p.key, p.token_ids, max_tokens, req.lora_name, req.cache_salt,
                                                req.worker_id), now=now, exclude=p.tried)
         except NoTargetsError as exc:
+            if self._grace_until_s is not None and now < self._grace_until_s and not len(self.workers):
+                self.counters["requests_parked"] += 1
+                self._parked.append(p)  # dispatched when the first worker is back (_release_parked)
+                return
             self._finish(p, ErrorReply(req.request_id, ErrorCode.NO_WORKERS, str(exc)))
             return
         d = res.decision
@@ -515,7 +526,18 @@ class RouterService:
         self.liveness.sent(wid, now)
         # After the Welcome: a request re-routed here must reach the worker after it.
         self._take_over(wid, hello, replaced=old is not None and replaced, now=now)
+        self._release_parked(now)
         self._mirror_write(register_write(hello, now_s=self._wall(), ttl_s=cfg.heartbeat.timeout_s))
+
+    def _release_parked(self, now: float, *, expired: bool = False) -> None:
+        """Requests that waited for a worker after a restart: routed now (a worker is back), or, once
+        the grace period is over with none back, failed ``NO_WORKERS`` (by ``_dispatch``)."""
+        if expired:
+            self._grace_until_s = None
+        parked, self._parked = self._parked, []
+        for p in parked:
+            if self.requests.get(p.key) is p:  # not cancelled or timed out meanwhile
+                self._dispatch(p, now)
 
     def _take_over(self, wid: str, hello: Hello, *, replaced: bool, now: float) -> None:
         """Reconcile a worker's requests with what its Hello says it holds.

@@ -6,6 +6,7 @@ Each fake worker is a DEALER speaking the worker channel plus a vLLM-compatible 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -606,4 +607,55 @@ def test_a_client_that_reads_slower_than_a_burst_still_gets_every_chunk(ctx, rou
         assert router.counters["reply_drops"] == 0
     finally:
         client.close()
+        w.close()
+
+
+def test_requests_to_a_restarted_router_wait_for_its_workers_to_come_back(ctx, redis_server):
+    """A router that warm-started from Redis expects its workers back within a heartbeat timeout:
+    a request arriving before any is back waits (parked) and is routed once one says Hello; with
+    none back by the end of the grace period it fails NO_WORKERS, explicitly."""
+    from router.mirror import RedisMirror, make_redis_client
+
+    def mirror() -> RedisMirror:
+        return RedisMirror(client=make_redis_client(redis_server), namespace="t-grace")
+
+    slow_beats = dataclasses.replace(_config(), heartbeat=HeartbeatConfig(interval_s=0.5, liveness=3))
+    first = RunningRouter(_config(), mirror=mirror())
+    w = FakeWorker(ctx, first.service.workers_endpoint, "w1", epoch=7)
+    try:
+        w.hello()
+        w.store(list(range(3 * BS)))
+        wait_for(lambda: first.service.index.num_blocks(WorkerKey("w1", 0)) == 3, [w])
+        first.stop()
+        # A grace period (the heartbeat timeout) long enough for a busy machine's reconnect.
+        second = RunningRouter(slow_beats, mirror=mirror())
+        svc = second.service
+        client = RouterClient(endpoint=svc.clients_endpoint, ctx=ctx)
+        try:
+            waiting = client.send(GenerateRequest("early", token_ids=list(range(3 * BS + 5)), max_tokens=2))
+            wait_for(lambda: svc.counters["requests_parked"] == 1, [], client)
+            assert not waiting.done
+            w.router_ep = svc.workers_endpoint  # the worker finds the new router (same epoch, same blocks)
+            w.reconnect()
+            w.hello()
+            wait_for(lambda: waiting.done, [w], client)
+            assert waiting.completion is not None and waiting.completion.worker_id == "w1"
+            assert svc.counters["error_no_workers"] == 0
+        finally:
+            client.close()
+            second.stop()
+        # No worker comes back: the parked request ends NO_WORKERS after the grace period.
+        third = RunningRouter(_config(), mirror=mirror())
+        client = RouterClient(endpoint=third.service.clients_endpoint, ctx=ctx)
+        try:
+            started = time.monotonic()
+            lonely = client.send(GenerateRequest("lonely", token_ids=list(range(20)), max_tokens=2))
+            wait_for(lambda: lonely.done, [], client, timeout_s=5.0)
+            assert lonely.error is not None and lonely.error.code is ErrorCode.NO_WORKERS
+            assert time.monotonic() - started >= 0.9 * BEAT_S * 3  # the heartbeat timeout, not at once
+            assert third.service.counters["requests_parked"] == 1
+        finally:
+            client.close()
+            third.stop()
+    finally:
         w.close()
