@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from bus.publisher_thread import PublisherThread
 from bus.vllm_codec import decode_batch
 from cli.events import event_line
 from cli.main import main
+from cluster.processes import stop_process
 from core.events import AllBlocksCleared, BlockRemoved, BlockStored
 from tests.bus.zmq_helpers import fixture_bin
 from tests.conftest import free_port
@@ -94,9 +96,8 @@ def test_publish_in_vllm_connect_mode_with_drops_reaches_a_bound_listener_comple
     try:
         out, err = listener.communicate(timeout=30)
     finally:
-        publisher.kill()
-        publisher.wait(timeout=10)
-        listener.kill()
+        stop_process(publisher, sig=signal.SIGKILL)
+        stop_process(listener, sig=signal.SIGKILL)  # a no-op once it exited: reaped by communicate
     assert listener.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["seq"] for line in lines] == list(range(30))

@@ -18,6 +18,7 @@ from bus.subscriber import AppliedBatch, EventSubscriber, GapLost
 from core.admission import AdmissionLimits
 from core.events import BlockStored
 from router.service import RouterConfig, RouterService
+from tests.waiting import eventually
 from worker.service import WorkerService
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,15 +98,15 @@ def test_an_oversized_request_costs_the_sender_its_connection_not_the_router() -
             big = client.send(GenerateRequest(request_id="big", token_ids=[1] * 100_000, max_tokens=1))
             time.sleep(0.3)  # the router cuts the connection; the DEALER dials again by itself
             # Later traffic on the same client flows (no worker: an explicit NO_WORKERS error).
-            deadline = time.monotonic() + 10
-            reply = None
-            while reply is None and time.monotonic() < deadline:
+            def reply():
                 try:
-                    reply = client.generate(GenerateRequest(request_id=f"small-{time.monotonic()}", prompt="hi",
-                                                            max_tokens=1), timeout_s=1.0)
+                    return client.generate(GenerateRequest(request_id=f"small-{time.monotonic()}", prompt="hi",
+                                                           max_tokens=1), timeout_s=1.0)
                 except TimeoutError:
-                    continue
-            assert reply is not None and reply.error is not None and reply.error.code is ErrorCode.NO_WORKERS
+                    return None
+
+            res = eventually(reply, timeout_s=10, what="a reply on the same client", interval_s=0)
+            assert res.error is not None and res.error.code is ErrorCode.NO_WORKERS
             # The oversized request never reached the router; the client ends it explicitly when
             # the router drops the connection (bus/client.py), it does not wait forever.
             assert big.error is not None and big.error.code is ErrorCode.ROUTER_RESTARTED
@@ -125,18 +126,18 @@ def test_an_oversized_event_batch_is_dropped_and_the_stream_goes_on() -> None:
     tokens = list(range(BS))
     items: list = []
     try:
-        deadline = time.monotonic() + 2
-        while not any(isinstance(i, AppliedBatch) for i in items):  # joined: the first batch arrives
-            assert time.monotonic() < deadline, "subscriber never joined"
-            pub.publish([BlockStored([1], None, tokens, BS, None, "GPU", None)], time.time())
-            items += sub.poll(50)
-        oversized = pub.publish_raw(b"\x00" * (256 * 1024))
-        deadline = time.monotonic() + 15
-        while not any(isinstance(i, AppliedBatch) and i.seq > oversized for i in items):
-            assert time.monotonic() < deadline, f"no batch after the oversized one: {items[-5:]}"
-            pub.publish([BlockStored([2], None, tokens, BS, None, "GPU", None)], time.time())
+
+        def publish(block: int) -> None:
+            pub.publish([BlockStored([block], None, tokens, BS, None, "GPU", None)], time.time())
             pub.poll_replay(0)
-            items += sub.poll(50)
+            items.extend(sub.poll(50))
+
+        eventually(lambda: any(isinstance(i, AppliedBatch) for i in items), timeout_s=2,
+                   what="the subscriber joined (a first batch applied)", pump=lambda: publish(1), interval_s=0)
+        oversized = pub.publish_raw(b"\x00" * (256 * 1024))
+        eventually(lambda: any(isinstance(i, AppliedBatch) and i.seq > oversized for i in items), timeout_s=15,
+                   what=lambda: f"a batch after the oversized one: {items[-5:]}", pump=lambda: publish(2),
+                   interval_s=0)
         # The oversized batch itself is reported lost (its replay is cut off too), never applied.
         assert not any(isinstance(i, AppliedBatch) and i.seq == oversized for i in items)
         assert any(isinstance(i, GapLost) and i.from_seq <= oversized <= i.to_seq for i in items)

@@ -14,6 +14,7 @@ from bus.sockets import connectable, make_socket
 from bus.subscriber import AppliedBatch, BadBatch, EventSubscriber, GapLost, StreamItem, StreamReset
 from bus.vllm_codec import encode_batch
 from core.events import BlockRemoved, BlockStored, KVEventBatch
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -36,14 +37,15 @@ def _events(tag: int) -> list:
 def _pump(sub: EventSubscriber, pubs: list[EventPublisher], until: Callable[[list[StreamItem]], bool],
           items: list[StreamItem], timeout_s: float = 10.0) -> list[StreamItem]:
     """Serve replays and poll the subscriber until ``until(items)`` or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not until(items):
-        assert time.monotonic() < deadline, (
-            f"stream incomplete: {_summary(items)}; connections={sub.connections} "
-            f"replay_in_flight={sub.replay_in_flight} {sub.counters}")
+
+    def pump() -> None:
         for pub in pubs:
             pub.poll_replay(0)
         items.extend(sub.poll(5))
+
+    eventually(lambda: until(items), timeout_s=timeout_s, pump=pump, interval_s=0,
+               what=lambda: (f"stream complete: {_summary(items)}; connections={sub.connections} "
+                             f"replay_in_flight={sub.replay_in_flight} {sub.counters}"))
     return items
 
 
@@ -191,11 +193,12 @@ def _raw_pub(ctx) -> tuple[zmq.Socket, str]:
 def _until_first_applied(raw: zmq.Socket, sub: EventSubscriber, payload: bytes) -> list[StreamItem]:
     """Resend seq 0 until the subscription is up (copies after the first count as duplicates)."""
     items: list[StreamItem] = []
-    deadline = time.monotonic() + 5
-    while not items:
-        assert time.monotonic() < deadline, "subscriber never joined"
+
+    def resend() -> None:
         raw.send_multipart([b"", seq_bytes(0), payload])
         items.extend(sub.poll(20))
+
+    eventually(lambda: items, what="the subscriber joined", pump=resend, interval_s=0)
     time.sleep(0.05)
     items.extend(sub.poll(20))
     return items
@@ -261,10 +264,9 @@ def test_garbage_replay_answers_are_counted_and_a_silent_publisher_times_out(ctx
         assert (empty, start) == (b"", bytes(8))
         for frames in ([b"x"], [b"", b"t", b"short", b"p"], [b"", b"a", b"b", b"c", b"d"]):
             router.send_multipart([identity] + frames)
-        deadline = time.monotonic() + 5
-        while sub.counters.replay_timeouts < 2:  # the router never answers properly
-            assert time.monotonic() < deadline
-            sub.poll(20)
+        # The router never answers properly.
+        eventually(lambda: sub.counters.replay_timeouts >= 2, what="two replay timeouts", pump=lambda: sub.poll(20),
+                   interval_s=0)
         assert sub.counters.bad_frames == 3
         assert not sub.replay_in_flight and sub.counters.replays == 1
         payload = encode_batch(KVEventBatch(0.0, _events(0), 0))
@@ -288,9 +290,8 @@ def test_many_streams_share_one_poller(ctx) -> None:
             for pub in pubs:
                 pub.publish(_events(i), float(i))
         got: dict[int, list[int]] = {0: [], 1: [], 2: []}
-        deadline = time.monotonic() + 10
-        while any(len(v) < 4 for v in got.values()):
-            assert time.monotonic() < deadline, got
+
+        def pump() -> None:
             for pub in pubs:
                 pub.poll_replay(0)
             ready = dict(poller.poll(10))
@@ -299,6 +300,9 @@ def test_many_streams_share_one_poller(ctx) -> None:
                     if sock in ready:
                         got[r] += [i.seq for i in sub.handle_readable(sock) if isinstance(i, AppliedBatch)]
                 got[r] += [i.seq for i in sub.check_timeouts() if isinstance(i, AppliedBatch)]
+
+        eventually(lambda: all(len(v) >= 4 for v in got.values()), timeout_s=10, what=lambda: f"4 batches each: {got}",
+                   pump=pump, interval_s=0)
         assert got == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}
     finally:
         for sub in subs:
@@ -324,14 +328,16 @@ def test_a_seq_jump_to_near_2_64_is_reported_lost_without_walking_it(ctx) -> Non
 
 def _until_live(pub: EventPublisher, sub: EventSubscriber, items: list) -> None:
     """Publish until a batch arrives live: the subscription has reached the publisher."""
-    deadline = time.monotonic() + 5
-    while not any(isinstance(i, AppliedBatch) and not i.replayed for i in items):
-        assert time.monotonic() < deadline, "no batch ever arrived live"
+
+    def publish() -> None:  # one batch, then 50 ms serving replays and reading
         pub.publish(_events(pub.next_seq), float(pub.next_seq))
         until = time.monotonic() + 0.05
         while time.monotonic() < until:
             pub.poll_replay(0)
             items.extend(sub.poll(5))
+
+    eventually(lambda: any(isinstance(i, AppliedBatch) and not i.replayed for i in items),
+               what="a batch arrived live", pump=publish, interval_s=0)
     _pump(sub, [pub], _n_applied(pub.next_seq), items)  # whatever the slow joiner missed, replayed
 
 

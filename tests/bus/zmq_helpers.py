@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import zmq
 
 from tests.conftest import FIXTURES
+from tests.waiting import eventually
 
 PROBE = b"\x00probe"
 TOPIC = "kv@vllm-pod-0@Qwen/Qwen3-0.6B"
@@ -31,12 +31,12 @@ def wait_subscribed(send_probe: Callable[[], None], sub: zmq.Socket, timeout_s: 
     Subscriptions travel in order on one connection, so once a probe arrives the
     real topic's subscription is in place as well (no slow-joiner loss after this).
     """
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def heard() -> bool:
         send_probe()
-        if sub.poll(20, zmq.POLLIN):
-            break
-        assert time.monotonic() < deadline, "subscription never reached the publisher"
+        return bool(sub.poll(20, zmq.POLLIN))
+
+    eventually(heard, timeout_s=timeout_s, what="the subscription reached the publisher", interval_s=0)
     while sub.poll(50, zmq.POLLIN):
         frames = sub.recv_multipart()
         assert frames[0] == PROBE, f"unexpected message while draining probes: {frames[:2]}"
