@@ -419,7 +419,7 @@ class PrefixIndex:
         # Fast path of _insert (no parked orphans can be waiting): same effects, fewer calls.
         ext_map, holders, bit, slot = state.external_to_own, self._holders, state.bit, state.slot
         tentative = self._tentative
-        tslots = tentative.slots
+        tslots, tmasks = tentative.slots, tentative.masks
         key = state.key
         record = delta.stored.append if delta is not None else None
         added = duplicates = new_blocks = 0
@@ -441,10 +441,8 @@ class PrefixIndex:
                 added += 1
                 if record is not None:
                     record((key, ext, own))
-            if tslots:
-                slots = tslots.get(own)
-                if slots is not None and slot in slots:
-                    tentative.drop(own, slot)
+            if tslots and tmasks.get(own, 0) & bit:  # this target predicted it: settled
+                tentative.drop(own, slot)
         state.num_blocks += new_blocks  # (``_insert`` above counts its own: the sum is the same)
         if added:
             self.counters["stored_blocks"] += added
