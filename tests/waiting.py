@@ -2,8 +2,9 @@
 
 Tests that wait on another thread or process cannot know when it will get there; a busy 2-core
 machine may stall either side for hundreds of milliseconds. :func:`eventually` polls a predicate
-on the monotonic clock, checks it once more after the deadline (so a stall that eats the whole
-budget does not fail a condition that did hold), and fails with a message naming what was awaited.
+on the monotonic clock, tries it again after every wait before judging the deadline (so a stall
+that eats the whole budget does not fail a condition that did hold), and fails with a message
+naming what was awaited.
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ def eventually(pred: Callable[[], T], *, timeout_s: float = 5.0, what: str | Cal
                interval_s: float = 0.01, pump: Callable[[], object] | None = None) -> T:
     """Call ``pred`` until it returns something truthy, and return that.
 
-    ``pump`` runs before each try (drive fakes that have no thread of their own, drain a
-    socket); ``interval_s`` is the sleep between tries (0 when ``pump`` blocks by itself).
+    ``pump`` runs between tries (drive fakes that have no thread of their own, drain a socket):
+    a condition that already holds returns without pumping. ``interval_s`` is the sleep between
+    tries (0 when ``pump`` blocks by itself).
     Raises AssertionError after ``timeout_s`` seconds, naming ``what`` (a callable is called
     then, so the message can show the state that was reached). Exceptions from ``pred`` propagate.
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        if pump is not None:
-            pump()
         value = pred()
         if value:
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what() if callable(what) else what}: not reached within {timeout_s:g} s")
+        if pump is not None:
+            pump()
         if interval_s > 0:
             time.sleep(interval_s)
 
