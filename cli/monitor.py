@@ -38,14 +38,11 @@ DEFAULT_HTTP_PORT = 9470
 @click.option("--sample-interval", "sample_interval_s", type=float, default=1.0, show_default=True,
               help="Seconds between series points (hit rate over time, load).")
 @click.option("--label", default="", help="Name of this run in reports.")
-@click.option("--router-http", "router_urls", multiple=True, envvar="KVR_ROUTER_HTTP",
-              help="A router's HTTP front (e.g. http://127.0.0.1:8000; repeatable): its /metrics is polled every "
-                   "second for each worker's trust weight, whose drops and recoveries become incidents.")
 @ready_file_option
 def monitor_cmd(
     metrics_endpoints: tuple[str, ...], dump_path: str, dump_interval_s: float, bind_host: str, http_host: str | None,
     http_port: int, block_size: int, bucket_s: float, sample_interval_s: float, label: str,
-    router_urls: tuple[str, ...] = (), ready_file: str | None = None,
+    ready_file: str | None = None,
 ) -> None:
     """Subscribe to metrics records, keep time series, dump JSON and serve /metrics."""
     from monitor.service import MonitorService
@@ -61,7 +58,6 @@ def monitor_cmd(
         dump_interval_s=dump_interval_s,
         http_host=http_host,
         http_port=None if http_port < 0 else http_port,
-        router_urls=list(router_urls),
     )
     # Handlers first: once /healthz answers, SIGUSR1 and SIGTERM are safe to send.
     signal.signal(signal.SIGUSR1, lambda *_: service.request_dump())

@@ -3,7 +3,6 @@
 Sockets::
 
     router PUB (bind) ──[topic, MetricsRecord]──▶ SUB (connect) monitor
-    router HTTP front ◀──GET /metrics (trust gauges, --router-http)── monitor
     monitor HTTP (127.0.0.1 by default):  /metrics  Prometheus text
                                           /json     the dump (``?light=1``: without the fold's
                                                     raw samples, what ``kvr dash`` polls)
@@ -32,7 +31,6 @@ from bus.codec import DecodeError, metrics_decoder
 from bus.sockets import MAX_REQUEST_BYTES
 from monitor import prometheus
 from monitor.dump import write_dump
-from monitor.router_trust import RouterTrustPoller
 from monitor.state import MonitorState
 
 logger = logging.getLogger(__name__)
@@ -56,12 +54,9 @@ class MonitorService:
         http_host: str = "127.0.0.1",
         http_port: int | None = 0,
         worker_timeout_s: float = 10.0,
-        router_urls: Sequence[str] = (),
         ctx: zmq.Context | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``router_urls``: routers' HTTP fronts whose ``/metrics`` trust gauges are polled
-        (monitor/router_trust.py: trust drops and recoveries become incidents)."""
         self.state = state
         self.lock = threading.Lock()
         self.dump_path = Path(dump_path) if dump_path else None
@@ -79,7 +74,6 @@ class MonitorService:
         self._dump_requested = threading.Event()
         self.stop_event = threading.Event()
         self.dumps_written = 0
-        self.trust_poller = RouterTrustPoller(urls=router_urls, state=state, lock=self.lock, clock=clock)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -100,7 +94,6 @@ class MonitorService:
             self._http_thread = threading.Thread(target=self._http.serve_forever, name="monitor-http", daemon=True)
             self._http_thread.start()
             logger.info("monitor HTTP on http://%s:%d (/metrics, /json, /healthz)", self._http_host, self.http_port)
-        self.trust_poller.start()
 
     @property
     def http_port(self) -> int | None:
@@ -115,7 +108,6 @@ class MonitorService:
         self.stop_event.set()
 
     def close(self) -> None:
-        self.trust_poller.stop()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

@@ -13,9 +13,8 @@ and a fold has no notion of:
   arrivals and departures, request errors) — the recovery timeline;
 * the most recent requests and error counts by code;
 * the router's Redis mirror health (``WorkerSample.mirror``, latest; changes are incidents);
-* each target's closed-loop trust weight (core/trust.py), read off the router's ``/metrics`` by
-  ``monitor/router_trust.py`` (the metrics stream does not carry it): a drop or a recovery is an
-  incident, the latest weight shows with the worker.
+* each target's closed-loop trust weight (core/trust.py; ``WorkerSample.trust``): a drop or a
+  recovery is an incident, the latest weight shows with the worker.
 
 Worker samples carry *cumulative* counters; the state folds their increments.
 A counter that goes down means its publisher restarted: the new value is taken
@@ -206,6 +205,7 @@ class MonitorState:
         if s.event_lag_s > 0 or s.events_applied:
             self.fold.observe_event_lag(s.event_lag_s)
         self._observe_mirror(s)
+        self.observe_trust(wid, s.trust, s.t_s)
         deltas = self._counter_deltas(wid, s)
         if deltas["gaps"]:
             self.fold.count_gap(deltas["gaps"])

@@ -79,7 +79,7 @@ def worker_samples(*, core: RouterCore, index: PrefixIndex, streams: Mapping[Wor
             indexed_blocks=index.num_blocks(target), confidence=index.confidence(target).value,
             events_applied=stream.events_applied, event_lag_s=stream.event_lag_s, gaps=stream.gaps,
             replays=stream.subscriber.counters.replays, resets=stream.resets, evictions=stream.removed_blocks,
-            mirror=mirror))
+            mirror=mirror, trust=core.trust(target)))
     return out
 
 
