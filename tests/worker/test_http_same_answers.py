@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 
 import pytest
 import zmq
@@ -19,6 +18,7 @@ from core.liveness import HeartbeatConfig
 from router.config import RouterConfig
 from router.http_front import RouterHttpFront
 from tests.router.test_service import RunningRouter
+from tests.waiting import eventually
 from worker.runner import WorkerOptions, WorkerRunner
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,10 +41,7 @@ def servers():
     front = RouterHttpFront(client_endpoint=connectable(router.clients_endpoint), stats=lambda: router.stats,
                             ctx=ctx, request_timeout_s=20)
     front.start()
-    deadline = time.monotonic() + 10
-    while not router.workers and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert router.workers
+    eventually(lambda: router.workers, timeout_s=10, what="the worker registered")
     yield {"router": front.server.server_address, "worker": worker.http.server.server_address,
            "max_model_len": worker.backend.engine.max_model_len}
     front.close()

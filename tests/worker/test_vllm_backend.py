@@ -9,6 +9,7 @@ import pytest
 from bus.schema import Completion, Dispatch, ErrorCode, ErrorReply, Hello, TokenChunk, WorkerLoad
 from tests.conftest import free_port
 from tests.fakes.fake_vllm import FakeVllm, fake_output_token
+from tests.waiting import eventually
 from worker.vllm.backend import VllmBackend, VllmBackendConfig
 from worker.vllm.checks import StartupError, router_endpoints
 
@@ -26,11 +27,9 @@ def config(fake: FakeVllm, **kw) -> VllmBackendConfig:
 def wait_terminal(backend: VllmBackend, n: int = 1, timeout_s: float = 10.0) -> list:
     """Drain until ``n`` terminal messages arrived; every message in order."""
     out = []
-    deadline = time.monotonic() + timeout_s
-    while sum(isinstance(m, (Completion, ErrorReply)) for m in out) < n:
-        assert time.monotonic() < deadline, f"only {out} within {timeout_s} s"
-        out.extend(backend.drain())
-        time.sleep(0.005)
+    eventually(lambda: sum(isinstance(m, (Completion, ErrorReply)) for m in out) >= n, timeout_s=timeout_s,
+               what=lambda: f"{n} terminal messages (got {out})", pump=lambda: out.extend(backend.drain()),
+               interval_s=0.005)
     return out
 
 
@@ -109,19 +108,14 @@ def test_cancel_aborts_on_the_server_and_ends_with_cancelled():
         backend.start(probe=False)
         try:
             backend.submit(Dispatch("slow", PROMPT, max_tokens=500))
-            deadline = time.monotonic() + 5
             seen = []
-            while not any(isinstance(m, TokenChunk) for m in seen):
-                assert time.monotonic() < deadline
-                seen += backend.drain()
-                time.sleep(0.005)
+            eventually(lambda: any(isinstance(m, TokenChunk) for m in seen), what="a first token",
+                       pump=lambda: seen.extend(backend.drain()), interval_s=0.005)
             assert backend.cancel("slow") and not backend.cancel("unknown")
             msgs = seen + wait_terminal(backend)
             assert msgs[-1] == ErrorReply("slow", ErrorCode.CANCELLED, "cancelled", "vllm-0")
             assert sum(isinstance(m, (Completion, ErrorReply)) for m in msgs) == 1
-            while not fake.aborted:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            eventually(lambda: fake.aborted, what="the server saw the abort")
             assert len(fake.aborted) == 1
         finally:
             backend.close()
@@ -134,10 +128,7 @@ def test_load_comes_from_metrics_plus_queued_prefill():
         try:
             backend.submit(Dispatch("q", PROMPT, max_tokens=1))
             assert backend.load(0).queued_prefill_tokens == 50  # no first token yet
-            deadline = time.monotonic() + 5
-            while backend.load(0).running != 1:  # the metrics thread sees the running request
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            eventually(lambda: backend.load(0).running == 1, what="the metrics thread sees the running request")
             # 101 blocks less the null block; 50 prompt + 1 output tokens = 4 blocks
             assert backend.load(0).num_free_blocks == 100 - 4
             wait_terminal(backend)

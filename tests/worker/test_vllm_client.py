@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 
 from tests.conftest import free_port
 from tests.fakes.fake_vllm import FakeVllm, fake_output_token, fake_tokenize
+from tests.waiting import eventually
 from worker.vllm.openai_client import CompletionRequest, OpenAIClient, Usage, VllmHTTPError
 
 PROMPT = list(range(100, 140))  # 40 tokens: 2 full blocks of 16
@@ -91,9 +91,7 @@ def test_close_from_another_thread_aborts_the_stream():
             if len(got) == 2:
                 threading.Timer(0.01, stream.close).start()
         assert 2 <= len(got) < 200 and not stream.done
-        deadline = time.monotonic() + 5
-        while not fake.aborted and time.monotonic() < deadline:
-            time.sleep(0.02)
+        eventually(lambda: fake.aborted, what="the server saw an abort", interval_s=0.02)
         assert fake.aborted == [fake.requests[0]]  # the server saw the client go away
         assert fake.engines[0].running == 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import socket
-import time
 
 import pytest
 import zmq
@@ -22,6 +21,7 @@ from bus.vllm_codec import VllmEventDecoder
 from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 from tests.conftest import FIXTURES
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
+from tests.waiting import eventually
 from worker.vllm.backend import VllmBackend, VllmBackendConfig
 from worker.vllm.checks import BlockSizeWatch
 
@@ -52,10 +52,8 @@ def loopback(endpoint: str) -> str:
 
 def collect(sub: EventSubscriber, n: int, timeout_s: float = 5.0) -> list[AppliedBatch]:
     out: list[AppliedBatch] = []
-    deadline = time.monotonic() + timeout_s
-    while len(out) < n:
-        assert time.monotonic() < deadline, f"{len(out)} of {n} batches within {timeout_s} s"
-        out += [item for item in sub.poll(20) if isinstance(item, AppliedBatch)]
+    eventually(lambda: len(out) >= n, timeout_s=timeout_s, what=lambda: f"{n} batches (got {len(out)})",
+               pump=lambda: out.extend(item for item in sub.poll(20) if isinstance(item, AppliedBatch)), interval_s=0)
     return out
 
 
@@ -176,18 +174,18 @@ def test_closed_loop_predicted_equals_reported_cached_tokens():
                 predicted = min(blocks, (len(tokens) - 1) // bs) * bs  # vLLM always computes the last token
                 backend.submit(Dispatch(f"r{i}", tokens, max_tokens=rng.randrange(1, 20), lora_name=lora,
                                         cache_salt=salt))
-                deadline = time.monotonic() + 10
-                done = None
-                while done is None:
-                    assert time.monotonic() < deadline
-                    done = next((m for m in backend.drain() if isinstance(m, Completion)), None)
-                    time.sleep(0.002)
+                done = eventually(lambda: next((m for m in backend.drain() if isinstance(m, Completion)), None),
+                                  timeout_s=10, what=f"r{i} completed", interval_s=0.002)
                 results.append((predicted, done.cached_tokens))
-                while sub.expected_seq < fake.publishers[0].next_seq:  # the router has caught up
-                    assert time.monotonic() < deadline, "events did not arrive"
+
+                def ingest() -> None:
                     for item in sub.poll(20):
                         if isinstance(item, AppliedBatch):
                             index.apply_batch(hello.worker_id, item.batch, now=0.0)
+
+                # The router has caught up.
+                eventually(lambda: sub.expected_seq >= fake.publishers[0].next_seq, timeout_s=10,
+                           what="the events arrived", pump=ingest, interval_s=0)
         finally:
             sub.close()
             backend.close()
@@ -203,12 +201,12 @@ def test_block_size_watch_checks_the_first_block_stored(fixture_payloads, told, 
     with FakeVllm(kv_events=kv) as fake:
         watch = BlockSizeWatch(endpoint=f"tcp://127.0.0.1:{p}", topic=TOPIC, block_size=told, timeout_s=10)
         try:
-            deadline = time.monotonic() + 5
-            while not watch.checked.is_set():  # PUB/SUB slow joiner: publish until the watch has seen one
-                assert time.monotonic() < deadline, "the watch never saw a BlockStored"
+            def publish() -> None:  # PUB/SUB slow joiner: publish until the watch has seen one
                 fake.publish_payloads([fixture_payloads[4]])  # 06 AllBlocksCleared: ignored by the watch
                 fake.publish_payloads([fixture_payloads[0]])  # 01: one BlockStored of 16 tokens
                 watch.checked.wait(0.05)
+
+            eventually(watch.checked.is_set, what="the watch saw a BlockStored", pump=publish, interval_s=0)
         finally:
             watch.close()
     assert watch.mismatch == mismatch

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import pytest
 
 from bus.schema import Completion, Dispatch
 from bus.subscriber import AppliedBatch, EventSubscriber
 from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
+from tests.waiting import eventually
 from worker.runner import WorkerOptions, WorkerRunner
 from worker.vllm.backend import VllmBackend, VllmBackendConfig
 
@@ -61,20 +61,19 @@ def test_adapter_over_the_emulated_http_api_closes_the_loop(emulated):
             own = request_block_hashes(tokens, block_size=BS, lora_name=lora, cache_salt=salt)
             blocks = index.overlap(own).get(target, 0)
             backend.submit(Dispatch(f"e{i}", tokens, max_tokens=rng.randrange(1, 6), lora_name=lora, cache_salt=salt))
-            deadline = time.monotonic() + 10
-            done = None
-            while done is None:
-                assert time.monotonic() < deadline, "no completion"
-                done = next((m for m in backend.drain() if isinstance(m, Completion)), None)
-                time.sleep(0.002)
+            done = eventually(lambda: next((m for m in backend.drain() if isinstance(m, Completion)), None),
+                              timeout_s=10, what=f"e{i} completed", interval_s=0.002)
             pairs.append((min(blocks, (len(tokens) - 1) // BS) * BS, done.cached_tokens))
             loras.append(lora)
-            # Apply everything the engine published so far (its steps before the completion included).
-            while sub.expected_seq < emulated.backend.publisher.next_seq:
-                assert time.monotonic() < deadline, "events did not arrive"
+
+            def ingest() -> None:
                 for item in sub.poll(10):
                     if isinstance(item, AppliedBatch):
                         index.apply_batch(hello.worker_id, item.batch, now=0.0)
+
+            # Apply everything the engine published so far (its steps before the completion included).
+            eventually(lambda: sub.expected_seq >= emulated.backend.publisher.next_seq, timeout_s=10,
+                       what="the events arrived", pump=ingest, interval_s=0)
     finally:
         sub.close()
         backend.close()

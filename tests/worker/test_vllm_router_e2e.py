@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import pytest
 
@@ -21,6 +20,7 @@ from core.liveness import HeartbeatConfig
 from core.prefix_index import WorkerKey
 from router.service import RouterConfig, RouterService
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig, fake_tokenize
+from tests.waiting import eventually
 from tests.worker.test_vllm_events import free_port_pair
 from worker.vllm.remote_tokenizer import load_router_tokenizer
 from worker.vllm.runner import VllmWorkerOptions, VllmWorkerRunner
@@ -31,11 +31,12 @@ WORKERS = ("vllm-a", "vllm-b")
 
 
 def _until(predicate, timeout_s: float, what: str, router: RouterService | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    """:func:`eventually`, failing at once if ``router`` failed to handle a message meanwhile."""
+
+    def router_healthy() -> None:
         assert router is None or not router.counters["handler_errors"], "the router failed to handle a message"
-        time.sleep(0.01)
+
+    eventually(predicate, timeout_s=timeout_s, what=what, pump=router_healthy)
 
 
 def test_router_predictions_equal_vllm_reported_cached_tokens():
