@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 
 from cluster.processes import stop_process
 from tests.readme_commands import README, empty_tables, readme_commands
+from tests.waiting import eventually
 
 REPO = README.parent
 
@@ -158,13 +158,14 @@ def readme_cluster(tmp_path_factory):
     proc = subprocess.Popen(["bash", "-c", "exec " + " ".join([up_command, *_plan(up_command).extra])], cwd=home,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     current = state / "current.json"
-    deadline = time.monotonic() + 90
-    while not current.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if not current.exists():
-        proc.kill()
-        out, err = proc.communicate(timeout=10)
-        pytest.fail(f"kvr up did not come up (rc {proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
+    try:
+        eventually(lambda: current.exists() or proc.poll() is not None, timeout_s=90, what="kvr up ready",
+                   interval_s=0.2)
+    finally:
+        if not current.exists():  # exited, or not up in time: show what it said
+            stopped = stop_process(proc, sig=signal.SIGKILL, kill_timeout_s=10)
+            out, err = stopped.stdout or "", stopped.stderr or ""
+            pytest.fail(f"kvr up did not come up (rc {stopped.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
     info = json.loads(current.read_text())
     yield home, env, info
     stopped = stop_process(proc, sig=signal.SIGINT, timeout_s=60)
@@ -195,9 +196,8 @@ def test_cluster_readme_command_runs(command, readme_cluster):
     line = " ".join([_substitute(command, info), *plan.extra])
     if command.startswith("kvr plot") or command.startswith("kvr report"):
         # The monitor writes its dump every few seconds: wait for the first one.
-        deadline = time.monotonic() + 30
-        while not Path(info["run_dir"], "monitor.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        eventually(Path(info["run_dir"], "monitor.json").exists, timeout_s=30, what="the monitor's first dump",
+                   interval_s=0.2)
     proc = subprocess.run(["bash", "-c", line], cwd=home, env=env, input=plan.stdin, capture_output=True, text=True,
                           timeout=120)
     _check(command, proc)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from cluster.processes import stop_process
 from cluster.supervisor import ComponentFailed, ComponentSpec, Supervisor
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -56,10 +59,7 @@ def test_stop_kills_whole_process_groups_and_logs_each_component(tmp_path):
     assert codes == {"spawner": -15}
     assert not _alive(pid)
     # SIGKILL to the group is delivered asynchronously to the orphaned grandchild.
-    deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not _alive(grandchild)
+    eventually(lambda: not _alive(grandchild), what=f"grandchild {grandchild} gone")
     assert (tmp_path / "logs" / "spawner.log").read_text() == "up\n"
 
 
@@ -103,9 +103,8 @@ def test_restart_crashes_and_starts_a_new_process_appending_to_the_log(tmp_path)
     old = sup.pid("w")
     assert sup.restart("w") == -9
     assert not _alive(old) and sup.pid("w") != old and sup.names == ["w"]
-    deadline = time.monotonic() + 10
-    while log.read_text().count("pid") < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: log.read_text().count("pid") >= 2, timeout_s=10, what="the restarted child's line",
+               interval_s=0.02)
     assert log.read_text().split() == ["pid", str(old), "pid", str(sup.pid("w"))]
     assert sup.stop() == {"w": -15}
 
@@ -147,12 +146,9 @@ def test_respec_changes_what_a_restart_runs(tmp_path):
     sup.respec("r", says("second"))
     with pytest.raises(ValueError):
         sup.respec("r", ComponentSpec("other", "router", []))
-    deadline = time.monotonic() + 10
-    while "first" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: "first" in log.read_text(), timeout_s=10, what="the first spec's line", interval_s=0.02)
     sup.restart("r")
-    while "second" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: "second" in log.read_text(), timeout_s=10, what="the second spec's line", interval_s=0.02)
     assert log.read_text().split() == ["first", "second"]
     sup.stop()
 
@@ -173,18 +169,11 @@ time.sleep(60)
 """
     proc = subprocess.Popen([sys.executable, "-c", parent])
     try:
-        deadline = time.monotonic() + 15
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        eventually(pid_file.exists, timeout_s=15, what="the supervised child's pid file", interval_s=0.02)
         child = int(pid_file.read_text())
         assert _alive(child)
         proc.kill()  # no chance to clean up
         proc.wait(timeout=5)
-        deadline = time.monotonic() + 5
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not _alive(child)
+        eventually(lambda: not _alive(child), what=f"child {child} gone with its parent", interval_s=0.02)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, sig=signal.SIGKILL)

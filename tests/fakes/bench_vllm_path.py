@@ -29,6 +29,7 @@ from core.liveness import HeartbeatConfig
 from core.quantiles import percentile
 from router.service import RouterConfig, RouterService
 from tests.fakes.fake_vllm import FakeVllm, KvEventsConfig
+from tests.waiting import eventually
 from worker.vllm.backend import VllmBackend, VllmBackendConfig
 from worker.vllm.openai_client import CompletionRequest, OpenAIClient
 from worker.vllm.runner import VllmWorkerOptions, VllmWorkerRunner
@@ -88,11 +89,7 @@ def bench_router(fake: FakeVllm, prompts, max_tokens: int, events: tuple[str, st
     wt.start()
     out = []
     try:
-        deadline = time.monotonic() + 10
-        while "w" not in router.workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError("worker did not register")
-            time.sleep(0.01)
+        eventually(lambda: "w" in router.workers, timeout_s=10, what="the worker registered")
         with RouterClient(endpoint=router.clients_endpoint) as client:
             for i, p in enumerate(prompts):
                 t0 = time.perf_counter()
