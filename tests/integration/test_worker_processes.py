@@ -52,8 +52,9 @@ def _post(url: str, body: dict) -> dict:
 
 def test_router_and_worker_processes_serve_zmq_and_http_with_prefix_hits() -> None:
     clients, workers, http, events, replay = (free_port() for _ in range(5))
+    # Heartbeats every 0.5 s (dead after 1.5 s): a 300 ms stall of a busy machine is not a death.
     router = _spawn("router", "--bind-clients", f"tcp://127.0.0.1:{clients}", "--bind-workers",
-                    f"tcp://127.0.0.1:{workers}", "--bind-metrics", "", "--no-redis", "--heartbeat-interval", "0.2")
+                    f"tcp://127.0.0.1:{workers}", "--bind-metrics", "", "--no-redis", "--heartbeat-interval", "0.5")
     worker = _spawn("worker", "--id", "w1", "--router", f"tcp://127.0.0.1:{workers}", "--http-port", str(http),
                     "--events-endpoint", f"tcp://127.0.0.1:{events}", "--replay-endpoint", f"tcp://127.0.0.1:{replay}",
                     "--speedup", "20", "--seed", "5")

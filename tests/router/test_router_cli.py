@@ -18,9 +18,11 @@ PROMPT = ("A long shared system prompt that fills a few KV blocks, so that the s
 
 
 def test_two_workers_found_by_ready_files_share_the_empty_topic_and_are_told_apart(tmp_path) -> None:
+    # Heartbeats every 0.5 s (dead after 1.5 s): a 300 ms stall of a busy machine must not read as a
+    # death, which would log the WARNING this test asserts is absent.
     router, ready = spawn_ready("router", "--no-redis", "--bind-clients", "tcp://127.0.0.1:0", "--bind-workers",
                                 "tcp://127.0.0.1:0", "--bind-metrics", "tcp://127.0.0.1:0", "--http-port", "0",
-                                "--heartbeat-interval", "0.2", "--router-id", "r9", ready_file=tmp_path / "router.json")
+                                "--heartbeat-interval", "0.5", "--router-id", "r9", ready_file=tmp_path / "router.json")
     workers = []
     try:
         assert (ready["component"], ready["id"], ready["pid"]) == ("router", "r9", router.pid)
@@ -30,7 +32,7 @@ def test_two_workers_found_by_ready_files_share_the_empty_topic_and_are_told_apa
                    for ep in endpoints.values())
         for wid in ("w-a", "w-b"):  # default topic: vLLM's empty one, for both
             workers.append(spawn_ready("worker", "--id", wid, "--router", endpoints["workers"], "--speedup", "50",
-                                       "--heartbeat-interval", "0.2", ready_file=tmp_path / f"{wid}.json")[0])
+                                       "--heartbeat-interval", "0.5", ready_file=tmp_path / f"{wid}.json")[0])
         url = endpoints["http"]
         eventually(lambda: _workers(url) >= 2, timeout_s=20, what="both workers registered", interval_s=0.1)
         status, _, models = http("GET", url + "/v1/models")
