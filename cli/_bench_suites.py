@@ -1,4 +1,4 @@
-"""``kvr bench overhead|basic|scale|stale|peer|fuzz|faults|replicas``: the suites of the ``bench/`` package.
+"""``kvr bench overhead|basic|scale|stale|peer|fuzz|faults|replicas|goodput``: the suites of the ``bench/`` package.
 
 Each command only parses options, runs the suite with a progress bar (stderr) and writes
 ``<suite>.json``, ``<suite>.md`` and plots into ``--out``; ``--json`` also prints the JSON on
@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+
+from core.policies import POLICY_NAMES
 
 _common_options = [
     click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True,
@@ -200,6 +202,37 @@ def replicas(out_dir, as_json, quick, repeats, seed, replicas, workers, rate_per
     finish(result, out_dir, as_json)
 
 
+@click.command("goodput")
+@_with_common
+@click.option("--policy", "policies", multiple=True, type=click.Choice(POLICY_NAMES),
+              help="Policies to compare (repeatable; default: kvr and round_robin).")
+@click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True)
+@click.option("--slo-ttft-p99", "slo_ttft_p99_s", type=click.FloatRange(min=0, min_open=True), default=0.5,
+              show_default=True, help="TTFT p99 SLO, wall seconds as the clients measure it.")
+@click.option("--slo-tpot-p99", "slo_tpot_p99_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Optional TPOT p99 SLO, wall seconds.")
+@click.option("--start-rate", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="First probe's rate, requests/s of workload time.")
+@click.option("--duration", "duration_s", type=float, default=40.0, show_default=True,
+              help="Workload seconds per probe.")
+@click.option("--speedup", type=float, default=4.0, show_default=True, help="Emulated engine speed-up.")
+def goodput(out_dir, as_json, quick, repeats, seed, policies, workers, slo_ttft_p99_s, slo_tpot_p99_s, start_rate,
+            duration_s, speedup) -> None:
+    """Per policy, the highest rate a live fleet serves within a TTFT p99 SLO (bisection, as kvr sim --goodput)."""
+    from bench.goodput import GoodputConfig, plot, run
+    from bench.progress import RichProgress
+
+    cfg = GoodputConfig.quick() if quick else GoodputConfig(
+        workers=workers, slo_ttft_p99_s=slo_ttft_p99_s, slo_tpot_p99_s=slo_tpot_p99_s, start_rate=start_rate,
+        duration_s=duration_s, speedup=speedup)
+    if policies:
+        cfg.policies = tuple(policies)
+    cfg.seed = seed
+    cfg.out_dir = str(Path(out_dir) / "goodput-runs")
+    result = run(cfg, command=_command_line(), progress=RichProgress("goodput"))
+    finish(result, out_dir, as_json, plot=plot)
+
+
 @click.command("stale")
 @_with_common
 @click.option("--fault", "faults", multiple=True,
@@ -293,5 +326,5 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic, peer, scale, stale, fuzz, faults, replicas]
+SUITE_COMMANDS = [overhead, basic, peer, scale, stale, fuzz, faults, replicas, goodput]
 
