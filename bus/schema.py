@@ -293,6 +293,7 @@ class WorkerSample(msgspec.Struct, tag="worker", frozen=True):
     evictions: int = 0
     mirror: MirrorStatus | None = None  # the publishing router's Redis mirror (None: it has none)
     trust: float = 1.0  # the router's trust in the target's index claims (core/trust.py; 1: full)
+    router_id: str = ""  # the publishing router (replicas of one fleet each publish their own view)
 
 
 MetricsRecord = RequestRecord | WorkerSample

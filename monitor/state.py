@@ -143,7 +143,12 @@ class MonitorState:
         self.decode_errors = 0
         self.started_s: float | None = None
         self.last_record_s: float | None = None
-        self._counters: dict[str, dict[str, int]] = {}  # worker → last cumulative event counters
+        # (router id, target) → last cumulative event counters, confidence and trust: each router
+        # replica publishes its own view of every target, so each is compared with its own last.
+        self._counters: dict[tuple[str, str], dict[str, int]] = {}
+        self._confidence: dict[tuple[str, str], str] = {}
+        self._trust_by: dict[tuple[str, str], float] = {}
+        self.routers: dict[str, float] = {}  # router id → wall time of its latest sample
         self._window = _Window()
         self._next_sample_s: float | None = None
 
@@ -194,19 +199,23 @@ class MonitorState:
         self._seen(s.t_s)
         wid = s.worker_id  # the target's name: the key of live state, series and incidents
         worker, dp_rank = split_target(wid)
-        previous = self.workers.get(wid)
-        if previous is None:
+        key = (s.router_id, wid)
+        if s.router_id:
+            self.routers[s.router_id] = max(s.t_s, self.routers.get(s.router_id, s.t_s))
+        if wid not in self.workers:
             self._incident(s.t_s, wid, "worker_seen", f"confidence {s.confidence}")
-        elif previous["confidence"] != s.confidence:
-            self._incident(s.t_s, wid, "confidence", f"{previous['confidence']} -> {s.confidence}")
+        elif key in self._confidence and self._confidence[key] != s.confidence:
+            who = f" (router {s.router_id})" if len(self.routers) > 1 else ""
+            self._incident(s.t_s, wid, "confidence", f"{self._confidence[key]} -> {s.confidence}{who}")
+        self._confidence[key] = s.confidence
         self.fold.observe_load(
             worker, s.t_s, kv_usage=s.load.kv_usage, queued_prefill_tokens=s.load.queued_prefill_tokens
         )
         if s.event_lag_s > 0 or s.events_applied:
             self.fold.observe_event_lag(s.event_lag_s)
         self._observe_mirror(s)
-        self.observe_trust(wid, s.trust, s.t_s)
-        deltas = self._counter_deltas(wid, s)
+        self.observe_trust(wid, s.trust, s.t_s, router_id=s.router_id)
+        deltas = self._counter_deltas(key, s)
         if deltas["gaps"]:
             self.fold.count_gap(deltas["gaps"])
             self._incident(s.t_s, wid, "gap", f"{deltas['gaps']} gap(s)")
@@ -233,7 +242,7 @@ class MonitorState:
             "confidence": s.confidence,
             "event_lag_s": s.event_lag_s,
             "trust": self.trust.get(wid),
-            **{k: self._counters[wid][k] for k in _EVENT_COUNTERS},
+            **{k: self._counters[key][k] for k in _EVENT_COUNTERS},
         }
 
     def _observe_mirror(self, s: WorkerSample) -> None:
@@ -251,17 +260,20 @@ class MonitorState:
             self._incident(s.t_s, "", "mirror", detail)
         self.mirror = mirror
 
-    def observe_trust(self, target: str, weight: float, t_s: float) -> None:
-        """The router's trust weight of ``target`` (1: trusted; less: its overlap counts that much).
+    def observe_trust(self, target: str, weight: float, t_s: float, *, router_id: str = "") -> None:
+        """A router's trust weight of ``target`` (1: trusted; less: its overlap counts that much).
 
         A change is an incident (``trust``); so is a first report below 1 (the monitor started
-        after the drop). A first report of full trust is the normal case, not an incident.
+        after the drop). A first report of full trust is the normal case, not an incident. With
+        several router replicas each is compared with its own last report; the weight shown is the
+        lowest of theirs.
         """
         self._seen(t_s)
-        before = self.trust.get(target, 1.0)
-        self.trust[target] = weight
+        before = self._trust_by.get((router_id, target), 1.0)
+        self._trust_by[(router_id, target)] = weight
+        self.trust[target] = min(w for (_, t), w in self._trust_by.items() if t == target)
         if target in self.workers:
-            self.workers[target]["trust"] = weight
+            self.workers[target]["trust"] = self.trust[target]
         if weight < before:
             self._incident(t_s, target, "trust", f"distrusted: weight {before:.2f} -> {weight:.2f} "
                                                  "(reported cached tokens fell short; index resynced)")
@@ -271,13 +283,17 @@ class MonitorState:
     def mark_worker_gone(self, worker_id: str, t_s: float) -> None:
         """The worker stopped sending samples (the service decides after how long)."""
         self.trust.pop(worker_id, None)  # a new incarnation starts trusted (the router forgets it too)
+        for table in (self._trust_by, self._confidence, self._counters):
+            for key in [k for k in table if k[1] == worker_id]:
+                del table[key]
         if self.workers.pop(worker_id, None) is not None:
             self._incident(t_s, worker_id, "worker_gone", "no samples")
 
-    def _counter_deltas(self, wid: str, s: WorkerSample) -> dict[str, int]:
-        last = self._counters.get(wid)
+    def _counter_deltas(self, key: tuple[str, str], s: WorkerSample) -> dict[str, int]:
+        wid = key[1]
+        last = self._counters.get(key)
         now = {k: int(getattr(s, k)) for k in _EVENT_COUNTERS}
-        self._counters[wid] = now
+        self._counters[key] = now
         if last is None:
             return now
         # A decrease means the counters restarted (a new worker incarnation, a router
@@ -380,6 +396,7 @@ class MonitorState:
             "workers": {k: self.workers[k] for k in sorted(self.workers)},
             "mirror": self.mirror,
             "trust": dict(sorted(self.trust.items())),
+            "routers": {r: {"last_sample_s": t} for r, t in sorted(self.routers.items())},
             "series": series[-light_series:] if light else series,
             "incidents": list(self.incidents),
             "incidents_dropped": self.incidents_dropped,

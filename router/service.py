@@ -309,7 +309,8 @@ class RouterService:
             self._next_stats_s = now + self.config.stats_interval_s
             if self._metrics is not None:
                 self._metrics.samples(worker_samples(core=self.core, index=self.index, streams=self.ingest.streams,
-                                                     t_s=self._wall(), mirror=self._mirror_status()))
+                                                     t_s=self._wall(), mirror=self._mirror_status(),
+                                                     router_id=self.config.router_id))
             self.refresh_stats()
             if self.mirror_sync is not None:  # for `kvr inspect` (fails, and is skipped, while Redis does)
                 self.mirror_sync.publish_health()

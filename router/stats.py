@@ -65,7 +65,7 @@ def request_record(p: PendingRequest, terminal: Completion | ErrorReply, *, now:
 
 
 def worker_samples(*, core: RouterCore, index: PrefixIndex, streams: Mapping[WorkerKey, TargetStream], t_s: float,
-                   mirror: MirrorStatus | None) -> list[WorkerSample]:
+                   mirror: MirrorStatus | None, router_id: str = "") -> list[WorkerSample]:
     live = set(core.targets())
     out = []
     for target, stream in streams.items():
@@ -79,7 +79,7 @@ def worker_samples(*, core: RouterCore, index: PrefixIndex, streams: Mapping[Wor
             indexed_blocks=index.num_blocks(target), confidence=index.confidence(target).value,
             events_applied=stream.events_applied, event_lag_s=stream.event_lag_s, gaps=stream.gaps,
             replays=stream.subscriber.counters.replays, resets=stream.resets, evictions=stream.removed_blocks,
-            mirror=mirror, trust=core.trust(target)))
+            mirror=mirror, trust=core.trust(target), router_id=router_id))
     return out
 
 

@@ -197,3 +197,23 @@ def test_the_routers_mirror_health_is_kept_and_its_changes_are_incidents():
     console = Console(width=200, record=True)
     console.print(render_dashboard(normalize_dump(d), width=200, height=60))
     assert "mirror degraded (unreachable since 1970-01-01 00:01:45 UTC, 1 failed writes)" in console.export_text()
+
+
+def test_router_replicas_samples_of_one_target_are_folded_per_replica():
+    """Two replicas publish their own cumulative counters for the same target: interleaved, they
+    must not read as restarts, and each replica's gaps count once; both replicas are listed."""
+    st = MonitorState(block_size=16)
+    st.add(sample("w0/0", t=100.0, router="r1", applied=50, gaps=1))
+    st.add(sample("w0/0", t=100.1, router="r2", applied=10))
+    st.add(sample("w0/0", t=101.0, router="r1", applied=60, gaps=1))
+    st.add(sample("w0/0", t=101.1, router="r2", applied=20, gaps=2, confidence="resyncing"))
+    kinds = [i["kind"] for i in st.incidents]
+    assert "stream_restart" not in kinds
+    assert [i["detail"] for i in st.incidents if i["kind"] == "gap"] == ["1 gap(s)", "2 gap(s)"]
+    assert [i["detail"] for i in st.incidents if i["kind"] == "confidence"] == ["fresh -> resyncing (router r2)"]
+    st.add(sample("w0/0", t=102.0, router="r2", applied=25, trust=0.0))
+    st.add(sample("w0/0", t=102.1, router="r1", applied=70))  # r1 still trusts it: the lowest is shown
+    assert st.trust["w0/0"] == 0.0
+    assert [i["detail"].split(":")[0] for i in st.incidents if i["kind"] == "trust"] == ["distrusted"]
+    d = st.dump(now_s=103.0)
+    assert d["routers"] == {"r1": {"last_sample_s": 102.1}, "r2": {"last_sample_s": 102.0}}
