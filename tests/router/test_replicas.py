@@ -17,6 +17,7 @@ from core.liveness import HeartbeatConfig
 from core.prefix_index import WorkerKey
 from router.config import RouterConfig
 from tests.router.test_service import RunningRouter
+from tests.waiting import eventually
 from worker.emulated import EmulatedBackend, EmulatedWorkerConfig
 from worker.service import WorkerService, router_endpoints
 
@@ -30,21 +31,10 @@ def _router(router_id: str, *, metrics: str | None = None, peers: tuple[str, ...
                                       request_timeout_s=10.0, heartbeat=HeartbeatConfig(interval_s=0.2, liveness=5)))
 
 
-def _until(pred, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
-
-
 def _run(client: RouterClient, request: GenerateRequest, timeout_s: float = 10.0):
     result = client.send(request)
-    deadline = time.monotonic() + timeout_s
-    while not result.done and time.monotonic() < deadline:
-        client.poll(20)
-    assert result.done, f"{request.request_id} unanswered"
+    eventually(lambda: result.done, timeout_s=timeout_s, what=f"an answer to {request.request_id}",
+               pump=lambda: client.poll(20), interval_s=0)
     return result
 
 
@@ -70,9 +60,10 @@ def fleet(request):
         services.append(svc)
         threads.append(th)
     try:
-        _until(lambda: all(s.registered for s in services) and all(len(r.service.workers) == 2 for r in routers))
+        eventually(lambda: all(s.registered for s in services) and all(len(r.service.workers) == 2 for r in routers),
+                   timeout_s=10, what="both workers registered with both replicas")
         # Replicas hear each other once their SUBs connected (the first one dialled a port not bound yet).
-        _until(lambda: all(r.service.peers is None or r.service.peers.heard for r in routers))
+        eventually(lambda: all(r.service.peers is None or r.service.peers.heard for r in routers), timeout_s=10)
         yield ctx, routers, services
     finally:
         for svc in services:
@@ -103,7 +94,7 @@ def test_each_replica_indexes_every_workers_blocks_and_serves_requests(fleet) ->
         holder = first.completion.worker_id
         # Both replicas hear the holder's BlockStored events (PUB fans out): exact indexes on each.
         target = WorkerKey(holder, 0)
-        _until(lambda: all(r.service.index.num_blocks(target) >= 8 for r in routers))
+        eventually(lambda: all(r.service.index.num_blocks(target) >= 8 for r in routers), timeout_s=10)
         # The other replica routes the same prefix to the same worker, and it hits.
         second = _run(clients[1], GenerateRequest("b", token_ids=prompt + [7] * BS, max_tokens=2))
         assert second.completion is not None, second.error
@@ -141,15 +132,15 @@ def test_replicas_count_each_others_requests_in_flight(fleet) -> None:
     clients = [RouterClient(endpoint=r.service.clients_endpoint, ctx=ctx) for r in routers]
     try:
         long = clients[0].send(GenerateRequest("long", token_ids=list(range(40 * BS)), max_tokens=2000))
-        _until(lambda: long.routed is not None or bool(clients[0].poll(10)))
+        eventually(lambda: long.routed is not None or bool(clients[0].poll(10)), timeout_s=10)
         target = WorkerKey(long.routed.worker_id, 0)
-        _until(lambda: r2.core.load(target).in_flight == 1)
+        eventually(lambda: r2.core.load(target).in_flight == 1, timeout_s=10)
         assert r1.core.load(target).in_flight == 1  # its own, counted once (a replica never applies itself)
         other = _run(clients[1], GenerateRequest("short", token_ids=list(range(5000, 5000 + 2 * BS)), max_tokens=1))
         assert other.routed.worker_id != target.worker_id
         clients[0].cancel("long")
-        _until(lambda: long.done or bool(clients[0].poll(10)))
-        _until(lambda: r2.core.load(target).in_flight == 0)
+        eventually(lambda: long.done or bool(clients[0].poll(10)), timeout_s=10)
+        eventually(lambda: r2.core.load(target).in_flight == 0, timeout_s=10)
         assert r2.counters["peer_loads_applied"] >= 1 and r1.counters["peer_loads_applied"] >= 1
         assert r2.peers is not None and set(r2.peers.heard) == {"r1"}
     finally:
@@ -161,9 +152,9 @@ def test_replicas_count_each_others_requests_in_flight(fleet) -> None:
 def test_a_silent_replica_is_forgotten_after_the_heartbeat_timeout(fleet) -> None:
     ctx, routers, _ = fleet
     r2 = routers[1].service
-    _until(lambda: r2.peers is not None and "r1" in r2.peers.heard)
+    eventually(lambda: r2.peers is not None and "r1" in r2.peers.heard, timeout_s=10)
     routers[0].stop()
-    _until(lambda: r2.counters["peers_forgotten"] == 1, timeout_s=5.0)  # heartbeat timeout: 0.2 s x 5
+    eventually(lambda: r2.counters["peers_forgotten"] == 1, timeout_s=5.0)  # heartbeat timeout: 0.2 s x 5
     assert r2.peers is not None and r2.peers.heard == {}
 
 
@@ -194,7 +185,7 @@ def test_requests_lost_with_a_replica_before_any_token_fail_over_to_another(flee
     with ReplicaClient(endpoints=[r.service.clients_endpoint for r in routers], ctx=ctx) as client:
         for i in range(4):
             client.send(GenerateRequest(f"f{i}", token_ids=list(range(i * 1000, i * 1000 + 40 * BS)), max_tokens=2))
-        _until(lambda: routers[0].service.counters["requests"] == 2)
+        eventually(lambda: routers[0].service.counters["requests"] == 2, timeout_s=10)
         routers[0].stop()  # answers its pending requests ROUTER_RESTARTED, none had a token yet
         done = _drain(client, 4)
         assert client.failovers == 2 and client.pending == {}
