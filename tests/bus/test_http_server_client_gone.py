@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from bus.http_server import HttpServer
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -49,9 +50,7 @@ def test_a_write_to_a_client_that_left_ends_the_handler_without_a_traceback(capl
             assert streaming.wait(5)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
         gone.set()  # closed: reset
-        deadline = time.monotonic() + 5
-        while not ended and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: ended, what="the stream ended")
     finally:
         server.close()
     assert ended and ended[0] != "finished"
