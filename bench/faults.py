@@ -52,17 +52,22 @@ CASES = ("worker_kill", "worker_restart", "router_restart", "redis_restart", "re
          "dup_reorder",
          "slow_subscriber", "client_disconnect", "worker_stall", "rogue_publisher", "router_stall", "impostor_hello",
          "impostor_hello_curve", "duplicate_worker", "lying_worker",
-         "worker_stall_http", "client_disconnect_http")
+         "worker_stall_http", "client_disconnect_http", "router_replica_kill")
 #: Cases allowed longer than ``exact_within_s`` to an exact index: after a 5 s router stall the router
 #: reads 5 s of KV events, requests and resent streams at once (1.2-1.3 s seen on two shared cores).
 EXACT_WITHIN_S = {"router_stall": 3.0,
                   # 16 streams of 1500 tokens decode on past the fault's end, storing a block every 16
                   # tokens each: most samples straddle a step (inconclusive) until they finish (1.66 s seen).
-                  "worker_stall_http": 3.0}
+                  "worker_stall_http": 3.0,
+                  # The survivor writes the mirror once the dead replica's writer lease (the
+                  # heartbeat timeout, 1.5 s here) expires; the fault ends sooner than that.
+                  "router_replica_kill": 3.0}
 #: Cases whose cluster runs with CURVE on (keys in RUN_DIR/keys, one extra authorised worker key).
 CURVE_CASES = ("impostor_hello_curve",)
 IMPOSTOR_KEY = "worker-impostor"
-#: The extra worker of the ``lying_worker`` case (bench/liar.py), beside the cluster's honest ones.
+#: Cases whose cluster runs two router replicas (the load spreads over both; the first is killed).
+REPLICA_CASES = ("router_replica_kill",)
+#: The extra worker of the ``lying_worker`` case (bench/liar.py, run by cli/_liar.py), beside the cluster's honest ones.
 LIAR_ID = "liar"
 
 #: Error codes each case may end requests with (anything else fails the case); the rest: none.
@@ -71,6 +76,8 @@ ALLOWED_ERRORS = {
     "worker_restart": {"worker_died"},
     "worker_stall": {"worker_died"},
     "router_restart": {"router_restarted", "no_workers"},
+    # A request that had streamed from the killed replica ends so (one that had not fails over).
+    "router_replica_kill": {"router_restarted"},
     # A stream truly lost on a replaced link would end explicitly so; none is expected (resent).
     "router_stall": {"worker_died"},
     "worker_stall_http": {"worker_died"},
@@ -310,6 +317,8 @@ def inject(case: str, cluster, cfg: FaultsConfig, truth: Truth, sampler: Sampler
     if case == "worker_restart":
         cluster.restart_worker("worker-0", crash=False, wait=True, timeout_s=15)
         return _wait(lambda: _router_serves_all(http_port, n), 10, "the router to serve every worker"), notes
+    if case == "router_replica_kill":
+        return _router_replica_kill(cluster, cfg, sampler, notes, http_port), notes
     if case == "router_restart":
         sup.restart("router")
         return _wait(lambda: _router_serves_all(http_port, n), 15, "the restarted router to serve every worker"), notes
@@ -363,6 +372,23 @@ def inject(case: str, cluster, cfg: FaultsConfig, truth: Truth, sampler: Sampler
     if case == "client_disconnect_http":
         return _client_disconnect_http(cluster, cfg, truth, notes, http_port), notes
     raise ValueError(f"unknown fault case {case!r}; known: {', '.join(CASES)}")
+
+
+def _router_replica_kill(cluster, cfg: FaultsConfig, sampler: Sampler, notes: dict, http_port: int) -> float:
+    """SIGKILL the first of two router replicas under the load (spread over both by a
+    ReplicaClient); it stays dead. ``http_port`` is the survivor's: it must keep every worker, and
+    the load must lose nothing (requests the dead replica had not answered fail over). The dead
+    replica held the mirror's writer lease: the survivor takes it once it expires (the heartbeat
+    timeout) and rewrites the mirror, so the index is exact again within about that long."""
+    n = len(cluster.worker_ids)
+    before = _router_metrics(http_port).get("kvr_router_requests_total", 0.0)
+    cluster.supervisor.signal("router", signal.SIGKILL)
+    notes["killed"] = ["router"]  # on purpose: not a crash (sampler.dead is for workers: the truth is unchanged)
+    # Ends once the survivor has served more requests with every worker still registered.
+    end = _wait(lambda: (_router_metrics(http_port).get("kvr_router_requests_total", 0.0) > before + 5
+                         and _router_serves_all(http_port, n)), 10, "the surviving replica to serve on")
+    notes["survivor_workers"] = _router_metrics(http_port).get("kvr_router_workers")
+    return end
 
 
 def _worker_kill(cluster, cfg: FaultsConfig, sampler: Sampler, notes: dict, http_port: int) -> float:
@@ -709,7 +735,8 @@ def _liar_claims(cluster) -> Path:
 
 
 def _start_liar(cluster, http_port: int, n_honest: int) -> None:
-    """One more worker, ``LIAR_ID``: ``kvr worker`` run by bench/liar.py (honest until its claims file appears)."""
+    """One more worker, ``LIAR_ID``: ``kvr worker`` run by cli/_liar.py (bench/liar.py; honest until its claims
+    file appears)."""
     import sys
 
     from cluster.supervisor import ComponentSpec
@@ -717,7 +744,7 @@ def _start_liar(cluster, http_port: int, n_honest: int) -> None:
     spec = cluster.worker_spec(LIAR_ID)
     if spec.argv[1:3] != ["-m", "cli.main"]:
         raise RuntimeError(f"unexpected worker command line {spec.argv[:3]}")
-    argv = [sys.executable, "-m", "bench.liar", str(_liar_claims(cluster)), *spec.argv[3:]]
+    argv = [sys.executable, "-m", "cli._liar", str(_liar_claims(cluster)), *spec.argv[3:]]
     cluster.supervisor.start(ComponentSpec(LIAR_ID, "worker", argv))
     _wait(lambda: _router_serves_all(http_port, n_honest + 1), 30, "the router to register the liar")
 
@@ -1062,10 +1089,14 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
         generate_keys(keys, ("router", "worker", "client", IMPOSTOR_KEY))
         router_args += ["--curve-dir", str(keys)]
         worker_args += ["--curve-dir", str(keys)]
+    replica_http_port = free_loopback_port() if case in REPLICA_CASES else None
     for attempt in range(2):
-        cluster = LocalCluster(cluster_config(workers=cfg.workers, policy="kvr", speedup=cfg.speedup,
-                                              run_dir=run_dir, namespace=ns, seed=cfg.seed, router_args=router_args,
-                                              worker_args=worker_args))
+        config = cluster_config(workers=cfg.workers, policy="kvr", speedup=cfg.speedup, run_dir=run_dir, namespace=ns,
+                                seed=cfg.seed, router_args=router_args, worker_args=worker_args)
+        if replica_http_port is not None:
+            config.routers = 2  # router-1 serves its own HTTP front: the survivor's metrics are read there
+            config.replica_router_args = [*router_args[:1], str(replica_http_port), *router_args[2:]]
+        cluster = LocalCluster(config)
         try:
             cluster.start()
             break
@@ -1082,7 +1113,7 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
         if case == "lying_worker":
             _start_liar(cluster, http_port, len(cluster.worker_ids))
         truth = Truth(cluster, ns)
-        load = SteadyLoad(cluster.client_endpoint, cfg.load_config(), cfg.seed, curve=_client_curve(cluster))
+        load = SteadyLoad(cluster.client_endpoints, cfg.load_config(), cfg.seed, curve=_client_curve(cluster))
         sampler = Sampler(truth, cfg)
         load.start()
         sampler.start()
@@ -1090,7 +1121,10 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
             time.sleep(cfg.pre_s)
             replays_before = _safe_metrics(http_port).get("kvr_router_target_replays", 0.0)
             start = time.monotonic()
-            end, out.notes = inject(case, cluster, cfg, truth, sampler, http_port)
+            end, out.notes = inject(case, cluster, cfg, truth, sampler,
+                                    http_port if replica_http_port is None else replica_http_port)
+            if replica_http_port is not None:
+                http_port = replica_http_port  # the killed replica's front is gone: read the survivor's
             out.fault_s = end - start
             time.sleep(cfg.post_s)
             out.observed_s = time.monotonic() - end
@@ -1114,7 +1148,7 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
                 out.notes["router_pending_drained"] = True
             except TimeoutError:
                 out.notes["router_pending_drained"] = False
-        expected_dead = set(sampler.dead)
+        expected_dead = set(sampler.dead) | set(out.notes.get("killed", ()))
         out.crashed = sorted(f.spec.name for f in cluster.supervisor.failed() if f.spec.name not in expected_dead)
         # The router's stats snapshot (behind /metrics) is refreshed every second: let it catch up
         # with the end of the drain before reading the counters.
@@ -1123,7 +1157,7 @@ def run_case(cfg: FaultsConfig, case: str, run_dir: Path) -> CaseResult:
         out.notes["router_counters"] = {k.removeprefix("kvr_router_").removesuffix("_total"): v
                                         for k, v in metrics.items() if k.endswith("_total")}
         # A fault must never make the router log a traceback (e.g. BrokenPipe writing to a client gone).
-        log = cluster.supervisor.log_path("router")
+        log = cluster.supervisor.log_path("router" if replica_http_port is None else "router-1")
         out.notes["router_log_tracebacks"] = log.read_text(errors="replace").count("Traceback") if log.exists() else 0
         out.notes["stream_gaps"] = metrics.get("kvr_router_target_gaps", 0.0)  # summed over live targets
         out.notes["stream_resets"] = metrics.get("kvr_router_target_resets", 0.0)

@@ -1,7 +1,8 @@
 """A lying worker for the fault suite (``lying_worker`` in bench/faults.py): a real ``kvr worker``
 process that, once told to, claims prefixes it does not hold.
 
-Run as ``python -m bench.liar CLAIMS_FILE <kvr's global options> worker <kvr worker options>``.
+Run as ``python -m cli._liar CLAIMS_FILE <kvr's global options> worker <kvr worker options>`` (the
+entry point is in cli/: it runs kvr's own command line, which bench/ may not import).
 Until ``CLAIMS_FILE`` exists it is an ordinary emulated worker. When the file appears (JSON: a
 list of prompts, each a list of token ids) the worker, on its own loop thread:
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
@@ -49,6 +49,13 @@ def claims_batch(prompts: list[list[int]], *, block_size: int) -> list:
     return events
 
 
+def start_lying(runner, claims_path: Path) -> threading.Thread:
+    """Watch for ``claims_path`` on a thread of its own; lie from then on (module docstring)."""
+    thread = threading.Thread(target=_lie, args=(runner, claims_path), daemon=True, name="kvr-liar")
+    thread.start()
+    return thread
+
+
 def _lie(runner, claims_path: Path) -> None:
     stopped: threading.Event = runner._stopped
     while not claims_path.exists():
@@ -69,23 +76,3 @@ def _lie(runner, claims_path: Path) -> None:
     while not stopped.is_set():
         runner.service.call(lambda: backend.publisher.publish(events, ts=time.time()))
         stopped.wait(CLAIM_PERIOD_S)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    claims_path = Path(args.pop(0))
-    from cli.main import main as kvr
-    from worker.runner import WorkerRunner
-
-    run = WorkerRunner.run
-
-    def lying_run(self: WorkerRunner) -> None:
-        threading.Thread(target=_lie, args=(self, claims_path), daemon=True, name="kvr-liar").start()
-        run(self)
-
-    WorkerRunner.run = lying_run  # type: ignore[method-assign]
-    kvr.main(args=args, prog_name="kvr")
-
-
-if __name__ == "__main__":
-    main()

@@ -84,8 +84,9 @@ class StaleConfig:
 class SteadyLoad(threading.Thread):
     """Poisson requests from a gsp workload (recycled), each with its own timeout; never blocks the bench."""
 
-    def __init__(self, endpoint: str, cfg: StaleConfig, seed: int, *, curve=None) -> None:
-        """``curve`` (bus/security.Curve): dial a router that has CURVE on."""
+    def __init__(self, endpoint: str | list[str], cfg: StaleConfig, seed: int, *, curve=None) -> None:
+        """``curve`` (bus/security.Curve): dial a router that has CURVE on. Several endpoints
+        (router replicas): a ``ReplicaClient`` spreads the requests and fails over."""
         super().__init__(daemon=True, name="stale-load")
         self.endpoint = endpoint
         self.curve = curve
@@ -119,7 +120,13 @@ class SteadyLoad(threading.Thread):
         prompts = [r for i in range(wl.num_roots()) for r in wl.root_requests(i)]
         rnd = random.Random(self.seed)
         wall_rate = cfg.rate_per_s * cfg.speedup
-        with RouterClient(endpoint=self.endpoint, curve=self.curve) as client:
+        from bus.replica_client import ReplicaClient
+
+        replicas = isinstance(self.endpoint, list) and len(self.endpoint) > 1
+        client_cm = (ReplicaClient(endpoints=list(self.endpoint), curve=self.curve) if replicas else
+                     RouterClient(endpoint=self.endpoint if isinstance(self.endpoint, str) else self.endpoint[0],
+                                  curve=self.curve))
+        with client_cm as client:
             sent: dict[str, float] = {}
             next_at = time.monotonic()
             k = 0

@@ -162,6 +162,11 @@ def mirror_health_key(namespace: str) -> str:
     return f"{_base(namespace)}:mirror-health"
 
 
+def mirror_writer_key(namespace: str) -> str:
+    """The router replica that writes the index mirror (a lease: its id, with a TTL it renews)."""
+    return f"{_base(namespace)}:mirror-writer"
+
+
 def generation_key(namespace: str) -> str:
     return f"{_base(namespace)}:generation"
 

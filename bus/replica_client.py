@@ -111,6 +111,18 @@ class ReplicaClient:
         self.pending.pop(rid, None)
         return result
 
+    @property
+    def connection_losses(self) -> int:
+        return sum(c.connection_losses for c in self._clients)
+
+    @property
+    def late_replies(self) -> int:
+        return sum(c.late_replies for c in self._clients)
+
+    @property
+    def unmatched_replies(self) -> int:
+        return sum(c.unmatched_replies for c in self._clients)
+
     def close(self) -> None:
         for client in self._clients:
             client.close()

@@ -293,8 +293,8 @@ def fuzz(out_dir, as_json, quick, seed, cases, target_names) -> None:
                                  "redis_oom", "drop", "dup_reorder", "slow_subscriber", "client_disconnect",
                                  "worker_stall", "rogue_publisher", "router_stall", "impostor_hello",
                                  "impostor_hello_curve", "duplicate_worker", "lying_worker", "worker_stall_http",
-                                 "client_disconnect_http"]),
-              help="Fault cases to run (repeatable; default: all nineteen).")
+                                 "client_disconnect_http", "router_replica_kill"]),
+              help="Fault cases to run (repeatable; default: all twenty).")
 @click.option("--workers", type=click.IntRange(2, 16), default=2, show_default=True)
 @click.option("--speedup", type=float, default=20.0, show_default=True, help="Emulated engine speed-up.")
 @click.option("--redis-down", "redis_down_s", type=float, default=3.0, show_default=True,

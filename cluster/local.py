@@ -77,6 +77,7 @@ class ClusterConfig:
     monitor_http_port: int = 0
     dump_interval_s: float = 2.0
     router_args: list[str] = field(default_factory=list)
+    replica_router_args: list[str] | None = None  # the replicas' (router-1, ...); None: router_args
     worker_args: list[str] = field(default_factory=list)
     ready_timeout_s: float = 60.0
     stop_timeout_s: float = 10.0
@@ -220,7 +221,7 @@ class LocalCluster:
             "--namespace", c.namespace,
             "--ready-file", str(self._ready_file(name)),
             *(["--router-id", name, *(a for p in peers for a in ("--peer", p))] if peers else []),
-            *c.router_args,
+            *(c.router_args if name == "router" or c.replica_router_args is None else c.replica_router_args),
             log_level=c.log_level,
         )
         return ComponentSpec(name, "router", argv, ready=self._workers_registered if name == "router" else None,

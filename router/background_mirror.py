@@ -103,6 +103,19 @@ class BackgroundMirror:
         key = (snapshot.worker_id, snapshot.dp_rank)
         self._submit(key, lambda: self._mirror.replace_target(snapshot), whole=True)
 
+    @property
+    def writer_lease_ms(self) -> int:
+        return self._mirror.writer_lease_ms
+
+    @writer_lease_ms.setter
+    def writer_lease_ms(self, value: int) -> None:
+        self._mirror.writer_lease_ms = value
+
+    @property
+    def writer(self) -> str | None:
+        """The lease holder as the last completed check read it (the writer thread sets it)."""
+        return self._mirror.writer
+
     def router_heartbeat(self, router_id: str, *, now_s: float, token: str) -> str:
         """The generation seen by the last completed check; queues the next one."""
         with self._cond:

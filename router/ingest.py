@@ -126,6 +126,9 @@ class EventIngest:
         self.streams: dict[WorkerKey, TargetStream] = {}
         self._by_socket: dict[zmq.Socket, TargetStream] = {}
         self.mirror_failures = 0
+        #: False while another router replica holds the mirror's writer lease (router/mirror_sync.py):
+        #: this one then writes no targets' blocks or streams (it would race the writer on the same keys).
+        self.mirror_writes = True
         self._mirror_retry_at = 0.0  # no rewrite of dirty targets before this (clock)
 
     # ------------------------------------------------------------------ warm start
@@ -323,7 +326,7 @@ class EventIngest:
 
     def _mirror(self, write: Callable[[RedisMirror], None], stream: TargetStream | None = None) -> None:
         """``write`` to the mirror, if there is one; a failure marks ``stream`` dirty (rewritten later)."""
-        if self.mirror is None:
+        if self.mirror is None or not self.mirror_writes:
             return
         try:
             write(self.mirror)
@@ -339,7 +342,7 @@ class EventIngest:
                 stream.mirror_dirty = True
 
     def _resync_mirror(self, stream: TargetStream) -> None:
-        if self.mirror is None:
+        if self.mirror is None or not self.mirror_writes:
             return
         t = stream.target
         snap = TargetSnapshot(t.worker_id, t.dp_rank, stream.last_seq, stream.epoch, dict(self.index.snapshot(t)))

@@ -132,6 +132,10 @@ class RedisMirror:
         self.namespace = namespace
         self.failures = 0
         self.round_trips = 0
+        #: The writer lease (``names.mirror_writer_key``): its TTL in ms (0: no lease, a lone router),
+        #: and the holder the last ``router_heartbeat`` read ("" none, None: not read yet).
+        self.writer_lease_ms = 0
+        self.writer: str | None = None
         self._verification: str | None = None  # request_verification's answer until taken
         self._scheme = HASH_SCHEME.encode()  # stamped on every target's stream (bus/names.py)
         self._cluster = is_cluster(client)
@@ -421,8 +425,19 @@ class RedisMirror:
             pipe.set(key, token, nx=True)
             pipe.get(key)
         pipe.hset(names.routers_key(ns), router_id, now_s)
+        lease = names.mirror_writer_key(ns)
+        if self.writer_lease_ms:
+            pipe.set(lease, router_id, nx=True, px=self.writer_lease_ms)  # taken if free
+            pipe.get(lease)
         replies = pipe.execute()
         self.round_trips += 1
+        if self.writer_lease_ms:
+            holder = replies.pop()
+            replies.pop()
+            self.writer = _text(holder) if holder is not None else ""
+            if self.writer == router_id:  # renew (only the holder does: no other writes the key)
+                self._r.pexpire(lease, self.writer_lease_ms)
+                self.round_trips += 1
         tokens = [_text(g) if g is not None else "" for g in replies[1:-1:2]]  # each key's GET
         if not self._cluster:
             return tokens[0]

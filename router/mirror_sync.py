@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from bus import names
 from bus.mirror_status import Cause, as_dict, describe
 from bus.schema import Hello
 from core.prefix_index import PrefixIndex
@@ -93,6 +94,20 @@ class MirrorSync:
             self.failed(exc)
             return
         lost = self._generation is not None and generation != self._generation
+        holder = getattr(mirror, "writer", None)  # None: no lease read (a lone router, or a test double)
+        writing = holder is None or holder == self._router_id
+        takeover = False
+        if writing != self._ingest.mirror_writes:
+            self._ingest.mirror_writes = writing
+            if writing:
+                # The lease was free (or its holder died): what it wrote may be behind this
+                # router's index; rewrite everything and read it back, as after a Redis restart.
+                self._counters["mirror_writer_takeovers"] += 1
+                logger.warning("this router now writes the Redis mirror (lease %s): rewriting it from memory",
+                               names.mirror_writer_key(mirror.namespace) if hasattr(mirror, "namespace") else "")
+                takeover = True
+            else:
+                logger.info("router replica %s writes the Redis mirror: this one only reads it", holder)
         failed = mirror.take_write_failures()  # writes made off the routing thread that failed
         if failed is not None:
             self.failed(failed)
@@ -100,8 +115,14 @@ class MirrorSync:
             self.health.fail(self.health.cause, now_s=self._wall(), failed_writes=self._new_failures())
         was_down, self.down = self.down or failed is not None, False
         self._generation = generation
+        if not writing:
+            # Another replica writes (and verifies) the targets; Redis answering is all this one needs.
+            self._verify_asked_s = None
+            if failed is None and self.health.recover(now_s=self._wall()):
+                logger.info("Redis mirror ok again (another replica writes it)")
+            return
         streams = self._ingest.streams
-        if lost or was_down or (self.health.state != "ok" and self._verify_asked_s is None):
+        if lost or takeover or was_down or (self.health.state != "ok" and self._verify_asked_s is None):
             if lost:
                 logger.warning("Redis came back empty (restarted or flushed): rewriting the registry and %d "
                                "targets from memory", len(streams))

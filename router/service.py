@@ -170,6 +170,10 @@ class RouterService:
         self.ingest = EventIngest(index=self.index, poller=self._poller, ctx=self._ctx, mirror=mirror, clock=clock,
                                   wall=wall, curve=curve, max_event_bytes=config.max_event_bytes,
                                   on_mirror_failure=self._on_ingest_mirror_failure)
+        if mirror is not None and hasattr(mirror, "writer_lease_ms"):
+            # One writer per fleet's mirror (replicas would race on the same keys): a lease held for
+            # a heartbeat timeout, renewed on every mirror check (router/mirror_sync.py).
+            mirror.writer_lease_ms = int(config.heartbeat.timeout_s * 1000)
         self.mirror_sync = None if mirror is None else MirrorSync(
             mirror=mirror, ingest=self.ingest, index=self.index, router_id=config.router_id,
             worker_ttl_s=config.heartbeat.timeout_s, counters=self.counters, clock=clock, wall=wall)

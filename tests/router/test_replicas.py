@@ -192,3 +192,31 @@ def test_requests_lost_with_a_replica_before_any_token_fail_over_to_another(flee
     assert sorted(r.request_id for r in done) == [f"f{i}" for i in range(4)]
     assert all(r.completion is not None for r in done), [r.error for r in done]
     assert routers[1].service.counters["requests"] == 4
+
+
+def test_one_replica_writes_the_mirror_and_another_takes_over_when_it_dies(redis_server, redis_client) -> None:
+    """Replicas would race on the same mirror keys: one holds the writer lease (names.mirror_writer_key)
+    and writes; the other only reads. When the writer stops renewing it, the lease expires (the
+    heartbeat timeout) and the other takes it over and rewrites the mirror from its own index."""
+    from bus import names
+    from router.mirror import RedisMirror, make_redis_client
+
+    def replica(router_id: str) -> RunningRouter:
+        config = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
+                              router_id=router_id, heartbeat=HeartbeatConfig(interval_s=0.2, liveness=3))
+        return RunningRouter(config, mirror=RedisMirror(client=make_redis_client(redis_server), namespace="lease"))
+
+    first = replica("r1")
+    eventually(lambda: redis_client.get(names.mirror_writer_key("lease")) == b"r1", what="r1 holds the lease")
+    second = replica("r2")
+    try:
+        eventually(lambda: not second.service.ingest.mirror_writes, what="r2 reads only")
+        assert first.service.ingest.mirror_writes
+        first.stop()  # stops renewing: the lease (0.6 s) expires
+        eventually(lambda: second.service.counters["mirror_writer_takeovers"] == 1, timeout_s=5.0,
+                   what="r2 takes the lease over")
+        assert second.service.ingest.mirror_writes
+        assert redis_client.get(names.mirror_writer_key("lease")) == b"r2"
+        assert 0 < redis_client.pttl(names.mirror_writer_key("lease")) <= 600
+    finally:
+        second.stop()
