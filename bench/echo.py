@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import random
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 
 from bench.live import proc_cpu_s
 from bench.results import percentile, spread
+from cluster.processes import stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +264,7 @@ def router_vs_echo(cfg: EchoConfig | None = None, progress=None) -> list[dict]:
             child.join(timeout=5)
             if child.is_alive():
                 child.kill()
-        _stop_process_group(router)
+        stop_process(router, group=True)
         redis_proc.stop()
     relay = samples["raw relay (2 hops)"]
     echo = samples["raw echo (1 hop)"]
@@ -304,14 +303,3 @@ def _wait_ready(arms, cfg: EchoConfig, router: subprocess.Popen) -> None:
                 time.sleep(0.1)
 
 
-def _stop_process_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass

@@ -12,6 +12,7 @@ import zmq
 from core.prefix_index import PrefixIndex, WorkerKey
 from router.ingest import MIRROR_RETRY_S, EventIngest, TargetStream
 from router.mirror import MirrorUnavailable
+from tests.fakes.clock import ManualClock
 
 
 class HangingMirror:
@@ -25,14 +26,6 @@ class HangingMirror:
             self.calls += 1
             raise MirrorUnavailable(f"{name}: timeout")
         return call
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class _Sub:
@@ -52,7 +45,7 @@ class _Sub:
 
 
 def test_dirty_targets_are_not_rewritten_on_every_tick_after_a_failure() -> None:
-    clock, mirror = Clock(), HangingMirror()
+    clock, mirror = ManualClock(100.0), HangingMirror()
     ctx = zmq.Context()
     ingest = EventIngest(index=PrefixIndex(block_size=16), poller=zmq.Poller(), ctx=ctx, mirror=mirror, clock=clock)
     for w in ("a", "b"):
