@@ -111,16 +111,19 @@ def test_authorised_worker_registers_serves_and_indexes_over_curve(cluster, keys
         # The worker's KV events reach the index over its CURVE PUB: the router predicts the hit.
         # (A dialled PUB may connect after the first batch went out; the next batch's gap replays it.)
         target = WorkerKey("w-good", 0)
-        # Not eventually(): with "dialled" the range runs out before the deadline with nothing
-        # indexed (the same prompt adds no blocks, so no later batch shows the gap), and the
-        # hit below is then the router's own prediction. Left as found, and reported (issue 14).
-        deadline = time.monotonic() + 10
-        for i in range(10, 100):
+        # A batch sent before a dialled PUB connected is lost to the SUB, and the same prompt again
+        # adds no blocks: only a later batch (a new prompt's) shows the gap, which the router
+        # replays or resyncs. So each try sends a new prompt until the first one's blocks are in.
+        tries = iter(range(10, 1000))
+
+        def indexed() -> bool:
             if cluster.router.index.num_blocks(target) > 0:
-                break
-            assert time.monotonic() < deadline, "no blocks indexed from CURVE events"
-            assert client.generate(_request(i), timeout_s=10).error is None
-            time.sleep(0.1)
+                return True
+            assert client.generate(_request(next(tries), prompt=f"fresh words {time.monotonic()} " * 8),
+                                   timeout_s=10).error is None
+            return False
+
+        eventually(indexed, timeout_s=10, interval_s=0.1, what="blocks indexed from CURVE events")
         second = client.generate(_request(2), timeout_s=10)
         assert second.error is None and second.routed.predicted_cached_tokens > 0
         assert second.completion.cached_tokens > 0
