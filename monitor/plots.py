@@ -103,7 +103,9 @@ def _legend_above(ax, handles=None, labels=None, **kw) -> None:
 
 
 def _legend_right(ax, **kw) -> None:
-    """A legend to the right of the axes: it never covers the data."""
+    """A legend to the right of the axes: it never covers the data (none for a panel with nothing labelled)."""
+    if kw.get("handles") is None and not ax.get_legend_handles_labels()[0]:
+        return
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, **kw)
 
 
