@@ -1,5 +1,9 @@
 """``kvr bench replicas``: 1, 2, 4 router replicas on one fleet, the same workload through each.
 
+Router CPU is read from ``/proc`` for every replica: in total per request, and above each
+replica's idle rate (measured for ``idle_s`` before the drive: heartbeats, the housekeeping loop,
+peer sync and mirror checks cost each replica the same whatever its share of the traffic).
+
 Every point is a fresh local cluster (``kvr up --routers N``: each worker registers with every
 replica, each replica keeps its own exact index from the workers' KV events and counts the
 others' requests in flight) driven by a :class:`~bus.replica_client.ReplicaClient`, which spreads
@@ -44,13 +48,14 @@ class ReplicasConfig:
     warmup: int = 8
     seed: int = 0
     kill_case: bool = True
+    idle_s: float = 3.0  # each point first measures its replicas' CPU with no load this long
     run_timeout_s: float = 180.0
     out_dir: str = ""
 
     @classmethod
     def quick(cls) -> ReplicasConfig:
         return cls(replicas=(1, 2), workers=2, rate_per_s=8.0, duration_s=3.0, speedup=20.0, prompts_per_group=4,
-                   system_prompt_len=128, question_len=16, output_len=4, warmup=1)
+                   system_prompt_len=128, question_len=16, output_len=4, warmup=1, idle_s=0.5)
 
 
 def _spec(cfg: ReplicasConfig) -> WorkloadSpec:
@@ -73,6 +78,11 @@ def _point(cfg: ReplicasConfig, root: Path, replicas: int, *, kill: bool) -> dic
     cluster = LocalCluster(config)
     with cluster:
         pids = {name: cluster.supervisor.pid(name) for name in cluster.router_names}
+        # Each replica's CPU with no request at all (heartbeats, the housekeeping loop, peer sync,
+        # mirror checks): what it pays whatever its share of the traffic.
+        idle0 = {name: proc_cpu_s(pid) or 0.0 for name, pid in pids.items()}
+        time.sleep(cfg.idle_s)
+        idle_rate = {name: ((proc_cpu_s(pid) or idle0[name]) - idle0[name]) / cfg.idle_s for name, pid in pids.items()}
         cpu0 = {name: proc_cpu_s(pid) or 0.0 for name, pid in pids.items()}
         wl, arrivals = _spec(cfg).build(cfg.seed)
         killer = None
@@ -95,11 +105,16 @@ def _point(cfg: ReplicasConfig, root: Path, replicas: int, *, kill: bool) -> dic
     m = request_metrics(out.results, warmup=cfg.warmup)
     sent = max(1, out.sent)
     total_cpu = sum(cpu.values())
+    # The drive's CPU above each replica's idle rate: the work the requests (and the KV events they
+    # cause, which every replica ingests) added.
+    busy_cpu = sum(max(0.0, cpu[n] - idle_rate[n] * wall) for n in cpu)
     return {"replicas": replicas, "case": "one replica SIGKILLed half-way" if kill else "steady",
             "sent": out.sent, "completed": m["completed"], "errors": m["errors"], "unanswered": out.timed_out,
             "failovers": failovers, "hit_rate": m["hit_rate"], "ttft_p50_ms": m["ttft_p50_ms"],
             "ttft_p99_ms": m["ttft_p99_ms"], "throughput_rps": m["throughput_rps"], "load_cv": m["load_cv"],
             "router_cpu_ms_per_request": total_cpu * 1e3 / sent,
+            "router_cpu_above_idle_ms_per_request": busy_cpu * 1e3 / sent,
+            "idle_cpu_share_per_replica": sum(idle_rate.values()) / len(idle_rate),
             "busiest_replica_cpu_share": max(cpu.values()) / wall if wall else 0.0,
             "replica_cpu_s": {k: round(v, 3) for k, v in cpu.items()}, "wall_s": wall}
 
@@ -128,6 +143,9 @@ def run(cfg: ReplicasConfig, *, command: str = "kvr bench replicas", progress=No
             r["ttft_p99_vs_1"] = r["ttft_p99_ms"] / base["ttft_p99_ms"] if base["ttft_p99_ms"] else math.nan
             r["cpu_per_request_vs_1"] = (r["router_cpu_ms_per_request"] / base["router_cpu_ms_per_request"]
                                          if base["router_cpu_ms_per_request"] else math.nan)
+            r["cpu_above_idle_vs_1"] = (r["router_cpu_above_idle_ms_per_request"]
+                                        / base["router_cpu_above_idle_ms_per_request"]
+                                        if base["router_cpu_above_idle_ms_per_request"] else math.nan)
     result.notes.append(f"{cfg.workers} workers, gsp ({cfg.system_prompt_len}-token system prompts, "
                         f"{cfg.prompts_per_group} questions each) at {cfg.rate_per_s:g} req/s of workload time for "
                         f"{cfg.duration_s:g} s, speedup {cfg.speedup:g}; same seed for every point; first "
