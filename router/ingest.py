@@ -129,6 +129,11 @@ class EventIngest:
         #: False while another router replica holds the mirror's writer lease (router/mirror_sync.py):
         #: this one then writes no targets' blocks or streams (it would race the writer on the same keys).
         self.mirror_writes = True
+        #: While this router holds the writer lease: until when (clock) it is surely still held, as
+        #: of the last renewal; past it (a stalled loop: the lease may have gone to another replica)
+        #: writes are held back and the targets marked dirty, rewritten once the lease is confirmed.
+        #: None: no lease in force (a lone router without one, a benchmark, a test).
+        self.mirror_writes_until: float | None = None
         self._mirror_retry_at = 0.0  # no rewrite of dirty targets before this (clock)
 
     # ------------------------------------------------------------------ warm start
@@ -328,6 +333,10 @@ class EventIngest:
         """``write`` to the mirror, if there is one; a failure marks ``stream`` dirty (rewritten later)."""
         if self.mirror is None or not self.mirror_writes:
             return
+        if self.mirror_writes_until is not None and self._clock() >= self.mirror_writes_until:
+            if stream is not None:
+                stream.mirror_dirty = True  # owed: rewritten whole once the lease is confirmed
+            return
         try:
             write(self.mirror)
         except MirrorUnavailable as exc:
@@ -344,6 +353,8 @@ class EventIngest:
     def _resync_mirror(self, stream: TargetStream) -> None:
         if self.mirror is None or not self.mirror_writes:
             return
+        if self.mirror_writes_until is not None and self._clock() >= self.mirror_writes_until:
+            return  # stays dirty until the lease is confirmed
         t = stream.target
         snap = TargetSnapshot(t.worker_id, t.dp_rank, stream.last_seq, stream.epoch, dict(self.index.snapshot(t)))
         try:

@@ -97,6 +97,9 @@ class MirrorSync:
         holder = getattr(mirror, "writer", None)  # None: no lease read (a lone router, or a test double)
         writing = holder is None or holder == self._router_id
         takeover = False
+        # Writes are safe for half a lease after this renewal (the answer may be one check old).
+        self._ingest.mirror_writes_until = (None if holder is None or not writing
+                                            else self._clock() + self._ttl_s * 0.5)
         if writing != self._ingest.mirror_writes:
             self._ingest.mirror_writes = writing
             if writing:

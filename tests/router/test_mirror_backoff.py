@@ -83,3 +83,37 @@ def test_heartbeat_refreshes_are_skipped_while_redis_is_down() -> None:
         assert mirror.calls == 2
     finally:
         svc.close()
+
+
+class RecordingMirror:
+    """Every call succeeds and is recorded by name."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+        return call
+
+
+def test_writes_past_the_writer_lease_are_held_back_and_the_target_rewritten_once_renewed() -> None:
+    """A router whose loop stalled past its writer lease may have lost it to another replica: its
+    batch writes wait (the target marked dirty) until the lease is confirmed, then the target is
+    rewritten whole, so nothing it held back is missing from the mirror."""
+    clock, mirror = ManualClock(100.0), RecordingMirror()
+    ctx = zmq.Context()
+    ingest = EventIngest(index=PrefixIndex(block_size=16), poller=zmq.Poller(), ctx=ctx, mirror=mirror, clock=clock)
+    t = WorkerKey("a", 0)
+    stream = ingest.streams[t] = TargetStream(t, 1, _Sub())
+    ingest.mirror_writes_until = 101.0
+    ingest._mirror(lambda m: m.write_batch(), stream)
+    assert mirror.calls == ["write_batch"] and not stream.mirror_dirty
+    clock.t = 101.5  # past the lease's sure part (a stall)
+    ingest._mirror(lambda m: m.write_batch(), stream)
+    ingest.tick()
+    assert mirror.calls == ["write_batch"] and stream.mirror_dirty  # held back, owed
+    ingest.mirror_writes_until = 103.0  # the check renewed the lease
+    ingest.tick()
+    assert mirror.calls == ["write_batch", "replace_target"] and not stream.mirror_dirty
+    ctx.term()
