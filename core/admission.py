@@ -36,8 +36,13 @@ def check_request(
     max_tokens: int | None,
     model: str | None,
     limits: AdmissionLimits,
+    ints_checked: bool = False,
 ) -> Rejection | None:
-    """``None`` if the request may be routed, else why not (checked cheapest first)."""
+    """``None`` if the request may be routed, else why not (checked cheapest first).
+
+    ``ints_checked``: ``token_ids`` are known to be plain ints already (decoded by msgspec as
+    ``list[int]``, which refuses bools and floats), so only their range is checked: one pass less
+    over the prompt on the router's hot path."""
     if not request_id or len(request_id) > limits.max_id_chars:
         return Rejection("bad_request", f"request_id must be 1..{limits.max_id_chars} characters")
     if (prompt is None) == (token_ids is None):
@@ -62,7 +67,8 @@ def check_request(
     if len(token_ids) > limits.max_prompt_tokens:
         return Rejection("prompt_too_long", f"prompt of {len(token_ids)} tokens exceeds {limits.max_prompt_tokens}")
     # Fast path in C (this runs per request): all plain ints, within range.
-    if set(map(type, token_ids)) == {int} and min(token_ids) >= 0 and max(token_ids) < limits.vocab_size:
+    if ((ints_checked or set(map(type, token_ids)) == {int})
+            and min(token_ids) >= 0 and max(token_ids) < limits.vocab_size):
         return None
     bad = next((t for t in token_ids
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < limits.vocab_size), None)

@@ -343,8 +343,9 @@ class RouterService:
             self._reject(client, ErrorReply(req.request_id, ErrorCode.BAD_REQUEST, "request_id already in flight"))
             return
         limits = self.config.limits
+        # Decoded by msgspec as list[int] (client_decoder): plain ints, only their range to check.
         rejection = check_request(request_id=req.request_id, prompt=req.prompt, token_ids=req.token_ids,
-                                  max_tokens=req.max_tokens, model=req.model, limits=limits)
+                                  max_tokens=req.max_tokens, model=req.model, limits=limits, ints_checked=True)
         if rejection is not None:
             self._reject(client, ErrorReply(req.request_id, ErrorCode(rejection.code), rejection.message))
             return

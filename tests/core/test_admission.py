@@ -51,3 +51,11 @@ def test_prompt_length_after_tokenizing() -> None:
     assert check_prompt_length(100, LIMITS) is None
     assert check_prompt_length(101, LIMITS).code == "prompt_too_long"
     assert check_prompt_length(0, LIMITS).code == "bad_request"
+
+
+def test_ints_checked_skips_only_the_type_pass() -> None:
+    """The router's token ids come decoded by msgspec as list[int]: their range is still checked."""
+    assert _check(token_ids=[1, 2, 3], ints_checked=True) is None
+    for bad, fragment in (([1, -1], "token id -1"), ([1, 1000], "token id 1000")):
+        rejection = _check(token_ids=bad, ints_checked=True)
+        assert rejection is not None and rejection.code == "bad_request" and fragment in rejection.message
