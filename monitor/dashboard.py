@@ -115,6 +115,11 @@ def _header(d: dict[str, Any], *, wide: bool) -> Panel:
     if d.get("mirror") is not None:  # the router's Redis mirror (router/mirror_health.py)
         more.append(Text(f"   mirror {describe_mirror(d['mirror'])}",
                          style="grey50" if d["mirror"]["state"] == "ok" else "red bold"))
+    routers = d.get("routers") or {}
+    if len(routers) > 1:  # router replicas on one fleet: each, with the age of its last sample
+        now = d.get("dumped_s") or 0
+        more.append(Text("   routers " + ", ".join(f"{r} ({max(0.0, now - v['last_sample_s']):.0f} s)"
+                                                   for r, v in sorted(routers.items())), style="grey50"))
     series = d.get("series", [])
     hits = [p.get("window_hit_rate") for p in series]
     lines = [figures, more, Text("hit rate  ", style="grey50") + Text(sparkline(hits, 60), style="cyan")]

@@ -217,3 +217,17 @@ def test_router_replicas_samples_of_one_target_are_folded_per_replica():
     assert [i["detail"].split(":")[0] for i in st.incidents if i["kind"] == "trust"] == ["distrusted"]
     d = st.dump(now_s=103.0)
     assert d["routers"] == {"r1": {"last_sample_s": 102.1}, "r2": {"last_sample_s": 102.0}}
+
+
+def test_the_dashboard_lists_router_replicas():
+    from rich.console import Console
+
+    from monitor.dashboard import render_dashboard
+    from monitor.dump import normalize_dump
+
+    st = MonitorState(block_size=16)
+    st.add(sample("w0/0", t=100.0, router="r1"))
+    st.add(sample("w0/0", t=101.0, router="r2"))
+    console = Console(width=200, record=True)
+    console.print(render_dashboard(normalize_dump(st.dump(now_s=103.0)), width=200, height=60))
+    assert "routers r1 (3 s), r2 (2 s)" in console.export_text()
