@@ -174,6 +174,12 @@ def make_dealer(ctx: zmq.Context[_SocketT], endpoint: str, *, hwm: int | None = 
     return sock
 
 
+#: Bind to any free loopback port (ZMQ's wildcard) and read the bound endpoint back
+#: (``LAST_ENDPOINT``): unlike :func:`free_tcp_endpoint`, no window in which another process can
+#: take the port between picking and binding.
+ANY_LOOPBACK_PORT = "tcp://127.0.0.1:*"
+
+
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
     """``tcp://host:port`` with a port nothing listens on right now (demos, tests)."""
     import socket

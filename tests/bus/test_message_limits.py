@@ -13,7 +13,7 @@ from bus.client import RouterClient
 from bus.codec import encode
 from bus.publisher import EventPublisher
 from bus.schema import ErrorCode, GenerateRequest, Hello
-from bus.sockets import MAX_CONTROL_BYTES, MAX_EVENT_BYTES, MAX_REQUEST_BYTES, free_tcp_endpoint
+from bus.sockets import ANY_LOOPBACK_PORT, MAX_CONTROL_BYTES, MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from bus.subscriber import AppliedBatch, EventSubscriber, GapLost
 from core.admission import AdmissionLimits
 from core.events import BlockStored
@@ -54,8 +54,8 @@ class _StubBackend:
 def test_every_receiving_socket_has_a_frame_limit() -> None:
     ctx = zmq.Context()
     pub = EventPublisher(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True, ctx=ctx)
-    router = RouterService(RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(),
-                                        bind_metrics=free_tcp_endpoint(), block_size=BS), ctx=ctx)
+    router = RouterService(RouterConfig(bind_clients=ANY_LOOPBACK_PORT, bind_workers=ANY_LOOPBACK_PORT,
+                                        bind_metrics=ANY_LOOPBACK_PORT, block_size=BS), ctx=ctx)
     router._on_hello(b"w", Hello("w1", 1, "m", BS, 100, pub.endpoint, pub.replay_endpoint), time.monotonic())
     client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
     worker = WorkerService(backend=_StubBackend(), router_endpoint=router.workers_endpoint, worker_id="w2", ctx=ctx)
@@ -78,7 +78,7 @@ def test_every_receiving_socket_has_a_frame_limit() -> None:
 
 
 def test_an_oversized_request_costs_the_sender_its_connection_not_the_router() -> None:
-    config = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
+    config = RouterConfig(bind_clients=ANY_LOOPBACK_PORT, bind_workers=ANY_LOOPBACK_PORT, block_size=BS,
                           max_request_bytes=64 * 1024)
     box: dict = {}
     ready = threading.Event()

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from bus.client import RouterClient
 from bus.codec import encode
 from bus.schema import ErrorCode, GenerateRequest, Heartbeat
-from bus.sockets import connectable, free_tcp_endpoint
+from bus.sockets import ANY_LOOPBACK_PORT, connectable
 from core.liveness import HeartbeatConfig
 from router.config import RouterConfig
 from router.http_front import RouterHttpFront
@@ -40,7 +40,7 @@ class Stack:
 
     def __init__(self) -> None:
         self.ctx = zmq.Context()
-        cfg = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=16,
+        cfg = RouterConfig(bind_clients=ANY_LOOPBACK_PORT, bind_workers=ANY_LOOPBACK_PORT, block_size=16,
                            heartbeat=HeartbeatConfig(interval_s=0.2, liveness=5), router_id="r1",
                            request_timeout_s=10.0)
         self.running = RunningRouter(cfg)

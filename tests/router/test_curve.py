@@ -18,7 +18,7 @@ from bus.codec import encode, router_decoder
 from bus.publisher import EventPublisher
 from bus.schema import GenerateRequest, Heartbeat, Hello, Welcome
 from bus.security import WORKERS_DOMAIN, generate_keys, load_curve, make_client
-from bus.sockets import free_tcp_endpoint
+from bus.sockets import ANY_LOOPBACK_PORT, free_tcp_endpoint
 from core.events import BlockStored
 from core.liveness import HeartbeatConfig
 from core.prefix_index import WorkerKey
@@ -48,7 +48,7 @@ class Cluster:
         self.keys_dir = keys_dir
         # Stale after 0.6 s, dead after 1.2 s: workers beat every 0.1 s, so a 300 ms stall of a
         # busy machine is neither (these tests are about keys, not liveness).
-        self.config = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
+        self.config = RouterConfig(bind_clients=ANY_LOOPBACK_PORT, bind_workers=ANY_LOOPBACK_PORT, block_size=BS,
                                    heartbeat=HeartbeatConfig(interval_s=0.4, liveness=3), request_timeout_s=10.0)
         box: dict = {}
         ready = threading.Event()

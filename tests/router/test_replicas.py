@@ -12,7 +12,7 @@ import zmq
 from bus.client import RouterClient
 from bus.replica_client import ReplicaClient
 from bus.schema import GenerateRequest
-from bus.sockets import free_tcp_endpoint
+from bus.sockets import ANY_LOOPBACK_PORT, free_tcp_endpoint
 from core.liveness import HeartbeatConfig
 from core.prefix_index import WorkerKey
 from router.config import RouterConfig
@@ -26,7 +26,7 @@ BS = 16
 
 
 def _router(router_id: str, *, metrics: str | None = None, peers: tuple[str, ...] = ()) -> RunningRouter:
-    return RunningRouter(RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(),
+    return RunningRouter(RouterConfig(bind_clients=ANY_LOOPBACK_PORT, bind_workers=ANY_LOOPBACK_PORT,
                                       bind_metrics=metrics, peers=peers, block_size=BS, router_id=router_id,
                                       request_timeout_s=10.0, heartbeat=HeartbeatConfig(interval_s=0.2, liveness=5)))
 
@@ -202,7 +202,7 @@ def test_one_replica_writes_the_mirror_and_another_takes_over_when_it_dies(redis
     from router.mirror import RedisMirror, make_redis_client
 
     def replica(router_id: str) -> RunningRouter:
-        config = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
+        config = RouterConfig(bind_clients=ANY_LOOPBACK_PORT, bind_workers=ANY_LOOPBACK_PORT, block_size=BS,
                               router_id=router_id, heartbeat=HeartbeatConfig(interval_s=0.2, liveness=3))
         return RunningRouter(config, mirror=RedisMirror(client=make_redis_client(redis_server), namespace="lease"))
 

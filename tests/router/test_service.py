@@ -33,7 +33,7 @@ from bus.schema import (
     Welcome,
     WorkerLoad,
 )
-from bus.sockets import free_tcp_endpoint
+from bus.sockets import ANY_LOOPBACK_PORT
 from core.events import BlockStored
 from core.liveness import HeartbeatConfig
 from core.prefix_index import WorkerKey
@@ -127,7 +127,7 @@ class FakeWorker:
 
 
 def _config(**kw) -> RouterConfig:
-    return RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=BS,
+    return RouterConfig(bind_clients=ANY_LOOPBACK_PORT, bind_workers=ANY_LOOPBACK_PORT, block_size=BS,
                         heartbeat=HeartbeatConfig(interval_s=ROUTER_BEAT_S, liveness=LIVENESS), router_id="r1",
                         request_timeout_s=5.0, max_pending=8, **kw)
 
@@ -140,13 +140,20 @@ class RunningRouter:
         ready = threading.Event()
 
         def run() -> None:
-            box["svc"] = RouterService(config, **kw)
-            ready.set()
+            try:
+                box["svc"] = RouterService(config, **kw)
+            except BaseException as exc:  # e.g. a bind that failed: the test says why, not "timed out"
+                box["error"] = exc
+                raise
+            finally:
+                ready.set()
             box["svc"].run()
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
-        assert ready.wait(5)
+        assert ready.wait(5), "the router did not start within 5 s"
+        if "error" in box:
+            raise box["error"]
         self.service: RouterService = box["svc"]
 
     def stop(self) -> None:

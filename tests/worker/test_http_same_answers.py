@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from bus.openai_http import DEFAULT_COMPLETION_MAX_TOKENS
-from bus.sockets import connectable, free_tcp_endpoint
+from bus.sockets import ANY_LOOPBACK_PORT, connectable
 from core.liveness import HeartbeatConfig
 from router.config import RouterConfig
 from router.http_front import RouterHttpFront
@@ -29,7 +29,7 @@ BLOCKS = 16  # 256 tokens of KV cache: an uncapped chat fills the context quickl
 def servers():
     """``{"router": address, "worker": address}`` of the two HTTP edges in front of one engine."""
     ctx = zmq.Context()
-    cfg = RouterConfig(bind_clients=free_tcp_endpoint(), bind_workers=free_tcp_endpoint(), block_size=16,
+    cfg = RouterConfig(bind_clients=ANY_LOOPBACK_PORT, bind_workers=ANY_LOOPBACK_PORT, block_size=16,
                        heartbeat=HeartbeatConfig(interval_s=0.2, liveness=5), router_id="r1", request_timeout_s=20.0)
     running = RunningRouter(cfg)
     router = running.service
