@@ -43,6 +43,7 @@ from bench.live import settle
 from bench.progress import NullProgress
 from bench.results import Goal, SuiteResult, fmt_spread, percentile, spread, spread_bars
 from bench.sse_client import HTTPStreamError, post_sse
+from cluster.local import http_ok
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +155,6 @@ def http_metrics(results: list[dict], warmup: int) -> dict:
 # ---------------------------------------------------------------------------- the arms
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 def _sglang_workers_ready(url: str, n: int) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/workers", timeout=1.0) as resp:
@@ -187,7 +180,7 @@ def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str
     url = f"http://127.0.0.1:{port}"
     with LocalCluster(ccfg):
         deadline = time.monotonic() + cfg.ready_timeout_s
-        while not _http_ok(f"{url}/health"):
+        while not http_ok(f"{url}/health"):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kvr HTTP front at {url} not ready")
             time.sleep(0.1)
@@ -208,7 +201,7 @@ def _http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
         sup.start(ComponentSpec(f"worker-{i}", "worker", kvr_argv(
             "worker", "--id", f"worker-{i}", "--router", "none", "--http-port", str(port), "--http-host",
             "127.0.0.1", "--speedup", f"{cfg.speedup:g}", "--seed", str(seed), "--replay-endpoint", "none",
-            log_level="WARNING"), ready=lambda u=url: _http_ok(f"{u}/health")))
+            log_level="WARNING"), ready=lambda u=url: http_ok(f"{u}/health")))
     for i in range(cfg.workers):
         sup.wait_ready(f"worker-{i}", timeout_s=cfg.ready_timeout_s)
     return urls
@@ -250,7 +243,7 @@ def run_vllm_router_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, s
         sup.start(ComponentSpec("vllm-router", "router", [
             binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls, "--policy", policy,
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom), "--log-level", "warning"],
-            ready=lambda: _http_ok(f"{url}/health") and _http_ok(f"{url}/v1/models")))
+            ready=lambda: http_ok(f"{url}/health") and http_ok(f"{url}/v1/models")))
         sup.wait_ready("vllm-router", timeout_s=cfg.ready_timeout_s)
         return drive_http(url, workload, cfg)
     finally:

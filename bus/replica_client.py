@@ -49,11 +49,11 @@ class ReplicaClient:
         return live or self._clients  # none known alive: try them all (a replica may be back)
 
     def _pick(self, avoid: RouterClient | None = None) -> RouterClient:
-        live = [c for c in self._live() if c is not avoid] or self._live()
-        start = next(self._rotation)
-        order = sorted(range(len(self._clients)), key=lambda i: ((i - start) % len(self._clients)))
-        ranked = [self._clients[i] for i in order if self._clients[i] in live]
-        return min(ranked, key=lambda c: len(c.pending))
+        live = self._live()
+        pool = [c for c in live if c is not avoid] or live
+        start, n = next(self._rotation), len(self._clients)
+        # Fewest pending; ties in endpoint order from a rotating start (so they spread).
+        return min(pool, key=lambda c: (len(c.pending), (self._clients.index(c) - start) % n))
 
     def send(self, request: GenerateRequest) -> RequestResult:
         client = self._pick()

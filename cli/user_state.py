@@ -30,6 +30,8 @@ from pathlib import Path
 
 import click
 
+from cluster.processes import pid_running
+
 #: Overrides the state directory (tests isolate themselves with it).
 STATE_DIR_ENV = "KVR_STATE_DIR"
 CURRENT_FILE = "current.json"
@@ -65,23 +67,6 @@ def write_private_json(path: Path, obj: dict) -> Path:
     os.chmod(tmp, 0o600)  # O_CREAT's mode only applies to a new file
     os.replace(tmp, path)
     return path
-
-
-def pid_running(pid: int) -> bool:
-    """True while a process ``pid`` exists (and is not a zombie)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: it exists
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True  # no /proc (macOS): kill(0) said it exists
 
 
 def _ensure_state_dir() -> Path:

@@ -281,7 +281,7 @@ class LocalCluster:
         if not self.monitor_http_port:
             self.monitor_http_port = urlsplit(endpoints["http"]).port or 0
             self.supervisor.respec("monitor", self.monitor_spec())  # a restart keeps the port
-        return _http_ok(f"{self.monitor_url}/healthz")
+        return http_ok(f"{self.monitor_url}/healthz")
 
     def _wait_router_bound(self, timeout_s: float, name: str = "router") -> None:
         """A router's ready file: every port it bound, those asked as 0 resolved."""
@@ -482,7 +482,8 @@ class LocalCluster:
         self.stop()
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """``url`` answers 200 within a second (readiness checks of HTTP components)."""
     try:
         with urllib.request.urlopen(url, timeout=1.0) as resp:
             return resp.status == 200

@@ -95,3 +95,23 @@ def _signal(proc: subprocess.Popen[Any], sig: int, group: bool) -> None:
             proc.send_signal(sig)
     except (ProcessLookupError, PermissionError):
         pass  # already gone
+
+
+def pid_running(pid: int) -> bool:
+    """True while a process ``pid`` exists and is not a zombie (one that exited and was not reaped
+    yet is dead for every purpose here)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return not os.path.isdir("/proc")  # gone since kill(0); or no /proc (macOS): kill(0) said it exists
+    except OSError:
+        return True

@@ -281,11 +281,17 @@ class PrefixIndex:
         """``apply`` each event in order, looking the target up once (the ingest path: a batch at a time).
 
         vLLM evicts one hash per ``BlockRemoved``, so most events of a busy engine's batch are
-        removals of one block: they are applied here inline (``_on_removed``'s body, its locals
-        set up once per batch, its counters added once), which is most of the ingest cost saved.
-        Everything else, and every removal while orphans are parked, goes through ``_apply``.
+        removals of one block: they are applied inline in one loop (``_apply_run``, which
+        ``_on_removed`` runs too), its locals set up once per batch and its counters added once,
+        which is most of the ingest cost saved. Everything else, and every removal while orphans
+        are parked, goes through ``_apply``.
         """
-        state = self._target(target)
+        self._apply_run(self._target(target), events, now, delta)
+
+    def _apply_run(self, state: _Target, events: Sequence[object], now: float, delta: IndexDelta | None, *,
+                   removals_only: bool = False) -> None:
+        """``apply_events``' loop. ``removals_only``: every event is a ``BlockRemoved`` to apply here
+        whatever is parked (``_on_removed``: ``_apply`` expired the orphans already)."""
         parked = state.parked
         ext_map, holders, extra_refs = state.external_to_own, self._holders, state.extra_refs
         tentative, tslots, slot, keep = self._tentative, self._tentative.slots, state.slot, ~state.bit
@@ -293,20 +299,21 @@ class PrefixIndex:
         stored_removed = delta.removed if delta is not None else None
         removed = blocks_left = 0
         for event in events:
-            if type(event) is not BlockRemoved or parked.fifo:
+            if not removals_only and (type(event) is not BlockRemoved or parked.fifo):
                 if blocks_left:  # (``_clear`` sets num_blocks: settle first)
                     state.num_blocks -= blocks_left
                     blocks_left = 0
                 self._apply(state, event, now, delta)
                 continue
-            if event.medium not in (None, MEDIUM_GPU):
+            ev = cast(BlockRemoved, event)
+            if ev.medium not in (None, MEDIUM_GPU):
                 self.counters["ignored_offload"] += 1
                 continue
-            group_idx = event.group_idx
+            group_idx = ev.group_idx
             if group_idx is not None and removal_groups and group_idx not in removal_groups:
                 self.counters["ignored_group"] += 1
                 continue
-            for h in event.block_hashes:
+            for h in ev.block_hashes:
                 if type(h) is int:
                     ext = h & _U64
                 else:
@@ -450,49 +457,7 @@ class PrefixIndex:
             self.counters["stored_duplicate"] += duplicates
 
     def _on_removed(self, state: _Target, ev: BlockRemoved, delta: IndexDelta | None) -> None:
-        if ev.medium not in (None, MEDIUM_GPU):
-            self.counters["ignored_offload"] += 1
-            return
-        if ev.group_idx is not None and state.removal_groups and ev.group_idx not in state.removal_groups:
-            self.counters["ignored_group"] += 1
-            return
-        # Per removed hash, inline: _release's common case (one external hash per own hash).
-        ext_map, holders, extra_refs = state.external_to_own, self._holders, state.extra_refs
-        tentative, tslots, slot, keep = self._tentative, self._tentative.slots, state.slot, ~state.bit
-        stored_removed = delta.removed if delta is not None else None
-        removed = 0
-        for h in ev.block_hashes:
-            if type(h) is int:
-                ext = h & _U64
-            else:
-                try:
-                    ext = external_hash_key(h)
-                except (TypeError, AttributeError):
-                    self.counters["malformed"] += 1
-                    continue
-            own = ext_map.pop(ext, None)
-            if own is None:
-                if state.parked.mark_removed(ext):
-                    self.counters["removed_parked"] += 1
-                else:
-                    self.counters["removed_unknown"] += 1
-                continue
-            removed += 1
-            if extra_refs and own in extra_refs:
-                self._release(state, own)
-            else:
-                mask = holders.get(own, 0) & keep
-                if mask:
-                    holders[own] = mask
-                else:
-                    holders.pop(own, None)
-                state.num_blocks -= 1
-                if tslots:
-                    tentative.drop(own, slot)
-            if stored_removed is not None:
-                stored_removed.append((state.key, ext, own))
-        if removed:
-            self.counters["removed_blocks"] += removed
+        self._apply_run(state, (ev,), 0.0, delta, removals_only=True)  # (removals never read ``now``)
 
     # ------------------------------------------------------------------ core mutations
 

@@ -147,7 +147,7 @@ class MonitorState:
         # replica publishes its own view of every target, so each is compared with its own last.
         self._counters: dict[tuple[str, str], dict[str, int]] = {}
         self._confidence: dict[tuple[str, str], str] = {}
-        self._trust_by: dict[tuple[str, str], float] = {}
+        self._trust_by: dict[str, dict[str, float]] = {}  # target → router id → its weight
         self.routers: dict[str, float] = {}  # router id → wall time of its latest sample
         self._window = _Window()
         self._next_sample_s: float | None = None
@@ -269,9 +269,10 @@ class MonitorState:
         lowest of theirs.
         """
         self._seen(t_s)
-        before = self._trust_by.get((router_id, target), 1.0)
-        self._trust_by[(router_id, target)] = weight
-        self.trust[target] = min(w for (_, t), w in self._trust_by.items() if t == target)
+        by_router = self._trust_by.setdefault(target, {})
+        before = by_router.get(router_id, 1.0)
+        by_router[router_id] = weight
+        self.trust[target] = min(by_router.values())
         if target in self.workers:
             self.workers[target]["trust"] = self.trust[target]
         if weight < before:
@@ -283,7 +284,8 @@ class MonitorState:
     def mark_worker_gone(self, worker_id: str, t_s: float) -> None:
         """The worker stopped sending samples (the service decides after how long)."""
         self.trust.pop(worker_id, None)  # a new incarnation starts trusted (the router forgets it too)
-        for table in (self._trust_by, self._confidence, self._counters):
+        self._trust_by.pop(worker_id, None)
+        for table in (self._confidence, self._counters):
             for key in [k for k in table if k[1] == worker_id]:
                 del table[key]
         if self.workers.pop(worker_id, None) is not None:

@@ -21,7 +21,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from bus import names
 from bus.mirror_status import Cause, as_dict, describe
 from bus.schema import Hello
 from core.prefix_index import PrefixIndex
@@ -106,8 +105,8 @@ class MirrorSync:
                 # The lease was free (or its holder died): what it wrote may be behind this
                 # router's index; rewrite everything and read it back, as after a Redis restart.
                 self._counters["mirror_writer_takeovers"] += 1
-                logger.warning("this router now writes the Redis mirror (lease %s): rewriting it from memory",
-                               names.mirror_writer_key(mirror.namespace) if hasattr(mirror, "namespace") else "")
+                logger.warning("this router now writes the Redis mirror (it holds the writer lease): rewriting it "
+                               "from memory")
                 takeover = True
             else:
                 logger.info("router replica %s writes the Redis mirror: this one only reads it", holder)

@@ -76,6 +76,20 @@ DEFAULT_KV_WEIGHT = 3.0
 DEFAULT_CONFIDENCE_WEIGHTS = {Confidence.FRESH: 1.0, Confidence.RESYNCING: 0.5, Confidence.STALE: 0.0}
 
 
+def _within_bound(raw: Sequence[float], flights: Sequence[int], bound: float) -> tuple[list[int], list[int]]:
+    """When the best candidate is over the load bound: (the candidates over it, the best of the
+    others, tied), compared in the Decision's unit (ms, as the scores a reader sees), then by fewer
+    in flight. If every candidate is over the bound (it cannot be: someone is at or below the mean),
+    all stay."""
+    n = len(flights)
+    over = [i for i in range(n) if flights[i] + 1 > bound]
+    excluded = set(over)
+    allowed = [i for i in range(n) if i not in excluded] or list(range(n))
+    keyed = [(raw[i] * 1e3, flights[i], i) for i in allowed]
+    best = min(k[:2] for k in keyed)
+    return over, [i for s_, f_, i in keyed if (s_, f_) == best]
+
+
 class KvrPolicy:
     name = "kvr"
 
@@ -220,24 +234,10 @@ class KvrPolicy:
         bound = max(self.load_factor * mean, mean + self.min_slack)
         over: list[int] = []
         if best_if + 1 > bound:  # the best is over the bound: the best of the others instead
-            over = [i for i, w in enumerate(candidates) if w[2][0] + 1 > bound]
-            excluded = set(over)
-            allowed = [i for i in range(len(candidates)) if i not in excluded] or list(range(len(candidates)))
-            # Compared in the Decision's unit (ms), as the scores a reader sees.
-            keyed = [(raw[i] * 1e3, candidates[i][2][0], i) for i in allowed]
-            best = min(k[:2] for k in keyed)
-            tied = [i for s_, f_, i in keyed if (s_, f_) == best]
+            over, tied = _within_bound(raw, [w[2][0] for w in candidates], bound)
         pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
-        chosen = candidates[pick]
-        ttft_s, queue_s, cached, _ = self.predict(request, chosen)
-        reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
-                  f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, "
-                  f"{chosen.confidence.value})")
-        if over:
-            reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
-        unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
         scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(candidates, raw, strict=True)})
-        return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
+        return self._decision(request, candidates[pick], [candidates[i].target for i in over], bound, scores)
 
     def choose_columns(self, request: RouteRequest, cols: FleetColumns, *, now: float,
                        rng: random.Random) -> Decision:
@@ -315,25 +315,23 @@ class KvrPolicy:
         bound = max(self.load_factor * mean, mean + self.min_slack)
         over: list[int] = []
         if best_if + 1 > bound:  # the best is over the bound: the best of the others instead (as choose)
-            flights = in_flight.tolist()
-            raw = score.tolist()
-            over = [i for i in range(n) if flights[i] + 1 > bound]
-            excluded = set(over)
-            allowed = [i for i in range(n) if i not in excluded] or list(range(n))
-            keyed = [(raw[i] * 1e3, flights[i], i) for i in allowed]
-            best = min(k[:2] for k in keyed)
-            tied = [i for s_, f_, i in keyed if (s_, f_) == best]
+            over, tied = _within_bound(score.tolist(), in_flight.tolist(), bound)
         pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
-        chosen = cols.state(pick)
-        ttft_s, queue_s, cached_tokens, _ = self.predict(request, chosen)
-        reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
-                  f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached_tokens}/{request.prompt_tokens} tokens, "
-                  f"{chosen.confidence.value})")
-        if over:
-            reason += f"; over the load bound {bound:.1f}: {', '.join(str(cols.states[i].target) for i in over)}"
-        unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
         states = cols.states
         scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(states, score.tolist(), strict=True)})
+        return self._decision(request, cols.state(pick), [states[i].target for i in over], bound, scores)
+
+    def _decision(self, request: RouteRequest, chosen: WorkerState, over: list[WorkerKey], bound: float,
+                  scores: LazyScores) -> Decision:
+        """The Decision for ``chosen`` (both ``choose`` paths): its prediction as the reason, and the
+        targets the load bound excluded, if any."""
+        ttft_s, queue_s, cached, _ = self.predict(request, chosen)
+        reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
+                  f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, "
+                  f"{chosen.confidence.value})")
+        if over:
+            reason += f"; over the load bound {bound:.1f}: {', '.join(str(t) for t in over)}"
+        unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
 
     def _weight_column(self) -> tuple[np.ndarray, bool, bool]:

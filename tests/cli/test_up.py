@@ -17,7 +17,7 @@ from bus.client import RouterClient
 from bus.schema import GenerateRequest
 from cli.main import main
 from cluster.local import ClusterConfig, LocalCluster, kvr_argv
-from cluster.processes import stop_process
+from cluster.processes import pid_running, stop_process
 from cluster.supervisor import ComponentSpec, Supervisor
 from monitor.dashboard import fetch_dump
 from tests.conftest import free_port
@@ -26,14 +26,6 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.integration
 
 PROMPT = "the same long system prompt for every request " * 12
-
-
-def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(redis_server, tmp_path):
@@ -61,9 +53,9 @@ def test_local_cluster_routes_by_cache_feeds_the_monitor_and_stops_everything(re
         epoch = cluster.alive_workers()["worker-1"]
         old_pid = cluster.supervisor.pid("worker-1")
         cluster.restart_worker("worker-1", crash=True, timeout_s=20)
-        assert cluster.alive_workers()["worker-1"] != epoch and _dead(old_pid)
+        assert cluster.alive_workers()["worker-1"] != epoch and not pid_running(old_pid)
         pids.append(cluster.supervisor.pid("worker-1"))
-    assert all(_dead(p) for p in pids)
+    assert all(not pid_running(p) for p in pids)
     assert cluster.supervisor.names == []
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["monitor.log", "router.log", "worker-0.log",
                                                                      "worker-1.log"]
@@ -91,7 +83,7 @@ def test_kvr_up_on_embedded_fakeredis_readiness_then_clean_ctrl_c(tmp_path):
             r = client.generate(GenerateRequest(request_id="x", prompt=PROMPT, max_tokens=2), timeout_s=10)
         assert r.completion is not None and r.completion.worker_id in info["workers"]
         assert stop_process(proc, sig=signal.SIGINT, timeout_s=30).returncode == 0
-        assert all(_dead(p) for p in info["pids"].values())
+        assert all(not pid_running(p) for p in info["pids"].values())
     finally:
         stop_process(proc, sig=signal.SIGKILL)  # a no-op after a clean stop; closes the pipes
 
@@ -115,7 +107,7 @@ def test_kvr_up_exits_when_a_component_dies(redis_server, tmp_path):
         info = json.loads((tmp_path / "cluster.json").read_text())
         os.kill(info["pids"]["router"], signal.SIGKILL)
         assert proc.wait(timeout=30) == 11
-        assert all(_dead(p) for p in info["pids"].values())
+        assert all(not pid_running(p) for p in info["pids"].values())
         assert "router (router) exited with code -9" in proc.stderr.read()
     finally:
         stop_process(proc, sig=signal.SIGKILL)  # a no-op after a clean stop; closes the pipes

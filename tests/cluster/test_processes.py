@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 
-from cluster.processes import stop_process
+from cluster.processes import pid_running, stop_process
 from tests.waiting import eventually
 
 
@@ -56,23 +55,11 @@ def test_group_stops_what_the_child_spawned() -> None:
                   "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
                   "print(c.pid, flush=True); time.sleep(60)", start_new_session=True)
     grandchild = int(proc.stdout.readline())
-    assert _running(grandchild)
+    assert pid_running(grandchild)
     stopped = stop_process(proc, timeout_s=10, group=True)
     assert stopped.returncode == -signal.SIGTERM
     # SIGTERM and SIGKILL went to the group; delivery is asynchronous, and init reaps the orphan.
-    eventually(lambda: not _running(grandchild), timeout_s=5, what=f"grandchild {grandchild} gone")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    eventually(lambda: not pid_running(grandchild), timeout_s=5, what=f"grandchild {grandchild} gone")
 
 
 def test_output_the_caller_left_in_a_streams_buffer_is_kept() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.processes import stop_process
+from cluster.processes import pid_running, stop_process
 from cluster.supervisor import ComponentFailed, ComponentSpec, Supervisor
 from tests.waiting import eventually
 
@@ -33,19 +32,6 @@ time.sleep(60)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_stop_kills_whole_process_groups_and_logs_each_component(tmp_path):
     sup = Supervisor(log_dir=tmp_path / "logs", stop_timeout_s=2.0)
     marker = tmp_path / "grandchild.pid"
@@ -53,13 +39,13 @@ def test_stop_kills_whole_process_groups_and_logs_each_component(tmp_path):
     sup.wait_ready("spawner", timeout_s=10)
     grandchild = int(marker.read_text())
     pid = sup.pid("spawner")
-    assert _alive(grandchild) and _alive(pid)
+    assert pid_running(grandchild) and pid_running(pid)
     assert sup.failed() == []
     codes = sup.stop()
     assert codes == {"spawner": -15}
-    assert not _alive(pid)
+    assert not pid_running(pid)
     # SIGKILL to the group is delivered asynchronously to the orphaned grandchild.
-    eventually(lambda: not _alive(grandchild), what=f"grandchild {grandchild} gone")
+    eventually(lambda: not pid_running(grandchild), what=f"grandchild {grandchild} gone")
     assert (tmp_path / "logs" / "spawner.log").read_text() == "up\n"
 
 
@@ -102,7 +88,7 @@ def test_restart_crashes_and_starts_a_new_process_appending_to_the_log(tmp_path)
     sup.wait_ready("w", timeout_s=10)
     old = sup.pid("w")
     assert sup.restart("w") == -9
-    assert not _alive(old) and sup.pid("w") != old and sup.names == ["w"]
+    assert not pid_running(old) and sup.pid("w") != old and sup.names == ["w"]
     eventually(lambda: log.read_text().count("pid") >= 2, timeout_s=10, what="the restarted child's line",
                interval_s=0.02)
     assert log.read_text().split() == ["pid", str(old), "pid", str(sup.pid("w"))]
@@ -171,9 +157,9 @@ time.sleep(60)
     try:
         eventually(pid_file.exists, timeout_s=15, what="the supervised child's pid file", interval_s=0.02)
         child = int(pid_file.read_text())
-        assert _alive(child)
+        assert pid_running(child)
         proc.kill()  # no chance to clean up
         proc.wait(timeout=5)
-        eventually(lambda: not _alive(child), what=f"child {child} gone with its parent", interval_s=0.02)
+        eventually(lambda: not pid_running(child), what=f"child {child} gone with its parent", interval_s=0.02)
     finally:
         stop_process(proc, sig=signal.SIGKILL)
