@@ -65,6 +65,16 @@ def _t0(dump: dict[str, Any]) -> float:
     return min(vals) if vals else 0.0
 
 
+def _since_start(bucket_starts_s: list[float], t0: float) -> list[float]:
+    """The fold's bucket starts as seconds since the run's start.
+
+    Buckets are aligned to multiples of their width, so the first one usually began
+    before the run did: it is clipped to the run's start (as the heatmap's first bin
+    is), else a short run's only point sits seconds before 0.
+    """
+    return [max(t, t0) - t0 for t in bucket_starts_s]
+
+
 def _nan(v: Any) -> float:
     return math.nan if v is None else float(v)
 
@@ -84,7 +94,7 @@ def _hit_rate_series(dump: dict[str, Any]) -> tuple[list[float], list[float], li
                 [math.nan if i else _nan(p.get("window_predicted_hit_rate"))
                  for p, i in zip(series, idle, strict=True)])
     tl = dense_timeline(dump.get("timeline") or {}, _bucket_s(dump))
-    return [v - t0 for v in tl["t_s"]], tl["token_hit_rate"], [math.nan] * len(tl["t_s"])
+    return _since_start(tl["t_s"], t0), tl["token_hit_rate"], [math.nan] * len(tl["t_s"])
 
 
 def _bucket_s(dump: dict[str, Any]) -> float:
@@ -245,7 +255,7 @@ def _per_worker_over_time(dump: dict[str, Any], key: str) -> tuple[list[float], 
     tl = dense_timeline(dump.get("timeline") or {}, _bucket_s(dump))
     tl_key = {"kv_usage": "kv_usage", "running": "requests"}.get(key)
     if tl_key and tl.get(tl_key):
-        return [v - t0 for v in tl["t_s"]], tl[tl_key]
+        return _since_start(tl["t_s"], t0), tl[tl_key]
     return [], {}
 
 
@@ -352,7 +362,7 @@ def worker_load_grid(dump: dict[str, Any]) -> tuple[list[float], list[str], list
         return [], [], []
     t0 = _t0(dump)
     end = max(dump.get("last_record_s") or 0.0, t0)
-    edges = [max(t, t0) - t0 for t in tl["t_s"]]
+    edges = _since_start(tl["t_s"], t0)
     last = tl["t_s"][-1] + width
     edges.append((min(last, end) if end > tl["t_s"][-1] else last) - t0)
     workers = sorted(tl["requests"])

@@ -9,6 +9,7 @@ from monitor.plots import (
     RUN_FIGURES,
     RUN_PLOTS,
     _hit_rate_series,
+    _per_worker_over_time,
     block_utilisation_figure,
     block_utilisation_series,
     hit_rate_over_time_figure,
@@ -127,6 +128,20 @@ def test_a_folds_timeline_gets_its_idle_buckets_back():
     assert _none_for_nan(dense["kv_usage"]["w0"]) == [0.1, 0.2, None, None, 0.3]
     no_series = {**_bursty_dump(), "series": []}  # a plot falls back on the fold's buckets
     assert _none_for_nan(_hit_rate_series(no_series)[1]) == [0.75, None, None, 0.5]
+
+
+def test_plots_of_the_folds_buckets_start_at_the_run_not_before_it():
+    """A dump whose live series has no request (a run shorter than one sample interval) is drawn
+    from the fold's buckets, which are aligned to multiples of 5 s: the first began 1.3 s before
+    the run and is clipped to its start, as the heatmap's first bin is."""
+    no_series = {**_bursty_dump(), "series": []}
+    t, _, _ = _hit_rate_series(no_series)
+    assert t == pytest.approx([0.0, 3.7, 8.7, 13.7])
+    t_kv, kv = _per_worker_over_time(no_series, "kv_usage")
+    assert t_kv == pytest.approx([0.0, 3.7, 8.7, 13.7]) and list(kv) == ["w0"]
+    assert hit_rate_over_time_figure(no_series).axes[0].get_xlim()[0] >= -1.0  # matplotlib's margin, not -1.3 s
+    timeline = recovery_timeline_figure(no_series).axes[0]
+    assert min(min(line.get_xdata()) for line in timeline.lines) == 0.0
 
 
 def test_heatmap_bins_start_at_the_first_record_and_end_at_the_last():
