@@ -214,6 +214,12 @@ class RouterCore:
     def trust(self, target: WorkerKey) -> float:
         return self._trust.get(target, 1.0)
 
+    def capacity_blocks(self, target: WorkerKey) -> int:
+        """The KV-cache capacity the target registered with (its Hello's ``num_gpu_blocks``; 0:
+        unknown or not registered)."""
+        state = self._targets.get(target)
+        return 0 if state is None else state.capacity_blocks
+
     def update_load(self, target: WorkerKey, *, running: int = 0, waiting: int = 0,
                     queued_prefill_tokens: int = 0, kv_usage: float = 0.0) -> None:
         """The engine's own view of its load, from a heartbeat. Unknown targets are ignored."""
