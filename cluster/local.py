@@ -23,12 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -56,7 +58,8 @@ EXIT_UNKNOWN = 1
 
 @dataclass
 class ClusterConfig:
-    """What to run. ``redis_url`` empty = the embedded default (``redis_kind``)."""
+    """What to run. ``redis_url`` empty = the embedded default (``redis_kind``); ``run_dir`` None =
+    a temporary folder, removed with the :class:`LocalCluster`."""
 
     workers: int = 3
     routers: int = 1  # router replicas sharing the fleet (each worker registers with all; router/peers.py)
@@ -98,8 +101,15 @@ class LocalCluster:
 
     def __init__(self, config: ClusterConfig | None = None) -> None:
         self.config = c = config or ClusterConfig()
-        self.run_dir = Path(c.run_dir) if c.run_dir else Path(tempfile.mkdtemp(prefix="kvr-run-"))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if c.run_dir:
+            self.run_dir = Path(c.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            # A folder of its own, removed with the cluster object (its logs stay readable after
+            # stop() until then): one left per cluster piled up kvr-run-* in the temp folder.
+            # kvr up, kvr demo and the benchmarks name a run_dir, which is kept.
+            self.run_dir = Path(tempfile.mkdtemp(prefix="kvr-run-"))
+            weakref.finalize(self, shutil.rmtree, self.run_dir, ignore_errors=True)
         self.supervisor = Supervisor(log_dir=self.run_dir / "logs", stop_timeout_s=c.stop_timeout_s,
                                      base_env={**os.environ, "PYTHONPATH": _python_path()})
         self.redis_url = c.redis_url
