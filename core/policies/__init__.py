@@ -23,6 +23,7 @@ from core.policies.chwbl import ChwblPolicy
 from core.policies.dynamo import DynamoPolicy
 from core.policies.kvr import KvrPolicy
 from core.policies.sglang import SglangCacheAwarePolicy
+from core.policies.sglang_router import SglangRouterPolicy
 from core.policies.simple import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
 
 _REGISTRY: dict[str, Callable[..., RoutingPolicy]] = {
@@ -32,6 +33,7 @@ _REGISTRY: dict[str, Callable[..., RoutingPolicy]] = {
     "least_loaded": LeastLoadedPolicy,
     "chwbl": ChwblPolicy,
     "sglang": SglangCacheAwarePolicy,
+    "sglang_router": SglangRouterPolicy,
     "dynamo": DynamoPolicy,
 }
 
@@ -65,6 +67,7 @@ __all__ = [
     "RoundRobinPolicy",
     "RoutingPolicy",
     "SglangCacheAwarePolicy",
+    "SglangRouterPolicy",
     "WorkerLoad",
     "WorkerState",
     "get_policy",

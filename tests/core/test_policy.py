@@ -39,7 +39,8 @@ PROMPT = list(range(160))  # 10 blocks
 
 
 def test_registry_names_and_unknown():
-    assert POLICY_NAMES == ("kvr", "round_robin", "random", "least_loaded", "chwbl", "sglang", "dynamo")
+    assert POLICY_NAMES == ("kvr", "round_robin", "random", "least_loaded", "chwbl", "sglang", "sglang_router",
+                            "dynamo")
     for name in POLICY_NAMES:
         assert get_policy(name, block_size=BS, latency=None).name == name
     with pytest.raises(ValueError, match="unknown policy 'nope'"):

@@ -7,6 +7,7 @@ import json
 from click.testing import CliRunner
 
 from cli.main import main
+from core.policies import POLICY_NAMES
 
 SMALL = ["--workload", "gsp", "--gsp-num-groups", "3", "--gsp-prompts-per-group", "4", "--gsp-system-prompt-len", "128",
          "--gsp-question-len", "16", "--gsp-output-len", "4", "--workers", "2", "--profile", "h100-8b", "--no-progress"]
@@ -33,7 +34,7 @@ def test_table_sweep_and_plots(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["over_time.png", "rate_sweep.png", "ttft_cdf.png"]
     rep = json.loads((tmp_path / "r.json").read_text())
     assert [pt["rate_per_s"] for pt in rep["sweep"]] == [5.0, 50.0]
-    assert len(rep["sweep"][0]["policies"]) == 7
+    assert list(rep["sweep"][0]["policies"]) == list(POLICY_NAMES)  # every policy, in registry order
 
 
 def test_trace_input(tmp_path):
