@@ -38,8 +38,9 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
-from bench.live import settle
+from bench.live import proc_cpu_s, settle
 from bench.progress import NullProgress
 from bench.results import Goal, SuiteResult, fmt_spread, percentile, spread, spread_bars
 from bench.sse_client import HTTPStreamError, post_sse
@@ -101,7 +102,8 @@ async def _one(url: str, prompt: str, max_tokens: int, timeout_s: float) -> dict
     body = {"model": "kvr-emulated", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    out = {"sent_s": t0, "ttft_s": None, "e2e_s": None, "prompt_tokens": 0, "cached_tokens": 0, "error": None}
+    out = {"sent_s": t0, "ttft_s": None, "e2e_s": None, "prompt_tokens": 0, "cached_tokens": 0, "chunks": 0,
+           "error": None}
     try:
         async with asyncio.timeout(timeout_s):
             async for data in post_sse(f"{url}/v1/completions", body):
@@ -109,6 +111,7 @@ async def _one(url: str, prompt: str, max_tokens: int, timeout_s: float) -> dict
                     out["ttft_s"] = time.perf_counter() - t0
                 if data == b"[DONE]":
                     break
+                out["chunks"] += 1
                 msg = json.loads(data)
                 usage = msg.get("usage")
                 if usage:
@@ -134,12 +137,29 @@ async def _drive(url: str, workload: list[tuple[float, str]], cfg: PeerConfig) -
     return list(await asyncio.gather(*tasks))
 
 
-def drive_http(url: str, workload: list[tuple[float, str]], cfg: PeerConfig) -> list[dict]:
-    return asyncio.run(_drive(url, workload, cfg))
+@dataclass
+class ArmRun:
+    """One arm's drive: the client's results, and the CPU its router spent meanwhile."""
+
+    results: list[dict]
+    router_cpu_s: float | None  # user + system CPU of the router's processes over the drive (None: unreadable)
 
 
-def http_metrics(results: list[dict], warmup: int) -> dict:
-    """Metrics of the requests after the warm-up (in send order)."""
+def drive_http(url: str, workload: list[tuple[float, str]], cfg: PeerConfig, *, router_pids: list[int]) -> ArmRun:
+    """Drive ``workload`` through ``url``; ``router_pids`` are the processes a router arm costs
+    (kvr: the router and its Redis; a peer: its one process): their CPU is read around the drive."""
+    cpu0 = [proc_cpu_s(pid) for pid in router_pids]
+    results = asyncio.run(_drive(url, workload, cfg))
+    cpu1 = [proc_cpu_s(pid) for pid in router_pids]
+    if any(c is None for c in cpu0 + cpu1):
+        return ArmRun(results, None)
+    return ArmRun(results, sum(cast(float, b) - cast(float, a) for a, b in zip(cpu0, cpu1, strict=True)))
+
+
+def http_metrics(results: list[dict], warmup: int, router_cpu_s: float | None = None) -> dict:
+    """Metrics of the requests after the warm-up (in send order). ``router_cpu_s`` covers every
+    request (warm-up included), so it is divided by all of them, and by all streamed chunks."""
+    every_chunk = sum(r.get("chunks", 0) for r in results)
     kept = sorted(results, key=lambda r: r["sent_s"])[warmup:]
     done = [r for r in kept if r["error"] is None and r["ttft_s"] is not None]
     prompt = sum(r["prompt_tokens"] for r in done)
@@ -149,7 +169,11 @@ def http_metrics(results: list[dict], warmup: int) -> dict:
     return {"requests": len(kept), "completed": len(done), "errors": len(kept) - len(done),
             "hit_rate": cached / prompt if prompt else 0.0, "ttft_p50_ms": percentile(ttft, 50),
             "ttft_p99_ms": percentile(ttft, 99), "ttft_mean_ms": sum(ttft) / len(ttft) if ttft else float("nan"),
-            "throughput_rps": len(done) / span if span > 0 else 0.0}
+            "throughput_rps": len(done) / span if span > 0 else 0.0,
+            "router_cpu_ms_per_request": (router_cpu_s * 1e3 / len(results)
+                                          if router_cpu_s is not None and results else float("nan")),
+            "router_cpu_us_per_chunk": (router_cpu_s * 1e6 / every_chunk
+                                        if router_cpu_s is not None and every_chunk else float("nan"))}
 
 
 # ---------------------------------------------------------------------------- the arms
@@ -168,7 +192,7 @@ def _sglang_workers_ready(url: str, n: int) -> bool:
     return len(healthy) >= n
 
 
-def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str = "kvr") -> list[dict]:
+def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str = "kvr") -> ArmRun:
     from bench.live import cluster_config
     from bus.redis_server import free_loopback_port
     from cluster.local import LocalCluster
@@ -178,13 +202,16 @@ def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str
                           namespace=run_dir.name, seed=seed,
                           router_args=["--http-port", str(port), "--http-host", "127.0.0.1"])
     url = f"http://127.0.0.1:{port}"
-    with LocalCluster(ccfg):
+    with LocalCluster(ccfg) as cluster:
         deadline = time.monotonic() + cfg.ready_timeout_s
         while not http_ok(f"{url}/health"):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kvr HTTP front at {url} not ready")
             time.sleep(0.1)
-        return drive_http(url, workload, cfg)
+        sup = cluster.supervisor
+        # The router's cost includes its Redis (the mirror): a peer keeps its state in its one process.
+        pids = [sup.pid(name) for name in ("router", "redis") if name in sup.names]
+        return drive_http(url, workload, cfg, router_pids=pids)
 
 
 def _http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
@@ -207,7 +234,7 @@ def _http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
     return urls
 
 
-def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> list[dict]:
+def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> ArmRun:
     from bus.redis_server import free_loopback_port
     from cluster.supervisor import ComponentSpec, Supervisor
 
@@ -222,12 +249,12 @@ def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: 
             str(prom), "--worker-startup-check-interval", "1", "--log-level", "warn"],
             ready=lambda: _sglang_workers_ready(url, cfg.workers)))
         sup.wait_ready("sglang-router", timeout_s=cfg.ready_timeout_s)
-        return drive_http(url, workload, cfg)
+        return drive_http(url, workload, cfg, router_pids=[sup.pid("sglang-router")])
     finally:
         sup.stop()
 
 
-def run_vllm_router_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> list[dict]:
+def run_vllm_router_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> ArmRun:
     """vllm-router (PyPI ``vllm-router``): its cache_aware fetches token ids from every worker's /tokenize."""
     import shutil
 
@@ -245,7 +272,7 @@ def run_vllm_router_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, s
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom), "--log-level", "warning"],
             ready=lambda: http_ok(f"{url}/health") and http_ok(f"{url}/v1/models")))
         sup.wait_ready("vllm-router", timeout_s=cfg.ready_timeout_s)
-        return drive_http(url, workload, cfg)
+        return drive_http(url, workload, cfg, router_pids=[sup.pid("vllm-router")])
     finally:
         sup.stop()
 
@@ -262,16 +289,17 @@ def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> S
             for arm in cfg.arms:
                 run_dir = root / f"{arm.replace(':', '-').replace('_', '-')}-{rep}"
                 if arm == "kvr" or arm.startswith("kvr:"):
-                    results = run_kvr_arm(cfg, workload, run_dir, seed, arm.partition(":")[2] or "kvr")
+                    arm_run = run_kvr_arm(cfg, workload, run_dir, seed, arm.partition(":")[2] or "kvr")
                 elif arm.startswith("sglang:"):
-                    results = run_sglang_arm(cfg, arm.split(":", 1)[1], workload, run_dir, seed)
+                    arm_run = run_sglang_arm(cfg, arm.split(":", 1)[1], workload, run_dir, seed)
                 elif arm.startswith("vllm:"):
-                    results = run_vllm_router_arm(cfg, arm.split(":", 1)[1], workload, run_dir, seed)
+                    arm_run = run_vllm_router_arm(cfg, arm.split(":", 1)[1], workload, run_dir, seed)
                 else:
                     raise ValueError(f"unknown arm {arm!r}")
-                m = http_metrics(results, cfg.warmup)
+                m = http_metrics(arm_run.results, cfg.warmup, arm_run.router_cpu_s)
                 per_arm[arm].append(m)
-                progress.step(f"{arm} rep {rep + 1}: hit {m['hit_rate']:.2f}, TTFT p99 {m['ttft_p99_ms']:.0f} ms")
+                progress.step(f"{arm} rep {rep + 1}: hit {m['hit_rate']:.2f}, TTFT p99 {m['ttft_p99_ms']:.0f} ms, "
+                              f"router CPU {m['router_cpu_ms_per_request']:.2f} ms/request")
                 settle(0.5)
     finally:
         progress.close()
@@ -280,7 +308,9 @@ def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> S
     for arm, runs in per_arm.items():
         rows.append({"arm": arm, "runs": len(runs), "requests": runs[0]["requests"] if runs else 0,
                      **{k: spread(r[k] for r in runs) for k in ("hit_rate", "ttft_p50_ms", "ttft_p99_ms",
-                                                                "ttft_mean_ms", "throughput_rps", "errors")}})
+                                                                "ttft_mean_ms", "throughput_rps", "errors",
+                                                                "router_cpu_ms_per_request",
+                                                                "router_cpu_us_per_chunk")}})
     result.tables["arms"] = rows
     result.tables["runs"] = [{"arm": a, "rep": i, **r} for a, runs in per_arm.items() for i, r in enumerate(runs)]
     _goals(result, per_arm)
@@ -308,6 +338,8 @@ def display_tables(result: SuiteResult) -> dict[str, list[dict]]:
     rows = [{"arm": r["arm"], "runs": r["runs"], "requests": r["requests"], "hit rate": fmt_spread(r["hit_rate"], 3),
              "TTFT p50 ms": fmt_spread(r["ttft_p50_ms"]), "TTFT p99 ms": fmt_spread(r["ttft_p99_ms"]),
              "TTFT mean ms": fmt_spread(r["ttft_mean_ms"]), "req/s": fmt_spread(r["throughput_rps"], 2),
+             "router CPU ms/request": fmt_spread(r["router_cpu_ms_per_request"], 2),
+             "router CPU µs/chunk": fmt_spread(r["router_cpu_us_per_chunk"]),
              "errors": fmt_spread(r["errors"], 0)} for r in result.tables["arms"]]
     return {"arms": rows, "runs": [{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()}
                                    for r in result.tables["runs"]]}

@@ -126,15 +126,18 @@ def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, ra
 @click.option("--prompts-per-group", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--system-words", type=click.IntRange(min=1), default=500, show_default=True,
               help="Words per system prompt (the built-in tokenizer makes ~1.3 tokens of a word).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Output tokens per request, each streamed as one chunk (default: the suite's, 16).")
 def peer(out_dir, as_json, quick, repeats, seed, arms, workers, speedup, rate_per_s, warmup, groups,
-         prompts_per_group, system_words) -> None:
+         prompts_per_group, system_words, max_tokens) -> None:
     """kvr vs sglang-router (PyPI sglang-router) in front of the same emulated fleet, same requests."""
     from bench.peer import PeerConfig, display_tables, plot, run
     from bench.progress import RichProgress
 
     cfg = PeerConfig.quick() if quick else PeerConfig(workers=workers, speedup=speedup, rate_per_s=rate_per_s,
                                                       warmup=warmup, groups=groups,
-                                                      prompts_per_group=prompts_per_group, system_words=system_words)
+                                                      prompts_per_group=prompts_per_group, system_words=system_words,
+                                                      **({"max_tokens": max_tokens} if max_tokens else {}))
     if arms:
         cfg.arms = tuple(arms)
     if any(a.startswith("sglang:") for a in cfg.arms):

@@ -29,6 +29,16 @@ def test_http_metrics_drop_the_warmup_and_count_errors() -> None:
     assert m["hit_rate"] == 0.5
     # Linear between closest ranks: p99 of 20, 30, 40 ms is at rank 1.98 (nearest rank said 40).
     assert m["ttft_p50_ms"] == pytest.approx(30.0) and m["ttft_p99_ms"] == pytest.approx(39.8)
+    assert m["router_cpu_ms_per_request"] != m["router_cpu_ms_per_request"]  # NaN: no CPU reading given
+
+
+def test_router_cpu_is_divided_by_every_request_and_chunk_warmup_included() -> None:
+    rows = [{"sent_s": float(i), "ttft_s": 0.01, "e2e_s": 0.5, "prompt_tokens": 100, "cached_tokens": 0,
+             "chunks": 3 + i, "error": None} for i in range(4)]
+    m = http_metrics(rows, warmup=2, router_cpu_s=0.018)
+    assert m["requests"] == 2  # the warm-up is out of the latency figures, not out of the CPU drive
+    assert m["router_cpu_ms_per_request"] == pytest.approx(18.0 / 4)
+    assert m["router_cpu_us_per_chunk"] == pytest.approx(18_000.0 / (3 + 4 + 5 + 6))
 
 
 @pytest.mark.integration
@@ -43,3 +53,5 @@ def test_kvr_arm_answers_every_request_over_http(tmp_path) -> None:
     assert (row["requests"], row["completed"], row["errors"]) == (6, 6, 0)
     assert row["hit_rate"] > 0.5  # one worker holds both system prompts after their first request
     assert result.goals == []  # no peer arm, no comparison
+    # The router and its Redis were read from /proc around the drive: a real, positive figure.
+    assert 0.0 < row["router_cpu_ms_per_request"] < 1_000.0
