@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from bus.schema import ErrorCode
 from core.tokenizer import apply_chat_template
 
@@ -88,9 +90,13 @@ def no_route(method: str, path: str, *, get_paths: frozenset[str], post_paths: f
     return HttpError(404, f"no route {path}", "NotFoundError")
 
 
+_json_encode = msgspec.json.Encoder().encode
+
+
 def sse_event(obj: Any) -> bytes:
-    """One Server-Sent Event carrying ``obj`` as JSON."""
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+    """One Server-Sent Event carrying ``obj`` as compact UTF-8 JSON (msgspec: ~10× ``json.dumps``,
+    and this runs once per streamed token)."""
+    return b"data: " + _json_encode(obj) + b"\n\n"
 
 
 def sse_error(message: str, kind: str, status: int = 500) -> bytes:

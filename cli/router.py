@@ -139,11 +139,18 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
 
         # Writes on their own thread: a slow or hung Redis never stalls routing or heartbeats.
         mirror = BackgroundMirror(mirror=RedisMirror(client=client, namespace=namespace))
+    import zmq
+
     try:
         from worker.vllm.remote_tokenizer import load_router_tokenizer
 
-        service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer), curve=curve)
+        # One ZMQ context for the service and its HTTP front: the front dials the service in process
+        # (``bind_in_process``). Terminated here, after both closed (terminating waits for every socket).
+        ctx = zmq.Context()
+        service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer), curve=curve,
+                                ctx=ctx)
     except Exception as exc:
+        ctx.destroy(linger=0)  # closes what a half-built service left open, then terminates
         if mirror is not None:
             mirror.close(timeout_s=0.5)
         if embedded is not None:
@@ -155,12 +162,15 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
         from router.http_front import RouterHttpFront
 
         try:
-            front = RouterHttpFront(client_endpoint=connectable(service.clients_endpoint), host=http_host,
-                                    port=http_port, model=model_name, stats=lambda: service.stats,
-                                    request_timeout_s=request_timeout_s + 5, curve=curve,
+            in_process = service.bind_in_process()
+            front = RouterHttpFront(client_endpoint=in_process or connectable(service.clients_endpoint),
+                                    host=http_host, port=http_port, model=model_name, stats=lambda: service.stats,
+                                    request_timeout_s=request_timeout_s + 5,
+                                    curve=None if in_process else curve, ctx=ctx,
                                     max_request_bytes=config.max_request_bytes)
         except OSError as exc:
             service.close()
+            ctx.destroy(linger=0)
             if embedded is not None:
                 embedded.stop()
             raise click.ClickException(f"cannot serve HTTP on {http_host}:{http_port}: {exc.strerror}") from None
@@ -180,6 +190,7 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
         clear_ready_file(ready_file)
         if front is not None:
             front.close()
+        ctx.destroy(linger=0)  # every socket is closed by now; destroy, not term, so a leftover never hangs exit
         if mirror is not None:
             mirror.close()  # what Redis takes within 2 s; a warm start replays the rest from the workers
         if embedded is not None:

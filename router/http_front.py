@@ -15,8 +15,10 @@ Served (aiohttp, through ``bus/http_server.py``; bodies, errors and SSE per ``bu
 
 A known path asked with another method is answered 405 with an ``Allow`` header (404: unknown path).
 
-One asyncio loop (the HTTP server's thread) serves every connection and owns one ``zmq.asyncio``
-DEALER to the router's client ROUTER; replies are handed to each request's queue by request id.
+One asyncio loop (the HTTP server's thread) serves every connection and owns one DEALER to the
+router's client ROUTER (in process when the router lets it: ``RouterService.bind_in_process``), read
+from the loop's own epoll; replies are handed to each request's queue by request id, and a request
+writes every reply waiting in its queue as one write.
 Errors map to HTTP statuses (``STATUS_FOR_CODE``: bad request 400, prompt too long or body over
 64 MiB 413, unknown model 404, overloaded 429, no workers 503, timeout 504...; 429 and 503 with
 ``Retry-After``) with OpenAI-style JSON whose ``type`` is the stable ``ErrorCode`` value.
@@ -37,9 +39,10 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 
+import msgspec
 import zmq
-import zmq.asyncio
 from aiohttp import web
 
 from bus.codec import DecodeError, encode, reply_decoder
@@ -95,8 +98,9 @@ class RouterHttpFront:
         self._max_request_bytes = max_request_bytes
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
+        self._sock: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._decoder = reply_decoder()
         self._inboxes: dict[str, asyncio.Queue] = {}  # request id → its replies (None: the front closes)
         try:
             self.server = HttpServer(handle=self._handle, host=host, port=port, name="kvr-router-http",
@@ -135,49 +139,67 @@ class RouterHttpFront:
     # ------------------------------------------------------------------ the router link (on the loop)
 
     async def _open(self) -> None:
-        actx = zmq.asyncio.Context.shadow(self._ctx.underlying)
-        self._sock = make_socket(actx, zmq.DEALER, max_msg_size=MAX_REQUEST_BYTES,
-                                 setup=None if self._curve is None else self._curve.dial)
-        self._sock.connect(self._endpoint)
-        self._reader = asyncio.get_running_loop().create_task(self._read_replies(self._sock))
+        # A plain (not zmq.asyncio) socket read from the loop's own epoll: ``_drain`` runs when its
+        # FD signals and reads every waiting reply without a Future per message (zmq.asyncio's
+        # recv cost ~3× the rest of a streamed chunk's relay). Used only on the loop's thread.
+        # No send high-water mark: what one DEALER queues is bounded by ``max_in_flight`` requests.
+        self._sock = sock = make_socket(self._ctx, zmq.DEALER, hwm=0, max_msg_size=MAX_REQUEST_BYTES,
+                                        setup=None if self._curve is None else self._curve.dial)
+        sock.connect(self._endpoint)
+        self._loop = loop = asyncio.get_running_loop()
+        loop.add_reader(sock.FD, self._drain)
+        self._drain()
 
-    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
-        decoder = reply_decoder()
-        while True:
+    def _drain(self, budget: int = 1000) -> None:
+        """Hand every waiting reply to its request's inbox. ZMQ's FD is edge-triggered: read until
+        nothing is left (or the budget is spent: then again on the next turn of the loop)."""
+        sock = self._sock
+        if sock is None:
+            return
+        decode = self._decoder.decode
+        inboxes = self._inboxes
+        for _ in range(budget):
             try:
-                reply = decoder.decode(await sock.recv())
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed under us at shutdown
+                return
+            try:
+                reply = decode(frame)
             except DecodeError as exc:
                 logger.warning("undecodable reply from the router: %s", exc)
                 continue
             if isinstance(reply, (Completion, ErrorReply)):
-                inbox = self._inboxes.pop(reply.request_id, None)
+                inbox = inboxes.pop(reply.request_id, None)
             else:
-                inbox = self._inboxes.get(reply.request_id)
+                inbox = inboxes.get(reply.request_id)
             if inbox is not None:  # None: a request that ended here already (cancelled)
                 inbox.put_nowait(reply)
+        cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._drain)
 
     async def _shut(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, zmq.ZMQError):
-                pass
+        sock, self._sock = self._sock, None
         for inbox in self._inboxes.values():
             inbox.put_nowait(None)
         self._inboxes.clear()
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        if sock is not None:
+            cast(asyncio.AbstractEventLoop, self._loop).remove_reader(sock.FD)
+            sock.close(linger=0)
 
     def _send(self, data: bytes) -> None:
         """Queue a frame to the router without waiting (also from a cancelled request)."""
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             return
-        fut = self._sock.send(data)
-        # A closed socket: nothing to tell. (pyzmq types the asyncio socket's send as an Awaitable;
-        # it returns an asyncio Future.)
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # type: ignore[attr-defined]
+        try:
+            sock.send(data, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # no high-water mark: only a closing context gets here
+            logger.warning("could not send to the router: %s", exc)
+            return
+        # A send can consume the FD's edge for replies that arrived meanwhile: look once more.
+        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._drain)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -233,6 +255,8 @@ class _Exchange:
         self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": int(time.time()), "model": body.get("model") or front.default_model()}
         self.response: web.StreamResponse | None = None  # the SSE stream, once its 200 is sent
+        self._out: list[bytes] = []  # SSE events not yet written (one write per batch of replies)
+        self._token_event: tuple[bytes, bytes] | None = None  # a token chunk's event around its text
 
     async def run(self, inbox: asyncio.Queue) -> web.StreamResponse:
         routed: Routed | None = None
@@ -243,34 +267,62 @@ class _Exchange:
                 # queue yields an item (gh-86296), so a handler whose client left (aiohttp cancels it)
                 # relayed a busy stream to its end and never cancelled the request at the router.
                 async with asyncio.timeout(self.front.request_timeout_s):
-                    msg = await inbox.get()
+                    batch = [await inbox.get()]
             except TimeoutError:
-                msg = ErrorReply(self.rid, ErrorCode.TIMEOUT, "no reply from the router in time")
-            if msg is None:
-                msg = ErrorReply(self.rid, ErrorCode.ROUTER_RESTARTED, "the HTTP front is shutting down")
-            if isinstance(msg, Routed):
-                if routed is not None and texts:
-                    # Re-routed after tokens: the new worker would start over. The router does not
-                    # do this (it retries only before the first token); if it did, stop here.
-                    msg = ErrorReply(self.rid, ErrorCode.WORKER_DIED,
-                                     f"re-routed to {msg.worker_id} after tokens were sent")
-                else:
-                    first, routed = routed is None, msg
-                    if first and self.parsed.stream:
-                        await self._open_stream(msg)
-                    continue  # a retry before any token: the same response goes on
-            if isinstance(msg, TokenChunk):
-                texts.append(msg.text)
-                if self.response is not None:
-                    chunk = {**self.head, "choices": [_choice(self.chat, msg.text, None, stream=True)]}
-                    await _write(self.response, sse_event(chunk))
-            elif isinstance(msg, ErrorReply):
-                if self.response is None:
-                    raise HttpError(STATUS_FOR_CODE.get(msg.code, 500), msg.message, msg.code.value)
-                await _write(self.response, sse_error(msg.message, msg.code.value))
-                return await _end(self.response)
-            elif isinstance(msg, Completion):
-                return await self._complete(msg, routed, "".join(texts))
+                batch = [ErrorReply(self.rid, ErrorCode.TIMEOUT, "no reply from the router in time")]
+            while not inbox.empty():  # whatever else arrived goes out in the same write
+                batch.append(inbox.get_nowait())
+            for msg in batch:
+                if msg is None:
+                    msg = ErrorReply(self.rid, ErrorCode.ROUTER_RESTARTED, "the HTTP front is shutting down")
+                if isinstance(msg, Routed):
+                    if routed is not None and texts:
+                        # Re-routed after tokens: the new worker would start over. The router does not
+                        # do this (it retries only before the first token); if it did, stop here.
+                        msg = ErrorReply(self.rid, ErrorCode.WORKER_DIED,
+                                         f"re-routed to {msg.worker_id} after tokens were sent")
+                    else:
+                        first, routed = routed is None, msg
+                        if first and self.parsed.stream:
+                            await self._open_stream(msg)
+                        continue  # a retry before any token: the same response goes on
+                if isinstance(msg, TokenChunk):
+                    texts.append(msg.text)
+                    if self.response is not None:
+                        self._out.append(self._token_sse(msg.text))
+                elif isinstance(msg, ErrorReply):
+                    if self.response is None:
+                        raise HttpError(STATUS_FOR_CODE.get(msg.code, 500), msg.message, msg.code.value)
+                    self._out.append(sse_error(msg.message, msg.code.value))
+                    return await self._end(self.response)
+                elif isinstance(msg, Completion):
+                    return await self._complete(msg, routed, "".join(texts))
+            await self._flush()
+
+    def _token_sse(self, text: str) -> bytes:
+        """A streamed token's event. All but the text is the same for every chunk of a request, so it
+        is encoded once: the event is that prefix, the text as JSON, and that suffix."""
+        if not text and self.chat:  # an empty chat delta is ``{}``, not ``{"content": ""}``
+            return sse_event({**self.head, "choices": [_choice(True, "", None, stream=True)]})
+        around = self._token_event
+        if around is None:
+            marker = "\x00kvr-text\x00"
+            whole = sse_event({**self.head, "choices": [_choice(self.chat, marker, None, stream=True)]})
+            before, _, after = whole.rpartition(_json_text(marker))  # the text is the last string
+            around = self._token_event = (before, after)
+        return around[0] + _json_text(text) + around[1]
+
+    async def _flush(self) -> None:
+        if self._out and self.response is not None:
+            data = b"".join(self._out)
+            self._out.clear()
+            await _write(self.response, data)
+
+    async def _end(self, response: web.StreamResponse) -> web.StreamResponse:
+        self._out.append(SSE_DONE)
+        await self._flush()
+        await response.write_eof()
+        return response
 
     async def _open_stream(self, routed: Routed) -> None:
         # No length: aiohttp frames it chunked for HTTP/1.1 and close-delimited for HTTP/1.0.
@@ -279,7 +331,7 @@ class _Exchange:
         await resp.prepare(self.request)
         self.response = resp
         if self.chat:
-            await _write(resp, sse_event({**self.head, "choices": [
+            self._out.append(sse_event({**self.head, "choices": [
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
 
     async def _complete(self, msg: Completion, routed: Routed | None, text: str) -> web.StreamResponse:
@@ -289,23 +341,20 @@ class _Exchange:
                "predicted_cached_tokens": msg.predicted_cached_tokens, "policy": routed.policy if routed else None}
         if self.response is not None:
             last = {**self.head, "choices": [_choice(self.chat, "", msg.finish_reason, stream=True)]}
-            await _write(self.response, sse_event(last))
+            self._out.append(sse_event(last))
             if self.parsed.include_usage:
-                await _write(self.response, sse_event({**self.head, "choices": [], "usage": usage, "kvr": kvr}))
-            return await _end(self.response)
+                self._out.append(sse_event({**self.head, "choices": [], "usage": usage, "kvr": kvr}))
+            return await self._end(self.response)
         obj = "chat.completion" if self.chat else "text_completion"
         return json_response(200, {**self.head, "object": obj, "choices": [_choice(self.chat, text, msg.finish_reason)],
                                    "usage": usage, "kvr": kvr}, {"x-kvr-worker": msg.worker_id})
 
 
+_json_text = msgspec.json.Encoder().encode
+
+
 async def _write(response: web.StreamResponse, data: bytes) -> None:
     await response.write(data)  # a client that left: ConnectionError, and the request is cancelled
-
-
-async def _end(response: web.StreamResponse) -> web.StreamResponse:
-    await _write(response, SSE_DONE)
-    await response.write_eof()
-    return response
 
 
 def generate_request(parsed: CompletionBody, *, request_id: str, alias: str | None) -> GenerateRequest:
