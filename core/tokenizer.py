@@ -161,6 +161,25 @@ def _id_text(token_id: int) -> bytes:
     return ((" " if space else "") + str(value).zfill(length)).encode()
 
 
+def _encode_pieces(text: str) -> list[int]:
+    ids: list[int] = []
+    memo, limit = _memo_piece_ids, _MEMO_PIECE_CHARS
+    for piece in _PIECE.findall(text):
+        ids.extend(memo(piece) if len(piece) <= limit else _piece_ids(piece))
+    return ids
+
+
+#: Segments shorter than this are not split off or remembered (the lookup would cost what it saves).
+_SEGMENT_MIN_CHARS = 256
+#: Longer segments are encoded every time: the memo's memory stays below ~256 × 16 k characters.
+_SEGMENT_MAX_CHARS = 16_384
+_memo_segment = lru_cache(maxsize=256)(lambda segment: tuple(_encode_pieces(segment)))
+
+
+def _encode_segment(segment: str) -> Sequence[int]:
+    return _memo_segment(segment) if len(segment) <= _SEGMENT_MAX_CHARS else _encode_pieces(segment)
+
+
 class BuiltinTokenizer:
     """Deterministic, table-free, reversible tokenizer (see module docstring)."""
 
@@ -168,10 +187,24 @@ class BuiltinTokenizer:
     vocab_size = BUILTIN_VOCAB_SIZE
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; a prompt's long lines (a shared system prompt) are remembered whole.
+
+        Every position right after a ``"\n"`` with a non-space on both sides of it is a boundary of
+        the pre-tokenizer (no piece spans it: only whitespace pieces hold a newline, and this one's
+        run is the newline alone), so the text encodes as the concatenation of its segments between
+        such positions. Segments repeat across requests (system prompts, few-shot examples):
+        the pre-tokenizer's regex is ~0.4 µs a piece, ~200 µs for a 3,500-character prompt."""
+        if len(text) < _SEGMENT_MIN_CHARS:
+            return _encode_pieces(text)
         ids: list[int] = []
-        memo, limit = _memo_piece_ids, _MEMO_PIECE_CHARS
-        for piece in _PIECE.findall(text):
-            ids.extend(memo(piece) if len(piece) <= limit else _piece_ids(piece))
+        start, find, end = 0, text.find, len(text) - 1
+        nl = find("\n", 1)
+        while 0 < nl < end:
+            if not text[nl - 1].isspace() and not text[nl + 1].isspace() and nl + 1 - start >= _SEGMENT_MIN_CHARS:
+                ids += _encode_segment(text[start:nl + 1])
+                start = nl + 1
+            nl = find("\n", nl + 1)
+        ids += _encode_segment(text[start:])
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:

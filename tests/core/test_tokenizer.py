@@ -141,3 +141,38 @@ def test_hf_tokenizer_file_round_trips_and_offers_single_token_output_words(tmp_
     assert hf.decode([1, 2]) == "hello world"
     # " the", " of", ... are one id each here; unknown words ([UNK]) never become output.
     assert hf.output_vocab() == (3, 4, 5, 6, 7)
+
+
+_SEGMENT_TEXT = st.lists(st.sampled_from(["ab", "Q", " ", "\n", "\n\n", " \n", "\t", "7", "!?", "_", "é",
+                                          "\u3000", "\r\n", "\x1c"]), max_size=100).map("".join)
+
+
+@given(st.lists(_SEGMENT_TEXT, max_size=8).map("".join))
+def test_segments_split_at_newlines_encode_as_the_whole_text(monkeypatch_text: str) -> None:
+    """``encode`` splits at newlines with a non-space on both sides and remembers the segments; the
+    result must equal the pre-tokenizer run over the whole text. With the minimum segment at 1
+    character, every such newline splits (and every segment is remembered, so a second call reads
+    the memo)."""
+    import core.tokenizer as tokenizer
+
+    saved = tokenizer._SEGMENT_MIN_CHARS
+    tokenizer._SEGMENT_MIN_CHARS = 1
+    try:
+        whole = tokenizer._encode_pieces(monkeypatch_text)
+        assert BuiltinTokenizer().encode(monkeypatch_text) == whole
+        assert BuiltinTokenizer().encode(monkeypatch_text) == whole
+    finally:
+        tokenizer._SEGMENT_MIN_CHARS = saved
+
+
+def test_a_long_shared_prefix_is_encoded_once() -> None:
+    import core.tokenizer as tokenizer
+
+    system = ("You are a helpful assistant. " * 40).rstrip()  # ~1,200 characters, one segment
+    tokenizer._memo_segment.cache_clear()
+    first = BuiltinTokenizer().encode(system + "\nQuestion one?")
+    second = BuiltinTokenizer().encode(system + "\nQuestion two, a longer one?")
+    info = tokenizer._memo_segment.cache_info()
+    assert (info.hits, info.misses) == (1, 3)  # the system prompt once; each question short: one miss each
+    assert first == tokenizer._encode_pieces(system + "\nQuestion one?")
+    assert second[: len(first) - 3] == first[: len(first) - 3]
