@@ -219,6 +219,11 @@ class HttpServer:
             if admitted:
                 self.admission.leave()
 
+    @property
+    def serving(self) -> bool:
+        """The server's thread is running (False before ``start`` and once it ended, even by a crash)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive() and self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 
 import click
 
@@ -139,18 +140,11 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
 
         # Writes on their own thread: a slow or hung Redis never stalls routing or heartbeats.
         mirror = BackgroundMirror(mirror=RedisMirror(client=client, namespace=namespace))
-    import zmq
-
     try:
         from worker.vllm.remote_tokenizer import load_router_tokenizer
 
-        # One ZMQ context for the service and its HTTP front: the front dials the service in process
-        # (``bind_in_process``). Terminated here, after both closed (terminating waits for every socket).
-        ctx = zmq.Context()
-        service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer), curve=curve,
-                                ctx=ctx)
+        service = RouterService(config, mirror=mirror, tokenizer=load_router_tokenizer(tokenizer), curve=curve)
     except Exception as exc:
-        ctx.destroy(linger=0)  # closes what a half-built service left open, then terminates
         if mirror is not None:
             mirror.close(timeout_s=0.5)
         if embedded is not None:
@@ -158,19 +152,16 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
         raise click.ClickException(f"router did not start: {exc}") from None
     front = None
     if http_port >= 0:
-        from bus.sockets import connectable
         from router.http_front import RouterHttpFront
 
         try:
-            in_process = service.bind_in_process()
-            front = RouterHttpFront(client_endpoint=in_process or connectable(service.clients_endpoint),
-                                    host=http_host, port=http_port, model=model_name, stats=lambda: service.stats,
+            # The service's loop runs on the front's event loop (router/loop_driver.py): one busy
+            # thread, requests and replies handed over by calls, not a socket between two threads.
+            front = RouterHttpFront(service=service, host=http_host, port=http_port, model=model_name,
                                     request_timeout_s=request_timeout_s + 5,
-                                    curve=None if in_process else curve, ctx=ctx,
                                     max_request_bytes=config.max_request_bytes)
         except OSError as exc:
             service.close()
-            ctx.destroy(linger=0)
             if embedded is not None:
                 embedded.stop()
             raise click.ClickException(f"cannot serve HTTP on {http_host}:{http_port}: {exc.strerror}") from None
@@ -185,12 +176,16 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
     warn_exposed("router", endpoints, authenticated=() if curve is None else ("clients", "workers"))
     try:
         announce_ready(component="router", component_id=router_id, endpoints=endpoints, ready_file=ready_file)
-        service.run()
+        if front is None:
+            service.run()
+        else:
+            while not service.stopped and front.serving:
+                time.sleep(0.1)  # the front's thread turns the service; signals land here
     finally:
         clear_ready_file(ready_file)
         if front is not None:
-            front.close()
-        ctx.destroy(linger=0)  # every socket is closed by now; destroy, not term, so a leftover never hangs exit
+            front.close()  # stops the loop that turned the service first
+            service.close()
         if mirror is not None:
             mirror.close()  # what Redis takes within 2 s; a warm start replays the rest from the workers
         if embedded is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 
 import zmq
 
@@ -29,12 +30,25 @@ class ClientReplies:
         self._sock = sock
         self._counters = counters
         self._backlog: dict[bytes, deque[bytes]] = {}
+        #: In-process clients (the HTTP front on the router's own loop): identity -> the function
+        #: that takes each reply as it is, neither encoded nor queued on a socket.
+        self._local: dict[bytes, Callable[[object], None]] = {}
+
+    def add_local(self, identity: bytes, sink: Callable[[object], None]) -> None:
+        self._local[identity] = sink
+
+    def remove_local(self, identity: bytes) -> None:
+        self._local.pop(identity, None)
 
     @property
     def backlogged(self) -> bool:
         return bool(self._backlog)
 
     def send(self, client: bytes, msg) -> None:
+        sink = self._local.get(client)
+        if sink is not None:
+            sink(msg)
+            return
         frame = encode(msg)
         waiting = self._backlog.get(client)
         if waiting is not None:

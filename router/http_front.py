@@ -39,7 +39,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 import zmq
@@ -67,7 +67,11 @@ from bus.openai_http import (
 from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, Routed, TokenChunk
 from bus.security import Curve
 from bus.sockets import MAX_REQUEST_BYTES, make_socket
+from router.loop_driver import LoopDriver
 from router.prometheus import CONTENT_TYPE, render_metrics
+
+if TYPE_CHECKING:
+    from router.service import RouterService
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +82,29 @@ _POST_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 class RouterHttpFront:
     """Serve the OpenAI API in front of a router; ``start`` serves in a daemon thread."""
 
-    def __init__(self, *, client_endpoint: str, host: str = "127.0.0.1", port: int = 0, model: str | None = None,
+    def __init__(self, *, client_endpoint: str | None = None, service: RouterService | None = None,
+                 host: str = "127.0.0.1", port: int = 0, model: str | None = None,
                  stats: Callable[[], dict] | None = None, ctx: zmq.Context | None = None,
                  request_timeout_s: float = 600.0, curve: Curve | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES, max_in_flight: int = MAX_IN_FLIGHT,
                  keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
-        """``model``: an alias accepted for any served model, listed after the served names.
+        """Exactly one of ``client_endpoint`` (a router's client socket, dialled with a DEALER) and
+        ``service`` (a router in this process, whose loop then runs on this front's loop:
+        ``router/loop_driver.py``; its owner must not call ``run``, and closes it after this front).
+        ``model``: an alias accepted for any served model, listed after the served names.
         ``stats``: the router's snapshot (``RouterService.stats``); its ``models`` are the served names.
         ``curve``: the DEALER dials the router's client port as a CURVE client (bus/security.py).
         ``max_request_bytes``: the router's limit; bigger requests are refused here (PROMPT_TOO_LONG).
         ``max_in_flight``: completions handled at once; the next is answered 429.
         ``keepalive_timeout_s``: an idle connection is closed after this long."""
+        if (client_endpoint is None) == (service is None):
+            raise ValueError("give exactly one of client_endpoint and service")
         self.model = model
+        self._service = service
+        self._local_id = b""
+        self._driver: LoopDriver | None = None
+        if service is not None and stats is None:
+            stats = lambda: service.stats  # noqa: E731
         self.stats = stats or (lambda: {})
         self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
@@ -131,6 +146,10 @@ class RouterHttpFront:
     def start(self) -> None:
         self.server.start()
 
+    @property
+    def serving(self) -> bool:
+        return self.server.serving
+
     def close(self) -> None:
         self.server.close()
         if self._own_ctx:
@@ -139,6 +158,11 @@ class RouterHttpFront:
     # ------------------------------------------------------------------ the router link (on the loop)
 
     async def _open(self) -> None:
+        if self._service is not None:
+            self._local_id = self._service.attach_local_client(self._deliver)
+            self._driver = LoopDriver(service=self._service, loop=asyncio.get_running_loop())
+            self._driver.start()
+            return
         # A plain (not zmq.asyncio) socket read from the loop's own epoll: ``_drain`` runs when its
         # FD signals and reads every waiting reply without a Future per message (zmq.asyncio's
         # recv cost ~3× the rest of a streamed chunk's relay). Used only on the loop's thread.
@@ -178,7 +202,18 @@ class RouterHttpFront:
                 inbox.put_nowait(reply)
         cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._drain)
 
+    def _deliver(self, reply: object) -> None:
+        """A reply from the in-process router (on this loop's thread, during its turn)."""
+        rid = reply.request_id  # type: ignore[attr-defined]  # every reply type has one
+        inbox = self._inboxes.pop(rid, None) if isinstance(reply, (Completion, ErrorReply)) else self._inboxes.get(rid)
+        if inbox is not None:  # None: a request that ended here already (cancelled)
+            inbox.put_nowait(reply)
+
     async def _shut(self) -> None:
+        if self._driver is not None:
+            self._driver.stop()
+            cast("RouterService", self._service).detach_local_client(self._local_id)
+            self._driver = None
         sock, self._sock = self._sock, None
         for inbox in self._inboxes.values():
             inbox.put_nowait(None)
@@ -187,8 +222,16 @@ class RouterHttpFront:
             cast(asyncio.AbstractEventLoop, self._loop).remove_reader(sock.FD)
             sock.close(linger=0)
 
-    def _send(self, data: bytes) -> None:
-        """Queue a frame to the router without waiting (also from a cancelled request)."""
+    def _send(self, msg: msgspec.Struct, data: bytes | None = None) -> None:
+        """Hand ``msg`` to the router without waiting (also from a cancelled request); ``data``: it
+        encoded already."""
+        if self._service is not None:
+            if self._driver is not None:  # None: shutting down
+                self._service.submit_local(self._local_id, msg)
+                self._driver.kick()  # the submission sent on the worker socket: look at every socket again
+            return
+        if data is None:
+            data = encode(msg)
         sock = self._sock
         if sock is None:
             return
@@ -234,16 +277,16 @@ class RouterHttpFront:
             # of every other HTTP request in flight on it: refuse this one here.
             raise HttpError(413, f"request of {len(data)} bytes is over the router's {self._max_request_bytes}-byte "
                                  "limit", ErrorCode.PROMPT_TOO_LONG.value)
-        if self._sock is None:
+        if self._sock is None and self._driver is None:
             raise HttpError(503, "the HTTP front is shutting down", ErrorCode.ROUTER_RESTARTED.value)
         inbox: asyncio.Queue = asyncio.Queue()
         self._inboxes[rid] = inbox
-        self._send(data)
+        self._send(req, data)
         try:
             return await _Exchange(self, request, rid, chat, parsed, body).run(inbox)
         finally:
             if self._inboxes.pop(rid, None) is not None:  # not ended by the router: end it there
-                self._send(encode(CancelRequest(rid)))
+                self._send(CancelRequest(rid))
 
 
 class _Exchange:

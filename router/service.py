@@ -193,20 +193,10 @@ class RouterService:
         self._next_mirror_check_s = clock()
         self._next_housekeeping_s = clock()
         self._stopped = False
+        self._local_clients = 0
         #: A snapshot for other threads (the HTTP front): replaced, never mutated.
         self.stats: dict = {}
         self.refresh_stats()
-
-    def bind_in_process(self) -> str | None:
-        """Also accept clients on an ``inproc://`` endpoint of this router's ZMQ context, for a
-        client in this process (the HTTP front): its requests and every streamed chunk then skip
-        loopback TCP, the kernel and ZMQ's I/O thread (``kvr bench peer`` measures the saving).
-        None with CURVE on: an in-process peer would bypass the key check, so it dials TCP."""
-        if self.curve is not None:
-            return None
-        endpoint = f"inproc://kvr-clients-{id(self):x}"
-        self._clients.bind(endpoint)
-        return endpoint
 
     @property
     def mirror_health(self) -> MirrorHealth | None:
@@ -217,6 +207,10 @@ class RouterService:
     def stop(self) -> None:
         self._stopped = True
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def run(self) -> None:
         try:
             while not self._stopped:
@@ -224,11 +218,26 @@ class RouterService:
         finally:
             self.close()
 
-    def run_once(self, max_wait_ms: int = 100) -> None:
+    def now_s(self) -> float:
+        """The service's clock (monotonic seconds unless injected)."""
+        return self._clock()
+
+    def poll_sockets(self) -> list[zmq.Socket]:
+        """The sockets a loop turn polls (they change as workers' event streams come and go)."""
+        return [sock for sock, _ in self._poller.sockets]
+
+    def next_deadline_s(self) -> float:
+        """When the loop must turn next even if no socket is readable (clock seconds)."""
+        ingest = self.ingest.next_deadline_s()
+        return self._next_housekeeping_s if ingest is None else min(ingest, self._next_housekeeping_s)
+
+    def run_once(self, max_wait_ms: int = 100) -> int:
+        """One turn: wait up to ``max_wait_ms`` (less when something is due) for readable sockets,
+        handle them, then the upkeep that is due. Returns how many sockets were readable."""
         now = self._clock()
-        deadlines = [d for d in (self.ingest.next_deadline_s(), self._next_housekeeping_s) if d is not None]
-        wait_ms = max(0, min(max_wait_ms, int((min(deadlines) - now) * 1000) + 1))
-        for sock, _ in self._poller.poll(wait_ms):
+        wait_ms = max(0, min(max_wait_ms, int((self.next_deadline_s() - now) * 1000) + 1))
+        ready = self._poller.poll(wait_ms)
+        for sock, _ in ready:
             if sock is self._clients:
                 self._drain(self._clients, self._client_decoder, self._on_client)
             elif sock is self._workers_sock:
@@ -248,6 +257,32 @@ class RouterService:
             # O(workers + pending) upkeep, paced so a busy loop does not pay it per message.
             self._next_housekeeping_s = now + self.config.housekeeping_s
             self.tick(now)
+        return len(ready)
+
+    # ------------------------------------------------------------------ in-process clients
+
+    def attach_local_client(self, sink: Callable[[object], None]) -> bytes:
+        """A client in this process, on this service's thread (the HTTP front when the service runs
+        on its loop: ``router/loop_driver.py``): its requests come through :meth:`submit_local` and
+        its replies go to ``sink`` as they are, with no socket, encoding or thread between them.
+        Returns its identity (never a ZMQ peer's: those are 5 bytes from ZMQ or set by the peer,
+        and a leading zero byte is reserved by ZMQ)."""
+        self._local_clients += 1
+        identity = b"\x00kvr-local-%d" % self._local_clients
+        self.replies.add_local(identity, sink)
+        return identity
+
+    def detach_local_client(self, identity: bytes) -> None:
+        self.replies.remove_local(identity)
+
+    def submit_local(self, identity: bytes, msg: object) -> None:
+        """A message from an in-process client, handled as if read from the client socket."""
+        try:
+            self._on_client(identity, msg)
+        except Exception:  # as in _drain: a bug handling one message must not take the router down
+            self.counters["handler_errors"] += 1
+            logger.exception("error handling %s", type(msg).__name__)
+
     def _drain_workers(self) -> None:
         self._drain(self._workers_sock, self._worker_decoder, self._on_worker, peer_keys=self.curve is not None)
 

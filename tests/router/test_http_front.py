@@ -11,24 +11,36 @@ import zmq
 from bus.sockets import connectable
 from core.prefix_index import WorkerKey
 from router.http_front import RouterHttpFront
+from router.service import RouterService
 from tests.prometheus_text import metric_samples, metric_value
 from tests.router.test_service import BS, FakeWorker, RunningRouter, _config, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def stack():
+@pytest.fixture(params=["socket", "in-loop"])
+def stack(request):
+    """A router and its HTTP front, both ways ``kvr`` can join them: the front dials the router's
+    client socket (the router runs its own thread), or the router runs on the front's event loop
+    (``RouterHttpFront(service=...)``, what ``kvr router`` does)."""
     ctx = zmq.Context()
-    running = RunningRouter(_config())
-    svc = running.service
-    front = RouterHttpFront(client_endpoint=connectable(svc.clients_endpoint), model="m", stats=lambda: svc.stats,
-                            ctx=ctx, request_timeout_s=10)
+    running = None
+    if request.param == "socket":
+        running = RunningRouter(_config())
+        svc = running.service
+        front = RouterHttpFront(client_endpoint=connectable(svc.clients_endpoint), model="m",
+                                stats=lambda: svc.stats, ctx=ctx, request_timeout_s=10)
+    else:
+        svc = RouterService(_config())
+        front = RouterHttpFront(service=svc, model="m", request_timeout_s=10)
     front.start()
     workers: list[FakeWorker] = []
     yield ctx, svc, front, workers
     front.close()
-    running.stop()
+    if running is not None:
+        running.stop()
+    else:
+        svc.close()
     for w in workers:
         w.close()
     ctx.term()
@@ -190,3 +202,14 @@ def test_an_unknown_path_is_404_under_any_method(stack):
     for method in ("GET", "POST", "PUT"):
         status, headers, _ = _request(front, method, "/v1/nowhere", b"{}" if method != "GET" else None)
         assert status == 404 and "Allow" not in headers
+
+
+def test_the_front_takes_a_router_endpoint_or_a_service_not_both_or_neither() -> None:
+    svc = RouterService(_config())
+    try:
+        with pytest.raises(ValueError):
+            RouterHttpFront()
+        with pytest.raises(ValueError):
+            RouterHttpFront(client_endpoint=connectable(svc.clients_endpoint), service=svc)
+    finally:
+        svc.close()
