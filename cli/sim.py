@@ -7,6 +7,7 @@ Examples::
     kvr sim --workload multiturn -p num_clients=64 --concurrency 32 --policy all
     kvr sim --workload gsp --rate-sweep 5,10,20,40 --plots out/
     kvr sim --workload gsp --goodput --slo-ttft-p99 0.5 --policy kvr,sglang,round_robin --plots out/
+    kvr sim --workload gsp --rate 20 --churn-every-s 10 --churn-kind restart --join-at-s 30
 
 ``--goodput`` searches, per policy, the highest rate (``--workload``) or trace speed-up
 (``--trace``) that meets the SLO (sim/goodput.py defines the predicate and the search). When
@@ -24,6 +25,7 @@ import click
 _GSP_FLAGS = (
     ("num_groups", int), ("prompts_per_group", int), ("system_prompt_len", int), ("question_len", int),
     ("output_len", int), ("range_ratio", float), ("num_turns", int), ("zipf_alpha", float),
+    ("drift_every", int), ("drift_step", int),
 )  # fmt: skip
 
 
@@ -125,6 +127,13 @@ def _check_goodput_flags(*, goodput, slo_ttft_p99, slo_tpot_p99, tolerance, star
 @click.option("--tentative-s", type=float, default=None,
               help="Predict-on-route window of the router (default: the router's).")
 @click.option("--network-ms", type=float, default=0.0, show_default=True, help="One-way router<->worker latency.")
+@click.option("--churn-every-s", type=float, default=0.0, show_default=True,
+              help="Churn one worker every S seconds, round-robin over the fleet (0: never; sim/churn.py).")
+@click.option("--churn-kind", type=click.Choice(["reset", "restart"]), default="reset", show_default=True,
+              help="reset: its prefix cache is cleared (AllBlocksCleared, running requests recompute); "
+                   "restart: a new incarnation, its requests retried before their first token, else failed.")
+@click.option("--churn-first-s", type=float, default=None, help="Time of the first churn (default: --churn-every-s).")
+@click.option("--join-at-s", default=None, help="T[,T...]: one more worker joins the fleet at each time (scale-out).")
 @click.option("--goodput", is_flag=True,
               help="Search each policy's highest rate (or trace speed-up) that meets the SLO.")
 @click.option("--slo-ttft-p99", type=float, default=None,
@@ -144,6 +153,7 @@ def _check_goodput_flags(*, goodput, slo_ttft_p99, slo_tpot_p99, tolerance, star
 def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, trace_limit, params, policy_arg, workers,
                 profile, num_gpu_blocks, max_model_len, rate, rate_sweep, burstiness, speedup, concurrency,
                 event_delay_ms, heartbeat_ms, tentative_s, network_ms,
+                churn_every_s, churn_kind, churn_first_s, join_at_s,
                 goodput, slo_ttft_p99, slo_tpot_p99, goodput_tolerance, goodput_start, seed, as_json, out_path,
                 plots_dir, no_progress, list_workloads, **gsp):
     """Compare routing policies on a workload or trace with the live engine and router cores."""
@@ -160,6 +170,7 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
 
     from core.policies import POLICY_NAMES
     from core.profiles import DEFAULT_PROFILE, PROFILES
+    from sim.churn import ChurnConfig
     from sim.cluster import ClusterConfig
     from sim.context import LONG_CONTEXT_TOKENS, fitted_max_model_len
     from sim.rejections import all_rejected, rejection_message
@@ -185,9 +196,14 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
     if len(names) > 1 and len(names) != workers:
         raise click.BadParameter(f"{len(names)} profiles for {workers} workers: give one, or one per worker",
                                  param_hint="--profile")
+    try:
+        joins = tuple(float(x) for x in join_at_s.split(",") if x.strip()) if join_at_s else ()
+        churn = ChurnConfig(every_s=churn_every_s, kind=churn_kind, first_s=churn_first_s, join_at_s=joins)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--churn-*/--join-at-s") from exc
     config = ClusterConfig(num_workers=workers, profile=names if len(names) > 1 else names[0],
                            event_delay_s=event_delay_ms / 1e3,
-                           heartbeat_interval_s=heartbeat_ms / 1e3, network_latency_s=network_ms / 1e3)
+                           heartbeat_interval_s=heartbeat_ms / 1e3, network_latency_s=network_ms / 1e3, churn=churn)
     if num_gpu_blocks is not None:
         config.engine_overrides["num_gpu_blocks"] = num_gpu_blocks
     if max_model_len is not None:
@@ -316,6 +332,10 @@ def sim_command(workload_name, trace_path, trace_block_tokens, trace_mapping, tr
             click.echo(f"## {title}: {workers} workers, profile {profile}\n\n{markdown_table(report)}")
         if msg is not None:
             click.echo(f"warning: {msg}", err=True)
+        if churn.churns or churn.joins:
+            for name, res in results.items():
+                click.echo(f"note: {name}: {res.churn_events} {churn.kind}(s), {len(churn.join_at_s)} join(s); "
+                           f"{res.retried} request(s) routed again, {res.failed} failed (WORKER_DIED)", err=True)
     wall_s = time.perf_counter() - t0
     text = to_json(report)
     if as_json:

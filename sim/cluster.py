@@ -13,7 +13,9 @@ replaced by events on a heap:
   ``event_delay_s`` after the step ends (the event plane's lag);
 * every ``heartbeat_interval_s`` each engine's load is sampled and handed to the
   router, so the load it sees is stale by up to that interval (0: fresh load
-  before every routing decision).
+  before every routing decision);
+* worker churn (``ClusterConfig.churn``, ``sim/churn.py``): cache resets, restarts and
+  workers joining mid-run, reaching the router as they reach the live one.
 
 Everything random comes from ``random.Random`` instances derived from one seed,
 and same-time events run in scheduling order, so a run is a pure function of
@@ -32,11 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.engine import EmulatedEngine, EngineRequest, RequestRejected
+from core.events import AllBlocksCleared
 from core.metrics import MetricsFold, RequestRecord, infinite_cache_upper_bound
 from core.policies import get_policy
 from core.prefix_index import PrefixIndex, WorkerKey, request_block_hashes
 from core.profiles import get_profile
-from core.routing import RouterCore, RoutingInput
+from core.routing import NoTargetsError, RouterCore, RoutingInput
+from sim.churn import RESET, ChurnConfig, churn_victim
 from sim.clock import EventQueue
 from sim.rejections import Rejections
 from sim.workload import ArrivalProcess, SimRequest, Workload, assign_arrivals
@@ -62,6 +66,9 @@ class ClusterConfig:
     decode_fast_path: bool = True
     #: Width of the metrics timeline buckets (hit rate and load over time).
     timeline_bucket_s: float = 10.0
+    #: Cache resets, restarts and scale-out mid-run (default: none). ``num_workers`` is the
+    #: fleet at the start; each join adds one more worker.
+    churn: ChurnConfig = field(default_factory=ChurnConfig)
 
     def profiles(self) -> list[str]:
         if isinstance(self.profile, str):
@@ -69,6 +76,12 @@ class ClusterConfig:
         if len(self.profile) != self.num_workers:
             raise ValueError("give one profile, or one per worker")
         return list(self.profile)
+
+    def all_profiles(self) -> list[str]:
+        """One profile per worker that ever runs: the starting fleet, then the joiners (the
+        j-th joiner takes the j-th starting worker's profile, cyclically)."""
+        start = self.profiles()
+        return start + [start[j % len(start)] for j in range(self.churn.joins)]
 
 
 @dataclass(slots=True)
@@ -79,6 +92,8 @@ class _InFlight:
     predicted_cached_tokens: int
     first_token_s: float | None = None
     output: list[int] | None = None
+    #: Times this request was routed again after its worker restarted (0: first routing).
+    retries: int = 0
 
 
 @dataclass
@@ -100,6 +115,13 @@ class RunResult:
     #: When the router received the last request, follow-ups included (-inf: none); with the
     #: fold's first arrival it bounds the offered load's span (sim/goodput.py).
     last_arrival_s: float = -math.inf
+    #: Requests that ended with an error because their worker restarted after their first
+    #: token (or with no retry or worker left): ``WORKER_DIED`` to the client.
+    failed: int = 0
+    #: Requests routed again because their worker restarted before their first token.
+    retried: int = 0
+    #: Churn events (resets and restarts) that happened during the run.
+    churn_events: int = 0
 
 
 class SimCluster:
@@ -125,12 +147,17 @@ class SimCluster:
         self._arrival_rng = random.Random(master.getrandbits(64))
         router_rng = random.Random(master.getrandbits(64))
         engine_seeds = [master.getrandbits(64) for _ in range(config.num_workers)]
+        # Drawn after the streams above, so a run without churn draws exactly what it did before.
+        engine_seeds += [master.getrandbits(64) for _ in range(config.churn.joins)]
+        self._restart_rng = random.Random(master.getrandbits(64))
         self.q = EventQueue()
-        profiles = [get_profile(name) for name in config.profiles()]
+        profiles = [get_profile(name) for name in config.all_profiles()]
+        self._profiles = profiles
         self.block_size = profiles[0].block_size
         if any(p.block_size != self.block_size for p in profiles):
             raise ValueError("every worker must use one block size")
-        self.names = [f"w{i}" for i in range(config.num_workers)]
+        num_all = len(profiles)
+        self.names = [f"w{i}" for i in range(num_all)]
         self.targets = [WorkerKey(n, 0) for n in self.names]
         self._target_index = {t: i for i, t in enumerate(self.targets)}
         self.engines = [
@@ -141,12 +168,21 @@ class SimCluster:
         pol = get_policy(policy, block_size=self.block_size, latency=profiles[0].latency)
         self.router = RouterCore(policy=pol, index=self.index, block_size=self.block_size, rng=router_rng,
                                  **config.router_options)
-        for target, eng in zip(self.targets, self.engines, strict=True):
-            self.router.register(target, capacity_blocks=eng.config.num_gpu_blocks)
+        #: Workers in the fleet now (a joiner is not until it joins).
+        self._live = [i < config.num_workers for i in range(num_all)]
+        #: Bumped by each restart: results and events of an older incarnation are dropped.
+        self._incarnation = [0] * num_all
+        self._retired_busy_s = 0.0  # busy time of engines replaced by a restart
+        self._churn_k = 0
+        self.failed = 0
+        self.retried = 0
+        self.churn_events = 0
+        for w in range(config.num_workers):
+            self.router.register(self.targets[w], capacity_blocks=self.engines[w].config.num_gpu_blocks)
         self.fold = MetricsFold(block_size=self.block_size, timeline_bucket_s=config.timeline_bucket_s)
-        for n in self.names:
+        for n in self.names[:config.num_workers]:
             self.fold.register_worker(n)
-        self._stepping = [False] * config.num_workers
+        self._stepping = [False] * num_all
         self._inflight: dict[str, _InFlight] = {}
         self._waiting: deque[tuple[SimRequest, float]] = deque()  # held by the client's concurrency cap
         self._bound_stream: list[tuple[list[int], int]] = []
@@ -161,7 +197,7 @@ class SimCluster:
         # the next turn). Stale entries (time < now) are pruned lazily.
         self._reactive = arrivals.max_concurrency is not None or self._want_outputs
         self._wake: list[float] = []
-        self._adds: list[list[float]] = [[] for _ in range(config.num_workers)]
+        self._adds: list[list[float]] = [[] for _ in range(num_all)]
         self.fast_windows = 0
         self._pending_sends = 0
         self._last_arrival_s = -math.inf
@@ -180,6 +216,13 @@ class SimCluster:
         # every decision) the timeline is still sampled once a second.
         self._hb_interval = self.config.heartbeat_interval_s if self.config.heartbeat_interval_s > 0 else 1.0
         self.q.schedule(0.0, "heartbeat")
+        churn = self.config.churn
+        if churn.churns:
+            self.q.schedule(churn.start_s, "churn")
+            heapq.heappush(self._wake, churn.start_s)
+        for j, t in enumerate(churn.join_at_s):
+            self.q.schedule(t, "join", self.config.num_workers + j)
+            heapq.heappush(self._wake, t)
         handlers = {
             "root": self._on_root,
             "send": self._on_send,
@@ -188,6 +231,8 @@ class SimCluster:
             "kv_events": self._on_kv_events,
             "client_done": self._on_client_done,
             "heartbeat": self._on_heartbeat,
+            "churn": self._on_churn,
+            "join": self._on_join,
         }
         q = self.q
         while q:
@@ -195,9 +240,11 @@ class SimCluster:
             handlers[ev.kind](ev.payload)
         bound = infinite_cache_upper_bound(self._bound_stream, block_size=self.block_size)
         span = self.fold.duration_s
-        busy = sum(e.counters.busy_s for e in self.engines) / len(self.engines) / span if span > 0 else math.nan
+        busy_s = sum(e.counters.busy_s for e in self.engines) + self._retired_busy_s
+        busy = busy_s / len(self.engines) / span if span > 0 else math.nan
         return RunResult(self.policy_name, self.fold, bound, self._dispatched, len(self._inflight) + len(self._waiting),
-                         self.rejections.total, busy, self.fast_windows, self.rejections, self._last_arrival_s)
+                         self.rejections.total, busy, self.fast_windows, self.rejections, self._last_arrival_s,
+                         self.failed, self.retried, self.churn_events)
 
     def _busy(self) -> bool:
         return bool(self._inflight or self._waiting or self._pending_sends) or self._roots_done < self._num_roots
@@ -227,22 +274,30 @@ class SimCluster:
         self._pending_sends -= 1
         self._submit(req, self.q.now)
 
-    def _dispatch(self, req: SimRequest, now: float) -> None:
-        """The router receives ``req`` now: route it and send it to the chosen engine."""
+    def _dispatch(self, req: SimRequest, now: float, *, retry_of: _InFlight | None = None,
+                  exclude: tuple[WorkerKey, ...] = ()) -> None:
+        """The router receives ``req`` now (or routes it again, ``retry_of``, away from
+        ``exclude``): route it and send it to the chosen engine."""
         if self.config.heartbeat_interval_s <= 0:
             self._send_heartbeats(now)
         res = self.router.route(
-            RoutingInput(req.request_id, req.token_ids, max_tokens=req.max_tokens, lora_name=req.lora_name), now=now
+            RoutingInput(req.request_id, req.token_ids, max_tokens=req.max_tokens, lora_name=req.lora_name), now=now,
+            exclude=exclude,
         )
-        hashes = res.block_hashes
-        self._bound_stream.append((hashes, len(req.token_ids)))
         w = self._target_index[res.decision.target]
         predicted = res.in_flight.predicted_cached_tokens
-        self._inflight[req.request_id] = _InFlight(req, w, now, predicted, output=[] if self._want_outputs else None)
-        self._dispatched += 1
-        self._last_arrival_s = now
+        if retry_of is None:
+            self._bound_stream.append((res.block_hashes, len(req.token_ids)))
+            fl = _InFlight(req, w, now, predicted, output=[] if self._want_outputs else None)
+            self._dispatched += 1
+            self._last_arrival_s = now
+        else:
+            # The client's clock keeps running from its first arrival; the bound saw it once.
+            fl = _InFlight(req, w, retry_of.arrival_s, predicted, output=retry_of.output,
+                           retries=retry_of.retries + 1)
+        self._inflight[req.request_id] = fl
         t_add = now + self.config.network_latency_s
-        self.q.schedule(t_add, "engine_add", req.request_id)
+        self.q.schedule(t_add, "engine_add", (req.request_id, fl.retries))
         heapq.heappush(self._adds[w], t_add)
 
     def _on_client_done(self, payload: tuple[str, Any, list[int] | None]) -> None:
@@ -286,8 +341,11 @@ class SimCluster:
 
     # ---------------------------------------------------------------- engines
 
-    def _on_engine_add(self, rid: str) -> None:
-        fl = self._inflight[rid]
+    def _on_engine_add(self, payload: tuple[str, int]) -> None:
+        rid, attempt = payload
+        fl = self._inflight.get(rid)
+        if fl is None or fl.retries != attempt:
+            return  # its worker restarted on the way: failed, or routed again (another add)
         req = fl.req
         eng = self.engines[fl.worker]
         try:
@@ -328,16 +386,17 @@ class SimCluster:
             self._stepping[w] = False
             return
         self._stepping[w] = True
-        self.q.schedule(now + res.duration_s, "step_done", (w, res))
+        self.q.schedule(now + res.duration_s, "step_done", (w, self._incarnation[w], res))
         if self._reactive and any(o.finished for o in res.outputs):
             heapq.heappush(self._wake, now + res.duration_s)
 
     def _on_step_done(self, payload) -> None:
-        w, res = payload
+        w, incarnation, res = payload
+        if incarnation != self._incarnation[w]:
+            return  # a step of an engine that restarted since: its results died with it
         now = self.q.now
         lat = self.config.network_latency_s
         eng = self.engines[w]
-        name = self.names[w]
         for out in res.outputs:
             fl = self._inflight.get(out.request_id)
             if fl is None:
@@ -351,16 +410,22 @@ class SimCluster:
             if out.finished:
                 self.router.on_finish(out.request_id)
                 self.q.schedule(now + lat, "client_done", (out.request_id, out.stats, None))
-        events = eng.drain_events()
-        if events:
-            self.fold.observe_kv_events(name, events)
-            self.q.schedule(now + self.config.event_delay_s, "kv_events", (w, events, now))
+        self._publish_events(w, now)
         self._stepping[w] = False
         if eng.has_work():
             self._step(w)
 
+    def _publish_events(self, w: int, now: float) -> None:
+        """Send engine ``w``'s events since the last drain to the router's index."""
+        events = self.engines[w].drain_events()
+        if events:
+            self.fold.observe_kv_events(self.names[w], events)
+            self.q.schedule(now + self.config.event_delay_s, "kv_events", (w, self._incarnation[w], events, now))
+
     def _on_kv_events(self, payload) -> None:
-        w, events, emitted_s = payload
+        w, incarnation, events, emitted_s = payload
+        if incarnation != self._incarnation[w]:
+            return  # the old incarnation's stream: the live ingest dropped it with the worker
         now = self.q.now
         target = self.targets[w]
         for ev in events:
@@ -375,12 +440,15 @@ class SimCluster:
 
     def _send_heartbeats(self, now: float) -> None:
         for w, eng in enumerate(self.engines):
-            self._heartbeat(w, eng.load())
+            if self._live[w]:
+                self._heartbeat(w, eng.load())
 
     def _on_heartbeat(self, _: Any) -> None:
         now = self.q.now
         self.router.expire(now)
         for w, eng in enumerate(self.engines):
+            if not self._live[w]:
+                continue
             load = eng.load()
             if self.config.heartbeat_interval_s > 0:
                 self._heartbeat(w, load)
@@ -388,3 +456,71 @@ class SimCluster:
                                    queued_prefill_tokens=load.queued_prefill_tokens)
         if self._busy():
             self.q.schedule(now + self._hb_interval, "heartbeat")
+
+    # ---------------------------------------------------------------- churn (sim/churn.py)
+
+    def _on_churn(self, _: Any) -> None:
+        now = self.q.now
+        if not self._busy():
+            return  # the run is over: nothing is left to disturb
+        churn = self.config.churn
+        live = [w for w, on in enumerate(self._live) if on]
+        w = churn_victim(self._churn_k, live)
+        self._churn_k += 1
+        self.churn_events += 1
+        if churn.kind == RESET:
+            self._reset(w, now)
+        else:
+            self._restart(w, now)
+        t = now + churn.every_s
+        self.q.schedule(t, "churn")
+        heapq.heappush(self._wake, t)
+
+    def _reset(self, w: int, now: float) -> None:
+        """vLLM's reset with ``reset_running_requests``: running requests are preempted (they
+        recompute), the cache is emptied, ``AllBlocksCleared`` goes out on the event plane."""
+        eng = self.engines[w]
+        if not eng.reset_prefix_cache(reset_running_requests=True):
+            logger.warning("worker %s: prefix cache not reset", self.names[w])
+        self._publish_events(w, now)
+        if not self._stepping[w] and eng.has_work():
+            self._step(w)
+
+    def _restart(self, w: int, now: float) -> None:
+        """A new incarnation of worker ``w`` with an empty cache; the old one's requests are
+        routed again or fail, as the live router's ``_worker_gone`` does."""
+        target = self.targets[w]
+        old = self.engines[w]
+        self._retired_busy_s += old.counters.busy_s
+        self._incarnation[w] += 1
+        self._stepping[w] = False
+        self._adds[w].clear()
+        self.engines[w] = EmulatedEngine(profile_or_config=self._profiles[w],
+                                         rng=random.Random(self._restart_rng.getrandbits(64)),
+                                         **self.config.engine_overrides)
+        # The fold learns the cache is gone (the new engine's events start from nothing).
+        self.fold.observe_kv_events(self.names[w], [AllBlocksCleared()])
+        orphans = self.router.unregister(target)
+        max_retries = self.config.churn.max_retries
+        for rec in orphans:
+            fl = self._inflight.pop(rec.request_id, None)
+            if fl is None:
+                continue
+            if fl.first_token_s is None and fl.retries < max_retries:
+                try:
+                    self._dispatch(fl.req, now, retry_of=fl, exclude=(target,))
+                    self.retried += 1
+                    continue
+                except NoTargetsError:
+                    pass  # a fleet of one: nowhere else to go
+            self.failed += 1
+        self.router.register(target, capacity_blocks=self.engines[w].config.num_gpu_blocks)
+        self._release_waiting(now)
+
+    def _on_join(self, w: int) -> None:
+        """Scale-out: worker ``w`` registers, with an empty cache."""
+        self._live[w] = True
+        eng = self.engines[w]
+        self.router.register(self.targets[w], capacity_blocks=eng.config.num_gpu_blocks)
+        self.fold.register_worker(self.names[w])
+        self._heartbeat(w, eng.load())

@@ -8,7 +8,8 @@ same seed, so a probe is a pure function of ``x`` and the search is deterministi
 
 * TTFT p99 ≤ ``ttft_p99_s`` (NaN, i.e. no finished request, fails), and
 * TPOT p99 ≤ ``tpot_p99_s`` when one is given (NaN passes: no request decoded ≥ 2 tokens), and
-* no request was rejected and none was left unfinished, and
+* no request was rejected or failed (its worker restarted: ``sim/churn.py``) and none was
+  left unfinished, and
 * the fleet sustained ≥ ``min_throughput_fraction`` (95 %) of the offered throughput.
 
 The last clause keeps an overloaded fleet from passing because the run ended before its
@@ -114,7 +115,10 @@ def probe_stats(result: RunResult) -> ProbeStats:
     else:
         arrival_s = completion_s = 0.0
     return ProbeStats(ttft_p99_s=s["ttft_p99_s"], tpot_p99_s=s["tpot_p99_s"], token_hit_rate=s["token_hit_rate"],
-                      throughput_rps=s["throughput_rps"], requests=result.requests, rejected=result.rejected,
+                      throughput_rps=s["throughput_rps"], requests=result.requests,
+                      # Every request that ended with an error, as the live bench counts them:
+                      # the engine's rejections and those lost with a restarted worker.
+                      rejected=result.rejected + result.failed,
                       unfinished=result.unfinished, arrival_span_s=arrival_s, completion_span_s=completion_s)
 
 

@@ -46,6 +46,7 @@ ROW_KEYS = (
     "requests",
     "unfinished",
     "rejected",
+    "failed",
     "upper_bound",
 )
 
@@ -58,6 +59,7 @@ def policy_row(result: RunResult) -> dict[str, Any]:
     row["hit_rate_vs_bound"] = s["token_hit_rate"] / result.upper_bound if result.upper_bound else math.nan
     row["unfinished"] = result.unfinished
     row["rejected"] = result.rejected
+    row["failed"] = result.failed
     row["busy_fraction"] = result.busy_fraction
     return {k: row[k] for k in ROW_KEYS}
 

@@ -5,6 +5,13 @@ system prompt + a 2-token separator (``"\\n\\n"``) + a random question; shuffled
 unless ordered. Lengths follow ``compute_random_lens`` with ``range_ratio``
 (1 = fixed). Extensions seen in forks: Zipf group popularity and multi-turn
 (``num_turns``: each next turn is the previous prompt + answer + a new question).
+
+Drifting popularity (``drift_every`` > 0, Zipf only): the requests come in arrival order, each
+drawing a popularity *rank* from the Zipf law; in phase k (requests k·D .. k·D + D − 1, D =
+``drift_every``) rank r is group (r + k·``drift_step``) mod G, so every D requests the ranking
+rotates by ``drift_step`` groups and the hot prefixes change. The drift is counted in requests,
+not seconds, so every probe of a goodput search replays the same sequence; at a Poisson rate R
+it happens every D / R seconds.
 Infinite-cache bound with 16-token blocks and defaults: 15/16·2048/2178 ≈ 0.88.
 """
 
@@ -37,6 +44,10 @@ class GspConfig:
     num_turns: int = 1
     group_distribution: str = "uniform"
     zipf_alpha: float = 1.1
+    #: Requests per popularity phase (0: no drift); see the module docstring.
+    drift_every: int = 0
+    #: Groups the popularity ranking rotates by at each phase.
+    drift_step: int = 1
 
 
 class GeneratedSharedPrefix(Workload):
@@ -52,7 +63,14 @@ class GeneratedSharedPrefix(Workload):
         sys_lens = random_lens(rng, c.system_prompt_len, c.range_ratio, c.num_groups)
         self.system_prompts = [random_tokens(self._gen, n) for n in sys_lens]
         n = c.num_groups * c.prompts_per_group
-        if c.group_distribution == "uniform":
+        if c.drift_every < 0:
+            raise ValueError(f"drift_every must be >= 0, got {c.drift_every}")
+        if c.drift_every:
+            if c.group_distribution != "zipf" or c.ordered:
+                raise ValueError("drift_every needs group_distribution=zipf and no ordered (it fixes the order)")
+            ranks = pick_groups(rng, c.num_groups, n, c.group_distribution, c.zipf_alpha)
+            groups = [self.group_of_rank(r, i) for i, r in enumerate(ranks)]
+        elif c.group_distribution == "uniform":
             groups = [g for g in range(c.num_groups) for _ in range(c.prompts_per_group)]
         else:
             groups = sorted(pick_groups(rng, c.num_groups, n, c.group_distribution, c.zipf_alpha))
@@ -62,9 +80,16 @@ class GeneratedSharedPrefix(Workload):
         for i, (g, q, o) in enumerate(zip(groups, q_lens, o_lens, strict=True)):
             prompt = self.system_prompts[g] + SEPARATOR_TOKENS + random_tokens(self._gen, q)
             reqs.append(SimRequest(f"gsp-{i}", prompt, o, group=g, meta={"turn": 1}))
-        if not c.ordered:
+        if not c.ordered and not c.drift_every:
             rng.shuffle(reqs)
         self.roots = [Root([r]) for r in reqs]
+
+    def group_of_rank(self, rank: int, request_index: int) -> int:
+        """The group holding popularity ``rank`` (0: the hottest) when request ``request_index``
+        (in arrival order) is drawn."""
+        c = self.config
+        phase = request_index // c.drift_every if c.drift_every else 0
+        return (rank + phase * c.drift_step) % c.num_groups
 
     def longest_request_tokens(self) -> int:
         # Turn k+1 = turn k's prompt + its answer (<= output_len) + a question (<= question_len).
