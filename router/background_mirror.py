@@ -41,6 +41,11 @@ from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 10_000
+#: The writer waits this long for event batches to gather (Redis is then at most this much behind
+#: the index, on top of the write itself: the mirror serves warm starts and inspection, not routing).
+DEFAULT_LINGER_S = 0.01
+#: ... or until this many writes are waiting.
+LINGER_MAX_WRITES = 256
 _REGISTRY = ("registry",)
 
 #: A mirror check's outcome: the generation token Redis holds, or why there is none.
@@ -50,8 +55,14 @@ _CheckResult = tuple[str, None] | tuple[None, MirrorUnavailable]
 class BackgroundMirror:
     """``RedisMirror`` with its writes moved to a background thread (see the module docstring)."""
 
-    def __init__(self, *, mirror: RedisMirror, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+    def __init__(self, *, mirror: RedisMirror, max_queue: int = DEFAULT_MAX_QUEUE,
+                 linger_s: float = DEFAULT_LINGER_S) -> None:
+        """``linger_s``: how long the writer lets event batches gather before writing them (0: at once)."""
         self._mirror = mirror
+        self.linger_s = linger_s
+        self._writer_parked = False  # waiting for any write (not lingering)
+        self._flushing = 0  # callers waiting in flush()
+        self._targets_seen: set[tuple] = set()  # keys of event-batch writes: the ones that may linger
         self.namespace = mirror.namespace
         self._max_queue = max_queue
         self._queue: deque[tuple[tuple, Callable[[], object]]] = deque()
@@ -94,7 +105,9 @@ class BackgroundMirror:
         self._submit(_REGISTRY, lambda: self._mirror.unregister_worker(worker_id, **kw))
 
     def write_batch(self, worker_id: str, dp_rank: int, **kw) -> None:
-        self._submit((worker_id, dp_rank), lambda: self._mirror.write_batch(worker_id, dp_rank, **kw))
+        key = (worker_id, dp_rank)
+        self._targets_seen.add(key)  # an event batch may linger (see _run)
+        self._submit(key, lambda: self._mirror.write_batch(worker_id, dp_rank, **kw))
 
     def clear_target(self, worker_id: str, dp_rank: int, **kw) -> None:
         self._submit((worker_id, dp_rank), lambda: self._mirror.clear_target(worker_id, dp_rank, **kw), whole=True)
@@ -173,11 +186,16 @@ class BackgroundMirror:
         """Wait until every queued write ran (True) or the timeout passed (False)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._queue or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.05))
+            self._flushing += 1  # no lingering meanwhile
+            self._cond.notify_all()
+            try:
+                while self._queue or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+            finally:
+                self._flushing -= 1
         return True
 
     def close(self, timeout_s: float = 2.0) -> None:
@@ -210,7 +228,10 @@ class BackgroundMirror:
             return False
         self._queue.append((key, write))
         self.queued += 1
-        self._cond.notify_all()
+        # A lingering writer (see _run) wakes by itself; wake it early only for what should not
+        # wait (anything but a target's event batch), or a queue grown to a round's worth.
+        if self._writer_parked or key not in self._targets_seen or len(self._queue) >= LINGER_MAX_WRITES:
+            self._cond.notify_all()
         return True
 
     def _record_failure(self, key: tuple, why: MirrorUnavailable) -> None:
@@ -236,9 +257,17 @@ class BackgroundMirror:
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
+                    self._writer_parked = True
                     self._cond.wait()
+                    self._writer_parked = False
                 if not self._queue:
                     return
+                if (self.linger_s > 0 and not self._closed and self._flushing == 0
+                        and self._queue[-1][0] in self._targets_seen and len(self._queue) < LINGER_MAX_WRITES):
+                    # Event batches arrive a few per request: let a round's worth gather rather than
+                    # wake for each (the routing thread paid a thread wake-up per batch). Anything
+                    # else queued, a flush, a close or a full round ends the wait (_enqueue notifies).
+                    self._cond.wait(self.linger_s)
                 key, write = self._queue.popleft()
                 self._busy = True
             try:

@@ -119,3 +119,51 @@ def test_a_hung_redis_never_blocks_the_caller_and_the_queue_is_bounded(hung_serv
         assert "queue full" in str(bg.take_write_failures())
     finally:
         bg.close(timeout_s=0.1)
+
+
+class _RecordingMirror:
+    """The RedisMirror surface the writer calls, recording each write's time (no Redis)."""
+
+    namespace = "t"
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.writes: list[tuple[str, float]] = []
+
+    def write_batch(self, worker_id: str, dp_rank: int, **kw) -> None:
+        self.writes.append((f"batch {worker_id} {kw['seq']}", self._clock()))
+
+    def register_worker(self, hello, **kw) -> None:
+        self.writes.append((f"register {hello.worker_id}", self._clock()))
+
+
+def test_event_batches_linger_together_while_other_writes_go_at_once() -> None:
+    import time
+
+    rec = _RecordingMirror()
+    bg = BackgroundMirror(mirror=rec, linger_s=0.3)  # type: ignore[arg-type]  # the writes it calls
+    try:
+        t0 = time.monotonic()
+        bg.write_batch("w1", 0, seq=1)
+        bg.write_batch("w1", 0, seq=2)
+        time.sleep(0.1)
+        assert rec.writes == []  # both still gathering
+        eventually(lambda: len(rec.writes) == 2, timeout_s=2.0)
+        assert [w for w, _ in rec.writes] == ["batch w1 1", "batch w1 2"]
+        assert all(at - t0 >= 0.25 for _, at in rec.writes)  # written together, after the linger
+        # A registry write is not an event batch: it ends the wait at once, taking the batch before it.
+        t1 = time.monotonic()
+        bg.write_batch("w1", 0, seq=3)
+        bg.register_worker(HELLO)
+        eventually(lambda: len(rec.writes) == 4, timeout_s=2.0)
+        assert [w for w, _ in rec.writes[2:]] == ["batch w1 3", "register w1"]
+        assert rec.writes[3][1] - t1 < 0.2
+        # flush() does not wait out the linger either.
+        bg.write_batch("w1", 0, seq=4)
+        t2 = time.monotonic()
+        assert bg.flush(timeout_s=2.0) and time.monotonic() - t2 < 0.2
+        assert rec.writes[-1][0] == "batch w1 4"
+    finally:
+        bg.close(timeout_s=1.0)
