@@ -21,6 +21,9 @@ keeps ``RedisMirror``'s interface, so ``EventIngest`` and ``RouterService`` use 
   rewrite is not a done one); ``take_verification`` gives its answer once it ran;
 * failures keep the exception they came from (``MirrorUnavailable`` from redis-py's), so the
   router can tell their cause (``router/mirror_health.py``);
+* event batches are written in rounds: an idle writer looks at its queue every ``PARK_S`` and
+  lets batches gather for ``linger_s`` (Redis lags the index by up to ~60 ms; routing never
+  reads it); every other write, a flush and a close wake it at once;
 * the queue is bounded: when Redis cannot keep up, writes are dropped and counted, and the
   targets they belonged to are rewritten later, exactly as after a failure.
 
@@ -46,6 +49,9 @@ DEFAULT_MAX_QUEUE = 10_000
 DEFAULT_LINGER_S = 0.01
 #: ... or until this many writes are waiting.
 LINGER_MAX_WRITES = 256
+#: An idle writer looks at its queue this often: an event batch is in Redis at most
+#: ``PARK_S + DEFAULT_LINGER_S`` after the routing thread queued it (plus the write).
+PARK_S = 0.05
 _REGISTRY = ("registry",)
 
 #: A mirror check's outcome: the generation token Redis holds, or why there is none.
@@ -60,7 +66,6 @@ class BackgroundMirror:
         """``linger_s``: how long the writer lets event batches gather before writing them (0: at once)."""
         self._mirror = mirror
         self.linger_s = linger_s
-        self._writer_parked = False  # waiting for any write (not lingering)
         self._flushing = 0  # callers waiting in flush()
         self._targets_seen: set[tuple] = set()  # keys of event-batch writes: the ones that may linger
         self.namespace = mirror.namespace
@@ -228,9 +233,10 @@ class BackgroundMirror:
             return False
         self._queue.append((key, write))
         self.queued += 1
-        # A lingering writer (see _run) wakes by itself; wake it early only for what should not
-        # wait (anything but a target's event batch), or a queue grown to a round's worth.
-        if self._writer_parked or key not in self._targets_seen or len(self._queue) >= LINGER_MAX_WRITES:
+        # The writer wakes by itself for event batches (see _run), so the routing thread does not
+        # pay a thread wake-up per batch; it wakes the writer only for what should not wait, or a
+        # queue grown to a round's worth.
+        if key not in self._targets_seen or len(self._queue) >= LINGER_MAX_WRITES:
             self._cond.notify_all()
         return True
 
@@ -257,16 +263,14 @@ class BackgroundMirror:
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
-                    self._writer_parked = True
-                    self._cond.wait()
-                    self._writer_parked = False
+                    # Idle: look again every PARK_S (event batches do not wake the writer).
+                    self._cond.wait(PARK_S)
                 if not self._queue:
                     return
                 if (self.linger_s > 0 and not self._closed and self._flushing == 0
                         and self._queue[-1][0] in self._targets_seen and len(self._queue) < LINGER_MAX_WRITES):
-                    # Event batches arrive a few per request: let a round's worth gather rather than
-                    # wake for each (the routing thread paid a thread wake-up per batch). Anything
-                    # else queued, a flush, a close or a full round ends the wait (_enqueue notifies).
+                    # Event batches arrive a few per request: let a round's worth gather. Anything
+                    # else queued, a flush, a close or a full round ends the wait (they notify).
                     self._cond.wait(self.linger_s)
                 key, write = self._queue.popleft()
                 self._busy = True
