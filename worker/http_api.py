@@ -232,7 +232,10 @@ class HttpFront:
                 raise HttpError(VLLM_STATUS_FOR_CODE.get(first.code, 500), first.message, first.code.value)
             ctx = _Response(rid=rid, model=parsed.model or self.backend.config.model, chat=chat, prompt_ids=ids,
                             return_token_ids=parsed.return_token_ids)
-            extra = {"x-request-id": request.headers.get("x-request-id") or rid}
+            # x-kvr-worker (as kvr's front sends): a peer router passes it through, so a client
+            # sees which worker the router chose (bench/peer_agreement.py).
+            extra = {"x-request-id": request.headers.get("x-request-id") or rid,
+                     "x-kvr-worker": self.service.worker_id}
             if parsed.stream:
                 resp = await self._stream(request, inbox, first, ctx, parsed.include_usage, extra)
             else:

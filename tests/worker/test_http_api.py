@@ -47,7 +47,8 @@ def test_a_repeated_prompt_reports_cached_tokens(worker) -> None:
     assert first["usage"] == {"prompt_tokens": n, "completion_tokens": 4, "total_tokens": n + 4,
                               "prompt_tokens_details": {"cached_tokens": 0}}
     assert first["object"] == "text_completion" and first["choices"][0]["finish_reason"] == "length"
-    _, text, _ = call(worker, "POST", "/v1/completions", {"model": "any", "prompt": PROSE, "max_tokens": 4})
+    _, text, headers = call(worker, "POST", "/v1/completions", {"model": "any", "prompt": PROSE, "max_tokens": 4})
+    assert headers["x-kvr-worker"] == "h1"
     assert json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"] == (n - 1) // 16 * 16
 
 
@@ -56,6 +57,7 @@ def test_streamed_chat_has_role_deltas_finish_and_usage(worker) -> None:
             "stream_options": {"include_usage": True}}
     status, text, headers = call(worker, "POST", "/v1/chat/completions", body)
     assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert headers["x-kvr-worker"] == "h1"  # which worker served it, through any peer router
     events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
