@@ -214,7 +214,7 @@ def run_kvr_arm(cfg: PeerConfig, workload, run_dir: Path, seed: int, policy: str
         return drive_http(url, workload, cfg, router_pids=pids)
 
 
-def _http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
+def http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
     """Start ``cfg.workers`` emulated workers serving only vLLM's HTTP API (no kvr router); their URLs."""
     from bus.redis_server import free_loopback_port
     from cluster.local import kvr_argv
@@ -234,21 +234,29 @@ def _http_fleet(sup, cfg: PeerConfig, seed: int) -> list[str]:
     return urls
 
 
-def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> ArmRun:
+def start_sglang_router(sup, cfg: PeerConfig, policy: str, worker_urls: list[str]) -> str:
+    """Start sglang-router (loopback only) over ``worker_urls`` as ``sup``'s ``sglang-router``; its URL
+    once it lists every worker healthy."""
     from bus.redis_server import free_loopback_port
-    from cluster.supervisor import ComponentSpec, Supervisor
+    from cluster.supervisor import ComponentSpec
+
+    port, prom = free_loopback_port(), free_loopback_port()
+    url = f"http://127.0.0.1:{port}"
+    sup.start(ComponentSpec("sglang-router", "router", [
+        sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+        "--worker-urls", *worker_urls, "--policy", policy, "--prometheus-host", "127.0.0.1", "--prometheus-port",
+        str(prom), "--worker-startup-check-interval", "1", "--log-level", "warn"],
+        ready=lambda: _sglang_workers_ready(url, len(worker_urls))))
+    sup.wait_ready("sglang-router", timeout_s=cfg.ready_timeout_s)
+    return url
+
+
+def run_sglang_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, seed: int) -> ArmRun:
+    from cluster.supervisor import Supervisor
 
     sup = Supervisor(log_dir=run_dir / "logs")
     try:
-        urls = _http_fleet(sup, cfg, seed)
-        port, prom = free_loopback_port(), free_loopback_port()
-        url = f"http://127.0.0.1:{port}"
-        sup.start(ComponentSpec("sglang-router", "router", [
-            sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-            "--worker-urls", *urls, "--policy", policy, "--prometheus-host", "127.0.0.1", "--prometheus-port",
-            str(prom), "--worker-startup-check-interval", "1", "--log-level", "warn"],
-            ready=lambda: _sglang_workers_ready(url, cfg.workers)))
-        sup.wait_ready("sglang-router", timeout_s=cfg.ready_timeout_s)
+        url = start_sglang_router(sup, cfg, policy, http_fleet(sup, cfg, seed))
         return drive_http(url, workload, cfg, router_pids=[sup.pid("sglang-router")])
     finally:
         sup.stop()
@@ -264,7 +272,7 @@ def run_vllm_router_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, s
     binary = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
     sup = Supervisor(log_dir=run_dir / "logs")
     try:
-        urls = _http_fleet(sup, cfg, seed)
+        urls = http_fleet(sup, cfg, seed)
         port, prom = free_loopback_port(), free_loopback_port()
         url = f"http://127.0.0.1:{port}"
         sup.start(ComponentSpec("vllm-router", "router", [

@@ -1,4 +1,5 @@
-"""``kvr bench overhead|basic|scale|stale|peer|fuzz|faults|replicas|goodput``: the suites of the ``bench/`` package.
+"""``kvr bench overhead|basic|scale|stale|peer|peer-agreement|fuzz|faults|replicas|goodput``: the suites
+of the ``bench/`` package.
 
 Each command only parses options, runs the suite with a progress bar (stderr) and writes
 ``<suite>.json``, ``<suite>.md`` and plots into ``--out``; ``--json`` also prints the JSON on
@@ -152,6 +153,40 @@ def peer(out_dir, as_json, quick, repeats, seed, arms, workers, speedup, rate_pe
     cfg.out_dir = str(Path(out_dir) / "peer-runs")
     result = run(cfg, command=_command_line(), progress=RichProgress("peer"))
     finish(result, out_dir, as_json, plot=plot, display=display_tables(result))
+
+
+@click.command("peer-agreement")
+@_with_common
+@click.option("--workers", type=click.IntRange(1, 8), default=4, show_default=True)
+@click.option("--speedup", type=float, default=2.0, show_default=True,
+              help="Emulated engine speed-up (low: the client's view of the loads lags the router's by ms).")
+@click.option("--rate", "rate_per_s", type=float, default=4.0, show_default=True,
+              help="Poisson arrivals per second of workload time (low: few requests overlap).")
+@click.option("--sequential", is_flag=True, help="One request at a time instead (every load 0).")
+@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True, help="Shared system prompts.")
+@click.option("--prompts-per-group", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--system-words", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--question-words", type=click.IntRange(min=1), default=30, show_default=True)
+def peer_agreement(out_dir, as_json, quick, repeats, seed, workers, speedup, rate_per_s, sequential, groups,
+                   prompts_per_group, system_words, question_words) -> None:
+    """Live sglang-router cache_aware vs its model (sglang_router policy): how often they pick the same worker."""
+    from bench.peer import PeerConfig
+    from bench.peer_agreement import display_tables, run
+    from bench.progress import RichProgress
+
+    try:
+        import sglang_router  # noqa: F401
+    except ImportError:
+        raise click.ClickException("sglang-router is not installed: pip install sglang-router==0.3.2 "
+                                   "(a benchmark-only package)") from None
+    cfg = PeerConfig.quick() if quick else PeerConfig(
+        workers=workers, speedup=speedup, rate_per_s=rate_per_s, groups=groups, prompts_per_group=prompts_per_group,
+        system_words=system_words, question_words=question_words)
+    cfg.seed = seed
+    cfg.repeats = repeats or 2  # one seed per repetition: seed, seed + 1, ...
+    cfg.out_dir = str(Path(out_dir) / "peer-agreement-runs")
+    result = run(cfg, sequential=sequential, command=_command_line(), progress=RichProgress("peer-agreement"))
+    finish(result, out_dir, as_json, display=display_tables(result))
 
 
 @click.command("scale")
@@ -329,5 +364,5 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic, peer, scale, stale, fuzz, faults, replicas, goodput]
+SUITE_COMMANDS = [overhead, basic, peer, peer_agreement, scale, stale, fuzz, faults, replicas, goodput]
 
