@@ -313,12 +313,24 @@ class PeerTargetEntry(msgspec.Struct, array_like=True, frozen=True):
     active_blocks: int
 
 
+class PeerRoute(msgspec.Struct, array_like=True, frozen=True):
+    """Blocks one replica just predicted on a target (predict-on-route): a routed request's blocks
+    that the target did not hold yet, as kvr block hashes (uint64, ``core/own_block_hash.py``)."""
+
+    worker_id: str
+    dp_rank: int
+    block_hashes: list[int]
+
+
 class PeerLoad(msgspec.Struct, tag="peer_load", frozen=True):
     """What one router replica has in flight on each target, published on its metrics PUB
     (topic ``names.PEER_LOAD_TOPIC``) for the other replicas (``router/peers.py``). Each message
-    replaces that replica's previous one; ``seq`` orders them within one ``epoch``."""
+    replaces that replica's previous one; ``seq`` orders them within one ``epoch``. ``routes``: the
+    blocks it predicted since its previous message (each is sent once; the others predict them too,
+    so two replicas do not place one new prefix on two workers before its first KV event)."""
 
     router_id: str
     epoch: int
     seq: int
     targets: list[PeerTargetEntry]
+    routes: list[PeerRoute] = []

@@ -43,6 +43,9 @@ DEFAULT_TENTATIVE_WINDOW_S = 5.0  # Dynamo's docs suggest 5 s for its predicted-
 #: large fleets (``kvr bench overhead``, 1 M blocks: 64 targets decide faster as a list, 128 as
 #: columns at p50 and alike at p99, 512 ~2x faster as columns). Both give the same decisions.
 COLUMNS_MIN_TARGETS = 128
+#: Predictions kept for replicas at most (``take_shared_routes``): a peer link that stalls costs
+#: bounded memory, and predictions older than the tentative window are worthless anyway.
+MAX_SHARED_ROUTES = 10_000
 
 
 class NoTargetsError(LookupError):
@@ -166,6 +169,9 @@ class RouterCore:
         #: scaled by it before the policy sees it. Empty in a fleet that agrees with its index, and
         #: then nothing is scaled (decisions exactly as without trust).
         self._trust: dict[WorkerKey, float] = {}
+        #: Predictions made since the last ``take_shared_routes`` (router replicas share them):
+        #: ``(target, the routed blocks it did not hold)``; None until ``share_routes``.
+        self._shared_routes: list[tuple[WorkerKey, list[int]]] | None = None
 
     # ------------------------------------------------------------------ fleet
 
@@ -319,7 +325,37 @@ class RouterCore:
         rec = self._dispatch(request, decision, chosen_overlap, hashes, now)
         if self.tentative_window_s > 0 and hashes:
             self.index.add_tentative(decision.target, hashes, now + self.tentative_window_s)
+            shared = self._shared_routes
+            if shared is not None and chosen_overlap < len(hashes):
+                if len(shared) >= MAX_SHARED_ROUTES:  # nobody took them for long: the oldest go
+                    del shared[: len(shared) // 2]
+                shared.append((decision.target, hashes[chosen_overlap:]))
         return RouteResult(decision, rec, hashes)
+
+    # ------------------------------------------------------------------ predictions shared by replicas
+
+    def share_routes(self) -> None:
+        """Keep each route's new blocks for ``take_shared_routes`` (a router with replicas)."""
+        if self._shared_routes is None:
+            self._shared_routes = []
+
+    def take_shared_routes(self) -> list[tuple[WorkerKey, list[int]]]:
+        """The predictions made since the last call, oldest first: ``(target, blocks it did not
+        hold)``, the blocks another replica should predict there too."""
+        taken = self._shared_routes
+        if not taken:
+            return []
+        self._shared_routes = []
+        return taken
+
+    def predict_from_peer(self, target: WorkerKey, own_hashes: Sequence[int], *, now: float) -> bool:
+        """Another replica routed a request's ``own_hashes`` to ``target``: predict them there as if
+        this router had (for ``tentative_window_s`` from ``now``). False: an unknown target, or
+        predict-on-route is off."""
+        if self.tentative_window_s <= 0 or target not in self._targets or not own_hashes:
+            return False
+        self.index.add_tentative(target, own_hashes, now + self.tentative_window_s)
+        return True
 
     def _choose(self, request: RoutingInput, hashes: list[int], excluded: set[WorkerKey],
                 now: float) -> tuple[Decision, int]:

@@ -12,6 +12,12 @@ subscribes to its peers' metrics PUBs (``RouterConfig.peers``). ``RouterCore.set
 peer's figures to each target's load; a peer silent for ``timeout_s`` (the heartbeat timeout, as for
 a worker: stopped, crashed, partitioned) is forgotten, so a dead replica's requests stop counting.
 
+Each message also carries the blocks this replica predicted on each target since its previous one
+(``RouterCore.take_shared_routes``): the peers predict them there too (``predict_from_peer``), so a
+new prefix routed by one replica is followed by the others' requests for it in the ~100 ms before
+the worker's first ``BlockStored`` reaches them all (without this, two replicas could warm one
+prefix on two workers).
+
 Invariants: a peer's message replaces its previous one (never summed); within one incarnation
 (``epoch``) an older ``seq`` is dropped; this router's own messages are never applied.
 """
@@ -26,7 +32,7 @@ import zmq
 
 from bus import names
 from bus.codec import DecodeError, encode, peer_decoder
-from bus.schema import PeerLoad, PeerTargetEntry
+from bus.schema import PeerLoad, PeerRoute, PeerTargetEntry
 from bus.sockets import MAX_CONTROL_BYTES, make_socket
 from core.prefix_index import WorkerKey
 from core.routing import PeerTargetLoad, RouterCore
@@ -45,6 +51,7 @@ class PeerSync:
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``pub``: this router's metrics PUB; ``peers``: the other replicas' metrics endpoints."""
         self._core = core
+        core.share_routes()
         self._router_id, self._epoch = router_id, epoch
         self._pub = pub
         self._counters = counters
@@ -67,8 +74,9 @@ class PeerSync:
         if now >= self._next_send_s:
             self._next_send_s = now + self._interval_s
             own = self._core.own_load()
-            if own != self._last_sent or now - self._last_send_s >= self._keepalive_s:
-                self._send(own, now)
+            routes = self._core.take_shared_routes()
+            if routes or own != self._last_sent or now - self._last_send_s >= self._keepalive_s:
+                self._send(own, now, routes)
         for peer, (_, _, last) in list(self.heard.items()):
             if now - last > self._timeout_s:
                 logger.warning("router replica %s silent for %.1f s: its requests no longer count", peer, now - last)
@@ -76,10 +84,12 @@ class PeerSync:
                 self._core.forget_peer(peer)
                 self._counters["peers_forgotten"] += 1
 
-    def _send(self, own: dict[WorkerKey, PeerTargetLoad], now: float) -> None:
+    def _send(self, own: dict[WorkerKey, PeerTargetLoad], now: float,
+              routes: Sequence[tuple[WorkerKey, list[int]]] = ()) -> None:
         self._seq += 1
         msg = PeerLoad(self._router_id, self._epoch, self._seq,
-                       [PeerTargetEntry(t.worker_id, t.dp_rank, *load) for t, load in own.items()])
+                       [PeerTargetEntry(t.worker_id, t.dp_rank, *load) for t, load in own.items()],
+                       [PeerRoute(t.worker_id, t.dp_rank, hashes) for t, hashes in routes])
         try:
             self._pub.send_multipart([names.PEER_LOAD_TOPIC, encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -122,6 +132,12 @@ class PeerSync:
             WorkerKey(e.worker_id, e.dp_rank): PeerTargetLoad(e.in_flight, e.pending_prefill_tokens, e.decode_blocks,
                                                               e.active_blocks) for e in msg.targets})
         self._counters["peer_loads_applied"] += 1
+        if msg.routes:
+            now = self._clock()
+            for route in msg.routes:
+                if self._core.predict_from_peer(WorkerKey(route.worker_id, route.dp_rank), route.block_hashes,
+                                                now=now):
+                    self._counters["peer_routes_predicted"] += 1
 
     def close(self) -> None:
         self.sub.close(linger=0)

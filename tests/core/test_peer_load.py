@@ -56,3 +56,36 @@ def test_a_busy_peer_steers_the_decision_away() -> None:
     core.set_peer_load("r2", {B: PeerTargetLoad(8, 20_000, 40, 100)})
     res = core.route(RoutingInput("y", list(range(1000, 1000 + 4 * BS)), 4, None, None), now=0.0)
     assert res.decision.target == A
+
+
+def test_routes_shared_with_replicas_are_the_blocks_the_target_did_not_hold() -> None:
+    core = _core()
+    assert core.take_shared_routes() == []  # not sharing: nothing kept
+    core.route(RoutingInput("r0", list(range(4 * BS)), 4, None, None, "a"), now=0.0)
+    assert core.take_shared_routes() == []
+    core.share_routes()
+    first = core.route(RoutingInput("r1", list(range(6 * BS)), 4, None, None, "a"), now=0.0)
+    # r0 predicted the first 4 blocks on "a": only blocks 4 and 5 are new there.
+    assert core.take_shared_routes() == [(A, first.block_hashes[4:])]
+    assert core.take_shared_routes() == []  # each prediction is handed over once
+    core.route(RoutingInput("r2", list(range(6 * BS)), 4, None, None, "a"), now=0.0)
+    assert core.take_shared_routes() == []  # all predicted already: nothing new to share
+
+
+def test_a_peers_route_is_predicted_here_and_steers_the_next_request() -> None:
+    sender, receiver = _core(), _core()
+    sender.share_routes()
+    prompt = list(range(1000, 1000 + 8 * BS))
+    sender.route(RoutingInput("s1", prompt, 4, None, None, "b"), now=0.0)
+    ((target, hashes),) = sender.take_shared_routes()
+    assert target == B and len(hashes) == 8
+    assert receiver.predict_from_peer(B, hashes, now=1.0)
+    assert not receiver.predict_from_peer(WorkerKey("unknown", 0), hashes, now=1.0)
+    # The receiver's index now predicts the prefix on B for its tentative window: a sibling request
+    # (same prefix, new tail) goes to B, with the peer's blocks as its overlap.
+    res = receiver.route(RoutingInput("r1", prompt + list(range(5000, 5000 + 2 * BS)), 4), now=1.5)
+    assert res.decision.target == B and res.decision.overlap_blocks == 8
+    late = _core()
+    late.predict_from_peer(B, hashes, now=0.0)
+    late.expire(now=late.tentative_window_s + 0.1)  # past the window: forgotten like its own predictions
+    assert late.index.overlap(hashes, now=late.tentative_window_s + 0.1) == {}

@@ -149,6 +149,27 @@ def test_replicas_count_each_others_requests_in_flight(fleet) -> None:
 
 
 @pytest.mark.parametrize("fleet", ["peers"], indirect=True)
+def test_a_new_prefix_routed_by_one_replica_is_predicted_by_the_other(fleet) -> None:
+    """r1 routes a prompt nobody holds; r2 hears which blocks r1 predicted where, and predicts them
+    on the same worker (tentatively, before or alongside the worker's own BlockStored)."""
+    ctx, routers, _ = fleet
+    r1, r2 = routers[0].service, routers[1].service
+    client = RouterClient(endpoint=r1.clients_endpoint, ctx=ctx)
+    try:
+        prompt = list(range(7000, 7000 + 6 * BS))
+        result = _run(client, GenerateRequest("new-prefix", token_ids=prompt, max_tokens=1))
+        eventually(lambda: r2.counters["peer_routes_predicted"] >= 1, timeout_s=10,
+                   what="r2 predicting r1's route")
+        from core.routing import RoutingInput
+
+        hashes = r2.core.request_hashes(RoutingInput("probe", prompt))
+        held = r2.index.overlap(hashes)
+        assert held.get(WorkerKey(result.routed.worker_id, 0)) == len(hashes)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("fleet", ["peers"], indirect=True)
 def test_a_silent_replica_is_forgotten_after_the_heartbeat_timeout(fleet) -> None:
     ctx, routers, _ = fleet
     r2 = routers[1].service
