@@ -181,6 +181,8 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
         else:
             while not service.stopped and front.serving:
                 time.sleep(0.1)  # the front's thread turns the service; signals land here
+            if not service.stopped:
+                raise click.ClickException("the router's event loop stopped unexpectedly (see the log above)")
     finally:
         clear_ready_file(ready_file)
         if front is not None:

@@ -111,8 +111,8 @@ class RouterHttpFront:
         self._ids = itertools.count(1)
         self._endpoint, self._curve = client_endpoint, curve
         self._max_request_bytes = max_request_bytes
-        self._own_ctx = ctx is None
-        self._ctx = ctx or zmq.Context()
+        self._own_ctx = ctx is None and service is None  # an in-process router needs no socket here
+        self._ctx = (ctx or zmq.Context()) if service is None else None
         self._sock: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._decoder = reply_decoder()
@@ -123,7 +123,7 @@ class RouterHttpFront:
                                      on_start=self._open, on_stop=self._shut)
         except OSError:
             if self._own_ctx:
-                self._ctx.term()
+                cast(zmq.Context, self._ctx).term()
             raise
 
     @property
@@ -153,7 +153,7 @@ class RouterHttpFront:
     def close(self) -> None:
         self.server.close()
         if self._own_ctx:
-            self._ctx.term()
+            cast(zmq.Context, self._ctx).term()
 
     # ------------------------------------------------------------------ the router link (on the loop)
 
@@ -167,7 +167,7 @@ class RouterHttpFront:
         # FD signals and reads every waiting reply without a Future per message (zmq.asyncio's
         # recv cost ~3× the rest of a streamed chunk's relay). Used only on the loop's thread.
         # No send high-water mark: what one DEALER queues is bounded by ``max_in_flight`` requests.
-        self._sock = sock = make_socket(self._ctx, zmq.DEALER, hwm=0, max_msg_size=MAX_REQUEST_BYTES,
+        self._sock = sock = make_socket(cast(zmq.Context, self._ctx), zmq.DEALER, hwm=0, max_msg_size=MAX_REQUEST_BYTES,
                                         setup=None if self._curve is None else self._curve.dial)
         sock.connect(self._endpoint)
         self._loop = loop = asyncio.get_running_loop()
