@@ -15,10 +15,11 @@ Served (aiohttp, through ``bus/http_server.py``; bodies, errors and SSE per ``bu
 
 A known path asked with another method is answered 405 with an ``Allow`` header (404: unknown path).
 
-One asyncio loop (the HTTP server's thread) serves every connection and owns one DEALER to the
-router's client ROUTER (in process when the router lets it: ``RouterService.bind_in_process``), read
-from the loop's own epoll; replies are handed to each request's queue by request id, and a request
-writes every reply waiting in its queue as one write.
+One asyncio loop (the HTTP server's thread) serves every connection and either turns an in-process
+router (``kvr router``) or owns one DEALER per router's client ROUTER (``kvr front`` over router
+replicas: requests spread over them and fail over before their first token, ``router/front_links.py``),
+read from the loop's own epoll; replies are handed to each request's queue by request id, and a
+request writes every reply waiting in its queue as one write.
 Errors map to HTTP statuses (``STATUS_FOR_CODE``: bad request 400, prompt too long or body over
 64 MiB 413, unknown model 404, overloaded 429, no workers 503, timeout 504...; 429 and 503 with
 ``Retry-After``) with OpenAI-style JSON whose ``type`` is the stable ``ErrorCode`` value.
@@ -38,14 +39,14 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 import msgspec
 import zmq
 from aiohttp import web
 
-from bus.codec import DecodeError, encode, reply_decoder
+from bus.codec import encode
 from bus.http_server import KEEPALIVE_TIMEOUT_S, MAX_IN_FLIGHT, HttpServer, json_response, read_body
 from bus.mirror_status import describe as describe_mirror
 from bus.openai_http import (
@@ -66,7 +67,8 @@ from bus.openai_http import (
 )
 from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, GenerateRequest, Routed, TokenChunk
 from bus.security import Curve
-from bus.sockets import MAX_REQUEST_BYTES, make_socket
+from bus.sockets import MAX_REQUEST_BYTES
+from router.front_links import RouterLinks
 from router.loop_driver import LoopDriver
 from router.prometheus import CONTENT_TYPE, render_metrics
 
@@ -82,40 +84,52 @@ _POST_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 class RouterHttpFront:
     """Serve the OpenAI API in front of a router; ``start`` serves in a daemon thread."""
 
-    def __init__(self, *, client_endpoint: str | None = None, service: RouterService | None = None,
-                 host: str = "127.0.0.1", port: int = 0, model: str | None = None,
+    def __init__(self, *, client_endpoint: str | None = None, client_endpoints: Sequence[str] | None = None,
+                 service: RouterService | None = None, host: str = "127.0.0.1", port: int = 0, model: str | None = None,
                  stats: Callable[[], dict] | None = None, ctx: zmq.Context | None = None,
                  request_timeout_s: float = 600.0, curve: Curve | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES, max_in_flight: int = MAX_IN_FLIGHT,
                  keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
-        """Exactly one of ``client_endpoint`` (a router's client socket, dialled with a DEALER) and
-        ``service`` (a router in this process, whose loop then runs on this front's loop:
-        ``router/loop_driver.py``; its owner must not call ``run``, and closes it after this front).
+        """Exactly one of ``client_endpoint`` (a router's client socket, dialled with a DEALER),
+        ``client_endpoints`` (router replicas on one fleet: a DEALER to each, requests spread and
+        failed over, ``router/front_links.py``) and ``service`` (a router in this process, whose
+        loop then runs on this front's loop: ``router/loop_driver.py``; its owner must not call
+        ``run``, and closes it after this front).
         ``model``: an alias accepted for any served model, listed after the served names.
         ``stats``: the router's snapshot (``RouterService.stats``); its ``models`` are the served names.
+        Without it, a front over router sockets serves its own: /health is 200 while a router is
+        connected, /metrics counts its failovers and lost router sessions.
         ``curve``: the DEALER dials the router's client port as a CURVE client (bus/security.py).
         ``max_request_bytes``: the router's limit; bigger requests are refused here (PROMPT_TOO_LONG).
         ``max_in_flight``: completions handled at once; the next is answered 429.
         ``keepalive_timeout_s``: an idle connection is closed after this long."""
-        if (client_endpoint is None) == (service is None):
-            raise ValueError("give exactly one of client_endpoint and service")
+        if sum(x is not None for x in (client_endpoint, client_endpoints, service)) != 1:
+            raise ValueError("give exactly one of client_endpoint, client_endpoints and service")
+        endpoints = [client_endpoint] if client_endpoint is not None else list(client_endpoints or ())
         self.model = model
         self._service = service
         self._local_id = b""
         self._driver: LoopDriver | None = None
         if service is not None and stats is None:
             stats = lambda: service.stats  # noqa: E731
-        self.stats = stats or (lambda: {})
+        self._own_stats = stats is None  # a front over router sockets with no router's snapshot
+        self.stats = stats or self._front_stats
         self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
         self._ids = itertools.count(1)
-        self._endpoint, self._curve = client_endpoint, curve
         self._max_request_bytes = max_request_bytes
         self._own_ctx = ctx is None and service is None  # an in-process router needs no socket here
         self._ctx = (ctx or zmq.Context()) if service is None else None
-        self._sock: zmq.Socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._decoder = reply_decoder()
+        self._links: RouterLinks | None = None
+        if service is None:
+            try:
+                self._links = RouterLinks(endpoints=endpoints, ctx=cast(zmq.Context, self._ctx),
+                                          deliver=self._deliver, curve=curve)
+            except ValueError:
+                if self._own_ctx:
+                    cast(zmq.Context, self._ctx).term()
+                raise
+        self._open_links: RouterLinks | None = None  # the links while serving (None: shutting down)
         self._inboxes: dict[str, asyncio.Queue] = {}  # request id → its replies (None: the front closes)
         try:
             self.server = HttpServer(handle=self._handle, host=host, port=port, name="kvr-router-http",
@@ -163,47 +177,15 @@ class RouterHttpFront:
             self._driver = LoopDriver(service=self._service, loop=asyncio.get_running_loop())
             self._driver.start()
             return
-        # A plain (not zmq.asyncio) socket read from the loop's own epoll: ``_drain`` runs when its
-        # FD signals and reads every waiting reply without a Future per message (zmq.asyncio's
-        # recv cost ~3× the rest of a streamed chunk's relay). Used only on the loop's thread.
-        # No send high-water mark: what one DEALER queues is bounded by ``max_in_flight`` requests.
-        self._sock = sock = make_socket(cast(zmq.Context, self._ctx), zmq.DEALER, hwm=0, max_msg_size=MAX_REQUEST_BYTES,
-                                        setup=None if self._curve is None else self._curve.dial)
-        sock.connect(self._endpoint)
-        self._loop = loop = asyncio.get_running_loop()
-        loop.add_reader(sock.FD, self._drain)
-        self._drain()
-
-    def _drain(self, budget: int = 1000) -> None:
-        """Hand every waiting reply to its request's inbox. ZMQ's FD is edge-triggered: read until
-        nothing is left (or the budget is spent: then again on the next turn of the loop)."""
-        sock = self._sock
-        if sock is None:
-            return
-        decode = self._decoder.decode
-        inboxes = self._inboxes
-        for _ in range(budget):
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:  # closed under us at shutdown
-                return
-            try:
-                reply = decode(frame)
-            except DecodeError as exc:
-                logger.warning("undecodable reply from the router: %s", exc)
-                continue
-            if isinstance(reply, (Completion, ErrorReply)):
-                inbox = inboxes.pop(reply.request_id, None)
-            else:
-                inbox = inboxes.get(reply.request_id)
-            if inbox is not None:  # None: a request that ended here already (cancelled)
-                inbox.put_nowait(reply)
-        cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._drain)
+        # Plain (not zmq.asyncio) sockets read from the loop's own epoll: a reader runs when its FD
+        # signals and reads every waiting reply without a Future per message (zmq.asyncio's recv
+        # cost ~3x the rest of a streamed chunk's relay). Used only on the loop's thread.
+        links = cast(RouterLinks, self._links)
+        links.open(asyncio.get_running_loop())
+        self._open_links = links
 
     def _deliver(self, reply: object) -> None:
-        """A reply from the in-process router (on this loop's thread, during its turn)."""
+        """A reply from the in-process router or a router link (on this loop's thread)."""
         rid = reply.request_id  # type: ignore[attr-defined]  # every reply type has one
         inbox = self._inboxes.pop(rid, None) if isinstance(reply, (Completion, ErrorReply)) else self._inboxes.get(rid)
         if inbox is not None:  # None: a request that ended here already (cancelled)
@@ -214,35 +196,40 @@ class RouterHttpFront:
             self._driver.stop()
             cast("RouterService", self._service).detach_local_client(self._local_id)
             self._driver = None
-        sock, self._sock = self._sock, None
+        links, self._open_links = self._open_links, None
         for inbox in self._inboxes.values():
             inbox.put_nowait(None)
         self._inboxes.clear()
-        if sock is not None:
-            cast(asyncio.AbstractEventLoop, self._loop).remove_reader(sock.FD)
-            sock.close(linger=0)
+        if links is not None:
+            links.close()
 
-    def _send(self, msg: msgspec.Struct, data: bytes | None = None) -> None:
-        """Hand ``msg`` to the router without waiting (also from a cancelled request); ``data``: it
-        encoded already."""
+    def _send(self, msg: GenerateRequest, data: bytes) -> None:
+        """Hand a request to the router without waiting; ``data``: it encoded."""
         if self._service is not None:
             if self._driver is not None:  # None: shutting down
                 self._service.submit_local(self._local_id, msg)
                 self._driver.kick()  # the submission sent on the worker socket: look at every socket again
-            return
-        if data is None:
-            data = encode(msg)
-        sock = self._sock
-        if sock is None:
-            return
-        try:
-            sock.send(data, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # no high-water mark: only a closing context gets here
-            logger.warning("could not send to the router: %s", exc)
-            return
-        # A send can consume the FD's edge for replies that arrived meanwhile: look once more.
-        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._drain)
+        elif self._open_links is not None:
+            self._open_links.send(msg.request_id, data)
+
+    def _cancel(self, rid: str) -> None:
+        """End a request at its router (also from a cancelled handler): never waits."""
+        if self._service is not None:
+            if self._driver is not None:
+                self._service.submit_local(self._local_id, CancelRequest(rid))
+                self._driver.kick()
+        elif self._open_links is not None:
+            self._open_links.cancel(rid)
+
+    def _front_stats(self) -> dict:
+        """The snapshot of a front over router sockets given none: its links, not the fleet."""
+        links = self._open_links or self._links
+        if links is None:
+            return {}
+        return {"routers": links.snapshot(), "pending": len(self._inboxes),
+                "counters": {"front_failovers": links.failovers,
+                             "front_router_connection_losses": links.connection_losses,
+                             "front_late_replies": links.late_replies}}
 
     # ------------------------------------------------------------------ HTTP
 
@@ -250,6 +237,8 @@ class RouterHttpFront:
         path = request.path
         if request.method == "GET":
             if path == "/health":
+                if self._own_stats:
+                    return self._links_health()
                 stats = self.stats()
                 workers = stats.get("workers", 0)
                 text = f"{workers} worker(s)\n"
@@ -266,6 +255,15 @@ class RouterHttpFront:
             return await self._completions(request, chat=path == "/v1/chat/completions")
         raise no_route(request.method, path, get_paths=_GET_PATHS, post_paths=_POST_PATHS)
 
+    def _links_health(self) -> web.Response:
+        """200 while at least one router is connected (it knows of no workers: the routers do)."""
+        routers = self._front_stats().get("routers", {})
+        up = sum(r["connected"] for r in routers.values())
+        lines = [f"{up} of {len(routers)} router(s) connected"]
+        lines += [f"{ep}: {'connected' if r['connected'] else 'not connected'}, {r['pending']} pending"
+                  for ep, r in routers.items()]
+        return web.Response(status=200 if up else 503, text="\n".join(lines) + "\n", content_type="text/plain")
+
     async def _completions(self, request: web.BaseRequest, *, chat: bool) -> web.StreamResponse:
         rid = self.next_id(chat)
         body = decode_json_body(await read_body(request))
@@ -277,7 +275,7 @@ class RouterHttpFront:
             # of every other HTTP request in flight on it: refuse this one here.
             raise HttpError(413, f"request of {len(data)} bytes is over the router's {self._max_request_bytes}-byte "
                                  "limit", ErrorCode.PROMPT_TOO_LONG.value)
-        if self._sock is None and self._driver is None:
+        if self._open_links is None and self._driver is None:
             raise HttpError(503, "the HTTP front is shutting down", ErrorCode.ROUTER_RESTARTED.value)
         inbox: asyncio.Queue = asyncio.Queue()
         self._inboxes[rid] = inbox
@@ -286,7 +284,7 @@ class RouterHttpFront:
             return await _Exchange(self, request, rid, chat, parsed, body).run(inbox)
         finally:
             if self._inboxes.pop(rid, None) is not None:  # not ended by the router: end it there
-                self._send(CancelRequest(rid))
+                self._cancel(rid)
 
 
 class _Exchange:
