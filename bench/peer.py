@@ -36,9 +36,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 from bench.live import proc_cpu_s, settle
 from bench.progress import NullProgress
@@ -47,6 +48,7 @@ from bench.sse_client import HTTPStreamError, post_sse
 from cluster.local import http_ok
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TTFT_GOAL_RATIO = 0.7
 HIT_GOAL_POINTS = 0.10
@@ -125,16 +127,24 @@ async def _one(url: str, prompt: str, max_tokens: int, timeout_s: float) -> dict
     return out
 
 
-async def _drive(url: str, workload: list[tuple[float, str]], cfg: PeerConfig) -> list[dict]:
-    # A new connection per request (see the module docstring): post_sse never reuses one.
+async def send_at_arrivals(workload: list[tuple[float, str]], speedup: float,
+                           send: Callable[[str], Awaitable[T]]) -> list[T]:
+    """``send(prompt)`` for each ``(arrival s of workload time, prompt)`` at ``arrival / speedup`` s
+    of wall time from now, open loop (each in its own task); their results in workload order."""
     t0 = time.perf_counter()
     tasks = []
     for at, prompt in workload:
-        delay = t0 + at / cfg.speedup - time.perf_counter()
+        delay = t0 + at / speedup - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(_one(url, prompt, cfg.max_tokens, cfg.request_timeout_s)))
+        tasks.append(asyncio.ensure_future(send(prompt)))
     return list(await asyncio.gather(*tasks))
+
+
+async def _drive(url: str, workload: list[tuple[float, str]], cfg: PeerConfig) -> list[dict]:
+    # A new connection per request (see the module docstring): post_sse never reuses one.
+    return await send_at_arrivals(workload, cfg.speedup,
+                                  lambda prompt: _one(url, prompt, cfg.max_tokens, cfg.request_timeout_s))
 
 
 @dataclass

@@ -42,7 +42,7 @@ from typing import cast
 
 import aiohttp
 
-from bench.peer import PeerConfig, http_fleet, start_sglang_router, text_workload
+from bench.peer import PeerConfig, http_fleet, send_at_arrivals, start_sglang_router, text_workload
 from bench.progress import NullProgress
 from bench.results import SuiteResult, spread
 
@@ -204,14 +204,7 @@ async def _one(url: str, prompt: str, cfg: PeerConfig) -> Sent:
 async def _drive(url: str, workload: list[tuple[float, str]], cfg: PeerConfig, sequential: bool) -> list[Sent]:
     if sequential:
         return [await _one(url, prompt, cfg) for _, prompt in workload]
-    t0 = time.perf_counter()
-    tasks = []
-    for at, prompt in workload:
-        delay = t0 + at / cfg.speedup - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(_one(url, prompt, cfg)))
-    return list(await asyncio.gather(*tasks))
+    return await send_at_arrivals(workload, cfg.speedup, lambda prompt: _one(url, prompt, cfg))
 
 
 #: Output tokens of an order probe: enough to keep it in flight until every probe has landed.
