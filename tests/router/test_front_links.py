@@ -14,6 +14,7 @@ import zmq
 
 from bus.schema import Completion, Routed, TokenChunk
 from router.http_front import RouterHttpFront
+from tests.prometheus_text import metric_value
 from tests.router.test_http_front_robust import ScriptedRouter, _events, _post_stream
 from tests.waiting import eventually
 
@@ -105,6 +106,10 @@ def test_a_router_lost_before_the_first_token_hands_the_request_to_the_other(two
     events = _events(box["body"])
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["a", ""] and events[-1] == "[DONE]"
     assert front.stats()["counters"]["front_failovers"] == 1
+    conn = http.client.HTTPConnection(*front.server.server_address, timeout=10)
+    conn.request("GET", "/metrics")
+    assert metric_value(conn.getresponse().read().decode(), "kvr_router_front_failovers_total") == 1
+    conn.close()
     eventually(lambda: _health(front)[0] == 200 and _health(front)[1].startswith("1 of 2 router(s) connected"))
 
 
