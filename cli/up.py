@@ -55,6 +55,9 @@ DEFAULT_MONITOR_PORT = 9470
 @click.option("--monitor-port", type=int, default=DEFAULT_MONITOR_PORT, show_default=True,
               help="Monitor HTTP port (0: any).")
 @click.option("--no-monitor", is_flag=True, help="Do not start the monitor.")
+@click.option("--front-port", type=click.IntRange(0, 65535), default=None,
+              help="Also start `kvr front`, one OpenAI HTTP front over every router replica, on this port "
+                   "(0: any) [default: none].")
 @click.option("--ready-timeout", "ready_timeout_s", type=float, default=60.0, show_default=True)
 @click.option("--router-arg", "router_args", multiple=True, help="Extra argument for `kvr router` (repeatable).")
 @click.option("--worker-arg", "worker_args", multiple=True, help="Extra argument for every `kvr worker` (repeatable).")
@@ -67,7 +70,7 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
            speedup: float, block_size: int, run_dir: str | None, client_port: int, worker_port: int, metrics_port: int,
            monitor_port: int, no_monitor: bool, ready_timeout_s: float, router_args: tuple[str, ...],
            worker_args: tuple[str, ...], curve: bool = False, redis_cluster_masters: int | None = None,
-           routers: int = 1) -> None:
+           routers: int = 1, front_port: int | None = None) -> None:
     """Start Redis, the router, WORKERS workers and the monitor; Ctrl-C stops them all.
 
     Once ready it records itself in STATE/current.json (mode 0600; STATE is $KVR_STATE_DIR, else
@@ -75,7 +78,7 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
     `kvr plot` find it without flags; the file is removed at the stop. The run directory
     (logs/, monitor.json, cluster.json) is kept after the stop, failed or not: see --run-dir.
 
-    Exit code: 0 after a clean stop; 10 Redis, 11 router, 12 a worker, 13 the monitor failed
+    Exit code: 0 after a clean stop; 10 Redis, 11 router, 12 a worker, 13 the monitor, 14 the front failed
     (its log's last lines are printed).
     """
     from bus.redis_url import redact_url
@@ -92,6 +95,7 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
             raise click.UsageError("--redis-cluster needs redis-server and redis-cli on PATH")
     run_dir = run_dir or str(user_state.new_run_dir("up"))
     keys_dir = None
+    front_args: list[str] = []
     if curve:
         from bus.security import SecurityError, generate_keys
 
@@ -101,6 +105,7 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         except SecurityError as exc:
             raise click.ClickException(str(exc)) from None
         router_args = (*router_args, "--curve-dir", str(keys_dir))
+        front_args = ["--curve-dir", str(keys_dir)]
         worker_args = (*worker_args, "--curve-dir", str(keys_dir))
     log_level = logging.getLevelName(logging.getLogger().level)
     cluster = LocalCluster(ClusterConfig(
@@ -109,7 +114,8 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         namespace=namespace, policy=policy,
         profile=profile, speedup=speedup, block_size=block_size, monitor=not no_monitor, run_dir=run_dir,
         client_port=client_port, worker_port=worker_port, metrics_port=metrics_port, monitor_http_port=monitor_port,
-        ready_timeout_s=ready_timeout_s, router_args=list(router_args), worker_args=list(worker_args),
+        front_http_port=front_port, front_args=front_args, ready_timeout_s=ready_timeout_s,
+        router_args=list(router_args), worker_args=list(worker_args),
         log_level=log_level if isinstance(log_level, str) else "INFO",
     ))
     stop = threading.Event()
@@ -128,6 +134,7 @@ def up_cmd(ctx: click.Context, workers: int, redis_url: str, redis_kind: str, na
         "worker_endpoint": cluster.worker_endpoint,
         "metrics_endpoint": cluster.metrics_endpoint,
         "monitor_url": cluster.monitor_url if not no_monitor else None,
+        "front_url": cluster.front_url,
         "redis_url": cluster.redis_url,
         "redis_kind": cluster.redis_kind,
         "namespace": namespace,
@@ -181,6 +188,7 @@ def ready_message(info: dict, *, workers: int, state_path: Path, masked_redis: s
         f"  router:   clients {info['client_endpoint']}, workers {info['worker_endpoint']}, "
         f"metrics {info['metrics_endpoint']}",
         *(f"  replica:  clients {ep}" for ep in info.get("client_endpoints", [])[1:]),
+        *([f"  front:    {info['front_url']}  (OpenAI HTTP over every router)"] if info.get("front_url") else []),
         f"  monitor:  {info['monitor_url'] or 'off (--no-monitor)'}",
         f"  run dir:  {run_dir}  (kept after the stop)",
         f"  found by: {state_path}  (kvr send/dash/inspect/plot use it when given no endpoint)",

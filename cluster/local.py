@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 #: Exit codes of ``kvr up`` (and of :meth:`LocalCluster.exit_code`): which role failed.
 EXIT_OK = 0
-EXIT_CODES = {"redis": 10, "router": 11, "worker": 12, "monitor": 13}
+EXIT_CODES = {"redis": 10, "router": 11, "worker": 12, "monitor": 13, "front": 14}
 EXIT_UNKNOWN = 1
 
 
@@ -78,10 +78,12 @@ class ClusterConfig:
     worker_port: int = 0
     metrics_port: int = 0
     monitor_http_port: int = 0
+    front_http_port: int | None = None  # one `kvr front` over every router on this port (0: any); None: none
     dump_interval_s: float = 2.0
     router_args: list[str] = field(default_factory=list)
     replica_router_args: list[str] | None = None  # the replicas' (router-1, ...); None: router_args
     worker_args: list[str] = field(default_factory=list)
+    front_args: list[str] = field(default_factory=list)
     ready_timeout_s: float = 60.0
     stop_timeout_s: float = 10.0
     log_level: str = "INFO"
@@ -121,6 +123,7 @@ class LocalCluster:
         self.worker_port = c.worker_port
         self.metrics_port = c.metrics_port
         self.monitor_http_port = c.monitor_http_port
+        self.front_http_port = c.front_http_port
         self.worker_ids = [f"worker-{i}" for i in range(c.workers)]
         if c.routers < 1:
             raise ValueError(f"routers must be >= 1, got {c.routers}")
@@ -177,6 +180,11 @@ class LocalCluster:
     @property
     def monitor_url(self) -> str:
         return f"http://{self.config.host}:{self.monitor_http_port}"
+
+    @property
+    def front_url(self) -> str | None:
+        """The shared HTTP front over every router (None: not asked for)."""
+        return None if self.front_http_port is None else f"http://{self.config.host}:{self.front_http_port}"
 
     @property
     def dump_path(self) -> Path:
@@ -257,6 +265,20 @@ class LocalCluster:
         )
         return ComponentSpec(worker_id, "worker", argv)
 
+    def front_spec(self) -> ComponentSpec:
+        """``kvr front`` over every router's client port (requests spread, failed over)."""
+        c = self.config
+        argv = kvr_argv(
+            "front",
+            "--router", ",".join(self.client_endpoints),
+            "--http-host", c.host,
+            "--http-port", str(self.front_http_port or 0),
+            "--ready-file", str(self._ready_file("front")),
+            *c.front_args,
+            log_level=c.log_level,
+        )
+        return ComponentSpec("front", "front", argv, ready=self._front_ready)
+
     def monitor_spec(self) -> ComponentSpec:
         c = self.config
         argv = kvr_argv(
@@ -292,6 +314,15 @@ class LocalCluster:
             self.monitor_http_port = urlsplit(endpoints["http"]).port or 0
             self.supervisor.respec("monitor", self.monitor_spec())  # a restart keeps the port
         return http_ok(f"{self.monitor_url}/healthz")
+
+    def _front_ready(self) -> bool:
+        endpoints = self._read_ready("front")
+        if endpoints is None or "http" not in endpoints:
+            return False
+        if not self.front_http_port:
+            self.front_http_port = urlsplit(endpoints["http"]).port or 0
+            self.supervisor.respec("front", self.front_spec())  # a restart keeps the port
+        return http_ok(f"{self.front_url}/health")  # 200 once a router is connected
 
     def _wait_router_bound(self, timeout_s: float, name: str = "router") -> None:
         """A router's ready file: every port it bound, those asked as 0 resolved."""
@@ -365,6 +396,10 @@ class LocalCluster:
             if c.monitor:
                 sup.wait_ready("monitor", timeout_s=remaining())
             self._wait_workers(remaining())
+            if self.front_http_port is not None:  # after the routers bound: it dials their client ports
+                self._ready_file("front").unlink(missing_ok=True)
+                sup.start(self.front_spec())
+                sup.wait_ready("front", timeout_s=remaining())
             if c.monitor:
                 self._wait_metrics_flowing(remaining())
         except ComponentFailed as exc:

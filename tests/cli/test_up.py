@@ -185,10 +185,12 @@ def test_a_redis_password_goes_to_the_routers_environment_not_its_command_line(t
 
 
 def test_local_cluster_with_router_replicas_serves_through_each_and_survives_one(redis_server, tmp_path):
-    """kvr up --routers 2: every worker registers with both replicas; a prefix placed through one is
-    found cached through the other; the monitor hears both; one replica killed, the other serves."""
+    """kvr up --routers 2 --front-port 0: every worker registers with both replicas; a prefix placed
+    through one is found cached through the other; the monitor hears both; the shared front spreads
+    requests over both; one replica killed, the other serves, through the front too."""
     cluster = LocalCluster(ClusterConfig(workers=2, routers=2, redis_url=redis_server, speedup=50, run_dir=tmp_path,
-                                         namespace="t-up-replicas", ready_timeout_s=30, dump_interval_s=0.5))
+                                         namespace="t-up-replicas", ready_timeout_s=30, dump_interval_s=0.5,
+                                         front_http_port=0))
     with cluster:
         assert cluster.supervisor.names[:2] == ["router", "router-1"]
         assert len(set(cluster.client_endpoints)) == 2
@@ -209,8 +211,49 @@ def test_local_cluster_with_router_replicas_serves_through_each_and_survives_one
 
         eventually(lambda: summary()["requests"] == 4, timeout_s=10, what=lambda: f"4 requests in {summary()}",
                    interval_s=0.05)
+        assert cluster.supervisor.names[-1] == "front" and cluster.front_url.rsplit(":", 1)[1] != "0"
+        via_front = [_front_post(cluster.front_url) for _ in range(4)]
+        assert all(status == 200 for status, _ in via_front), via_front
+        # The monitor hears the front's requests, whichever replica routed them.
+        eventually(lambda: summary()["requests"] == 8, timeout_s=10, what=lambda: f"8 requests in {summary()}",
+                   interval_s=0.05)
         cluster.supervisor.signal("router", signal.SIGKILL)
         with RouterClient(endpoint=second) as client:
             after = [client.generate(GenerateRequest(request_id=f"c{i}", prompt=PROMPT, max_tokens=2), timeout_s=10)
                      for i in range(3)]
         assert all(r.completion is not None for r in after)
+        eventually(lambda: _front_health(cluster.front_url).startswith("1 of 2 router(s) connected"), timeout_s=10,
+                   what="the front saw the killed replica go", interval_s=0.05)
+        assert all(_front_post(cluster.front_url)[0] == 200 for _ in range(3))
+
+
+def _front_post(url: str) -> tuple[int, str | None]:
+    import urllib.request
+
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status, resp.headers.get("x-kvr-worker")
+
+
+def _front_health(url: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+            return resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.read().decode()
+
+
+def test_the_front_spec_dials_every_router_with_the_front_args(tmp_path):
+    cluster = LocalCluster(ClusterConfig(workers=1, routers=2, run_dir=tmp_path, client_port=5001, front_http_port=0,
+                                         front_args=["--curve-dir", "/k"]))
+    cluster.replica_ports["router-1"]["clients"] = 5002
+    spec = cluster.front_spec()
+    assert (spec.name, spec.role) == ("front", "front")
+    argv = spec.argv
+    assert argv[argv.index("cli.main") + 3] == "front"
+    assert argv[argv.index("--router") + 1] == "tcp://127.0.0.1:5001,tcp://127.0.0.1:5002"
+    assert argv[argv.index("--http-port") + 1] == "0" and argv[argv.index("--curve-dir") + 1] == "/k"

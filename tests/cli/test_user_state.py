@@ -225,3 +225,12 @@ def test_ready_message_lists_the_next_commands_with_the_password_masked():
     assert lines[1] == "  (another `kvr up`, pid 77, is still running; commands now default to this one)"
     assert "  monitor:  off (--no-monitor)" in lines
     assert not any(ln.startswith(("  kvr dash", "  kvr plot", "  curl")) for ln in lines)
+
+
+def test_ready_message_names_the_shared_front_after_the_replicas():
+    info = _record(monitor_url=None, client_endpoints=["tcp://127.0.0.1:1", "tcp://127.0.0.1:5"],
+                   front_url="http://127.0.0.1:8000")
+    lines = ready_message(info, workers=1, state_path=Path("/s/current.json"), masked_redis="redis://127.0.0.1:4/0",
+                          previous_pid=None).splitlines()
+    at = lines.index("  replica:  clients tcp://127.0.0.1:5")
+    assert lines[at + 1] == "  front:    http://127.0.0.1:8000  (OpenAI HTTP over every router)"
