@@ -47,6 +47,7 @@ MAX_FAILOVERS = 1
 
 @dataclass(eq=False)
 class _Link:
+    index: int  # its place in the endpoint list (ties between links rotate over it)
     endpoint: str
     sock: Any  # zmq.Socket, opened on the loop
     monitor: Any
@@ -90,14 +91,14 @@ class RouterLinks:
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        for endpoint in self.endpoints:
+        for index, endpoint in enumerate(self.endpoints):
             # No send high-water mark: what a DEALER queues is bounded by the front's max_in_flight.
             sock = make_socket(self._ctx, zmq.DEALER, hwm=0, max_msg_size=MAX_REQUEST_BYTES,
                                setup=None if self._curve is None else self._curve.dial)
             # Before connect, so no session goes unseen; a refused CURVE handshake never succeeds
             # and so never counts as a session (it held no request).
             monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-            link = _Link(endpoint, sock, monitor)
+            link = _Link(index, endpoint, sock, monitor)
             self._links.append(link)
             try:
                 sock.connect(endpoint)
@@ -158,9 +159,10 @@ class RouterLinks:
             pool = [link for link in links if link.losses == 0] or links
         if not pool:
             return None
+        if len(pool) == 1:
+            return pool[0]
         start, n = next(self._rotation), len(self.endpoints)
-        order = {id(link): i for i, link in enumerate(self._links)}
-        return min(pool, key=lambda link: (len(link.pending), (order[id(link)] - start) % n))
+        return min(pool, key=lambda link: (len(link.pending), (link.index - start) % n))
 
     def _write(self, link: _Link, data: bytes) -> None:
         try:
