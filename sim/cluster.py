@@ -166,8 +166,14 @@ class SimCluster:
         ]
         self.index = PrefixIndex(block_size=self.block_size)
         pol = get_policy(policy, block_size=self.block_size, latency=profiles[0].latency)
+        router_options = dict(config.router_options)
+        # A peer model whose real router has no predict-on-route says so (``tentative_window_s``
+        # on the policy); an explicit option (``--tentative-s``) still wins.
+        policy_window_s = getattr(pol, "tentative_window_s", None)
+        if policy_window_s is not None:
+            router_options.setdefault("tentative_window_s", policy_window_s)
         self.router = RouterCore(policy=pol, index=self.index, block_size=self.block_size, rng=router_rng,
-                                 **config.router_options)
+                                 **router_options)
         #: Workers in the fleet now (a joiner is not until it joins).
         self._live = [i < config.num_workers for i in range(num_all)]
         #: Bumped by each restart: results and events of an older incarnation are dropped.

@@ -22,9 +22,11 @@ from core.policies.base import (
 from core.policies.chwbl import ChwblPolicy
 from core.policies.dynamo import DynamoPolicy
 from core.policies.kvr import KvrPolicy
+from core.policies.llmd import LlmdPolicy
 from core.policies.sglang import SglangCacheAwarePolicy
 from core.policies.sglang_router import SglangRouterPolicy
 from core.policies.simple import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
+from core.policies.vllm_kv_aware import VllmKvAwarePolicy
 
 _REGISTRY: dict[str, Callable[..., RoutingPolicy]] = {
     "kvr": KvrPolicy,
@@ -35,6 +37,8 @@ _REGISTRY: dict[str, Callable[..., RoutingPolicy]] = {
     "sglang": SglangCacheAwarePolicy,
     "sglang_router": SglangRouterPolicy,
     "dynamo": DynamoPolicy,
+    "llmd": LlmdPolicy,
+    "vllm_kv_aware": VllmKvAwarePolicy,
 }
 
 #: Every policy name, the default first.
@@ -62,12 +66,14 @@ __all__ = [
     "LatencyModel",
     "LeastLoadedPolicy",
     "LinearPrefillModel",
+    "LlmdPolicy",
     "RandomPolicy",
     "RouteRequest",
     "RoundRobinPolicy",
     "RoutingPolicy",
     "SglangCacheAwarePolicy",
     "SglangRouterPolicy",
+    "VllmKvAwarePolicy",
     "WorkerLoad",
     "WorkerState",
     "get_policy",

@@ -40,7 +40,7 @@ PROMPT = list(range(160))  # 10 blocks
 
 def test_registry_names_and_unknown():
     assert POLICY_NAMES == ("kvr", "round_robin", "random", "least_loaded", "chwbl", "sglang", "sglang_router",
-                            "dynamo")
+                            "dynamo", "llmd", "vllm_kv_aware")
     for name in POLICY_NAMES:
         assert get_policy(name, block_size=BS, latency=None).name == name
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
@@ -164,6 +164,17 @@ def test_dynamo_cost_formula():
     assert decayed.cost(r, w, 0) == pytest.approx(12 - 4 / 1.2 + 13)
     d = p.choose(r, [w, ws(1, overlap=0)], now=0, rng=random.Random(0))
     assert d.target == T[1] and d.scores == {T[0]: pytest.approx(21.0), T[1]: pytest.approx(20.0)}
+
+
+def test_dynamo_defaults_and_active_request_weight():
+    p = get_policy("dynamo", block_size=BS, latency=None)
+    assert (p.overlap_score_credit, p.credit_decay, p.prefill_load_scale, p.decode_active_request_weight,
+            p.temperature) == (1.0, 0.0, 1.0, 0.0, 0.0)
+    r = req(PROMPT)
+    w = ws(0, overlap=4, queued_prefill_tokens=32, active_blocks=7, in_flight=3)
+    assert p.cost(r, w, 0) == pytest.approx(21.0)  # the in-flight count plays no part by default
+    weighted = DynamoPolicy(block_size=BS, decode_active_request_weight=2.0)
+    assert weighted.cost(r, w, 0) == pytest.approx(21.0 + 2.0 * 3)
 
 
 def test_dynamo_softmax_sampling():

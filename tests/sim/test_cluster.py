@@ -68,6 +68,20 @@ def test_event_delay_makes_predictions_stale_but_everything_finishes():
     assert rep["policies"]["kvr"]["token_hit_rate"] < fresh["policies"]["kvr"]["token_hit_rate"]
 
 
+def test_peer_models_without_predict_on_route_run_without_it():
+    def window(policy: str, config: ClusterConfig = CFG) -> float:
+        cluster = SimCluster(workload=make_workload("gsp", random.Random(1), GSP_SMALL),
+                             arrivals=Poisson(rate_per_s=20.0), policy=policy, config=config, seed=1)
+        return cluster.router.tentative_window_s
+
+    kvr_window = window("kvr")
+    assert kvr_window > 0 and window("dynamo") == kvr_window
+    assert window("llmd") == 0.0 and window("vllm_kv_aware") == 0.0
+    explicit = ClusterConfig(num_workers=3, profile="h100-8b", router_options={"tentative_window_s": 2.0})
+    assert window("vllm_kv_aware", explicit) == 2.0  # --tentative-s still wins
+    assert CFG.router_options == {}  # the shared config is not written
+
+
 def test_network_latency_adds_two_hops_to_ttft():
     params = {"num_groups": 1, "prompts_per_group": 1, "system_prompt_len": 64, "question_len": 16, "output_len": 4}
     base = ClusterConfig(num_workers=1, profile="h100-8b")
