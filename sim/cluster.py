@@ -13,7 +13,9 @@ replaced by events on a heap:
   ``event_delay_s`` after the step ends (the event plane's lag);
 * every ``heartbeat_interval_s`` each engine's load is sampled and handed to the
   router, so the load it sees is stale by up to that interval (0: fresh load
-  before every routing decision);
+  before every routing decision); a peer model whose real router scrapes engine
+  metrics more often says so (``load_scrape_interval_s`` on the policy, llm-d's
+  50 ms), and the router is handed the load at that interval too;
 * worker churn (``ClusterConfig.churn``, ``sim/churn.py``): cache resets, restarts and
   workers joining mid-run, reaching the router as they reach the live one.
 
@@ -174,6 +176,10 @@ class SimCluster:
             router_options.setdefault("tentative_window_s", policy_window_s)
         self.router = RouterCore(policy=pol, index=self.index, block_size=self.block_size, rng=router_rng,
                                  **router_options)
+        # The policy's own metrics scrape, when faster than the heartbeat (0: always fresh anyway).
+        scrape_s = getattr(pol, "load_scrape_interval_s", None)
+        hb_s = config.heartbeat_interval_s
+        self._scrape_interval_s = scrape_s if scrape_s is not None and 0 < scrape_s < hb_s else None
         #: Workers in the fleet now (a joiner is not until it joins).
         self._live = [i < config.num_workers for i in range(num_all)]
         #: Bumped by each restart: results and events of an older incarnation are dropped.
@@ -222,6 +228,8 @@ class SimCluster:
         # every decision) the timeline is still sampled once a second.
         self._hb_interval = self.config.heartbeat_interval_s if self.config.heartbeat_interval_s > 0 else 1.0
         self.q.schedule(0.0, "heartbeat")
+        if self._scrape_interval_s is not None:
+            self.q.schedule(0.0, "load_scrape")
         churn = self.config.churn
         if churn.churns:
             self.q.schedule(churn.start_s, "churn")
@@ -237,6 +245,7 @@ class SimCluster:
             "kv_events": self._on_kv_events,
             "client_done": self._on_client_done,
             "heartbeat": self._on_heartbeat,
+            "load_scrape": self._on_load_scrape,
             "churn": self._on_churn,
             "join": self._on_join,
         }
@@ -462,6 +471,15 @@ class SimCluster:
                                    queued_prefill_tokens=load.queued_prefill_tokens)
         if self._busy():
             self.q.schedule(now + self._hb_interval, "heartbeat")
+
+    def _on_load_scrape(self, _: Any) -> None:
+        """The policy's router reads every engine's load (only the router: the timeline keeps the
+        heartbeat's cadence, so reports stay comparable across policies)."""
+        now = self.q.now
+        self._send_heartbeats(now)
+        if self._busy():
+            assert self._scrape_interval_s is not None  # scheduled only when set
+            self.q.schedule(now + self._scrape_interval_s, "load_scrape")
 
     # ---------------------------------------------------------------- churn (sim/churn.py)
 

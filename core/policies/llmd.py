@@ -37,8 +37,11 @@ Where the simulator differs, and the closest thing modelled:
   kvr's block size (the guide sets 64 tokens to match vLLM; normalisation makes the two alike).
   "Holds the first block" is ``overlap_blocks > 0``.
 * **Metrics.** Queue size and KV usage are ``WorkerLoad.waiting`` and ``WorkerLoad.kv_usage``,
-  the engine's last heartbeat. llm-d scrapes them every 50 ms; ``kvr sim --heartbeat-ms 50``
-  matches that (the default, 1000 ms, is staler than llm-d's view).
+  the engine's last report. The endpoint picker scrapes every pod's metrics every 50 ms
+  (``gateway-api-inference-extension``, ``--refresh-metrics-interval``, default 50 ms);
+  ``load_scrape_interval_s = 0.05`` asks the simulator to hand this policy the engines' load at
+  that interval when its heartbeat is slower (at kvr's 1 s heartbeat the picker piles requests on
+  a prefix holder whose queue it cannot see yet).
 * **No predict-on-route.** The scorer's speculative indexing is off unless configured
   (``speculativeIndexing: false``), and the guide does not turn it on, so a request's blocks count
   only once its worker's events arrive. ``tentative_window_s = 0.0`` asks the simulator to run
@@ -94,6 +97,8 @@ class LlmdPolicy:
     name = "llmd"
     #: Speculative indexing is off in llm-d's default: the simulator runs this without kvr's.
     tentative_window_s = 0.0
+    #: The endpoint picker's metrics refresh (GIE ``--refresh-metrics-interval``).
+    load_scrape_interval_s = 0.05
 
     def __init__(
         self,

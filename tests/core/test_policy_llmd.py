@@ -28,6 +28,7 @@ def test_registered_with_the_guide_weights():
     assert (p.prefix_weight, p.kv_utilization_weight, p.queue_weight, p.load_aware_weight,
             p.load_aware_threshold) == (2.0, 1.0, 1.0, 0.0, 128)
     assert p.tentative_window_s == 0.0  # speculative indexing is off by default
+    assert p.load_scrape_interval_s == 0.05  # GIE refreshes metrics every 50 ms
     with pytest.raises(ValueError):
         LlmdPolicy(queue_weight=-1.0)
     with pytest.raises(ValueError):

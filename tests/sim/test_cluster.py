@@ -82,6 +82,33 @@ def test_peer_models_without_predict_on_route_run_without_it():
     assert CFG.router_options == {}  # the shared config is not written
 
 
+def test_llmd_sees_engine_load_at_its_scrape_interval():
+    def run(policy: str, heartbeat_s: float) -> tuple[SimCluster, list[float]]:
+        config = ClusterConfig(num_workers=3, profile="h100-8b", engine_overrides={"num_gpu_blocks": 200},
+                               heartbeat_interval_s=heartbeat_s)
+        cluster = SimCluster(workload=make_workload("gsp", random.Random(1), GSP_SMALL),
+                             arrivals=Poisson(rate_per_s=20.0), policy=policy, config=config, seed=1)
+        times: list[float] = []
+        real = cluster.router.update_load
+
+        def spy(target, **load):
+            times.append(cluster.q.now)
+            real(target, **load)
+
+        cluster.router.update_load = spy  # type: ignore[method-assign]
+        cluster.run()
+        return cluster, sorted(set(times))
+
+    (llmd, llmd_times), (kvr, kvr_times) = run("llmd", 1.0), run("kvr", 1.0)
+    assert llmd._scrape_interval_s == 0.05 and kvr._scrape_interval_s is None
+    assert all(t == pytest.approx(round(t)) for t in kvr_times)  # heartbeats only, once a second
+    gaps = [b - a for a, b in zip(llmd_times, llmd_times[1:], strict=False) if b - a > 1e-6]
+    assert min(gaps) == pytest.approx(0.05) and max(gaps) == pytest.approx(0.05)
+    assert len(llmd_times) > 10 * len(kvr_times)
+    assert run("llmd", 0.0)[0]._scrape_interval_s is None  # always fresh already
+    assert run("llmd", 0.02)[0]._scrape_interval_s is None  # the heartbeat is faster
+
+
 def test_network_latency_adds_two_hops_to_ttft():
     params = {"num_groups": 1, "prompts_per_group": 1, "system_prompt_len": 64, "question_len": 16, "output_len": 4}
     base = ClusterConfig(num_workers=1, profile="h100-8b")
