@@ -298,47 +298,69 @@ class _Exchange:
         self.response: web.StreamResponse | None = None  # the SSE stream, once its 200 is sent
         self._out: list[bytes] = []  # SSE events not yet written (one write per batch of replies)
         self._token_event: tuple[bytes, bytes] | None = None  # a token chunk's event around its text
+        self._routed: Routed | None = None  # the latest Routed (a retry before any token sends another)
+        self._texts: list[str] = []  # the tokens' texts so far
 
     async def run(self, inbox: asyncio.Queue) -> web.StreamResponse:
-        routed: Routed | None = None
-        texts: list[str] = []
-        while True:
-            try:
-                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that lands as the
-                # queue yields an item (gh-86296), so a handler whose client left (aiohttp cancels it)
-                # relayed a busy stream to its end and never cancelled the request at the router.
-                async with asyncio.timeout(self.front.request_timeout_s):
+        loop = asyncio.get_running_loop()
+        idle_s = self.front.request_timeout_s
+        push_s = min(1.0, idle_s / 4)
+        # One timeout for the whole exchange, its deadline pushed on as replies arrive, at most every
+        # ``push_s`` (a new timeout per reply cost a timer per streamed chunk): a request with no
+        # reply for ``idle_s`` (less ``push_s`` at worst: 1 s, or a quarter of it) ends with TIMEOUT. Not asyncio.wait_for: on Python 3.11
+        # it swallows a cancellation that lands as the queue yields an item (gh-86296), so a handler
+        # whose client left (aiohttp cancels it) relayed a busy stream to its end and never
+        # cancelled the request at the router.
+        try:
+            async with asyncio.timeout(idle_s) as window:
+                pushed = loop.time()
+                while True:
                     batch = [await inbox.get()]
-            except TimeoutError:
-                batch = [ErrorReply(self.rid, ErrorCode.TIMEOUT, "no reply from the router in time")]
-            while not inbox.empty():  # whatever else arrived goes out in the same write
-                batch.append(inbox.get_nowait())
-            for msg in batch:
-                if msg is None:
-                    msg = ErrorReply(self.rid, ErrorCode.ROUTER_RESTARTED, "the HTTP front is shutting down")
-                if isinstance(msg, Routed):
-                    if routed is not None and texts:
-                        # Re-routed after tokens: the new worker would start over. The router does not
-                        # do this (it retries only before the first token); if it did, stop here.
-                        msg = ErrorReply(self.rid, ErrorCode.WORKER_DIED,
-                                         f"re-routed to {msg.worker_id} after tokens were sent")
-                    else:
-                        first, routed = routed is None, msg
-                        if first and self.parsed.stream:
-                            await self._open_stream(msg)
-                        continue  # a retry before any token: the same response goes on
-                if isinstance(msg, TokenChunk):
-                    texts.append(msg.text)
-                    if self.response is not None:
-                        self._out.append(self._token_sse(msg.text))
-                elif isinstance(msg, ErrorReply):
-                    if self.response is None:
-                        raise HttpError(STATUS_FOR_CODE.get(msg.code, 500), msg.message, msg.code.value)
-                    self._out.append(sse_error(msg.message, msg.code.value))
-                    return await self._end(self.response)
-                elif isinstance(msg, Completion):
-                    return await self._complete(msg, routed, "".join(texts))
-            await self._flush()
+                    now = loop.time()
+                    if now - pushed >= push_s:
+                        window.reschedule(now + idle_s)
+                        pushed = now
+                    while not inbox.empty():  # whatever else arrived goes out in the same write
+                        batch.append(inbox.get_nowait())
+                    response = await self._relay(batch)
+                    if response is not None:
+                        return response
+        except TimeoutError:
+            if not window.expired():
+                raise
+        response = await self._relay([ErrorReply(self.rid, ErrorCode.TIMEOUT, "no reply from the router in time")])
+        assert response is not None  # an ErrorReply always ends the exchange
+        return response
+
+    async def _relay(self, batch: list) -> web.StreamResponse | None:
+        """Relay a batch of replies (one write); the response once the exchange ended, else None."""
+        for msg in batch:
+            if msg is None:
+                msg = ErrorReply(self.rid, ErrorCode.ROUTER_RESTARTED, "the HTTP front is shutting down")
+            if isinstance(msg, Routed):
+                if self._routed is not None and self._texts:
+                    # Re-routed after tokens: the new worker would start over. The router does not
+                    # do this (it retries only before the first token); if it did, stop here.
+                    msg = ErrorReply(self.rid, ErrorCode.WORKER_DIED,
+                                     f"re-routed to {msg.worker_id} after tokens were sent")
+                else:
+                    first, self._routed = self._routed is None, msg
+                    if first and self.parsed.stream:
+                        await self._open_stream(msg)
+                    continue  # a retry before any token: the same response goes on
+            if isinstance(msg, TokenChunk):
+                self._texts.append(msg.text)
+                if self.response is not None:
+                    self._out.append(self._token_sse(msg.text))
+            elif isinstance(msg, ErrorReply):
+                if self.response is None:
+                    raise HttpError(STATUS_FOR_CODE.get(msg.code, 500), msg.message, msg.code.value)
+                self._out.append(sse_error(msg.message, msg.code.value))
+                return await self._end(self.response)
+            elif isinstance(msg, Completion):
+                return await self._complete(msg, self._routed, "".join(self._texts))
+        await self._flush()
+        return None
 
     def _token_sse(self, text: str) -> bytes:
         """A streamed token's event. All but the text is the same for every chunk of a request, so it
