@@ -305,7 +305,7 @@ class PrefixIndex:
                     blocks_left = 0
                 self._apply(state, event, now, delta)
                 continue
-            ev = cast(BlockRemoved, event)
+            ev: BlockRemoved = event  # type: ignore[assignment]  # (not cast(): a call per event)
             if ev.medium not in (None, MEDIUM_GPU):
                 self.counters["ignored_offload"] += 1
                 continue

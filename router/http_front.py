@@ -307,10 +307,10 @@ class _Exchange:
         push_s = min(1.0, idle_s / 4)
         # One timeout for the whole exchange, its deadline pushed on as replies arrive, at most every
         # ``push_s`` (a new timeout per reply cost a timer per streamed chunk): a request with no
-        # reply for ``idle_s`` (less ``push_s`` at worst: 1 s, or a quarter of it) ends with TIMEOUT. Not asyncio.wait_for: on Python 3.11
-        # it swallows a cancellation that lands as the queue yields an item (gh-86296), so a handler
-        # whose client left (aiohttp cancels it) relayed a busy stream to its end and never
-        # cancelled the request at the router.
+        # reply for ``idle_s`` (less ``push_s`` at worst: 1 s, or a quarter of it) ends with TIMEOUT.
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that lands as the queue
+        # yields an item (gh-86296), so a handler whose client left (aiohttp cancels it) relayed a
+        # busy stream to its end and never cancelled the request at the router.
         try:
             async with asyncio.timeout(idle_s) as window:
                 pushed = loop.time()
