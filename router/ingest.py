@@ -268,18 +268,28 @@ class EventIngest:
         target = stream.target
         now = self._clock()
         if isinstance(item, AppliedBatch):
-            delta = IndexDelta()
+            # The batch's delta and net change are for the mirror only: not recorded without one, or
+            # on a replica that does not write it (a tuple per block, and 13 % of the ingest path).
+            # The index's counters give the same block counts (each is counted where it is recorded).
+            if not stream.mirror_dirty and self.mirror is not None and self.mirror_writes:
+                delta: IndexDelta | None = IndexDelta()
+            else:
+                delta = None
+                counters = self.index.counters
+                stored0, removed0 = counters["stored_blocks"], counters["removed_blocks"]
             self.index.apply_events(target, item.batch.events, now=now, delta=delta)
-            stream.stored_blocks += len(delta.stored)
-            stream.removed_blocks += len(delta.removed)
+            if delta is not None:
+                stream.stored_blocks += len(delta.stored)
+                stream.removed_blocks += len(delta.removed)
+            else:
+                stream.stored_blocks += counters["stored_blocks"] - stored0
+                stream.removed_blocks += counters["removed_blocks"] - removed0
             stream.batches += 1
             stream.events_applied += len(item.batch.events)
             stream.last_seq = item.seq
             stream.last_batch_ts = item.batch.ts
             stream.event_lag_s = max(0.0, self._wall() - item.batch.ts)
-            # The net change is for the mirror only: not worked out without one, or on a replica
-            # that does not write it (13 % of the ingest path without Redis).
-            if not stream.mirror_dirty and self.mirror is not None and self.mirror_writes:
+            if delta is not None:
                 net_stored, net_removed, cleared = net_change(self.index, target, delta)
                 self._mirror(lambda m: m.write_batch(
                     target.worker_id, target.dp_rank, seq=item.seq, epoch=stream.epoch, stored=net_stored,

@@ -90,3 +90,27 @@ def test_mirror_equals_index_after_every_random_batch(batches):
     import fakeredis
 
     _run(fakeredis.FakeRedis(), batches)
+
+
+@settings(max_examples=60)
+@given(st.lists(_events, min_size=1, max_size=5))
+def test_without_the_mirror_the_stream_counts_the_same_blocks(batches):
+    """With no mirror to write, a batch records no delta and the stream's stored and evicted block
+    counts come from the index's counters: the same numbers as with the mirror, on any batches
+    (orphans, remaps, duplicates, clears)."""
+    import fakeredis
+
+    counts = []
+    for client in (fakeredis.FakeRedis(), None):
+        index = PrefixIndex(block_size=BS)
+        mirror = None if client is None else RedisMirror(client=client, namespace="n")
+        ctx = zmq.Context()
+        ingest = EventIngest(index=index, poller=zmq.Poller(), ctx=ctx, mirror=mirror)
+        stream = TargetStream(T, 1, SimpleNamespace(replay_in_flight=False))
+        try:
+            for seq, events in enumerate(batches):
+                ingest._on_item(stream, AppliedBatch(seq, KVEventBatch(float(seq), events, 0)))
+        finally:
+            ctx.term()
+        counts.append((stream.stored_blocks, stream.removed_blocks, index.snapshot(T)))
+    assert counts[0] == counts[1]
