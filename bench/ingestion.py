@@ -2,7 +2,9 @@
 
 * :func:`ingestion`: blocks/s through the router's real ingest path (``EventIngest`` on
   ``AppliedBatch`` items: decode, apply with deltas, the batch's net change, one Redis pipeline
-  per batch), with and without the mirror, arms interleaved per repetition;
+  per batch), without the mirror, with the synchronous mirror, and with the background writer
+  ``kvr router`` uses (batches written in rounds; timed until Redis holds them all), arms
+  interleaved per repetition;
 * :func:`memory`: bytes per indexed (target, block) pair in process (tracemalloc) and in Redis
   (``used_memory`` delta and ``MEMORY USAGE`` of the blocks hashes).
 """
@@ -20,6 +22,7 @@ from bench.fleet_events import FleetEvents
 from bench.progress import NullProgress
 from bench.results import spread
 from core.prefix_index import PrefixIndex, WorkerKey
+from router.background_mirror import BackgroundMirror
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ def _ingest_once(payloads, *, n_workers: int, mirror, decode_only: bool = False)
             for w, payload in payloads:
                 on_item(streams[w], AppliedBatch(seqs[w], decoder.decode(payload)))
                 seqs[w] += 1
+            if isinstance(mirror, BackgroundMirror) and not mirror.flush(timeout_s=120.0):
+                raise RuntimeError("the background mirror did not drain within 120 s")
         elapsed = time.perf_counter() - t0
     finally:
         ctx.term()
@@ -94,10 +99,15 @@ def ingestion(cfg, redis_client, progress=None) -> list[dict]:
     progress = progress or NullProgress()
     payloads, stored, removed = _ingest_payloads(cfg)
     arms = [("decode only", None, True), ("decode + apply (no Redis)", None, False)]
+    background = None
     if redis_client is not None:
         from router.mirror import RedisMirror
 
         arms.append(("decode + apply + Redis mirror", RedisMirror(client=redis_client, namespace="bench"), False))
+        # As ``kvr router`` runs it: writes on the writer thread, event batches in rounds; timed until
+        # Redis holds every batch (flush).
+        background = BackgroundMirror(mirror=RedisMirror(client=redis_client, namespace="bench"))
+        arms.append(("decode + apply + Redis mirror, background writer", background, False))
     secs: dict[str, list[float]] = {name: [] for name, _, _ in arms}
     trips: dict[str, int] = {}
     for _ in range(cfg.repeats):  # arms interleave per repetition: load drift hits them alike
@@ -118,6 +128,8 @@ def ingestion(cfg, redis_client, progress=None) -> list[dict]:
                      "redis_round_trips_per_batch": trips[name] / len(payloads) if mirror is not None else 0.0})
     if redis_client is not None:
         redis_client.flushdb()
+    if background is not None:
+        background.close()
     return rows
 
 

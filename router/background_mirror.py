@@ -38,8 +38,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
-from router.mirror import MirrorUnavailable, RedisMirror, TargetSnapshot
+from router.mirror import BatchWrite, MirrorUnavailable, RedisMirror, TargetSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class BackgroundMirror:
         self._targets_seen: set[tuple] = set()  # keys of event-batch writes: the ones that may linger
         self.namespace = mirror.namespace
         self._max_queue = max_queue
-        self._queue: deque[tuple[tuple, Callable[[], object]]] = deque()
+        #: (key, write): a function to call, or an event batch (written in rounds: ``_run``).
+        self._queue: deque[tuple[tuple, Callable[[], object] | BatchWrite]] = deque()
         self._cond = threading.Condition()
         self._failed: dict[tuple, MirrorUnavailable] = {}  # target or registry key -> why its last write failed
         self._failed_since_check: MirrorUnavailable | None = None
@@ -112,7 +114,7 @@ class BackgroundMirror:
     def write_batch(self, worker_id: str, dp_rank: int, **kw) -> None:
         key = (worker_id, dp_rank)
         self._targets_seen.add(key)  # an event batch may linger (see _run)
-        self._submit(key, lambda: self._mirror.write_batch(worker_id, dp_rank, **kw))
+        self._submit(key, BatchWrite(worker_id, dp_rank, kw))
 
     def clear_target(self, worker_id: str, dp_rank: int, **kw) -> None:
         self._submit((worker_id, dp_rank), lambda: self._mirror.clear_target(worker_id, dp_rank, **kw), whole=True)
@@ -214,14 +216,14 @@ class BackgroundMirror:
 
     # ------------------------------------------------------------------ internals
 
-    def _submit(self, key: tuple, write: Callable[[], object], *, whole: bool = False) -> None:
+    def _submit(self, key: tuple, write: Callable[[], object] | BatchWrite, *, whole: bool = False) -> None:
         with self._cond:
             why = self._failed.pop(key, None)
             if why is not None and not whole:
                 raise MirrorUnavailable(f"an earlier write failed: {why}") from why.__cause__
             self._enqueue(key, write)
 
-    def _enqueue(self, key: tuple, write: Callable[[], object]) -> bool:
+    def _enqueue(self, key: tuple, write: Callable[[], object] | BatchWrite) -> bool:
         """Queue one write (False: the queue was full, the write dropped and recorded as failed)."""
         # Called with the lock held.
         if len(self._queue) >= self._max_queue:
@@ -273,19 +275,33 @@ class BackgroundMirror:
                     # else queued, a flush, a close or a full round ends the wait (they notify).
                     self._cond.wait(self.linger_s)
                 key, write = self._queue.popleft()
+                keys = [key]
+                if isinstance(write, BatchWrite):
+                    # The event batches queued next to it go in the same round trip (in order).
+                    batches = [write]
+                    queue = self._queue
+                    while queue and isinstance(queue[0][1], BatchWrite) and len(batches) < LINGER_MAX_WRITES:
+                        next_key, batch = queue.popleft()
+                        keys.append(next_key)
+                        batches.append(cast(BatchWrite, batch))
                 self._busy = True
             try:
-                write()
+                if isinstance(write, BatchWrite):
+                    self._mirror.write_batches(batches)
+                else:
+                    write()
             except MirrorUnavailable as exc:
                 with self._cond:
                     self.async_failures += 1
                     self._last_error = exc
-                    self._record_failure(key, exc)
+                    for failed in keys:
+                        self._record_failure(failed, exc)
                 logger.debug("background mirror write failed: %s", exc)
             except Exception:  # a bug in one write must not kill the writer
                 logger.exception("background mirror write crashed")
                 with self._cond:
-                    self._record_failure(key, MirrorUnavailable("internal error"))
+                    for failed in keys:
+                        self._record_failure(failed, MirrorUnavailable("internal error"))
             else:
                 if key != ("verify",):
                     self._last_error = None

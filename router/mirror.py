@@ -10,7 +10,7 @@ mirror dirty and calls :meth:`RedisMirror.resync` when Redis is back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,15 @@ class _PackedPipeline:
             if isinstance(reply, redis.ResponseError):
                 raise reply
         return replies
+
+
+@dataclass(frozen=True)
+class BatchWrite:
+    """One ``RedisMirror.write_batch`` call's arguments (``kw``: its keyword arguments)."""
+
+    worker_id: str
+    dp_rank: int
+    kw: dict[str, Any]
 
 
 class MirrorUnavailable(RuntimeError):
@@ -245,29 +254,54 @@ class RedisMirror:
         removals, then stores: callers pass the *net* delta of the batch (a
         block stored then removed in the same batch appears in neither list).
         """
-        ns = self.namespace
-        blocks_key = names.target_blocks_key(ns, worker_id, dp_rank).encode()
-        stream_key = names.target_stream_key(ns, worker_id, dp_rank).encode()
-        pipe = _PackedPipeline(self._pool_for(blocks_key))
-        if cleared:
+        batch = BatchWrite(worker_id, dp_rank, dict(seq=seq, epoch=epoch, stored=stored, removed=removed,
+                                                    cleared=cleared, num_events=num_events, now_s=now_s))
+        self._execute([self._pack_batch(None, batch)])
+
+    @_wrap
+    def write_batches(self, batches: Sequence[BatchWrite]) -> None:
+        """Several ``write_batch`` calls, in order, in one round trip per Redis (per master of a
+        cluster): the background writer's rounds (``router/background_mirror.py``). One failure
+        fails them all (each target is then rewritten whole, as after any failed write)."""
+        pipes: dict[int, _PackedPipeline] = {}
+        for batch in batches:
+            pool = self._pool_for(names.target_blocks_key(self.namespace, batch.worker_id,
+                                                          batch.dp_rank).encode())
+            pipes[id(pool)] = self._pack_batch(pipes.get(id(pool)), batch, pool)
+        self._execute(list(pipes.values()))
+
+    def _pack_batch(self, pipe: _PackedPipeline | None, batch: BatchWrite,
+                    pool: redis.ConnectionPool | None = None) -> _PackedPipeline:
+        """``batch``'s commands appended to ``pipe`` (a new one on the batch's Redis if None)."""
+        ns, kw = self.namespace, batch.kw
+        blocks_key = names.target_blocks_key(ns, batch.worker_id, batch.dp_rank).encode()
+        stream_key = names.target_stream_key(ns, batch.worker_id, batch.dp_rank).encode()
+        if pipe is None:
+            pipe = _PackedPipeline(pool if pool is not None else self._pool_for(blocks_key))
+        if kw.get("cleared"):
             pipe.command(b"DEL", blocks_key)
-        removed_fields = [b"%d" % ext for ext in removed]
+        removed_fields = [b"%d" % ext for ext in kw.get("removed", ())]
         if removed_fields:
             pipe.command(b"HDEL", blocks_key, *removed_fields)
+        stored = kw.get("stored", ())
         pairs = list(stored.items() if isinstance(stored, Mapping) else stored)
         if pairs:
             pipe.command(b"HSET", blocks_key, pairs=_int_pairs(pairs))
-        pipe.command(b"HSET", stream_key, b"seq", b"%d" % seq, b"epoch", b"%d" % epoch,
-                     b"scheme", self._scheme, b"updated_s", repr(now_s).encode())
+        pipe.command(b"HSET", stream_key, b"seq", b"%d" % kw["seq"], b"epoch", b"%d" % kw["epoch"],
+                     b"scheme", self._scheme, b"updated_s", repr(kw.get("now_s", 0.0)).encode())
         pipe.command(b"HINCRBY", stream_key, b"batches", b"1")
-        if num_events:
-            pipe.command(b"HINCRBY", stream_key, b"events", b"%d" % num_events)
-        try:
-            pipe.execute()
-        except redis.exceptions.AskError:  # MovedError is one too: the slots were resharded
-            self._refresh_slots = True
-            raise
-        self.round_trips += 1
+        if kw.get("num_events"):
+            pipe.command(b"HINCRBY", stream_key, b"events", b"%d" % kw["num_events"])
+        return pipe
+
+    def _execute(self, pipes: list[_PackedPipeline]) -> None:
+        for pipe in pipes:
+            try:
+                pipe.execute()
+            except redis.exceptions.AskError:  # MovedError is one too: the slots were resharded
+                self._refresh_slots = True
+                raise
+            self.round_trips += 1
 
     def _pool_for(self, slot_key: bytes) -> redis.ConnectionPool:
         """The connection pool of the Redis holding ``slot_key`` (on a cluster, its slot's master)."""

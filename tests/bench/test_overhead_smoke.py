@@ -61,8 +61,11 @@ def test_overhead_suite_runs_end_to_end_with_tiny_parameters(tmp_path) -> None:
 
     assert [r["policy"] for r in result.tables["decision latency by policy"]] == list(POLICY_NAMES)
     ingest = {r["path"]: r for r in result.tables["ingestion"]}
-    assert list(ingest) == ["decode only", "decode + apply (no Redis)", "decode + apply + Redis mirror"]
+    assert list(ingest) == ["decode only", "decode + apply (no Redis)", "decode + apply + Redis mirror",
+                            "decode + apply + Redis mirror, background writer"]
     assert ingest["decode + apply + Redis mirror"]["redis_round_trips_per_batch"] == 1.0  # one pipeline per batch
+    # The background writer's rounds share pipelines: never more than one round trip per batch.
+    assert 0 < ingest["decode + apply + Redis mirror, background writer"]["redis_round_trips_per_batch"] <= 1.0
     assert len({r["stored_blocks"] for r in ingest.values()}) == 1
     mem = result.tables["memory"][0]
     assert mem["process_bytes_per_block"] > 0 and mem["redis_blocks_hash_bytes_per_block"] > 0

@@ -131,9 +131,12 @@ class _RecordingMirror:
 
         self._clock = time.monotonic
         self.writes: list[tuple[str, float]] = []
+        self.rounds: list[int] = []  # event batches per write_batches call
 
-    def write_batch(self, worker_id: str, dp_rank: int, **kw) -> None:
-        self.writes.append((f"batch {worker_id} {kw['seq']}", self._clock()))
+    def write_batches(self, batches) -> None:
+        self.rounds.append(len(batches))
+        for b in batches:
+            self.writes.append((f"batch {b.worker_id} {b.kw['seq']}", self._clock()))
 
     def register_worker(self, hello, **kw) -> None:
         self.writes.append((f"register {hello.worker_id}", self._clock()))
@@ -153,6 +156,7 @@ def test_event_batches_linger_together_while_other_writes_go_at_once() -> None:
         eventually(lambda: len(rec.writes) == 2, timeout_s=2.0)
         assert [w for w, _ in rec.writes] == ["batch w1 1", "batch w1 2"]
         assert all(at - t0 >= 0.25 for _, at in rec.writes)  # written together, after the linger
+        assert rec.rounds == [2]  # in one round trip
         # A registry write is not an event batch: it ends the wait at once, taking the batch before it.
         t1 = time.monotonic()
         bg.write_batch("w1", 0, seq=3)
