@@ -264,18 +264,26 @@ class RedisMirror:
         cluster): the background writer's rounds (``router/background_mirror.py``). One failure
         fails them all (each target is then rewritten whole, as after any failed write)."""
         pipes: dict[int, _PackedPipeline] = {}
+        # A target's stream hash gets one write per round: its last batch's seq, epoch and time
+        # (each overwrites the one before) and the counts added up, after the blocks' commands.
+        last: dict[tuple[str, int], tuple[_PackedPipeline, BatchWrite, int, int]] = {}
         for batch in batches:
             pool = self._pool_for(names.target_blocks_key(self.namespace, batch.worker_id,
                                                           batch.dp_rank).encode())
-            pipes[id(pool)] = self._pack_batch(pipes.get(id(pool)), batch, pool)
+            pipe = pipes[id(pool)] = self._pack_batch(pipes.get(id(pool)), batch, pool, meta=False)
+            target = (batch.worker_id, batch.dp_rank)
+            _, _, n_batches, n_events = last.get(target, (pipe, batch, 0, 0))
+            last[target] = (pipe, batch, n_batches + 1, n_events + batch.kw.get("num_events", 0))
+        for pipe, batch, n_batches, n_events in last.values():
+            self._pack_meta(pipe, batch, n_batches, n_events)
         self._execute(list(pipes.values()))
 
     def _pack_batch(self, pipe: _PackedPipeline | None, batch: BatchWrite,
-                    pool: redis.ConnectionPool | None = None) -> _PackedPipeline:
-        """``batch``'s commands appended to ``pipe`` (a new one on the batch's Redis if None)."""
+                    pool: redis.ConnectionPool | None = None, *, meta: bool = True) -> _PackedPipeline:
+        """``batch``'s commands appended to ``pipe`` (a new one on the batch's Redis if None);
+        ``meta``: also its stream hash's (else the caller writes them: ``_pack_meta``)."""
         ns, kw = self.namespace, batch.kw
         blocks_key = names.target_blocks_key(ns, batch.worker_id, batch.dp_rank).encode()
-        stream_key = names.target_stream_key(ns, batch.worker_id, batch.dp_rank).encode()
         if pipe is None:
             pipe = _PackedPipeline(pool if pool is not None else self._pool_for(blocks_key))
         if kw.get("cleared"):
@@ -287,12 +295,19 @@ class RedisMirror:
         pairs = list(stored.items() if isinstance(stored, Mapping) else stored)
         if pairs:
             pipe.command(b"HSET", blocks_key, pairs=_int_pairs(pairs))
+        if meta:
+            self._pack_meta(pipe, batch, 1, kw.get("num_events", 0))
+        return pipe
+
+    def _pack_meta(self, pipe: _PackedPipeline, batch: BatchWrite, n_batches: int, n_events: int) -> None:
+        """The stream hash after ``batch``, the last of ``n_batches`` of its target (``n_events`` in all)."""
+        kw = batch.kw
+        stream_key = names.target_stream_key(self.namespace, batch.worker_id, batch.dp_rank).encode()
         pipe.command(b"HSET", stream_key, b"seq", b"%d" % kw["seq"], b"epoch", b"%d" % kw["epoch"],
                      b"scheme", self._scheme, b"updated_s", repr(kw.get("now_s", 0.0)).encode())
-        pipe.command(b"HINCRBY", stream_key, b"batches", b"1")
-        if kw.get("num_events"):
-            pipe.command(b"HINCRBY", stream_key, b"events", b"%d" % kw["num_events"])
-        return pipe
+        pipe.command(b"HINCRBY", stream_key, b"batches", b"%d" % n_batches)
+        if n_events:
+            pipe.command(b"HINCRBY", stream_key, b"events", b"%d" % n_events)
 
     def _execute(self, pipes: list[_PackedPipeline]) -> None:
         for pipe in pipes:

@@ -171,3 +171,32 @@ def test_event_batches_linger_together_while_other_writes_go_at_once() -> None:
         assert rec.writes[-1][0] == "batch w1 4"
     finally:
         bg.close(timeout_s=1.0)
+
+
+def test_a_round_of_batches_leaves_redis_as_the_batches_one_by_one(fake_redis) -> None:
+    """``write_batches`` packs a round into one pipeline and writes each target's stream hash once
+    (last seq/epoch/time, counts added up): Redis must end exactly as after each ``write_batch``."""
+    import random
+
+    from router.mirror import BatchWrite
+
+    rng = random.Random(7)
+    rounds = []
+    for seq in range(40):
+        wid = rng.choice(["w1", "w2"])
+        stored = {rng.randrange(30): rng.randrange(1 << 60) for _ in range(rng.randrange(4))}
+        removed = [rng.randrange(30) for _ in range(rng.randrange(3))]
+        rounds.append(BatchWrite(wid, 0, dict(seq=seq, epoch=3, stored=stored, removed=removed,
+                                              cleared=rng.random() < 0.1, num_events=rng.randrange(5),
+                                              now_s=100.0 + seq)))
+    one_by_one = RedisMirror(client=fake_redis, namespace="a")
+    for b in rounds:
+        one_by_one.write_batch(b.worker_id, b.dp_rank, **b.kw)
+    batched = RedisMirror(client=fake_redis, namespace="b")
+    batched.write_batches(rounds[:25])
+    batched.write_batches(rounds[25:])
+    assert batched.round_trips == 2
+    for wid in ("w1", "w2"):
+        for key in (names.target_blocks_key, names.target_stream_key):
+            assert fake_redis.hgetall(key("a", wid, 0)) == fake_redis.hgetall(key("b", wid, 0)), (wid, key)
+    assert fake_redis.hget(names.target_stream_key("b", "w1", 0), "batches") is not None
