@@ -15,6 +15,7 @@ import threading
 import click
 
 from cli.bind import bind_host_option, warn_exposed
+from cli.options import load_curve_option
 from cli.ready import announce_ready, clear_ready_file, ready_file_option
 from router.config import RouterConfig
 
@@ -62,14 +63,7 @@ def front_cmd(routers: tuple[str, ...], bind_host: str, http_host: str | None, h
         raise click.ClickException("--router: no endpoint given")
     if len(set(endpoints)) != len(endpoints):
         raise click.ClickException(f"--router: an endpoint is given twice: {', '.join(endpoints)}")
-    curve = None
-    if curve_dir:
-        from bus.security import SecurityError, load_curve
-
-        try:
-            curve = load_curve(curve_dir, name=curve_key)
-        except SecurityError as exc:
-            raise click.ClickException(str(exc)) from None
+    curve = load_curve_option(curve_dir, curve_key)
     ctx = zmq.Context()
     try:
         for endpoint in endpoints:  # here, so a bad one is a one-line error, not a front that never serves

@@ -38,3 +38,16 @@ def namespace_option(func):
     return click.option(
         "--namespace", envvar="KVR_NAMESPACE", default="default", show_default=True, help="Redis key namespace."
     )(func)
+
+
+def load_curve_option(curve_dir: str | None, name: str):
+    """The CURVE keys ``--curve-dir`` names (``bus/security.py``), or None without it; a bad key
+    directory is the command's one-line error."""
+    if not curve_dir:
+        return None
+    from bus.security import SecurityError, load_curve
+
+    try:
+        return load_curve(curve_dir, name=name)
+    except SecurityError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -11,7 +11,7 @@ import click
 from bus import names
 from bus.redis_url import redact_url
 from cli.bind import bind_host_option, tcp_endpoint, warn_exposed
-from cli.options import namespace_option, redis_url_option
+from cli.options import load_curve_option, namespace_option, redis_url_option
 from cli.ready import announce_ready, clear_ready_file, ready_file_option
 from core.liveness import DEFAULT_INTERVAL_S, DEFAULT_LIVENESS
 from core.policies import POLICY_NAMES
@@ -113,14 +113,8 @@ def router_cmd(bind_host: str, bind_clients: str | None, bind_workers: str | Non
     config.peers = tuple(e.strip() for v in peers for e in v.split(",") if e.strip())
     if config.peers and not config.bind_metrics:
         raise click.ClickException("--peer needs the metrics PUB (--bind-metrics): the other replicas subscribe to it")
-    curve = None
-    if curve_dir:
-        from bus.security import SecurityError, load_curve
-
-        try:
-            curve = load_curve(curve_dir, name="router")
-        except SecurityError as exc:
-            raise click.ClickException(str(exc)) from None
+    curve = load_curve_option(curve_dir, "router")
+    if curve is not None:
         logger.info("CURVE on: %d worker key(s), %d client key(s) authorised", len(curve.workers), len(curve.clients))
     embedded = None
     mirror = None

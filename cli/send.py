@@ -15,6 +15,8 @@ import uuid
 
 import click
 
+from cli.options import load_curve_option
+
 #: Seconds to wait for the router's first reply: it answers every request at once (Routed or an
 #: error), so silence this long means nothing is listening (or it refused this client).
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
@@ -96,14 +98,7 @@ def send_cmd(prompt: str | None, endpoint: str | None, tokens: str | None, max_t
                               max_tokens=max_tokens, model=model, worker_id=worker_id)
         return client.generate(req, timeout_s=timeout_s, first_reply_timeout_s=min(connect_timeout_s, timeout_s))
 
-    curve = None
-    if curve_dir:
-        from bus.security import SecurityError, load_curve
-
-        try:
-            curve = load_curve(curve_dir, name=curve_key)
-        except SecurityError as exc:
-            raise click.ClickException(str(exc)) from None
+    curve = load_curve_option(curve_dir, curve_key)
     with RouterClient(endpoint=endpoint, curve=curve) as client:
         if not interactive:
             ids = _parse_tokens(tokens) if tokens is not None else None

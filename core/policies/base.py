@@ -12,6 +12,7 @@ is one line a person can read in a DEBUG log.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -214,3 +215,16 @@ def pick_min(scores: Sequence[tuple[float, WorkerState]], rng: random.Random) ->
     best = min(s for s, _ in scores)
     tied = [w for s, w in scores if s == best]
     return tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
+
+
+def shifted_softmax_index(costs: Sequence[float], temperature: float, u: float) -> int:
+    """Index drawn with ``p ∝ exp(−(c − min c) / T)`` from the uniform draw ``u`` in [0, 1)."""
+    lo = min(costs)
+    weights = [math.exp(-(c - lo) / temperature) for c in costs]
+    target = u * sum(weights)
+    acc = 0.0
+    for i, w in enumerate(weights):
+        acc += w
+        if target < acc:
+            return i
+    return len(costs) - 1

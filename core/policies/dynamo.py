@@ -46,11 +46,10 @@ Differences from the real router, kept on purpose or for want of the information
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 
-from core.policies.base import Decision, RouteRequest, WorkerState, pick_min
+from core.policies.base import Decision, RouteRequest, WorkerState, pick_min, shifted_softmax_index
 from core.prefix_index import WorkerKey
 
 
@@ -59,14 +58,7 @@ def softmax_pick(costs: Sequence[float], temperature: float, u: float) -> int:
     lo, hi = min(costs), max(costs)
     if lo == hi:
         return min(int(u * len(costs)), len(costs) - 1)
-    weights = [math.exp(-((c - lo) / (hi - lo)) / temperature) for c in costs]
-    target = u * sum(weights)
-    acc = 0.0
-    for i, w in enumerate(weights):
-        acc += w
-        if target < acc:
-            return i
-    return len(costs) - 1
+    return shifted_softmax_index([(c - lo) / (hi - lo) for c in costs], temperature, u)
 
 
 class DynamoPolicy:

@@ -55,7 +55,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from core.policies.base import Decision, LazyScores, RouteRequest, WorkerState
+from core.policies.base import Decision, LazyScores, RouteRequest, WorkerState, shifted_softmax_index
 from core.prefix_index import WorkerKey
 
 #: vllm-router 0.1.17's tier credits (``--kv-penalty-host/-external/-disk``).
@@ -71,19 +71,6 @@ def prefill_tokens(prompt_tokens: int, matched_blocks: int, block_size: int) -> 
         return 0
     usable = min(max(matched_blocks, 0), (prompt_tokens - 1) // block_size)
     return prompt_tokens - min(block_size * usable, prompt_tokens - 1)
-
-
-def shifted_softmax_index(costs: Sequence[float], temperature: float, u: float) -> int:
-    """Index drawn with ``p ∝ exp(−(c − min c) / T)`` from the uniform draw ``u`` in [0, 1)."""
-    lo = min(costs)
-    weights = [math.exp(-(c - lo) / temperature) for c in costs]
-    target = u * sum(weights)
-    acc = 0.0
-    for i, w in enumerate(weights):
-        acc += w
-        if target < acc:
-            return i
-    return len(costs) - 1
 
 
 class VllmKvAwarePolicy:
