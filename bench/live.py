@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.results import percentile
+from router.background_mirror import MIRROR_ROUND_S
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ def drive_cluster(cluster, spec: WorkloadSpec, seed: int, *, speedup: float, tim
         res = drive_workload(client, wl, arrivals, speedup=speedup, timeout_s=timeout_s, id_prefix=id_prefix,
                              max_in_flight=max_in_flight, should_stop=lambda: bool(cluster.supervisor.failed()))
     cpu1 = proc_cpu_s(pid)
+    # The router's mirror writes event batches in rounds (router/background_mirror.py): the drive's
+    # last ones reach Redis up to a round later.
+    time.sleep(MIRROR_ROUND_S)
     cmd1 = redis_commands(cluster.redis_url)
     cluster.check()
     cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0

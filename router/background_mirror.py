@@ -53,6 +53,9 @@ LINGER_MAX_WRITES = 256
 #: An idle writer looks at its queue this often: an event batch is in Redis at most
 #: ``PARK_S + DEFAULT_LINGER_S`` after the routing thread queued it (plus the write).
 PARK_S = 0.05
+#: The longest an event batch waits in the queue (an idle writer's look, then the linger), with room
+#: for the write itself: what a reader of Redis waits to see everything queued before it.
+MIRROR_ROUND_S = PARK_S + DEFAULT_LINGER_S + 0.05
 _REGISTRY = ("registry",)
 
 #: A mirror check's outcome: the generation token Redis holds, or why there is none.
