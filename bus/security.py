@@ -256,7 +256,8 @@ def load_curve(directory: str | Path, *, name: str) -> Curve:
     """``name``'s key pair and the router's public key from ``directory``.
 
     For the router (``name == "router"``) also the authorised sets ``workers/`` and
-    ``clients/``; the router's own key is a client too (its HTTP front dials its client port).
+    ``clients/``; the router's own key is a client too (a ``kvr front`` may dial with the router's
+    key pair; the router's own HTTP front runs in its process and dials nothing).
     """
     if not zmq.has("curve"):
         raise SecurityError("this libzmq was built without CURVE support")
