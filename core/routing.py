@@ -104,6 +104,7 @@ class _TargetState:
     engine_running: int = 0
     engine_waiting: int = 0
     engine_queued_prefill_tokens: int = 0
+    engine_free_blocks: int = 0
     kv_usage: float = 0.0
     requests: dict[str, InFlight] = field(default_factory=dict)
     pending_prefill_tokens: int = 0
@@ -226,11 +227,17 @@ class RouterCore:
         state = self._targets.get(target)
         return 0 if state is None else state.capacity_blocks
 
+    def free_blocks(self, target: WorkerKey) -> int:
+        """The target's free KV blocks as its engine last reported them (0: unknown)."""
+        state = self._targets.get(target)
+        return 0 if state is None else state.engine_free_blocks
+
     def update_load(self, target: WorkerKey, *, running: int = 0, waiting: int = 0,
-                    queued_prefill_tokens: int = 0, kv_usage: float = 0.0) -> None:
+                    queued_prefill_tokens: int = 0, kv_usage: float = 0.0, num_free_blocks: int = 0) -> None:
         """The engine's own view of its load, from a heartbeat. Unknown targets are ignored."""
         state = self._targets.get(target)
         if state is not None:
+            state.engine_free_blocks = num_free_blocks  # reported, not used to decide
             state.cached_load = None
             self._dirty.add(target)
             state.engine_running = running

@@ -518,7 +518,8 @@ class RouterService:
             if msg.load is not None:
                 load = msg.load
                 self.core.update_load(WorkerKey(wid, msg.dp_rank), running=load.running, waiting=load.waiting,
-                                      queued_prefill_tokens=load.queued_prefill_tokens, kv_usage=load.kv_usage)
+                                      queued_prefill_tokens=load.queued_prefill_tokens, kv_usage=load.kv_usage,
+                                      num_free_blocks=load.num_free_blocks)
             self._mirror_write(lambda m: m.touch_worker(wid, epoch=worker.hello.epoch, load=msg.load,
                                                         now_s=self._wall(), ttl_s=self.config.heartbeat.timeout_s),
                                refresh=True)

@@ -78,7 +78,7 @@ def worker_samples(*, core: RouterCore, index: PrefixIndex, streams: Mapping[Wor
             # count in % of it, beside kv_usage, and Prometheus exports it (kvr_worker_gpu_blocks).
             load=WireLoad(running=load.running, waiting=load.waiting,
                           queued_prefill_tokens=load.queued_prefill_tokens, kv_usage=load.kv_usage,
-                          num_gpu_blocks=core.capacity_blocks(target)),
+                          num_free_blocks=core.free_blocks(target), num_gpu_blocks=core.capacity_blocks(target)),
             indexed_blocks=index.num_blocks(target), confidence=index.confidence(target).value,
             events_applied=stream.events_applied, event_lag_s=stream.event_lag_s, gaps=stream.gaps,
             replays=stream.subscriber.counters.replays, resets=stream.resets, evictions=stream.removed_blocks,

@@ -37,3 +37,16 @@ def test_samples_carry_each_targets_registered_capacity_to_the_monitors_plot() -
     state.tick(100.0)
     u = block_utilisation_series(state.dump(now_s=101.0))
     assert u["cached_unit"] == "%" and u["capacity_blocks"] == {"a/0": 924, "b/0": 400}
+
+
+def test_samples_carry_the_free_blocks_the_engine_last_reported() -> None:
+    """The monitor's dump showed num_free_blocks 0 for every worker: the router dropped the figure
+    from the heartbeats."""
+    core = RouterCore(policy=get_policy("kvr", block_size=16), index=PrefixIndex(block_size=16), block_size=16)
+    a = WorkerKey("a", 0)
+    core.register(a, capacity_blocks=924)
+    core.update_load(a, running=2, kv_usage=0.25, num_free_blocks=693)
+    core.update_load(WorkerKey("gone", 0), num_free_blocks=5)  # unknown: ignored
+    (sample,) = worker_samples(core=core, index=core.index, streams={a: _Stream()}, t_s=1.0, mirror=None)
+    assert (sample.load.num_free_blocks, sample.load.num_gpu_blocks, sample.load.running) == (693, 924, 2)
+    assert core.free_blocks(WorkerKey("gone", 0)) == 0
