@@ -29,6 +29,18 @@ INCIDENT_COLOURS = {
     "worker_seen": "#2a9d8f", "worker_gone": "#6c757d", "error": "#d00000", "stream_restart": "#7b2cbf",
     "trust": "#ff006e", "mirror": "#8d99ae",
 }
+_LANE_STEP = 0.8 / len(INCIDENT_COLOURS)
+
+
+def incident_lane(kind: str) -> float:
+    """A kind's offset inside its worker's row of the incidents panel: incidents of different kinds
+    at the same time (a worker seen again as its stream replays) sit one above the other instead of
+    one hiding the other. Unknown kinds share the middle."""
+    kinds = list(INCIDENT_COLOURS)
+    i = kinds.index(kind) if kind in INCIDENT_COLOURS else (len(kinds) - 1) / 2
+    return (i - (len(kinds) - 1) / 2) * _LANE_STEP
+
+
 RUN_COLOURS = ("#e76f51", "#2a9d8f", "#264653", "#e9c46a", "#8338ec", "#3a86ff")
 
 
@@ -224,8 +236,9 @@ def recovery_timeline_figure(dump: dict[str, Any]):
     seen_kinds = set()
     for inc in incidents:
         kind = inc["kind"]
-        ax2.scatter(inc["t_s"] - t0, rows[_row_name(inc["worker_id"])], color=INCIDENT_COLOURS.get(kind, "black"),
-                    marker="|", s=250, linewidths=2, label=None if kind in seen_kinds else kind)
+        ax2.scatter(inc["t_s"] - t0, rows[_row_name(inc["worker_id"])] + incident_lane(kind),
+                    color=INCIDENT_COLOURS.get(kind, "black"), marker="|", s=60, linewidths=2,
+                    label=None if kind in seen_kinds else kind)
         seen_kinds.add(kind)
     if incidents:
         ax2.set_yticks(range(len(workers)), [w or "(router)" for w in workers])

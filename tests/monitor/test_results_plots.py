@@ -237,3 +237,15 @@ def test_sim_over_time_breaks_lines_over_idle_buckets():
     (hit,) = fig.axes[0].lines
     assert list(hit.get_xdata()) == [0.0, 5.0, 10.0, 15.0, 20.0]
     assert _none_for_nan(hit.get_ydata()) == [0.5, None, None, None, 0.5]
+
+
+def test_incidents_of_different_kinds_at_one_time_do_not_cover_each_other() -> None:
+    """A worker seen again while its stream replays logs both at one instant: each kind has its own
+    lane inside the worker's row, all lanes inside the row."""
+    from monitor.plots import INCIDENT_COLOURS, incident_lane
+
+    lanes = [incident_lane(k) for k in INCIDENT_COLOURS]
+    assert len(set(lanes)) == len(lanes)
+    assert all(-0.45 < x < 0.45 for x in lanes)
+    assert incident_lane("worker_seen") != incident_lane("replay")
+    assert incident_lane("something new") == 0.0
