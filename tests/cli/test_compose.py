@@ -40,12 +40,13 @@ def _role(service: str) -> str:
 
 def test_services_and_healthchecks(compose):
     services = compose["services"]
-    assert sorted(services) == ["monitor", "redis", "router", "router-1", "worker-0", "worker-1", "worker-2"]
+    assert sorted(services) == ["front", "monitor", "redis", "router", "router-1", "worker-0", "worker-1",
+                                "worker-2"]
     for name, svc in services.items():
         assert "test" in svc["healthcheck"], name
     assert services["router"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["router-1"]["depends_on"]["redis"]["condition"] == "service_healthy"
-    for w in ("worker-0", "worker-1", "worker-2"):
+    for w in ("worker-0", "worker-1", "worker-2", "front"):
         assert services[w]["depends_on"]["router"]["condition"] == "service_healthy"
         assert services[w]["depends_on"]["router-1"]["condition"] == "service_healthy"
 
@@ -65,10 +66,11 @@ def test_every_kvr_command_parses(compose):
 
 
 # What the containers add to `kvr up`'s commands, and what they leave to --bind-host's defaults.
-COMPOSE_ONLY = {"router": {"--bind-host", "--http-port"}, "worker": {"--bind-host"}, "monitor": {"--bind-host"}}
+COMPOSE_ONLY = {"router": {"--bind-host", "--http-port"}, "worker": {"--bind-host"}, "monitor": {"--bind-host"},
+                "front": {"--bind-host"}}
 # --ready-file: kvr up learns the ports its children bound from it (compose uses healthchecks).
 UP_ONLY = {"router": {"--bind-clients", "--bind-workers", "--bind-metrics", "--ready-file"}, "worker": {"--http-host"},
-           "monitor": {"--http-host", "--ready-file"}}
+           "monitor": {"--http-host", "--ready-file"}, "front": {"--http-host", "--ready-file"}}
 
 
 def _router_endpoint(params: dict, name: str, port: int) -> str:
@@ -77,9 +79,10 @@ def _router_endpoint(params: dict, name: str, port: int) -> str:
 
 def test_kvr_up_runs_the_same_topology(compose):
     services = compose["services"]
-    cluster = LocalCluster(ClusterConfig(workers=3, routers=2, redis_url="redis://127.0.0.1:6379/0"))
+    cluster = LocalCluster(ClusterConfig(workers=3, routers=2, redis_url="redis://127.0.0.1:6379/0",
+                                         front_http_port=8000))
     specs = [cluster.monitor_spec(), *(cluster.router_spec(r) for r in cluster.router_names),
-             *(cluster.worker_spec(w) for w in cluster.worker_ids)]
+             *(cluster.worker_spec(w) for w in cluster.worker_ids), cluster.front_spec()]
     assert sorted(s.name for s in specs) == sorted(n for n in services if n != "redis")
     for spec in specs:
         # argv = python -m cli.main --log-level L <command> ...
@@ -102,6 +105,10 @@ def test_kvr_up_runs_the_same_topology(compose):
     assert (router["peers"], replica["peers"]) == (("tcp://router-1:5557",), ("tcp://router:5557",))
     assert router["router_id"] != replica["router_id"]
     assert router["block_size"] == worker["block_size"] == monitor["block_size"]
+    # The front dials both replicas' client ports.
+    front = dry_parse(services["front"]["command"][1:]).params
+    assert [e.rsplit(":", 1)[1] for e in ",".join(front["routers"]).split(",")] == [
+        _router_endpoint(r, "bind_clients", names.ROUTER_CLIENTS_PORT).rsplit(":", 1)[1] for r in (router, replica)]
 
 
 @pytest.mark.parametrize("which", ["compose", "compose_vllm"])
