@@ -69,6 +69,13 @@ class LivenessTracker:
             self.remove(peer)
         return [p for _, _, p in dead]
 
+    def stalled(self, now: float, stalled_s: float) -> None:
+        """This side could not listen for ``stalled_s`` (its own loop stopped: SIGSTOP, starvation):
+        the peers' silence in that time is not theirs. Each peer's last-seen moves on by
+        ``stalled_s`` (never past ``now``), so it gets the time it lost to be heard again."""
+        for peer, last in self._last_seen.items():
+            self._last_seen[peer] = min(now, last + stalled_s)
+
     def next_deadline(self) -> float | None:
         """When the next peer would be declared dead if it stays silent (None with no peers)."""
         if not self._last_seen:

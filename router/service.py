@@ -119,10 +119,12 @@ class RouterService:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         curve: Curve | None = None,
+        turn_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``curve`` (bus/security.py): both ROUTERs are CURVE servers admitting only the
         authorised worker / client keys, and event sockets of workers that name a key are
-        dialled as CURVE clients."""
+        dialled as CURVE clients. ``turn_clock`` times the loop's own turns: a stall of the loop is
+        real time even when ``clock`` is injected (tests jump it to make a worker silent)."""
         from core.policies import get_policy
 
         self.config = config
@@ -194,6 +196,8 @@ class RouterService:
         self._next_housekeeping_s = clock()
         self._stopped = False
         self._local_clients = 0
+        self._turn_clock = turn_clock
+        self._last_turn_s: float | None = None  # (set by the first turn)
         #: A snapshot for other threads (the HTTP front): replaced, never mutated.
         self.stats: dict = {}
         self.refresh_stats()
@@ -235,6 +239,17 @@ class RouterService:
         """One turn: wait up to ``max_wait_ms`` (less when something is due) for readable sockets,
         handle them, then the upkeep that is due. Returns how many sockets were readable."""
         now = self._clock()
+        turn_s, last_turn_s = self._turn_clock(), self._last_turn_s
+        self._last_turn_s = turn_s
+        gap_s = 0.0 if last_turn_s is None else turn_s - last_turn_s
+        if gap_s > self.config.heartbeat.interval_s:
+            # This loop did not turn for a heartbeat interval (the process was stopped or starved):
+            # the workers' silence in that time is this router's, not theirs. Without this, a
+            # router resumed after a stall declared every worker dead before their new
+            # connections' Hellos were through ZMQ's handshake, and dropped their links.
+            self.liveness.stalled(now, gap_s)
+            self.counters["loop_stalls"] += 1
+            logger.warning("router loop did not turn for %.1f s: workers get that time back to be heard", gap_s)
         wait_ms = max(0, min(max_wait_ms, int((self.next_deadline_s() - now) * 1000) + 1))
         ready = self._poller.poll(wait_ms)
         for sock, _ in ready:

@@ -53,3 +53,16 @@ def test_bad_configs_rejected():
     with pytest.raises(ValueError):
         Backoff(initial_s=2, max_s=1)
     assert HeartbeatConfig(interval_s=0.25, liveness=4).timeout_s == 1.0
+
+
+def test_a_stall_of_our_own_gives_every_peer_that_time_back() -> None:
+    t = LivenessTracker(HeartbeatConfig(interval_s=1.0, liveness=3))
+    t.seen("a", 11.0)
+    t.seen("b", 12.5)
+    # Our loop stopped from 13 to 20: a was last heard 2 s before it, b 0.5 s before it.
+    t.stalled(20.0, 7.0)
+    assert (t.last_seen("a"), t.last_seen("b")) == (18.0, 19.5)
+    assert t.expired(20.9) == []  # without the stall both would be long dead
+    assert t.expired(21.0) == ["a"]  # a's own 2 s of silence before the stall still count
+    t.stalled(21.0, 100.0)  # never past now
+    assert t.last_seen("b") == 21.0

@@ -668,3 +668,32 @@ def test_requests_to_a_restarted_router_wait_for_its_workers_to_come_back(ctx, r
             third.stop()
     finally:
         w.close()
+
+
+def test_a_stall_of_the_routers_own_loop_is_not_the_workers_silence(ctx):
+    """A router stopped (SIGSTOP, starvation) for longer than the heartbeat timeout used to declare
+    every worker dead on its first turn back, before their new connections' Hellos were through.
+    The loop's turns are timed on their own clock: a gap longer than a heartbeat interval gives
+    every worker that time back; a worker silent while the loop turns still dies on time."""
+    clock, turns = ManualClock(), ManualClock()
+    svc = RouterService(_config(), clock=clock, turn_clock=turns)
+    w = FakeWorker(ctx, svc.workers_endpoint, "a")
+    try:
+        w.hello()
+        for _ in range(500):
+            w.pump()
+            svc.run_once(10)
+            if "a" in svc.workers:
+                break
+        assert "a" in svc.workers
+        w.alive = False
+        clock.advance(10.0)  # the router did not turn for 10 s: both clocks moved, no turn between
+        turns.advance(10.0)
+        svc.run_once(0)
+        assert "a" in svc.workers and svc.counters["loop_stalls"] == 1
+        clock.advance(TIMEOUT_S + ROUTER_BEAT_S)  # now the loop turns (no turn gap): a's own silence
+        svc.run_once(0)
+        assert "a" not in svc.workers and svc.counters["loop_stalls"] == 1
+    finally:
+        svc.close()
+        w.close()
