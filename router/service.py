@@ -222,6 +222,20 @@ class RouterService:
         finally:
             self.close()
 
+    def _check_stall(self, now: float) -> None:
+        """Called at the start of a turn and just before workers are judged dead: if this loop made
+        no progress for a heartbeat interval since the last call (the process was stopped or
+        starved, maybe in the middle of a turn), the workers' silence in that time is this
+        router's, not theirs. Without this, a router resumed after a stall declared every worker
+        dead before their new connections' Hellos were through ZMQ's handshake."""
+        turn_s, last_turn_s = self._turn_clock(), self._last_turn_s
+        self._last_turn_s = turn_s
+        gap_s = 0.0 if last_turn_s is None else turn_s - last_turn_s
+        if gap_s > self.config.heartbeat.interval_s:
+            self.liveness.stalled(now, gap_s)
+            self.counters["loop_stalls"] += 1
+            logger.warning("router loop made no progress for %.1f s: workers get that time back to be heard", gap_s)
+
     def now_s(self) -> float:
         """The service's clock (monotonic seconds unless injected)."""
         return self._clock()
@@ -239,17 +253,7 @@ class RouterService:
         """One turn: wait up to ``max_wait_ms`` (less when something is due) for readable sockets,
         handle them, then the upkeep that is due. Returns how many sockets were readable."""
         now = self._clock()
-        turn_s, last_turn_s = self._turn_clock(), self._last_turn_s
-        self._last_turn_s = turn_s
-        gap_s = 0.0 if last_turn_s is None else turn_s - last_turn_s
-        if gap_s > self.config.heartbeat.interval_s:
-            # This loop did not turn for a heartbeat interval (the process was stopped or starved):
-            # the workers' silence in that time is this router's, not theirs. Without this, a
-            # router resumed after a stall declared every worker dead before their new
-            # connections' Hellos were through ZMQ's handshake, and dropped their links.
-            self.liveness.stalled(now, gap_s)
-            self.counters["loop_stalls"] += 1
-            logger.warning("router loop did not turn for %.1f s: workers get that time back to be heard", gap_s)
+        self._check_stall(now)
         wait_ms = max(0, min(max_wait_ms, int((self.next_deadline_s() - now) * 1000) + 1))
         ready = self._poller.poll(wait_ms)
         for sock, _ in ready:
@@ -343,6 +347,7 @@ class RouterService:
             # starvation, a slow handler) the workers' beats sit unread, they were not silent.
             self._drain_workers()
             now = max(now, self._clock())
+        self._check_stall(now)  # a stop in the middle of this turn is no worker's silence either
         for wid in self.liveness.expired(now):
             logger.warning("worker %s missed %d heartbeats: dead", wid, self.config.heartbeat.liveness)
             self._worker_gone(str(wid), ErrorCode.WORKER_DIED, "worker stopped answering heartbeats")

@@ -691,9 +691,14 @@ def test_a_stall_of_the_routers_own_loop_is_not_the_workers_silence(ctx):
         turns.advance(10.0)
         svc.run_once(0)
         assert "a" in svc.workers and svc.counters["loop_stalls"] == 1
+        # Stopped in the middle of a turn (after it started, before its upkeep judged anyone):
+        clock.advance(10.0)
+        turns.advance(10.0)
+        svc.tick(clock())
+        assert "a" in svc.workers and svc.counters["loop_stalls"] == 2
         clock.advance(TIMEOUT_S + ROUTER_BEAT_S)  # now the loop turns (no turn gap): a's own silence
         svc.run_once(0)
-        assert "a" not in svc.workers and svc.counters["loop_stalls"] == 1
+        assert "a" not in svc.workers and svc.counters["loop_stalls"] == 2
     finally:
         svc.close()
         w.close()
