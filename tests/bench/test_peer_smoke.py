@@ -53,5 +53,7 @@ def test_kvr_arm_answers_every_request_over_http(tmp_path) -> None:
     assert (row["requests"], row["completed"], row["errors"]) == (6, 6, 0)
     assert row["hit_rate"] > 0.5  # one worker holds both system prompts after their first request
     assert result.goals == []  # no peer arm, no comparison
-    # The router and its Redis were read from /proc around the drive: a real, positive figure.
-    assert 0.0 < row["router_cpu_ms_per_request"] < 1_000.0
+    # The router and its Redis were read from /proc around the drive: a real figure (NaN when unread).
+    # Not > 0: /proc counts in clock ticks (10 ms), more than 6 quick requests may cost.
+    cpu = row["router_cpu_ms_per_request"]
+    assert cpu == cpu and 0.0 <= cpu < 1_000.0
