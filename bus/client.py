@@ -23,7 +23,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from bus.codec import DecodeError, encode, reply_decoder
 from bus.schema import (
@@ -37,7 +36,7 @@ from bus.schema import (
     TokenChunk,
 )
 from bus.security import Curve
-from bus.sockets import MAX_REQUEST_BYTES, make_socket
+from bus.sockets import MAX_REQUEST_BYTES, make_socket, read_session_events
 
 logger = logging.getLogger(__name__)
 
@@ -142,17 +141,7 @@ class RouterClient:
         return finished
 
     def _read_monitor(self, finished: list[RequestResult]) -> None:
-        lost = False
-        while True:
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
-            except zmq.Again:
-                break
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._session_up = True
-            elif event == zmq.EVENT_DISCONNECTED and self._session_up:
-                self._session_up = False
-                lost = True
+        self._session_up, lost = read_session_events(self._monitor, self._session_up)
         if not lost:
             return
         self.connection_losses += 1

@@ -187,3 +187,26 @@ def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
     with socket.socket() as s:
         s.bind((host, 0))
         return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def read_session_events(monitor: zmq.Socket[Any], session_up: bool) -> tuple[bool, bool]:
+    """Every event waiting on a DEALER's socket monitor, folded: ``(session up now, a session that
+    was up was lost)``. A handshake brings the session up; a disconnect of an up session loses it
+    (a disconnect before any handshake is a failed dial, not a loss). A closed monitor reads as no
+    events (shutdown)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    lost = False
+    while True:
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+        except zmq.Again:
+            break
+        except zmq.ZMQError:  # closed at shutdown
+            break
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            session_up = True
+        elif event == zmq.EVENT_DISCONNECTED and session_up:
+            session_up = False
+            lost = True
+    return session_up, lost

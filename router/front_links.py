@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from bus.codec import DecodeError, encode, reply_decoder
 from bus.schema import CancelRequest, Completion, ErrorCode, ErrorReply, ReplyMessage, TokenChunk
 from bus.security import Curve
-from bus.sockets import MAX_REQUEST_BYTES, make_socket
+from bus.sockets import MAX_REQUEST_BYTES, make_socket, read_session_events
 
 logger = logging.getLogger(__name__)
 
@@ -217,19 +216,7 @@ class RouterLinks:
         self._deliver(reply)
 
     def _watch(self, link: _Link) -> None:
-        lost = False
-        while True:
-            try:
-                event = recv_monitor_message(link.monitor, zmq.NOBLOCK)["event"]
-            except zmq.Again:
-                break
-            except zmq.ZMQError:  # closed at shutdown
-                return
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                link.session_up = True
-            elif event == zmq.EVENT_DISCONNECTED and link.session_up:
-                link.session_up = False
-                lost = True
+        link.session_up, lost = read_session_events(link.monitor, link.session_up)
         if lost:
             self._lost(link)
 
