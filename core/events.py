@@ -13,12 +13,18 @@ Hashes are *external* block hashes: whatever the engine uses (a uint64, often
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
-# An engine's block id on the wire: uint64 (default) or 32-byte digest.
-ExternalBlockHash = int | bytes
+#: Lengths a byte block hash may have (vLLM's digests are 32 bytes; 8..64 leaves room for others).
+EXTERNAL_HASH_MIN_BYTES = 8
+EXTERNAL_HASH_MAX_BYTES = 64
+
+# An engine's block id on the wire: uint64 (default) or a digest. The bounds are checked by msgspec
+# while it decodes (in C: the decoder walks no event after it); msgpack bounds ints to int64..uint64.
+ExternalBlockHash = int | Annotated[bytes, msgspec.Meta(min_length=EXTERNAL_HASH_MIN_BYTES,
+                                                        max_length=EXTERNAL_HASH_MAX_BYTES)]
 
 #: ``medium`` of blocks held in the GPU block pool (offload tiers say CPU/STORAGE).
 MEDIUM_GPU = "GPU"
@@ -30,7 +36,7 @@ class BlockStored(msgspec.Struct, tag=True, omit_defaults=True):
     block_hashes: list[ExternalBlockHash]
     parent_block_hash: ExternalBlockHash | None
     token_ids: list[int]
-    block_size: int
+    block_size: Annotated[int, msgspec.Meta(ge=0)]
     lora_id: int | None
     medium: str | None
     lora_name: str | None

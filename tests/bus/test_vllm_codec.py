@@ -127,6 +127,11 @@ def test_unknown_keys_are_ignored_and_unknown_types_skipped_and_counted() -> Non
         msgspec.msgpack.encode([1.0, [{"type": "BlockRemoved", "block_hashes": ["x"], "medium": None}], 0]),
         msgspec.msgpack.encode([1.0, [{"type": "BlockRemoved", "block_hashes": [b"ab"], "medium": None}], 0]),
         msgspec.msgpack.encode([1.0, [["BlockRemoved"]], 0]),
+        # Ranges the map form's fast path leaves to msgspec (core.events' Meta bounds):
+        encode_batch(KVEventBatch(1.0, [BlockStored([5], None, [1] * 16, -1, None, None, None)], 0)),
+        encode_batch(KVEventBatch(1.0, [BlockStored([5], b"\x01" * 7, [1] * 16, 16, None, None, None)], 0)),
+        encode_batch(KVEventBatch(1.0, [BlockStored([b"\x01" * 65], None, [1] * 16, 16, None, None, None)], 0)),
+        encode_batch(KVEventBatch(1.0, [BlockRemoved([3, b"\x01" * 7], "GPU")], 0)),
         b"\x93\xcb" + b"\x00" * 8 + b"\x91\xcf\xff",
     ],
 )
