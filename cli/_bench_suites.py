@@ -1,4 +1,4 @@
-"""``kvr bench overhead|basic|scale|stale|peer|peer-agreement|fuzz|faults|replicas|goodput``: the suites
+"""``kvr bench overhead|basic|scale|stale|peer|peer-agreement|fuzz|faults|replicas|goodput|light-load``: the suites
 of the ``bench/`` package.
 
 Each command only parses options, runs the suite with a progress bar (stderr) and writes
@@ -271,6 +271,33 @@ def goodput(out_dir, as_json, quick, repeats, seed, policies, workers, slo_ttft_
     finish(result, out_dir, as_json, plot=plot)
 
 
+@click.command("light-load")
+@_with_common
+@click.option("--policy", "policies", multiple=True, type=click.Choice(POLICY_NAMES),
+              help="Policies to compare (repeatable; default: kvr and round_robin).")
+@click.option("--workers", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--rates", default="2,4,8", show_default=True, help="Poisson rates, requests/s (comma-separated).")
+@click.option("--requests", type=click.IntRange(min=1), default=80, show_default=True, help="Requests per rate.")
+def light_load(out_dir, as_json, quick, repeats, seed, policies, workers, rates, requests) -> None:
+    """At light load: requests spread over idle workers, and cache hits at least as fast as misses."""
+    from bench.light_load import LightLoadConfig, display_tables, run
+    from bench.progress import RichProgress
+
+    try:
+        rate_list = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a list of numbers: {rates!r}", param_hint="--rates") from None
+    if not rate_list or min(rate_list) <= 0:
+        raise click.BadParameter("rates must be positive", param_hint="--rates")
+    cfg = LightLoadConfig.quick() if quick else LightLoadConfig(workers=workers, rates_per_s=rate_list,
+                                                                requests=requests)
+    if policies:
+        cfg.policies = list(policies)
+    cfg.seed = seed
+    result = run(cfg, command=_command_line(), progress=RichProgress("light-load"))
+    finish(result, out_dir, as_json, display=display_tables(result))
+
+
 @click.command("stale")
 @_with_common
 @click.option("--fault", "faults", multiple=True,
@@ -364,5 +391,5 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-SUITE_COMMANDS = [overhead, basic, peer, peer_agreement, scale, stale, fuzz, faults, replicas, goodput]
+SUITE_COMMANDS = [overhead, basic, peer, peer_agreement, scale, stale, fuzz, faults, replicas, goodput, light_load]
 

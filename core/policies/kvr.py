@@ -8,7 +8,10 @@ Per candidate::
     queue_s       = ttft_s − prefill_s(new_tokens = prompt − cached, cached_tokens = cached)
 
 ``queued`` is the prefill work already waiting on that worker: with continuous batching it is
-computed in the same steps as ours (FCFS), so the step overhead is paid once, not twice.
+computed in the same steps as ours (FCFS), so the step overhead is paid once, not twice. A worker
+with requests in flight also makes ours wait for the step in progress and share its prefill step
+with their decodes (``batch_wait_s``, counted in ``queue_s``): at light load that sends a short
+shared prefix to an idle worker rather than behind its busy holder.
 
 The policy minimises ``score = ttft_s + miss_weight × prefill_s(uncached part alone)``. Greedy
 TTFT alone (``miss_weight`` 0) ignores that an uncached prefill is work every later request on
@@ -135,6 +138,11 @@ class KvrPolicy:
             ttft_s = self.latency.prefill_s(new_tokens=queued + new, cached_tokens=cached)
             queue_s = ttft_s - alone_s
         score = ttft_s + self.miss_weight * alone_s
+        busy_s = self.batch_wait_s(w.load.in_flight)
+        if busy_s:
+            ttft_s += busy_s
+            queue_s += busy_s
+            score += busy_s
         if self.kv_weight and w.capacity_blocks > 0:
             # KV pressure: blocks this request needs beyond what the requests in flight there
             # leave free. vLLM then holds it waiting or preempts a running request, whose prefill
@@ -146,6 +154,28 @@ class KvrPolicy:
             if overflow > 0:
                 score += self.kv_weight * self.latency.prefill_s(new_tokens=overflow * bs)
         return ttft_s, queue_s, cached, score
+
+    def batch_wait_s(self, in_flight: int) -> float:
+        """What ``in_flight`` sequences already in a target's batch add to this request's TTFT.
+
+        The request waits for the step in progress (half a decode step on average), and the step
+        that prefills it also advances those sequences by one token each (continuous batching mixes
+        them in one forward pass). Both come from the engine's latency model; a model with no step
+        (``LinearPrefillModel``) charges nothing. Without this an idle worker and one busy decoding
+        looked alike, and at light load every request of a shared prefix went to its one holder
+        while the others idled: in a ``kvr up -n 4`` session 36 of 40 overlapping ``kvr send``
+        requests went to one worker, their hits slower (62 ms) than a miss on an idle worker (29 ms).
+        """
+        if in_flight <= 0:
+            return 0.0
+        latency = self.latency
+        step = getattr(latency, "step_s", None)
+        decode = getattr(latency, "decode_token_s", None)
+        if step is None or decode is None:
+            return 0.0
+        with_batch = step(prefill_tokens=1, decode_seqs=in_flight, kv_tokens=0)
+        alone = step(prefill_tokens=1, decode_seqs=0, kv_tokens=0)
+        return float(0.5 * decode(batch_size=in_flight, kv_tokens=0) + (with_batch - alone))
 
     def load_bound(self, candidates: Sequence[WorkerState]) -> float:
         mean = (sum(w.load.in_flight for w in candidates) + 1) / len(candidates)
@@ -181,6 +211,8 @@ class KvrPolicy:
         idle_memo: dict[int, float] = {}  # cached tokens -> score, for targets with no queued prefill
         memo: dict[tuple[int, int], float] = {}  # (cached tokens, queued prefill) -> score
         kv_charge: dict[int, float] = {}
+        busy_memo: dict[int, float] = {}  # in flight -> batch_wait_s
+        batch_wait = self.batch_wait_s
         raw: list[float] = []
         append = raw.append
         total = 0
@@ -217,6 +249,12 @@ class KvrPolicy:
                     new = prompt - cached
                     alone_s = prefill(new_tokens=new, cached_tokens=cached)
                     score = memo[key] = prefill(new_tokens=queued + new, cached_tokens=cached) + miss_weight * alone_s
+            if in_flight > 0:
+                busy_s = busy_memo.get(in_flight)
+                if busy_s is None:
+                    busy_s = busy_memo[in_flight] = batch_wait(in_flight)
+                if busy_s:
+                    score += busy_s
             capacity = w[4]
             if kv_weight and capacity > 0:
                 overflow = load[4] + load[6] + need0 - cached // bs - capacity
@@ -297,6 +335,14 @@ class KvrPolicy:
                     value = memo[(c, q)] = prefill(new_tokens=q + new, cached_tokens=c) + miss_weight * alone_s
                 values.append(value)
             score[busy] = values
+        in_flight = cols.in_flight
+        if in_flight.any():  # the batch a request joins (``batch_wait_s``), per distinct count
+            counts, which_count = np.unique(in_flight, return_inverse=True)
+            waits = np.array([self.batch_wait_s(c) for c in counts.tolist()], dtype=np.float64)
+            if waits.any():
+                wait_col = waits[which_count.reshape(-1)]
+                charged = wait_col != 0.0  # (adding 0.0 is exact too; this keeps choose's order explicit)
+                score[charged] += wait_col[charged]
         capacity = cols.capacity_blocks
         if kv_weight and capacity.max() > 0:  # (no target with a known capacity: no charge)
             need0 = -(-prompt // bs) + decode_blocks_estimate(request.max_tokens, bs)
@@ -307,7 +353,6 @@ class KvrPolicy:
                 charges = np.array([kv_weight * prefill(new_tokens=v * bs) for v in overflows.tolist()],
                                    dtype=np.float64)
                 score[hit] += charges[which.reshape(-1)]
-        in_flight = cols.in_flight
         at_best = score == score.min()
         best_if = int(in_flight[at_best].min())
         tied = np.flatnonzero(at_best & (in_flight == best_if)).tolist()

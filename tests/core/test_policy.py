@@ -271,6 +271,31 @@ def test_kvr_kv_pressure_prices_blocks_beyond_what_the_requests_in_flight_leave_
     assert choose(10, unknown, idle).scores[T[0]] == pytest.approx(16)
 
 
+def test_kvr_prices_the_decode_batch_a_request_joins():
+    """Light load: a short prefix's holder busy decoding loses to an idle worker; a long one does not."""
+    from core.latency import SimpleLatencyModel
+
+    lat = SimpleLatencyModel(prefill_base_s=0.015, prefill_per_block_s=0.002, decode_per_token_s=0.020, block_size=BS)
+    p = KvrPolicy(block_size=BS, latency=lat)
+    # Waiting for the step in progress (half a decode step) + the decodes sharing our prefill step.
+    assert p.batch_wait_s(0) == 0.0
+    assert p.batch_wait_s(3) == pytest.approx(0.5 * 0.020 + 0.020)
+    assert KvrPolicy(block_size=BS).batch_wait_s(3) == 0.0  # LinearPrefillModel has no step: no charge
+    # 44 tokens: 3 blocks to prefill (21 ms) on an idle worker, 2 (19 ms) on the holder of the first.
+    short = req(list(range(44)))
+    d = p.choose(short, [ws(0, overlap=1, in_flight=3), ws(1), ws(2)], now=0, rng=random.Random(0))
+    assert d.target in (T[1], T[2])
+    assert d.scores == {T[0]: pytest.approx(19 + 10 * 19 + 30), T[1]: pytest.approx(21 + 10 * 21),
+                        T[2]: pytest.approx(21 + 10 * 21)}
+    alone = p.choose(short, [ws(0, overlap=1, in_flight=3)], now=0, rng=random.Random(0)).reason
+    assert "predicted TTFT 49.000 ms = queue 30.000 + prefill 19.000" in alone
+    assert p.predict(short, ws(0, overlap=1, in_flight=3))[:2] == (pytest.approx(0.049), pytest.approx(0.030))
+    # The same holder idle: the cache wins, as before.
+    assert p.choose(short, [ws(0, overlap=1), ws(1), ws(2)], now=0, rng=random.Random(0)).target == T[0]
+    # A long cached prefix is worth joining a busy batch: 9 of 10 blocks cached saves 18 ms × 11.
+    assert p.choose(req(PROMPT), [ws(0, overlap=10, in_flight=3), ws(1)], now=0, rng=random.Random(0)).target == T[0]
+
+
 def test_output_blocks_are_estimated_from_max_tokens_capped_at_512_tokens():
     from core.policies.base import decode_blocks_estimate
 
