@@ -55,7 +55,7 @@ Ties (equal predicted TTFT) go to fewer in flight, then uniformly at random.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -274,8 +274,14 @@ class KvrPolicy:
         if best_if + 1 > bound:  # the best is over the bound: the best of the others instead
             over, tied = _within_bound(raw, [w[2][0] for w in candidates], bound)
         pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
+        sooner = None
+        if candidates[pick][2][0] > 0 and total < len(candidates):  # light load: see _sooner_idle
+            idle = [i for i, w in enumerate(candidates) if w[2][0] <= 0 and w[2][3] <= 0]
+            if idle:
+                pick, sooner = self._sooner_idle(request, candidates.__getitem__, pick, idle, raw, rng)
         scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(candidates, raw, strict=True)})
-        return self._decision(request, candidates[pick], [candidates[i].target for i in over], bound, scores)
+        return self._decision(request, candidates[pick], [candidates[i].target for i in over], bound, scores,
+                              sooner_than=sooner)
 
     def choose_columns(self, request: RouteRequest, cols: FleetColumns, *, now: float,
                        rng: random.Random) -> Decision:
@@ -362,20 +368,54 @@ class KvrPolicy:
         if best_if + 1 > bound:  # the best is over the bound: the best of the others instead (as choose)
             over, tied = _within_bound(score.tolist(), in_flight.tolist(), bound)
         pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
+        sooner = None
+        if in_flight[pick] > 0 and int(in_flight.sum()) < n:  # light load: see _sooner_idle
+            idle = np.flatnonzero((in_flight <= 0) & (cols.queued_prefill_tokens <= 0)).tolist()
+            if idle:
+                pick, sooner = self._sooner_idle(request, cols.state, pick, idle, score.tolist(), rng)
         states = cols.states
         scores = LazyScores(lambda: {w[0]: s * 1e3 for w, s in zip(states, score.tolist(), strict=True)})
-        return self._decision(request, cols.state(pick), [states[i].target for i in over], bound, scores)
+        return self._decision(request, cols.state(pick), [states[i].target for i in over], bound, scores,
+                              sooner_than=sooner)
+
+    def _sooner_idle(self, request: RouteRequest, state_of: Callable[[int], WorkerState], pick: int,
+                     idle: list[int], scores: Sequence[float], rng: random.Random) -> tuple[int, WorkerKey | None]:
+        """At light load, a busy pick must answer first (both ``choose`` paths).
+
+        Called when the fleet has fewer requests in flight than candidates, ``pick`` has some of them
+        and ``idle`` (candidate indices, ascending) have none and no queued prefill. The score charges
+        an uncached prefill ``miss_weight`` times again because later requests queue behind it;
+        while workers idle, nothing does, and that charge alone can keep a short shared prefix on
+        its busy holder although an idle worker would answer sooner (issue 16: a cache hit slower
+        than a miss, most requests on one worker). So when the best-scored idle candidate's
+        predicted TTFT is below the pick's, it takes the request instead (ties drawn from ``rng``,
+        as the main rule). Returns ``(pick, the target it replaced or None)``.
+
+        Only at light load: with as many requests in flight as workers, balancing honest workers
+        this way keeps every one under the load bound, and a distrusted target (``core/trust.py``),
+        which competes on load alone, then gets no spill and no evidence to regain trust with.
+        """
+        best = min(scores[i] for i in idle)
+        tied = [i for i in idle if scores[i] == best]
+        busy_ttft_s = self.predict(request, state_of(pick))[0]
+        if self.predict(request, state_of(tied[0]))[0] >= busy_ttft_s:
+            return pick, None
+        replaced = state_of(pick).target
+        return (tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]), replaced
 
     def _decision(self, request: RouteRequest, chosen: WorkerState, over: list[WorkerKey], bound: float,
-                  scores: LazyScores) -> Decision:
-        """The Decision for ``chosen`` (both ``choose`` paths): its prediction as the reason, and the
-        targets the load bound excluded, if any."""
+                  scores: LazyScores, *, sooner_than: WorkerKey | None = None) -> Decision:
+        """The Decision for ``chosen`` (both ``choose`` paths): its prediction as the reason, the
+        targets the load bound excluded, if any, and the busy best-scored target an idle one
+        replaced (``_sooner_idle``), if any."""
         ttft_s, queue_s, cached, _ = self.predict(request, chosen)
         reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
                   f"{(ttft_s - queue_s) * 1e3:.3f} (cached {cached}/{request.prompt_tokens} tokens, "
                   f"{chosen.confidence.value})")
         if over:
             reason += f"; over the load bound {bound:.1f}: {', '.join(str(t) for t in over)}"
+        if sooner_than is not None:
+            reason += f"; idle, sooner than {sooner_than} (busy)"
         unit = "predicted TTFT ms" if not self.miss_weight else f"TTFT + {self.miss_weight:g} x own prefill, ms"
         return Decision(chosen.target, scores, reason, self.name, unit, chosen.overlap_blocks)
 

@@ -44,6 +44,14 @@ def reference_choose(policy: KvrPolicy, request: RouteRequest, candidates, rng):
         best = min((scores[i] * 1e3, in_flight[i]) for i in allowed)
         tied = [i for i in allowed if (scores[i] * 1e3, in_flight[i]) == best]
     pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
+    sooner = None  # a busy pick yields to the best-scored idle candidate when that answers sooner
+    idle = [i for i, w in enumerate(candidates) if w.load.in_flight <= 0 and w.load.queued_prefill_tokens <= 0]
+    if in_flight[pick] > 0 and idle and sum(in_flight) < len(candidates):
+        best_idle = min(scores[i] for i in idle)
+        tied_idle = [i for i in idle if scores[i] == best_idle]
+        if preds[tied_idle[0]][0] < preds[pick][0]:
+            sooner = candidates[pick].target
+            pick = tied_idle[0] if len(tied_idle) == 1 else tied_idle[rng.randrange(len(tied_idle))]
     ttft_s, queue_s, cached, _ = preds[pick]
     chosen = candidates[pick]
     reason = (f"predicted TTFT {ttft_s * 1e3:.3f} ms = queue {queue_s * 1e3:.3f} + prefill "
@@ -51,6 +59,8 @@ def reference_choose(policy: KvrPolicy, request: RouteRequest, candidates, rng):
               f"{chosen.confidence.value})")
     if over:
         reason += f"; over the load bound {bound:.1f}: {', '.join(str(candidates[i].target) for i in over)}"
+    if sooner is not None:
+        reason += f"; idle, sooner than {sooner} (busy)"
     return chosen.target, reason, {w.target: s * 1e3 for w, s in zip(candidates, scores, strict=True)}
 
 

@@ -292,8 +292,39 @@ def test_kvr_prices_the_decode_batch_a_request_joins():
     assert p.predict(short, ws(0, overlap=1, in_flight=3))[:2] == (pytest.approx(0.049), pytest.approx(0.030))
     # The same holder idle: the cache wins, as before.
     assert p.choose(short, [ws(0, overlap=1), ws(1), ws(2)], now=0, rng=random.Random(0)).target == T[0]
-    # A long cached prefix is worth joining a busy batch: 9 of 10 blocks cached saves 18 ms × 11.
-    assert p.choose(req(PROMPT), [ws(0, overlap=10, in_flight=3), ws(1)], now=0, rng=random.Random(0)).target == T[0]
+    # A long cached prefix is worth joining a busy batch: 39 of 40 blocks cached, 17 + 30 ms against 95.
+    long = req(list(range(640)))
+    assert p.choose(long, [ws(0, overlap=40, in_flight=3), ws(1)], now=0, rng=random.Random(0)).target == T[0]
+
+
+def test_kvr_busy_holder_yields_to_an_idle_worker_that_answers_sooner_at_light_load():
+    """The miss charge (later requests queue behind a prefill) must not keep a request on a busy
+    holder while an idle worker would answer it sooner: at light load nothing queues."""
+    from core.latency import SimpleLatencyModel
+
+    lat = SimpleLatencyModel(prefill_base_s=0.015, prefill_per_block_s=0.002, decode_per_token_s=0.020, block_size=BS)
+    p = KvrPolicy(block_size=BS, latency=lat)
+    r = req(PROMPT)  # 160 tokens: 9 blocks cached on w0 leave 1 to prefill
+    # Scores: busy holder 17 + 30 + 10 × 17 = 217 ms, idle miss 35 + 10 × 35 = 385: the holder scores best,
+    # but answers in 47 ms against 35. Three requests in flight on four workers: light load.
+    cands = [ws(0, overlap=9, in_flight=2), ws(1), ws(2, in_flight=1), ws(3, queued_prefill_tokens=16)]
+    d = p.choose(r, cands, now=0, rng=random.Random(0))
+    assert d.target == T[1] and d.scores[T[0]] == pytest.approx(217) and d.scores[T[1]] == pytest.approx(385)
+    assert d.reason.endswith("; idle, sooner than w0/0 (busy)") and "predicted TTFT 35.000 ms" in d.reason
+    # No idle worker (w1 has prefill queued too): the best score stands.
+    cands[1] = ws(1, queued_prefill_tokens=16)
+    d = p.choose(r, cands, now=0, rng=random.Random(0))
+    assert d.target == T[0] and "sooner" not in d.reason
+    # As many requests in flight as workers: not light load, the best score stands.
+    d = p.choose(r, [ws(0, overlap=9, in_flight=3), ws(1), ws(2)], now=0, rng=random.Random(0))
+    assert d.target == T[0] and "sooner" not in d.reason
+    # Idle but slower (a cold 640-token prompt: 95 ms against 17 + 30): the busy holder keeps it.
+    long = req(list(range(640)))
+    assert p.choose(long, [ws(0, overlap=40, in_flight=1), ws(1)], now=0, rng=random.Random(0)).target == T[0]
+    # Ties among the idle ones are drawn, as the main rule's.
+    picks = {p.choose(r, [ws(0, overlap=9, in_flight=2), ws(1), ws(2)], now=0, rng=random.Random(s)).target
+             for s in range(20)}
+    assert picks == {T[1], T[2]}
 
 
 def test_output_blocks_are_estimated_from_max_tokens_capped_at_512_tokens():
