@@ -303,3 +303,202 @@ def _wait_ready(arms, cfg: EchoConfig, router: subprocess.Popen) -> None:
                 time.sleep(0.1)
 
 
+
+
+# ---------------------------------------------------------------------------- over HTTP
+
+#: The body the raw HTTP relay answers with: a non-streamed completion of one token, shaped as kvr's.
+_RELAY_COMPLETION_BODY = (b'{"id":"cmpl-relay","object":"text_completion","created":0,"model":"echo",'
+                          b'"choices":[{"index":0,"text":"x","logprobs":null,"finish_reason":"length"}],'
+                          b'"usage":{"prompt_tokens":1024,"completion_tokens":1,"total_tokens":1025,'
+                          b'"prompt_tokens_details":{"cached_tokens":0}}}')
+
+
+def _http_relay_main(port: int, worker_endpoint: str, stop) -> None:
+    """The floor of an HTTP router on the same libraries as kvr's front: aiohttp in, one ZMQ hop to a
+    worker and back, the worker's socket read from the loop's epoll as kvr's front reads its own.
+    It forwards the body without parsing it and answers a fixed completion."""
+    import asyncio
+    import itertools
+
+    import zmq
+    from aiohttp import web
+
+    from bus.sockets import make_router
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ctx = zmq.Context()
+        workers, _ = make_router(ctx, worker_endpoint)
+        waiting: dict[bytes, asyncio.Future] = {}
+        worker: list[bytes] = []
+        ids = itertools.count()
+
+        def drain() -> None:
+            # ZMQ's FD is edge-triggered: read until EAGAIN on every wake-up and after every send.
+            while workers.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                frames = workers.recv_multipart(zmq.NOBLOCK)
+                if len(frames) == 2 and frames[1] == b"hello":
+                    worker[:] = [frames[0]]
+                    continue
+                fut = waiting.pop(frames[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+        loop.add_reader(workers.getsockopt(zmq.FD), drain)
+
+        async def complete(request: web.Request) -> web.Response:
+            body = await request.read()
+            if not worker:
+                return web.Response(status=503)
+            rid = str(next(ids)).encode()
+            fut = waiting[rid] = loop.create_future()
+            workers.send_multipart([worker[0], rid, body])
+            drain()
+            await fut
+            return web.Response(body=_RELAY_COMPLETION_BODY, content_type="application/json")
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", complete)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+        finally:
+            loop.remove_reader(workers.getsockopt(zmq.FD))
+            await runner.cleanup()
+            ctx.destroy(linger=0)
+
+    asyncio.run(main())
+
+
+class _HttpArm:
+    """One keep-alive HTTP/1.1 connection: ``POST /v1/completions``, non-streamed, one output token."""
+
+    def __init__(self, name: str, port: int) -> None:
+        self.name = name
+        self.port = port
+        self.conn = None
+
+    def reset(self) -> None:
+        import http.client
+
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5.0)
+
+    def round_trip(self, body: bytes, timeout_s: float) -> float:
+        """Seconds from send to the whole response; raises unless it is a 200."""
+        if self.conn is None:
+            self.reset()
+        self.conn.timeout = timeout_s
+        t0 = time.perf_counter()
+        try:
+            self.conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+            response = self.conn.getresponse()
+            data = response.read()
+        except OSError as exc:
+            self.reset()  # a fresh connection for the next try
+            raise RuntimeError(f"{self.name}: {exc}") from None
+        elapsed = time.perf_counter() - t0
+        if response.status != 200:
+            raise RuntimeError(f"{self.name}: HTTP {response.status} {data[:200]!r}")
+        return elapsed
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def _http_bodies(cfg: EchoConfig, tag: str, n: int) -> list[bytes]:
+    import json
+
+    rnd = random.Random(f"{cfg.seed}-{tag}")
+    return [json.dumps({"prompt": [rnd.randrange(151_936) for _ in range(cfg.prompt_tokens)],
+                        "max_tokens": 1, "stream": False}).encode() for _ in range(n)]
+
+
+def router_vs_http_relay(cfg: EchoConfig | None = None, progress=None) -> list[dict]:
+    """Round trips through ``kvr router``'s HTTP front against the raw HTTP relay, arms interleaved per
+    repetition; one row per arm with the ratios to the relay (the kvr row last)."""
+    from bus.redis_server import EmbeddedRedis, free_loopback_port
+    from bus.sockets import free_tcp_endpoint
+    from cluster.local import kvr_argv
+
+    cfg = cfg or EchoConfig()
+    mp = multiprocessing.get_context("spawn")
+    stop = mp.Event()
+    ep = lambda: f"tcp://127.0.0.1:{free_loopback_port()}"  # noqa: E731
+    router_workers, relay_workers = ep(), ep()
+    router_http, relay_http = free_loopback_port(), free_loopback_port()
+    redis_proc = EmbeddedRedis(kind="redis-server").start()
+    router = subprocess.Popen(
+        kvr_argv("router", "--bind-clients", ep(), "--bind-workers", router_workers, "--bind-metrics", ep(),
+                 "--http-port", str(router_http), "--http-host", "127.0.0.1", "--redis-url", redis_proc.url,
+                 "--namespace", "echo-http", log_level="WARNING"),
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    children = [mp.Process(target=_instant_worker_main, args=(router_workers, free_tcp_endpoint(), stop), daemon=True),
+                mp.Process(target=_http_relay_main, args=(relay_http, relay_workers, stop), daemon=True),
+                mp.Process(target=_raw_worker_main, args=(relay_workers, stop), daemon=True)]
+    for child in children:
+        child.start()
+    arms = [_HttpArm("kvr router, HTTP", router_http), _HttpArm("raw HTTP relay (2 hops)", relay_http)]
+    middle = {"kvr router, HTTP": router.pid, "raw HTTP relay (2 hops)": children[1].pid}
+    samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in arms}
+    cpu_us: dict[str, list[float]] = {a.name: [] for a in arms}
+    try:
+        _wait_ready_http(arms, cfg, router)
+        for rep in range(cfg.repeats):
+            for arm in arms:
+                bodies = _http_bodies(cfg, f"{rep}-{arm.name[:3]}", cfg.warmup + cfg.requests)
+                for b in bodies[:cfg.warmup]:
+                    arm.round_trip(b, cfg.reply_timeout_s)
+                c0 = proc_cpu_s(middle[arm.name])
+                rtts = sorted(arm.round_trip(b, cfg.reply_timeout_s) for b in bodies[cfg.warmup:])
+                c1 = proc_cpu_s(middle[arm.name])
+                if c0 is not None and c1 is not None:
+                    cpu_us[arm.name].append((c1 - c0) * 1e6 / cfg.requests)
+                samples[arm.name].append((percentile(rtts, 50) * 1e6, percentile(rtts, 99) * 1e6))
+            if progress is not None:
+                progress.step(f"HTTP repetition {rep + 1}")
+    finally:
+        for arm in arms:
+            arm.close()
+        stop.set()
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+        stop_process(router, group=True)
+        redis_proc.stop()
+    relay = samples["raw HTTP relay (2 hops)"]
+    rows = []
+    for name in ("raw HTTP relay (2 hops)", "kvr router, HTTP"):
+        reps = samples[name]
+        rows.append({"arm": name, "requests": cfg.requests, "prompt_tokens": cfg.prompt_tokens,
+                     "rtt_p50_us": spread(r[0] for r in reps), "rtt_p99_us": spread(r[1] for r in reps),
+                     "ratio_p50": spread(r[0] / b[0] for r, b in zip(reps, relay, strict=True)),
+                     "ratio_p99": spread(r[1] / b[1] for r, b in zip(reps, relay, strict=True)),
+                     "added_p50_us": spread(r[0] - b[0] for r, b in zip(reps, relay, strict=True)),
+                     "middle_cpu_us_per_request": spread(cpu_us[name])})
+    return rows
+
+
+def _wait_ready_http(arms, cfg: EchoConfig, router: subprocess.Popen) -> None:
+    """Every HTTP arm answers 200 (the router's instant worker registered; the relay's worker said hello)."""
+    deadline = time.monotonic() + cfg.ready_timeout_s
+    for arm in arms:
+        while True:
+            if router.poll() is not None:
+                err = router.stderr.read().decode(errors="replace")[-2000:] if router.stderr else ""
+                raise RuntimeError(f"kvr router exited with {router.returncode}: {err}")
+            try:
+                arm.round_trip(_http_bodies(cfg, "ready", 1)[0], 0.5)
+                break
+            except (TimeoutError, RuntimeError) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{arm.name} not ready within {cfg.ready_timeout_s} s: {exc}") from None
+                arm.reset()
+                time.sleep(0.1)

@@ -228,7 +228,7 @@ def run(cfg: OverheadConfig, *, command: str = "kvr bench overhead", progress=No
 
     progress = progress or NullProgress()
     n_steps = (len(cfg.workers) * len(cfg.index_blocks) + cfg.repeats * (3 if cfg.redis else 2) + 1
-               + (1 if cfg.echo else 0))
+               + (2 if cfg.echo else 0))
     progress.start(n_steps, "starting")
     result = SuiteResult("overhead", command, _config_dict(cfg))
     decision_rows, policy_rows = decision_latency(cfg, progress)
@@ -257,11 +257,13 @@ def run(cfg: OverheadConfig, *, command: str = "kvr bench overhead", progress=No
              if "background" in r["path"] else "one pipeline per batch (router/ingest.py)"}
             for r in result.tables["ingestion"] if r["mirror"]]
         if cfg.echo:
-            from bench.echo import EchoConfig, router_vs_echo
+            from bench.echo import EchoConfig, router_vs_echo, router_vs_http_relay
 
-            result.tables["router-added latency"] = router_vs_echo(
-                EchoConfig(requests=cfg.echo_requests, repeats=cfg.repeats, seed=cfg.seed))
+            echo_cfg = EchoConfig(requests=cfg.echo_requests, repeats=cfg.repeats, seed=cfg.seed)
+            result.tables["router-added latency"] = router_vs_echo(echo_cfg)
             progress.step("router vs raw echo")
+            result.tables["router-added latency, HTTP"] = router_vs_http_relay(echo_cfg)
+            progress.step("router vs raw HTTP relay")
     finally:
         if client is not None:
             client.close()
@@ -300,6 +302,14 @@ def _goals(cfg: OverheadConfig, result: SuiteResult) -> None:
         r = echo[-1]
         result.goals.append(Goal("router round trip / raw ZMQ echo", r["ratio_p50"]["median"], 2.0, "×", False,
                                  "p50 ratio, same sockets, same run"))
+        result.goals.append(Goal("router round trip / raw ZMQ relay, p99", r["ratio_p99"]["median"], 3.0, "×", False,
+                                 "p99 ratio, same sockets, same run"))
+    http = result.tables.get("router-added latency, HTTP")
+    if http:
+        r = http[-1]
+        for q, target in (("p50", 2.0), ("p99", 3.0)):
+            result.goals.append(Goal(f"router round trip / raw HTTP relay, {q}", r[f"ratio_{q}"]["median"], target,
+                                     "×", False, f"{q} ratio; aiohttp and one ZMQ hop in both, same run"))
 
 
 def display_tables(result: SuiteResult) -> dict[str, list[dict]]:

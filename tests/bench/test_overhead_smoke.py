@@ -92,6 +92,20 @@ def test_router_vs_raw_echo_measures_three_arms_through_real_processes() -> None
     assert kvr["middle_cpu_us_per_request"]["n"] == 1
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_router_vs_raw_http_relay_measures_both_fronts_through_real_processes() -> None:
+    from bench.echo import EchoConfig, router_vs_http_relay
+
+    rows = router_vs_http_relay(EchoConfig(requests=20, repeats=1, warmup=2, prompt_tokens=64))
+    assert [r["arm"] for r in rows] == ["raw HTTP relay (2 hops)", "kvr router, HTTP"]
+    relay, kvr = rows
+    assert relay["ratio_p50"]["median"] == 1.0 and relay["requests"] == kvr["requests"] == 20
+    assert kvr["rtt_p99_us"]["median"] >= kvr["rtt_p50_us"]["median"] > 0
+    assert kvr["ratio_p99"]["median"] == pytest.approx(kvr["rtt_p99_us"]["median"] / relay["rtt_p99_us"]["median"])
+    assert kvr["middle_cpu_us_per_request"]["n"] == relay["middle_cpu_us_per_request"]["n"] == 1
+
+
 def test_every_suite_is_a_kvr_bench_command() -> None:
     from click.testing import CliRunner
 
