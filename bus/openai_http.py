@@ -112,10 +112,18 @@ def usage_body(*, prompt_tokens: int, completion_tokens: int, cached_tokens: int
 
 def decode_json_body(raw: bytes) -> dict[str, Any]:
     """A request body → its JSON object, or a 400 (an empty body is ``{}``)."""
+    raw = raw or b"{}"
     try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
-        raise bad_request(f"invalid JSON: {str(exc)[:200]}") from None
+        # msgspec: a 1,024-token prompt's int list decodes several times faster than with json.loads
+        # (which was ~9 % of the router's CPU per HTTP request).
+        body = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, ValueError, UnicodeDecodeError, RecursionError):
+        # msgspec is stricter (NaN, 1e400, a lone surrogate) and its messages are about bytes: the
+        # standard library then decides, as it always did, and says what is wrong.
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
+            raise bad_request(f"invalid JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
@@ -136,6 +144,16 @@ class CompletionBody:
     return_token_ids: bool
 
 
+def _all_ints(values: list[Any]) -> bool:
+    """Every item an int and none a bool. The types are collected in C first (what a JSON decoder
+    gives: exactly ``int``); only a list holding something else is walked in Python, so that an int
+    subclass other than bool still counts."""
+    types = set(map(type, values))
+    if types <= {int}:
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+
+
 def parse_prompt(body: dict[str, Any], *, chat: bool) -> tuple[str | None, list[int] | None]:
     """``(text, token ids)`` of a body's prompt, one of them ``None``: a chat's ``messages`` with the
     chat template applied, or ``prompt`` (a string, token ids, or a batch of one); else a 400."""
@@ -152,9 +170,9 @@ def parse_prompt(body: dict[str, Any], *, chat: bool) -> tuple[str | None, list[
             p = p[0]  # a batch of one
         if isinstance(p, str):
             prompt = p
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            bad = next((t for t in p if not 0 <= t < MAX_TOKEN_ID), None)
-            if bad is not None:
+        elif isinstance(p, list) and _all_ints(p):
+            if p and (min(p) < 0 or max(p) >= MAX_TOKEN_ID):
+                bad = next(t for t in p if not 0 <= t < MAX_TOKEN_ID)
                 raise bad_request(f"token id {bad} is outside [0, {MAX_TOKEN_ID})")
             token_ids = p  # empty: the router's or the engine's "empty prompt" answer
         else:
