@@ -71,6 +71,7 @@ class PeerConfig:
     request_timeout_s: float = 60.0
     ready_timeout_s: float = 90.0
     out_dir: str = ""
+    busy: bool = False  # a process spinning on one core for the whole run, every arm alike
 
     @classmethod
     def quick(cls) -> PeerConfig:
@@ -295,11 +296,41 @@ def run_vllm_router_arm(cfg: PeerConfig, policy: str, workload, run_dir: Path, s
         sup.stop()
 
 
+def _spin(stop) -> None:
+    while not stop.is_set():
+        for _ in range(100_000):
+            pass
+
+
+class CoreBurner:
+    """One process that keeps a core busy until closed (``--busy``: issue 15 asks how a router's TTFT
+    p99 holds when another process burns one of the machine's cores). A context manager."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self.process = ctx.Process(target=_spin, args=(self._stop,), daemon=True, name="kvr-core-burner")
+
+    def __enter__(self) -> CoreBurner:
+        self.process.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+
+
 def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> SuiteResult:
     progress = progress or NullProgress()
     root = Path(cfg.out_dir or tempfile.mkdtemp(prefix="kvr-bench-peer-"))
     progress.start(len(cfg.arms) * cfg.repeats, "starting")
     per_arm: dict[str, list[dict]] = {a: [] for a in cfg.arms}
+    burner = CoreBurner().__enter__() if cfg.busy else None
     try:
         for rep in range(cfg.repeats):
             seed = cfg.seed + rep
@@ -320,6 +351,8 @@ def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> S
                               f"router CPU {m['router_cpu_ms_per_request']:.2f} ms/request")
                 settle(0.5)
     finally:
+        if burner is not None:
+            burner.__exit__(None, None, None)
         progress.close()
     result = SuiteResult("peer", command, {**asdict(cfg), "arms": list(cfg.arms)})
     rows = []
@@ -335,7 +368,8 @@ def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> S
     result.notes.append(f"{cfg.workers} emulated workers at speedup {cfg.speedup:g}, fresh per arm and repetition; "
                         f"{cfg.groups}×{cfg.prompts_per_group} shared-prefix text prompts ({cfg.system_words}-word "
                         f"system prompts), Poisson {cfg.rate_per_s:g} req/s of workload time, first {cfg.warmup} "
-                        f"discarded; latencies wall-clock ms; logs in {root}")
+                        f"discarded; latencies wall-clock ms; logs in {root}"
+                        + ("; another process spun on one core throughout (--busy)" if cfg.busy else ""))
     return result
 
 

@@ -129,8 +129,9 @@ def basic(out_dir, as_json, quick, repeats, seed, policies, workers, speedup, ra
               help="Words per system prompt (the built-in tokenizer makes ~1.3 tokens of a word).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Output tokens per request, each streamed as one chunk (default: the suite's, 16).")
+@click.option("--busy", is_flag=True, help="Keep one core busy with another process for the whole run.")
 def peer(out_dir, as_json, quick, repeats, seed, arms, workers, speedup, rate_per_s, warmup, groups,
-         prompts_per_group, system_words, max_tokens) -> None:
+         prompts_per_group, system_words, max_tokens, busy) -> None:
     """kvr vs sglang-router (PyPI sglang-router) in front of the same emulated fleet, same requests."""
     from bench.peer import PeerConfig, display_tables, plot, run
     from bench.progress import RichProgress
@@ -148,6 +149,7 @@ def peer(out_dir, as_json, quick, repeats, seed, arms, workers, speedup, rate_pe
             raise click.ClickException("sglang-router is not installed: pip install sglang-router==0.3.2 "
                                        "(a benchmark-only package), or run --arm kvr") from None
     cfg.seed = seed
+    cfg.busy = busy
     if repeats:
         cfg.repeats = repeats
     cfg.out_dir = str(Path(out_dir) / "peer-runs")

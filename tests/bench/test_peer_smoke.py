@@ -57,3 +57,15 @@ def test_kvr_arm_answers_every_request_over_http(tmp_path) -> None:
     # Not > 0: /proc counts in clock ticks (10 ms), more than 6 quick requests may cost.
     cpu = row["router_cpu_ms_per_request"]
     assert cpu == cpu and 0.0 <= cpu < 1_000.0
+
+
+def test_core_burner_spins_until_closed() -> None:
+    from bench.live import proc_cpu_s
+    from bench.peer import CoreBurner
+    from tests.waiting import eventually
+
+    with CoreBurner() as burner:
+        pid = burner.process.pid
+        assert burner.process.is_alive()
+        eventually(lambda: (proc_cpu_s(pid) or 0.0) >= 0.05, timeout_s=30.0)  # it burns CPU, not sleeps
+    assert not burner.process.is_alive()
