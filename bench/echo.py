@@ -236,64 +236,83 @@ def router_vs_echo(cfg: EchoConfig | None = None, progress=None) -> list[dict]:
     ctx = zmq.Context()
     arms = [_Arm("kvr router", router_clients, ctx), _Arm("raw relay (2 hops)", relay_clients, ctx),
             _Arm("raw echo (1 hop)", echo_ep, ctx)]
-    samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in arms}
     # The process in the middle of each arm: its CPU time per request.
     middle = {"kvr router": router.pid, "raw relay (2 hops)": children[1].pid, "raw echo (1 hop)": children[3].pid}
-    cpu_us: dict[str, list[float]] = {a.name: [] for a in arms}
     try:
-        _wait_ready(arms, cfg, router)
-        for rep in range(cfg.repeats):
-            for arm in arms:
-                payloads = _payloads(cfg, f"{rep}-{arm.name[:3]}", cfg.warmup + cfg.requests)
-                for p in payloads[:cfg.warmup]:
-                    arm.round_trip(p, cfg.reply_timeout_s)
-                c0 = proc_cpu_s(middle[arm.name])
-                rtts = sorted(arm.round_trip(p, cfg.reply_timeout_s) for p in payloads[cfg.warmup:])
-                c1 = proc_cpu_s(middle[arm.name])
-                if c0 is not None and c1 is not None:
-                    cpu_us[arm.name].append((c1 - c0) * 1e6 / cfg.requests)
-                samples[arm.name].append((percentile(rtts, 50) * 1e6, percentile(rtts, 99) * 1e6))
-            if progress is not None:
-                progress.step(f"echo repetition {rep + 1}")
+        _wait_ready(arms, cfg, router, lambda tag: _payloads(cfg, tag, 1)[0])
+        samples, cpu_us = _interleave(arms, middle, lambda tag, n: _payloads(cfg, tag, n), cfg, progress, "echo")
     finally:
         for arm in arms:
             arm.close()
         ctx.destroy(linger=0)
-        stop.set()
-        for child in children:
-            child.join(timeout=5)
-            if child.is_alive():
-                child.kill()
-        stop_process(router, group=True)
-        redis_proc.stop()
+        _stop_all(stop, children, router, redis_proc)
     relay = samples["raw relay (2 hops)"]
     echo = samples["raw echo (1 hop)"]
-    rows = []
-    for name, reps in samples.items():
-        rows.append({"arm": name, "requests": cfg.requests, "prompt_tokens": cfg.prompt_tokens,
-                     "rtt_p50_us": spread(r[0] for r in reps), "rtt_p99_us": spread(r[1] for r in reps),
-                     "ratio_p50": spread(r[0] / b[0] for r, b in zip(reps, relay, strict=True)),
-                     "ratio_p99": spread(r[1] / b[1] for r, b in zip(reps, relay, strict=True)),
-                     "ratio_p50_vs_1hop": spread(r[0] / b[0] for r, b in zip(reps, echo, strict=True)),
-                     "added_p50_us": spread(r[0] - b[0] for r, b in zip(reps, relay, strict=True)),
-                     "middle_cpu_us_per_request": spread(cpu_us[name])})
+    rows = [{**_row(cfg, name, reps, relay, cpu_us[name]),
+             "ratio_p50_vs_1hop": spread(r[0] / b[0] for r, b in zip(reps, echo, strict=True))}
+            for name, reps in samples.items()]
     # The kvr row last: the overhead suite's goal reads it.
     return rows[1:] + rows[:1]
 
 
-def _wait_ready(arms, cfg: EchoConfig, router: subprocess.Popen) -> None:
-    """Every arm answers (the instant worker has registered with the router)."""
+def _row(cfg: EchoConfig, name: str, reps: list[tuple[float, float]], relay: list[tuple[float, float]],
+         cpu_us: list[float]) -> dict:
+    """An arm's table row: its round trips' spread over the repetitions and their ratio to the relay's."""
+    return {"arm": name, "requests": cfg.requests, "prompt_tokens": cfg.prompt_tokens,
+            "rtt_p50_us": spread(r[0] for r in reps), "rtt_p99_us": spread(r[1] for r in reps),
+            "ratio_p50": spread(r[0] / b[0] for r, b in zip(reps, relay, strict=True)),
+            "ratio_p99": spread(r[1] / b[1] for r, b in zip(reps, relay, strict=True)),
+            "added_p50_us": spread(r[0] - b[0] for r, b in zip(reps, relay, strict=True)),
+            "middle_cpu_us_per_request": spread(cpu_us)}
+
+
+def _stop_all(stop, children, router: subprocess.Popen, redis_proc) -> None:
+    stop.set()
+    for child in children:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+    stop_process(router, group=True)
+    redis_proc.stop()
+
+
+def _interleave(arms, middle: dict[str, int], payloads, cfg: EchoConfig, progress, what: str
+                ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[float]]]:
+    """Per repetition, each arm in turn: ``cfg.warmup`` round trips, then ``cfg.requests`` timed ones
+    (``payloads(tag, n)`` makes them). Returns per arm the (p50, p99) µs of each repetition, and the
+    CPU µs per request of its process in the middle (``middle``: arm name → pid)."""
+    samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in arms}
+    cpu_us: dict[str, list[float]] = {a.name: [] for a in arms}
+    for rep in range(cfg.repeats):
+        for arm in arms:
+            batch = payloads(f"{rep}-{arm.name[:3]}", cfg.warmup + cfg.requests)
+            for p in batch[:cfg.warmup]:
+                arm.round_trip(p, cfg.reply_timeout_s)
+            c0 = proc_cpu_s(middle[arm.name])
+            rtts = sorted(arm.round_trip(p, cfg.reply_timeout_s) for p in batch[cfg.warmup:])
+            c1 = proc_cpu_s(middle[arm.name])
+            if c0 is not None and c1 is not None:
+                cpu_us[arm.name].append((c1 - c0) * 1e6 / cfg.requests)
+            samples[arm.name].append((percentile(rtts, 50) * 1e6, percentile(rtts, 99) * 1e6))
+        if progress is not None:
+            progress.step(f"{what} repetition {rep + 1}")
+    return samples, cpu_us
+
+
+def _wait_ready(arms, cfg: EchoConfig, router: subprocess.Popen, payload) -> None:
+    """Every arm answers (the instant worker has registered with the router; a relay's worker said
+    hello). ``payload(tag)`` makes one request."""
     deadline = time.monotonic() + cfg.ready_timeout_s
     attempt = 0
     for arm in arms:
         while True:
             attempt += 1
-            payload = _payloads(cfg, f"ready{attempt}", 1)[0]
+            payload_bytes = payload(f"ready{attempt}")
             if router.poll() is not None:
                 err = router.stderr.read().decode(errors="replace")[-2000:] if router.stderr else ""
                 raise RuntimeError(f"kvr router exited with {router.returncode}: {err}")
             try:
-                arm.round_trip(payload, 0.5)
+                arm.round_trip(payload_bytes, 0.5)
                 break
             except (TimeoutError, RuntimeError) as exc:
                 # No worker registered yet (the router refuses, the relay drops): retry on a fresh socket.
@@ -301,8 +320,6 @@ def _wait_ready(arms, cfg: EchoConfig, router: subprocess.Popen) -> None:
                     raise RuntimeError(f"{arm.name} not ready within {cfg.ready_timeout_s} s: {exc}") from None
                 arm.reset()
                 time.sleep(0.1)
-
-
 
 
 # ---------------------------------------------------------------------------- over HTTP
@@ -446,59 +463,13 @@ def router_vs_http_relay(cfg: EchoConfig | None = None, progress=None) -> list[d
         child.start()
     arms = [_HttpArm("kvr router, HTTP", router_http), _HttpArm("raw HTTP relay (2 hops)", relay_http)]
     middle = {"kvr router, HTTP": router.pid, "raw HTTP relay (2 hops)": children[1].pid}
-    samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in arms}
-    cpu_us: dict[str, list[float]] = {a.name: [] for a in arms}
     try:
-        _wait_ready_http(arms, cfg, router)
-        for rep in range(cfg.repeats):
-            for arm in arms:
-                bodies = _http_bodies(cfg, f"{rep}-{arm.name[:3]}", cfg.warmup + cfg.requests)
-                for b in bodies[:cfg.warmup]:
-                    arm.round_trip(b, cfg.reply_timeout_s)
-                c0 = proc_cpu_s(middle[arm.name])
-                rtts = sorted(arm.round_trip(b, cfg.reply_timeout_s) for b in bodies[cfg.warmup:])
-                c1 = proc_cpu_s(middle[arm.name])
-                if c0 is not None and c1 is not None:
-                    cpu_us[arm.name].append((c1 - c0) * 1e6 / cfg.requests)
-                samples[arm.name].append((percentile(rtts, 50) * 1e6, percentile(rtts, 99) * 1e6))
-            if progress is not None:
-                progress.step(f"HTTP repetition {rep + 1}")
+        _wait_ready(arms, cfg, router, lambda tag: _http_bodies(cfg, tag, 1)[0])
+        samples, cpu_us = _interleave(arms, middle, lambda tag, n: _http_bodies(cfg, tag, n), cfg, progress, "HTTP")
     finally:
         for arm in arms:
             arm.close()
-        stop.set()
-        for child in children:
-            child.join(timeout=5)
-            if child.is_alive():
-                child.kill()
-        stop_process(router, group=True)
-        redis_proc.stop()
+        _stop_all(stop, children, router, redis_proc)
     relay = samples["raw HTTP relay (2 hops)"]
-    rows = []
-    for name in ("raw HTTP relay (2 hops)", "kvr router, HTTP"):
-        reps = samples[name]
-        rows.append({"arm": name, "requests": cfg.requests, "prompt_tokens": cfg.prompt_tokens,
-                     "rtt_p50_us": spread(r[0] for r in reps), "rtt_p99_us": spread(r[1] for r in reps),
-                     "ratio_p50": spread(r[0] / b[0] for r, b in zip(reps, relay, strict=True)),
-                     "ratio_p99": spread(r[1] / b[1] for r, b in zip(reps, relay, strict=True)),
-                     "added_p50_us": spread(r[0] - b[0] for r, b in zip(reps, relay, strict=True)),
-                     "middle_cpu_us_per_request": spread(cpu_us[name])})
-    return rows
-
-
-def _wait_ready_http(arms, cfg: EchoConfig, router: subprocess.Popen) -> None:
-    """Every HTTP arm answers 200 (the router's instant worker registered; the relay's worker said hello)."""
-    deadline = time.monotonic() + cfg.ready_timeout_s
-    for arm in arms:
-        while True:
-            if router.poll() is not None:
-                err = router.stderr.read().decode(errors="replace")[-2000:] if router.stderr else ""
-                raise RuntimeError(f"kvr router exited with {router.returncode}: {err}")
-            try:
-                arm.round_trip(_http_bodies(cfg, "ready", 1)[0], 0.5)
-                break
-            except (TimeoutError, RuntimeError) as exc:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{arm.name} not ready within {cfg.ready_timeout_s} s: {exc}") from None
-                arm.reset()
-                time.sleep(0.1)
+    return [_row(cfg, name, samples[name], relay, cpu_us[name])
+            for name in ("raw HTTP relay (2 hops)", "kvr router, HTTP")]
