@@ -46,7 +46,8 @@ def reference_choose(policy: KvrPolicy, request: RouteRequest, candidates, rng):
     pick = tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
     sooner = None  # a busy pick yields to the best-scored idle candidate when that answers sooner
     idle = [i for i, w in enumerate(candidates) if w.load.in_flight <= 0 and w.load.queued_prefill_tokens <= 0]
-    if in_flight[pick] > 0 and idle and sum(in_flight) < len(candidates):
+    if in_flight[pick] > 0 and candidates[pick].load.queued_prefill_tokens <= 0 and idle \
+            and sum(in_flight) < len(candidates):
         best_idle = min(scores[i] for i in idle)
         tied_idle = [i for i in idle if scores[i] == best_idle]
         if preds[tied_idle[0]][0] < preds[pick][0]:

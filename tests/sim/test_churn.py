@@ -90,9 +90,10 @@ def test_reset_reaches_the_index_through_the_event_plane_after_its_delay():
 
 
 def test_restart_empties_the_index_at_once_and_retries_requests_not_yet_streamed():
-    # A burst (48 requests in ~0.25 s), so that requests still wait for their prefill on the victim
-    # when it restarts (at a gentler rate that depends on where the policy happened to put them).
-    c = _cluster(ChurnConfig(every_s=0.25, first_s=0.15, kind=RESTART), rate=200.0)
+    # A burst (48 requests in ~0.12 s) spread round-robin, so that requests certainly still wait for
+    # their prefill on the victim when it restarts (with a cache-aware policy that depends on where
+    # it happened to put them: the retry path is the simulator's, not the policy's).
+    c = _cluster(ChurnConfig(every_s=0.25, first_s=0.1, kind=RESTART), rate=400.0, policy="round_robin")
     res = c.run()
     assert res.churn_events >= 1
     t0, name0, before, after = c.at_churn[0]
