@@ -119,6 +119,7 @@ class KvrPolicy:
         if confidence_weights:
             self.confidence_weights.update({Confidence(k): v for k, v in confidence_weights.items()})
         self._weights_cache: tuple[tuple[float, ...], np.ndarray, bool, bool] | None = None
+        self._batch_waits: tuple[LatencyModel | None, dict[int, float]] = (None, {})
 
     def cached_tokens(self, request: RouteRequest, w: WorkerState) -> int:
         """Tokens the engine would reuse, as far as the router can tell."""
@@ -169,13 +170,22 @@ class KvrPolicy:
         if in_flight <= 0:
             return 0.0
         latency = self.latency
-        step = getattr(latency, "step_s", None)
-        decode = getattr(latency, "decode_token_s", None)
-        if step is None or decode is None:
-            return 0.0
-        with_batch = step(prefill_tokens=1, decode_seqs=in_flight, kv_tokens=0)
-        alone = step(prefill_tokens=1, decode_seqs=0, kv_tokens=0)
-        return float(0.5 * decode(batch_size=in_flight, kv_tokens=0) + (with_batch - alone))
+        model, waits = self._batch_waits
+        if model is not latency:  # (``latency`` is replaced once a worker names its profile)
+            waits = {}
+            self._batch_waits = (latency, waits)
+        wait = waits.get(in_flight)
+        if wait is None:  # latency models are pure: one computation per count (~1.7 µs each)
+            step = getattr(latency, "step_s", None)
+            decode = getattr(latency, "decode_token_s", None)
+            if step is None or decode is None:
+                wait = 0.0
+            else:
+                with_batch = step(prefill_tokens=1, decode_seqs=in_flight, kv_tokens=0)
+                alone = step(prefill_tokens=1, decode_seqs=0, kv_tokens=0)
+                wait = float(0.5 * decode(batch_size=in_flight, kv_tokens=0) + (with_batch - alone))
+            waits[in_flight] = wait
+        return wait
 
     def load_bound(self, candidates: Sequence[WorkerState]) -> float:
         mean = (sum(w.load.in_flight for w in candidates) + 1) / len(candidates)
