@@ -29,6 +29,7 @@ arms interleave per repetition; the table shows median (min–max) over repetiti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -330,7 +331,9 @@ def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> S
     root = Path(cfg.out_dir or tempfile.mkdtemp(prefix="kvr-bench-peer-"))
     progress.start(len(cfg.arms) * cfg.repeats, "starting")
     per_arm: dict[str, list[dict]] = {a: [] for a in cfg.arms}
-    burner = CoreBurner().__enter__() if cfg.busy else None
+    stack = contextlib.ExitStack()
+    if cfg.busy:
+        stack.enter_context(CoreBurner())
     try:
         for rep in range(cfg.repeats):
             seed = cfg.seed + rep
@@ -351,8 +354,7 @@ def run(cfg: PeerConfig, *, command: str = "kvr bench peer", progress=None) -> S
                               f"router CPU {m['router_cpu_ms_per_request']:.2f} ms/request")
                 settle(0.5)
     finally:
-        if burner is not None:
-            burner.__exit__(None, None, None)
+        stack.close()
         progress.close()
     result = SuiteResult("peer", command, {**asdict(cfg), "arms": list(cfg.arms)})
     rows = []
