@@ -130,6 +130,12 @@ class RouterClient:
     def cancel(self, request_id: str) -> None:
         self._sock.send(encode(CancelRequest(request_id)))
 
+    def register(self, poller: zmq.Poller) -> None:
+        """Add this client's sockets to ``poller`` (POLLIN): a caller holding several clients waits on
+        all of them at once, then calls :meth:`poll` with 0 on each."""
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+
     def poll(self, timeout_ms: int = 100) -> list[RequestResult]:
         """Read every reply available within ``timeout_ms``; return requests that finished."""
         finished, self._ended = self._ended, []

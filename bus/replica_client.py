@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 
 import zmq
@@ -36,6 +37,9 @@ class ReplicaClient:
             raise ValueError("no router endpoint given")
         self.endpoints = list(endpoints)
         self._clients = [RouterClient(endpoint=e, ctx=ctx, curve=curve) for e in self.endpoints]
+        self._poller = zmq.Poller()  # every replica's sockets: a reply from any one wakes poll()
+        for client in self._clients:
+            client.register(self._poller)
         self._rotation = itertools.cycle(range(len(self._clients)))
         self._requests: dict[str, tuple[GenerateRequest, int]] = {}  # request id -> (request, failovers so far)
         self._owner: dict[str, RouterClient] = {}
@@ -73,19 +77,18 @@ class ReplicaClient:
         sent again elsewhere instead of returned."""
         finished: list[RequestResult] = []
         deadline = time.monotonic() + timeout_ms / 1000
-        first = True
-        while first or (not finished and time.monotonic() < deadline):
-            wait = 0 if not first else max(0, min(timeout_ms, 10))
-            first = False
+        while True:
+            # Every replica read as soon as any is readable: a reply is stamped when it is read
+            # (first_token_s), so one replica must never wait on another's timeout.
             for client in self._clients:
-                for result in client.poll(wait):
+                for result in client.poll(0):
                     done = self._settle(client, result)
                     if done is not None:
                         finished.append(done)
-                wait = 0
-            if not finished and time.monotonic() < deadline:
-                time.sleep(0.001)
-        return finished
+            left_ms = (deadline - time.monotonic()) * 1000
+            if finished or left_ms <= 0:
+                return finished
+            self._poller.poll(math.ceil(left_ms))
 
     def _settle(self, client: RouterClient, result: RequestResult) -> RequestResult | None:
         rid = result.request_id
