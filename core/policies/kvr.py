@@ -169,13 +169,10 @@ class KvrPolicy:
         """
         if in_flight <= 0:
             return 0.0
-        latency = self.latency
-        model, waits = self._batch_waits
-        if model is not latency:  # (``latency`` is replaced once a worker names its profile)
-            waits = {}
-            self._batch_waits = (latency, waits)
+        waits = self._batch_wait_table()
         wait = waits.get(in_flight)
         if wait is None:  # latency models are pure: one computation per count (~1.7 µs each)
+            latency = self.latency
             step = getattr(latency, "step_s", None)
             decode = getattr(latency, "decode_token_s", None)
             if step is None or decode is None:
@@ -186,6 +183,15 @@ class KvrPolicy:
                 wait = float(0.5 * decode(batch_size=in_flight, kv_tokens=0) + (with_batch - alone))
             waits[in_flight] = wait
         return wait
+
+    def _batch_wait_table(self) -> dict[int, float]:
+        """``batch_wait_s`` by in-flight count for the current latency model (``latency`` is
+        replaced once a worker names its profile: the table starts again then)."""
+        model, waits = self._batch_waits
+        if model is not self.latency:
+            waits = {}
+            self._batch_waits = (self.latency, waits)
+        return waits
 
     def load_bound(self, candidates: Sequence[WorkerState]) -> float:
         mean = (sum(w.load.in_flight for w in candidates) + 1) / len(candidates)
@@ -221,7 +227,7 @@ class KvrPolicy:
         idle_memo: dict[int, float] = {}  # cached tokens -> score, for targets with no queued prefill
         memo: dict[tuple[int, int], float] = {}  # (cached tokens, queued prefill) -> score
         kv_charge: dict[int, float] = {}
-        busy_memo: dict[int, float] = {}  # in flight -> batch_wait_s
+        batch_waits = self._batch_wait_table()  # in flight -> batch_wait_s, shared across decisions
         batch_wait = self.batch_wait_s
         raw: list[float] = []
         append = raw.append
@@ -260,9 +266,9 @@ class KvrPolicy:
                     alone_s = prefill(new_tokens=new, cached_tokens=cached)
                     score = memo[key] = prefill(new_tokens=queued + new, cached_tokens=cached) + miss_weight * alone_s
             if in_flight > 0:
-                busy_s = busy_memo.get(in_flight)
+                busy_s = batch_waits.get(in_flight)
                 if busy_s is None:
-                    busy_s = busy_memo[in_flight] = batch_wait(in_flight)
+                    busy_s = batch_wait(in_flight)  # (fills batch_waits)
                 if busy_s:
                     score += busy_s
             capacity = w[4]
