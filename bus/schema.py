@@ -9,7 +9,7 @@ Channels::
 
     client  DEALER ──ClientMessage──▶  ROUTER router   (requests, cancels)
     client  DEALER ◀─ReplyMessage────  ROUTER router   (routed, tokens, done / error)
-    worker  DEALER ──WorkerMessage──▶  ROUTER router   (hello, heartbeat, tokens, done / error)
+    worker  DEALER ──WorkerMessage──▶  ROUTER router   (hello, heartbeat, tokens, done / error, reply batch)
     worker  DEALER ◀─RouterMessage───  ROUTER router   (welcome, heartbeat, dispatch, cancel)
     router/worker PUB ──MetricsRecord──▶ SUB monitor  (topic ``names.metrics_topic(...)``)
 
@@ -223,6 +223,9 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     #: The router's incarnation; its heartbeats carry it as ``epoch``. A worker that hears
     #: another one (the router restarted and does not know it) says Hello again at once.
     router_epoch: int = 0
+    #: The router reads ``ReplyBatch``; a router that leaves this False (an older one) gets every
+    #: reply as its own message.
+    reply_batches: bool = False
 
 
 #: ``Refused.code``: the worker id is held by another live connection. ``retry_after_s`` is how long
@@ -261,7 +264,19 @@ class Cancel(msgspec.Struct, tag="cancel", frozen=True):
     request_id: str
 
 
-WorkerMessage = Hello | Heartbeat | Goodbye | TokenChunk | Completion | ErrorReply
+class ReplyBatch(msgspec.Struct, tag="batch", frozen=True):
+    """Replies a worker has at once (one engine step's tokens for every running request, as vLLM's
+    engine core sends a step's outputs together), in one message: the router takes one wake-up,
+    one receive and one decode per step instead of per request. Each is handled as if sent alone,
+    in order. Sent only to a router whose ``Welcome`` says ``reply_batches``."""
+
+    replies: list[TokenChunk | Completion | ErrorReply]
+
+
+#: Replies per ``ReplyBatch`` at most (~100 bytes each: far below any router's message limit).
+MAX_REPLY_BATCH = 256
+
+WorkerMessage = Hello | Heartbeat | Goodbye | TokenChunk | Completion | ErrorReply | ReplyBatch
 RouterMessage = Welcome | Refused | Heartbeat | Dispatch | Cancel
 
 

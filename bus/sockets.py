@@ -56,6 +56,23 @@ MAX_CONTROL_BYTES = 64 * 1024
 _BIND_RETRY_S = 2.0
 
 
+class VersionedPoller(zmq.Poller):
+    """A ``zmq.Poller`` that counts changes to its set of sockets (``version``), so a caller that
+    mirrors the set elsewhere (an asyncio loop watching their FDs) rebuilds it only on a change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def register(self, socket: Any, flags: int = zmq.POLLIN | zmq.POLLOUT) -> None:
+        super().register(socket, flags)
+        self.version += 1
+
+    def unregister(self, socket: Any) -> None:
+        super().unregister(socket)
+        self.version += 1
+
+
 def vllm_binds(endpoint: str) -> bool:
     """vLLM's PUB rule: bind iff ``*`` or ``::`` appears, or the transport is ipc/inproc."""
     return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))

@@ -39,7 +39,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, cast
 
 import msgspec
@@ -131,6 +131,9 @@ class RouterHttpFront:
                 raise
         self._open_links: RouterLinks | None = None  # the links while serving (None: shutting down)
         self._inboxes: dict[str, asyncio.Queue] = {}  # request id → its replies (None: the front closes)
+        # Request id → its exchange while its SSE stream is open: a token chunk is written at once
+        # from the reply's callback (``_Exchange.write_token``), not handed to the handler's task.
+        self._streaming: dict[str, _Exchange] = {}
         try:
             self.server = HttpServer(handle=self._handle, host=host, port=port, name="kvr-router-http",
                                      max_in_flight=max_in_flight, keepalive_timeout_s=keepalive_timeout_s,
@@ -187,6 +190,10 @@ class RouterHttpFront:
     def _deliver(self, reply: object) -> None:
         """A reply from the in-process router or a router link (on this loop's thread)."""
         rid = reply.request_id  # type: ignore[attr-defined]  # every reply type has one
+        if type(reply) is TokenChunk:
+            exchange = self._streaming.get(rid)
+            if exchange is not None and exchange.write_token(reply):
+                return
         inbox = self._inboxes.pop(rid, None) if isinstance(reply, (Completion, ErrorReply)) else self._inboxes.get(rid)
         if inbox is not None:  # None: a request that ended here already (cancelled)
             inbox.put_nowait(reply)
@@ -200,6 +207,7 @@ class RouterHttpFront:
         for inbox in self._inboxes.values():
             inbox.put_nowait(None)
         self._inboxes.clear()
+        self._streaming.clear()
         if links is not None:
             links.close()
 
@@ -283,6 +291,7 @@ class RouterHttpFront:
         try:
             return await _Exchange(self, request, rid, chat, parsed, body).run(inbox)
         finally:
+            self._streaming.pop(rid, None)
             if self._inboxes.pop(rid, None) is not None:  # not ended by the router: end it there
                 self._cancel(rid)
 
@@ -300,11 +309,18 @@ class _Exchange:
         self._token_event: tuple[bytes, bytes] | None = None  # a token chunk's event around its text
         self._routed: Routed | None = None  # the latest Routed (a retry before any token sends another)
         self._texts: list[str] = []  # the tokens' texts so far
+        self._ended = False  # the last events are being written: nothing more goes out at once
+        self._pending: asyncio.Future | None = None  # a write_token write waiting for the socket to drain
+        self._inbox: asyncio.Queue | None = None
+        self._window: asyncio.Timeout | None = None
+        self._pushed = 0.0
+        self._idle_s = self._push_s = 0.0
 
     async def run(self, inbox: asyncio.Queue) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         idle_s = self.front.request_timeout_s
         push_s = min(1.0, idle_s / 4)
+        self._inbox, self._idle_s, self._push_s = inbox, idle_s, push_s
         # One timeout for the whole exchange, its deadline pushed on as replies arrive, at most every
         # ``push_s`` (a new timeout per reply cost a timer per streamed chunk): a request with no
         # reply for ``idle_s`` (less ``push_s`` at worst: 1 s, or a quarter of it) ends with TIMEOUT.
@@ -313,13 +329,13 @@ class _Exchange:
         # busy stream to its end and never cancelled the request at the router.
         try:
             async with asyncio.timeout(idle_s) as window:
-                pushed = loop.time()
+                self._window, self._pushed = window, loop.time()
                 while True:
                     batch = [await inbox.get()]
                     now = loop.time()
-                    if now - pushed >= push_s:
+                    if now - self._pushed >= push_s:
                         window.reschedule(now + idle_s)
-                        pushed = now
+                        self._pushed = now
                     while not inbox.empty():  # whatever else arrived goes out in the same write
                         batch.append(inbox.get_nowait())
                     response = await self._relay(batch)
@@ -360,7 +376,43 @@ class _Exchange:
             elif isinstance(msg, Completion):
                 return await self._complete(msg, self._routed, "".join(self._texts))
         await self._flush()
+        if self.response is not None:  # headers and all before are out: tokens may go at once now
+            self.front._streaming[self.rid] = self
         return None
+
+    def write_token(self, msg: TokenChunk) -> bool:
+        """Write a token's SSE event now, from the reply's callback (no wake-up of this exchange's
+        task per token). False (nothing written) when it must take the queue instead, so order holds:
+        the stream is ending, replies are queued ahead of it, an earlier write waits for the socket,
+        the idle timeout fired, or the write fails (the task's own write then meets the failure)."""
+        window, response = self._window, self.response
+        if (self._ended or self._pending is not None or self._out or response is None or window is None
+                or window.expired() or not cast(asyncio.Queue, self._inbox).empty()):
+            return False
+        try:
+            write = response.write(self._token_sse(msg.text))
+            try:
+                waiting = write.send(None)
+            except StopIteration:
+                waiting = None
+        except Exception:  # noqa: BLE001 (the client left: the transport is closing)
+            return False
+        self._texts.append(msg.text)
+        if waiting is not None:  # the write waits for the socket to drain: finish it in a task
+            self._pending = asyncio.ensure_future(_finish(write, waiting))
+            # Read by _settle; if the handler is gone first (the client left), the error is moot.
+            self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        now = asyncio.get_running_loop().time()
+        if now - self._pushed >= self._push_s:
+            window.reschedule(now + self._idle_s)
+            self._pushed = now
+        return True
+
+    async def _settle(self) -> None:
+        """Wait for a ``write_token`` write that waited for the socket (its failure raises here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
 
     def _token_sse(self, text: str) -> bytes:
         """A streamed token's event. All but the text is the same for every chunk of a request, so it
@@ -376,12 +428,14 @@ class _Exchange:
         return around[0] + _json_text(text) + around[1]
 
     async def _flush(self) -> None:
+        await self._settle()
         if self._out and self.response is not None:
             data = b"".join(self._out)
             self._out.clear()
             await _write(self.response, data)
 
     async def _end(self, response: web.StreamResponse) -> web.StreamResponse:
+        self._ended = True
         self._out.append(SSE_DONE)
         await self._flush()
         await response.write_eof()
@@ -414,6 +468,22 @@ class _Exchange:
 
 
 _json_text = msgspec.json.Encoder().encode
+
+
+async def _finish(write: Coroutine[object, None, None], waiting: object) -> None:
+    """Finish a write coroutine driven by hand (``_Exchange.write_token``) that suspended on
+    ``waiting`` (what it awaits: a socket drain's future). Each time that is done the write goes
+    on; its own ``await`` reads the outcome (a failure raises in it, and out of here)."""
+    while True:
+        if asyncio.isfuture(waiting):
+            # Not ``await waiting``: the write's own await has it marked as awaited already.
+            await asyncio.wait((waiting,))
+        else:  # a bare yield: a turn of the loop
+            await asyncio.sleep(0)
+        try:
+            waiting = write.send(None)
+        except StopIteration:
+            return
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:

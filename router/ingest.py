@@ -21,6 +21,7 @@ One thread owns this object (ZMQ sockets are not thread-safe).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,6 +126,10 @@ class EventIngest:
         self._replay_timeout_ms = replay_timeout_ms
         self.streams: dict[WorkerKey, TargetStream] = {}
         self._by_socket: dict[zmq.Socket, TargetStream] = {}
+        # Each stream's next deadline (inf: none), refreshed whenever its subscriber ran: the loop
+        # asks for the soonest every turn, and asking every subscriber was O(workers) per turn.
+        # Invariant: a subscriber's deadline changes only in handle, tick and add_worker.
+        self._due: dict[WorkerKey, float] = {}
         self.mirror_failures = 0
         #: False while another router replica holds the mirror's writer lease (router/mirror_sync.py):
         #: this one then writes no targets' blocks or streams (it would race the writer on the same keys).
@@ -201,6 +206,7 @@ class EventIngest:
             sub.attach(self._poller)
             stream = TargetStream(target, hello.epoch, sub, last_seq=-1 if expected is None else expected - 1)
             self.streams[target] = stream
+            self._note_due(stream)
             targets.append(target)
         self._reindex()
         return targets
@@ -209,6 +215,7 @@ class EventIngest:
         gone = [t for t in self.streams if t.worker_id == worker_id]
         for target in gone:
             stream = self.streams.pop(target)
+            self._due.pop(target, None)
             stream.subscriber.close()
         if gone:
             self._reindex()
@@ -227,9 +234,17 @@ class EventIngest:
             stream = self._by_socket.get(sock)
             if stream is None:
                 return False
-        for item in stream.subscriber.handle_readable(sock):
-            self._on_item(stream, item)
+        try:
+            for item in stream.subscriber.handle_readable(sock):
+                self._on_item(stream, item)
+        finally:
+            self._note_due(stream)
         return True
+
+    def _note_due(self, stream: TargetStream) -> None:
+        if self.streams.get(stream.target) is stream:  # not removed meanwhile
+            due = stream.subscriber.next_deadline_s()
+            self._due[stream.target] = math.inf if due is None else due
 
     def tick(self) -> None:
         """Replay timeouts, confidence upkeep, and a dirty mirror's resync."""
@@ -240,6 +255,7 @@ class EventIngest:
             for item in stream.subscriber.check_timeouts():
                 self._on_item(stream, item)
             replaced |= before != stream.subscriber.sockets()
+            self._note_due(stream)
             self._update_confidence(stream, now)
             if stream.mirror_dirty and now >= self._mirror_retry_at:
                 self._resync_mirror(stream)
@@ -253,13 +269,14 @@ class EventIngest:
             stream.mirror_dirty = True
 
     def next_deadline_s(self) -> float | None:
-        deadlines = [d for st in self.streams.values() if (d := st.subscriber.next_deadline_s()) is not None]
-        return min(deadlines) if deadlines else None
+        due = min(self._due.values(), default=math.inf)
+        return None if due == math.inf else due
 
     def close(self) -> None:
         for stream in self.streams.values():
             stream.subscriber.close()
         self.streams.clear()
+        self._due.clear()
         self._by_socket.clear()
 
     # ------------------------------------------------------------------ items

@@ -43,7 +43,7 @@ class LoopDriver:
         self._scheduled = False
         self._stopped = False
         self._fds: dict[int, object] = {}  # watched FD -> its socket
-        self._sockets_key: tuple[int, ...] = ()
+        self._sockets_version = -1
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self.pumps = 0
@@ -87,11 +87,11 @@ class LoopDriver:
 
     def _watch(self) -> None:
         """Watch exactly the FDs of the service's current sockets (subscribers come and go)."""
-        sockets = self.service.poll_sockets()
-        key = tuple(id(s) for s in sockets)
-        if key == self._sockets_key:
+        version = self.service.poll_sockets_version
+        if version == self._sockets_version:
             return
-        self._sockets_key = key
+        self._sockets_version = version
+        sockets = self.service.poll_sockets()
         wanted = {s.FD: s for s in sockets}  # type: ignore[attr-defined]
         for fd in [fd for fd, sock in self._fds.items() if wanted.get(fd) is not sock]:
             self.loop.remove_reader(fd)  # also a closed socket's (asyncio ignores an FD already gone)

@@ -74,12 +74,13 @@ from bus.schema import (
     Heartbeat,
     Hello,
     Refused,
+    ReplyBatch,
     Routed,
     TokenChunk,
     Welcome,
 )  # fmt: skip
 from bus.security import CLIENTS_DOMAIN, WORKERS_DOMAIN, Curve, ZapHandler, is_public_key
-from bus.sockets import MAX_CONTROL_BYTES, make_router, make_socket
+from bus.sockets import MAX_CONTROL_BYTES, VersionedPoller, make_router, make_socket
 from core.admission import check_prompt_length, check_request
 from core.liveness import LivenessTracker
 from core.prefix_index import Confidence, PrefixIndex, WorkerKey
@@ -164,7 +165,7 @@ class RouterService:
             keepalive_s=config.heartbeat.interval_s, timeout_s=config.heartbeat.timeout_s)
         self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full client queue raises, not drops (ClientReplies)
         self.replies = ClientReplies(sock=self._clients, counters=self.counters)
-        self._poller = zmq.Poller()
+        self._poller = VersionedPoller()
         self._poller.register(self._clients, zmq.POLLIN)
         self._poller.register(self._workers_sock, zmq.POLLIN)
         if self.peers is not None:
@@ -244,6 +245,11 @@ class RouterService:
         """The sockets a loop turn polls (they change as workers' event streams come and go)."""
         return [sock for sock, _ in self._poller.sockets]
 
+    @property
+    def poll_sockets_version(self) -> int:
+        """Changes whenever :meth:`poll_sockets` does."""
+        return self._poller.version
+
     def next_deadline_s(self) -> float:
         """When the loop must turn next even if no socket is readable (clock seconds)."""
         ingest = self.ingest.next_deadline_s()
@@ -254,7 +260,8 @@ class RouterService:
         handle them, then the upkeep that is due. Returns how many sockets were readable."""
         now = self._clock()
         self._check_stall(now)
-        wait_ms = max(0, min(max_wait_ms, int((self.next_deadline_s() - now) * 1000) + 1))
+        # A turn that may not wait (an asyncio loop's, router/loop_driver.py) skips the deadline.
+        wait_ms = 0 if max_wait_ms <= 0 else max(0, min(max_wait_ms, int((self.next_deadline_s() - now) * 1000) + 1))
         ready = self._poller.poll(wait_ms)
         for sock, _ in ready:
             if sock is self._clients:
@@ -547,6 +554,15 @@ class RouterService:
             self._worker_gone(wid, ErrorCode.WORKER_DIED, "worker left")
         elif isinstance(msg, (TokenChunk, Completion, ErrorReply)):
             self._on_result(wid, msg, now)
+        elif isinstance(msg, ReplyBatch):
+            self.counters["reply_batches"] += 1
+            self.counters["batched_replies"] += len(msg.replies)
+            for reply in msg.replies:
+                try:
+                    self._on_result(wid, reply, now)
+                except Exception:  # as in _drain: one reply's bug must not lose the others
+                    self.counters["handler_errors"] += 1
+                    logger.exception("error handling %s", type(reply).__name__)
 
     def _on_hello(self, identity: bytes, hello: Hello, now: float, *, peer_key: str | None = None) -> None:
         cfg = self.config
@@ -595,7 +611,7 @@ class RouterService:
         self.refresh_stats()
         self._nudged.pop(identity, None)
         self._send_worker(identity, Welcome(cfg.router_id, cfg.heartbeat.interval_s, cfg.heartbeat.liveness,
-                                            router_epoch=self.epoch))
+                                            router_epoch=self.epoch, reply_batches=True))
         self.liveness.sent(wid, now)
         # After the Welcome: a request re-routed here must reach the worker after it.
         self._take_over(wid, hello, replaced=old is not None and replaced, now=now)

@@ -61,6 +61,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus.codec import DecodeError, encode, router_decoder
 from bus.schema import (
+    MAX_REPLY_BATCH,
     REFUSED_DUPLICATE_ID,
     Cancel,
     Completion,
@@ -71,6 +72,7 @@ from bus.schema import (
     Heartbeat,
     Hello,
     Refused,
+    ReplyBatch,
     TokenChunk,
     Welcome,
 )
@@ -143,6 +145,7 @@ class _Link:
     last_rehello: float = -1e9
     welcomes: int = 0
     backlog: deque[bytes] = field(default_factory=deque)  # encoded replies the full link has not taken yet
+    reply_batches: bool = False  # the welcoming router reads ReplyBatch
 
 
 def router_endpoints(value: str | Sequence[str] | None) -> list[str]:
@@ -207,6 +210,8 @@ class WorkerService:
         self._orphans: set[str] = set()  # requests of a router incarnation that is gone (cancelled)
         self._link_token = secrets.token_hex(16)  # proves a new link is this incarnation (Hello.link_token)
         self._sinks: dict[str, Sink] = {}
+        # While _flush_backend relays the backend's output: id(link) -> (link, its replies, in order).
+        self._batching: dict[int, tuple[_Link, list[Any]]] | None = None
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -342,14 +347,22 @@ class WorkerService:
         return now + 0.005 if self.backend.num_in_flight else None
 
     def _flush_backend(self) -> None:
-        for msg in self.backend.drain():
-            sink = self._sinks.get(msg.request_id)
-            if sink is not None:
-                if isinstance(msg, _TERMINAL):
-                    del self._sinks[msg.request_id]
-                sink(msg)
-            else:
-                self._relay(msg)
+        # What the backend has now (an engine step's tokens for every running request) goes to each
+        # router as one ReplyBatch where the router reads them (one message per step, not per request).
+        self._batching = {}
+        try:
+            for msg in self.backend.drain():
+                sink = self._sinks.get(msg.request_id)
+                if sink is not None:
+                    if isinstance(msg, _TERMINAL):
+                        del self._sinks[msg.request_id]
+                    sink(msg)
+                else:
+                    self._relay(msg)
+        finally:
+            batching, self._batching = self._batching, None
+            for link, replies in batching.values():
+                self._send_replies(link, replies)
 
     # ------------------------------------------------------------------ router links
 
@@ -413,7 +426,10 @@ class WorkerService:
             self._finished.append(key)
         link = stream.link
         if link.registered and link.dealer is not None:
-            self._send_reply(link, msg)
+            if self._batching is not None:  # sent with the rest of the backend's output (_flush_backend)
+                self._batching.setdefault(id(link), (link, []))[1].append(msg)
+            else:
+                self._send_reply(link, msg)
             if terminal:
                 stream.sent_s = self._clock()
         else:
@@ -537,6 +553,16 @@ class WorkerService:
                 self.counters.heartbeats_sent += 1
             link.next_heartbeat = now + link.heartbeat_interval_s
 
+    def _send_replies(self, link: _Link, replies: list[Any]) -> None:
+        """Replies in order: one ``ReplyBatch`` per ``MAX_REPLY_BATCH`` if the router reads them."""
+        if len(replies) == 1 or not link.reply_batches:
+            for msg in replies:
+                self._send_reply(link, msg)
+            return
+        for start in range(0, len(replies), MAX_REPLY_BATCH):
+            part = replies[start:start + MAX_REPLY_BATCH]
+            self._send_reply(link, part[0] if len(part) == 1 else ReplyBatch(part))
+
     def _send_reply(self, link: _Link, msg: Any) -> None:
         """A request reply on the welcomed link: never dropped for a full queue (a resend after a
         reconnect can be tens of thousands of chunks); it waits in the link's backlog, in order."""
@@ -638,6 +664,7 @@ class WorkerService:
         link.liveness = msg.heartbeat_liveness
         link.backoff_s = self.backoff_min_s
         link.router_epoch = msg.router_epoch
+        link.reply_batches = msg.reply_batches
         link.duplicate_retried = False
         link.duplicate_retry_at = None
         twins = [other.endpoint for other in self.links if other is not link and other.router_id == msg.router_id]

@@ -78,3 +78,59 @@ def test_local_clients_get_replies_as_objects() -> None:
         assert len(got) == 1  # detached: its replies go nowhere (a gone client)
     finally:
         svc.close()
+
+
+def test_the_loop_watches_the_event_sockets_of_workers_as_they_come_and_go() -> None:
+    """A worker's KV-event subscriber is created after the driver started and closed when it
+    leaves: the FDs the loop watches follow the service's sockets (``VersionedPoller.version``)."""
+    from bus.schema import Goodbye
+    from tests.router.test_service import FakeWorker
+
+    svc = RouterService(_config())
+    ctx = zmq.Context()
+    worker = FakeWorker(ctx, svc.workers_endpoint.replace("*", "127.0.0.1"), "w1")
+
+    async def until(pred) -> bool:
+        for _ in range(300):
+            worker.pump()
+            if pred():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def main() -> tuple[int, bool, bool]:
+        driver = LoopDriver(service=svc, loop=asyncio.get_running_loop())
+        driver.start()
+        try:
+            before = len(driver._fds)
+            worker.hello()
+            joined = await until(lambda: "w1" in svc.workers and set(driver._fds.values()) == set(svc.poll_sockets())
+                                 and len(driver._fds) > before)
+            worker.send(Goodbye("w1", 1))
+            left = await until(lambda: "w1" not in svc.workers and len(driver._fds) == before)
+            return before, joined, left
+        finally:
+            driver.stop()
+
+    try:
+        before, joined, left = asyncio.run(main())
+    finally:
+        worker.close()
+        svc.close()
+        ctx.term()
+    assert before == 2 and joined and left  # clients and workers sockets, then + the worker's subscriber
+
+
+def test_a_versioned_poller_counts_every_change_to_its_sockets() -> None:
+    from bus.sockets import VersionedPoller
+
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)
+    poller = VersionedPoller()
+    poller.register(a, zmq.POLLIN)
+    poller.register(b, zmq.POLLIN)
+    poller.unregister(a)
+    assert poller.version == 3 and [s for s, _ in poller.sockets] == [b]
+    a.close(0)
+    b.close(0)
+    ctx.term()

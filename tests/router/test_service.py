@@ -29,6 +29,7 @@ from bus.schema import (
     Heartbeat,
     Hello,
     Refused,
+    ReplyBatch,
     TokenChunk,
     Welcome,
     WorkerLoad,
@@ -413,6 +414,30 @@ def test_a_completion_whose_chunk_count_disagrees_with_the_chunks_relayed_is_an_
         assert res.completion is None and res.token_ids == [7, 8]
         assert res.error.code is ErrorCode.WORKER_DIED and "1 of its 2 chunks were lost" in res.error.message
         assert router.counters["incomplete_completions"] == 1
+    finally:
+        client.close()
+        w.close()
+
+
+def test_a_reply_batch_is_relayed_as_its_replies_in_order(ctx, router):
+    """One message with an engine step's replies for two requests (and a bad one between): each
+    request gets its own tokens in order and its completion; the bad reply is counted, not fatal."""
+    w = FakeWorker(ctx, router.workers_endpoint, "a", mode="hang")
+    client = RouterClient(endpoint=router.clients_endpoint, ctx=ctx)
+    try:
+        first, k1 = _one_request(ctx, router, w, client, rid="x")
+        assert [m.reply_batches for m in w.received if isinstance(m, Welcome)] == [True]
+        second = client.send(GenerateRequest("y", token_ids=list(range(40)), max_tokens=4))
+        wait_for(lambda: len(w.dispatches()) == 2, [w], client)
+        k2 = w.dispatches()[1].request_id
+        w.send(ReplyBatch([TokenChunk(k1, [7], seq=0), TokenChunk(k2, [8], seq=0), TokenChunk(k1, [9], seq=1),
+                           TokenChunk("nobody", [1], seq=0), Completion(k1, "a", 40, 0, 2, chunks=2)]))
+        wait_for(lambda: first.done, [w], client)
+        assert first.token_ids == [7, 9] and first.completion is not None and not second.done
+        w.send(ReplyBatch([TokenChunk(k2, [6], seq=1), Completion(k2, "a", 40, 0, 2, chunks=2)]))
+        wait_for(lambda: second.done, [w], client)
+        assert second.token_ids == [8, 6] and second.completion is not None
+        assert router.counters["reply_batches"] == 2 and router.counters["batched_replies"] == 7
     finally:
         client.close()
         w.close()

@@ -20,6 +20,7 @@ from bus.schema import (
     Heartbeat,
     Hello,
     Refused,
+    ReplyBatch,
     TokenChunk,
     Welcome,
 )
@@ -322,3 +323,44 @@ def test_a_call_its_caller_cancelled_is_skipped_and_the_loop_keeps_serving(route
     assert fut.cancel()
     blocker.set()
     assert svc.call(lambda: 2).result(timeout=5) == 2 and ran == []
+
+
+def _stream_of_two(router) -> list:
+    """Two requests dispatched together (their decode steps coincide); every message until both end."""
+    router.send(Dispatch(request_id="p", token_ids=list(range(40)), max_tokens=12))
+    router.send(Dispatch(request_id="q", token_ids=list(range(100, 140)), max_tokens=12))
+    got, ended = [], set()
+    while ended != {"p", "q"}:
+        msg = router.recv()
+        got.append(msg)
+        for reply in msg.replies if isinstance(msg, ReplyBatch) else [msg]:
+            if isinstance(reply, (Completion, ErrorReply)):
+                ended.add(reply.request_id)
+    return got
+
+
+def _flat(got: list, rid: str) -> list:
+    replies = [r for m in got for r in (m.replies if isinstance(m, ReplyBatch) else [m])]
+    return [r for r in replies if isinstance(r, (TokenChunk, Completion)) and r.request_id == rid]
+
+
+def test_a_router_that_reads_batches_gets_a_steps_replies_in_one_message(router, start_worker) -> None:
+    start_worker()
+    router.recv(Hello)
+    router.send(Welcome(router_id="r1", heartbeat_interval_s=0.2, heartbeat_liveness=5, reply_batches=True))
+    got = _stream_of_two(router)
+    batches = [m for m in got if isinstance(m, ReplyBatch)]
+    assert batches and max(len(b.replies) for b in batches) >= 2  # both requests' tokens of one step
+    for rid in ("p", "q"):
+        replies = _flat(got, rid)
+        assert [c.seq for c in replies[:-1]] == list(range(12)) and isinstance(replies[-1], Completion)
+        assert replies[-1].chunks == 12
+
+
+def test_a_router_that_does_not_read_batches_gets_every_reply_alone(router, start_worker) -> None:
+    start_worker()
+    register(router)  # its Welcome leaves reply_batches at False, as an older router's does
+    got = _stream_of_two(router)
+    assert not [m for m in got if isinstance(m, ReplyBatch)]
+    for rid in ("p", "q"):
+        assert [c.seq for c in _flat(got, rid)[:-1]] == list(range(12))
