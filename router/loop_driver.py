@@ -16,14 +16,18 @@ connections are served in between).
 Invariant (ZMQ's FD is edge-triggered: any operation on a socket may consume the signal of a
 message that arrived meanwhile): a pump ends only after a turn whose own ``zmq_poll`` found
 nothing readable on any socket; a message arriving after that poll signals its FD again, which
-wakes the loop. Local submissions (which send on the worker socket) schedule a pump too.
+wakes the loop. Local submissions (which send on the worker socket) schedule a pump too. A
+signalled FD whose socket has no message (``EVENTS``) schedules nothing, unless replies wait for
+room on the client socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
+
+import zmq
 
 if TYPE_CHECKING:
     from router.service import RouterService
@@ -98,8 +102,20 @@ class LoopDriver:
             del self._fds[fd]
         for fd, sock in wanted.items():
             if fd not in self._fds:
-                self.loop.add_reader(fd, self.kick)
+                self.loop.add_reader(fd, self._on_readable, sock)
                 self._fds[fd] = sock
+
+    def _on_readable(self, sock: zmq.Socket) -> None:
+        """A socket's FD signalled. ZMQ signals it for any change of the socket's state, and often
+        once more for a message a turn has read already (about half the pumps of a streaming run
+        found nothing): a turn is scheduled only if the socket has a message, or replies wait for
+        room to be sent. Reading ``EVENTS`` is what takes the signal; a later message signals again."""
+        try:
+            readable = bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        except zmq.ZMQError:  # closed meanwhile: let a turn find out
+            readable = True
+        if readable or self.service.replies.backlogged:
+            self.kick()
 
     def _arm_timer(self) -> None:
         due = self.service.next_deadline_s()
