@@ -277,7 +277,7 @@ def _load():
 
 def _worker_seeds(rng: random.Random) -> list[bytes]:
     from bus.codec import encode
-    from bus.schema import Completion, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, TokenChunk
+    from bus.schema import Completion, ErrorCode, ErrorReply, Goodbye, Heartbeat, Hello, ReplyBatch, TokenChunk
 
     load, stats = _load()
     return [encode(m) for m in (
@@ -287,6 +287,8 @@ def _worker_seeds(rng: random.Random) -> list[bytes]:
         Heartbeat("w1", 3, load, 1), Heartbeat("w1"), Goodbye("w1", 3), TokenChunk("r-1", [1, 2], "ab"),
         Completion("r-1", "w1", 10, 8, 2, "stop", stats, -1, 0, 0),
         ErrorReply("r-1", ErrorCode.PROMPT_TOO_LONG, "too long", "w1"),
+        ReplyBatch([TokenChunk("r-1", [3], "c", 1), TokenChunk("r-2", [4], "d", 0),
+                    Completion("r-1", "w1", 10, 8, 2, "stop", stats, -1, 0, 0, chunks=2)]),
     )]
 
 
@@ -295,7 +297,8 @@ def _router_seeds(rng: random.Random) -> list[bytes]:
     from bus.schema import Cancel, Dispatch, Heartbeat, Refused, Welcome
 
     return [encode(m) for m in (
-        Welcome("r", 0.5, 3), Refused("block size"), Heartbeat("r"), Dispatch("r-1", [1, 2, 3], 8, 1, "l", "s"),
+        Welcome("r", 0.5, 3), Welcome("r", 0.5, 3, reply_batches=True), Refused("block size"), Heartbeat("r"),
+        Dispatch("r-1", [1, 2, 3], 8, 1, "l", "s"),
         Cancel("r-1"),
     )]
 
@@ -545,7 +548,8 @@ def targets() -> dict[str, Target]:
         Target("vllm_events", "router SUB ← vLLM / worker PUB", _vllm_run(), (DecodeError,), _vllm_seeds),
         Target("client", "router ROUTER ← client DEALER", _client_run(), (DecodeError,), _client_seeds),
         Target("worker", "router ROUTER ← worker DEALER", _channel(
-            "worker_decoder", ("Hello", "Heartbeat", "Goodbye", "TokenChunk", "Completion", "ErrorReply")),
+            "worker_decoder", ("Hello", "Heartbeat", "Goodbye", "TokenChunk", "Completion", "ErrorReply",
+                               "ReplyBatch")),
             (DecodeError,), _worker_seeds),
         Target("router", "worker DEALER ← router ROUTER", _channel(
             "router_decoder", ("Welcome", "Refused", "Heartbeat", "Dispatch", "Cancel")),
