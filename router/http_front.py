@@ -437,8 +437,10 @@ class _Exchange:
     async def _end(self, response: web.StreamResponse) -> web.StreamResponse:
         self._ended = True
         self._out.append(SSE_DONE)
-        await self._flush()
-        await response.write_eof()
+        await self._settle()
+        data = b"".join(self._out)
+        self._out.clear()
+        await response.write_eof(data)  # the last events and the end of the body: one send, not two
         return response
 
     async def _open_stream(self, routed: Routed) -> None:
