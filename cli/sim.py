@@ -25,7 +25,7 @@ import click
 _GSP_FLAGS = (
     ("num_groups", int), ("prompts_per_group", int), ("system_prompt_len", int), ("question_len", int),
     ("output_len", int), ("range_ratio", float), ("num_turns", int), ("zipf_alpha", float),
-    ("drift_every", int), ("drift_step", int),
+    ("drift_every", int), ("drift_step", int), ("lora_adapters", int),
 )  # fmt: skip
 
 

@@ -48,6 +48,11 @@ class GspConfig:
     drift_every: int = 0
     #: Groups the popularity ranking rotates by at each phase.
     drift_step: int = 1
+    #: LoRA adapters (0: none). Each request names one of ``lora-0`` .. ``lora-{N-1}``, drawn
+    #: uniformly: one system prompt is served under several adapters, and vLLM hashes the adapter
+    #: into every block, so each (system prompt, adapter) pair is a prefix of its own. Follow-up
+    #: turns keep their conversation's adapter.
+    lora_adapters: int = 0
 
 
 class GeneratedSharedPrefix(Workload):
@@ -77,9 +82,13 @@ class GeneratedSharedPrefix(Workload):
         q_lens = random_lens(rng, c.question_len, c.range_ratio, n)
         o_lens = random_lens(rng, c.output_len, c.range_ratio, n)
         reqs = []
+        if c.lora_adapters < 0:
+            raise ValueError(f"lora_adapters must be >= 0, got {c.lora_adapters}")
+        # Drawn only with adapters, after the rest: without them the workload is what it always was.
+        loras = [f"lora-{rng.randrange(c.lora_adapters)}" for _ in range(n)] if c.lora_adapters else [None] * n
         for i, (g, q, o) in enumerate(zip(groups, q_lens, o_lens, strict=True)):
             prompt = self.system_prompts[g] + SEPARATOR_TOKENS + random_tokens(self._gen, q)
-            reqs.append(SimRequest(f"gsp-{i}", prompt, o, group=g, meta={"turn": 1}))
+            reqs.append(SimRequest(f"gsp-{i}", prompt, o, group=g, lora_name=loras[i], meta={"turn": 1}))
         if not c.ordered and not c.drift_every:
             rng.shuffle(reqs)
         self.roots = [Root([r]) for r in reqs]
@@ -106,4 +115,5 @@ class GeneratedSharedPrefix(Workload):
         o = random_lens(self._rng, c.output_len, c.range_ratio, 1)[0]
         prompt = request.token_ids + list(output_token_ids) + random_tokens(self._gen, q)
         base = request.request_id.rsplit("/", 1)[0]
-        return [SimRequest(f"{base}/t{turn + 1}", prompt, o, group=request.group, meta={"turn": turn + 1})]
+        return [SimRequest(f"{base}/t{turn + 1}", prompt, o, group=request.group, lora_name=request.lora_name,
+                           meta={"turn": turn + 1})]
