@@ -33,7 +33,9 @@ One loop thread owns every socket (zmq sockets are not thread-safe):
   from a router id another link already has is logged as an error.
 * **Backend.** ``Dispatch`` → ``backend.submit``, ``Cancel`` → ``backend.cancel``;
   whatever the backend produces (``TokenChunk``, ``Completion``, ``ErrorReply``) goes
-  to the router, or to a local sink for requests that came in over HTTP.
+  to the router, or to a local sink for requests that came in over HTTP. What one drain of the
+  backend yields for a router (an engine step's tokens for every running request) goes as one
+  ``ReplyBatch`` when that router's ``Welcome`` says it reads them (``reply_batches``).
   The emulated backend's ``advance`` tells the loop when its step in flight ends.
 * **Other threads** (the HTTP face) never touch the backend: they hand callables to
   :meth:`WorkerService.call` / :meth:`submit_local`, which the loop runs, woken through a
