@@ -332,10 +332,7 @@ class _Exchange:
                 self._window, self._pushed = window, loop.time()
                 while True:
                     batch = [await inbox.get()]
-                    now = loop.time()
-                    if now - self._pushed >= push_s:
-                        window.reschedule(now + idle_s)
-                        self._pushed = now
+                    self._push_window(loop.time())
                     while not inbox.empty():  # whatever else arrived goes out in the same write
                         batch.append(inbox.get_nowait())
                     response = await self._relay(batch)
@@ -402,11 +399,14 @@ class _Exchange:
             self._pending = asyncio.ensure_future(_finish(write, waiting))
             # Read by _settle; if the handler is gone first (the client left), the error is moot.
             self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())
-        now = asyncio.get_running_loop().time()
-        if now - self._pushed >= self._push_s:
-            window.reschedule(now + self._idle_s)
-            self._pushed = now
+        self._push_window(asyncio.get_running_loop().time())
         return True
+
+    def _push_window(self, now: float) -> None:
+        """A reply arrived at ``now``: the idle timeout starts again (at most every ``push_s``)."""
+        if now - self._pushed >= self._push_s:
+            cast(asyncio.Timeout, self._window).reschedule(now + self._idle_s)
+            self._pushed = now
 
     async def _settle(self) -> None:
         """Wait for a ``write_token`` write that waited for the socket (its failure raises here)."""
@@ -427,20 +427,22 @@ class _Exchange:
             around = self._token_event = (before, after)
         return around[0] + _json_text(text) + around[1]
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, eof: bool = False) -> None:
+        """Write the waiting events in one write; with ``eof`` also the end of the body (one send)."""
         await self._settle()
-        if self._out and self.response is not None:
-            data = b"".join(self._out)
-            self._out.clear()
+        if self.response is None:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        if eof:
+            await self.response.write_eof(data)
+        elif data:
             await _write(self.response, data)
 
     async def _end(self, response: web.StreamResponse) -> web.StreamResponse:
         self._ended = True
         self._out.append(SSE_DONE)
-        await self._settle()
-        data = b"".join(self._out)
-        self._out.clear()
-        await response.write_eof(data)  # the last events and the end of the body: one send, not two
+        await self._flush(eof=True)
         return response
 
     async def _open_stream(self, routed: Routed) -> None:
